@@ -1,0 +1,32 @@
+"""The `meshd` command: one module per subcommand, registered on one click group."""
+
+from __future__ import annotations
+
+import click
+
+from meshd import __version__
+from meshd.cli.check import check
+from meshd.cli.plugins import plugins
+from meshd.cli.run import run
+from meshd.cli.stat import stat
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """meshd: a service-mesh data plane for VMs and Kubernetes pods."""
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"meshd {__version__}")
+
+
+cli.add_command(run)
+cli.add_command(check)
+cli.add_command(stat)
+cli.add_command(plugins)
+
+
+def main() -> None:
+    cli(prog_name="meshd")

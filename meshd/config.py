@@ -1,0 +1,409 @@
+"""The config: a TOML file read once into frozen dataclasses.
+
+This module owns the file's schema, its defaults and every rule a config must satisfy.
+``load`` (or ``parse``, from an already-read dict) validates everything at once and
+raises one ``ConfigError`` carrying all problems, each with its key path
+(``listener[1].listen``, ``service.web.timeout``), so ``meshd check`` shows them together.
+A reload builds a new ``Config``; nothing here is ever mutated after load.
+
+Unknown keys are errors at every level, except beside ``name`` and ``plugin`` in a
+``[[discovery]]`` table: those keys belong to the plugin and are handed over in
+``DiscoveryConfig.options`` for the plugin to validate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from meshd.errors import ConfigError
+
+T = TypeVar("T")
+Problems = list[tuple[str, str]]
+
+MAX_WORKERS = 128
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HOST = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str  # without brackets
+    port: int  # 0: the kernel picks a free port
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 4191)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    name: str
+    plugin: str  # entry-point name in the group meshd.discovery
+    options: Mapping[str, Any]  # the plugin's own keys, read-only
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    listen: Address
+    direction: str  # "outbound" | "inbound"
+    protocol: str  # "auto" | "http" | "tcp"
+    service: str | None = None  # fixed destination service (outbound tcp needs one)
+    forward: Address | None = None  # the local application (inbound only)
+    backlog: int = 1024
+    max_connections: int = 10000  # per worker
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    timeout: float = 10.0  # the response head must arrive within it, else 504
+    connect_timeout: float = 2.0
+    idle_timeout: float = 60.0  # max idle of a pooled upstream keep-alive connection
+    discovery: str | None = None  # a [[discovery]] name; None: the first that knows it
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    header_bytes: int = 65536
+    request_line_bytes: int = 8192
+    header_count: int = 100
+    header_read_timeout: float = 10.0
+    client_idle_timeout: float = 60.0
+    detect_timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str  # the file it came from; "" when parsed from a dict
+    workers: int
+    drain_timeout: float
+    worker_timeout: float
+    state_dir: str
+    shm_dir: str
+    instance: str  # names the shm file
+    metric_rows: int  # rows of per-service counters in shared memory
+    admin: AdminConfig
+    discovery: tuple[DiscoveryConfig, ...]
+    listeners: tuple[ListenerConfig, ...]
+    services: Mapping[str, ServiceConfig]  # read-only
+    limits: LimitsConfig
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "250ms", "10s", "1.5s", "5m" or "1h"; a unit is required."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration string with a unit like "10s" or "250ms", '
+                         f"got {_show(value)}")
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise ValueError(f'expected a duration with a unit (ms, s, m, h) like "10s", got {value!r}')
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def parse_address(value: object) -> Address:
+    """An ``Address`` from "host:port" or "[ipv6]:port"; port 0 means any free port."""
+    expected = f'expected "host:port" (IPv6 as "[::1]:port"), got {_show(value)}'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        raise ValueError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        try:  # normalised, so "[0::1]" and "[::1]" are the same listen address
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in {value!r}") from None
+    elif not _HOST.fullmatch(host):
+        raise ValueError(expected)
+    if int(port) > 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return Address(host, int(port))
+
+
+def load(path: str) -> Config:
+    """Read, parse and validate the TOML file at ``path``; raise ``ConfigError`` if invalid."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([("", f"cannot read: {e.strerror or e}")], path) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([("", f"invalid TOML: {e}")], path) from None
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, Any], path: str = "") -> Config:
+    """Validate an already-read TOML document; raise ``ConfigError`` with every problem."""
+    problems: Problems = []
+    top = _Table(data, "", problems)
+    workers = top.take("workers", _workers, _workers("auto"))
+    drain_timeout = top.take("drain_timeout", _duration(0.0), 30.0)
+    worker_timeout = top.take("worker_timeout", _duration(1.0), 30.0)
+    state_dir = top.take("state_dir", _string(), "/var/lib/meshd")
+    shm_dir = top.take("shm_dir", _string(), "/dev/shm")
+    instance = top.take("instance", _string(_NAME), "meshd")
+    metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
+    admin = _admin(_Table(top.raw("admin"), "admin", problems))
+    discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
+    listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
+    services = _services(top.raw("service"), problems)
+    limits = _limits(_Table(top.raw("limits"), "limits", problems))
+    top.finish()
+
+    _check_unique("discovery", [d.name for d in discovery], problems)
+    _check_unique("listener", [lst.name for lst in listeners], problems)
+    _check_addresses(admin, listeners, problems)
+    sources = {d.name for d in discovery}
+    for service in services.values():
+        if service.discovery is not None and service.discovery not in sources:
+            problems.append((f"service.{service.name}.discovery",
+                             f"no [[discovery]] source is named {service.discovery!r}"))
+    if problems:
+        raise ConfigError(problems, path)
+    return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
+                  metric_rows, admin, discovery, listeners, services, limits)
+
+
+# -- sections -------------------------------------------------------------------------------
+
+def _admin(t: _Table) -> AdminConfig:
+    admin = AdminConfig(t.take("listen", parse_address, AdminConfig().listen))
+    t.finish()
+    return admin
+
+
+def _discovery(t: _Table) -> DiscoveryConfig:
+    name = t.take("name", _string(_NAME), "", required=True)
+    plugin = t.take("plugin", _string(), "", required=True)
+    return DiscoveryConfig(name, plugin, MappingProxyType(t.rest()))
+
+
+def _listener(t: _Table) -> ListenerConfig:
+    listener = ListenerConfig(
+        name=t.take("name", _string(_NAME), "", required=True),
+        listen=t.take("listen", parse_address, Address("", 0), required=True),
+        direction=t.take("direction", _choice("outbound", "inbound"), "outbound"),
+        protocol=t.take("protocol", _choice("auto", "http", "tcp"), "auto"),
+        service=t.take("service", _string(_SERVICE_NAME), None),
+        forward=t.take("forward", parse_address, None),
+        backlog=t.take("backlog", _integer(1, 65535), 1024),
+        max_connections=t.take("max_connections", _integer(1), 10000),
+    )
+    t.finish()
+    if "direction" in t.bad:
+        return listener  # the rules below would only echo the bad direction
+    if listener.direction == "inbound" and listener.forward is None and "forward" not in t.bad:
+        t.problem("forward", "required for an inbound listener (the local application)")
+    if listener.direction == "outbound" and listener.forward is not None:
+        t.problem("forward", "only an inbound listener forwards; an outbound one routes "
+                             "by service")
+    if (listener.direction == "outbound" and listener.protocol == "tcp"
+            and listener.service is None and "service" not in t.bad):
+        t.problem("service", "required for an outbound tcp listener (the destination service)")
+    return listener
+
+
+def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
+    services: dict[str, ServiceConfig] = {}
+    table = _Table(raw, "service", problems)
+    for name, value in table.rest().items():
+        t = _Table(value, f"service.{name}", problems)
+        if not _SERVICE_NAME.fullmatch(name):
+            problems.append((f"service.{name}",
+                             f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}"))
+        services[name] = ServiceConfig(
+            name=name,
+            timeout=t.take("timeout", _duration(), 10.0),
+            connect_timeout=t.take("connect_timeout", _duration(), 2.0),
+            idle_timeout=t.take("idle_timeout", _duration(), 60.0),
+            discovery=t.take("discovery", _string(_NAME), None),
+        )
+        t.finish()
+    return MappingProxyType(services)
+
+
+def _limits(t: _Table) -> LimitsConfig:
+    limits = LimitsConfig(
+        header_bytes=t.take("header_bytes", _integer(1024), 65536),
+        request_line_bytes=t.take("request_line_bytes", _integer(256), 8192),
+        header_count=t.take("header_count", _integer(1), 100),
+        header_read_timeout=t.take("header_read_timeout", _duration(), 10.0),
+        client_idle_timeout=t.take("client_idle_timeout", _duration(), 60.0),
+        detect_timeout=t.take("detect_timeout", _duration(), 1.0),
+    )
+    t.finish()
+    return limits
+
+
+def _array(top: _Table, key: str, required: bool) -> list[_Table]:
+    """The tables of an array of tables (``[[key]]``), each reading under ``key[i]``."""
+    raw = top.raw(key, [])
+    if not isinstance(raw, list):
+        top.problem(key, f"expected an array of tables ([[{key}]]), got {_show(raw)}")
+        return []
+    if required and not raw:
+        top.problem(key, f"at least one [[{key}]] is required")
+    return [_Table(item, f"{key}[{i}]", top.problems) for i, item in enumerate(raw)]
+
+
+# -- cross-checks ---------------------------------------------------------------------------
+
+def _check_unique(section: str, names: list[str], problems: Problems) -> None:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name and name in first:  # "" is a missing name, reported already
+            problems.append((f"{section}[{i}].name",
+                             f"duplicate name {name!r} (also {section}[{first[name]}])"))
+        first.setdefault(name, i)
+
+
+def _check_addresses(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
+                     problems: Problems) -> None:
+    """Two sockets may not bind the same port, and a wildcard host overlaps every host
+    of its family (IPv6 sockets are bound V6ONLY, so "::" leaves IPv4 alone)."""
+    taken: list[tuple[Address, str]] = [(admin.listen, "the admin address")]
+    for i, listener in enumerate(listeners):
+        addr = listener.listen
+        if not addr.host or addr.port == 0:
+            continue  # missing (reported already) or a fresh port picked by the kernel
+        for other, owner in taken:
+            if _overlap(addr, other):
+                problems.append((f"listener[{i}].listen", f"{addr} clashes with {owner} {other}"))
+                break
+        taken.append((addr, f"listener[{i}]"))
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    if a.port != b.port or a.family != b.family:
+        return False
+    return a.host == b.host or a.host in ("0.0.0.0", "::") or b.host in ("0.0.0.0", "::")
+
+
+# -- the table reader and its converters ----------------------------------------------------
+
+class _Table:
+    """One TOML table being read: each known key is taken once, what is left is unknown.
+
+    A value that fails its converter is reported under its key path and replaced by the
+    default, so reading goes on and every problem of the file is collected in one pass.
+    """
+
+    def __init__(self, data: object, path: str, problems: Problems) -> None:
+        self.path = path
+        self.problems = problems
+        self.bad: set[str] = set()  # keys that were missing or invalid
+        self.ok = isinstance(data, Mapping)
+        self._left: dict[str, Any] = dict(data) if isinstance(data, Mapping) else {}
+        if not self.ok:
+            problems.append((path, f"expected a table, got {_show(data)}"))
+
+    def take(self, key: str, convert: Callable[[object], T], default: T,
+             required: bool = False) -> T:
+        if key not in self._left:
+            if required and self.ok:
+                self.problem(key, "required")
+            return default
+        try:
+            return convert(self._left.pop(key))
+        except ValueError as e:
+            self.problem(key, str(e))
+            return default
+
+    def raw(self, key: str, default: object = MappingProxyType({})) -> object:
+        """Take a value as it is (a sub-table, read by its own ``_Table``)."""
+        return self._left.pop(key, default)
+
+    def problem(self, key: str, message: str) -> None:
+        self.bad.add(key)
+        self.problems.append((f"{self.path}.{key}" if self.path else key, message))
+
+    def rest(self) -> dict[str, Any]:
+        """Hand over the keys not taken (for tables whose other keys belong to someone else)."""
+        left, self._left = self._left, {}
+        return left
+
+    def finish(self) -> None:
+        for key in self.rest():
+            self.problem(key, "unknown key")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return min(max(os.cpu_count() or 1, 1), MAX_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'expected an integer or "auto", got {_show(value)}')
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, got {value}")
+    return value
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):  # True is not 1 here
+            raise ValueError(f"expected an integer, got {_show(value)}")
+        if high is None and value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        if high is not None and not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+    return convert
+
+
+def _duration(minimum: float = 0.001) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            shown = f"{minimum:g}s" if minimum >= 1 or minimum == 0 else f"{minimum * 1000:g}ms"
+            raise ValueError(f"must be at least {shown}, got {value!r}")
+        return seconds
+    return convert
+
+
+def _string(pattern: re.Pattern[str] | None = None) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {_show(value)}")
+        if not value:
+            raise ValueError("must not be empty")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ValueError(f"must match {pattern.pattern}, got {value!r}")
+        return value
+    return convert
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        for option in options:
+            if value == option:
+                return option
+        shown = ", ".join(f'"{o}"' for o in options)
+        raise ValueError(f"expected one of {shown}, got {_show(value)}")
+    return convert

@@ -1,0 +1,90 @@
+"""The admin HTTP API (WSGI, served by gevent.pywsgi in the control process).
+
+``/live``, ``/ready``, ``/metrics`` (Prometheus text summed over workers), ``/stats``
+(JSON: what `meshd stat` prints) and ``/endpoints`` (JSON: services and endpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from meshd.metrics import render_prometheus, row_keys, serving_workers
+from meshd.shm import OFF_DESIRED
+
+if TYPE_CHECKING:
+    from meshd.control.process import Control
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class AdminApp:
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self.routes: dict[str, Callable[[], tuple[str, str, bytes]]] = {
+            "/live": self.live,
+            "/ready": self.ready,
+            "/metrics": self.metrics,
+            "/stats": self.stats,
+            "/endpoints": self.endpoints,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        route = self.routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+        elif environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+        else:
+            status, ctype, body = route()
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def live(self) -> tuple[str, str, bytes]:
+        alive = os.getppid() == self.control.ctx.master_pid
+        return ("200 OK" if alive else "503 Service Unavailable"), "text/plain", (
+            b"live\n" if alive else b"master gone\n")
+
+    def ready(self) -> tuple[str, str, bytes]:
+        c = self.control
+        serving = serving_workers(c.region)
+        desired = c.region.get_u32(OFF_DESIRED)
+        synced = c.discovery.all_synced and c.discovery.first_published.is_set()
+        if serving >= desired and synced:
+            return "200 OK", "text/plain", b"ready\n"
+        why = f"workers serving {serving}/{desired}; discovery synced: {synced}\n"
+        return "503 Service Unavailable", "text/plain", why.encode()
+
+    def metrics(self) -> tuple[str, str, bytes]:
+        c = self.control
+        keys = row_keys(c.config, c.discovery.rows.rows)
+        text = render_prometheus(c.region, keys)
+        return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
+
+    def stats(self) -> tuple[str, str, bytes]:
+        c = self.control
+        keys = row_keys(c.config, c.discovery.rows.rows)
+        c.sample_stats()
+        body = {"generation": c.ctx.generation, "rows": c.stat_window.figures(keys)}
+        return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
+
+    def endpoints(self) -> tuple[str, str, bytes]:
+        d = self.control.discovery
+        services = {
+            service: {
+                "source": source,
+                "exists": d.exists.get(service),
+                "error": d.watch_errors.get(service),
+                "endpoints": [
+                    {"address": str(e), "weight": e.weight, "zone": e.zone, "meshed": e.meshed}
+                    for e in d.endpoints.get(service, ())
+                ],
+            }
+            for service, source in sorted(d.watching.items())
+        }
+        body = {"services": services, "sources": {
+            src.name: {"plugin": src.plugin, "error": d.source_errors.get(src.name)}
+            for src in self.control.config.discovery}}
+        return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"

@@ -1,0 +1,111 @@
+"""The control process's life: gevent-patched first, then discovery, the snapshot file
+workers read, the admin server and a heartbeat. TERM or INT end it (the master starts
+the next generation's control process before it stops this one)."""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+from meshd.control.admin import AdminApp  # noqa: E402
+from meshd.control.discovery import DiscoveryRunner  # noqa: E402
+from meshd.master.sockets import address_key  # noqa: E402
+from meshd.metrics import StatWindow, row_keys  # noqa: E402
+from meshd.shm import STATE_SERVING  # noqa: E402
+from meshd.snapshot import Snapshot  # noqa: E402
+from meshd.snapshot import read as read_snapshot  # noqa: E402
+
+if TYPE_CHECKING:
+    from meshd.master.spawn import ProcessContext
+
+log = logging.getLogger("meshd.control")
+
+HEARTBEAT_INTERVAL = 1.0
+STATS_INTERVAL = 1.0
+
+
+class Control:
+    def __init__(self, ctx: ProcessContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.region = ctx.region
+        self.stopped = gevent.event.Event()
+        self.stat_window = StatWindow()
+        self._last_sample = 0.0
+        previous: Snapshot | None = None
+        if ctx.previous_snapshot_path:
+            try:
+                previous = read_snapshot(ctx.previous_snapshot_path)
+            except (OSError, ValueError) as e:
+                log.warning("previous snapshot unreadable (%s); shm rows start afresh", e)
+        self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
+                                         ctx.snapshot_path, previous)
+        self.server: WSGIServer | None = None
+
+    def boot(self) -> None:
+        self.region.heartbeat(self.ctx.slot)
+        gevent.spawn(self._heartbeat_loop)
+        gevent.signal_handler(signal.SIGTERM, self.stopped.set)
+        gevent.signal_handler(signal.SIGINT, self.stopped.set)
+        gevent.signal_handler(signal.SIGQUIT, self.stopped.set)
+        self.discovery.start()
+        raw = self.ctx.sockets[address_key(self.config.admin.listen)]
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        self.server = WSGIServer(sock, AdminApp(self), log=None, error_log=log)
+        self.server.start()
+        self.discovery.first_published.wait(30)
+        gevent.spawn(self._stats_loop)
+        self.region.heartbeat(self.ctx.slot, STATE_SERVING)
+        log.info("control %d (g%d) serving admin on %s", os.getpid(), self.ctx.generation,
+                 self.config.admin.listen)
+
+    def sample_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sample >= 0.5:
+            self._last_sample = now
+            rows = sorted(row_keys(self.config, self.discovery.rows.rows))
+            self.stat_window.take(self.region, rows, now)
+
+    def _stats_loop(self) -> None:
+        while True:
+            self.sample_stats()
+            gevent.sleep(STATS_INTERVAL)
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            if os.getppid() != self.ctx.master_pid:  # orphaned: the master was killed
+                log.error("master %d is gone; exiting", self.ctx.master_pid)
+                os._exit(1)
+            self.region.heartbeat(self.ctx.slot)
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def run(self) -> int:
+        self.stopped.wait()
+        if self.server is not None:
+            self.server.close()
+        self.discovery.close()
+        return 0
+
+
+def main(ctx: ProcessContext) -> int:
+    from meshd.master.spawn import EXIT_BOOT_ERROR
+
+    control = Control(ctx)
+    try:
+        control.boot()
+    except Exception as e:
+        log.error("control process %d could not boot: %s", os.getpid(), e)
+        return EXIT_BOOT_ERROR
+    return control.run()

@@ -1,0 +1,94 @@
+"""The one error tree of meshd.
+
+Every error says what it means on the wire: ``status`` is the HTTP status a proxy
+answers with when the error ends a request, ``reason`` the one-line text of that answer.
+Config problems carry their key paths so a user finds the line to fix.
+"""
+
+from __future__ import annotations
+
+
+class MeshdError(Exception):
+    """Base of every error meshd raises on purpose."""
+
+    status = 500
+    reason = "internal error"
+
+    def __init__(self, reason: str | None = None) -> None:
+        if reason is not None:
+            self.reason = reason
+        super().__init__(self.reason)
+
+
+class ConfigError(MeshdError):
+    """A config (file or reload) is invalid. ``problems`` holds (key path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], path: str = "") -> None:
+        self.problems = list(problems)
+        self.path = path
+        super().__init__("; ".join(f"{k}: {m}" if k else m for k, m in self.problems))
+
+    def lines(self) -> list[str]:
+        """One ``FILE: key.path: what is wrong`` line per problem (the format of `meshd check`)."""
+        prefix = f"{self.path}: " if self.path else ""
+        return [f"{prefix}{k}: {m}" if k else f"{prefix}{m}" for k, m in self.problems]
+
+
+class PluginError(MeshdError):
+    """A discovery plugin could not be found, imported or configured."""
+
+
+class ShmError(MeshdError):
+    """The shared-memory region cannot be created or attached (wrong magic, version, size)."""
+
+
+class ProxyError(MeshdError):
+    """An error that ends one proxied request with an HTTP answer."""
+
+    status = 502
+    reason = "bad gateway"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    reason = "malformed request"
+
+
+class UriTooLong(BadRequest):
+    status = 414
+    reason = "request line too long"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    reason = "request header fields too large"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    reason = "request header read timed out"
+
+
+class NotImplementedByProxy(ProxyError):
+    status = 501
+    reason = "not implemented"
+
+
+class NoService(ProxyError):
+    status = 503
+    reason = "unknown service"
+
+
+class NoEndpoints(ProxyError):
+    status = 503
+    reason = "no endpoints"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    reason = "upstream failure"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    reason = "upstream timeout"

@@ -1,0 +1,83 @@
+"""Forking a child (worker or control process) and what the child is handed.
+
+The master imports no gevent, so a child starts from a clean interpreter state: it
+resets the master's signal handling, closes what it must not hold, and only then
+imports its gevent entry point, which patches the standard library first thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshd.config import Config
+from meshd.shm import KIND_WORKER, Region
+
+log = logging.getLogger("meshd.master")
+
+EXIT_BOOT_ERROR = 3
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """Everything a child needs; built by the master just before fork."""
+
+    config: Config
+    generation: int
+    slot: int
+    master_pid: int
+    region: Region
+    sockets: dict[str, socket.socket]     # listen address ("host:port") -> listening socket
+    snapshot_path: str                    # written by the control process of this generation
+    previous_snapshot_path: str | None    # the previous generation's, to keep shm rows stable
+
+
+def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
+    """Fork; in the child run the entry point for ``kind`` and never return."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        entry = _entry_point(kind)
+        code = entry(ctx) if entry is not None else EXIT_BOOT_ERROR
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        log.exception("child process %d failed", os.getpid())
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _entry_point(kind: int) -> Callable[[ProcessContext], int] | None:
+    """The child's main; None when it cannot be imported (which would fail again on a
+    respawn, so the master is told with EXIT_BOOT_ERROR instead)."""
+    try:
+        if kind == KIND_WORKER:
+            from meshd.worker.process import main
+        else:
+            from meshd.control.process import main
+    except Exception as e:
+        log.error("%s %d could not boot: %s: %s", "worker" if kind == KIND_WORKER
+                  else "control process", os.getpid(), type(e).__name__, e)
+        return None
+    return main

@@ -1,0 +1,207 @@
+"""Reading the shared-memory counters: Prometheus text and the figures of `meshd stat`.
+
+Pure functions over a ``Region`` (read-only is enough) and the row map of a snapshot;
+the control process serves them, and the CLI could call them on an attached region.
+Names follow Linkerd's so dashboards carry over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshd.config import Config
+from meshd.shm import (
+    F_CLASS,
+    F_FAILURES,
+    F_LATENCY,
+    F_LATENCY_SUM_US,
+    F_READ_BYTES,
+    F_REQUESTS,
+    F_STATUS,
+    F_TCP_CLOSE_TOTAL,
+    F_TCP_OPEN,
+    F_TCP_OPEN_TOTAL,
+    F_WRITE_BYTES,
+    KIND_WORKER,
+    LATENCY_BUCKETS_MS,
+    OFF_RELOAD_FAILURES,
+    OFF_RELOADS,
+    OFF_RESTARTS,
+    OFF_ROWS_EXHAUSTED,
+    ROW_OVERFLOW,
+    ROW_UNKNOWN,
+    STATE_SERVING,
+    STATUS_CLASSES,
+    STATUS_CODES,
+    Region,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RowKey:
+    direction: str
+    listener: str
+    service: str
+
+
+def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, RowKey]:
+    """Row -> labels, for every row the snapshot assigned plus the two reserved rows."""
+    directions = {lst.name: lst.direction for lst in cfg.listeners}
+    keys = {
+        ROW_UNKNOWN: RowKey("outbound", "", "_unknown"),
+        ROW_OVERFLOW: RowKey("", "", "_overflow"),
+    }
+    for listener, by_service in rows.items():
+        for service, row in by_service.items():
+            keys[row] = RowKey(directions.get(listener, ""), listener, service)
+    return keys
+
+
+def _labels(key: RowKey, **extra: str) -> str:
+    pairs = [("direction", key.direction), ("listener", key.listener), ("service", key.service),
+             *extra.items()]
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def serving_workers(region: Region) -> int:
+    return sum(1 for s in region.slots_in_use() if s.kind == KIND_WORKER and s.state == STATE_SERVING)
+
+
+def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
+    totals = {row: region.row_totals(row) for row in sorted(keys)}
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("request_total", "counter", "Requests received, by destination.")
+    for row, t in totals.items():
+        if t[F_REQUESTS]:
+            out.append(f"request_total{_labels(keys[row])} {t[F_REQUESTS]}")
+    family("response_total", "counter", "Responses sent, by status code and classification.")
+    for row, t in totals.items():
+        for i, code in enumerate(STATUS_CODES):
+            n = t[F_STATUS + i]
+            if n:
+                cls = "failure" if code >= 500 else "success"
+                out.append(f"response_total{_labels(keys[row], status_code=str(code), classification=cls)} {n}")
+        for i, name in enumerate(STATUS_CLASSES):
+            n = t[F_CLASS + i]
+            if n:
+                cls = "failure" if name == "5xx" else "success"
+                out.append(f"response_total{_labels(keys[row], status_code=name, classification=cls)} {n}")
+    family("response_latency_ms", "histogram", "Time to the response, in milliseconds.")
+    for row, t in totals.items():
+        count = sum(t[F_LATENCY:F_LATENCY + len(LATENCY_BUCKETS_MS) + 1])
+        if not count:
+            continue
+        acc = 0
+        for i, bound in enumerate(LATENCY_BUCKETS_MS):
+            acc += t[F_LATENCY + i]
+            out.append(f"response_latency_ms_bucket{_labels(keys[row], le=str(bound))} {acc}")
+        out.append(f'response_latency_ms_bucket{_labels(keys[row], le="+Inf")} {count}')
+        out.append(f"response_latency_ms_sum{_labels(keys[row])} {t[F_LATENCY_SUM_US] / 1000:.3f}")
+        out.append(f"response_latency_ms_count{_labels(keys[row])} {count}")
+    for name, field, kind, help_text in (
+        ("tcp_open_total", F_TCP_OPEN_TOTAL, "counter", "Connections accepted or opened."),
+        ("tcp_close_total", F_TCP_CLOSE_TOTAL, "counter", "Connections closed."),
+        ("tcp_open_connections", F_TCP_OPEN, "gauge", "Connections open now."),
+        ("tcp_read_bytes_total", F_READ_BYTES, "counter", "Bytes read from clients (opaque TCP)."),
+        ("tcp_write_bytes_total", F_WRITE_BYTES, "counter", "Bytes written to clients (opaque TCP)."),
+    ):
+        family(name, kind, help_text)
+        for row, t in totals.items():
+            if t[field] or (kind == "gauge" and t[F_TCP_OPEN_TOTAL]):
+                out.append(f"{name}{_labels(keys[row])} {t[field]}")
+    family("meshd_workers", "gauge", "Worker processes serving now.")
+    out.append(f"meshd_workers {serving_workers(region)}")
+    family("meshd_worker_restarts_total", "counter", "Workers replaced after dying or hanging.")
+    out.append(f"meshd_worker_restarts_total {region.get_u64(OFF_RESTARTS)}")
+    family("meshd_config_reloads_total", "counter", "Config reloads (HUP), by result.")
+    out.append(f'meshd_config_reloads_total{{result="success"}} {region.get_u64(OFF_RELOADS)}')
+    out.append(f'meshd_config_reloads_total{{result="failure"}} {region.get_u64(OFF_RELOAD_FAILURES)}')
+    family("meshd_shm_rows_exhausted_total", "counter",
+           "Listener/service pairs that found no free row in shared memory.")
+    out.append(f"meshd_shm_rows_exhausted_total {region.get_u64(OFF_ROWS_EXHAUSTED)}")
+    family("process_start_time_seconds", "gauge", "When the master started (unix time).")
+    out.append(f"process_start_time_seconds {region.started_at:.3f}")
+    return "\n".join(out) + "\n"
+
+
+# -- stat: rates and quantiles over a sliding window ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float
+    totals: dict[int, list[int]]
+
+
+class StatWindow:
+    """Keeps a sample of every row per second; figures come from the oldest sample within
+    ``window`` seconds and the newest one."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self.samples: list[Sample] = []
+
+    def take(self, region: Region, rows: list[int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.samples.append(Sample(now, {r: region.row_totals(r) for r in rows}))
+        while len(self.samples) > 2 and now - self.samples[1].at >= self.window:
+            self.samples.pop(0)
+
+    def figures(self, keys: Mapping[int, RowKey]) -> list[dict[str, object]]:
+        if not self.samples:
+            return []
+        new = self.samples[-1]
+        old = self.samples[0]
+        span = max(new.at - old.at, 1e-9)
+        result = []
+        for row, t in sorted(new.totals.items()):
+            key = keys.get(row)
+            if key is None or not t[F_REQUESTS]:
+                continue
+            o = old.totals.get(row) if len(self.samples) > 1 else None
+            d = [a - b for a, b in zip(t, o, strict=True)] if o else t
+            responses = sum(d[F_LATENCY:F_LATENCY + len(LATENCY_BUCKETS_MS) + 1])
+            failures = d[F_FAILURES]
+            result.append({
+                "direction": key.direction,
+                "listener": key.listener,
+                "service": key.service,
+                "requests_total": t[F_REQUESTS],
+                "success_rate": None if not responses else (responses - failures) / responses,
+                "rps": d[F_REQUESTS] / span if o else 0.0,
+                "latency_ms_p50": quantile(d, 0.50),
+                "latency_ms_p95": quantile(d, 0.95),
+                "latency_ms_p99": quantile(d, 0.99),
+                "window_s": round(span, 3) if o else 0.0,
+            })
+        return result
+
+
+def quantile(fields: list[int], q: float) -> float | None:
+    """Quantile from the latency histogram, linear within the bucket (as Prometheus does)."""
+    counts = fields[F_LATENCY:F_LATENCY + len(LATENCY_BUCKETS_MS) + 1]
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    acc = 0
+    lower = 0.0
+    for i, n in enumerate(counts):
+        upper = float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else float(LATENCY_BUCKETS_MS[-1])
+        if acc + n >= rank and n:
+            return round(lower + (upper - lower) * (rank - acc) / n, 3)
+        acc += n
+        lower = upper
+    return float(LATENCY_BUCKETS_MS[-1])
+

@@ -1,0 +1,87 @@
+"""Endpoint snapshots: what the control process hands to workers.
+
+A snapshot is an immutable value: for every service, its endpoints, and for every
+(listener, service) pair the row of the shared-memory region that counts its traffic.
+The control process of config generation G writes it, msgpack-encoded, to
+``{shm_dir}/meshd-{instance}-{master pid}-g{G}.snap`` with write-to-temp-then-rename, so a
+reader sees either the old file or the new one, whole. Workers of generation G load it
+at boot and reload it when its mtime changes; they swap their reference to the decoded
+value in one assignment, so a request sees one snapshot from start to end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from meshd.discovery.api import Endpoint
+
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    generation: int
+    seq: int
+    services: Mapping[str, tuple[Endpoint, ...]]
+    # rows[listener][service] -> shm row
+    rows: Mapping[str, Mapping[str, int]]
+    synced: bool = True
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    def row(self, listener: str, service: str) -> int | None:
+        by_service = self.rows.get(listener)
+        return None if by_service is None else by_service.get(service)
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "generation": self.generation,
+            "seq": self.seq,
+            "synced": self.synced,
+            "errors": dict(self.errors),
+            "services": {
+                name: [[e.host, e.port, e.weight, e.zone, e.meshed] for e in eps]
+                for name, eps in self.services.items()
+            },
+            "rows": {listener: dict(rows) for listener, rows in self.rows.items()},
+        }
+        return bytes(msgpack.packb(data, use_bin_type=True))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Snapshot:
+        data = msgpack.unpackb(raw, raw=False)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"snapshot format {data.get('format')!r}, expected {FORMAT}")
+        services = {
+            name: tuple(Endpoint(h, p, w, z, m) for h, p, w, z, m in eps)
+            for name, eps in data["services"].items()
+        }
+        return cls(
+            generation=data["generation"],
+            seq=data["seq"],
+            services=services,
+            rows=data["rows"],
+            synced=data.get("synced", True),
+            errors=data.get("errors", {}),
+        )
+
+
+def snapshot_path(shm_dir: str, instance: str, master_pid: int, generation: int) -> str:
+    return os.path.join(shm_dir, f"meshd-{instance}-{master_pid}-g{generation}.snap")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def read(path: str) -> Snapshot:
+    with open(path, "rb") as f:
+        return Snapshot.decode(f.read())

@@ -1,0 +1,115 @@
+"""A small HTTP/1.1 backend for tests, the demo and benchmarks (gevent.pywsgi).
+
+    python -m meshd.testing.backend --listen 127.0.0.1:8081 --name a
+
+Routes (anything else answers ``NAME PATH``):
+  /echo            streams the request body back (Content-Length when the request had one,
+                   else chunked)
+  /upload          reads the body, answers {"bytes": n, "sha256": ...}
+  /bytes?n=N       N bytes of b"x", chunked (add &cl=1 for Content-Length)
+  /slow?ms=N       answers after N ms
+  /status?code=N   answers with that status (no body for 204 and 304)
+  /silent          never answers (until the client goes away or 600 s pass)
+  /headers         the request headers as JSON
+  /pid             the backend's pid
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+CHUNK = 65536
+
+
+def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "/")
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        base = [("x-backend", name)]
+        body_in = environ["wsgi.input"]
+        if path == "/echo":
+            length = environ.get("CONTENT_LENGTH")
+            headers = base + ([("Content-Length", length)] if length else [])
+            start_response("200 OK", headers)
+
+            def stream() -> Iterator[bytes]:
+                while data := body_in.read(CHUNK):
+                    yield data
+            return stream()
+        if path == "/upload":
+            digest = hashlib.sha256()
+            n = 0
+            while data := body_in.read(CHUNK):
+                n += len(data)
+                digest.update(data)
+            out = json.dumps({"bytes": n, "sha256": digest.hexdigest()}).encode()
+            start_response("200 OK", base + [("Content-Type", "application/json")])
+            return [out]
+        body_in.read()
+        if path == "/bytes":
+            n = int(query.get("n", "0"))
+            headers = base + ([("Content-Length", str(n))] if query.get("cl") else [])
+            start_response("200 OK", headers)
+
+            def produce() -> Iterator[bytes]:
+                left = n
+                block = b"x" * CHUNK
+                while left > 0:
+                    piece = block[: min(left, CHUNK)]
+                    left -= len(piece)
+                    yield piece
+            return produce()
+        if path == "/slow":
+            gevent.sleep(int(query.get("ms", "100")) / 1000)
+        elif path == "/status":
+            code = int(query.get("code", "200"))
+            start_response(f"{code} Status", base + ([] if code in (204, 304) else [("Content-Length", "3")]))
+            return [] if code in (204, 304) else [b"%d" % code]
+        elif path == "/silent":
+            gevent.sleep(600)
+        elif path == "/headers":
+            hdrs = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
+            out = json.dumps(hdrs).encode()
+            start_response("200 OK", base + [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
+            return [out]
+        elif path == "/pid":
+            out = str(os.getpid()).encode()
+            start_response("200 OK", base + [("Content-Length", str(len(out)))])
+            return [out]
+        out = f"{name} {path}\n".encode()
+        start_response("200 OK", base + [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
+        return [out]
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:8081")
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    server = WSGIServer((host.strip("[]"), int(port)), make_app(args.name), log=None)
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    server.start()
+    print(f"backend {args.name} listening on {args.listen}", file=sys.stderr, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Running meshd and backends as real processes on loopback, for tests and the demo.
+
+Everything here is bounded: every wait has a deadline and every process started is
+stopped by the object that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from meshd.shm import KIND_CONTROL, KIND_WORKER, Region, SlotRecord, region_path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(host: str, port: int, path: str, headers: dict[str, str] | None = None,
+             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+class Backend:
+    """The test backend (meshd.testing.backend) in its own process."""
+
+    def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> Backend:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshd.testing.backend", "--listen", self.address,
+             "--name", self.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open(self.host, self.port), what=f"backend {self.name}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Meshd:
+    """`meshd run` on a config file, stderr captured to a log file."""
+
+    def __init__(self, config_path: Path, log_path: Path, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, admin: str | None = None,
+                 shm_dir: str = "/dev/shm", instance: str = "meshd",
+                 preexec_fn: Callable[[], None] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.args = list(args)
+        self.env = env
+        self.admin = admin
+        self.shm_path = region_path(shm_dir, instance)
+        self.preexec_fn = preexec_fn
+        self.pass_fds = tuple(pass_fds)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> Meshd:
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ if self.env is None else self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshd", "run", "-c", str(self.config_path), *self.args],
+            stdout=self._log, stderr=self._log, env=env, preexec_fn=self.preexec_fn,
+            pass_fds=self.pass_fds,
+        )
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        assert self.admin is not None, "wait_ready needs the admin address"
+        host, _, port = self.admin.rpartition(":")
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return http_get(host, int(port), "/ready", timeout=1)[0] == 200
+            except OSError:
+                return False
+        wait_for(ready, timeout, what="meshd /ready")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    @contextlib.contextmanager
+    def region(self) -> Iterator[Region]:
+        r = Region.attach(self.shm_path)
+        try:
+            yield r
+        finally:
+            r.close()
+
+    def slots(self, kind: int | None = None) -> list[SlotRecord]:
+        """The processes the master's table lists now (of one kind, if given)."""
+        with self.region() as r:
+            return [s for s in r.slots_in_use() if s.pid > 0 and (kind is None or s.kind == kind)]
+
+    def worker_pids(self, state: int | None = None) -> list[int]:
+        return sorted(s.pid for s in self.slots(KIND_WORKER) if state is None or s.state == state)
+
+    def control_pids(self) -> list[int]:
+        return sorted(s.pid for s in self.slots(KIND_CONTROL))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None

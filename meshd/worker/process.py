@@ -1,0 +1,233 @@
+"""A worker process: gevent-patched first, then accept loops on the shared listening
+sockets, one greenlet per connection, a heartbeat into shared memory, and the endpoint
+snapshot reloaded when the control process rewrites it.
+
+Stopping: TERM closes the listening sockets at once (the other generation's workers, or
+nobody, take new connections), lets in-flight requests finish up to ``drain_timeout``,
+answers further requests on kept-alive connections with ``Connection: close`` and closes
+connections that stay idle for IDLE_CLOSE_GRACE. INT/QUIT exit at once.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import errno  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import gevent.lock  # noqa: E402
+
+from meshd.config import Config, ListenerConfig  # noqa: E402
+from meshd.master.sockets import address_key  # noqa: E402
+from meshd.shm import (  # noqa: E402
+    F_TCP_CLOSE_TOTAL,
+    F_TCP_OPEN,
+    F_TCP_OPEN_TOTAL,
+    ROW_OVERFLOW,
+    STATE_DRAINING,
+    STATE_SERVING,
+    Stripe,
+)
+from meshd.snapshot import Snapshot  # noqa: E402
+from meshd.snapshot import read as read_snapshot  # noqa: E402
+from meshd.worker.http_proxy import HttpConnection  # noqa: E402
+from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
+from meshd.worker.upstream import Pool, RoundRobin  # noqa: E402
+
+if TYPE_CHECKING:
+    from meshd.master.spawn import ProcessContext
+
+log = logging.getLogger("meshd.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+SNAPSHOT_POLL = 0.25
+SNAPSHOT_BOOT_WAIT = 30.0
+IDLE_CLOSE_GRACE = 1.0        # while draining, a keep-alive connection idle this long is closed
+ACCEPT_ERROR_BACKOFF = 0.05
+LINGER_SECONDS = 0.5
+LINGER_BYTES = 1 << 20
+
+
+class Worker:
+    def __init__(self, ctx: ProcessContext) -> None:
+        self.ctx = ctx
+        self.config: Config = ctx.config
+        self.region = ctx.region
+        self.slot = ctx.slot
+        self.stripe: Stripe = ctx.region.stripe(ctx.slot)
+        self.pool = Pool()
+        self.balancer = RoundRobin()
+        self.snapshot: Snapshot
+        self._snapshot_mtime = 0
+        self.draining = False
+        self.stopped = gevent.event.Event()
+        self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
+        self.connections: dict[gevent.Greenlet, HttpConnection | None] = {}
+
+    # -- boot ---------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        self.region.heartbeat(self.slot)
+        gevent.spawn(self._heartbeat_loop)
+        self._wait_snapshot()
+        for lst in self.config.listeners:
+            raw = self.ctx.sockets[address_key(lst.listen)]
+            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            self.listeners.append((lst, sock))
+        gevent.signal_handler(signal.SIGTERM, self.drain)
+        gevent.signal_handler(signal.SIGINT, self.stopped.set)
+        gevent.signal_handler(signal.SIGQUIT, self.stopped.set)
+        for lst, sock in self.listeners:
+            gevent.spawn(self._accept_loop, lst, sock)
+        gevent.spawn(self._snapshot_loop)
+        self.region.heartbeat(self.slot, STATE_SERVING)
+        log.info("worker %d (g%d, slot %d) serving", os.getpid(), self.ctx.generation, self.slot)
+
+    def _wait_snapshot(self) -> None:
+        deadline = time.monotonic() + SNAPSHOT_BOOT_WAIT
+        while not self._load_snapshot():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no endpoint snapshot at {self.ctx.snapshot_path} "
+                                   f"after {SNAPSHOT_BOOT_WAIT:.0f}s (is the control process up?)")
+            gevent.sleep(0.02)
+
+    def _load_snapshot(self) -> bool:
+        try:
+            mtime = os.stat(self.ctx.snapshot_path).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if mtime == self._snapshot_mtime:
+            return True
+        try:
+            self.snapshot = read_snapshot(self.ctx.snapshot_path)
+        except (OSError, ValueError) as e:
+            log.error("cannot read endpoint snapshot %s: %s", self.ctx.snapshot_path, e)
+            return hasattr(self, "snapshot")
+        self._snapshot_mtime = mtime
+        return True
+
+    def _snapshot_loop(self) -> None:
+        while not self.stopped.is_set():
+            gevent.sleep(SNAPSHOT_POLL)
+            self._load_snapshot()
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            if os.getppid() != self.ctx.master_pid:  # orphaned: the master was killed
+                log.error("master %d is gone; exiting", self.ctx.master_pid)
+                os._exit(1)
+            self.region.heartbeat(self.slot)
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def _accept_loop(self, lst: ListenerConfig, sock: socket.socket) -> None:
+        key = (lst.service or "") if lst.protocol == "tcp" else ""
+        slots = gevent.lock.BoundedSemaphore(lst.max_connections)
+        while not self.draining:
+            slots.acquire()  # at max_connections, the rest wait in the kernel's accept queue
+            try:
+                client, _ = sock.accept()
+            except OSError as e:
+                slots.release()
+                if self.draining:
+                    return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("%s: accept failed (%s); backing off", lst.name, e.strerror)
+                    gevent.sleep(ACCEPT_ERROR_BACKOFF)
+                continue
+            row = self.snapshot.row(lst.name, key)
+            g = gevent.spawn(self._serve, lst, client, ROW_OVERFLOW if row is None else row, slots)
+            self.connections[g] = None
+
+    def _serve(self, lst: ListenerConfig, client: socket.socket, row: int,
+               slots: gevent.lock.BoundedSemaphore) -> None:
+        stripe = self.stripe
+        stripe.add(row, F_TCP_OPEN_TOTAL)
+        stripe.add(row, F_TCP_OPEN)
+        me = gevent.getcurrent()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if lst.protocol == "tcp":
+                serve_tcp(self, lst, client)
+            else:
+                conn = HttpConnection(self, lst, client)
+                self.connections[me] = conn
+                conn.serve()
+        except gevent.GreenletExit:
+            pass
+        except Exception:
+            log.exception("%s: connection handler failed", lst.name)
+        finally:
+            _close_gracefully(client)
+            self.connections.pop(me, None)
+            slots.release()
+            stripe.add(row, F_TCP_CLOSE_TOTAL)
+            stripe.sub(row, F_TCP_OPEN)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.region.heartbeat(self.slot, STATE_DRAINING)
+        for _, sock in self.listeners:
+            sock.close()
+        log.info("worker %d draining %d connections", os.getpid(), len(self.connections))
+        gevent.spawn(self._drain_loop)
+
+    def _drain_loop(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.connections and time.monotonic() < deadline:
+            now = time.monotonic()
+            for g, conn in list(self.connections.items()):
+                if conn is not None and conn.idle_since and now - conn.idle_since >= IDLE_CLOSE_GRACE:
+                    g.kill(block=False)
+            gevent.sleep(0.1)
+        if self.connections:
+            log.warning("worker %d: drain_timeout reached with %d connections open",
+                        os.getpid(), len(self.connections))
+        self.stopped.set()
+
+    def run(self) -> int:
+        self.stopped.wait()
+        self.pool.close_all()
+        return 0
+
+
+def _close_gracefully(sock: socket.socket) -> None:
+    """Half-close, then close: unread bytes left in a closed socket make the kernel send
+    RST, which can destroy the response the client has not read yet. Bounded: at most
+    LINGER_BYTES read and LINGER_SECONDS waited."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_SECONDS)
+        left = LINGER_BYTES
+        while left > 0 and (data := sock.recv(65536)):
+            left -= len(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def main(ctx: ProcessContext) -> int:
+    from meshd.master.spawn import EXIT_BOOT_ERROR
+
+    worker = Worker(ctx)
+    try:
+        worker.boot()
+    except Exception as e:
+        log.error("worker %d could not boot: %s", os.getpid(), e)
+        return EXIT_BOOT_ERROR
+    return worker.run()

@@ -1,0 +1,118 @@
+"""Upstream side of a worker: choosing an endpoint and keeping connections to it.
+
+``RoundRobin`` picks among a service's endpoints (the foundation's balancer; the
+latency-aware one replaces it). ``Pool`` keeps idle keep-alive connections per endpoint,
+LIFO so the warmest is reused, drops ones the upstream closed while idle, and connects
+with a deadline when none is left.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Sequence
+
+from gevent.monkey import get_original
+
+from meshd.discovery.api import Endpoint
+from meshd.errors import NoEndpoints, UpstreamError, UpstreamTimeout
+
+MAX_IDLE_PER_ENDPOINT = 128
+_original_poll = get_original("select", "poll")
+
+
+class RoundRobin:
+    """Per-service rotating index. Weights: an endpoint of weight 0 is never picked."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def pick(self, service: str, endpoints: Sequence[Endpoint]) -> Endpoint:
+        n = len(endpoints)
+        if n == 0:
+            raise NoEndpoints(f"no endpoints for service {service}")
+        i = self._next.get(service, 0)
+        for _ in range(n):
+            ep = endpoints[i % n]
+            i += 1
+            if ep.weight > 0:
+                self._next[service] = i % n
+                return ep
+        raise NoEndpoints(f"every endpoint of service {service} has weight 0")
+
+
+class UpstreamConn:
+    __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since")
+
+    def __init__(self, sock: socket.socket, endpoint: Endpoint) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.endpoint = endpoint
+        self.reused = False
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Pool:
+    def __init__(self, idle_timeout: float = 60.0) -> None:
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[UpstreamConn]] = {}
+
+    def acquire(self, ep: Endpoint, connect_timeout: float) -> UpstreamConn:
+        stack = self._idle.get(ep.address)
+        now = time.monotonic()
+        while stack:
+            conn = stack.pop()
+            if now - conn.idle_since < self.idle_timeout and _still_open(conn.sock):
+                conn.reused = True
+                return conn
+            conn.close()
+        return self.connect(ep, connect_timeout)
+
+    @staticmethod
+    def connect(ep: Endpoint, connect_timeout: float) -> UpstreamConn:
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(connect_timeout)
+        try:
+            sock.connect(ep.address)
+        except TimeoutError:
+            sock.close()
+            raise UpstreamTimeout(f"connect to {ep} timed out") from None
+        except OSError as e:
+            sock.close()
+            raise UpstreamError(f"connect to {ep} failed: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return UpstreamConn(sock, ep)
+
+    def release(self, conn: UpstreamConn) -> None:
+        if conn.buf:  # the upstream sent more than the response: not reusable
+            conn.close()
+            return
+        stack = self._idle.setdefault(conn.endpoint.address, [])
+        if len(stack) >= MAX_IDLE_PER_ENDPOINT:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        stack.append(conn)
+
+    def close_all(self) -> None:
+        for stack in self._idle.values():
+            for conn in stack:
+                conn.close()
+        self._idle.clear()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """An idle connection is usable when it is not readable: readable means EOF (the
+    upstream closed it) or bytes nobody asked for. Asked with the unpatched poll, which
+    answers at once (gevent's cooperative recv would wait for readability instead)."""
+    poller = _original_poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return not poller.poll(0)

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Installs the Debian packages behind the named commands when they are missing.
+# Usage: ensure-tools.sh curl wrk nginx h2load
+set -e
+missing=""
+for tool in "$@"; do
+  command -v "$tool" >/dev/null 2>&1 && continue
+  case "$tool" in
+    nginx) [ -x /usr/sbin/nginx ] && continue; pkg=nginx-light ;;
+    h2load|nghttp) pkg=nghttp2-client ;;
+    *) pkg=$tool ;;
+  esac
+  missing="$missing $pkg"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing tools:$missing (install them, or run as root so this script can)" >&2
+  exit 1
+fi
+echo "installing:$missing" >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null

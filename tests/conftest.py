@@ -1,0 +1,88 @@
+"""Fixtures that run real meshd processes and backends on loopback."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meshd.testing.harness import Backend, Meshd, free_port
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[..., Backend]]:
+    started: list[Backend] = []
+
+    def start(name: str = "a", port: int | None = None) -> Backend:
+        b = Backend(name, port).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+class MeshFactory:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Meshd] = []
+        self.count = 0
+
+    def config(self, services: dict[str, list[str]], *, workers: int = 2, extra: str = "",
+               listeners: str | None = None, top: str = "") -> tuple[str, dict[str, int]]:
+        """A config text and its ports: outbound (HTTP), admin, plus whatever `listeners` adds."""
+        self.count += 1
+        ports = {"outbound": free_port(), "admin": free_port()}
+        svc = "\n".join(f'{name} = [{", ".join(repr(a) for a in addrs)}]'.replace("'", '"')
+                        for name, addrs in services.items())
+        text = textwrap.dedent(f"""\
+            workers = {workers}
+            drain_timeout = "10s"
+            worker_timeout = "5s"
+            instance = "test-{self.tmp_path.name[-20:]}-{self.count}"
+            state_dir = "{self.tmp_path}/state"
+            {top}
+            [admin]
+            listen = "127.0.0.1:{ports['admin']}"
+
+            [[discovery]]
+            name = "local"
+            plugin = "static"
+            [discovery.services]
+            """) + svc + textwrap.dedent(f"""
+
+            [[listener]]
+            name = "outbound"
+            listen = "127.0.0.1:{ports['outbound']}"
+            direction = "outbound"
+            protocol = "http"
+            """) + (listeners or "") + "\n" + extra
+        return text, ports
+
+    def start(self, text: str, ports: dict[str, int], *, wait_ready: bool = True,
+              **kwargs: object) -> Meshd:
+        path = self.tmp_path / f"meshd-{self.count}.toml"
+        path.write_text(text)
+        instance = next(line.split('"')[1] for line in text.splitlines()
+                        if line.startswith("instance"))
+        m = Meshd(path, self.tmp_path / f"meshd-{self.count}.log", admin=f"127.0.0.1:{ports['admin']}",
+                  instance=instance, **kwargs)  # type: ignore[arg-type]
+        m.ports = ports  # type: ignore[attr-defined]
+        self.started.append(m)
+        return m.start(wait_ready=wait_ready)
+
+    def run(self, services: dict[str, list[str]], **kwargs: object) -> Meshd:
+        start_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in ("env", "args", "wait_ready")}
+        text, ports = self.config(services, **kwargs)  # type: ignore[arg-type]
+        return self.start(text, ports, **start_kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[MeshFactory]:
+    factory = MeshFactory(tmp_path)
+    yield factory
+    for m in factory.started:
+        m.stop()
