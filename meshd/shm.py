@@ -301,6 +301,11 @@ class Region:
             raise IndexError(index)
         return Stripe(self._require_writable(), self._stripes_base + index * self._stride)
 
+    def read_field(self, slot: int, row: int, field: int) -> int:
+        """One counter of one stripe (tests and diagnostics; readers usually sum rows)."""
+        off = self.stripes_offset + ((slot * self.rows + row) * FIELDS + field) * 8
+        return int(struct.unpack_from("<Q", self._mm, off)[0])
+
     def row_totals(self, row: int) -> list[int]:
         """One row summed over every stripe (what the metrics report)."""
         if not 0 <= row < self.rows:

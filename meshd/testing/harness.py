@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -183,3 +184,61 @@ class Meshd:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class KeepAliveLoad:
+    """N client threads, each with one keep-alive connection, sending GETs in a loop until
+    stopped (or ``max_seconds`` pass). A client reconnects only when the server said
+    ``Connection: close``; any other error counts as a failure (and which connection
+    failed is recorded), so a proxy that drops a kept-alive connection is caught."""
+
+    def __init__(self, host: str, port: int, connections: int, path: str = "/",
+                 headers: dict[str, str] | None = None, max_seconds: float = 60.0) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.headers = headers or {}
+        self.connections = connections
+        self.max_seconds = max_seconds
+        self.ok = 0
+        self.failures: list[str] = []
+        self.failed_connections: set[int] = set()
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> KeepAliveLoad:
+        for i in range(self.connections):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _run(self, index: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request("GET", self.path, headers=self.headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"status {resp.status}")
+                with self._lock:
+                    self.ok += 1
+                if resp.will_close:
+                    with self._lock:
+                        self.reconnects += 1
+            except Exception as e:
+                with self._lock:
+                    self.failures.append(f"conn {index}: {type(e).__name__}: {e}")
+                    self.failed_connections.add(index)
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                time.sleep(0.01)
+        conn.close()
+
+    def stop(self) -> KeepAliveLoad:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+        return self

@@ -87,8 +87,11 @@ class HttpConnection:
                 keep = self._proxy(req, started)
             except ClientGone:
                 return
-            if not keep or self.worker.draining:
+            if not keep:
                 return
+            # Draining: a response that already went out with keep-alive promised the
+            # client one more request; it gets answered (with Connection: close), or the
+            # connection is closed once it has been idle for a grace period.
 
     def _read_head(self, first: bool) -> bytes:
         """The next request head. Raises Idle when the client leaves between requests."""
