@@ -10,7 +10,9 @@ from meshd.cli.common import admin_get
 
 
 def _ms(v: object) -> str:
-    return "-" if v is None else f"{v:.0f}ms" if isinstance(v, (int, float)) and v >= 10 else f"{v}ms"
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v:.0f}ms" if v >= 10 else f"{v:.2f}ms"
 
 
 @click.command()

@@ -25,6 +25,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
@@ -98,13 +99,21 @@ def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
     return app
 
 
+class _Server(WSGIServer):
+    def handle(self, sock: socket.socket, address: Any) -> None:
+        # pywsgi may write a response head and body in two sends: without NODELAY,
+        # Nagle holds the second until the peer's delayed ACK (40 ms) arrives.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle(sock, address)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8081")
     parser.add_argument("--name", default="backend")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
-    server = WSGIServer((host.strip("[]"), int(port)), make_app(args.name), log=None)
+    server = _Server((host.strip("[]"), int(port)), make_app(args.name), log=None)
     gevent.signal_handler(signal.SIGTERM, server.stop)
     server.start()
     print(f"backend {args.name} listening on {args.listen}", file=sys.stderr, flush=True)
