@@ -15,8 +15,8 @@ from meshd.testing.harness import Backend, Meshd, free_port
 def backends() -> Iterator[Callable[..., Backend]]:
     started: list[Backend] = []
 
-    def start(name: str = "a", port: int | None = None) -> Backend:
-        b = Backend(name, port).start()
+    def start(name: str = "a", port: int | None = None, host: str = "127.0.0.1") -> Backend:
+        b = Backend(name, port, host).start()
         started.append(b)
         return b
 

@@ -3,6 +3,7 @@ scaling, binary upgrade, boot failures, systemd socket activation and sd_notify.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from meshd.shm import (
     F_TCP_OPEN,
+    F_TCP_OPEN_TOTAL,
     KIND_WORKER,
     OFF_GENERATION,
     OFF_MASTER_PID,
@@ -289,3 +291,39 @@ def test_sd_notify_messages(mesh, backends, tmp_path):
         assert m.wait(20) == 0
     finally:
         sock.close()
+
+
+def test_control_process_is_supervised_like_a_worker(mesh, backends):
+    a = backends("a")
+    m = mesh.run({"web": [a.address]})
+    [control] = m.control_pids()
+    os.kill(control, signal.SIGKILL)
+    wait_for(lambda: (c := m.control_pids()) and control not in c and _ready(m.ports["admin"]),
+             timeout=10, what="a new control process serving the admin API")
+    assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
+
+
+def test_workers_share_the_accepted_connections(mesh, backends):
+    a = backends("a")
+    m = mesh.run({"web": [a.address]})
+    load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 24, "/", WEB).start()
+    time.sleep(1.5)
+    load.stop()
+    assert load.failures == []
+    with m.region() as r:
+        per_worker = [sum(r.read_field(s.index, row, F_TCP_OPEN_TOTAL) for row in range(r.rows))
+                      for s in r.slots_in_use() if s.kind == KIND_WORKER]
+    # Every worker took a fair part of the 24 connections (none starved).
+    assert len(per_worker) == 2 and min(per_worker) >= 4, per_worker
+
+
+def test_stat_reads_shared_memory_read_only(mesh, backends):
+    a = backends("a")
+    m = mesh.run({"web": [a.address]})
+    for _ in range(7):
+        assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
+    out = subprocess.run([sys.executable, "-m", "meshd", "stat", "--shm", str(m.config_path),
+                          "-o", "json"], capture_output=True, text=True, timeout=20, check=True)
+    rows = json.loads(out.stdout)["rows"]
+    [web] = [r for r in rows if r["service"] == "web"]
+    assert web["requests_total"] == 7 and web["success_rate"] == 1.0

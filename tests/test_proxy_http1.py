@@ -219,3 +219,40 @@ def test_100mb_streams_both_ways_with_bounded_rss(mesh, backends):
     assert digest.hexdigest() == hashlib.sha256(block * 100).hexdigest()
     # Streaming, not buffering: the worker grew by far less than the body.
     assert peak[0] - base < 30 * 1024, (base, peak[0])
+
+
+def test_inbound_listener_forwards_to_local_app(mesh, backends):
+    app = backends("app")
+    port = free_port()
+    m = mesh.run({"web": []}, listeners=f"""
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:{port}"
+direction = "inbound"
+forward = "{app.address}"
+""")
+    status, headers, body = http_get("127.0.0.1", port, "/in", {"Host": "anything"})
+    assert (status, headers["x-backend"], body) == (200, "app", b"app /in\n")
+    _, _, metrics = http_get("127.0.0.1", m.ports["admin"], "/metrics")
+    assert (f'request_total{{direction="inbound",listener="inbound",service="{app.address}"}} 1'
+            in metrics.decode())
+
+
+def test_ipv6_listener_and_upstream(mesh, backends):
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError as e:  # the machine has no IPv6 loopback: say so loudly, do not skip
+        raise AssertionError(f"IPv6 loopback unavailable here: {e}") from None
+    b6 = backends("v6", host="::1")
+    port = free_port("::1")
+    mesh.run({"web": [f"[::1]:{b6.port}"]}, listeners=f"""
+[[listener]]
+name = "outbound6"
+listen = "[::1]:{port}"
+protocol = "http"
+""")
+    conn = http.client.HTTPConnection("::1", port, timeout=5)
+    conn.request("GET", "/six", headers={"Host": "web"})
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"v6 /six\n")
+    conn.close()
