@@ -162,7 +162,9 @@ class Region:
         if version != VERSION:
             raise ShmError(f"{path}: layout version {version}, this meshd reads {VERSION}")
         if header_size != HEADER_SIZE or total != len(mm):
-            raise ShmError(f"{path}: header says {total} bytes, file has {len(mm)}")
+            raise ShmError(f"{path}: header says a {header_size}-byte header and {total} bytes "
+                           f"in all; expected a {HEADER_SIZE}-byte header, and the file has "
+                           f"{len(mm)} bytes")
         self.slots = struct.unpack_from("<I", mm, 32)[0]
         self.rows = struct.unpack_from("<I", mm, 36)[0]
         self.stripes_offset = HEADER_SIZE + self.slots * SLOT_SIZE
@@ -241,7 +243,9 @@ class Region:
 
     # -- worker table -------------------------------------------------------------------
 
-    def _slot_offset(self, index: int) -> int:
+    def _slot_offset(self, index: int, write: bool = False) -> int:
+        if write and not self.writable:
+            raise ShmError(f"{self.path}: attached read-only")
         if not 0 <= index < self.slots:
             raise IndexError(index)
         return HEADER_SIZE + index * SLOT_SIZE
@@ -261,15 +265,15 @@ class Region:
         before the child exists so the child's own heartbeat and state are never
         overwritten by the master."""
         now = time.monotonic()
-        _SLOT.pack_into(self._mm, self._slot_offset(index), -1, now, generation,
+        _SLOT.pack_into(self._mm, self._slot_offset(index, True), -1, now, generation,
                         STATE_BOOTING, kind, now)
 
     def set_pid(self, index: int, pid: int) -> None:
-        struct.pack_into("<q", self._mm, self._slot_offset(index), pid)
+        struct.pack_into("<q", self._mm, self._slot_offset(index, True), pid)
 
     def free_slot(self, index: int) -> None:
         """Master: the slot's process is gone. Zero its gauges, keep its counters."""
-        off = self._slot_offset(index)
+        off = self._slot_offset(index, True)
         self._mm[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
         q = self._require_writable()
         base = index * self._stride
@@ -279,7 +283,7 @@ class Region:
 
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""
-        off = self._slot_offset(index)
+        off = self._slot_offset(index, True)
         struct.pack_into("<d", self._mm, off + 8, time.monotonic())
         if state is not None:
             struct.pack_into("<Q", self._mm, off + 24, state)

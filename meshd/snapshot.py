@@ -54,21 +54,26 @@ class Snapshot:
 
     @classmethod
     def decode(cls, raw: bytes) -> Snapshot:
-        data = msgpack.unpackb(raw, raw=False)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"snapshot format {data.get('format')!r}, expected {FORMAT}")
-        services = {
-            name: tuple(Endpoint(h, p, w, z, m) for h, p, w, z, m in eps)
-            for name, eps in data["services"].items()
-        }
-        return cls(
-            generation=data["generation"],
-            seq=data["seq"],
-            services=services,
-            rows=data["rows"],
-            synced=data.get("synced", True),
-            errors=data.get("errors", {}),
-        )
+        """Raises ValueError on anything that is not a snapshot of this format."""
+        try:
+            data = msgpack.unpackb(raw, raw=False)
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                found = data.get("format") if isinstance(data, dict) else type(data).__name__
+                raise ValueError(f"snapshot format {found!r}, expected {FORMAT}")
+            services = {
+                name: tuple(Endpoint(h, p, w, z, m) for h, p, w, z, m in eps)
+                for name, eps in data["services"].items()
+            }
+            return cls(
+                generation=data["generation"],
+                seq=data["seq"],
+                services=services,
+                rows=data["rows"],
+                synced=data.get("synced", True),
+                errors=data.get("errors", {}),
+            )
+        except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+            raise ValueError(f"not a valid snapshot: {type(e).__name__}: {e}") from None
 
 
 def snapshot_path(shm_dir: str, instance: str, master_pid: int, generation: int) -> str:

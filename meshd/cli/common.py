@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import tomllib
 import urllib.error
 import urllib.request
 from typing import Any
@@ -19,21 +21,48 @@ EXIT_USAGE = 2
 
 def load_checked(path: str) -> Config:
     """The config at ``path``, with every discovery source's own keys validated by its
-    plugin. Raises ConfigError listing every problem."""
-    cfg = config_mod.load(path)
+    plugin, even when the rest of the config has problems too: every problem is reported
+    at once. Raises ConfigError."""
+    cfg: Config | None = None
     problems: list[tuple[str, str]] = []
-    for i, src in enumerate(cfg.discovery):
+    try:
+        loaded = config_mod.load(path)
+        sources = [(src.plugin, src.name, dict(src.options)) for src in loaded.discovery]
+        cfg = loaded
+    except ConfigError as e:
+        problems = list(e.problems)
+        sources = _raw_sources(path)
+    for i, (plugin, name, options) in enumerate(sources):
         try:
-            cls, _info = load_plugin(src.plugin)
-            cls(src.name, src.options)
+            cls, _info = load_plugin(plugin)
+            cls(name, options)
         except PluginError as e:
             problems.append((f"discovery[{i}].plugin", str(e)))
         except ConfigError as e:
             problems.extend((f"discovery[{i}].{k}" if k else f"discovery[{i}]", m)
                             for k, m in e.problems)
-    if problems:
+    if problems or cfg is None:
         raise ConfigError(problems, path)
     return cfg
+
+
+def _raw_sources(path: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(plugin, name, options) of each well-formed [[discovery]] table of a config that
+    failed to load, so the plugins can still report their own problems."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    tables = data.get("discovery")
+    if not isinstance(tables, list):
+        return []
+    sources = []
+    for table in tables:
+        if isinstance(table, dict) and isinstance(table.get("plugin"), str):
+            options = {k: v for k, v in table.items() if k not in ("name", "plugin")}
+            sources.append((table["plugin"], str(table.get("name", "")), options))
+    return sources
 
 
 def fail_config(err: ConfigError) -> None:
@@ -47,5 +76,6 @@ def admin_get(admin: str, path: str) -> Any:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        # ValueError: not JSON; HTTPException: not HTTP
         raise click.ClickException(f"cannot reach the admin API at {url}: {e}") from None
