@@ -167,6 +167,8 @@ def test_ttin_ttou_change_worker_count(mesh, backends):
     m.signal(signal.SIGTTIN)
     _serving_workers(m, 3)
     m.signal(signal.SIGTTOU)
+    wait_for(lambda: len(m.worker_pids()) == 2, timeout=15, what="two workers")
+    # One at a time: the kernel merges a second TTOU that arrives before the first is seen.
     m.signal(signal.SIGTTOU)
     wait_for(lambda: len(m.worker_pids()) == 1, timeout=15, what="one worker")
     assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
