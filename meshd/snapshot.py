@@ -20,7 +20,7 @@ import msgpack
 
 from meshd.discovery.api import Endpoint
 
-FORMAT = 1
+FORMAT = 2  # 2: endpoints carry inbound_port, identity and labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,8 @@ class Snapshot:
             "synced": self.synced,
             "errors": dict(self.errors),
             "services": {
-                name: [[e.host, e.port, e.weight, e.zone, e.meshed] for e in eps]
+                name: [[e.host, e.port, e.weight, e.zone, e.meshed, e.inbound_port, e.identity,
+                        [list(kv) for kv in e.labels]] for e in eps]
                 for name, eps in self.services.items()
             },
             "rows": {listener: dict(rows) for listener, rows in self.rows.items()},
@@ -61,7 +62,8 @@ class Snapshot:
                 found = data.get("format") if isinstance(data, dict) else type(data).__name__
                 raise ValueError(f"snapshot format {found!r}, expected {FORMAT}")
             services = {
-                name: tuple(Endpoint(h, p, w, z, m) for h, p, w, z, m in eps)
+                name: tuple(Endpoint(h, p, w, z, m, i, ident, tuple((k, v) for k, v in labels))
+                            for h, p, w, z, m, i, ident, labels in eps)
                 for name, eps in data["services"].items()
             }
             return cls(

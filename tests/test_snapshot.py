@@ -57,7 +57,7 @@ def test_defaults_survive_a_round_trip() -> None:
 def test_encoding_is_a_msgpack_map_with_its_format() -> None:
     data = msgpack.unpackb(SNAP.encode(), raw=False)
     assert data["format"] == FORMAT
-    assert data["services"]["web"][0] == ["10.0.0.1", 8080, 3, "eu-1a", True]
+    assert data["services"]["web"][0] == ["10.0.0.1", 8080, 3, "eu-1a", True, 0, "", []]
     assert data["rows"] == {"outbound": {"web": 2, "empty": 3}, "inbound": {"web": 4}}
 
 
@@ -112,3 +112,10 @@ def test_snapshot_path() -> None:
     assert snapshot_path("/run/meshd/", "a.b", 1, 0) == "/run/meshd/meshd-a.b-1-g0.snap"
     assert snapshot_path("/d", "x", 9, 1) != snapshot_path("/d", "x", 9, 2)
     assert snapshot_path("/d", "x", 9, 1) != snapshot_path("/d", "x", 10, 1)
+
+
+def test_meshed_endpoint_fields_round_trip() -> None:
+    ep = Endpoint("10.0.0.9", 80, 2, "z", True, 4143, "spiffe://mesh/ns/default/sa/web",
+                  (("app", "web"), ("version", "v2")))
+    snap = Snapshot(generation=1, seq=1, services={"web": (ep,)}, rows={})
+    assert Snapshot.decode(snap.encode()).services["web"] == (ep,)

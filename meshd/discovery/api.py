@@ -26,13 +26,23 @@ API_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One instance of a service. ``meshed``: it is fronted by a meshd inbound listener."""
+    """One instance of a service.
+
+    ``weight`` scales its share of traffic (0: never picked); ``zone`` names its
+    failure domain; ``labels`` are free-form (key, value) pairs from the source (tags,
+    node meta, pod labels), sorted. ``meshed``: the instance is fronted by a meshd,
+    whose inbound listener is ``inbound_port`` on the same host and whose workload
+    identity (a SPIFFE ID) is ``identity``.
+    """
 
     host: str
     port: int
     weight: int = 1
     zone: str = ""
     meshed: bool = False
+    inbound_port: int = 0
+    identity: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def address(self) -> tuple[str, int]:
