@@ -32,6 +32,7 @@ from meshd.errors import (
 )
 from meshd.proto import http1
 from meshd.shm import F_REQUESTS, ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.worker.sockio import sendall
 from meshd.worker.upstream import UpstreamConn
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class HttpConnection:
         head = http1.serialize_request_head(req.method, req.target, headers, framing)
         ep = worker.balancer.pick(service, endpoints)
         deadline = time.monotonic() + timeout
-        conn = worker.pool.acquire(ep, connect_timeout)
+        conn = worker.pool.acquire(ep, connect_timeout, check=req.has_body)
         sender = None
         try:
             if req.has_body:
@@ -216,7 +217,10 @@ class HttpConnection:
                 resp = self._read_response_head(conn, req, deadline, sender)
             else:
                 try:
-                    conn.sock.sendall(head)
+                    try:
+                        sendall(conn.sock, head)
+                    except OSError as e:
+                        raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
                     resp = self._read_response_head(conn, req, deadline, None)
                 except UpstreamError:
                     if not conn.reused:
@@ -225,7 +229,7 @@ class HttpConnection:
                     # had no body and got no answer, so sending it again is safe.
                     conn.close()
                     conn = worker.pool.connect(ep, connect_timeout)
-                    conn.sock.sendall(head)
+                    sendall(conn.sock, head)
                     resp = self._read_response_head(conn, req, deadline, None)
             keep = self._relay_response(req, resp, conn)
             if sender is not None:
@@ -244,6 +248,8 @@ class HttpConnection:
             if sender is not None:
                 sender.kill(block=False)
             conn.close()
+            if isinstance(e, OSError) and not self.response_started:
+                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             body_error = self._body_error
             if isinstance(e, ProxyError) and body_error is not None and not self.response_started:
                 if isinstance(body_error, ProxyError):
@@ -265,11 +271,11 @@ class HttpConnection:
                     if decoder.done:
                         out.append(http1.encode_trailers(decoder.trailers)
                                    if decoder.trailers else http1.LAST_CHUNK)
-                        up.sendall(b"".join(out))
+                        sendall(up, b"".join(out))
                         self.buf += decoder.unconsumed
                         break
                     if out:
-                        up.sendall(b"".join(out))
+                        sendall(up, b"".join(out))
                         out = []
                     pieces = decoder.feed(self._recv_body())
             else:
@@ -278,11 +284,11 @@ class HttpConnection:
                 first = head + bytes(self.buf[:take])
                 del self.buf[:take]
                 remaining -= take
-                up.sendall(first)
+                sendall(up, first)
                 while remaining > 0:
                     data = self._recv_body(min(remaining, READ_SIZE))
                     remaining -= len(data)
-                    up.sendall(data)
+                    sendall(up, data)
         except (ClientGone, ProxyError, OSError) as e:
             # Stop the response wait too: the upstream will never see the whole request.
             self._body_error = e
@@ -438,7 +444,7 @@ class HttpConnection:
 
     def _send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            sendall(self.sock, data)
         except OSError:
             raise ClientGone() from None
 

@@ -19,6 +19,7 @@ from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, UpstreamError, UpstreamTimeout
 
 MAX_IDLE_PER_ENDPOINT = 128
+RECHECK_AFTER = 1.0
 _original_poll = get_original("select", "poll")
 
 
@@ -64,12 +65,17 @@ class Pool:
         self.idle_timeout = idle_timeout
         self._idle: dict[tuple[str, int], list[UpstreamConn]] = {}
 
-    def acquire(self, ep: Endpoint, connect_timeout: float) -> UpstreamConn:
+    def acquire(self, ep: Endpoint, connect_timeout: float, check: bool = True) -> UpstreamConn:
+        """A pooled connection to ``ep``, or a new one. ``check=False`` skips the
+        liveness probe (a system call) for connections idle under RECHECK_AFTER: the
+        caller can resend a bodiless request if the upstream closed it meanwhile."""
         stack = self._idle.get(ep.address)
         now = time.monotonic()
         while stack:
             conn = stack.pop()
-            if now - conn.idle_since < self.idle_timeout and _still_open(conn.sock):
+            idle = now - conn.idle_since
+            if idle < self.idle_timeout and (
+                    (not check and idle < RECHECK_AFTER) or _still_open(conn.sock)):
                 conn.reused = True
                 return conn
             conn.close()
