@@ -74,12 +74,21 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceShare:
+    source: str
+    share: int  # percent, 1..100
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     timeout: float = 10.0  # the response head must arrive within it, else 504
     connect_timeout: float = 2.0
     idle_timeout: float = 60.0  # max idle of a pooled upstream keep-alive connection
     discovery: str | None = None  # a [[discovery]] name; None: the first that knows it
+    # Several sources with their share of traffic in percent (a migration): the
+    # endpoints of each source together get that share. Empty: just `discovery`.
+    sources: tuple[SourceShare, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +111,8 @@ class Config:
     shm_dir: str
     instance: str  # names the shm file
     metric_rows: int  # rows of per-service counters in shared memory
+    discovery_wait: float  # a first request for a service not yet watched waits this long
+    service_idle_expiry: float  # an on-demand watch without requests this long is dropped
     admin: AdminConfig
     discovery: tuple[DiscoveryConfig, ...]
     listeners: tuple[ListenerConfig, ...]
@@ -163,6 +174,8 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     shm_dir = top.take("shm_dir", _string(), "/dev/shm")
     instance = top.take("instance", _string(_NAME), "meshd")
     metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
+    discovery_wait = top.take("discovery_wait", _duration(0.0), 1.0)
+    service_idle_expiry = top.take("service_idle_expiry", _duration(1.0), 600.0)
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
@@ -175,13 +188,16 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     _check_addresses(admin, listeners, problems)
     sources = {d.name for d in discovery}
     for service in services.values():
-        if service.discovery is not None and service.discovery not in sources:
-            problems.append((f"service.{service.name}.discovery",
-                             f"no [[discovery]] source is named {service.discovery!r}"))
+        for i, share in enumerate(service.sources):
+            if share.source not in sources:
+                key = (f"service.{service.name}.discovery" if len(service.sources) == 1
+                       else f"service.{service.name}.discovery[{i}].source")
+                problems.append((key, f"no [[discovery]] source is named {share.source!r}"))
     if problems:
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
-                  metric_rows, admin, discovery, listeners, services, limits)
+                  metric_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
+                  services, limits)
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -231,15 +247,46 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         if not _SERVICE_NAME.fullmatch(name):
             problems.append((f"service.{name}",
                              f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}"))
-        services[name] = ServiceConfig(
-            name=name,
-            timeout=t.take("timeout", _duration(), 10.0),
-            connect_timeout=t.take("connect_timeout", _duration(), 2.0),
-            idle_timeout=t.take("idle_timeout", _duration(), 60.0),
-            discovery=t.take("discovery", _string(_NAME), None),
-        )
+        timeout = t.take("timeout", _duration(), 10.0)
+        connect_timeout = t.take("connect_timeout", _duration(), 2.0)
+        idle_timeout = t.take("idle_timeout", _duration(), 60.0)
+        shares = _source_shares(t, f"service.{name}.discovery")
         t.finish()
+        services[name] = ServiceConfig(
+            name=name, timeout=timeout, connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout, discovery=shares[0].source if shares else None,
+            sources=shares,
+        )
     return MappingProxyType(services)
+
+
+def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
+    """`discovery = "name"`, or `discovery = [{ source = "a", share = 90 }, ...]` with
+    shares in percent adding up to 100."""
+    raw = t.raw("discovery", None)
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        if not _NAME.fullmatch(raw):
+            t.problem("discovery", f"a source name must match {_NAME.pattern}, got {raw!r}")
+            return ()
+        return (SourceShare(raw, 100),)
+    if not isinstance(raw, list) or not raw:
+        t.problem("discovery", 'expected a source name or a list of { source = "...", share = N }')
+        return ()
+    shares = []
+    for i, item in enumerate(raw):
+        item_table = _Table(item, f"{path}[{i}]", t.problems)
+        source = item_table.take("source", _string(_NAME), "", required=True)
+        share = item_table.take("share", _integer(1, 100), 0, required=True)
+        item_table.finish()
+        if source and share:
+            shares.append(SourceShare(source, share))
+    if len(shares) == len(raw) and sum(s.share for s in shares) != 100:
+        t.problem("discovery", f"shares must add up to 100, got {sum(s.share for s in shares)}")
+    if len({s.source for s in shares}) != len(shares):
+        t.problem("discovery", "a source is listed twice")
+    return tuple(shares)
 
 
 def _limits(t: _Table) -> LimitsConfig:

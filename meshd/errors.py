@@ -38,6 +38,11 @@ class PluginError(MeshdError):
     """A discovery plugin could not be found, imported or configured."""
 
 
+class PluginImportError(PluginError):
+    """A discovery plugin is installed but raises when imported: `meshd check` reports it;
+    `meshd run` logs it and serves every service of the other sources."""
+
+
 class ShmError(MeshdError):
     """The shared-memory region cannot be created or attached (wrong magic, version, size)."""
 

@@ -32,6 +32,7 @@ class Snapshot:
     rows: Mapping[str, Mapping[str, int]]
     synced: bool = True
     errors: Mapping[str, str] = field(default_factory=dict)
+    absent: frozenset[str] = frozenset()   # services the sources say do not exist
 
     def row(self, listener: str, service: str) -> int | None:
         by_service = self.rows.get(listener)
@@ -44,6 +45,7 @@ class Snapshot:
             "seq": self.seq,
             "synced": self.synced,
             "errors": dict(self.errors),
+            "absent": sorted(self.absent),
             "services": {
                 name: [[e.host, e.port, e.weight, e.zone, e.meshed, e.inbound_port, e.identity,
                         [list(kv) for kv in e.labels]] for e in eps]
@@ -73,6 +75,7 @@ class Snapshot:
                 rows=data["rows"],
                 synced=data.get("synced", True),
                 errors=data.get("errors", {}),
+                absent=frozenset(data.get("absent", ())),
             )
         except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
             raise ValueError(f"not a valid snapshot: {type(e).__name__}: {e}") from None
@@ -80,6 +83,12 @@ class Snapshot:
 
 def snapshot_path(shm_dir: str, instance: str, master_pid: int, generation: int) -> str:
     return os.path.join(shm_dir, f"meshd-{instance}-{master_pid}-g{generation}.snap")
+
+
+def control_socket_path(shm_dir: str, instance: str, master_pid: int, generation: int) -> str:
+    """The control process's datagram socket: a worker sends a service name to it to ask
+    for that service to be watched (the first request for a service not yet known)."""
+    return os.path.join(shm_dir, f"meshd-{instance}-{master_pid}-g{generation}.ctl")
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -101,7 +101,7 @@ def test_plugin_whose_import_fails_names_its_distribution(
     monkeypatch.syspath_prepend(str(tmp_path))
 
     plugins, _ = available()
-    assert plugins["broken"].describe() == "broken (broken-plugin 9.9)"
+    assert plugins["broken"].describe() == "broken from broken-plugin 9.9"
     with pytest.raises(PluginError) as info:
         load("broken")
     message = str(info.value)

@@ -26,6 +26,12 @@ SANS_IO = [
     "meshd.metrics",
     "meshd.discovery.api",
     "meshd.errors",
+    "meshd.balance.ewma",
+    "meshd.balance.p2c",
+    "meshd.balance.ejection",
+    "meshd.balance.budget",
+    "meshd.balance.retry",
+    "meshd.control.state",
 ]
 IO_MODULES = ("gevent", "ssl", "asyncio", "socket", "selectors", "select")
 # Who may import what: the importer of each I/O module that is allowed at all.

@@ -23,7 +23,7 @@ def run(path: str, workers: int | None, log_level: str) -> None:
     """Run meshd in the foreground (exit 0 after a graceful stop)."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
-        cfg = load_checked(path)
+        cfg = load_checked(path, tolerate_broken_plugins=True)
     except ConfigError as e:
         fail_config(e)
         return

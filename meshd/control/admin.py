@@ -60,7 +60,7 @@ class AdminApp:
     def metrics(self) -> tuple[str, str, bytes]:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
-        text = render_prometheus(c.region, keys)
+        text = render_prometheus(c.region, keys) + "\n".join(c.discovery.prometheus()) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:
@@ -71,20 +71,5 @@ class AdminApp:
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
 
     def endpoints(self) -> tuple[str, str, bytes]:
-        d = self.control.discovery
-        services = {
-            service: {
-                "source": source,
-                "exists": d.exists.get(service),
-                "error": d.watch_errors.get(service),
-                "endpoints": [
-                    {"address": str(e), "weight": e.weight, "zone": e.zone, "meshed": e.meshed}
-                    for e in d.endpoints.get(service, ())
-                ],
-            }
-            for service, source in sorted(d.watching.items())
-        }
-        body = {"services": services, "sources": {
-            src.name: {"plugin": src.plugin, "error": d.source_errors.get(src.name)}
-            for src in self.control.config.discovery}}
+        body = self.control.discovery.describe()
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"

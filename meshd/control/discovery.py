@@ -1,11 +1,18 @@
 """Running discovery in the control process and publishing snapshots to workers.
 
-One watch greenlet per service. Each applies its backend's updates to the service's
-endpoint set; a publisher greenlet coalesces changes and writes a new snapshot at most
-every PUBLISH_INTERVAL. A watch that fails keeps the endpoints it last had (fail static)
-and is restarted with jittered backoff. ``RowTable`` gives every (listener, service)
-pair a stable shared-memory row, seeded from the previous generation's snapshot so
-counters continue across reloads.
+One watch greenlet per (service, source). A service is watched when the config names it
+(`[service.NAME]`, a tcp listener's `service`), when a source lists it up front, or when
+a worker first asks for it (a datagram on the control socket); a service watched on
+demand is dropped again after ``service_idle_expiry`` without requests.
+
+Updates from each source are applied to that source's endpoint set; a service served by
+several sources with shares (a migration: 90 % Consul, 10 % Kubernetes) gets their
+endpoints merged with weights scaled so each source carries its share. A publisher
+greenlet coalesces changes into a snapshot file at most every PUBLISH_INTERVAL.
+
+Fail static: a watch that fails keeps the endpoints it last had and is restarted with
+jittered backoff; the last good endpoints are persisted under ``state_dir`` and seed a
+restarted meshd (marked stale) until their source answers again.
 """
 
 from __future__ import annotations
@@ -13,73 +20,111 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import gevent.event
 
-from meshd.config import Config
+from meshd.config import Config, SourceShare
+from meshd.control import state
+from meshd.control.rows import RowTable
 from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
+from meshd.discovery.registry import PluginInfo
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, MeshdError
-from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region
+from meshd.shm import F_REQUESTS, Region
 from meshd.snapshot import Snapshot, write_atomic
 
 log = logging.getLogger("meshd.control")
 
-PUBLISH_INTERVAL = 0.05
-FIRST_SYNC_WAIT = 5.0
+PUBLISH_INTERVAL = 0.02
+FIRST_SYNC_WAIT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+EXPIRY_CHECK_INTERVAL = 5.0
+ABSENT_EXPIRY = 30.0   # an on-demand service no source knows is forgotten after this
+MAX_ON_DEMAND = 1000   # bounds what clients can make us watch with made-up Host headers
+SHARE_SCALE = 10_000   # weights of a shared service are scaled to this total
 
 
-class RowTable:
-    """(listener, service) -> shm row. Rows are never reused within a region's life."""
+@dataclass
+class SourceState:
+    endpoints: tuple[Endpoint, ...] = ()
+    exists: bool | None = None        # None: not heard from yet
+    synced: bool = False              # answered at least once since this process started
+    stale: bool = False               # endpoints come from the persisted state
+    error: str | None = None
+    errors_total: int = 0
+    last_sync: float = 0.0            # unix time of the last update
 
-    def __init__(self, region: Region, seed: Mapping[str, Mapping[str, int]] | None) -> None:
-        self.region = region
-        self.rows: dict[str, dict[str, int]] = {k: dict(v) for k, v in (seed or {}).items()}
-        used = [r for by in self.rows.values() for r in by.values()]
-        self.next_row = max(used, default=FIRST_ROW - 1) + 1
-        self._warned: set[tuple[str, str]] = set()
 
-    def ensure(self, listener: str, service: str) -> None:
-        by = self.rows.setdefault(listener, {})
-        if service in by:
-            return
-        if self.next_row >= self.region.rows:
-            if (listener, service) not in self._warned:
-                self._warned.add((listener, service))
-                self.region.add_u64(OFF_ROWS_EXHAUSTED)
-                log.error("shared memory full: no metric row for listener %s service %s "
-                          "(metric_rows = %d); its traffic is counted under service=\"_overflow\"",
-                          listener, service, self.region.rows)
-            return
-        by[service] = self.next_row
-        self.next_row += 1
+@dataclass
+class ServiceWatch:
+    name: str
+    shares: tuple[SourceShare, ...]
+    on_demand: bool
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    greenlets: list[gevent.Greenlet] = field(default_factory=list)
+    last_requests: int = -1
+    idle_since: float = 0.0
+
+    @property
+    def synced(self) -> bool:
+        """Every source answered, or left endpoints persisted by an earlier run."""
+        return all(s.synced or s.stale for s in self.sources.values())
+
+    @property
+    def settled(self) -> bool:
+        """Every source answered or failed: the first snapshot need not wait longer."""
+        return all(s.synced or s.stale or s.error is not None for s in self.sources.values())
+
+    @property
+    def exists(self) -> bool | None:
+        known = [s.exists for s in self.sources.values() if s.exists is not None]
+        return any(known) if known else None
+
+    def merged(self) -> tuple[Endpoint, ...]:
+        """Endpoints of every source; with shares, weights scaled to each source's share."""
+        if len(self.shares) <= 1:
+            return tuple(e for s in self.sources.values() for e in s.endpoints)
+        out: list[Endpoint] = []
+        for share in self.shares:
+            eps = self.sources[share.source].endpoints
+            total = sum(e.weight for e in eps)
+            for e in eps:
+                w = 0 if not e.weight else max(1, round(SHARE_SCALE * share.share / 100 * e.weight / total))
+                out.append(_with_weight(e, w))
+        return tuple(out)
+
+
+def _with_weight(e: Endpoint, weight: int) -> Endpoint:
+    return Endpoint(e.host, e.port, weight, e.zone, e.meshed, e.inbound_port, e.identity, e.labels)
 
 
 class DiscoveryRunner:
     def __init__(self, cfg: Config, region: Region, generation: int, path: str,
                  previous: Snapshot | None) -> None:
         self.cfg = cfg
+        self.region = region
         self.generation = generation
         self.path = path
         self.rows = RowTable(region, previous.rows if previous else None)
-        self.backends: dict[str, object] = {}
+        self.backends: dict[str, Any] = {}
+        self.plugin_info: dict[str, PluginInfo] = {}
         self.source_errors: dict[str, str] = {}
-        self.endpoints: dict[str, tuple[Endpoint, ...]] = {}
-        self.exists: dict[str, bool] = {}
-        self.synced: set[str] = set()
-        self.watch_errors: dict[str, str] = {}
-        self.watching: dict[str, str] = {}     # service -> source name
+        self.watches: dict[str, ServiceWatch] = {}
+        self.state_path = state.state_path(cfg.state_dir, cfg.instance)
+        self.saved, self.saved_at = state.load(self.state_path)
         self.seq = 0
         self.dirty = gevent.event.Event()
         self.first_published = gevent.event.Event()
+        self._last_save = 0.0
+
+    # -- start --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._load_backends()
-        for service in self._wanted_services():
-            self._watch(service)
         for lst in self.cfg.listeners:
             self.rows.ensure(lst.name, "")
             if lst.direction == "inbound":
@@ -87,93 +132,169 @@ class DiscoveryRunner:
                 self.rows.ensure(lst.name, str(lst.forward))
             elif lst.protocol == "tcp" and lst.service:
                 self.rows.ensure(lst.name, lst.service)
+        for service in self._configured_services():
+            self.watch(service, on_demand=False)
         gevent.spawn(self._publisher)
+        gevent.spawn(self._expiry_loop)
 
     def _load_backends(self) -> None:
         for src in self.cfg.discovery:
             try:
                 cls, info = load_plugin(src.plugin)
+                self.plugin_info[src.name] = info
                 self.backends[src.name] = cls(src.name, src.options)
             except ConfigError as e:
-                msg = "; ".join(f"discovery.{src.name}.{k}: {m}" for k, m in e.problems)
+                msg = "; ".join(f"{k}: {m}" for k, m in e.problems)
                 self.source_errors[src.name] = msg
                 log.error("discovery source %s: %s", src.name, msg)
             except MeshdError as e:
                 self.source_errors[src.name] = str(e)
                 log.error("discovery source %s: %s", src.name, e)
 
-    def _wanted_services(self) -> dict[str, str]:
-        wanted: dict[str, str] = {}
+    def _configured_services(self) -> list[str]:
+        names: dict[str, None] = {}
         for name, backend in self.backends.items():
             try:
-                for service in backend.services():  # type: ignore[attr-defined]
-                    wanted.setdefault(service, name)
+                names.update(dict.fromkeys(backend.services()))
             except Exception as e:
-                log.error("discovery source %s: services() failed: %s", name, e)
-        first = self.cfg.discovery[0].name if self.cfg.discovery else None
-        for service, svc in self.cfg.services.items():
-            source = svc.discovery or wanted.get(service) or first
-            if source is not None:
-                wanted[service] = source
+                log.error("discovery source %s (%s): services() failed: %s", name,
+                          self._describe(name), e)
+        names.update(dict.fromkeys(self.cfg.services))
         for lst in self.cfg.listeners:
-            if lst.protocol == "tcp" and lst.service and lst.service not in wanted and first:
-                wanted[lst.service] = first
-        return wanted
+            if lst.protocol == "tcp" and lst.service:
+                names[lst.service] = None
+        return list(names)
 
-    def _watch(self, service: str) -> None:
-        source = self._wanted_services().get(service) if service not in self.watching else None
-        if source is None:
+    def _shares_for(self, service: str) -> tuple[SourceShare, ...]:
+        svc = self.cfg.services.get(service)
+        if svc is not None and svc.sources:
+            return svc.sources
+        for name, backend in self.backends.items():
+            try:
+                if service in backend.services():
+                    return (SourceShare(name, 100),)
+            except Exception:
+                continue
+        if self.cfg.discovery:
+            return (SourceShare(self.cfg.discovery[0].name, 100),)
+        return ()
+
+    def _describe(self, source: str) -> str:
+        info = self.plugin_info.get(source)
+        return f"plugin {info.describe()}" if info else "plugin not loaded"
+
+    # -- watching -----------------------------------------------------------------------
+
+    def watch(self, service: str, on_demand: bool) -> None:
+        if service in self.watches or not service:
             return
-        self.watching[service] = source
+        if on_demand and sum(w.on_demand for w in self.watches.values()) >= MAX_ON_DEMAND:
+            log.warning("not watching %s: %d services are already watched on demand",
+                        service, MAX_ON_DEMAND)
+            return
+        shares = self._shares_for(service)
+        w = ServiceWatch(service, shares, on_demand, idle_since=time.monotonic())
+        self.watches[service] = w
+        if not on_demand:
+            self._ensure_rows(service)
+        saved = self.saved.get(service, {})
+        for share in shares:
+            st = SourceState()
+            if share.source in saved:
+                st.endpoints, st.exists, st.stale = saved[share.source], True, True
+            w.sources[share.source] = st
+            backend = self.backends.get(share.source)
+            if backend is None:
+                st.error = self.source_errors.get(share.source, f"no source {share.source}")
+                st.synced = True
+                continue
+            w.greenlets.append(gevent.spawn(self._watch_loop, w, share.source, backend))
+        if on_demand:
+            log.info("watching %s on demand (sources: %s)", service,
+                     ", ".join(s.source for s in shares) or "none")
+        self.dirty.set()
+
+    def _ensure_rows(self, service: str) -> None:
+        """Rows for a service: at once for configured ones, and for one watched on demand
+        only once it exists (made-up Host headers must not use up shared memory)."""
         for lst in self.cfg.listeners:
             if lst.direction == "outbound" and lst.protocol != "tcp":
                 self.rows.ensure(lst.name, service)
-        backend = self.backends.get(source)
-        if backend is None:
-            self.watch_errors[service] = self.source_errors.get(source, f"no source {source}")
-            self.synced.add(service)
-            return
-        gevent.spawn(self._watch_loop, service, source, backend)
 
-    def _watch_loop(self, service: str, source: str, backend: object) -> None:
+    def _watch_loop(self, w: ServiceWatch, source: str, backend: Any) -> None:
+        st = w.sources[source]
         failures = 0
         while True:
             try:
-                for update in backend.watch(service):  # type: ignore[attr-defined]
-                    self._apply(service, update)
+                for update in backend.watch(w.name):
+                    self._apply(w, st, update)
                     failures = 0
-                log.warning("discovery %s: watch of %s ended; restarting", source, service)
+                log.warning("discovery %s: the watch of %s ended; restarting", source, w.name)
             except Exception as e:
                 failures += 1
-                self.watch_errors[service] = f"{type(e).__name__}: {e}"
-                log.error("discovery %s (plugin %s): watch of %s failed: %s; keeping the last "
-                          "%d endpoints", source, type(backend).__module__, service, e,
-                          len(self.endpoints.get(service, ())))
-                self.synced.add(service)
+                st.errors_total += 1
+                st.error = f"{type(e).__name__}: {e}"
+                log.error("discovery source %s (%s): watch of %s failed: %s; keeping its last "
+                          "%d endpoints", source, self._describe(source), w.name, st.error,
+                          len(st.endpoints))
                 self.dirty.set()
             delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 10))
             gevent.sleep(delay * random.uniform(0.5, 1.0))
 
-    def _apply(self, service: str, update: Update) -> None:
+    def _apply(self, w: ServiceWatch, st: SourceState, update: Update) -> None:
         if isinstance(update, NoSuchService):
-            self.exists[service] = False
-            self.endpoints.pop(service, None)
+            st.exists, st.endpoints = False, ()
         else:
-            self.exists[service] = True
-            self.endpoints[service] = apply(self.endpoints.get(service, ()), update)
-        self.watch_errors.pop(service, None)
-        self.synced.add(service)
+            if w.on_demand and not st.exists:
+                self._ensure_rows(w.name)
+            st.exists = True
+            st.endpoints = apply(() if st.stale else st.endpoints, update)
+        st.stale = False
+        st.synced = True
+        st.error = None
+        st.last_sync = time.time()
         self.dirty.set()
+
+    def unwatch(self, service: str, why: str) -> None:
+        w = self.watches.pop(service, None)
+        if w is not None:
+            gevent.killall(w.greenlets, block=False)
+            log.info("stopped watching %s (%s)", service, why)
+            self.dirty.set()
+
+    def _expiry_loop(self) -> None:
+        while True:
+            gevent.sleep(EXPIRY_CHECK_INTERVAL)
+            self.expire_idle(time.monotonic())
+
+    def expire_idle(self, now: float) -> None:
+        for w in list(self.watches.values()):
+            if not w.on_demand:
+                continue
+            if w.exists is False and now - w.idle_since >= ABSENT_EXPIRY:
+                self.unwatch(w.name, "no source knows it")
+                continue
+            requests = sum(self.region.row_totals(r)[F_REQUESTS] for r in self.rows.service_rows(w.name))
+            if requests != w.last_requests:
+                w.last_requests, w.idle_since = requests, now
+            elif now - w.idle_since >= self.cfg.service_idle_expiry:
+                self.unwatch(w.name, f"no requests for {self.cfg.service_idle_expiry:.0f}s")
+
+    # -- publishing ---------------------------------------------------------------------
 
     @property
     def all_synced(self) -> bool:
-        return all(s in self.synced for s in self.watching)
+        return all(w.synced for w in self.watches.values())
 
     def _publisher(self) -> None:
         started = time.monotonic()
-        while not self.all_synced and time.monotonic() - started < FIRST_SYNC_WAIT:
+        while (not all(w.settled for w in self.watches.values())
+               and time.monotonic() - started < FIRST_SYNC_WAIT):
             self.dirty.wait(0.05)
             self.dirty.clear()
+        if not self.all_synced:
+            pending = [w.name for w in self.watches.values() if not w.synced]
+            log.warning("publishing endpoints before every source answered: %s", ", ".join(pending))
         while True:
             self._publish()
             self.first_published.set()
@@ -182,22 +303,117 @@ class DiscoveryRunner:
             gevent.sleep(PUBLISH_INTERVAL)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(
-            generation=self.generation,
-            seq=self.seq,
-            services=dict(self.endpoints),
-            rows=self.rows.rows,
-            synced=self.all_synced,
-            errors=dict(self.watch_errors),
-        )
+        services: dict[str, tuple[Endpoint, ...]] = {}
+        absent: list[str] = []
+        errors: dict[str, str] = {}
+        for name, w in self.watches.items():
+            exists = w.exists
+            if exists:
+                services[name] = w.merged()
+            elif exists is False or (w.synced and not w.sources):
+                absent.append(name)
+            errs = [f"{src}: {st.error}" for src, st in w.sources.items() if st.error]
+            if errs:
+                errors[name] = "; ".join(errs)
+        return Snapshot(generation=self.generation, seq=self.seq, services=services,
+                        rows=self.rows.rows, synced=self.all_synced, errors=errors,
+                        absent=frozenset(absent))
 
     def _publish(self) -> None:
         self.seq += 1
         write_atomic(self.path, self.snapshot().encode())
+        now = time.monotonic()
+        if now - self._last_save >= state.SAVE_INTERVAL:
+            self._save()
+        else:
+            gevent.spawn_later(state.SAVE_INTERVAL, self._save)
+
+    def _save(self) -> None:
+        self._last_save = time.monotonic()
+        good = {name: {src: st.endpoints for src, st in w.sources.items() if st.exists}
+                for name, w in self.watches.items()}
+        merged = dict(self.saved)
+        merged.update({k: v for k, v in good.items() if v})
+        try:
+            state.save(self.state_path, merged)
+            self.saved = merged
+        except OSError as e:
+            log.warning("cannot persist endpoints to %s: %s", self.state_path, e)
 
     def close(self) -> None:
         for backend in self.backends.values():
             try:
-                backend.close()  # type: ignore[attr-defined]
+                backend.close()
             except Exception as e:
                 log.warning("closing discovery backend: %s", e)
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What /endpoints shows."""
+        now = time.time()
+        services = {}
+        for name, w in sorted(self.watches.items()):
+            services[name] = {
+                "exists": w.exists,
+                "on_demand": w.on_demand,
+                "endpoints": [_endpoint_json(e) for e in w.merged()],
+                "sources": {
+                    src: {
+                        "synced": st.synced,
+                        "stale": st.stale,
+                        "error": st.error,
+                        "errors_total": st.errors_total,
+                        "last_sync_age_s": round(now - st.last_sync, 3) if st.last_sync else None,
+                        "endpoints": len(st.endpoints),
+                    }
+                    for src, st in w.sources.items()
+                },
+            }
+        return {
+            "services": services,
+            "sources": {src.name: {"plugin": src.plugin, "distribution": self._describe(src.name),
+                                   "error": self.source_errors.get(src.name)}
+                        for src in self.cfg.discovery},
+            "persisted": {"path": self.state_path, "saved_at": self.saved_at or None},
+        }
+
+    def prometheus(self) -> Iterable[str]:
+        """Discovery health, appended to /metrics."""
+        yield "# HELP meshd_discovery_endpoints Endpoints of a service now."
+        yield "# TYPE meshd_discovery_endpoints gauge"
+        for name, w in sorted(self.watches.items()):
+            yield f'meshd_discovery_endpoints{{service="{_esc(name)}"}} {len(w.merged())}'
+        rows: list[tuple[str, str, SourceState]] = [
+            (name, src, st) for name, w in sorted(self.watches.items()) for src, st in w.sources.items()]
+        yield "# HELP meshd_discovery_last_sync_timestamp_seconds When a source last updated a service."
+        yield "# TYPE meshd_discovery_last_sync_timestamp_seconds gauge"
+        for name, src, st in rows:
+            yield (f'meshd_discovery_last_sync_timestamp_seconds{{service="{_esc(name)}",'
+                   f'source="{_esc(src)}"}} {st.last_sync:.3f}')
+        yield "# HELP meshd_discovery_stale Endpoints served from the persisted state or a failing watch."
+        yield "# TYPE meshd_discovery_stale gauge"
+        for name, src, st in rows:
+            stale = int(st.stale or st.error is not None)
+            yield f'meshd_discovery_stale{{service="{_esc(name)}",source="{_esc(src)}"}} {stale}'
+        yield "# HELP meshd_discovery_errors_total Failed watches, since the control process started."
+        yield "# TYPE meshd_discovery_errors_total counter"
+        for name, src, st in rows:
+            yield (f'meshd_discovery_errors_total{{service="{_esc(name)}",source="{_esc(src)}"}} '
+                   f"{st.errors_total}")
+
+
+def _endpoint_json(e: Endpoint) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": str(e), "weight": e.weight}
+    if e.zone:
+        out["zone"] = e.zone
+    if e.meshed:
+        out.update(meshed=True, inbound_port=e.inbound_port, identity=e.identity)
+    if e.labels:
+        out["labels"] = dict(e.labels)
+    return out
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+

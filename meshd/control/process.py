@@ -10,6 +10,7 @@ monkey.patch_all()
 
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -24,7 +25,7 @@ from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
 from meshd.shm import STATE_SERVING  # noqa: E402
-from meshd.snapshot import Snapshot  # noqa: E402
+from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshd.control")
 
 HEARTBEAT_INTERVAL = 1.0
+SERVICE_NAME = re.compile(r"[A-Za-z0-9_.@:-]{1,253}")
 STATS_INTERVAL = 1.0
 
 
@@ -53,6 +55,7 @@ class Control:
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
         self.server: WSGIServer | None = None
+        self.control_path = ""
 
     def boot(self) -> None:
         self.region.heartbeat(self.ctx.slot)
@@ -61,15 +64,39 @@ class Control:
         gevent.signal_handler(signal.SIGINT, self.stopped.set)
         gevent.signal_handler(signal.SIGQUIT, self.stopped.set)
         self.discovery.start()
+        self._bind_control_socket()
         raw = self.ctx.sockets[address_key(self.config.admin.listen)]
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.server = WSGIServer(sock, AdminApp(self), log=None, error_log=log)
         self.server.start()
-        self.discovery.first_published.wait(30)
+        first = gevent.spawn(self.discovery.first_published.wait)
+        gevent.joinall([first, gevent.spawn(self.stopped.wait)], count=1)
+        if not self.discovery.first_published.is_set():
+            return  # told to stop while discovery was still starting
         gevent.spawn(self._stats_loop)
         self.region.heartbeat(self.ctx.slot, STATE_SERVING)
         log.info("control %d (g%d) serving admin on %s", os.getpid(), self.ctx.generation,
                  self.config.admin.listen)
+
+    def _bind_control_socket(self) -> None:
+        path = control_socket_path(self.config.shm_dir, self.config.instance,
+                                   self.ctx.master_pid, self.ctx.generation)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        self.control_path = path
+        gevent.spawn(self._control_socket_loop, sock)
+
+    def _control_socket_loop(self, sock: socket.socket) -> None:
+        """Workers name services their clients asked for that nobody watches yet."""
+        while True:
+            data = sock.recv(512)
+            name = data.decode("utf-8", "replace")
+            if SERVICE_NAME.fullmatch(name):
+                self.discovery.watch(name, on_demand=True)
 
     def sample_stats(self) -> None:
         now = time.monotonic()
@@ -95,6 +122,11 @@ class Control:
         self.stopped.wait()
         if self.server is not None:
             self.server.close()
+        if self.control_path:
+            try:
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
         self.discovery.close()
         return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
-from meshd.errors import PluginError
+from meshd.errors import PluginError, PluginImportError
 
 GROUP = "meshd.discovery"
 
@@ -25,7 +25,7 @@ class PluginInfo:
     entry_point: EntryPoint
 
     def describe(self) -> str:
-        return f"{self.name} ({self.distribution} {self.version})"
+        return f"{self.name} from {self.distribution} {self.version}"
 
 
 def available() -> tuple[dict[str, PluginInfo], dict[str, str]]:
@@ -66,7 +66,7 @@ def load(name: str) -> tuple[type, PluginInfo]:
     try:
         cls = info.entry_point.load()
     except Exception as e:  # a plugin's import may fail in any way: name the culprit
-        raise PluginError(
+        raise PluginImportError(
             f"discovery plugin {name!r} from distribution {info.distribution} "
             f"{info.version} failed to import: {type(e).__name__}: {e}"
         ) from e

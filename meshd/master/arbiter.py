@@ -37,7 +37,7 @@ from meshd.shm import (
     region_path,
     slot_count_for,
 )
-from meshd.snapshot import snapshot_path
+from meshd.snapshot import control_socket_path, snapshot_path
 
 log = logging.getLogger("meshd.master")
 
@@ -152,8 +152,9 @@ class Arbiter:
                 mine = False
             if mine:  # after a binary upgrade the path belongs to the new master
                 self.region.unlink()
-        for gen in self.configs:
+        for gen in range(1, self.generation + 1):
             _unlink(self._snapshot_path(gen))
+            _unlink(control_socket_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen))
 
     # -- signals ------------------------------------------------------------------------
 

@@ -158,7 +158,7 @@ class HttpConnection:
         status = 502
         try:
             if endpoints is None:
-                raise NoService(f"unknown service {service!r}")
+                raise NoService(f"unknown service {service!r}: no discovery source knows it")
             svc = worker.config.services.get(service) if service else None
             timeout = svc.timeout if svc else DEFAULT_TIMEOUT
             connect_timeout = svc.connect_timeout if svc else 2.0
@@ -188,7 +188,8 @@ class HttpConnection:
             else:
                 host = (req.host or b"").decode("latin-1")
                 service = _strip_port(host)
-            endpoints = snap.services.get(service)
+            endpoints = self.worker.resolve(service)
+            snap = self.worker.snapshot
         if endpoints is None:
             return service, None, ROW_UNKNOWN
         row = snap.row(lst.name, service)

@@ -27,6 +27,7 @@ import gevent.event  # noqa: E402
 import gevent.lock  # noqa: E402
 
 from meshd.config import Config, ListenerConfig  # noqa: E402
+from meshd.discovery.api import Endpoint  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.shm import (  # noqa: E402
     F_TCP_CLOSE_TOTAL,
@@ -37,11 +38,11 @@ from meshd.shm import (  # noqa: E402
     STATE_SERVING,
     Stripe,
 )
-from meshd.snapshot import Snapshot  # noqa: E402
+from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 from meshd.worker.http_proxy import HttpConnection  # noqa: E402
 from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
-from meshd.worker.upstream import Pool, RoundRobin  # noqa: E402
+from meshd.worker.upstream import Balancer, Pool  # noqa: E402
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
@@ -49,8 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshd.worker")
 
 HEARTBEAT_INTERVAL = 1.0
-SNAPSHOT_POLL = 0.25
+SNAPSHOT_POLL = 0.1         # a stat() of the snapshot file; discovery changes reach traffic this fast
 SNAPSHOT_BOOT_WAIT = 30.0
+ASK_POLL = 0.02              # while a request waits for a service to be discovered
+ASK_INTERVAL = 1.0          # a worker asks for the same unknown service at most this often
 IDLE_CLOSE_GRACE = 1.0        # while draining, a keep-alive connection idle this long is closed
 ACCEPT_ERROR_BACKOFF = 0.05
 LINGER_SECONDS = 0.5
@@ -65,13 +68,18 @@ class Worker:
         self.slot = ctx.slot
         self.stripe: Stripe = ctx.region.stripe(ctx.slot)
         self.pool = Pool()
-        self.balancer = RoundRobin()
+        self.balancer = Balancer()
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
         self.connections: dict[gevent.Greenlet, HttpConnection | None] = {}
+        self._asked: dict[str, float] = {}
+        self._ask_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._ask_sock.setblocking(False)
+        self._control_path = control_socket_path(ctx.config.shm_dir, ctx.config.instance,
+                                                 ctx.master_pid, ctx.generation)
 
     # -- boot ---------------------------------------------------------------------------
 
@@ -114,6 +122,40 @@ class Worker:
             return hasattr(self, "snapshot")
         self._snapshot_mtime = mtime
         return True
+
+    def resolve(self, service: str) -> tuple[Endpoint, ...] | None:
+        """The endpoints of ``service``; None when no source knows it. A service nobody
+        watches yet is asked for (the control process starts a watch) and waited for, up
+        to ``discovery_wait``."""
+        snap = self.snapshot
+        endpoints = snap.services.get(service)
+        if endpoints is not None or service in snap.absent:
+            return endpoints
+        wait = self.config.discovery_wait
+        if wait <= 0:
+            return None
+        self._ask_control(service)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            gevent.sleep(ASK_POLL)
+            self._load_snapshot()
+            snap = self.snapshot
+            endpoints = snap.services.get(service)
+            if endpoints is not None or service in snap.absent:
+                return endpoints
+        return None
+
+    def _ask_control(self, service: str) -> None:
+        now = time.monotonic()
+        if now - self._asked.get(service, -ASK_INTERVAL) < ASK_INTERVAL:
+            return
+        if len(self._asked) > 10_000:
+            self._asked.clear()
+        self._asked[service] = now
+        try:
+            self._ask_sock.sendto(service.encode(), self._control_path)
+        except OSError as e:  # the control process is restarting: the next request asks again
+            log.debug("cannot ask the control process for %s: %s", service, e)
 
     def _snapshot_loop(self) -> None:
         while not self.stopped.is_set():

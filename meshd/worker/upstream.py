@@ -1,7 +1,7 @@
 """Upstream side of a worker: choosing an endpoint and keeping connections to it.
 
-``RoundRobin`` picks among a service's endpoints (the foundation's balancer; the
-latency-aware one replaces it). ``Pool`` keeps idle keep-alive connections per endpoint,
+``Balancer`` picks among a service's endpoints by weight (smooth weighted round robin;
+the latency-aware balancer of shared memory replaces it). ``Pool`` keeps idle keep-alive connections per endpoint,
 LIFO so the warmest is reused, drops ones the upstream closed while idle, and connects
 with a deadline when none is left.
 """
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from gevent.monkey import get_original
 
+from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, UpstreamError, UpstreamTimeout
 
@@ -23,24 +24,21 @@ RECHECK_AFTER = 1.0
 _original_poll = get_original("select", "poll")
 
 
-class RoundRobin:
-    """Per-service rotating index. Weights: an endpoint of weight 0 is never picked."""
+class Balancer:
+    """Per-service smooth weighted round robin (``meshd.balance.p2c.RoundRobin``); the
+    state restarts whenever a new snapshot hands over a new endpoint tuple."""
 
     def __init__(self) -> None:
-        self._next: dict[str, int] = {}
+        self._by_service: dict[str, tuple[Sequence[Endpoint], list[Candidate], RoundRobin]] = {}
 
     def pick(self, service: str, endpoints: Sequence[Endpoint]) -> Endpoint:
-        n = len(endpoints)
-        if n == 0:
+        if not endpoints:
             raise NoEndpoints(f"no endpoints for service {service}")
-        i = self._next.get(service, 0)
-        for _ in range(n):
-            ep = endpoints[i % n]
-            i += 1
-            if ep.weight > 0:
-                self._next[service] = i % n
-                return ep
-        raise NoEndpoints(f"every endpoint of service {service} has weight 0")
+        entry = self._by_service.get(service)
+        if entry is None or entry[0] is not endpoints:
+            entry = (endpoints, [Candidate(float(e.weight)) for e in endpoints], RoundRobin())
+            self._by_service[service] = entry
+        return endpoints[entry[2].pick(entry[1])]
 
 
 class UpstreamConn:

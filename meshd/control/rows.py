@@ -1,0 +1,42 @@
+"""Shared-memory row assignment: every (listener, service) pair gets a stable row.
+
+The control process owns the assignment and publishes it in every snapshot. It is
+seeded from the previous generation's snapshot, so a reload keeps each pair on its row
+and counters continue; rows are never reused within a region's life.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region
+
+log = logging.getLogger("meshd.control")
+
+
+class RowTable:
+    def __init__(self, region: Region, seed: Mapping[str, Mapping[str, int]] | None) -> None:
+        self.region = region
+        self.rows: dict[str, dict[str, int]] = {k: dict(v) for k, v in (seed or {}).items()}
+        used = [r for by in self.rows.values() for r in by.values()]
+        self.next_row = max(used, default=FIRST_ROW - 1) + 1
+        self._warned: set[tuple[str, str]] = set()
+
+    def ensure(self, listener: str, service: str) -> None:
+        by = self.rows.setdefault(listener, {})
+        if service in by:
+            return
+        if self.next_row >= self.region.rows:
+            if (listener, service) not in self._warned:
+                self._warned.add((listener, service))
+                self.region.add_u64(OFF_ROWS_EXHAUSTED)
+                log.error("shared memory full: no metric row for listener %s service %s "
+                          "(metric_rows = %d); its traffic is counted under service=\"_overflow\"",
+                          listener, service, self.region.rows)
+            return
+        by[service] = self.next_row
+        self.next_row += 1
+
+    def service_rows(self, service: str) -> list[int]:
+        return [by[service] for by in self.rows.values() if service in by]
