@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint unit bench tools clean
 
-$(STAMP): setup.cfg pyproject.toml plugins/static/setup.cfg
+PLUGINS := plugins/static plugins/consul plugins/kubernetes
+
+$(STAMP): setup.cfg pyproject.toml $(addsuffix /setup.cfg,$(PLUGINS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e plugins/static
+	$(PY) -m pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 # System tools the tests and benchmarks drive (real clients, a real nginx to compare with).
