@@ -89,6 +89,8 @@ class ServiceConfig:
     # Several sources with their share of traffic in percent (a migration): the
     # endpoints of each source together get that share. Empty: just `discovery`.
     sources: tuple[SourceShare, ...] = ()
+    balancer: str = "p2c"  # p2c (peak-EWMA, shared by all workers) | round_robin
+    failure_accrual: int = 7  # consecutive failures that eject an endpoint; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BalancerConfig:                      # table [balancer], all optional
+    ewma_decay: float = 10.0               # peak-EWMA time constant (Linkerd2, Finagle: 10 s)
+    default_rtt: float = 0.030             # cost of an endpoint with no sample yet
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # the file it came from; "" when parsed from a dict
     workers: int
@@ -111,6 +119,7 @@ class Config:
     shm_dir: str
     instance: str  # names the shm file
     metric_rows: int  # rows of per-service counters in shared memory
+    endpoint_rows: int  # rows of per-endpoint balancer state in shared memory
     discovery_wait: float  # a first request for a service not yet watched waits this long
     service_idle_expiry: float  # an on-demand watch without requests this long is dropped
     admin: AdminConfig
@@ -118,6 +127,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     services: Mapping[str, ServiceConfig]  # read-only
     limits: LimitsConfig
+    balancer: BalancerConfig = BalancerConfig()
 
 
 def parse_duration(value: object) -> float:
@@ -174,6 +184,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     shm_dir = top.take("shm_dir", _string(), "/dev/shm")
     instance = top.take("instance", _string(_NAME), "meshd")
     metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
+    endpoint_rows = top.take("endpoint_rows", _integer(16, 1_000_000), 4096)
     discovery_wait = top.take("discovery_wait", _duration(0.0), 1.0)
     service_idle_expiry = top.take("service_idle_expiry", _duration(1.0), 600.0)
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
@@ -181,6 +192,10 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
     services = _services(top.raw("service"), problems)
     limits = _limits(_Table(top.raw("limits"), "limits", problems))
+    bt = _Table(top.raw("balancer"), "balancer", problems)
+    balancer = BalancerConfig(bt.take("ewma_decay", _duration(), 10.0),
+                              bt.take("default_rtt", _duration(), 0.030))
+    bt.finish()
     top.finish()
 
     _check_unique("discovery", [d.name for d in discovery], problems)
@@ -196,8 +211,8 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     if problems:
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
-                  metric_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits)
+                  metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
+                  services, limits, balancer)
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -251,11 +266,13 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         connect_timeout = t.take("connect_timeout", _duration(), 2.0)
         idle_timeout = t.take("idle_timeout", _duration(), 60.0)
         shares = _source_shares(t, f"service.{name}.discovery")
+        balancer = t.take("balancer", _choice("p2c", "round_robin"), "p2c")
+        failure_accrual = t.take("failure_accrual", _integer(0, 1000), 7)
         t.finish()
         services[name] = ServiceConfig(
             name=name, timeout=timeout, connect_timeout=connect_timeout,
             idle_timeout=idle_timeout, discovery=shares[0].source if shares else None,
-            sources=shares,
+            sources=shares, balancer=balancer, failure_accrual=failure_accrual,
         )
     return MappingProxyType(services)
 

@@ -24,7 +24,8 @@ Layout, byte by byte::
     64      8     reload failures (u64)      master: rejected HUP reloads
     72      8     worker restarts (u64)      master: workers replaced after dying
     80      8     rows exhausted (u64)       control: (listener, service) pairs that got no row
-    88      40    reserved (zero)
+    88      4     endpoint rows (u32)        master (once)
+    92      36    reserved (zero)
 
     128     64 x slots   worker table, one 64-byte record per slot:
             +0  pid (i64; 0 = free)          master writes on spawn and clears on reap
@@ -42,6 +43,20 @@ Layout, byte by byte::
             backwards; gauges (the OPEN field) are zeroed by the master when it reaps the
             slot's process.
 
+    then    slots x endpoint rows x EP_FIELDS x 8   endpoint stripes: what each worker
+            saw of each endpoint (the balancer's shared state). Stripe s, endpoint row e,
+            field f at EP_STRIPES + ((s * endpoint_rows + e) * EP_FIELDS + f) * 8:
+            +0 in-flight requests (i64 gauge)   +8 peak-EWMA RTT, seconds (f64)
+            +16 EWMA stamp, CLOCK_MONOTONIC (f64)   +24 successes (u64)   +32 failures
+            (u64)   +40..63 reserved. Only the process in slot s writes stripe s; the
+            master zeroes a reaped slot's in-flight gauges.
+
+    then    endpoint rows x HEALTH_FIELDS x 8   health rows, written only by the control
+            process (failure accrual), read by every worker: +0 state (0 healthy,
+            1 ejected, 2 probing) +8 consecutive failures +16 ejections +24 until
+            +32 since +40 prober slot, all f64 (meshd.balance.ejection's row), +48..63
+            reserved.
+
 Row 0 counts requests that matched no service, row 1 those whose (listener, service) pair
 found no free row (the region is full: ``rows exhausted`` says how often, and the control
 process logs it). A reader combines a row by summing it over all stripes.
@@ -56,11 +71,13 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from meshd.balance.ewma import DECAY, DEFAULT_RTT, EwmaState, seed
 from meshd.errors import ShmError
 
 MAGIC = b"MESHDSHM"
-VERSION = 1
+VERSION = 2  # 2: endpoint stripes and health rows
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
@@ -75,6 +92,7 @@ OFF_RELOADS = 56
 OFF_RELOAD_FAILURES = 64
 OFF_RESTARTS = 72
 OFF_ROWS_EXHAUSTED = 80
+OFF_ENDPOINT_ROWS = 88
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -134,8 +152,15 @@ def slot_count_for(workers: int) -> int:
     return max(16, 2 * workers + 8)
 
 
-def region_size(slots: int, rows: int) -> int:
-    return HEADER_SIZE + slots * SLOT_SIZE + slots * rows * FIELDS * 8
+EP_FIELDS = 8
+EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES = 0, 1, 2, 3, 4
+HEALTH_FIELDS = 8
+DEFAULT_ENDPOINT_ROWS = 256
+
+
+def region_size(slots: int, rows: int, endpoint_rows: int = DEFAULT_ENDPOINT_ROWS) -> int:
+    return (HEADER_SIZE + slots * SLOT_SIZE + slots * rows * FIELDS * 8
+            + slots * endpoint_rows * EP_FIELDS * 8 + endpoint_rows * HEALTH_FIELDS * 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,18 +193,27 @@ class Region:
         self.slots = struct.unpack_from("<I", mm, 32)[0]
         self.rows = struct.unpack_from("<I", mm, 36)[0]
         self.stripes_offset = HEADER_SIZE + self.slots * SLOT_SIZE
+        self.endpoint_rows = struct.unpack_from("<I", mm, OFF_ENDPOINT_ROWS)[0]
+        self.ep_offset = self.stripes_offset + self.slots * self.rows * FIELDS * 8
+        self.health_offset = self.ep_offset + self.slots * self.endpoint_rows * EP_FIELDS * 8
+        if self.health_offset + self.endpoint_rows * HEALTH_FIELDS * 8 != len(mm):
+            raise ShmError(f"{path}: sections do not add up to the file size")
+        # Typed views over the whole map (8-byte fields): integers and floats.
+        self._qr = memoryview(mm).cast("B").cast("q")
+        self._dr: Any = memoryview(mm).cast("B").cast("d")
         self._q = memoryview(mm).cast("B").cast("Q") if writable else None
         self._stride = self.rows * FIELDS
 
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, slots: int, rows: int) -> Region:
+    def create(cls, path: str, slots: int, rows: int,
+               endpoint_rows: int = DEFAULT_ENDPOINT_ROWS) -> Region:
         """Create a fresh region at ``path`` (replacing any file there; processes that
         still map the old file keep their own copy of it)."""
         if rows < FIRST_ROW + 1:
             raise ShmError(f"metric rows must be at least {FIRST_ROW + 1}")
-        size = region_size(slots, rows)
+        size = region_size(slots, rows, endpoint_rows)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -189,6 +223,7 @@ class Region:
             os.close(fd)
         _HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
                           os.getpid(), time.time(), 0, 0, 0, 0)
+        struct.pack_into("<I", mm, OFF_ENDPOINT_ROWS, endpoint_rows)
         os.rename(tmp, path)
         return cls(path, mm, writable=True)
 
@@ -212,6 +247,8 @@ class Region:
         if self._q is not None:
             self._q.release()
             self._q = None
+        self._qr.release()
+        self._dr.release()
         self._mm.close()
 
     def unlink(self) -> None:
@@ -280,6 +317,9 @@ class Region:
         for row in range(self.rows):
             for field in GAUGE_FIELDS:
                 q[self._stripes_base + base + row * FIELDS + field] = 0
+        ep_base = self.ep_offset // 8 + index * self.endpoint_rows * EP_FIELDS
+        for row in range(self.endpoint_rows):
+            self._qr[ep_base + row * EP_FIELDS + EP_INFLIGHT] = 0
 
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""
@@ -322,6 +362,85 @@ class Region:
             values = unpack(self._mm, off)
             totals = [a + b for a, b in zip(totals, values, strict=True)]
         return totals
+
+
+    # -- endpoints (the balancer's shared state) -----------------------------------------
+
+    def ep_stripe(self, slot: int) -> EndpointStripe:
+        """What the process in ``slot`` writes about endpoints."""
+        if not self.writable:
+            raise ShmError(f"{self.path}: attached read-only")
+        if not 0 <= slot < self.slots:
+            raise IndexError(slot)
+        return EndpointStripe(self._qr, self._dr,
+                              self.ep_offset // 8 + slot * self.endpoint_rows * EP_FIELDS)
+
+    def ep_read(self, slot: int, row: int) -> tuple[int, float, float, int, int]:
+        """(in-flight, rtt, stamp, successes, failures) of one stripe's endpoint row."""
+        i = self.ep_index(slot, row)
+        q, d = self._qr, self._dr
+        return q[i], d[i + EP_RTT], d[i + EP_STAMP], q[i + EP_SUCCESSES], q[i + EP_FAILURES]
+
+    def ep_index(self, slot: int, row: int) -> int:
+        """Index of an endpoint row's first field in ``views`` (8-byte units)."""
+        return self.ep_offset // 8 + (slot * self.endpoint_rows + row) * EP_FIELDS
+
+    def health(self, row: int) -> tuple[float, ...]:
+        i = self.health_offset // 8 + row * HEALTH_FIELDS
+        return tuple(self._dr[i:i + 6])
+
+    def health_index(self, row: int) -> int:
+        return self.health_offset // 8 + row * HEALTH_FIELDS
+
+    def set_health(self, row: int, values: tuple[float, ...]) -> None:
+        """Control process only. The state field is written last, so a reader that sees
+        a new state sees the fields that go with it."""
+        if not self.writable:
+            raise ShmError(f"{self.path}: attached read-only")
+        i = self.health_index(row)
+        for k in range(1, len(values)):
+            self._dr[i + k] = float(values[k])
+        self._dr[i] = float(values[0])
+
+    @property
+    def views(self) -> tuple[memoryview, Any]:
+        """(int64 view, float64 view) of the whole map, for the hot path's own indexing."""
+        return self._qr, self._dr
+
+
+class EndpointStripe:
+    """One process's endpoint fields: in-flight gauge, its peak-EWMA, outcomes."""
+
+    __slots__ = ("_q", "_d", "_base", "tau", "default_rtt")
+
+    def __init__(self, q: memoryview, d: Any, base: int) -> None:
+        self._q: memoryview = q
+        self._d: Any = d  # a float64 memoryview (typeshed types memoryview items as int)
+        self._base = base
+        self.tau = DECAY
+        self.default_rtt = DEFAULT_RTT
+
+    def started(self, row: int) -> None:
+        self._q[self._base + row * EP_FIELDS + EP_INFLIGHT] += 1
+
+    def finished(self, row: int, rtt: float | None, now: float, failure: bool) -> None:
+        """A request ended: in-flight down, the latency observed (peak EWMA), the outcome."""
+        i = self._base + row * EP_FIELDS
+        q, d = self._q, self._d
+        q[i + EP_INFLIGHT] -= 1
+        if rtt is not None:
+            state = EwmaState(d[i + EP_RTT], d[i + EP_STAMP]).observe(rtt, now, self.tau)
+            d[i + EP_STAMP] = state.stamp
+            d[i + EP_RTT] = state.rtt
+        q[i + (EP_FAILURES if failure else EP_SUCCESSES)] += 1
+
+    def seed(self, row: int, now: float) -> None:
+        """A new endpoint starts at the default RTT, decaying from now (tower's seeding)."""
+        i = self._base + row * EP_FIELDS
+        if self._d[i + EP_RTT] == 0.0:
+            state = seed(self.default_rtt, now)
+            self._d[i + EP_STAMP] = state.stamp
+            self._d[i + EP_RTT] = state.rtt
 
 
 class Stripe:

@@ -33,6 +33,9 @@ class Snapshot:
     synced: bool = True
     errors: Mapping[str, str] = field(default_factory=dict)
     absent: frozenset[str] = frozenset()   # services the sources say do not exist
+    endpoint_rows: Mapping[str, int] = field(default_factory=dict)  # "host:port" -> shm row
+    # service -> [(share, start, end)]: traffic split between runs of its endpoints
+    splits: Mapping[str, list[tuple[int, int, int]]] = field(default_factory=dict)
 
     def row(self, listener: str, service: str) -> int | None:
         by_service = self.rows.get(listener)
@@ -46,6 +49,8 @@ class Snapshot:
             "synced": self.synced,
             "errors": dict(self.errors),
             "absent": sorted(self.absent),
+            "endpoint_rows": dict(self.endpoint_rows),
+            "splits": {k: [list(t) for t in v] for k, v in self.splits.items()},
             "services": {
                 name: [[e.host, e.port, e.weight, e.zone, e.meshed, e.inbound_port, e.identity,
                         [list(kv) for kv in e.labels]] for e in eps]
@@ -76,6 +81,8 @@ class Snapshot:
                 synced=data.get("synced", True),
                 errors=data.get("errors", {}),
                 absent=frozenset(data.get("absent", ())),
+                endpoint_rows=data.get("endpoint_rows", {}),
+                splits={k: [(a, b, c) for a, b, c in v] for k, v in data.get("splits", {}).items()},
             )
         except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
             raise ValueError(f"not a valid snapshot: {type(e).__name__}: {e}") from None

@@ -83,7 +83,8 @@ def test_service_first_asked_for_by_a_request_is_discovered(mesh, backends, tmp_
     _, _, raw = http_get("127.0.0.1", ports["admin"], "/endpoints")
     described = json.loads(raw)["services"]
     assert described["orders"]["on_demand"] is True
-    assert described["orders"]["endpoints"] == [{"address": a.address, "weight": 1}]
+    [endpoint] = described["orders"]["endpoints"]
+    assert (endpoint["address"], endpoint["weight"], endpoint["state"]) == (a.address, 1, "healthy")
     assert m.log().count("watching orders on demand") == 1
 
 

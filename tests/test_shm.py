@@ -79,7 +79,9 @@ def tampered(path: str, tmp_path: Path, offset: int, data: bytes) -> str:
 
 def test_file_size_is_region_size(region: Region, path: str) -> None:
     assert os.path.getsize(path) == region_size(SLOTS, ROWS)
-    assert region_size(SLOTS, ROWS) == HEADER_SIZE + SLOTS * SLOT_SIZE + SLOTS * ROWS * FIELDS * 8
+    eps = shm.DEFAULT_ENDPOINT_ROWS
+    assert region_size(SLOTS, ROWS) == (HEADER_SIZE + SLOTS * SLOT_SIZE + SLOTS * ROWS * FIELDS * 8
+                                        + SLOTS * eps * shm.EP_FIELDS * 8 + eps * shm.HEALTH_FIELDS * 8)
     assert region.stripes_offset == HEADER_SIZE + SLOTS * SLOT_SIZE
 
 
@@ -93,7 +95,8 @@ def test_header_bytes(region: Region, path: str) -> None:
     started = struct.unpack_from("<d", raw, 48)[0]
     assert started == region.started_at
     assert abs(started - time.time()) < 60
-    assert raw[88:128] == bytes(40)  # reserved
+    assert struct.unpack_from("<I", raw, 88)[0] == region.endpoint_rows
+    assert raw[92:128] == bytes(36)  # reserved
 
 
 def test_header_counters_are_shared_with_readers(region: Region, path: str) -> None:
@@ -125,7 +128,7 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
 
 def test_other_version_is_refused(region: Region, path: str, tmp_path: Path) -> None:
     bad = tampered(path, tmp_path, 8, struct.pack("<I", 99))
-    with pytest.raises(ShmError, match=r"layout version 99, this meshd reads 1"):
+    with pytest.raises(ShmError, match=rf"layout version 99, this meshd reads {shm.VERSION}"):
         Region.attach(bad)
 
 
@@ -337,3 +340,27 @@ def test_child_process_writes_its_own_stripe(region: Region, path: str) -> None:
     assert t[F_FAILURES] == 1
     assert region.read_field(1, 2, F_REQUESTS) == 10
     assert region.read_slot(1).state == STATE_SERVING
+
+
+def test_endpoint_stripes_and_health_rows(region: Region, path: str) -> None:
+    a, b = region.ep_stripe(0), region.ep_stripe(1)
+    a.started(5)
+    a.started(5)
+    b.started(5)
+    a.finished(5, 0.050, 100.0, failure=False)
+    b.finished(5, None, 100.0, failure=True)
+    reader = Region.attach(path)
+    try:
+        inflight0, rtt0, stamp0, ok0, bad0 = reader.ep_read(0, 5)
+        assert (inflight0, ok0, bad0) == (1, 1, 0)
+        assert (rtt0, stamp0) == (0.050, 100.0)
+        assert reader.ep_read(1, 5)[0] == 0 and reader.ep_read(1, 5)[4] == 1
+        region.set_health(5, (1.0, 7.0, 1.0, 123.5, 100.0, -1.0))
+        assert reader.health(5) == (1.0, 7.0, 1.0, 123.5, 100.0, -1.0)
+        with pytest.raises(ShmError, match="read-only"):
+            reader.set_health(5, (0.0,))
+    finally:
+        reader.close()
+    region.claim_slot(0, 1, shm.KIND_WORKER)
+    region.free_slot(0)  # the in-flight gauge goes, the outcomes stay
+    assert region.ep_read(0, 5)[0] == 0 and region.ep_read(0, 5)[3] == 1

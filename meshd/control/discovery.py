@@ -29,6 +29,7 @@ import gevent.event
 
 from meshd.config import Config, SourceShare
 from meshd.control import state
+from meshd.control.health import TICK, EndpointRows, HealthKeeper
 from meshd.control.rows import RowTable
 from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
 from meshd.discovery.registry import PluginInfo
@@ -45,7 +46,6 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 EXPIRY_CHECK_INTERVAL = 5.0
 ABSENT_EXPIRY = 30.0   # an on-demand service no source knows is forgotten after this
 MAX_ON_DEMAND = 1000   # bounds what clients can make us watch with made-up Host headers
-SHARE_SCALE = 10_000   # weights of a shared service are scaled to this total
 
 
 @dataclass
@@ -85,21 +85,22 @@ class ServiceWatch:
         return any(known) if known else None
 
     def merged(self) -> tuple[Endpoint, ...]:
-        """Endpoints of every source; with shares, weights scaled to each source's share."""
+        """Endpoints of every source, source after source (in the order of ``shares``)."""
+        return tuple(e for s in self.sources.values() for e in s.endpoints)
+
+    def splits(self) -> list[tuple[int, int, int]]:
+        """With several sources: (share, start, end) of each source's run in ``merged``;
+        workers first draw a source by share, then balance within it. Sources without
+        endpoints are left out, so the others take their traffic."""
         if len(self.shares) <= 1:
-            return tuple(e for s in self.sources.values() for e in s.endpoints)
-        out: list[Endpoint] = []
+            return []
+        out, start = [], 0
         for share in self.shares:
-            eps = self.sources[share.source].endpoints
-            total = sum(e.weight for e in eps)
-            for e in eps:
-                w = 0 if not e.weight else max(1, round(SHARE_SCALE * share.share / 100 * e.weight / total))
-                out.append(_with_weight(e, w))
-        return tuple(out)
-
-
-def _with_weight(e: Endpoint, weight: int) -> Endpoint:
-    return Endpoint(e.host, e.port, weight, e.zone, e.meshed, e.inbound_port, e.identity, e.labels)
+            n = len(self.sources[share.source].endpoints)
+            if n:
+                out.append((share.share, start, start + n))
+            start += n
+        return out if len(out) > 1 else []
 
 
 class DiscoveryRunner:
@@ -110,6 +111,8 @@ class DiscoveryRunner:
         self.generation = generation
         self.path = path
         self.rows = RowTable(region, previous.rows if previous else None)
+        self.endpoint_rows = EndpointRows(region, previous.endpoint_rows if previous else None)
+        self.health = HealthKeeper(region, self.endpoint_rows)
         self.backends: dict[str, Any] = {}
         self.plugin_info: dict[str, PluginInfo] = {}
         self.source_errors: dict[str, str] = {}
@@ -136,6 +139,7 @@ class DiscoveryRunner:
             self.watch(service, on_demand=False)
         gevent.spawn(self._publisher)
         gevent.spawn(self._expiry_loop)
+        gevent.spawn(self._health_loop)
 
     def _load_backends(self) -> None:
         for src in self.cfg.discovery:
@@ -262,6 +266,18 @@ class DiscoveryRunner:
             log.info("stopped watching %s (%s)", service, why)
             self.dirty.set()
 
+    def _health_loop(self) -> None:
+        while True:
+            gevent.sleep(TICK)
+            services = {}
+            for name, w in self.watches.items():
+                svc = self.cfg.services.get(name)
+                services[name] = (w.merged(), svc.failure_accrual if svc else 7)
+            try:
+                self.health.tick(services, time.monotonic())
+            except Exception:
+                log.exception("failure accrual tick failed")
+
     def _expiry_loop(self) -> None:
         while True:
             gevent.sleep(EXPIRY_CHECK_INTERVAL)
@@ -304,12 +320,16 @@ class DiscoveryRunner:
 
     def snapshot(self) -> Snapshot:
         services: dict[str, tuple[Endpoint, ...]] = {}
+        splits: dict[str, list[tuple[int, int, int]]] = {}
         absent: list[str] = []
         errors: dict[str, str] = {}
         for name, w in self.watches.items():
             exists = w.exists
             if exists:
                 services[name] = w.merged()
+                self.endpoint_rows.ensure(services[name])
+                if w.splits():
+                    splits[name] = w.splits()
             elif exists is False or (w.synced and not w.sources):
                 absent.append(name)
             errs = [f"{src}: {st.error}" for src, st in w.sources.items() if st.error]
@@ -317,7 +337,8 @@ class DiscoveryRunner:
                 errors[name] = "; ".join(errs)
         return Snapshot(generation=self.generation, seq=self.seq, services=services,
                         rows=self.rows.rows, synced=self.all_synced, errors=errors,
-                        absent=frozenset(absent))
+                        absent=frozenset(absent), endpoint_rows=dict(self.endpoint_rows.rows),
+                        splits=splits)
 
     def _publish(self) -> None:
         self.seq += 1
@@ -352,12 +373,14 @@ class DiscoveryRunner:
     def describe(self) -> dict[str, Any]:
         """What /endpoints shows."""
         now = time.time()
+        now_m = time.monotonic()
         services = {}
         for name, w in sorted(self.watches.items()):
             services[name] = {
                 "exists": w.exists,
                 "on_demand": w.on_demand,
-                "endpoints": [_endpoint_json(e) for e in w.merged()],
+                "endpoints": [_endpoint_json(e) | self.health.describe(e, now_m)
+                              for e in w.merged()],
                 "sources": {
                     src: {
                         "synced": st.synced,

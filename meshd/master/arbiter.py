@@ -129,7 +129,8 @@ class Arbiter:
         self._open_sockets(self.cfg)
         os.makedirs(self.cfg.shm_dir, exist_ok=True)
         path = region_path(self.cfg.shm_dir, self.cfg.instance)
-        self.region = Region.create(path, slot_count_for(max(self.desired, 64)), self.cfg.metric_rows)
+        self.region = Region.create(path, slot_count_for(max(self.desired, 64)), self.cfg.metric_rows,
+                                    self.cfg.endpoint_rows)
         self._region_inode = os.stat(path).st_ino
         self.region.set_u64(OFF_GENERATION, self.generation)
         self.region.set_u32(OFF_DESIRED, self.desired)
@@ -210,6 +211,9 @@ class Arbiter:
             new = config_mod.load(self.cfg.path)
             if new.metric_rows != self.region.rows:
                 raise ConfigError([("metric_rows", "cannot change on reload (restart meshd)")],
+                                  self.cfg.path)
+            if new.endpoint_rows != self.region.endpoint_rows:
+                raise ConfigError([("endpoint_rows", "cannot change on reload (restart meshd)")],
                                   self.cfg.path)
             if new.shm_dir != self.cfg.shm_dir or new.instance != self.cfg.instance:
                 raise ConfigError([("shm_dir", "shm_dir and instance cannot change on reload")],

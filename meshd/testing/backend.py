@@ -12,6 +12,8 @@ Routes (anything else answers ``NAME PATH``):
   /silent          never answers (until the client goes away or 600 s pass)
   /headers         the request headers as JSON
   /pid             the backend's pid
+  /_delay?ms=N     from now on, every other request waits N ms before answering
+  /_fail?code=N    from now on, every other request answers N (0: normally again)
 """
 
 from __future__ import annotations
@@ -38,11 +40,24 @@ CHUNK = 65536
 
 
 def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
+    faults = {"delay_ms": 0, "fail": 0}  # set through /_delay and /_fail
+
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "/")
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         base = [("x-backend", name)]
         body_in = environ["wsgi.input"]
+        if path in ("/_delay", "/_fail"):
+            faults["delay_ms" if path == "/_delay" else "fail"] = int(
+                query.get("ms", query.get("code", "0")))
+            start_response("200 OK", base + [("Content-Length", "3")])
+            return [b"ok\n"]
+        if faults["delay_ms"]:
+            gevent.sleep(faults["delay_ms"] / 1000)
+        if faults["fail"]:
+            body_in.read()
+            start_response(f"{faults['fail']} Injected", base + [("Content-Length", "9")])
+            return [b"injected\n"]
         if path == "/echo":
             length = environ.get("CONTENT_LENGTH")
             headers = base + ([("Content-Length", length)] if length else [])

@@ -29,6 +29,7 @@ from meshd.errors import (
     RequestTimeout,
     UpstreamError,
     UpstreamTimeout,
+    UriTooLong,
 )
 from meshd.proto import http1
 from meshd.shm import F_REQUESTS, ROW_OVERFLOW, ROW_UNKNOWN
@@ -81,6 +82,11 @@ class HttpConnection:
             try:
                 req = http1.parse_request_head(head, max_request_line=self.limits.request_line_bytes,
                                                max_headers=self.limits.header_count)
+                absolute = http1.split_absolute_form(req.target)
+                if absolute is not None:  # the target's authority wins over Host
+                    req.host, req.target = absolute
+                    req.headers = [(k, v) for k, v in req.headers if k.lower() != b"host"]
+                    req.headers.append((b"Host", absolute[0]))
             except ProxyError as e:
                 self._answer_error(e, close=True)
                 return
@@ -129,6 +135,9 @@ class HttpConnection:
                     deadline = time.monotonic() + self.limits.header_read_timeout
                 start = max(0, len(buf) - 3)
                 buf += data
+                line_limit = self.limits.request_line_bytes
+                if len(buf) > line_limit + 4 and buf.find(b"\n", 0, line_limit + 4) < 0:
+                    raise UriTooLong(f"request line longer than {line_limit} bytes")
                 end = buf.find(b"\r\n\r\n", start)
                 if end >= 0:
                     if end + 4 > limit:
@@ -208,10 +217,24 @@ class HttpConnection:
         elif req.content_length is not None:
             framing.append((b"Content-Length", b"%d" % req.content_length))
         head = http1.serialize_request_head(req.method, req.target, headers, framing)
-        ep = worker.balancer.pick(service, endpoints)
-        deadline = time.monotonic() + timeout
-        conn = worker.pool.acquire(ep, connect_timeout, check=req.has_body)
+        snap = worker.snapshot
+        svc = worker.config.services.get(service)
+        balancer = worker.balancer
+        index, ep_row = balancer.pick(service, endpoints, snap.endpoint_rows,
+                                      svc.balancer if svc else "p2c", snap.splits.get(service),
+                                      svc.failure_accrual if svc else 7)
+        ep = endpoints[index]
+        balancer.started(ep_row)
+        sent_at = time.monotonic()
+        deadline = sent_at + timeout
+        rtt: float | None = None
+        failed = True
         sender = None
+        try:
+            conn = worker.pool.acquire(ep, connect_timeout, check=req.has_body)
+        except BaseException:
+            balancer.finished(ep_row, None, True)
+            raise
         try:
             if req.has_body:
                 sender = gevent.spawn(self._send_body, req, head, conn)
@@ -232,6 +255,8 @@ class HttpConnection:
                     conn = worker.pool.connect(ep, connect_timeout)
                     sendall(conn.sock, head)
                     resp = self._read_response_head(conn, req, deadline, None)
+            rtt = time.monotonic() - sent_at
+            failed = resp.status >= 500
             keep = self._relay_response(req, resp, conn)
             if sender is not None:
                 sender.join()
@@ -257,6 +282,8 @@ class HttpConnection:
                     raise body_error from None
                 raise ClientGone() from None
             raise
+        finally:
+            balancer.finished(ep_row, rtt, failed)
 
     def _send_body(self, req: http1.RequestHead, head: bytes, conn: UpstreamConn) -> bool:
         """Stream the request body upstream. True when all of it was sent."""
@@ -270,8 +297,8 @@ class HttpConnection:
                 while True:
                     out.extend(http1.encode_chunk(p) for p in pieces if p)
                     if decoder.done:
-                        out.append(http1.encode_trailers(decoder.trailers)
-                                   if decoder.trailers else http1.LAST_CHUNK)
+                        kept = http1.forwardable_trailers(decoder.trailers)
+                        out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
                         sendall(up, b"".join(out))
                         self.buf += decoder.unconsumed
                         break
@@ -422,8 +449,8 @@ class HttpConnection:
                 raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
             out.extend(http1.encode_chunk(p) for p in pieces if p)
             if decoder.done:
-                out.append(http1.encode_trailers(decoder.trailers) if decoder.trailers
-                           else http1.LAST_CHUNK)
+                kept = http1.forwardable_trailers(decoder.trailers)
+                out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
                 self._send(b"".join(out))
                 conn.buf += decoder.unconsumed
                 return

@@ -40,9 +40,10 @@ from meshd.shm import (  # noqa: E402
 )
 from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
+from meshd.worker.balancer import SharedBalancer  # noqa: E402
 from meshd.worker.http_proxy import HttpConnection  # noqa: E402
 from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
-from meshd.worker.upstream import Balancer, Pool  # noqa: E402
+from meshd.worker.upstream import Pool  # noqa: E402
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
@@ -68,7 +69,8 @@ class Worker:
         self.slot = ctx.slot
         self.stripe: Stripe = ctx.region.stripe(ctx.slot)
         self.pool = Pool()
-        self.balancer = Balancer()
+        self.balancer = SharedBalancer(ctx.region, ctx.slot, ctx.config.balancer.ewma_decay,
+                                       ctx.config.balancer.default_rtt)
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
         self.draining = False
@@ -175,6 +177,7 @@ class Worker:
     def _accept_loop(self, lst: ListenerConfig, sock: socket.socket) -> None:
         key = (lst.service or "") if lst.protocol == "tcp" else ""
         slots = gevent.lock.BoundedSemaphore(lst.max_connections)
+        backoff = ACCEPT_ERROR_BACKOFF
         while not self.draining:
             slots.acquire()  # at max_connections, the rest wait in the kernel's accept queue
             try:
@@ -184,9 +187,16 @@ class Worker:
                 if self.draining:
                     return
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("%s: accept failed (%s); backing off", lst.name, e.strerror)
-                    gevent.sleep(ACCEPT_ERROR_BACKOFF)
+                    # Out of descriptors or memory: back off (doubling to a second) and
+                    # log once per streak; the connections already open go on.
+                    if backoff == ACCEPT_ERROR_BACKOFF:
+                        log.error("%s: accept failed (%s); backing off", lst.name, e.strerror)
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
                 continue
+            if backoff != ACCEPT_ERROR_BACKOFF:
+                log.info("%s: accepting again", lst.name)
+                backoff = ACCEPT_ERROR_BACKOFF
             row = self.snapshot.row(lst.name, key)
             g = gevent.spawn(self._serve, lst, client, ROW_OVERFLOW if row is None else row, slots)
             self.connections[g] = None

@@ -36,7 +36,8 @@ def serve_tcp(worker: Worker, listener: ListenerConfig, client: socket.socket) -
     row = ROW_OVERFLOW if row is None else row
     endpoints = snap.services.get(service) or ()
     try:
-        ep = worker.balancer.pick(service, endpoints)
+        i, _row = worker.balancer.pick(service, endpoints, snap.endpoint_rows)
+        ep = endpoints[i]
         svc = worker.config.services.get(service)
         upstream = worker.pool.connect(ep, svc.connect_timeout if svc else 2.0).sock
     except ProxyError as e:

@@ -1,7 +1,6 @@
-"""Upstream side of a worker: choosing an endpoint and keeping connections to it.
+"""Upstream connections of a worker.
 
-``Balancer`` picks among a service's endpoints by weight (smooth weighted round robin;
-the latency-aware balancer of shared memory replaces it). ``Pool`` keeps idle keep-alive connections per endpoint,
+``Pool`` keeps idle keep-alive connections per endpoint,
 LIFO so the warmest is reused, drops ones the upstream closed while idle, and connects
 with a deadline when none is left.
 """
@@ -11,34 +10,15 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Sequence
 
 from gevent.monkey import get_original
 
-from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.discovery.api import Endpoint
-from meshd.errors import NoEndpoints, UpstreamError, UpstreamTimeout
+from meshd.errors import UpstreamError, UpstreamTimeout
 
 MAX_IDLE_PER_ENDPOINT = 128
 RECHECK_AFTER = 1.0
 _original_poll = get_original("select", "poll")
-
-
-class Balancer:
-    """Per-service smooth weighted round robin (``meshd.balance.p2c.RoundRobin``); the
-    state restarts whenever a new snapshot hands over a new endpoint tuple."""
-
-    def __init__(self) -> None:
-        self._by_service: dict[str, tuple[Sequence[Endpoint], list[Candidate], RoundRobin]] = {}
-
-    def pick(self, service: str, endpoints: Sequence[Endpoint]) -> Endpoint:
-        if not endpoints:
-            raise NoEndpoints(f"no endpoints for service {service}")
-        entry = self._by_service.get(service)
-        if entry is None or entry[0] is not endpoints:
-            entry = (endpoints, [Candidate(float(e.weight)) for e in endpoints], RoundRobin())
-            self._by_service[service] = entry
-        return endpoints[entry[2].pick(entry[1])]
 
 
 class UpstreamConn:
@@ -82,7 +62,10 @@ class Pool:
     @staticmethod
     def connect(ep: Endpoint, connect_timeout: float) -> UpstreamConn:
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE: answer 502 with the reason rather than fail the worker
+            raise UpstreamError(f"connect to {ep}: no socket: {e.strerror or e}") from None
         sock.settimeout(connect_timeout)
         try:
             sock.connect(ep.address)

@@ -1,0 +1,198 @@
+"""Choosing an endpoint in a worker, from the state every worker shares.
+
+P2C over peak-EWMA (``meshd.balance``): two endpoints drawn at random, the cheaper wins,
+cost = the highest decayed RTT estimate any live worker holds x (in-flight requests of
+all live workers + 1), divided by the endpoint's weight. Ejected endpoints are skipped
+unless more than half of a service's are out (panic: use all). A PROBING endpoint is
+sent exactly one request, by the worker the control process granted the probe to.
+``round_robin`` services use smooth weighted round robin with the same ejection rule.
+
+Reads go straight to the shared-memory views (no locks: each field has one writer and
+8-byte stores are not torn). Endpoints without a row (the region is full) cost the
+default RTT and are never ejected.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from math import exp
+
+from meshd.balance import p2c
+from meshd.balance.ejection import Health
+from meshd.balance.ewma import DECAY, DEFAULT_RTT, MIN_RTT
+from meshd.discovery.api import Endpoint
+from meshd.errors import NoEndpoints
+from meshd.shm import EP_FIELDS, EP_INFLIGHT, EP_RTT, EP_STAMP, HEALTH_FIELDS, KIND_WORKER, Region
+
+LIVE_REFRESH = 1.0
+LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at most
+_HEALTHY, _PROBING = float(Health.HEALTHY), float(Health.PROBING)
+
+
+class _ServiceState:
+    __slots__ = ("endpoints", "rows", "weights", "rr")
+
+    def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...]) -> None:
+        self.endpoints = endpoints
+        self.rows = rows
+        self.weights = tuple(float(e.weight) for e in endpoints)
+        self.rr = p2c.RoundRobin()
+
+
+class SharedBalancer:
+    def __init__(self, region: Region, slot: int, tau: float = DECAY,
+                 default_rtt: float = DEFAULT_RTT, rng: random.Random | None = None) -> None:
+        self.region = region
+        self.slot = slot
+        self.tau = tau
+        self.default_rtt = default_rtt
+        self.rng = rng or random.Random()
+        self.q, self.d = region.views
+        self.stripe = region.ep_stripe(slot)
+        self.stripe.tau, self.stripe.default_rtt = tau, default_rtt
+        self._ep_base = region.ep_offset // 8
+        self._per_slot = region.endpoint_rows * EP_FIELDS
+        self._health_base = region.health_offset // 8
+        self._live: list[int] = []
+        self._live_at = -LIVE_REFRESH
+        self._services: dict[str, _ServiceState] = {}
+        self._probed: dict[int, float] = {}   # row -> the grant ("since") I answered
+        self._runs: dict[int, int] = {}       # row -> this worker's consecutive failures
+        self._tripped: dict[int, float] = {}  # row -> when its run reached failure_accrual
+        self._accrual = 7
+        # service -> (its endpoint tuple, start -> the run of endpoints of one split)
+        self._subs: dict[str, tuple[Sequence[Endpoint] | None, dict[int, tuple[Endpoint, ...]]]] = {}
+
+    def _live_slots(self, now: float) -> list[int]:
+        if now - self._live_at >= LIVE_REFRESH:
+            self._live = [s.index for s in self.region.slots_in_use() if s.kind == KIND_WORKER]
+            if self.slot not in self._live:
+                self._live.append(self.slot)
+            self._live_at = now
+        return self._live
+
+    def _state(self, service: str, endpoints: Sequence[Endpoint],
+               endpoint_rows: Mapping[str, int]) -> _ServiceState:
+        st = self._services.get(service)
+        if st is None or st.endpoints is not endpoints:
+            rows = tuple(endpoint_rows.get(str(e), -1) for e in endpoints)
+            now = time.monotonic()
+            for r in rows:
+                if r >= 0:
+                    self.stripe.seed(r, now)
+            st = self._services[service] = _ServiceState(endpoints, rows)
+        return st
+
+    def started(self, row: int) -> None:
+        if row >= 0:
+            self.stripe.started(row)
+
+    def finished(self, row: int, rtt: float | None, failed: bool) -> None:
+        """A request to the endpoint of ``row`` ended (``rtt``: time to its response head)."""
+        if row < 0:
+            return
+        self.stripe.finished(row, rtt, time.monotonic(), failed)
+        if failed:
+            run = self._runs.get(row, 0) + 1
+            self._runs[row] = run
+            if run == self._accrual:
+                self._tripped[row] = time.monotonic()
+        elif row in self._runs:
+            del self._runs[row]
+            self._tripped.pop(row, None)
+
+    def pick(self, service: str, endpoints: Sequence[Endpoint], endpoint_rows: Mapping[str, int],
+             policy: str = "p2c", splits: list[tuple[int, int, int]] | None = None,
+             accrual: int = 7) -> tuple[int, int]:
+        """(index into endpoints, shm row or -1). With ``splits`` (share, start, end), a
+        run of endpoints is drawn by share first, then balanced within."""
+        if not endpoints:
+            raise NoEndpoints(f"no endpoints for service {service}")
+        self._accrual = accrual or 1 << 30
+        if splits:
+            _share, start, end = _draw(splits, self.rng)
+            parent, subs = self._subs.get(service, (None, {}))
+            if parent is not endpoints:
+                subs = {}
+                self._subs[service] = (endpoints, subs)
+            sub = subs.get(start)
+            if sub is None:
+                sub = subs[start] = tuple(endpoints[start:end])
+            i, row = self._pick(f"{service}\0{start}", sub, endpoint_rows, policy)
+            return start + i, row
+        return self._pick(service, endpoints, endpoint_rows, policy)
+
+    def _pick(self, service: str, endpoints: Sequence[Endpoint], endpoint_rows: Mapping[str, int],
+              policy: str) -> tuple[int, int]:
+        n = len(endpoints)
+        tripped = self._tripped
+        st = self._state(service, endpoints, endpoint_rows)
+        rows = st.rows
+        d = self.d
+        hb = self._health_base
+        ejected = None
+        for i, r in enumerate(rows):
+            if r < 0:
+                continue
+            state = d[hb + r * HEALTH_FIELDS]
+            if state == _HEALTHY:
+                if not tripped or r not in tripped:
+                    continue
+                # This worker saw failure_accrual failures in a row: out at once, before
+                # the control process's next tick ejects it for everyone (or, when the
+                # at-most-half rule forbids that, until LOCAL_TRIP passes).
+                if time.monotonic() - tripped[r] > LOCAL_TRIP:
+                    del tripped[r]
+                    self._runs.pop(r, None)
+                    continue
+            elif r in tripped:  # the control process has taken over
+                del tripped[r]
+                self._runs.pop(r, None)
+            if state == _PROBING and d[hb + r * HEALTH_FIELDS + 5] == self.slot:
+                since = d[hb + r * HEALTH_FIELDS + 4]
+                if self._probed.get(r) != since:
+                    self._probed[r] = since
+                    return i, r   # the one probe request this worker was granted
+            if ejected is None:
+                ejected = [False] * n
+            ejected[i] = True
+        cands = [p2c.Candidate(w, False if ejected is None else ejected[i])
+                 for i, w in enumerate(st.weights)]
+        if policy == "round_robin":
+            i = st.rr.pick(cands)
+            return i, rows[i]
+        now = time.monotonic()
+        live = self._live_slots(now)
+        i = p2c.pick(cands, lambda k: self._cost(rows[k], live, now), self.rng)
+        return i, rows[i]
+
+    def _cost(self, row: int, live: list[int], now: float) -> float:
+        if row < 0:
+            return self.default_rtt
+        q, d = self.q, self.d
+        inflight = 0
+        best = 0.0
+        for slot in live:
+            i = self._ep_base + slot * self._per_slot + row * EP_FIELDS
+            inflight += q[i + EP_INFLIGHT]
+            rtt = d[i + EP_RTT]
+            if rtt > 0.0:
+                elapsed = now - d[i + EP_STAMP]
+                value = rtt * exp(-elapsed / self.tau) if elapsed > 0 else rtt
+                if value > best:
+                    best = value
+        estimate = max(best, MIN_RTT) if best else self.default_rtt
+        return estimate * (max(inflight, 0) + 1)
+
+
+def _draw(splits: list[tuple[int, int, int]], rng: random.Random) -> tuple[int, int, int]:
+    total = sum(s[0] for s in splits)
+    x = rng.uniform(0, total)
+    for split in splits:
+        x -= split[0]
+        if x <= 0:
+            return split
+    return splits[-1]
+
