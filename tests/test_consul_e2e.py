@@ -4,7 +4,9 @@ what Consul holds, keeps flowing through an outage, and follows again once it is
 from __future__ import annotations
 
 import http.client
+import json
 import random
+import signal
 import statistics
 import textwrap
 import time
@@ -14,7 +16,7 @@ import pytest
 from meshd_consul import ConsulBackend
 
 from meshd.testing.consul_server import ConsulServer
-from meshd.testing.harness import free_port, wait_for
+from meshd.testing.harness import free_port, http_get, wait_for
 from meshd.testing.watch import WatchRecorder
 
 
@@ -45,6 +47,7 @@ def consul_config(mesh, consul: ConsulServer, workers: int = 1) -> tuple[str, di
         wait = "30s"
 
         [service.web]
+        balancer = "round_robin"  # these tests follow discovery: every endpoint gets traffic
         discovery = "consul"
 
         [[listener]]
@@ -125,6 +128,40 @@ def test_outage_keeps_last_endpoints_and_restart_resumes(mesh, backends, consul)
     # Back on the same port: the watch is restarted with meshd's jittered backoff (0.5s
     # doubling per failure: at most 4s after the ~3 failures of this outage).
     client.until({"a", "b"}, timeout=8)
+
+
+def web_source(admin_port: int) -> dict:
+    """/endpoints: the consul source's view of web (stale, error, ...)."""
+    _, _, raw = http_get("127.0.0.1", admin_port, "/endpoints")
+    return json.loads(raw)["services"]["web"]["sources"]["consul"]
+
+
+def test_restart_during_outage_routes_from_persisted_endpoints(mesh, backends, consul) -> None:
+    a, b = backends("a"), backends("b")
+    consul.register("web", a.port, address=a.host)
+    text, ports = consul_config(mesh, consul)
+    m = mesh.start(text, ports)
+    assert Client(ports["outbound"]).seen() == {"a"}
+    instance = text.split('instance = "')[1].split('"')[0]
+    state_file = mesh.tmp_path / "state" / f"{instance}.endpoints"
+    wait_for(state_file.exists, 5, what="the persisted endpoints")
+
+    consul.stop()
+    wait_for(lambda: "unreachable" in m.log(), 5, what="meshd to log the consul outage")
+    m.signal(signal.SIGTERM)                           # restarted during the outage
+    assert m.wait(20) == 0
+    mesh.start(text, ports)                            # same config, same state_dir
+    client = Client(ports["outbound"])
+    assert client.seen() == {"a"}                      # from the persisted snapshot
+    wait_for(lambda: web_source(ports["admin"])["error"], 5, what="the watch error")
+    src = web_source(ports["admin"])
+    assert src["stale"] is True and "unreachable" in src["error"], src
+
+    consul.register("web", b.port, address=b.host)    # changed during the outage
+    consul.restart()
+    client.until({"a", "b"}, timeout=10)               # updates resume after the backoff
+    src = web_source(ports["admin"])
+    assert (src["stale"], src["error"]) == (False, None), src
 
 
 @pytest.mark.measure  # a measurement, not a check: `pytest -m measure -s` runs it

@@ -5,12 +5,14 @@ and follows changes; the API server going away keeps the last endpoints."""
 from __future__ import annotations
 
 import http.client
+import json
+import signal
 import textwrap
 import time
 
 import pytest
 
-from meshd.testing.harness import free_port, port_open, wait_for
+from meshd.testing.harness import free_port, http_get, port_open, wait_for
 from meshd.testing.k8s_server import K8sApiServer, endpoint
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"  # pod IPs: one port, as in a cluster
@@ -49,11 +51,14 @@ def start_mesh(mesh, api, tmp_path):
         timeout = "2s"
 
         [service.web]
+        balancer = "round_robin"  # these tests follow discovery: every endpoint gets traffic
         discovery = "k8s"
         timeout = "2s"
         """)
     text, ports = mesh.config({}, workers=1, extra=extra)
-    return mesh.start(text, ports)
+    m = mesh.start(text, ports)
+    m.text = text
+    return m
 
 
 def seen(m, n=8):
@@ -123,3 +128,34 @@ def test_api_server_down_keeps_the_last_endpoints_and_updates_resume(mesh, api, 
     api.wait_watches(1)
     api.set_condition("web-x", A, ready=True)
     follows(m, {"a", "b"})
+
+
+def web_source(m):
+    """/endpoints: the k8s source's view of web (stale, error, ...)."""
+    _, _, raw = http_get("127.0.0.1", m.ports["admin"], "/endpoints")
+    return json.loads(raw)["services"]["web"]["sources"]["k8s"]
+
+
+def test_restart_during_outage_routes_from_persisted_endpoints(mesh, api, pods, tmp_path):
+    port, _ = pods
+    api.apply_slice("web-x", "web", [A, B], ports={"http": port})
+    m = start_mesh(mesh, api, tmp_path)
+    follows(m, {"a", "b"})
+    instance = m.text.split('instance = "')[1].split('"')[0]
+    wait_for((tmp_path / "state" / f"{instance}.endpoints").exists, timeout=5,
+             what="the persisted endpoints")
+
+    api.stop()
+    wait_for(lambda: "watch of web failed" in m.log(), timeout=5, what="the watch failing")
+    m.signal(signal.SIGTERM)                           # restarted during the outage
+    assert m.wait(20) == 0
+    m2 = mesh.start(m.text, m.ports)                   # same config, same state_dir
+    assert seen(m2) == {"a", "b"}                      # from the persisted snapshot
+    wait_for(lambda: web_source(m2)["error"], timeout=5, what="the watch error")
+    assert web_source(m2)["stale"] is True
+
+    api.start()                                        # same port, same state
+    api.set_condition("web-x", A, ready=False)
+    follows(m2, {"b"}, timeout=10)                     # updates resume after the backoff
+    src = web_source(m2)
+    assert (src["stale"], src["error"]) == (False, None), src

@@ -20,6 +20,7 @@ import meshd
 
 SANS_IO = [
     "meshd.proto.http1",
+    "meshd.proto.detect",
     "meshd.config",
     "meshd.shm",
     "meshd.snapshot",

@@ -415,6 +415,32 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """(authority, origin-form target) of an absolute-form request target, else None.
+
+    RFC 9112 §3.2.2: a proxy given ``GET http://host/path`` uses that authority and
+    ignores Host, and forwards ``/path`` with Host replaced."""
+    lowered = target[:8].lower()
+    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+        return None
+    rest = target[target.index(b"//") + 2:]
+    cut = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
+    authority = rest[:cut]
+    if not authority or b"@" in authority or _HOST.fullmatch(authority) is None:
+        raise BadRequest("invalid authority in an absolute-form target")
+    path = rest[cut:]
+    return authority, path if path.startswith(b"/") else b"/" + path
+
+
+# Fields that never belong in a trailer section (RFC 9110 §6.5.1): framing, routing and
+# control fields. A proxy drops them rather than forward what the recipient may misread.
+_NOT_IN_TRAILERS = _STRIPPED | {b"host", b"trailer", b"expect", b"content-type", b"authorization"}
+
+
+def forwardable_trailers(trailers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in trailers if k.lower() not in _NOT_IN_TRAILERS]
+
+
 def encode_trailers(trailers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The last chunk followed by a trailer section."""
     return b"".join([b"0\r\n", *[b"%s: %s\r\n" % field for field in trailers], b"\r\n"])
