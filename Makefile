@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint unit bench tools clean
 
-PLUGINS := plugins/static plugins/consul plugins/kubernetes
+PLUGINS := plugins/static plugins/consul plugins/kubernetes plugins/example
 
 $(STAMP): setup.cfg pyproject.toml $(addsuffix /setup.cfg,$(PLUGINS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

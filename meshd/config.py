@@ -91,6 +91,7 @@ class ServiceConfig:
     sources: tuple[SourceShare, ...] = ()
     balancer: str = "p2c"  # p2c (peak-EWMA, shared by all workers) | round_robin
     failure_accrual: int = 7  # consecutive failures that eject an endpoint; 0: never
+    retries: int = 1  # retries of a failed idempotent bodiless request, within the budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,11 +269,13 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         shares = _source_shares(t, f"service.{name}.discovery")
         balancer = t.take("balancer", _choice("p2c", "round_robin"), "p2c")
         failure_accrual = t.take("failure_accrual", _integer(0, 1000), 7)
+        retries = t.take("retries", _integer(0, 10), 1)
         t.finish()
         services[name] = ServiceConfig(
             name=name, timeout=timeout, connect_timeout=connect_timeout,
             idle_timeout=idle_timeout, discovery=shares[0].source if shares else None,
             sources=shares, balancer=balancer, failure_accrual=failure_accrual,
+            retries=retries,
         )
     return MappingProxyType(services)
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 from meshd.config import Config
 from meshd.shm import (
+    F_BUDGET_EXHAUSTED,
     F_CLASS,
     F_FAILURES,
     F_LATENCY,
     F_LATENCY_SUM_US,
     F_READ_BYTES,
     F_REQUESTS,
+    F_RETRIES,
     F_STATUS,
     F_TCP_CLOSE_TOTAL,
     F_TCP_OPEN,
@@ -115,6 +117,9 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
         ("tcp_open_connections", F_TCP_OPEN, "gauge", "Connections open now."),
         ("tcp_read_bytes_total", F_READ_BYTES, "counter", "Bytes read from clients (opaque TCP)."),
         ("tcp_write_bytes_total", F_WRITE_BYTES, "counter", "Bytes written to clients (opaque TCP)."),
+        ("retry_total", F_RETRIES, "counter", "Requests sent again to another endpoint."),
+        ("retry_budget_exhausted_total", F_BUDGET_EXHAUSTED, "counter",
+         "Retries the retry budget refused."),
     ):
         family(name, kind, help_text)
         for row, t in totals.items():

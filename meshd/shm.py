@@ -125,8 +125,10 @@ F_TCP_OPEN = F_TCP_CLOSE_TOTAL + 1             # gauge
 F_READ_BYTES = F_TCP_OPEN + 1
 F_WRITE_BYTES = F_READ_BYTES + 1
 F_FAILURES = F_WRITE_BYTES + 1                 # responses classified as failures
+F_RETRIES = F_FAILURES + 1                     # retries sent
+F_BUDGET_EXHAUSTED = F_RETRIES + 1             # retries the budget refused
 FIELDS = 72                                    # 8 spare for later counters
-assert F_FAILURES < FIELDS
+assert F_BUDGET_EXHAUSTED < FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 

@@ -98,8 +98,8 @@ def test_failing_endpoint_is_ejected_probed_and_returns(mesh, backends):
     m = mesh.run({"web": [a.address, b.address, c.address]}, workers=1)
     http_get(c.host, c.port, "/_fail?code=503")
     seen = _tally(m.ports["outbound"], 2.0, connections=2)
-    # Seven consecutive failures eject c; after that only probes reach it.
-    assert 7 <= seen["c"] <= 12, seen
+    # Seven consecutive failures eject c (each GET retried elsewhere); then only probes.
+    assert seen["c"] + seen["503"] <= 0.005 * sum(seen.values()), seen
     state = _endpoints(m)[c.address]
     assert state["state"] in ("ejected", "probing") and state["ejections"] >= 1, state
     assert state["failures"] >= 7
@@ -119,7 +119,8 @@ def test_refused_connections_count_as_failures(mesh, backends):
     m = mesh.run({"web": [a.address, b.address, c.address]}, workers=1)
     c.stop()
     seen = _tally(m.ports["outbound"], 1.5, connections=2)
-    assert 7 <= seen["502"] <= 12, seen  # without retries, the failures before ejection show
+    # GETs that hit the dead endpoint were retried elsewhere (a probe can still fail).
+    assert seen["502"] <= 0.005 * sum(seen.values()), seen
     assert _endpoints(m)[c.address]["state"] in ("ejected", "probing")
 
 

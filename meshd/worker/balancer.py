@@ -65,7 +65,7 @@ class SharedBalancer:
         # service -> (its endpoint tuple, start -> the run of endpoints of one split)
         self._subs: dict[str, tuple[Sequence[Endpoint] | None, dict[int, tuple[Endpoint, ...]]]] = {}
 
-    def _live_slots(self, now: float) -> list[int]:
+    def live_slots(self, now: float) -> list[int]:
         if now - self._live_at >= LIVE_REFRESH:
             self._live = [s.index for s in self.region.slots_in_use() if s.kind == KIND_WORKER]
             if self.slot not in self._live:
@@ -164,7 +164,7 @@ class SharedBalancer:
             i = st.rr.pick(cands)
             return i, rows[i]
         now = time.monotonic()
-        live = self._live_slots(now)
+        live = self.live_slots(now)
         i = p2c.pick(cands, lambda k: self._cost(rows[k], live, now), self.rng)
         return i, rows[i]
 

@@ -33,6 +33,7 @@ from meshd.errors import (
 )
 from meshd.proto import http1
 from meshd.shm import F_REQUESTS, ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.worker.retries import replayable
 from meshd.worker.sockio import sendall
 from meshd.worker.upstream import UpstreamConn
 
@@ -50,6 +51,10 @@ BODY_IDLE_TIMEOUT = 60.0
 
 class ClientGone(Exception):
     """The client closed or reset its connection: nothing to answer."""
+
+
+class _RetryNow(Exception):
+    """This attempt failed in a way another endpoint may not: send the request again."""
 
 
 class Idle(Exception):
@@ -169,12 +174,21 @@ class HttpConnection:
             if endpoints is None:
                 raise NoService(f"unknown service {service!r}: no discovery source knows it")
             svc = worker.config.services.get(service) if service else None
-            timeout = svc.timeout if svc else DEFAULT_TIMEOUT
+            deadline = started + (svc.timeout if svc else DEFAULT_TIMEOUT)
             connect_timeout = svc.connect_timeout if svc else 2.0
             if req.expect_continue and req.has_body:
                 self._send(CONTINUE)
-            status, keep = self._exchange(req, service, endpoints, timeout, connect_timeout)
-            return keep
+            retries = (svc.retries if svc else 1) if replayable(req.method, req.has_body) else 0
+            tried: list[int] = []
+            attempt = 0
+            while True:
+                try:
+                    status, keep = self._exchange(req, service, endpoints, deadline,
+                                                  connect_timeout, tried, row, attempt < retries)
+                    return keep
+                except _RetryNow:
+                    attempt += 1
+                    gevent.sleep(worker.retries.backoff(attempt))
         except ProxyError as e:
             status = e.status
             if self.response_started:  # mid-body: the client learns from the closed connection
@@ -204,8 +218,17 @@ class HttpConnection:
         row = snap.row(lst.name, service)
         return service, endpoints, ROW_OVERFLOW if row is None else row
 
+    def _may_retry(self, retry_ok: bool, row: int, deadline: float) -> bool:
+        """This attempt failed before any response byte reached the client: may the
+        request go to another endpoint? (Spends the shared budget when it may.)"""
+        now = time.monotonic()
+        if not retry_ok or now >= deadline:
+            return False
+        return self.worker.retries.try_retry(row, self.worker.balancer.live_slots(now), now)
+
     def _exchange(self, req: http1.RequestHead, service: str, endpoints: tuple[Endpoint, ...],
-                  timeout: float, connect_timeout: float) -> tuple[int, bool]:
+                  deadline: float, connect_timeout: float, tried: list[int], row: int,
+                  retry_ok: bool) -> tuple[int, bool]:
         worker = self.worker
         self._request_finished = not req.has_body
         headers = http1.strip_hop_by_hop(req.headers, req.connection_tokens)
@@ -220,20 +243,26 @@ class HttpConnection:
         snap = worker.snapshot
         svc = worker.config.services.get(service)
         balancer = worker.balancer
-        index, ep_row = balancer.pick(service, endpoints, snap.endpoint_rows,
-                                      svc.balancer if svc else "p2c", snap.splits.get(service),
-                                      svc.failure_accrual if svc else 7)
+        for _ in range(4):  # a retry goes to an endpoint not tried yet, when there is one
+            index, ep_row = balancer.pick(service, endpoints, snap.endpoint_rows,
+                                          svc.balancer if svc else "p2c", snap.splits.get(service),
+                                          svc.failure_accrual if svc else 7)
+            if index not in tried or len(tried) >= len(endpoints):
+                break
+        tried.append(index)
         ep = endpoints[index]
         balancer.started(ep_row)
         sent_at = time.monotonic()
-        deadline = sent_at + timeout
         rtt: float | None = None
         failed = True
         sender = None
         try:
-            conn = worker.pool.acquire(ep, connect_timeout, check=req.has_body)
-        except BaseException:
+            conn = worker.pool.acquire(ep, min(connect_timeout, max(deadline - sent_at, 0.001)),
+                                       check=req.has_body)
+        except BaseException as e:
             balancer.finished(ep_row, None, True)
+            if isinstance(e, ProxyError) and self._may_retry(retry_ok, row, deadline):
+                raise _RetryNow() from None
             raise
         try:
             if req.has_body:
@@ -257,6 +286,9 @@ class HttpConnection:
                     resp = self._read_response_head(conn, req, deadline, None)
             rtt = time.monotonic() - sent_at
             failed = resp.status >= 500
+            if failed and sender is None and self._may_retry(retry_ok, row, deadline):
+                conn.close()  # its body is unread: the connection cannot be reused
+                raise _RetryNow()
             keep = self._relay_response(req, resp, conn)
             if sender is not None:
                 sender.join()
@@ -274,6 +306,11 @@ class HttpConnection:
             if sender is not None:
                 sender.kill(block=False)
             conn.close()
+            if isinstance(e, _RetryNow):
+                raise
+            if (isinstance(e, (OSError, ProxyError)) and not self.response_started
+                    and self._body_error is None and self._may_retry(retry_ok, row, deadline)):
+                raise _RetryNow() from None
             if isinstance(e, OSError) and not self.response_started:
                 raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             body_error = self._body_error

@@ -42,6 +42,7 @@ from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 from meshd.worker.balancer import SharedBalancer  # noqa: E402
 from meshd.worker.http_proxy import HttpConnection  # noqa: E402
+from meshd.worker.retries import RetryBudgets  # noqa: E402
 from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
 from meshd.worker.upstream import Pool  # noqa: E402
 
@@ -69,6 +70,7 @@ class Worker:
         self.slot = ctx.slot
         self.stripe: Stripe = ctx.region.stripe(ctx.slot)
         self.pool = Pool()
+        self.retries = RetryBudgets(ctx.region, self.stripe)
         self.balancer = SharedBalancer(ctx.region, ctx.slot, ctx.config.balancer.ewma_decay,
                                        ctx.config.balancer.default_rtt)
         self.snapshot: Snapshot

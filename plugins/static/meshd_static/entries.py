@@ -1,0 +1,60 @@
+"""Endpoint entries as the static plugin accepts them, inline or in an endpoints file.
+
+An entry is ``"host:port"`` or a table ``{ address = "host:port", weight = 3, zone = "a",
+meshed = true }``. Parsing collects every problem with its key path (``web[1]``) rather
+than stopping at the first, so a user fixes a file in one go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from meshd.config import parse_address
+from meshd.discovery import Endpoint
+
+ENDPOINT_KEYS = frozenset({"address", "weight", "zone", "meshed"})
+
+Services = dict[str, tuple[Endpoint, ...]]
+Problems = list[tuple[str, str]]
+
+
+def parse_services(services: object, prefix: str, problems: Problems) -> Services:
+    """``{service: [entry, ...]}`` into endpoints; problems are keyed ``{prefix}{service}[i]``."""
+    out: Services = {}
+    if not isinstance(services, Mapping):
+        problems.append((prefix.rstrip(".") or "(top level)",
+                         "expected a table of service = [endpoints]"))
+        return out
+    for service, entries in services.items():
+        path = f"{prefix}{service}"
+        if not isinstance(entries, list):
+            problems.append((path, "expected a list of endpoints"))
+            continue
+        endpoints = []
+        for i, entry in enumerate(entries):
+            try:
+                endpoints.append(parse_endpoint(entry))
+            except ValueError as e:
+                problems.append((f"{path}[{i}]", str(e)))
+        out[str(service)] = tuple(endpoints)
+    return out
+
+
+def parse_endpoint(entry: object) -> Endpoint:
+    if isinstance(entry, str):
+        addr = parse_address(entry)
+        return Endpoint(addr.host, addr.port)
+    if isinstance(entry, Mapping):
+        unknown = set(entry) - ENDPOINT_KEYS
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        addr = parse_address(entry.get("address"))
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"weight: expected a non-negative integer, got {weight!r}")
+        zone = entry.get("zone", "")
+        meshed = entry.get("meshed", False)
+        if not isinstance(zone, str) or not isinstance(meshed, bool):
+            raise ValueError("zone must be a string and meshed a boolean")
+        return Endpoint(addr.host, addr.port, weight, zone, meshed)
+    raise ValueError(f'expected "host:port" or a table with address, got {entry!r}')
