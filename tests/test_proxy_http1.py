@@ -20,7 +20,8 @@ def _client(m, timeout=10.0):
 
 def test_routes_by_host_and_keeps_alive(mesh, backends):
     a, b = backends("a"), backends("b")
-    m = mesh.run({"web": [a.address, b.address]}, workers=1)
+    m = mesh.run({"web": [a.address, b.address]}, workers=1,
+                 extra='[service.web]\nbalancer = "round_robin"\n')
     conn = _client(m)
     seen = []
     for i in range(6):
