@@ -25,7 +25,10 @@ Layout, byte by byte::
     72      8     worker restarts (u64)      master: workers replaced after dying
     80      8     rows exhausted (u64)       control: (listener, service) pairs that got no row
     88      4     endpoint rows (u32)        master (once)
-    92      36    reserved (zero)
+    92      4     slots ever used (u32)      master on claim, and a process taking its stripe:
+                                              1 + the highest slot index that may hold counts
+                                              (only raised), so readers skip the rest
+    96      32    reserved (zero)
 
     128     64 x slots   worker table, one 64-byte record per slot:
             +0  pid (i64; 0 = free)          master writes on spawn and clears on reap
@@ -93,6 +96,7 @@ OFF_RELOAD_FAILURES = 64
 OFF_RESTARTS = 72
 OFF_ROWS_EXHAUSTED = 80
 OFF_ENDPOINT_ROWS = 88
+OFF_SLOTS_USED = 92
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -306,6 +310,11 @@ class Region:
         now = time.monotonic()
         _SLOT.pack_into(self._mm, self._slot_offset(index, True), -1, now, generation,
                         STATE_BOOTING, kind, now)
+        self._mark_used(index)
+
+    def _mark_used(self, index: int) -> None:
+        if index >= self.get_u32(OFF_SLOTS_USED):
+            self.set_u32(OFF_SLOTS_USED, index + 1)
 
     def set_pid(self, index: int, pid: int) -> None:
         struct.pack_into("<q", self._mm, self._slot_offset(index, True), pid)
@@ -345,6 +354,8 @@ class Region:
         """The counters a process in slot ``index`` writes."""
         if not 0 <= index < self.slots:
             raise IndexError(index)
+        self._require_writable()
+        self._mark_used(index)
         return Stripe(self._require_writable(), self._stripes_base + index * self._stride)
 
     def read_field(self, slot: int, row: int, field: int) -> int:
@@ -359,7 +370,7 @@ class Region:
         width = FIELDS * 8
         totals = [0] * FIELDS
         unpack = struct.Struct(f"<{FIELDS}Q").unpack_from
-        for s in range(self.slots):
+        for s in range(self.get_u32(OFF_SLOTS_USED)):  # never-claimed stripes hold zeros
             off = self.stripes_offset + (s * self.rows + row) * width
             values = unpack(self._mm, off)
             totals = [a + b for a, b in zip(totals, values, strict=True)]

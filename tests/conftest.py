@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from meshd.testing.consul_server import ConsulServer
 from meshd.testing.harness import Backend, Meshd, free_port
+from meshd.testing.k8s_server import K8sApiServer
 
 
 @pytest.fixture
@@ -86,3 +88,19 @@ def mesh(tmp_path: Path) -> Iterator[MeshFactory]:
     yield factory
     for m in factory.started:
         m.stop()
+
+
+@pytest.fixture
+def consul() -> Iterator[ConsulServer]:
+    """A Consul HTTP API test server on loopback."""
+    server = ConsulServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api() -> Iterator[K8sApiServer]:
+    """A Kubernetes API test server (TLS) on loopback."""
+    server = K8sApiServer().start()
+    yield server
+    server.close()

@@ -10,36 +10,18 @@ import signal
 import statistics
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 from meshd_consul import ConsulBackend
 
 from meshd.testing.consul_server import ConsulServer
-from meshd.testing.harness import free_port, http_get, wait_for
+from meshd.testing.harness import http_get, wait_for
 from meshd.testing.watch import WatchRecorder
 
 
-@pytest.fixture
-def consul() -> Iterator[ConsulServer]:
-    server = ConsulServer().start()
-    yield server
-    server.stop()
-
-
 def consul_config(mesh, consul: ConsulServer, workers: int = 1) -> tuple[str, dict[str, int]]:
-    mesh.count += 1
-    ports = {"outbound": free_port(), "admin": free_port()}
-    text = textwrap.dedent(f"""\
-        workers = {workers}
-        drain_timeout = "10s"
-        worker_timeout = "5s"
-        instance = "test-{mesh.tmp_path.name[-20:]}-{mesh.count}"
-        state_dir = "{mesh.tmp_path}/state"
-
-        [admin]
-        listen = "127.0.0.1:{ports['admin']}"
-
+    """A config whose service web comes from the Consul test server."""
+    return mesh.config({}, workers=workers, extra=textwrap.dedent(f"""\
         [[discovery]]
         name = "consul"
         plugin = "consul"
@@ -49,14 +31,7 @@ def consul_config(mesh, consul: ConsulServer, workers: int = 1) -> tuple[str, di
         [service.web]
         balancer = "round_robin"  # these tests follow discovery: every endpoint gets traffic
         discovery = "consul"
-
-        [[listener]]
-        name = "outbound"
-        listen = "127.0.0.1:{ports['outbound']}"
-        direction = "outbound"
-        protocol = "http"
-        """)
-    return text, ports
+        """))
 
 
 class Client:

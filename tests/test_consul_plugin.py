@@ -22,13 +22,6 @@ HEALTH = "/v1/health/service/web"
 
 
 @pytest.fixture
-def consul() -> Iterator[ConsulServer]:
-    server = ConsulServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def watch(consul: ConsulServer) -> Iterator[object]:
     recorders: list[WatchRecorder] = []
 

@@ -13,16 +13,9 @@ import time
 import pytest
 
 from meshd.testing.harness import free_port, http_get, port_open, wait_for
-from meshd.testing.k8s_server import K8sApiServer, endpoint
+from meshd.testing.k8s_server import endpoint
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"  # pod IPs: one port, as in a cluster
-
-
-@pytest.fixture
-def api():
-    server = K8sApiServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -19,13 +19,6 @@ from meshd.testing.watch import WatchRecorder
 
 
 @pytest.fixture
-def api():
-    server = K8sApiServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def token_file(tmp_path):
     path = tmp_path / "token"
     path.write_text("test-token\n")

@@ -96,7 +96,8 @@ def test_header_bytes(region: Region, path: str) -> None:
     assert started == region.started_at
     assert abs(started - time.time()) < 60
     assert struct.unpack_from("<I", raw, 88)[0] == region.endpoint_rows
-    assert raw[92:128] == bytes(36)  # reserved
+    assert struct.unpack_from("<I", raw, 92)[0] == 0  # no slot claimed yet
+    assert raw[96:128] == bytes(32)  # reserved
 
 
 def test_header_counters_are_shared_with_readers(region: Region, path: str) -> None:

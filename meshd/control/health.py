@@ -30,7 +30,7 @@ from meshd.balance.ejection import (
 )
 from meshd.balance.ewma import EwmaState, combine
 from meshd.discovery.api import Endpoint
-from meshd.shm import KIND_WORKER, Region
+from meshd.shm import KIND_WORKER, OFF_SLOTS_USED, Region
 
 log = logging.getLogger("meshd.control")
 
@@ -77,7 +77,7 @@ class HealthKeeper:
         control process) are history: start from what every stripe holds now, for the
         rows the previous generation assigned. Anything else starts from zero."""
         for row in self.rows.rows.values():
-            for slot in range(self.region.slots):
+            for slot in range(self.region.get_u32(OFF_SLOTS_USED)):
                 _, _, _, s, f = self.region.ep_read(slot, row)
                 if s or f:
                     self.seen[(slot, row)] = (s, f)
@@ -146,7 +146,7 @@ class HealthKeeper:
         live = self.live_workers()
         inflight = ok = bad = 0
         states = []
-        for slot in range(self.region.slots):
+        for slot in range(self.region.get_u32(OFF_SLOTS_USED)):
             n, rtt, stamp, s, f = self.region.ep_read(slot, row)
             ok += s
             bad += f

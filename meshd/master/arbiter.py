@@ -80,7 +80,6 @@ class Arbiter:
                            if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self.upgrade_from = int(os.environ.pop(UPGRADE_FROM_ENV, "0") or 0)
         self.upgrade_pid = 0
-        self.replaced = False           # a new master took over: do not tell systemd we stop
         self.stopping: str | None = None   # "graceful" | "fast"
         self.stop_deadline = 0.0
         self.exit_code = 0
@@ -268,7 +267,7 @@ class Arbiter:
             return
         self.stopping = mode
         if self.upgrade_pid and _alive(self.upgrade_pid):
-            self.replaced = True
+            # A new master took over: systemd must not hear that the service stops.
             log.info("replaced by new master %d; old generation drains", self.upgrade_pid)
         else:
             self.notifier.stopping()

@@ -24,10 +24,6 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not wd_pid or wd_pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1_000_000 / 2
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def send(self, *fields: str) -> None:
         if not self.address:
             return

@@ -38,7 +38,7 @@ from meshd.worker.sockio import sendall
 from meshd.worker.upstream import UpstreamConn
 
 if TYPE_CHECKING:
-    from meshd.config import ListenerConfig
+    from meshd.config import ListenerConfig, ServiceConfig
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
@@ -183,7 +183,7 @@ class HttpConnection:
             attempt = 0
             while True:
                 try:
-                    status, keep = self._exchange(req, service, endpoints, deadline,
+                    status, keep = self._exchange(req, service, svc, endpoints, deadline,
                                                   connect_timeout, tried, row, attempt < retries)
                     return keep
                 except _RetryNow:
@@ -226,7 +226,8 @@ class HttpConnection:
             return False
         return self.worker.retries.try_retry(row, self.worker.balancer.live_slots(now), now)
 
-    def _exchange(self, req: http1.RequestHead, service: str, endpoints: tuple[Endpoint, ...],
+    def _exchange(self, req: http1.RequestHead, service: str, svc: ServiceConfig | None,
+                  endpoints: tuple[Endpoint, ...],
                   deadline: float, connect_timeout: float, tried: list[int], row: int,
                   retry_ok: bool) -> tuple[int, bool]:
         worker = self.worker
@@ -241,7 +242,6 @@ class HttpConnection:
             framing.append((b"Content-Length", b"%d" % req.content_length))
         head = http1.serialize_request_head(req.method, req.target, headers, framing)
         snap = worker.snapshot
-        svc = worker.config.services.get(service)
         balancer = worker.balancer
         for _ in range(4):  # a retry goes to an endpoint not tried yet, when there is one
             index, ep_row = balancer.pick(service, endpoints, snap.endpoint_rows,
