@@ -26,12 +26,12 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl"
+	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp"
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx"
+	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:

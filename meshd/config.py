@@ -34,6 +34,10 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_METHOD = re.compile(r"[A-Z]+")
+FAILURE_KINDS = ("connect", "reset", "timeout", "5xx", "4xx")
+DEFAULT_FAILURE_ON = frozenset(("connect", "reset", "timeout", "5xx"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,12 @@ class ListenerConfig:
     forward: Address | None = None  # the local application (inbound only)
     backlog: int = 1024
     max_connections: int = 10000  # per worker
+    # pass `Upgrade: h2c` on to the upstream (then tunnel after its 101) instead of
+    # stripping it; meshd itself speaks HTTP/2 with prior knowledge, never via h2c
+    h2c_upgrade: bool = False
+    # auto listeners: original destination ports proxied as opaque TCP without detection
+    # (server-speaks-first protocols); the default is meshd.proto.detect.DEFAULT_OPAQUE_PORTS
+    opaque_ports: frozenset[int] = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +99,43 @@ class ServiceConfig:
     # Several sources with their share of traffic in percent (a migration): the
     # endpoints of each source together get that share. Empty: just `discovery`.
     sources: tuple[SourceShare, ...] = ()
-    balancer: str = "p2c"  # p2c (peak-EWMA, shared by all workers) | round_robin
+    balancer: str = "p2c"  # p2c (peak-EWMA, shared by all workers) | round_robin | consistent_hash
     failure_accrual: int = 7  # consecutive failures that eject an endpoint; 0: never
-    retries: int = 1  # retries of a failed idempotent bodiless request, within the budget
+    retries: int = 1  # retries of a failed replayable request, within the budget
+    try_timeout: float = 0.0  # one attempt's limit (0: only `timeout`, which spans retries)
+    failure_on: frozenset[str] = DEFAULT_FAILURE_ON  # what counts as a failed attempt
+    failover: tuple[str, ...] = ()  # services tried in order when this one has no endpoints
+    hash_on: str = "client_address"  # consistent_hash key: client_address | header:NAME
+    max_pending: int = 0  # in-flight requests per endpoint over all workers (0: no limit)
+    max_connections: int = 0  # upstream connections in use per endpoint, all workers (0: none)
+    protocol: str = "http1"  # toward the endpoints: http1 | h2 (prior knowledge); gRPC is always h2
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    service: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One `[[route]]`: requests naming `host` that match every given condition go to
+    `backends` (weighted), with the route's own timeouts and retry policy."""
+    name: str
+    host: str  # the service the request names (Host header, or the listener's service)
+    listener: str | None = None  # only requests on this listener
+    path_prefix: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: frozenset[str] = frozenset()  # empty: any
+    headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
+    backends: tuple[Backend, ...] = ()  # empty: the service `host` itself
+    failover: tuple[str, ...] | None = None  # None: each backend's service failover
+    timeout: float | None = None  # None here and below: the backend service's setting
+    try_timeout: float | None = None
+    connect_timeout: float | None = None
+    idle_timeout: float | None = None
+    retries: int | None = None
+    retryable: bool = False  # retry non-idempotent methods too (the upstream tolerates it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +146,8 @@ class LimitsConfig:
     header_read_timeout: float = 10.0
     client_idle_timeout: float = 60.0
     detect_timeout: float = 1.0
+    h2_max_concurrent_streams: int = 100  # per HTTP/2 connection (SETTINGS)
+    h2_max_resets: int = 200  # streams a client may reset within 10 s (Rapid Reset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +175,17 @@ class Config:
     services: Mapping[str, ServiceConfig]  # read-only
     limits: LimitsConfig
     balancer: BalancerConfig = BalancerConfig()
+    routes: tuple[RouteConfig, ...] = ()  # in file order; the first match wins
+
+    def route_services(self) -> list[str]:
+        """Services that routes and failover lists name (watched from the start)."""
+        names: dict[str, None] = {}
+        for route in self.routes:
+            names.update(dict.fromkeys(b.service for b in route.backends))
+            names.update(dict.fromkeys(route.failover or ()))
+        for svc in self.services.values():
+            names.update(dict.fromkeys(svc.failover))
+        return list(names)
 
 
 def parse_duration(value: object) -> float:
@@ -192,6 +249,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
     services = _services(top.raw("service"), problems)
+    routes = tuple(_route(t, i) for i, t in enumerate(_array(top, "route", required=False)))
     limits = _limits(_Table(top.raw("limits"), "limits", problems))
     bt = _Table(top.raw("balancer"), "balancer", problems)
     balancer = BalancerConfig(bt.take("ewma_decay", _duration(), 10.0),
@@ -201,6 +259,11 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
 
     _check_unique("discovery", [d.name for d in discovery], problems)
     _check_unique("listener", [lst.name for lst in listeners], problems)
+    _check_unique("route", [r.name for r in routes], problems)
+    names = {lst.name for lst in listeners}
+    for i, route in enumerate(routes):
+        if route.listener is not None and route.listener not in names:
+            problems.append((f"route[{i}].listener", f"no [[listener]] is named {route.listener!r}"))
     _check_addresses(admin, listeners, problems)
     sources = {d.name for d in discovery}
     for service in services.values():
@@ -213,7 +276,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
                   metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits, balancer)
+                  services, limits, balancer, routes)
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -231,6 +294,19 @@ def _discovery(t: _Table) -> DiscoveryConfig:
 
 
 def _listener(t: _Table) -> ListenerConfig:
+    from meshd.proto.detect import DEFAULT_OPAQUE_PORTS  # sans-IO, no import cycle
+
+    def ports(value: object) -> frozenset[int]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of ports (integers 1..65535), got {_show(value)}")
+        for i, port in enumerate(value):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ValueError(f"expected a list of ports (integers 1..65535), got {port!r} "
+                                 f"at [{i}]")
+            if port in value[:i]:
+                raise ValueError(f"port {port} is listed twice")
+        return frozenset(value)
+
     listener = ListenerConfig(
         name=t.take("name", _string(_NAME), "", required=True),
         listen=t.take("listen", parse_address, Address("", 0), required=True),
@@ -240,8 +316,14 @@ def _listener(t: _Table) -> ListenerConfig:
         forward=t.take("forward", parse_address, None),
         backlog=t.take("backlog", _integer(1, 65535), 1024),
         max_connections=t.take("max_connections", _integer(1), 10000),
+        h2c_upgrade=t.take("h2c_upgrade", _boolean, False),
+        opaque_ports=(DEFAULT_OPAQUE_PORTS if (given := t.take("opaque_ports", ports, None)) is None
+                      else given),
     )
     t.finish()
+    if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:
+        t.problem("opaque_ports", f'only a protocol = "auto" listener detects protocols; this '
+                                  f'one is "{listener.protocol}" and never looks at ports')
     if "direction" in t.bad:
         return listener  # the rules below would only echo the bad direction
     if listener.direction == "inbound" and listener.forward is None and "forward" not in t.bad:
@@ -267,17 +349,76 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         connect_timeout = t.take("connect_timeout", _duration(), 2.0)
         idle_timeout = t.take("idle_timeout", _duration(), 60.0)
         shares = _source_shares(t, f"service.{name}.discovery")
-        balancer = t.take("balancer", _choice("p2c", "round_robin"), "p2c")
+        balancer = t.take("balancer", _choice("p2c", "round_robin", "consistent_hash"), "p2c")
         failure_accrual = t.take("failure_accrual", _integer(0, 1000), 7)
         retries = t.take("retries", _integer(0, 10), 1)
+        try_timeout = t.take("try_timeout", _duration(), 0.0)
+        failure_on = t.take("failure_on", _failure_kinds, DEFAULT_FAILURE_ON)
+        failover: tuple[str, ...] = t.take("failover", _service_list, ())
+        hash_on = t.take("hash_on", _hash_on, "client_address")
+        max_pending = t.take("max_pending", _integer(0), 0)
+        max_connections = t.take("max_connections", _integer(0), 0)
+        protocol = t.take("protocol", _choice("http1", "h2"), "http1")
         t.finish()
+        if name in failover:
+            t.problem("failover", f"a service cannot fail over to itself ({name!r})")
         services[name] = ServiceConfig(
             name=name, timeout=timeout, connect_timeout=connect_timeout,
             idle_timeout=idle_timeout, discovery=shares[0].source if shares else None,
             sources=shares, balancer=balancer, failure_accrual=failure_accrual,
-            retries=retries,
+            retries=retries, try_timeout=try_timeout, failure_on=failure_on,
+            failover=failover, hash_on=hash_on, max_pending=max_pending,
+            max_connections=max_connections, protocol=protocol,
         )
     return MappingProxyType(services)
+
+
+def _route(t: _Table, i: int) -> RouteConfig:
+    name = t.take("name", _string(_NAME), f"route{i}")
+    host = t.take("host", _string(_SERVICE_NAME), "", required=True)
+    listener = t.take("listener", _string(_NAME), None)
+    path_prefix = t.take("path_prefix", _path_prefix, None)
+    path_regex = t.take("path_regex", _regex, None)
+    methods: frozenset[str] = t.take("methods", _methods, frozenset())
+    headers: tuple[tuple[str, str], ...] = t.take("headers", _header_matches, ())
+    backends = _backends(t)
+    failover = t.take("failover", _service_list, None)
+    timeout = t.take("timeout", _duration(), None)
+    try_timeout = t.take("try_timeout", _duration(), None)
+    connect_timeout = t.take("connect_timeout", _duration(), None)
+    idle_timeout = t.take("idle_timeout", _duration(), None)
+    retries = t.take("retries", _integer(0, 10), None)
+    retryable = t.take("retryable", _boolean, False)
+    t.finish()
+    return RouteConfig(name, host, listener, path_prefix, path_regex, methods, headers, backends,
+                       failover, timeout, try_timeout, connect_timeout, idle_timeout, retries,
+                       retryable)
+
+
+def _backends(t: _Table) -> tuple[Backend, ...]:
+    """`service = "name"` (one backend), or `backends = [{ service, weight }, ...]`."""
+    single = t.take("service", _string(_SERVICE_NAME), None)
+    raw = t.raw("backends", None)
+    if raw is None:
+        return (Backend(single, 1),) if single else ()
+    if single is not None:
+        t.problem("service", "give either service or backends, not both")
+    if not isinstance(raw, list) or not raw:
+        t.problem("backends", 'expected a list of { service = "...", weight = N }')
+        return ()
+    backends = []
+    for j, item in enumerate(raw):
+        bt = _Table(item, f"{t.path}.backends[{j}]", t.problems)
+        service = bt.take("service", _string(_SERVICE_NAME), "", required=True)
+        weight = bt.take("weight", _integer(0, 1_000_000), 1)
+        bt.finish()
+        if service:
+            backends.append(Backend(service, weight))
+    if backends and sum(b.weight for b in backends) == 0:
+        t.problem("backends", "at least one backend needs a weight above 0")
+    if len({b.service for b in backends}) != len(backends):
+        t.problem("backends", "a service is listed twice")
+    return tuple(backends)
 
 
 def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
@@ -317,6 +458,8 @@ def _limits(t: _Table) -> LimitsConfig:
         header_read_timeout=t.take("header_read_timeout", _duration(), 10.0),
         client_idle_timeout=t.take("client_idle_timeout", _duration(), 60.0),
         detect_timeout=t.take("detect_timeout", _duration(), 1.0),
+        h2_max_concurrent_streams=t.take("h2_max_concurrent_streams", _integer(1, 10000), 100),
+        h2_max_resets=t.take("h2_max_resets", _integer(1), 200),
     )
     t.finish()
     return limits
@@ -420,6 +563,81 @@ def _show(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return repr(value)
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _string_list(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of {what}, got {_show(value)}")
+    return value
+
+
+def _service_list(value: object) -> tuple[str, ...]:
+    names = _string_list(value, "service names")
+    for name in names:
+        if not _SERVICE_NAME.fullmatch(name):
+            raise ValueError(f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("a service is listed twice")
+    return tuple(names)
+
+
+def _failure_kinds(value: object) -> frozenset[str]:
+    kinds = _string_list(value, "failure kinds")
+    for kind in kinds:
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}; expected some of "
+                             + ", ".join(FAILURE_KINDS))
+    return frozenset(kinds)
+
+
+def _hash_on(value: object) -> str:
+    if value == "client_address":
+        return value
+    if isinstance(value, str) and value.startswith("header:") and _HEADER_NAME.fullmatch(value[7:]):
+        return "header:" + value[7:].lower()
+    raise ValueError(f'expected "client_address" or "header:NAME", got {_show(value)}')
+
+
+def _path_prefix(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'expected a path starting with "/", got {_show(value)}')
+    return value
+
+
+def _regex(value: object) -> re.Pattern[str]:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a regular expression string, got {_show(value)}")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {value!r}: {e}") from None
+
+
+def _methods(value: object) -> frozenset[str]:
+    methods = _string_list(value, "methods")
+    for m in methods:
+        if not _METHOD.fullmatch(m):
+            raise ValueError(f"a method is upper-case letters, got {m!r}")
+    return frozenset(methods)
+
+
+def _header_matches(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f'expected a table like {{ "x-canary" = "1" }}, got {_show(value)}')
+    out = []
+    for name, v in value.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if not isinstance(v, str):
+            raise ValueError(f"header {name}: expected a string value, got {_show(v)}")
+        out.append((name.lower(), v))
+    return tuple(out)
 
 
 def _workers(value: object) -> int:

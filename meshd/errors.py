@@ -89,6 +89,13 @@ class NoEndpoints(ProxyError):
     reason = "no endpoints"
 
 
+class EndpointsBusy(ProxyError):
+    """Every endpoint is at its max_pending or max_connections limit: answered at once
+    rather than queued."""
+    status = 503
+    reason = "endpoints busy"
+
+
 class UpstreamError(ProxyError):
     status = 502
     reason = "upstream failure"

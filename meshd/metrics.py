@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from meshd.config import Config
 from meshd.shm import (
+    DETECT_RESULTS,
     F_BUDGET_EXHAUSTED,
     F_CLASS,
+    F_DETECT,
     F_FAILURES,
     F_LATENCY,
     F_LATENCY_SUM_US,
@@ -125,6 +127,19 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
         for row, t in totals.items():
             if t[field] or (kind == "gauge" and t[F_TCP_OPEN_TOTAL]):
                 out.append(f"{name}{_labels(keys[row])} {t[field]}")
+    family("meshd_protocol_detect_total", "counter",
+           "Connections of protocol = \"auto\" listeners, by what detection found "
+           "(skipped: an opaque port, not detected).")
+    detected: dict[str, list[int]] = {}
+    for row, t in totals.items():  # only a listener's own row (service "") counts them
+        counts = t[F_DETECT:F_DETECT + len(DETECT_RESULTS)]
+        if any(counts):
+            seen = detected.get(keys[row].listener, [0] * len(DETECT_RESULTS))
+            detected[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
+    for listener, by_result in detected.items():
+        for result, n in zip(DETECT_RESULTS, by_result, strict=True):
+            out.append(f'meshd_protocol_detect_total{{listener="{_escape(listener)}",'
+                       f'result="{result}"}} {n}')
     family("meshd_workers", "gauge", "Worker processes serving now.")
     out.append(f"meshd_workers {serving_workers(region)}")
     family("meshd_worker_restarts_total", "counter", "Workers replaced after dying or hanging.")
@@ -133,7 +148,7 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
     out.append(f'meshd_config_reloads_total{{result="success"}} {region.get_u64(OFF_RELOADS)}')
     out.append(f'meshd_config_reloads_total{{result="failure"}} {region.get_u64(OFF_RELOAD_FAILURES)}')
     family("meshd_shm_rows_exhausted_total", "counter",
-           "Listener/service pairs that found no free row in shared memory.")
+           "Listener/service pairs and endpoints that found no free row in shared memory.")
     out.append(f"meshd_shm_rows_exhausted_total {region.get_u64(OFF_ROWS_EXHAUSTED)}")
     family("process_start_time_seconds", "gauge", "When the master started (unix time).")
     out.append(f"process_start_time_seconds {region.started_at:.3f}")

@@ -23,12 +23,19 @@ Layout, byte by byte::
     56      8     reloads total (u64)        master: accepted HUP reloads
     64      8     reload failures (u64)      master: rejected HUP reloads
     72      8     worker restarts (u64)      master: workers replaced after dying
-    80      8     rows exhausted (u64)       control: (listener, service) pairs that got no row
+    80      8     rows exhausted (u64)       control: (listener, service) pairs and endpoint
+                                              addresses that got no row (each once per
+                                              generation)
     88      4     endpoint rows (u32)        master (once)
     92      4     slots ever used (u32)      master on claim, and a process taking its stripe:
                                               1 + the highest slot index that may hold counts
                                               (only raised), so readers skip the rest
-    96      32    reserved (zero)
+    96      4     metric rows in use (u32)   control: rows assigned (rows 0 and 1 included)
+                                              plus (listener, service) pairs refused for
+                                              want of a row -- what the region needs now
+    100     4     endpoint rows in use (u32) control: endpoint rows assigned plus endpoints
+                                              refused for want of a row
+    104     24    reserved (zero)
 
     128     64 x slots   worker table, one 64-byte record per slot:
             +0  pid (i64; 0 = free)          master writes on spawn and clears on reap
@@ -51,8 +58,11 @@ Layout, byte by byte::
             field f at EP_STRIPES + ((s * endpoint_rows + e) * EP_FIELDS + f) * 8:
             +0 in-flight requests (i64 gauge)   +8 peak-EWMA RTT, seconds (f64)
             +16 EWMA stamp, CLOCK_MONOTONIC (f64)   +24 successes (u64)   +32 failures
-            (u64)   +40..63 reserved. Only the process in slot s writes stripe s; the
-            master zeroes a reaped slot's in-flight gauges.
+            (u64)   +40 upstream connections in use (i64 gauge)   +48 this process's
+            current run of consecutive failures (i64; the balancer sums the runs of all
+            live workers for failure accrual)   +56..63 reserved. Only
+            the process in slot s writes stripe s; the master zeroes a reaped slot's
+            in-flight and connection gauges.
 
     then    endpoint rows x HEALTH_FIELDS x 8   health rows, written only by the control
             process (failure accrual), read by every worker: +0 state (0 healthy,
@@ -63,6 +73,28 @@ Layout, byte by byte::
 Row 0 counts requests that matched no service, row 1 those whose (listener, service) pair
 found no free row (the region is full: ``rows exhausted`` says how often, and the control
 process logs it). A reader combines a row by summing it over all stripes.
+
+Growth. The sizes are fixed for a file's life, but not for meshd's: on an accepted reload
+the master sizes the next generation's region with :func:`grown_rows` from the config and
+the two "in use" fields (the control process warns once usage passes 3/4: it will grow at
+the next reload). A larger region is a new file, written at a temporary name beside the
+old one and filled by :func:`copy_region` (header counters, worker table, every stripe row
+by row, health rows: row indexes keep their meaning, only offsets move); the new
+generation is forked with it, and it is renamed over ``{shm_dir}/meshd-{instance}.shm``
+once that generation serves. The old generation keeps its own mapping while it drains.
+Until the last process of a region is reaped the master copies each live process's slot
+into the other live regions (:func:`copy_slot`), and the final stripe once more after the
+reap: a slot has one writer, in one region, so its stripe in every other region is only
+ever a copy, and overwriting the copy with the writer's values folds in its counts with
+nothing lost or counted twice. Regions never shrink.
+
+Protocol detection (``protocol = "auto"`` listeners) is counted in the F_DETECT fields,
+one per entry of DETECT_RESULTS, and only in the listener's own row (service ""), which
+the control process assigns to every listener at start; the fields stay zero in every
+other row. Detection happens before any service is known, so there is nothing finer to
+count it by, and extra fields in the existing stripe need no new section or index.
+Adding them took FIELDS from 72 to 80: a region of the old size is refused on attach
+("sections do not add up"), so it is never misread.
 """
 
 from __future__ import annotations
@@ -71,6 +103,7 @@ import bisect
 import mmap
 import os
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,6 +130,8 @@ OFF_RESTARTS = 72
 OFF_ROWS_EXHAUSTED = 80
 OFF_ENDPOINT_ROWS = 88
 OFF_SLOTS_USED = 92
+OFF_ROWS_USED = 96
+OFF_ENDPOINT_ROWS_USED = 100
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -131,8 +166,11 @@ F_WRITE_BYTES = F_READ_BYTES + 1
 F_FAILURES = F_WRITE_BYTES + 1                 # responses classified as failures
 F_RETRIES = F_FAILURES + 1                     # retries sent
 F_BUDGET_EXHAUSTED = F_RETRIES + 1             # retries the budget refused
-FIELDS = 72                                    # 8 spare for later counters
-assert F_BUDGET_EXHAUSTED < FIELDS
+# Protocol detection on the listener's own row (service ""), one counter per result.
+DETECT_RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel")
+F_DETECT = F_BUDGET_EXHAUSTED + 1              # len(DETECT_RESULTS) fields
+FIELDS = 80                                    # 6 spare for later counters
+assert F_DETECT + len(DETECT_RESULTS) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
@@ -159,7 +197,7 @@ def slot_count_for(workers: int) -> int:
 
 
 EP_FIELDS = 8
-EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES = 0, 1, 2, 3, 4
+EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES, EP_CONNS, EP_RUN = 0, 1, 2, 3, 4, 5, 6
 HEALTH_FIELDS = 8
 DEFAULT_ENDPOINT_ROWS = 256
 
@@ -214,24 +252,54 @@ class Region:
 
     @classmethod
     def create(cls, path: str, slots: int, rows: int,
-               endpoint_rows: int = DEFAULT_ENDPOINT_ROWS) -> Region:
+               endpoint_rows: int = DEFAULT_ENDPOINT_ROWS, publish: bool = True) -> Region:
         """Create a fresh region at ``path`` (replacing any file there; processes that
-        still map the old file keep their own copy of it)."""
+        still map the old file keep their own copy of it).
+
+        With ``publish=False`` the file stays at its unique temporary name beside
+        ``path`` (``region.path``) until :meth:`publish`: a grown region is filled and
+        handed to a new generation before readers by name may see it."""
         if rows < FIRST_ROW + 1:
             raise ShmError(f"metric rows must be at least {FIRST_ROW + 1}")
         size = region_size(slots, rows, endpoint_rows)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Unique, never truncating: an unpublished region still mapped must not be clobbered.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(path) or ".")
         try:
+            os.fchmod(fd, 0o644)
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         finally:
             os.close(fd)
         _HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
                           os.getpid(), time.time(), 0, 0, 0, 0)
         struct.pack_into("<I", mm, OFF_ENDPOINT_ROWS, endpoint_rows)
-        os.rename(tmp, path)
-        return cls(path, mm, writable=True)
+        region = cls(tmp, mm, writable=True)
+        if publish:
+            region.publish(path)
+        return region
+
+    def publish(self, path: str) -> None:
+        """Rename the file over ``path``, where readers (the CLI) look for it."""
+        os.rename(self.path, path)
+        self.path = path
+
+    def reserve(self, ranges: list[tuple[int, int]]) -> None:
+        """Allocate the pages of these (offset, length) ranges now, so that filling them
+        fails here with a clear error instead of SIGBUS when tmpfs is full."""
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for offset, length in ranges:
+                if length > 0:
+                    os.posix_fallocate(fd, offset, length)
+        except OSError as e:
+            raise ShmError(f"{self.path}: cannot allocate {len(self._mm)} bytes of shared "
+                           f"memory: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     @classmethod
     def attach(cls, path: str, writable: bool = False) -> Region:
@@ -279,6 +347,23 @@ class Region:
 
     def set_u32(self, offset: int, value: int) -> None:
         struct.pack_into("<I", self._mm, offset, value)
+
+    @property
+    def rows_used(self) -> int:
+        """Metric rows in use, as the control process published them."""
+        return self.get_u32(OFF_ROWS_USED)
+
+    @property
+    def endpoint_rows_used(self) -> int:
+        """Endpoint rows in use, as the control process published them."""
+        return self.get_u32(OFF_ENDPOINT_ROWS_USED)
+
+    def publish_usage(self, rows: int | None = None, endpoint_rows: int | None = None) -> None:
+        """Control process: how many rows its tables use (read by the master on reload)."""
+        if rows is not None:
+            self.set_u32(OFF_ROWS_USED, min(rows, 0xFFFFFFFF))
+        if endpoint_rows is not None:
+            self.set_u32(OFF_ENDPOINT_ROWS_USED, min(endpoint_rows, 0xFFFFFFFF))
 
     @property
     def started_at(self) -> float:
@@ -331,6 +416,7 @@ class Region:
         ep_base = self.ep_offset // 8 + index * self.endpoint_rows * EP_FIELDS
         for row in range(self.endpoint_rows):
             self._qr[ep_base + row * EP_FIELDS + EP_INFLIGHT] = 0
+            self._qr[ep_base + row * EP_FIELDS + EP_CONNS] = 0
 
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""
@@ -446,6 +532,19 @@ class EndpointStripe:
             d[i + EP_STAMP] = state.stamp
             d[i + EP_RTT] = state.rtt
         q[i + (EP_FAILURES if failure else EP_SUCCESSES)] += 1
+        if failure:
+            q[i + EP_RUN] += 1
+        elif q[i + EP_RUN]:
+            q[i + EP_RUN] = 0
+
+    def reset_run(self, row: int) -> None:
+        i = self._base + row * EP_FIELDS + EP_RUN
+        if self._q[i]:
+            self._q[i] = 0
+
+    def connections(self, row: int, delta: int) -> None:
+        """This process opened (+1) or closed (-1) an upstream connection to the endpoint."""
+        self._q[self._base + row * EP_FIELDS + EP_CONNS] += delta
 
     def seed(self, row: int, now: float) -> None:
         """A new endpoint starts at the default RTT, decaying from now (tower's seeding)."""
@@ -487,3 +586,94 @@ class Stripe:
 
 def region_path(shm_dir: str, instance: str) -> str:
     return os.path.join(shm_dir, f"meshd-{instance}.shm")
+
+
+# -- growth (see "Growth" in the module docstring) ------------------------------------------
+
+MAX_ROWS = 1_000_000     # the config's ceiling for metric_rows and endpoint_rows
+
+# Header fields a grown region inherits: counters and who-is-who, not the sizes.
+_INHERITED_HEADER = (
+    (OFF_GENERATION, 8), (OFF_DESIRED, 4), (OFF_MASTER_PID, 4), (48, 8), (OFF_RELOADS, 8),
+    (OFF_RELOAD_FAILURES, 8), (OFF_RESTARTS, 8), (OFF_ROWS_EXHAUSTED, 8),
+    (OFF_SLOTS_USED, 4), (OFF_ROWS_USED, 4), (OFF_ENDPOINT_ROWS_USED, 4),
+)
+
+
+def usage_high(used: int, capacity: int) -> bool:
+    """More than 3/4 of the rows are in use: the next reload grows the region."""
+    return used * 4 > capacity * 3
+
+
+def grown_rows(capacity: int, configured: int, used: int) -> int:
+    """Rows for the next generation's region. Never fewer than now (a region never
+    shrinks: rows are never reused, and a copy must hold every row) nor than the config
+    asks for; when usage passes 3/4 of the capacity or the config asks for more, doubled
+    until usage is under half, so that a growing mesh reloads into room to spare rather
+    than into the next warning."""
+    size = max(capacity, configured)
+    if usage_high(used, capacity) or size > capacity:
+        while used * 2 >= size and size < MAX_ROWS:
+            size = min(size * 2, MAX_ROWS)
+    return size
+
+
+def copy_region(src: Region, dst: Region) -> None:
+    """Fill a fresh, at least as large ``dst`` with everything ``src`` holds: header
+    counters, the worker table, every used slot's stripes (row r stays row r: the
+    snapshots' row assignments keep their meaning) and the health rows. The pages to be
+    written are allocated first, so a full tmpfs is an error here, not a SIGBUS."""
+    _check_fits(src, dst)
+    used = src.get_u32(OFF_SLOTS_USED)
+    dst.reserve([
+        (0, HEADER_SIZE + src.slots * SLOT_SIZE),
+        (dst.stripes_offset, used * dst.rows * FIELDS * 8),
+        (dst.ep_offset, used * dst.endpoint_rows * EP_FIELDS * 8),
+        (dst.health_offset, src.endpoint_rows * HEALTH_FIELDS * 8),
+    ])
+    for offset, size in _INHERITED_HEADER:
+        dst._mm[offset:offset + size] = src._mm[offset:offset + size]
+    table = src.slots * SLOT_SIZE
+    dst._mm[HEADER_SIZE:HEADER_SIZE + table] = src._mm[HEADER_SIZE:HEADER_SIZE + table]
+    for slot in range(used):
+        _copy_stripes(src, dst, slot)
+    health = src.endpoint_rows * HEALTH_FIELDS * 8
+    dst._mm[dst.health_offset:dst.health_offset + health] = \
+        src._mm[src.health_offset:src.health_offset + health]
+
+
+def copy_slot(src: Region, dst: Region, slot: int) -> None:
+    """Make ``dst``'s slot what the slot's writer, mapped to ``src``, has written: its
+    worker-table record and its stripes. Only rows both regions have are copied (a
+    smaller ``dst`` is a reload that failed to boot: counts in rows it lacks stay behind).
+    Called by the master for a live process of another region, and once more after its
+    reap (gauges already zeroed by ``src.free_slot``)."""
+    if not (0 <= slot < src.slots and slot < dst.slots):
+        raise IndexError(slot)
+    if not dst.writable:
+        raise ShmError(f"{dst.path}: attached read-only")
+    off = HEADER_SIZE + slot * SLOT_SIZE
+    dst._mm[off:off + SLOT_SIZE] = src._mm[off:off + SLOT_SIZE]
+    _copy_stripes(src, dst, slot)
+    dst._mark_used(slot)
+
+
+def _copy_stripes(src: Region, dst: Region, slot: int) -> None:
+    # A slot's first min(rows) rows are contiguous in both layouts: one copy per section.
+    n = min(src.rows, dst.rows) * FIELDS * 8
+    a = src.stripes_offset + slot * src.rows * FIELDS * 8
+    b = dst.stripes_offset + slot * dst.rows * FIELDS * 8
+    dst._mm[b:b + n] = src._mm[a:a + n]
+    n = min(src.endpoint_rows, dst.endpoint_rows) * EP_FIELDS * 8
+    a = src.ep_offset + slot * src.endpoint_rows * EP_FIELDS * 8
+    b = dst.ep_offset + slot * dst.endpoint_rows * EP_FIELDS * 8
+    dst._mm[b:b + n] = src._mm[a:a + n]
+
+
+def _check_fits(src: Region, dst: Region) -> None:
+    if not dst.writable:
+        raise ShmError(f"{dst.path}: attached read-only")
+    if dst.slots < src.slots or dst.rows < src.rows or dst.endpoint_rows < src.endpoint_rows:
+        raise ShmError(f"{dst.path} ({dst.slots} slots, {dst.rows} rows, {dst.endpoint_rows} "
+                       f"endpoint rows) cannot hold a copy of {src.path} ({src.slots} slots, "
+                       f"{src.rows} rows, {src.endpoint_rows} endpoint rows)")

@@ -308,6 +308,51 @@ def test_bad_direction_is_reported_once() -> None:
         "listener[0].direction"]
 
 
+def test_opaque_ports_default_and_values() -> None:
+    from meshd.proto.detect import DEFAULT_OPAQUE_PORTS
+
+    (listener,) = parse(minimal()).listeners
+    assert listener.opaque_ports == DEFAULT_OPAQUE_PORTS
+    assert listener.opaque_ports == {25, 587, 3306, 4444, 5432, 6379, 9300, 11211}
+    (listener,) = parse({"listener": [dict(OUTBOUND, opaque_ports=[1, 65535, 6379])]}).listeners
+    assert listener.opaque_ports == frozenset({1, 65535, 6379})
+    (listener,) = parse({"listener": [dict(OUTBOUND, opaque_ports=[])]}).listeners
+    assert listener.opaque_ports == frozenset()  # detect on every port
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (25, "expected a list of ports (integers 1..65535), got 25"),
+    ("25", "expected a list of ports (integers 1..65535), got '25'"),
+    ({"a": 1}, "expected a list of ports (integers 1..65535), got a table"),
+    ([25, 0], "expected a list of ports (integers 1..65535), got 0 at [1]"),
+    ([65536], "expected a list of ports (integers 1..65535), got 65536 at [0]"),
+    ([-1], "expected a list of ports (integers 1..65535), got -1 at [0]"),
+    (["25"], "expected a list of ports (integers 1..65535), got '25' at [0]"),
+    ([True], "expected a list of ports (integers 1..65535), got True at [0]"),
+    ([25.0], "expected a list of ports (integers 1..65535), got 25.0 at [0]"),
+    ([25, 587, 25], "port 25 is listed twice"),
+])
+def test_bad_opaque_ports(value: object, message: str) -> None:
+    assert problems({"listener": [dict(OUTBOUND), dict(OUTBOUND, name="b",
+                                                       listen="127.0.0.1:4141",
+                                                       opaque_ports=value)]}) == [
+        ("listener[1].opaque_ports", message)]
+
+
+def test_opaque_ports_only_on_auto_listeners() -> None:
+    assert problems({"listener": [dict(OUTBOUND, protocol="http", opaque_ports=[25])]}) == [
+        ("listener[0].opaque_ports",
+         'only a protocol = "auto" listener detects protocols; this one is "http" and never '
+         "looks at ports")]
+    tcp = dict(OUTBOUND, protocol="tcp", service="db", opaque_ports=[])
+    assert keys({"listener": [tcp]}) == ["listener[0].opaque_ports"]
+    # a bad protocol is reported alone, a bad port list once
+    assert keys({"listener": [dict(OUTBOUND, protocol="udp", opaque_ports=[25])]}) == [
+        "listener[0].protocol"]
+    assert keys({"listener": [dict(OUTBOUND, protocol="http", opaque_ports=[0])]}) == [
+        "listener[0].opaque_ports"]
+
+
 # -- services and discovery -----------------------------------------------------------------
 
 def test_service_bad_values() -> None:

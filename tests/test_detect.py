@@ -20,6 +20,8 @@ from meshd.proto.detect import (
     Detection,
     client_hello_info,
     detect,
+    parse_tunnel,
+    tunnel_header,
 )
 
 D = Detection
@@ -163,7 +165,7 @@ def test_default_opaque_ports_are_linkerds() -> None:
 
 
 def test_detection_values_are_metric_labels() -> None:
-    assert {d.value for d in Detection} == {"need_more", "http1", "h2", "tls", "opaque"}
+    assert {d.value for d in Detection} == {"need_more", "http1", "h2", "tls", "opaque", "tunnel"}
 
 
 # -- ClientHello ----------------------------------------------------------------------
@@ -315,3 +317,21 @@ def test_client_hello_info_never_raises_on_mutated_hellos(flips: list[tuple[int,
         mutated[pos] = value
     info = client_hello_info(bytes(mutated))
     assert info is None or (isinstance(info.alpn, tuple) and (info.sni is None or info.sni.isascii()))
+
+
+@pytest.mark.parametrize("prefix, final, expected", [
+    (b"MESHD-TUNNEL 8080\r\nbytes", False, Detection.TUNNEL),
+    (b"MESHD-TUN", False, Detection.NEED_MORE),
+    (b"MESHD-TUNNEL 80", False, Detection.NEED_MORE),
+    (b"MESHD-TUNNEL 8080808080808", False, Detection.OPAQUE),  # no line end in time
+    (b"MESHD-TUN", True, Detection.OPAQUE),
+])
+def test_detect_tunnel_header(prefix: bytes, final: bool, expected: Detection) -> None:
+    assert detect(prefix, final=final) is expected
+
+
+def test_parse_tunnel_header() -> None:
+    assert parse_tunnel(tunnel_header(5432) + b"rest") == (5432, b"rest")
+    for bad in (b"MESHD-TUNNEL 0\r\n", b"MESHD-TUNNEL 70000\r\n", b"MESHD-TUNNEL x\r\n",
+                b"MESHD-TUNNEL \r\n", b"MESHD-TUNNEL 80"):
+        assert parse_tunnel(bad) is None, bad

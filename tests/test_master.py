@@ -74,7 +74,9 @@ def test_ten_hups_under_load_lose_nothing(mesh, backends):
     assert load.ok > 500
     assert len(seen) > 20
     assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
-    assert _metric(m, "meshd_config_reloads_total", 'result="success"') >= 1
+    # the last generation counts as a reload once it serves (a busy machine boots slowly)
+    wait_for(lambda: _metric(m, "meshd_config_reloads_total", 'result="success"') >= 1,
+             timeout=15, what="a successful reload counted")
     assert _metric(m, "meshd_config_reloads_total", 'result="failure"') == 0
 
 

@@ -97,7 +97,11 @@ def test_header_bytes(region: Region, path: str) -> None:
     assert abs(started - time.time()) < 60
     assert struct.unpack_from("<I", raw, 88)[0] == region.endpoint_rows
     assert struct.unpack_from("<I", raw, 92)[0] == 0  # no slot claimed yet
-    assert raw[96:128] == bytes(32)  # reserved
+    assert struct.unpack_from("<II", raw, 96) == (0, 0)  # rows in use: none published yet
+    assert raw[104:128] == bytes(24)  # reserved
+    region.publish_usage(rows=5, endpoint_rows=7)
+    assert struct.unpack_from("<II", file_bytes(path), 96) == (5, 7)
+    assert (region.rows_used, region.endpoint_rows_used) == (5, 7)
 
 
 def test_header_counters_are_shared_with_readers(region: Region, path: str) -> None:

@@ -6,6 +6,7 @@ import click
 
 from meshd import __version__
 from meshd.cli.check import check
+from meshd.cli.endpoints import endpoints
 from meshd.cli.plugins import plugins
 from meshd.cli.run import run
 from meshd.cli.stat import stat
@@ -25,6 +26,7 @@ def version() -> None:
 cli.add_command(run)
 cli.add_command(check)
 cli.add_command(stat)
+cli.add_command(endpoints)
 cli.add_command(plugins)
 
 

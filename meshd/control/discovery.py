@@ -164,6 +164,7 @@ class DiscoveryRunner:
                 log.error("discovery source %s (%s): services() failed: %s", name,
                           self._describe(name), e)
         names.update(dict.fromkeys(self.cfg.services))
+        names.update(dict.fromkeys(self.cfg.route_services()))
         for lst in self.cfg.listeners:
             if lst.protocol == "tcp" and lst.service:
                 names[lst.service] = None
@@ -379,7 +380,7 @@ class DiscoveryRunner:
             services[name] = {
                 "exists": w.exists,
                 "on_demand": w.on_demand,
-                "endpoints": [_endpoint_json(e) | self.health.describe(e, now_m)
+                "endpoints": [_endpoint_json(e) | self.health.describe(e, now_m, now)
                               for e in w.merged()],
                 "sources": {
                     src: {

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from meshd.balance.ejection import (
@@ -30,36 +32,72 @@ from meshd.balance.ejection import (
 )
 from meshd.balance.ewma import EwmaState, combine
 from meshd.discovery.api import Endpoint
-from meshd.shm import KIND_WORKER, OFF_SLOTS_USED, Region
+from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region, usage_high
 
 log = logging.getLogger("meshd.control")
 
 TICK = 0.1
+SAMPLE_EVERY = 1.0   # seconds between samples of an endpoint's outcome totals
+SAMPLES = 10         # samples kept per endpoint: the recent window is 9 to 10 s long
 
 
 class EndpointRows:
-    """Endpoint address -> shm row, stable for the region's life (seeded on reload)."""
+    """Endpoint address -> shm row, stable for the region's life (seeded on reload).
+
+    An endpoint that finds the region full is counted in ``rows exhausted``
+    (meshd_shm_rows_exhausted_total) once, and logged (the first few by name); usage,
+    refused endpoints included, is published for the master's growth decision."""
+
+    MAX_REFUSED = 1 << 16   # distinct refused endpoints remembered (churn must not grow it)
+    LOGGED = 10             # refused endpoints named in the log; the rest are counted
 
     def __init__(self, region: Region, seed: Mapping[str, int] | None) -> None:
         self.region = region
         self.rows: dict[str, int] = dict(seed or {})
         self.next_row = max(self.rows.values(), default=-1) + 1
-        self.exhausted_logged = False
+        self.refused: set[str] = set()
+        self._high_logged = False
+        self._publish()
+
+    @property
+    def in_use(self) -> int:
+        """Rows the region needs now: assigned plus refused endpoints."""
+        return self.next_row + len(self.refused)
 
     def ensure(self, endpoints: Sequence[Endpoint]) -> None:
+        changed = False
         for e in endpoints:
             key = str(e)
             if key in self.rows:
                 continue
             if self.next_row >= self.region.endpoint_rows:
-                if not self.exhausted_logged:
-                    self.exhausted_logged = True
-                    log.error("shared memory full: no balancer row for endpoint %s "
-                              "(endpoint_rows = %d); endpoints without a row are balanced "
-                              "by each worker alone", key, self.region.endpoint_rows)
+                changed |= self._refuse(key)
                 continue
             self.rows[key] = self.next_row
             self.next_row += 1
+            changed = True
+        if changed:
+            self._publish()
+
+    def _refuse(self, key: str) -> bool:
+        if key in self.refused or len(self.refused) >= self.MAX_REFUSED:
+            return False
+        self.refused.add(key)
+        self.region.add_u64(OFF_ROWS_EXHAUSTED)
+        if len(self.refused) <= self.LOGGED:
+            log.error("shared memory full: no balancer row for endpoint %s (endpoint_rows = %d); "
+                      "endpoints without a row are balanced by each worker alone until a reload "
+                      "grows the region%s", key, self.region.endpoint_rows,
+                      "; further ones are only counted in meshd_shm_rows_exhausted_total"
+                      if len(self.refused) == self.LOGGED else "")
+        return True
+
+    def _publish(self) -> None:
+        self.region.publish_usage(endpoint_rows=self.in_use)
+        if not self._high_logged and usage_high(self.in_use, self.region.endpoint_rows):
+            self._high_logged = True
+            log.warning("shared memory: %d of %d endpoint rows in use; the region will grow at "
+                        "the next reload (HUP)", self.in_use, self.region.endpoint_rows)
 
 
 class HealthKeeper:
@@ -70,6 +108,11 @@ class HealthKeeper:
         self.states: dict[int, EndpointHealth] = {}
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}   # (slot, row) -> (ok, bad)
         self._next_prober = 0
+        # Outcomes this process has counted per row, and a ring of (time, ok, bad) samples
+        # of them taken every SAMPLE_EVERY: the recent success rate in describe().
+        self.totals: dict[int, tuple[int, int]] = {}
+        self.samples: dict[int, deque[tuple[float, int, int]]] = {}
+        self._last_sample = float("-inf")
         self._take_baseline()
 
     def _take_baseline(self) -> None:
@@ -97,6 +140,11 @@ class HealthKeeper:
             states = [self.states.get(r, EndpointHealth()) for r in rows]
             for i, row in enumerate(rows):
                 ok, bad = self._moved(row, live)
+                if ok or bad:
+                    t_ok, t_bad = self.totals.get(row, (0, 0))
+                    if row not in self.samples:  # a new row: its window starts here
+                        self.samples[row] = deque([(now, t_ok, t_bad)], maxlen=SAMPLES)
+                    self.totals[row] = (t_ok + ok, t_bad + bad)
                 h = before = states[i]
                 if ok:
                     h = on_success(h, now, policy)
@@ -114,6 +162,29 @@ class HealthKeeper:
                 states[i] = h
                 if h != before:
                     self._store(row, h, before)
+        if now - self._last_sample >= SAMPLE_EVERY:
+            self._sample(now)
+
+    def _sample(self, now: float) -> None:
+        """One (time, ok, bad) sample of every row's totals (a row's first sample is taken
+        before its first outcome is added, so its window has no gap)."""
+        self._last_sample = now
+        for row in self.rows.rows.values():
+            ring = self.samples.get(row)
+            if ring is None:
+                ring = self.samples[row] = deque(maxlen=SAMPLES)
+            ok, bad = self.totals.get(row, (0, 0))
+            ring.append((now, ok, bad))
+
+    def recent(self, row: int, now: float) -> tuple[int, int, float]:
+        """Successes and failures of a row over about the last 10 s, and that window's
+        length in seconds (0.0 before the first sample)."""
+        ring = self.samples.get(row)
+        if not ring:
+            return 0, 0, 0.0
+        t0, ok0, bad0 = ring[0]
+        ok, bad = self.totals.get(row, (0, 0))
+        return ok - ok0, bad - bad0, max(0.0, now - t0)
 
     def _moved(self, row: int, live: list[int]) -> tuple[int, int]:
         """Successes and failures since the last tick, over the live workers' stripes."""
@@ -139,7 +210,8 @@ class HealthKeeper:
             elif h.state is Health.HEALTHY:
                 log.info("endpoint %s is back", address)
 
-    def describe(self, endpoint: Endpoint, now: float) -> dict[str, Any]:
+    def describe(self, endpoint: Endpoint, now: float, wall: float | None = None) -> dict[str, Any]:
+        """``now``: monotonic; ``wall``: the same instant as wall-clock time (default: time.time())."""
         row = self.rows.rows.get(str(endpoint))
         if row is None:
             return {"row": None}
@@ -155,6 +227,14 @@ class HealthKeeper:
                 states.append(EwmaState(rtt, stamp))
         ewma = combine(states, now)
         h = self.states.get(row, EndpointHealth())
+        ejected = h.state is Health.EJECTED
+        until = None
+        if ejected:
+            wall_until = (time.time() if wall is None else wall) + max(0.0, h.until - now)
+            until = datetime.fromtimestamp(wall_until, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z")
+        r_ok, r_bad, window = self.recent(row, now)
+        requests = r_ok + r_bad
         return {
             "state": h.state.name.lower(),
             "in_flight": inflight,
@@ -163,5 +243,9 @@ class HealthKeeper:
             "failures": bad,
             "consecutive_failures": h.failures,
             "ejections": h.ejections,
-            "ejected_for_s": round(max(0.0, h.until - now), 3) if h.state is Health.EJECTED else None,
+            "ejected_for_s": round(max(0.0, h.until - now), 3) if ejected else None,
+            "ejected_until": until,
+            "requests_10s": requests,
+            "success_rate_10s": round(r_ok / requests, 4) if requests else None,
+            "rps_10s": round(requests / window, 3) if window >= SAMPLE_EVERY else None,
         }

@@ -2,7 +2,12 @@
 
 The control process owns the assignment and publishes it in every snapshot. It is
 seeded from the previous generation's snapshot, so a reload keeps each pair on its row
-and counters continue; rows are never reused within a region's life.
+and counters continue; rows are never reused within a region's life (a grown region is a
+copy that keeps every row where it was).
+
+How many rows are in use -- assigned, plus pairs that found the region full -- is
+published in the region's header: the master reads it on the next reload to decide
+whether the region grows, and the control warns once usage passes 3/4.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region
+from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region, usage_high
 
 log = logging.getLogger("meshd.control")
 
@@ -22,6 +27,13 @@ class RowTable:
         used = [r for by in self.rows.values() for r in by.values()]
         self.next_row = max(used, default=FIRST_ROW - 1) + 1
         self._warned: set[tuple[str, str]] = set()
+        self._high_logged = False
+        self._publish()
+
+    @property
+    def in_use(self) -> int:
+        """Rows the region needs now: assigned (with rows 0 and 1) plus refused pairs."""
+        return self.next_row + len(self._warned)
 
     def ensure(self, listener: str, service: str) -> None:
         by = self.rows.setdefault(listener, {})
@@ -32,11 +44,20 @@ class RowTable:
                 self._warned.add((listener, service))
                 self.region.add_u64(OFF_ROWS_EXHAUSTED)
                 log.error("shared memory full: no metric row for listener %s service %s "
-                          "(metric_rows = %d); its traffic is counted under service=\"_overflow\"",
-                          listener, service, self.region.rows)
+                          "(metric_rows = %d); its traffic is counted under service=\"_overflow\" "
+                          "until a reload grows the region", listener, service, self.region.rows)
+                self._publish()
             return
         by[service] = self.next_row
         self.next_row += 1
+        self._publish()
+
+    def _publish(self) -> None:
+        self.region.publish_usage(rows=self.in_use)
+        if not self._high_logged and usage_high(self.in_use, self.region.rows):
+            self._high_logged = True
+            log.warning("shared memory: %d of %d metric rows in use; the region will grow at "
+                        "the next reload (HUP)", self.in_use, self.region.rows)
 
     def service_rows(self, service: str) -> list[int]:
         return [by[service] for by in self.rows.values() if service in by]

@@ -65,6 +65,7 @@ class Detection(enum.Enum):
     HTTP2 = "h2"
     TLS = "tls"
     OPAQUE = "opaque"
+    TUNNEL = "tunnel"  # a peer meshd's opaque tunnel: TUNNEL_PREFIX, a port, CRLF
 
 
 class ClientHelloInfo(NamedTuple):
@@ -72,6 +73,25 @@ class ClientHelloInfo(NamedTuple):
 
     sni: str | None  # the host_name entry of server_name, lowercased; None when absent
     alpn: tuple[str, ...]  # protocol names in the client's order (latin-1, lossless)
+
+
+# meshd-to-meshd opaque TCP: the outbound side opens the peer's inbound port and names
+# the target port on the peer's host in one line before the client's bytes.
+TUNNEL_PREFIX = b"MESHD-TUNNEL "
+_TUNNEL_LINE_MAX = len(TUNNEL_PREFIX) + 7  # "65535\r\n"
+
+
+def tunnel_header(port: int) -> bytes:
+    return TUNNEL_PREFIX + b"%d\r\n" % port
+
+
+def parse_tunnel(prefix: bytes) -> tuple[int, bytes] | None:
+    """(target port, the bytes after the line) of a tunnel header; None when malformed."""
+    end = prefix.find(b"\r\n", 0, _TUNNEL_LINE_MAX)
+    digits = prefix[len(TUNNEL_PREFIX):end]
+    if end < 0 or not digits.isdigit() or not 0 < int(digits) <= 65535 or len(digits) > 5:
+        return None
+    return int(digits), prefix[end + 2:]
 
 
 def detect(prefix: bytes, *, final: bool) -> Detection:
@@ -84,6 +104,13 @@ def detect(prefix: bytes, *, final: bool) -> Detection:
     if not prefix:
         return Detection.OPAQUE if final else Detection.NEED_MORE
     first = prefix[0]
+    if first == 0x4D and TUNNEL_PREFIX.startswith(prefix[: len(TUNNEL_PREFIX)]):  # "M"
+        if len(prefix) >= len(TUNNEL_PREFIX):
+            if b"\r\n" in prefix[:_TUNNEL_LINE_MAX]:
+                return Detection.TUNNEL
+            return Detection.OPAQUE if final or len(prefix) >= _TUNNEL_LINE_MAX else Detection.NEED_MORE
+        if not final:
+            return Detection.NEED_MORE
     if first == _TLS_HANDSHAKE:
         return _detect_tls(prefix, final)
     if first == 0x50 and H2_PREFACE.startswith(prefix[: len(H2_PREFACE)]):  # "P"

@@ -14,6 +14,9 @@ Routes (anything else answers ``NAME PATH``):
   /pid             the backend's pid
   /_delay?ms=N     from now on, every other request waits N ms before answering
   /_fail?code=N    from now on, every other request answers N (0: normally again)
+  /_counts         JSON {"METHOD /path": n}: the requests received so far (every path but
+                   these /_ ones, counted on arrival, before /_delay or /_fail act;
+                   add ?reset=1 to start counting from zero again)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from collections import Counter  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import parse_qs  # noqa: E402
@@ -41,6 +45,7 @@ CHUNK = 65536
 
 def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
     faults = {"delay_ms": 0, "fail": 0}  # set through /_delay and /_fail
+    counts: Counter[str] = Counter()      # read (and reset) through /_counts
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "/")
@@ -52,6 +57,14 @@ def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
                 query.get("ms", query.get("code", "0")))
             start_response("200 OK", base + [("Content-Length", "3")])
             return [b"ok\n"]
+        if path == "/_counts":
+            out = json.dumps(dict(counts)).encode()
+            if query.get("reset"):
+                counts.clear()
+            start_response("200 OK", base + [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(out)))])
+            return [out]
+        counts[f"{environ.get('REQUEST_METHOD', '')} {path}"] += 1
         if faults["delay_ms"]:
             gevent.sleep(faults["delay_ms"] / 1000)
         if faults["fail"]:

@@ -5,7 +5,15 @@ cost = the highest decayed RTT estimate any live worker holds x (in-flight reque
 all live workers + 1), divided by the endpoint's weight. Ejected endpoints are skipped
 unless more than half of a service's are out (panic: use all). A PROBING endpoint is
 sent exactly one request, by the worker the control process granted the probe to.
-``round_robin`` services use smooth weighted round robin with the same ejection rule.
+``round_robin`` services use smooth weighted round robin with the same ejection rule;
+``consistent_hash`` ones a hash ring (``meshd.balance.p2c.ConsistentHash``) over the
+request's key (its client address or a header), skipping ejected endpoints, and P2C for
+a request without the key.
+
+Limits: with ``max_pending``, an endpoint whose in-flight requests (all workers) reached
+it is not chosen; when every endpoint is full, ``EndpointsBusy`` (503) at once.
+``max_connections`` is checked by the pool when it would open a connection, against
+the open connections of all workers (``EP_CONNS`` gauges).
 
 Reads go straight to the shared-memory views (no locks: each field has one writer and
 8-byte stores are not torn). Endpoints without a row (the region is full) cost the
@@ -22,23 +30,44 @@ from math import exp
 from meshd.balance import p2c
 from meshd.balance.ejection import Health
 from meshd.balance.ewma import DECAY, DEFAULT_RTT, MIN_RTT
+from meshd.config import ServiceConfig
 from meshd.discovery.api import Endpoint
-from meshd.errors import NoEndpoints
-from meshd.shm import EP_FIELDS, EP_INFLIGHT, EP_RTT, EP_STAMP, HEALTH_FIELDS, KIND_WORKER, Region
+from meshd.errors import EndpointsBusy, NoEndpoints
+from meshd.shm import (
+    EP_CONNS,
+    EP_FIELDS,
+    EP_INFLIGHT,
+    EP_RTT,
+    EP_RUN,
+    EP_STAMP,
+    HEALTH_FIELDS,
+    KIND_WORKER,
+    Region,
+)
 
 LIVE_REFRESH = 1.0
 LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at most
 _HEALTHY, _PROBING = float(Health.HEALTHY), float(Health.PROBING)
 
 
+_DEFAULT = ServiceConfig(name="")
+
+
 class _ServiceState:
-    __slots__ = ("endpoints", "rows", "weights", "rr")
+    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring")
 
     def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...]) -> None:
         self.endpoints = endpoints
         self.rows = rows
         self.weights = tuple(float(e.weight) for e in endpoints)
         self.rr = p2c.RoundRobin()
+        self._ring: p2c.ConsistentHash | None = None
+
+    @property
+    def ring(self) -> p2c.ConsistentHash:
+        if self._ring is None:
+            self._ring = p2c.ConsistentHash([str(e) for e in self.endpoints], self.weights)
+        return self._ring
 
 
 class SharedBalancer:
@@ -59,8 +88,7 @@ class SharedBalancer:
         self._live_at = -LIVE_REFRESH
         self._services: dict[str, _ServiceState] = {}
         self._probed: dict[int, float] = {}   # row -> the grant ("since") I answered
-        self._runs: dict[int, int] = {}       # row -> this worker's consecutive failures
-        self._tripped: dict[int, float] = {}  # row -> when its run reached failure_accrual
+        self._tripped: dict[int, float] = {}  # row -> when the shared run reached failure_accrual
         self._accrual = 7
         # service -> (its endpoint tuple, start -> the run of endpoints of one split)
         self._subs: dict[str, tuple[Sequence[Endpoint] | None, dict[int, tuple[Endpoint, ...]]]] = {}
@@ -95,22 +123,44 @@ class SharedBalancer:
             return
         self.stripe.finished(row, rtt, time.monotonic(), failed)
         if failed:
-            run = self._runs.get(row, 0) + 1
-            self._runs[row] = run
-            if run == self._accrual:
+            if row not in self._tripped and self.shared_run(row) >= self._accrual:
                 self._tripped[row] = time.monotonic()
-        elif row in self._runs:
-            del self._runs[row]
+        elif self._tripped:
             self._tripped.pop(row, None)
 
+    def shared_run(self, row: int) -> int:
+        """Consecutive failures of the endpoint of ``row``, summed over every live
+        worker's own run: failure_accrual trips on the failures all workers saw."""
+        q = self.q
+        base = self._ep_base + row * EP_FIELDS + EP_RUN
+        return sum(q[base + slot * self._per_slot] for slot in self.live_slots(time.monotonic()))
+
+    def inflight(self, row: int, live: list[int]) -> int:
+        """In-flight requests to the endpoint of ``row`` over all live workers."""
+        q = self.q
+        base = self._ep_base + row * EP_FIELDS + EP_INFLIGHT
+        return sum(q[base + slot * self._per_slot] for slot in live)
+
+    def connections(self, row: int) -> int:
+        """Open upstream connections to the endpoint of ``row`` over all live workers."""
+        q = self.q
+        base = self._ep_base + row * EP_FIELDS + EP_CONNS
+        return sum(q[base + slot * self._per_slot] for slot in self.live_slots(time.monotonic()))
+
+    def connection_delta(self, row: int, delta: int) -> None:
+        if row >= 0:
+            self.stripe.connections(row, delta)
+
     def pick(self, service: str, endpoints: Sequence[Endpoint], endpoint_rows: Mapping[str, int],
-             policy: str = "p2c", splits: list[tuple[int, int, int]] | None = None,
-             accrual: int = 7) -> tuple[int, int]:
+             svc: ServiceConfig | None = None, splits: list[tuple[int, int, int]] | None = None,
+             hash_key: bytes | None = None, exclude: Sequence[int] = ()) -> tuple[int, int]:
         """(index into endpoints, shm row or -1). With ``splits`` (share, start, end), a
-        run of endpoints is drawn by share first, then balanced within."""
+        run of endpoints is drawn by share first, then balanced within. ``exclude``:
+        indexes a retry should avoid (tried already) while another is eligible."""
         if not endpoints:
             raise NoEndpoints(f"no endpoints for service {service}")
-        self._accrual = accrual or 1 << 30
+        svc = svc or _DEFAULT
+        self._accrual = svc.failure_accrual or 1 << 30
         if splits:
             _share, start, end = _draw(splits, self.rng)
             parent, subs = self._subs.get(service, (None, {}))
@@ -120,12 +170,14 @@ class SharedBalancer:
             sub = subs.get(start)
             if sub is None:
                 sub = subs[start] = tuple(endpoints[start:end])
-            i, row = self._pick(f"{service}\0{start}", sub, endpoint_rows, policy)
+            local = [i - start for i in exclude if start <= i < end]
+            i, row = self._pick(f"{service}\0{start}", sub, endpoint_rows, svc, hash_key, local)
             return start + i, row
-        return self._pick(service, endpoints, endpoint_rows, policy)
+        return self._pick(service, endpoints, endpoint_rows, svc, hash_key, exclude)
 
     def _pick(self, service: str, endpoints: Sequence[Endpoint], endpoint_rows: Mapping[str, int],
-              policy: str) -> tuple[int, int]:
+              svc: ServiceConfig, hash_key: bytes | None,
+              exclude: Sequence[int] = ()) -> tuple[int, int]:
         n = len(endpoints)
         tripped = self._tripped
         st = self._state(service, endpoints, endpoint_rows)
@@ -145,11 +197,10 @@ class SharedBalancer:
                 # at-most-half rule forbids that, until LOCAL_TRIP passes).
                 if time.monotonic() - tripped[r] > LOCAL_TRIP:
                     del tripped[r]
-                    self._runs.pop(r, None)
                     continue
-            elif r in tripped:  # the control process has taken over
-                del tripped[r]
-                self._runs.pop(r, None)
+            else:  # the control process has taken over: runs start again after it
+                tripped.pop(r, None)
+                self.stripe.reset_run(r)
             if state == _PROBING and d[hb + r * HEALTH_FIELDS + 5] == self.slot:
                 since = d[hb + r * HEALTH_FIELDS + 4]
                 if self._probed.get(r) != since:
@@ -158,14 +209,30 @@ class SharedBalancer:
             if ejected is None:
                 ejected = [False] * n
             ejected[i] = True
-        cands = [p2c.Candidate(w, False if ejected is None else ejected[i])
-                 for i, w in enumerate(st.weights)]
-        if policy == "round_robin":
-            i = st.rr.pick(cands)
-            return i, rows[i]
         now = time.monotonic()
         live = self.live_slots(now)
-        i = p2c.pick(cands, lambda k: self._cost(rows[k], live, now), self.rng)
+        weights = st.weights
+        if svc.max_pending:
+            limit = svc.max_pending
+            weights = tuple(0.0 if r >= 0 and self.inflight(r, live) >= limit else w
+                            for w, r in zip(weights, rows, strict=True))
+            if not any(weights):
+                raise EndpointsBusy(f"every endpoint of {service} has {limit} requests in "
+                                    "flight (max_pending)")
+        cands = [p2c.Candidate(w, False if ejected is None else ejected[i])
+                 for i, w in enumerate(weights)]
+        if exclude:
+            avoid = set(exclude)
+            others = [c if i not in avoid else p2c.Candidate(0.0, c.ejected)
+                      for i, c in enumerate(cands)]
+            if any(c.weight > 0 and not c.ejected for c in others):
+                cands = others
+        if svc.balancer == "round_robin":
+            i = st.rr.pick(cands)
+        elif svc.balancer == "consistent_hash" and hash_key is not None:
+            i = st.ring.pick(hash_key, cands)
+        else:
+            i = p2c.pick(cands, lambda k: self._cost(rows[k], live, now), self.rng)
         return i, rows[i]
 
     def _cost(self, row: int, live: list[int], now: float) -> float:

@@ -24,6 +24,7 @@ from meshd.discovery.api import Endpoint
 from meshd.errors import (
     BadRequest,
     HeadersTooLarge,
+    NoEndpoints,
     NoService,
     ProxyError,
     RequestTimeout,
@@ -32,25 +33,25 @@ from meshd.errors import (
     UriTooLong,
 )
 from meshd.proto import http1
-from meshd.shm import F_REQUESTS, ROW_OVERFLOW, ROW_UNKNOWN
-from meshd.worker.retries import replayable
+from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
+from meshd.worker.body import ClientGone, RequestBody
+from meshd.worker.dispatch import Call, hash_key, may_retry, route, upstream_protocol
+from meshd.worker.routing import Policy
 from meshd.worker.sockio import sendall
+from meshd.worker.tunnel import Tunnel
 from meshd.worker.upstream import UpstreamConn
 
 if TYPE_CHECKING:
-    from meshd.config import ListenerConfig, ServiceConfig
+    from meshd.config import ListenerConfig
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
 
 READ_SIZE = 262144
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+H2_PRI = b"PRI * HTTP/2.0\r\n\r\n"  # the first part of the HTTP/2 preface
 DEFAULT_TIMEOUT = 10.0
 BODY_IDLE_TIMEOUT = 60.0
-
-
-class ClientGone(Exception):
-    """The client closed or reset its connection: nothing to answer."""
 
 
 class _RetryNow(Exception):
@@ -81,6 +82,12 @@ class HttpConnection:
                 return
             except ProxyError as e:
                 self._answer_error(e, close=True)
+                return
+            if first and head == H2_PRI:  # HTTP/2 with prior knowledge (RFC 9113 §3.3)
+                from meshd.worker.h2_server import serve_h2  # h2 loads on first use
+                initial = head + bytes(self.buf)
+                self.buf.clear()
+                serve_h2(self.worker, self.listener, self.sock, initial)
                 return
             first = False
             started = time.monotonic()
@@ -165,138 +172,155 @@ class HttpConnection:
         """Proxy one request. Returns whether the client connection stays open."""
         worker = self.worker
         stripe = worker.stripe
-        service, endpoints, row = self._route(req)
+        # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
+        authority = req.target if req.method == b"CONNECT" else req.host
+        service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
+                                                req.target, req.headers)
+        self._row = row
         stripe.add(row, F_REQUESTS)
         self.response_started = False
         self._body_error = None
+        self._idle_timeout = policy.idle_timeout
+        body: RequestBody | None = None
         status = 502
         try:
             if endpoints is None:
                 raise NoService(f"unknown service {service!r}: no discovery source knows it")
-            svc = worker.config.services.get(service) if service else None
-            deadline = started + (svc.timeout if svc else DEFAULT_TIMEOUT)
-            connect_timeout = svc.connect_timeout if svc else 2.0
+            if not endpoints:
+                tried = (policy.service, *policy.failover)
+                raise NoEndpoints(f"service {service!r} has no endpoints" if len(tried) == 1 else
+                                  f"no endpoints in {', '.join(tried)}")
+            if req.method == b"CONNECT":
+                status = self._connect(service, endpoints, policy)
+                return False
             if req.expect_continue and req.has_body:
                 self._send(CONTINUE)
-            retries = (svc.retries if svc else 1) if replayable(req.method, req.has_body) else 0
-            tried: list[int] = []
+            call = _Call(req, self._upstream_head(req), service, endpoints, policy,
+                         started + policy.timeout, row,
+                         hash_key(worker, service, req.headers, self._peer_address()))
+            if req.has_body:
+                body = call.body = RequestBody(self, req, call.replay)
             attempt = 0
             while True:
                 try:
-                    status, keep = self._exchange(req, service, svc, endpoints, deadline,
-                                                  connect_timeout, tried, row, attempt < retries)
+                    status, keep = self._exchange(call, attempt < policy.retries)
                     return keep
                 except _RetryNow:
                     attempt += 1
-                    gevent.sleep(worker.retries.backoff(attempt))
+                    pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
+                    if pause > 0:
+                        gevent.sleep(pause)
         except ProxyError as e:
             status = e.status
             if self.response_started:  # mid-body: the client learns from the closed connection
                 log.warning("%s: %s after the response started; closing", self.listener.name, e.reason)
                 return False
-            return self._answer_error(e, close=not self._request_finished)
+            return self._answer_error(e, close=body is not None and not body.done)
         finally:
             stripe.record_response(row, status, time.monotonic() - started, status >= 500)
 
-    def _route(self, req: http1.RequestHead) -> tuple[str, tuple[Endpoint, ...] | None, int]:
-        snap = self.worker.snapshot
-        lst = self.listener
-        if lst.direction == "inbound":
-            assert lst.forward is not None
-            service = str(lst.forward)
-            endpoints: tuple[Endpoint, ...] | None = (Endpoint(lst.forward.host, lst.forward.port),)
-        else:
-            if lst.service:
-                service = lst.service
-            else:
-                host = (req.host or b"").decode("latin-1")
-                service = _strip_port(host)
-            endpoints = self.worker.resolve(service)
-            snap = self.worker.snapshot
-        if endpoints is None:
-            return service, None, ROW_UNKNOWN
-        row = snap.row(lst.name, service)
-        return service, endpoints, ROW_OVERFLOW if row is None else row
+    def _peer_address(self) -> bytes:
+        if self._peer is None:
+            try:
+                self._peer = str(self.sock.getpeername()[0]).encode()
+            except OSError:
+                self._peer = b""
+        return self._peer
 
-    def _may_retry(self, retry_ok: bool, row: int, deadline: float) -> bool:
-        """This attempt failed before any response byte reached the client: may the
-        request go to another endpoint? (Spends the shared budget when it may.)"""
-        now = time.monotonic()
-        if not retry_ok or now >= deadline:
-            return False
-        return self.worker.retries.try_retry(row, self.worker.balancer.live_slots(now), now)
-
-    def _exchange(self, req: http1.RequestHead, service: str, svc: ServiceConfig | None,
-                  endpoints: tuple[Endpoint, ...],
-                  deadline: float, connect_timeout: float, tried: list[int], row: int,
-                  retry_ok: bool) -> tuple[int, bool]:
-        worker = self.worker
-        self._request_finished = not req.has_body
+    def _upstream_head(self, req: http1.RequestHead) -> bytes:
         headers = http1.strip_hop_by_hop(req.headers, req.connection_tokens)
         if req.expect_continue:
             headers = [(k, v) for k, v in headers if k.lower() != b"expect"]
         framing: list[tuple[bytes, bytes]] = []
+        h2c = self.listener.h2c_upgrade
+        upgrade = _upgrade_protocols(req, h2c)
+        if upgrade:  # e.g. WebSocket; h2c only where the listener allows it (RFC 9113 §3.1)
+            connection = b"Upgrade"
+            if h2c and b"http2-settings" in req.connection_tokens:
+                connection = b"Upgrade, HTTP2-Settings"
+                framing += [(k, v) for k, v in req.headers if k.lower() == b"http2-settings"]
+            framing += [(b"Connection", connection), (b"Upgrade", upgrade)]
         if req.chunked:
             framing.append((b"Transfer-Encoding", b"chunked"))
         elif req.content_length is not None:
             framing.append((b"Content-Length", b"%d" % req.content_length))
-        head = http1.serialize_request_head(req.method, req.target, headers, framing)
+        return http1.serialize_request_head(req.method, req.target, headers, framing)
+
+    def _exchange(self, call: _Call, attempts_left: bool) -> tuple[int, bool]:
+        worker = self.worker
+        req, body, policy = call.req, call.body, call.policy
         snap = worker.snapshot
         balancer = worker.balancer
-        for _ in range(4):  # a retry goes to an endpoint not tried yet, when there is one
-            index, ep_row = balancer.pick(service, endpoints, snap.endpoint_rows,
-                                          svc.balancer if svc else "p2c", snap.splits.get(service),
-                                          svc.failure_accrual if svc else 7)
-            if index not in tried or len(tried) >= len(endpoints):
-                break
-        tried.append(index)
-        ep = endpoints[index]
+        svc = worker.config.services.get(call.service)
+        # a retry goes to an endpoint not tried yet, when there is one
+        index, ep_row = balancer.pick(call.service, call.endpoints, snap.endpoint_rows, svc,
+                                      snap.splits.get(call.service), call.hash_key, call.tried)
+        call.tried.append(index)
+        ep = call.endpoints[index]
         balancer.started(ep_row)
         sent_at = time.monotonic()
+        try_deadline = call.deadline
+        if policy.try_timeout and sent_at + policy.try_timeout < try_deadline:
+            try_deadline = sent_at + policy.try_timeout
+        if ep.meshed or (svc is not None and svc.protocol == "h2"):
+            proto, address = upstream_protocol(worker, call.service, ep, False)
+            if proto != "http1":
+                from meshd.worker.h1_to_h2 import Retry, exchange_h2
+                try:
+                    return exchange_h2(self, call, attempts_left, ep_row, address,
+                                       proto == "meshed", sent_at, try_deadline)
+                except Retry:
+                    raise _RetryNow() from None
         rtt: float | None = None
         failed = True
         sender = None
         try:
-            conn = worker.pool.acquire(ep, min(connect_timeout, max(deadline - sent_at, 0.001)),
-                                       check=req.has_body)
+            conn = worker.pool.acquire(ep, min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)),
+                                       check=body is not None, idle_timeout=policy.idle_timeout,
+                                       row=ep_row, limit=svc.max_connections if svc else 0)
         except BaseException as e:
-            balancer.finished(ep_row, None, True)
-            if isinstance(e, ProxyError) and self._may_retry(retry_ok, row, deadline):
+            balancer.finished(ep_row, None, "connect" in policy.failure_on)
+            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
                 raise _RetryNow() from None
             raise
         try:
-            if req.has_body:
-                sender = gevent.spawn(self._send_body, req, head, conn)
-                resp = self._read_response_head(conn, req, deadline, sender)
+            if body is not None:
+                sender = gevent.spawn(body.send, conn.sock, call.head)
+                resp = self._read_response_head(conn, try_deadline, call.deadline)
             else:
                 try:
                     try:
-                        sendall(conn.sock, head)
+                        sendall(conn.sock, call.head)
                     except OSError as e:
                         raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
-                    resp = self._read_response_head(conn, req, deadline, None)
+                    resp = self._read_response_head(conn, try_deadline, call.deadline)
                 except UpstreamError:
                     if not conn.reused:
                         raise
                     # A pooled connection the upstream closed as we reused it: the request
                     # had no body and got no answer, so sending it again is safe.
                     conn.close()
-                    conn = worker.pool.connect(ep, connect_timeout)
-                    sendall(conn.sock, head)
-                    resp = self._read_response_head(conn, req, deadline, None)
+                    conn = worker.pool.connect(ep, policy.connect_timeout, ep_row)
+                    sendall(conn.sock, call.head)
+                    resp = self._read_response_head(conn, try_deadline, call.deadline)
             rtt = time.monotonic() - sent_at
-            failed = resp.status >= 500
-            if failed and sender is None and self._may_retry(retry_ok, row, deadline):
-                conn.close()  # its body is unread: the connection cannot be reused
+            if resp.status == 101:
+                failed = False
+                try:
+                    self._switch_protocols(req, resp, conn, policy.idle_timeout)
+                finally:
+                    conn.close()
+                return 101, False
+            kind = "5xx" if resp.status >= 500 else "4xx" if resp.status >= 400 else ""
+            failed = kind in policy.failure_on
+            if failed and may_retry(worker, call, kind, attempts_left):
                 raise _RetryNow()
             keep = self._relay_response(req, resp, conn)
             if sender is not None:
                 sender.join()
                 if not sender.successful() or sender.value is not True:
-                    keep = False
-                    conn.reused = False
                     conn.close()
-                    return resp.status, keep
+                    return resp.status, False
             if resp.keep_alive and self._upstream_clean:
                 worker.pool.release(conn)
             else:
@@ -304,70 +328,30 @@ class HttpConnection:
             return resp.status, keep
         except BaseException as e:
             if sender is not None:
-                sender.kill(block=False)
-            conn.close()
+                sender.kill()  # waits: the next attempt's sender reads the same client socket
+            conn.close()  # the upstream sees the request cancelled
             if isinstance(e, _RetryNow):
                 raise
-            if (isinstance(e, (OSError, ProxyError)) and not self.response_started
-                    and self._body_error is None and self._may_retry(retry_ok, row, deadline)):
-                raise _RetryNow() from None
-            if isinstance(e, OSError) and not self.response_started:
-                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             body_error = self._body_error
-            if isinstance(e, ProxyError) and body_error is not None and not self.response_started:
+            if body_error is not None and not self.response_started:
+                failed = False  # the client's fault, not the endpoint's
                 if isinstance(body_error, ProxyError):
                     raise body_error from None
                 raise ClientGone() from None
+            if isinstance(e, (OSError, ProxyError)) and not self.response_started:
+                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                failed = kind in policy.failure_on
+                if may_retry(worker, call, kind, attempts_left):
+                    raise _RetryNow() from None
+            if isinstance(e, OSError) and not self.response_started:
+                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             raise
         finally:
             balancer.finished(ep_row, rtt, failed)
 
-    def _send_body(self, req: http1.RequestHead, head: bytes, conn: UpstreamConn) -> bool:
-        """Stream the request body upstream. True when all of it was sent."""
-        up = conn.sock
-        try:
-            if req.chunked:
-                decoder = http1.ChunkedDecoder()
-                out = [head]
-                pieces = decoder.feed(bytes(self.buf))
-                self.buf.clear()
-                while True:
-                    out.extend(http1.encode_chunk(p) for p in pieces if p)
-                    if decoder.done:
-                        kept = http1.forwardable_trailers(decoder.trailers)
-                        out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
-                        sendall(up, b"".join(out))
-                        self.buf += decoder.unconsumed
-                        break
-                    if out:
-                        sendall(up, b"".join(out))
-                        out = []
-                    pieces = decoder.feed(self._recv_body())
-            else:
-                remaining = req.content_length or 0
-                take = min(len(self.buf), remaining)
-                first = head + bytes(self.buf[:take])
-                del self.buf[:take]
-                remaining -= take
-                sendall(up, first)
-                while remaining > 0:
-                    data = self._recv_body(min(remaining, READ_SIZE))
-                    remaining -= len(data)
-                    sendall(up, data)
-        except (ClientGone, ProxyError, OSError) as e:
-            # Stop the response wait too: the upstream will never see the whole request.
-            self._body_error = e
-            try:
-                up.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return False
-        self._request_finished = True
-        return True
-
     def _recv_body(self, size: int = READ_SIZE) -> bytes:
         try:
-            with Timeout(BODY_IDLE_TIMEOUT, RequestTimeout("request body read timed out")):
+            with Timeout(self._idle_timeout, RequestTimeout("request body read timed out")):
                 data = self.sock.recv(size)
         except OSError:
             raise ClientGone() from None
@@ -375,8 +359,8 @@ class HttpConnection:
             raise ClientGone()
         return data
 
-    def _read_response_head(self, conn: UpstreamConn, req: http1.RequestHead, deadline: float,
-                            sender: gevent.Greenlet | None) -> http1.ResponseHead:
+    def _read_response_head(self, conn: UpstreamConn, try_deadline: float,
+                            deadline: float) -> http1.ResponseHead:
         buf = conn.buf
         limit = self.limits.header_bytes
         while True:
@@ -384,9 +368,10 @@ class HttpConnection:
             while end < 0:
                 if len(buf) > limit:
                     raise UpstreamError("response head from upstream too large")
-                remaining = deadline - time.monotonic()
+                remaining = try_deadline - time.monotonic()
                 if remaining <= 0:
-                    raise UpstreamTimeout(f"no response from {conn.endpoint} within the timeout")
+                    which = "timeout" if try_deadline >= deadline else "try_timeout"
+                    raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
                 conn.sock.settimeout(remaining)
                 try:
                     data = conn.sock.recv(READ_SIZE)
@@ -451,7 +436,7 @@ class HttpConnection:
             conn.buf.clear()
             return data
         try:
-            with Timeout(BODY_IDLE_TIMEOUT, UpstreamTimeout("response body stalled")):
+            with Timeout(self._idle_timeout, UpstreamTimeout("response body stalled")):
                 return conn.sock.recv(READ_SIZE)
         except OSError as e:
             raise UpstreamError(f"reading from {conn.endpoint}: {e.strerror or e}") from None
@@ -505,6 +490,52 @@ class HttpConnection:
                 return
             self._send(http1.encode_chunk(data) if chunk_out else data)
 
+    # -- tunnels ------------------------------------------------------------------------
+
+    def _switch_protocols(self, req: http1.RequestHead, resp: http1.ResponseHead,
+                          conn: UpstreamConn, idle_timeout: float) -> None:
+        """The upstream accepted an upgrade (WebSocket): pass its 101 on, then tunnel."""
+        if not _upgrade_protocols(req, self.listener.h2c_upgrade):
+            raise UpstreamError(f"{conn.endpoint} switched protocols without being asked")
+        upgrade = b", ".join(v for k, v in resp.headers if k.lower() == b"upgrade")
+        headers = http1.strip_hop_by_hop(resp.headers, resp.connection_tokens)
+        extra = [(b"Connection", b"Upgrade")] + ([(b"Upgrade", upgrade)] if upgrade else [])
+        self.response_started = True
+        self._send(http1.serialize_response_head(101, resp.reason, headers, extra))
+        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout)
+        conn.buf.clear()
+
+    def _connect(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy) -> int:
+        """CONNECT service:port: a TCP tunnel to one of the service's endpoints, after 200."""
+        worker = self.worker
+        snap = worker.snapshot
+        index, ep_row = worker.balancer.pick(service, endpoints, snap.endpoint_rows,
+                                             worker.config.services.get(service))
+        ep = endpoints[index]
+        worker.balancer.started(ep_row)
+        failed = True
+        conn = None
+        try:
+            conn = worker.pool.connect(ep, policy.connect_timeout, ep_row)
+            failed = False
+            self.response_started = True
+            self._send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            self._tunnel(conn.sock, b"", policy.idle_timeout)
+            return 200
+        finally:
+            worker.balancer.finished(ep_row, None, failed)
+            if conn is not None:
+                conn.close()
+
+    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
+        leftover = bytes(self.buf)
+        self.buf.clear()
+        tunnel = Tunnel(self.sock, upstream, idle_timeout)
+        tunnel.run(leftover, upstream_leftover)
+        stripe, row = self.worker.stripe, self._row
+        stripe.add(row, F_READ_BYTES, tunnel.bytes_up)
+        stripe.add(row, F_WRITE_BYTES, tunnel.bytes_down)
+
     # -- to the client ------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
@@ -532,14 +563,37 @@ class HttpConnection:
             return False
         return not close
 
-    _request_finished = True
     _upstream_clean = True
     _body_error: BaseException | None = None
+    _idle_timeout = BODY_IDLE_TIMEOUT
+    _peer: bytes | None = None
+    _row = ROW_UNKNOWN
     response_started = False
 
 
-def _strip_port(host: str) -> str:
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+class _Call(Call):
+    """An HTTP/1.1 request across its attempts: its head as sent upstream, its body."""
+
+    __slots__ = ("req", "head", "body")
+
+    def __init__(self, req: http1.RequestHead, head: bytes, service: str,
+                 endpoints: tuple[Endpoint, ...], policy: Policy, deadline: float, row: int,
+                 key: bytes | None) -> None:
+        super().__init__(service, endpoints, policy, deadline, row, req.method, key)
+        self.req = req
+        self.head = head
+        self.body: RequestBody | None = None
+
+    def body_replayable(self) -> bool:
+        body = self.body
+        return body is None or body.replayable or not body.started
+
+
+def _upgrade_protocols(req: http1.RequestHead, h2c: bool = False) -> bytes:
+    """The protocols a request asks to upgrade to, h2c left out unless the listener
+    allows it ("" when none)."""
+    if not req.upgrade:
+        return b""
+    kept = [p.strip() for p in req.upgrade.split(b",")
+            if p.strip() and (h2c or p.strip().lower().split(b"/")[0] != b"h2c")]
+    return b", ".join(kept)

@@ -41,13 +41,16 @@ from meshd.shm import (  # noqa: E402
 from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 from meshd.worker.balancer import SharedBalancer  # noqa: E402
+from meshd.worker.detect_conn import serve_auto  # noqa: E402
 from meshd.worker.http_proxy import HttpConnection  # noqa: E402
 from meshd.worker.retries import RetryBudgets  # noqa: E402
+from meshd.worker.routing import Router  # noqa: E402
 from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
 from meshd.worker.upstream import Pool  # noqa: E402
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
+    from meshd.worker.h2_pool import H2Pool
 
 log = logging.getLogger("meshd.worker")
 
@@ -69,10 +72,13 @@ class Worker:
         self.region = ctx.region
         self.slot = ctx.slot
         self.stripe: Stripe = ctx.region.stripe(ctx.slot)
-        self.pool = Pool()
         self.retries = RetryBudgets(ctx.region, self.stripe)
         self.balancer = SharedBalancer(ctx.region, ctx.slot, ctx.config.balancer.ewma_decay,
                                        ctx.config.balancer.default_rtt)
+        self.pool = Pool(counter=self.balancer.connection_delta,
+                         connections=self.balancer.connections)
+        self.router = Router(ctx.config)
+        self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
         self.draining = False
@@ -127,6 +133,15 @@ class Worker:
         self._snapshot_mtime = mtime
         return True
 
+    @property
+    def h2pool(self) -> H2Pool:
+        """HTTP/2 connections to upstreams (h2 is imported on first use: worker boot
+        stays light for meshes that never speak HTTP/2)."""
+        if self._h2pool is None:
+            from meshd.worker.h2_pool import H2Pool
+            self._h2pool = H2Pool()
+        return self._h2pool
+
     def resolve(self, service: str) -> tuple[Endpoint, ...] | None:
         """The endpoints of ``service``; None when no source knows it. A service nobody
         watches yet is asked for (the control process starts a watch) and waited for, up
@@ -172,6 +187,9 @@ class Worker:
                 log.error("master %d is gone; exiting", self.ctx.master_pid)
                 os._exit(1)
             self.region.heartbeat(self.slot)
+            now = time.monotonic()
+            rows = min(self.region.rows, self.region.rows_used)  # rows 0 and 1 included
+            self.retries.sample_all(rows, self.balancer.live_slots(now), now)
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     # -- accepting ----------------------------------------------------------------------
@@ -213,6 +231,8 @@ class Worker:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if lst.protocol == "tcp":
                 serve_tcp(self, lst, client)
+            elif lst.protocol == "auto":
+                serve_auto(self, lst, client)
             else:
                 conn = HttpConnection(self, lst, client)
                 self.connections[me] = conn
@@ -256,6 +276,8 @@ class Worker:
     def run(self) -> int:
         self.stopped.wait()
         self.pool.close_all()
+        if self._h2pool is not None:
+            self._h2pool.close_all()
         return 0
 
 

@@ -3,9 +3,11 @@
 The budget of a (listener, service) row is ``meshd.balance.budget.allowed`` over the
 last 10 s of that row's requests and retries, summed over every live worker's stripe of
 the metrics region: each worker counts its own requests (``F_REQUESTS``) and retries
-(``F_RETRIES``), and samples the sums about once a second to know what the window
-holds. With every endpoint failing, retries stay within 20 % of requests plus 10/s for
-the whole meshd, not per worker.
+(``F_RETRIES``), and samples the sums once a second (``sample_all``, from the worker's
+heartbeat, for every row with traffic) to know what the window holds: a worker that
+starts retrying late still sees the retries other workers made earlier in the window.
+With every endpoint failing, retries stay within 20 % of requests plus 10/s for the
+whole meshd, not per worker.
 """
 
 from __future__ import annotations
@@ -15,16 +17,10 @@ from collections import deque
 
 from meshd.balance import budget
 from meshd.balance.retry import IDEMPOTENT_METHODS
-from meshd.shm import F_BUDGET_EXHAUSTED, F_REQUESTS, F_RETRIES, Region, Stripe
+from meshd.shm import F_BUDGET_EXHAUSTED, F_REQUESTS, F_RETRIES, FIRST_ROW, Region, Stripe
 
-_METHODS = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
+IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)  # RFC 9110 §9.2.2
 SAMPLE_EVERY = 1.0
-
-
-def replayable(method: bytes, has_body: bool) -> bool:
-    """Idempotent and bodiless: it can be sent again as it was (bodies are not buffered
-    for replay yet, so a request with a body is never retried)."""
-    return method in _METHODS and not has_body
 
 
 class RetryBudgets:
@@ -33,6 +29,7 @@ class RetryBudgets:
         self.stripe = stripe
         self.rng = rng or random.Random()
         self._samples: dict[int, deque[tuple[float, int, int]]] = {}
+        self._boot_rows: int | None = None  # rows that existed when sampling began
 
     def _totals(self, row: int, live: list[int]) -> tuple[int, int]:
         requests = retries = 0
@@ -41,14 +38,33 @@ class RetryBudgets:
             retries += self.region.read_field(slot, row, F_RETRIES)
         return requests, retries
 
-    def try_retry(self, row: int, live: list[int], now: float) -> bool:
-        """Spend one retry of ``row``'s budget if it allows one (counted either way)."""
-        requests, retries = self._totals(row, live)
-        samples = self._samples.setdefault(row, deque())
-        if not samples or now - samples[-1][0] >= SAMPLE_EVERY:
+    def sample_all(self, rows: int, live: list[int], now: float) -> None:
+        """Record every row's totals. The first call (at boot) takes every row as its
+        base; a row that appears later was created with zero counts, so its base is
+        zero (a window then holds all of its retries, even those made before this
+        worker first looked)."""
+        if self._boot_rows is None:
+            self._boot_rows = rows
+        for row in range(FIRST_ROW, rows):
+            requests, retries = self._totals(row, live)
+            self._sample(row, now, requests, retries)
+
+    def _sample(self, row: int, now: float, requests: int, retries: int) -> deque[tuple[float, int, int]]:
+        samples = self._samples.get(row)
+        if samples is None:
+            samples = self._samples[row] = deque()
+            if self._boot_rows is not None and row >= self._boot_rows:
+                samples.append((now - SAMPLE_EVERY, 0, 0))
+        if not samples or now - samples[-1][0] >= SAMPLE_EVERY * 0.9:
             samples.append((now, requests, retries))
         while len(samples) > 1 and now - samples[1][0] >= budget.WINDOW:
             samples.popleft()
+        return samples
+
+    def try_retry(self, row: int, live: list[int], now: float) -> bool:
+        """Spend one retry of ``row``'s budget if it allows one (counted either way)."""
+        requests, retries = self._totals(row, live)
+        samples = self._sample(row, now, requests, retries)
         _, base_requests, base_retries = samples[0]
         ok = budget.allowed(max(requests - base_requests, 0), max(retries - base_retries, 0))
         self.stripe.add(row, F_RETRIES if ok else F_BUDGET_EXHAUSTED)

@@ -2,6 +2,19 @@
 
 Where the platform has ``os.splice`` the bytes go socket -> pipe -> socket inside the
 kernel and never enter Python; the greenlet only waits for readiness on the hub.
+
+The destination of an opaque connection: an inbound listener's ``forward`` address; an
+outbound listener's ``service`` (balanced over its endpoints); otherwise, on an outbound
+listener without a service, the connection's original destination when iptables
+redirected it to the listener (SO_ORIGINAL_DST). With none of these the connection is
+closed. Bytes a protocol-detecting listener already read go upstream first.
+
+An endpoint that discovery marks meshed (with an ``inbound_port``) is reached through
+the meshd in front of it: the connection goes to that inbound port, and one line,
+``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
+before the client's bytes; the peer's auto inbound listener reads it and tunnels the
+rest to that port of its ``forward`` host. (The line is where mTLS identity will be
+checked; nothing else may be named: the host is always the peer's own.)
 """
 
 from __future__ import annotations
@@ -15,41 +28,149 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.socket import wait_read, wait_write
 
-from meshd.errors import ProxyError
+from meshd.discovery.api import Endpoint
+from meshd.errors import NoEndpoints, NoService, ProxyError
+from meshd.proto.detect import tunnel_header
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW, Stripe
+from meshd.worker.sockio import sendall
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
     from meshd.worker.process import Worker
+    from meshd.worker.upstream import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
 
 HAS_SPLICE = hasattr(os, "splice")
 CHUNK = 1 << 16
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+DEFAULT_CONNECT_TIMEOUT = 2.0
+# linux/netfilter_ipv4.h SO_ORIGINAL_DST (level SOL_IP); IP6T_SO_ORIGINAL_DST has the same
+# number at level SOL_IPV6.
+SO_ORIGINAL_DST = 80
 
 
 def serve_tcp(worker: Worker, listener: ListenerConfig, client: socket.socket) -> None:
-    service = listener.service or ""
-    snap = worker.snapshot
-    row = snap.row(listener.name, service)
-    row = ROW_OVERFLOW if row is None else row
-    endpoints = snap.services.get(service) or ()
-    try:
-        i, _row = worker.balancer.pick(service, endpoints, snap.endpoint_rows)
-        ep = endpoints[i]
-        svc = worker.config.services.get(service)
-        upstream = worker.pool.connect(ep, svc.connect_timeout if svc else 2.0).sock
-    except ProxyError as e:
-        log.warning("%s: %s", listener.name, e.reason)
+    """A ``protocol = "tcp"`` listener: every connection is opaque."""
+    serve_opaque(worker, listener, client)
+
+
+def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket,
+                 initial: bytes = b"", original_dst: tuple[str, int] | None = None,
+                 target: Endpoint | None = None) -> None:
+    """Tunnel ``client`` to the listener's destination (see the module docstring),
+    ``initial`` (bytes already read from the client) sent first. ``original_dst``: the
+    connection's original destination if the caller already asked for it; ``target``:
+    a destination decided by the caller (a peer meshd's tunnel header)."""
+    connected = _connect(worker, listener, client, original_dst, target)
+    if connected is None:
         return
+    upstream, row, header = connected
     stripe = worker.stripe
     try:
-        back = gevent.spawn(_pump, upstream, client, stripe, row, F_WRITE_BYTES)
-        _pump(client, upstream, stripe, row, F_READ_BYTES)
+        if header or initial:
+            initial = header + initial
+            try:
+                sendall(upstream.sock, initial)
+            except OSError as e:
+                log.warning("%s: sending to %s failed: %s", listener.name, upstream.endpoint,
+                            e.strerror or e)
+                return
+            stripe.add(row, F_READ_BYTES, len(initial))
+        back = gevent.spawn(_pump, upstream.sock, client, stripe, row, F_WRITE_BYTES)
+        _pump(client, upstream.sock, stripe, row, F_READ_BYTES)
         back.join()
     finally:
         upstream.close()
+
+
+def _connect(worker: Worker, listener: ListenerConfig, client: socket.socket,
+             original_dst: tuple[str, int] | None, target: Endpoint | None = None,
+             ) -> tuple[UpstreamConn, int, bytes] | None:
+    """The upstream connection, the metric row of its bytes and a header to send first
+    (a meshed endpoint is reached through its meshd's inbound port, told the target
+    port in one line); None (logged) when there is no destination or it cannot be
+    reached."""
+    snap = worker.snapshot
+    timeout = DEFAULT_CONNECT_TIMEOUT
+    header = b""
+    try:
+        if target is not None:
+            assert listener.forward is not None
+            service = str(listener.forward)
+            ep = target
+        elif listener.direction == "inbound":
+            assert listener.forward is not None
+            service = str(listener.forward)
+            ep = Endpoint(listener.forward.host, listener.forward.port)
+        elif listener.service:
+            service = listener.service
+            endpoints = worker.resolve(service)
+            if endpoints is None:
+                raise NoService(f"unknown service {service!r}: no discovery source knows it")
+            if not endpoints:
+                raise NoEndpoints(f"service {service!r} has no endpoints")
+            svc = worker.config.services.get(service)
+            i, _row = worker.balancer.pick(service, endpoints, snap.endpoint_rows, svc)
+            ep = endpoints[i]
+            if svc is not None:
+                timeout = svc.connect_timeout
+            if ep.meshed and ep.inbound_port:
+                header = tunnel_header(ep.port)
+                ep = Endpoint(ep.host, ep.inbound_port)
+        else:
+            service = ""
+            dst = original_dst or original_destination(client)
+            if dst is None or dst == _local_address(client):
+                log.info("%s: no destination for an opaque connection from %s: the listener "
+                         "has no service and the connection was not redirected to it "
+                         "(SO_ORIGINAL_DST is the listener's own address); closing it",
+                         listener.name, peer_name(client))
+                return None
+            ep = Endpoint(dst[0], dst[1])
+        upstream = worker.pool.connect(ep, timeout)
+    except ProxyError as e:
+        log.warning("%s: %s", listener.name, e.reason)
+        return None
+    row = snap.row(listener.name, service)
+    if row is None:
+        row = snap.row(listener.name, "")
+    return upstream, ROW_OVERFLOW if row is None else row, header
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int] | None:
+    """Where the client connected to: SO_ORIGINAL_DST when netfilter redirected the
+    connection (iptables REDIRECT/DNAT), else the socket's local address. None when the
+    socket has no address any more (the client is gone)."""
+    local = _local_address(sock)
+    if local is None:
+        return None
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)  # sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
+    except OSError:  # no conntrack entry (not redirected) or no netfilter at all
+        pass
+    return local
+
+
+def _local_address(sock: socket.socket) -> tuple[str, int] | None:
+    try:
+        addr = sock.getsockname()
+    except OSError:
+        return None
+    return str(addr[0]), int(addr[1])
+
+
+def peer_name(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "a client that is gone"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
 def _pump(src: socket.socket, dst: socket.socket, stripe: Stripe, row: int, field: int) -> None:

@@ -2,7 +2,10 @@
 
 ``Pool`` keeps idle keep-alive connections per endpoint,
 LIFO so the warmest is reused, drops ones the upstream closed while idle, and connects
-with a deadline when none is left.
+with a deadline when none is left. Open connections are counted per endpoint row in
+shared memory (through ``counter``) so ``max_connections`` holds over all workers: a
+connection counts while a request uses it, not while it idles in a pool (an idle one in
+another worker must not keep this worker from connecting).
 """
 
 from __future__ import annotations
@@ -10,28 +13,52 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
-from meshd.errors import UpstreamError, UpstreamTimeout
+from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 
 MAX_IDLE_PER_ENDPOINT = 128
 RECHECK_AFTER = 1.0
 _original_poll = get_original("select", "poll")
 
 
-class UpstreamConn:
-    __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since")
+Counter = Callable[[int, int], None]  # (endpoint row, +1 opened / -1 closed)
 
-    def __init__(self, sock: socket.socket, endpoint: Endpoint) -> None:
+
+def _no_count(row: int, delta: int) -> None:
+    pass
+
+
+class UpstreamConn:
+    __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use")
+
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
+                 counter: Counter = _no_count) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.endpoint = endpoint
         self.reused = False
         self.idle_since = 0.0
+        self.row = row
+        self._counter = counter
+        self.in_use = False
+        self.use()
+
+    def use(self) -> None:
+        if not self.in_use:
+            self.in_use = True
+            self._counter(self.row, 1)
+
+    def unuse(self) -> None:
+        if self.in_use:
+            self.in_use = False
+            self._counter(self.row, -1)
 
     def close(self) -> None:
+        self.unuse()  # counted once, however often closed
         try:
             self.sock.close()
         except OSError:
@@ -39,28 +66,37 @@ class UpstreamConn:
 
 
 class Pool:
-    def __init__(self, idle_timeout: float = 60.0) -> None:
+    def __init__(self, idle_timeout: float = 60.0, counter: Counter = _no_count,
+                 connections: Callable[[int], int] | None = None) -> None:
         self.idle_timeout = idle_timeout
+        self.counter = counter
+        self.connections = connections  # row -> open connections of all workers
         self._idle: dict[tuple[str, int], list[UpstreamConn]] = {}
 
-    def acquire(self, ep: Endpoint, connect_timeout: float, check: bool = True) -> UpstreamConn:
+    def acquire(self, ep: Endpoint, connect_timeout: float, check: bool = True,
+                idle_timeout: float | None = None, row: int = -1, limit: int = 0) -> UpstreamConn:
         """A pooled connection to ``ep``, or a new one. ``check=False`` skips the
         liveness probe (a system call) for connections idle under RECHECK_AFTER: the
-        caller can resend a bodiless request if the upstream closed it meanwhile."""
+        caller can resend a bodiless request if the upstream closed it meanwhile.
+        With ``limit``, a new connection is refused (``EndpointsBusy``) when all
+        workers together hold that many to the endpoint."""
         stack = self._idle.get(ep.address)
         now = time.monotonic()
+        max_idle = self.idle_timeout if idle_timeout is None else idle_timeout
         while stack:
             conn = stack.pop()
             idle = now - conn.idle_since
-            if idle < self.idle_timeout and (
+            if idle < max_idle and (
                     (not check and idle < RECHECK_AFTER) or _still_open(conn.sock)):
                 conn.reused = True
+                conn.use()
                 return conn
             conn.close()
-        return self.connect(ep, connect_timeout)
+        if limit and row >= 0 and self.connections is not None and self.connections(row) >= limit:
+            raise EndpointsBusy(f"{ep} has {limit} open connections (max_connections)")
+        return self.connect(ep, connect_timeout, row)
 
-    @staticmethod
-    def connect(ep: Endpoint, connect_timeout: float) -> UpstreamConn:
+    def connect(self, ep: Endpoint, connect_timeout: float, row: int = -1) -> UpstreamConn:
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -76,7 +112,7 @@ class Pool:
             sock.close()
             raise UpstreamError(f"connect to {ep} failed: {e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return UpstreamConn(sock, ep)
+        return UpstreamConn(sock, ep, row, self.counter)
 
     def release(self, conn: UpstreamConn) -> None:
         if conn.buf:  # the upstream sent more than the response: not reusable
@@ -87,6 +123,7 @@ class Pool:
             conn.close()
             return
         conn.idle_since = time.monotonic()
+        conn.unuse()
         stack.append(conn)
 
     def close_all(self) -> None:

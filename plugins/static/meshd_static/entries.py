@@ -1,7 +1,8 @@
 """Endpoint entries as the static plugin accepts them, inline or in an endpoints file.
 
 An entry is ``"host:port"`` or a table ``{ address = "host:port", weight = 3, zone = "a",
-meshed = true }``. Parsing collects every problem with its key path (``web[1]``) rather
+meshed = true, inbound_port = 4143 }`` (``inbound_port``: where the meshd in front of a
+meshed endpoint listens, on the same host). Parsing collects every problem with its key path (``web[1]``) rather
 than stopping at the first, so a user fixes a file in one go.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from meshd.config import parse_address
 from meshd.discovery import Endpoint
 
-ENDPOINT_KEYS = frozenset({"address", "weight", "zone", "meshed"})
+ENDPOINT_KEYS = frozenset({"address", "weight", "zone", "meshed", "inbound_port"})
 
 Services = dict[str, tuple[Endpoint, ...]]
 Problems = list[tuple[str, str]]
@@ -56,5 +57,11 @@ def parse_endpoint(entry: object) -> Endpoint:
         meshed = entry.get("meshed", False)
         if not isinstance(zone, str) or not isinstance(meshed, bool):
             raise ValueError("zone must be a string and meshed a boolean")
-        return Endpoint(addr.host, addr.port, weight, zone, meshed)
+        inbound_port = entry.get("inbound_port", 0)
+        if isinstance(inbound_port, bool) or not isinstance(inbound_port, int) \
+                or not 0 <= inbound_port <= 65535:
+            raise ValueError(f"inbound_port: expected a port 0..65535, got {inbound_port!r}")
+        if inbound_port and not meshed:
+            raise ValueError("inbound_port is only used with meshed = true")
+        return Endpoint(addr.host, addr.port, weight, zone, meshed, inbound_port=inbound_port)
     raise ValueError(f'expected "host:port" or a table with address, got {entry!r}')

@@ -1,0 +1,124 @@
+"""A connection on a ``protocol = "auto"`` listener: detect its protocol, then hand it over.
+
+The connection's original destination port (SO_ORIGINAL_DST when iptables redirected
+it, else the listener's own port) is looked up first: a port in the listener's
+``opaque_ports`` skips detection and is tunneled as opaque TCP at once (counted as
+``skipped``). Otherwise at most ``PEEK_LIMIT`` (1 KiB) bytes are read, within
+``[limits] detect_timeout``, until ``meshd.proto.detect`` decides:
+
+- HTTP/1: the HTTP/1 proxy, with the bytes read so far as its initial buffer;
+- TLS or anything else: opaque TCP (``meshd.worker.tcp_proxy.serve_opaque``), the bytes
+  read so far sent upstream first;
+- the HTTP/2 preface: the HTTP/2 server (``meshd.worker.h2_server.serve_h2``), with the
+  bytes read so far (the preface) as its initial input;
+- the deadline passes without a decision (a client that waits for the server to speak
+  first: SMTP, MySQL...): opaque TCP too, counted as ``timeout``. A partial request
+  line is decided on what arrived: HTTP/1 when it has a method, a space and a target
+  (the HTTP path then answers 408 or 414 rather than tunnel a near-HTTP request).
+
+The bytes are read, not peeked: a peek returns at once while any byte is waiting, so
+waiting for more would spin; the reader owns the bytes and hands them on instead.
+Each result is counted on the listener's own row (see ``meshd.shm``, F_DETECT).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from meshd.discovery.api import Endpoint
+from meshd.proto.detect import PEEK_LIMIT, Detection, detect, parse_tunnel
+from meshd.shm import DETECT_RESULTS, F_DETECT, ROW_OVERFLOW
+from meshd.worker.http_proxy import HttpConnection
+from meshd.worker.tcp_proxy import original_destination, peer_name, serve_opaque
+
+if TYPE_CHECKING:
+    from meshd.config import ListenerConfig
+    from meshd.worker.process import Worker
+
+log = logging.getLogger("meshd.worker")
+
+
+def serve_auto(worker: Worker, listener: ListenerConfig, client: socket.socket) -> None:
+    """Serve one connection of an auto listener (in its own greenlet; the caller closes
+    ``client`` afterwards)."""
+    dst = original_destination(client)
+    if dst is not None and dst[1] in listener.opaque_ports:
+        _count(worker, listener, "skipped")
+        serve_opaque(worker, listener, client, b"", dst)
+        return
+    prefix, result, timed_out = read_prefix(client, worker.config.limits.detect_timeout)
+    if result is None:  # the client reset the connection
+        return
+    if timed_out and result is Detection.OPAQUE:
+        _count(worker, listener, "timeout")
+    else:
+        _count(worker, listener, result.value)
+    if result is Detection.HTTP1:
+        conn = HttpConnection(worker, listener, client)
+        conn.buf += prefix
+        worker.connections[gevent.getcurrent()] = conn  # drain closes it when idle
+        conn.serve()
+    elif result is Detection.HTTP2:
+        from meshd.worker.h2_server import serve_h2  # h2 loads on first use
+        serve_h2(worker, listener, client, prefix)
+    elif result is Detection.TUNNEL:
+        _serve_tunnel(worker, listener, client, prefix)
+    else:  # TLS (tunneled: meshd does not terminate the application's TLS) or opaque
+        serve_opaque(worker, listener, client, prefix, dst)
+
+
+def _serve_tunnel(worker: Worker, listener: ListenerConfig, client: socket.socket,
+                  prefix: bytes) -> None:
+    """A peer meshd's opaque tunnel: the header names a port on this host; the bytes go
+    to that port of the inbound listener's ``forward`` host (never elsewhere: a peer
+    cannot use the tunnel to reach other hosts)."""
+    parsed = parse_tunnel(prefix)
+    if listener.direction != "inbound" or listener.forward is None or parsed is None:
+        log.info("%s: refused a meshd tunnel from %s (%s)", listener.name, peer_name(client),
+                 "malformed header" if parsed is None else "not an inbound listener")
+        return
+    port, rest = parsed
+    serve_opaque(worker, listener, client, rest, None,
+                 target=Endpoint(listener.forward.host, port))
+
+
+def read_prefix(sock: socket.socket, timeout: float) -> tuple[bytes, Detection | None, bool]:
+    """(bytes read, the detection, whether the deadline passed first). Reads at most
+    PEEK_LIMIT bytes and waits at most ``timeout``; the detection is None when the
+    socket failed (reset)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            result = detect(buf, final=False)
+            if result is not Detection.NEED_MORE:
+                return buf, result, False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return buf, detect(buf, final=True), True
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(PEEK_LIMIT - len(buf))
+            except TimeoutError:
+                continue
+            if not data:  # the client half-closed: what it sent is all there is
+                return buf, detect(buf, final=True), False
+            buf += data
+    except OSError:
+        return buf, None, False
+    finally:
+        try:
+            sock.settimeout(None)
+        except OSError:
+            pass
+
+
+def _count(worker: Worker, listener: ListenerConfig, result: str) -> None:
+    row = worker.snapshot.row(listener.name, "")
+    worker.stripe.add(ROW_OVERFLOW if row is None else row,
+                      F_DETECT + DETECT_RESULTS.index(result))

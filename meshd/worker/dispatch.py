@@ -1,0 +1,137 @@
+"""What every proxied request does whatever its protocol (HTTP/1.1 or HTTP/2): find its
+service through the routing rules and failover, its endpoints and metric row, its
+consistent-hash key, and whether a failed attempt may be sent again.
+
+``Call`` is one client request across its attempts; the protocol modules keep their
+own framing state beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from meshd.discovery.api import Endpoint
+from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.worker.retries import IDEMPOTENT
+from meshd.worker.routing import Policy
+
+if TYPE_CHECKING:
+    from meshd.config import ListenerConfig
+    from meshd.worker.process import Worker
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class Call:
+    """One client request across its attempts."""
+
+    __slots__ = ("service", "endpoints", "policy", "deadline", "row", "replay", "hash_key",
+                 "tried")
+
+    def __init__(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy,
+                 deadline: float, row: int, method: bytes, hash_key: bytes | None) -> None:
+        self.service = service
+        self.endpoints = endpoints
+        self.policy = policy
+        self.deadline = deadline      # the whole request, retries included
+        self.row = row
+        # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
+        self.replay = policy.retryable or method in IDEMPOTENT
+        self.hash_key = hash_key
+        self.tried: list[int] = []
+
+    def body_replayable(self) -> bool:
+        """Whether the body (if any) can still be sent again. Protocols that keep bodies
+        for replay override this."""
+        return True
+
+
+def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: bytes | None,
+          target: bytes, headers: Headers) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
+    """(service, its endpoints or None when unknown, metric row, policy): the routing
+    rules pick the service, and its failover list stands in when it has no endpoints.
+    ``authority`` is the Host (or :authority, or a CONNECT target)."""
+    if listener.direction == "inbound":
+        assert listener.forward is not None
+        service = str(listener.forward)
+        policy = worker.router.policy(service, None)
+        endpoints: tuple[Endpoint, ...] | None = (
+            Endpoint(listener.forward.host, listener.forward.port),)
+    else:
+        host = listener.service or strip_port((authority or b"").decode("latin-1"))
+        service, matched = worker.router.match(listener.name, host, method, target, headers)
+        policy = worker.router.policy(service, matched)
+        endpoints = worker.resolve(service)
+        if not endpoints:
+            for other in policy.failover:
+                found = worker.resolve(other)
+                if found:
+                    service, endpoints = other, found
+                    break
+    if endpoints is None:
+        return service, None, ROW_UNKNOWN, policy
+    row = worker.snapshot.row(listener.name, service)
+    return service, endpoints, ROW_OVERFLOW if row is None else row, policy
+
+
+def hash_key(worker: Worker, service: str, headers: Headers, peer: bytes) -> bytes | None:
+    """The consistent-hash key of a request to ``service``, None when it has none."""
+    svc = worker.config.services.get(service)
+    if svc is None or svc.balancer != "consistent_hash":
+        return None
+    if svc.hash_on == "client_address":
+        return peer
+    name = svc.hash_on[7:].encode()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None  # no key: balanced like p2c
+
+
+def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> bool:
+    """An attempt failed (``kind``: connect, reset, timeout, 5xx, 4xx) before any response
+    byte reached the client: may the request go to another endpoint? One whose bytes
+    never left meshd (connect failed) may, whatever its method; one that reached an
+    upstream only when it is replayable (idempotent or marked retryable, body kept).
+    The shared budget is spent when it may."""
+    if not attempts_left or kind not in call.policy.failure_on:
+        return False
+    if kind != "connect" and not (call.replay and call.body_replayable()):
+        return False
+    now = time.monotonic()
+    if now >= call.deadline:
+        return False
+    return worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now)
+
+
+ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
+
+
+def upstream_protocol(worker: Worker, service: str, ep: Endpoint,
+                      grpc: bool) -> tuple[str, tuple[str, int]]:
+    """("http1" | "h2" | "meshed", address) for a request to ``ep``: an endpoint fronted
+    by meshd (discovery says meshed, with its inbound port) gets HTTP/2 to that port,
+    multiplexed; gRPC and services with ``protocol = "h2"`` get HTTP/2 with prior
+    knowledge; everything else HTTP/1.1."""
+    if ep.meshed and ep.inbound_port:
+        return "meshed", (ep.host, ep.inbound_port)
+    svc = worker.config.services.get(service)
+    if grpc or (svc is not None and svc.protocol == "h2"):
+        return "h2", ep.address
+    return "http1", ep.address
+
+
+def is_grpc(headers: Headers) -> bool:
+    for k, v in headers:
+        if k.lower() == b"content-type":
+            return v.lower().startswith(b"application/grpc")
+    return False
+
+
+def strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -1,0 +1,146 @@
+"""An HTTP/1.1 client's request sent to an HTTP/2 upstream: an endpoint of a service
+with ``protocol = "h2"``, or a peer meshd's inbound listener (meshd-to-meshd: requests
+from many client connections share one multiplexed connection per peer, and carry
+``meshd-orig-proto: HTTP/1.1`` so the peer knows what the client spoke).
+
+Translation (RFC 9113 §8.2, §8.3): the request line and Host become pseudo-headers,
+hop-by-hop fields are dropped and names lower-cased, the body goes as DATA (its
+chunked framing removed, its trailers as trailing HEADERS). The response head becomes
+an HTTP/1.1 status line with Content-Length when the upstream gave one and chunked
+otherwise (trailers, when the client speaks HTTP/1.1), or a close-delimited body for
+an HTTP/1.0 client.
+"""
+
+from __future__ import annotations
+
+import http
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from meshd.errors import ProxyError, UpstreamTimeout
+from meshd.proto import http1
+from meshd.worker.body import ClientGone
+from meshd.worker.dispatch import ORIG_PROTO, may_retry
+
+if TYPE_CHECKING:
+    from meshd.worker.h2_upstream import H2Stream
+    from meshd.worker.http_proxy import HttpConnection, _Call
+
+# Never sent on HTTP/2 (RFC 9113 §8.2.2), or framed by meshd itself.
+_DROP = frozenset([b"host", b"content-length", b"transfer-encoding", b"te", b"expect",
+                   b"keep-alive", b"proxy-connection", b"connection", b"upgrade",
+                   b"http2-settings", ORIG_PROTO])
+
+
+class Retry(Exception):
+    """This attempt failed in a way another endpoint may not: send the request again."""
+
+
+def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: int,
+                address: tuple[str, int], meshed: bool, sent_at: float,
+                try_deadline: float) -> tuple[int, bool]:
+    worker = conn.worker
+    req, body, policy = call.req, call.body, call.policy
+    balancer = worker.balancer
+    tokens = req.connection_tokens
+    headers = [(b":method", req.method), (b":scheme", b"http"),
+               (b":authority", req.host or b""), (b":path", req.target)]
+    headers += [(k.lower(), v) for k, v in req.headers
+                if k.lower() not in _DROP and k.lower() not in tokens]
+    if req.content_length is not None:
+        headers.append((b"content-length", b"%d" % req.content_length))
+    if any(k.lower() == b"te" and b"trailers" in v.lower() for k, v in req.headers):
+        headers.append((b"te", b"trailers"))
+    if meshed:
+        headers.append((ORIG_PROTO, req.version))
+    failed = True
+    rtt: float | None = None
+    sender = None
+    try:
+        up = worker.h2pool.stream(address, headers, body is None,
+                                  min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)))
+    except BaseException as e:
+        balancer.finished(ep_row, None, "connect" in policy.failure_on)
+        if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
+            raise Retry() from None
+        raise
+    try:
+        if body is not None:
+            sender = gevent.spawn(body.send_h2, up, policy.idle_timeout)
+        head = up.response(try_deadline)
+        rtt = time.monotonic() - sent_at
+        status = int(dict(head).get(b":status", b"502"))
+        kind = "5xx" if status >= 500 else "4xx" if status >= 400 else ""
+        failed = kind in policy.failure_on
+        if failed and may_retry(worker, call, kind, attempts_left):
+            raise Retry()
+        keep = _relay(conn, req, up, head, status, policy.idle_timeout)
+        if sender is not None:
+            sender.join()
+            if not sender.successful() or sender.value is not True:
+                keep = False  # the client's body was not all read
+        return status, keep
+    except BaseException as e:
+        if sender is not None:
+            sender.kill()
+        up.reset()  # the upstream sees the cancellation
+        if isinstance(e, Retry):
+            raise
+        body_error = conn._body_error
+        if body_error is not None and not conn.response_started:
+            failed = False
+            if isinstance(body_error, ProxyError):
+                raise body_error from None
+            raise ClientGone() from None
+        if isinstance(e, ProxyError) and not conn.response_started:
+            kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+            failed = kind in policy.failure_on
+            if may_retry(worker, call, kind, attempts_left):
+                raise Retry() from None
+        raise
+    finally:
+        balancer.finished(ep_row, rtt, failed)
+
+
+def _relay(conn: HttpConnection, req: http1.RequestHead, up: H2Stream,
+           head: list[tuple[bytes, bytes]], status: int, idle_timeout: float) -> bool:
+    """The response to the HTTP/1.1 client. Returns whether its connection stays."""
+    keep = req.keep_alive and not conn.worker.draining
+    fields = [(k, v) for k, v in head if not k.startswith(b":") and k not in _DROP]
+    length = next((v for k, v in head if k == b"content-length"), None)
+    has_body = http1.response_has_body(req.method, status)
+    extra: list[tuple[bytes, bytes]] = []
+    chunked = False
+    if length is not None and (has_body or status != 204):
+        extra.append((b"Content-Length", length))
+    elif has_body:
+        if req.version == b"HTTP/1.1":
+            chunked = True
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            keep = False  # HTTP/1.0: the end of the body is the end of the connection
+    if not keep:
+        extra.append((b"Connection", b"close"))
+    elif req.version == b"HTTP/1.0":
+        extra.append((b"Connection", b"keep-alive"))
+    try:
+        reason = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    out = [http1.serialize_response_head(status, reason, fields, extra)]
+    conn.response_started = True
+    if has_body:
+        while (data := up.read(idle_timeout)) is not None:
+            out.append(http1.encode_chunk(data) if chunked else data)
+            conn._send(b"".join(out))
+            out = []
+        if chunked:
+            trailers = [(k, v) for k, v in (up.trailers or []) if k not in _DROP]
+            out.append(http1.encode_trailers(trailers) if trailers else http1.LAST_CHUNK)
+    else:
+        up.reset()  # HEAD, 204, 304: a body the upstream might still send is not wanted
+    if out:
+        conn._send(b"".join(out))
+    return keep

@@ -1,0 +1,381 @@
+"""HTTP/2 from clients (prior knowledge, RFC 9113 §3.3), on the ``h2`` library.
+
+One greenlet reads the connection and feeds ``h2``; each request stream gets its own
+greenlet, which proxies it (``meshd.worker.h2_stream``). This module owns the
+connection: its settings and limits, writing frames for the streams (flow control
+included), resets and GOAWAY.
+
+Bounds, all per connection: at most ``h2_max_concurrent_streams`` streams (SETTINGS,
+enforced by h2), a request head of at most ``header_bytes`` after HPACK decoding
+(SETTINGS_MAX_HEADER_LIST_SIZE and the decoder's limit: the HPACK bomb), a header block
+of at most 64 CONTINUATION frames (h2's own limit: the CONTINUATION flood), at most
+``h2_max_resets`` streams reset by the client within 10 s (h2 does not count them:
+Rapid Reset, CVE-2023-44487) — beyond that GOAWAY ENHANCE_YOUR_CALM. Request bodies are
+held to the flow-control window meshd advertises: a window is given back only as the
+upstream takes the bytes. Responses are written under one lock straight to the socket,
+so the output buffer is the kernel's. A protocol error closes the connection with
+GOAWAY and the error code RFC 9113 names (h2's, corrected where it is too coarse).
+
+Draining: a GOAWAY with the last stream id seen is written (without closing h2's state,
+so streams in flight finish), later streams are refused, and the connection closes
+once none is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack.exceptions
+import hyperframe.exceptions
+from hyperframe.frame import GoAwayFrame
+
+from meshd.errors import UpstreamTimeout
+from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
+from meshd.worker.sockio import sendall
+
+if TYPE_CHECKING:
+    from meshd.config import ListenerConfig
+    from meshd.worker.process import Worker
+
+log = logging.getLogger("meshd.worker")
+
+READ_SIZE = 65536
+STREAM_WINDOW = 1 << 18       # what a client may send ahead on one stream
+CONNECTION_WINDOW = 1 << 22   # ... and on the whole connection
+RESET_WINDOW = 10.0
+TICK = 1.0                    # how often the reader looks at drain and idle state
+
+# Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
+
+
+class H2ServerConnection:
+    def __init__(self, worker: Worker, listener: ListenerConfig, sock: socket.socket) -> None:
+        self.worker = worker
+        self.listener = listener
+        self.sock = sock
+        limits = worker.config.limits
+        self.limits = limits
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=True,
+                                           normalize_inbound_headers=True)
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.header_bytes,
+        })
+        self.conn.decoder.max_header_list_size = limits.header_bytes
+        self.lock = gevent.lock.RLock()
+        self.streams: dict[int, Stream] = {}
+        self.resets: list[float] = []
+        self.goaway_sent_at = 0   # last stream id of our graceful GOAWAY, 0: none yet
+        self.closed = False
+        self.idle_since = 0.0     # the worker's drain closes idle connections; h2 drains itself
+        self._peer: bytes | None = None
+
+    # -- the connection -----------------------------------------------------------------
+
+    def serve(self, initial: bytes = b"") -> None:
+        conn = self.conn
+        with self.lock:
+            conn.initiate_connection()
+            conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+            self._flush()
+        data = initial
+        idle_deadline = time.monotonic() + self.limits.client_idle_timeout
+        try:
+            while True:
+                if data:
+                    if not self._receive(data):
+                        return
+                    idle_deadline = time.monotonic() + self.limits.client_idle_timeout
+                if self.worker.draining and not self.goaway_sent_at:
+                    self._graceful_goaway()
+                if self.goaway_sent_at and not self.streams:
+                    return
+                if not self.streams and time.monotonic() > idle_deadline:
+                    self._close(h2.errors.ErrorCodes.NO_ERROR)
+                    return
+                self.sock.settimeout(TICK)
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except TimeoutError:
+                    data = b""
+                    continue
+                except OSError:
+                    return
+                finally:
+                    self.sock.settimeout(None)
+                if not data:
+                    return
+        finally:
+            self.closed = True
+            for stream in list(self.streams.values()):
+                self._cancel(stream)
+
+    def _receive(self, data: bytes) -> bool:
+        """Feed bytes to h2 and act on its events. False when the connection must end."""
+        try:
+            with self.lock:
+                events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            code = _error_code(e)
+            log.info("%s: HTTP/2 protocol error from the client: %s", self.listener.name, e)
+            self._fail(code, int(getattr(e, "error_code", code)))
+            return False
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._request(event)
+            elif isinstance(event, h2.events.DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is None:  # a stream we refused or finished: give the window back
+                    with self.lock:
+                        self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                            event.stream_id)
+                else:
+                    stream.body.put(event.data)
+                    if event.flow_controlled_length > len(event.data):  # padding
+                        self._ack(stream, event.flow_controlled_length - len(event.data))
+            elif isinstance(event, h2.events.TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.trailers = list(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended = True
+                    stream.body.put(None)
+            elif isinstance(event, h2.events.StreamReset):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream.reset = True
+                    self._cancel(stream)
+                if event.remote_reset and not self._count_reset():
+                    return False
+            elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                for stream in self.streams.values():
+                    stream.window.set()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                return False
+        with self.lock:
+            self._flush()
+        return True
+
+    def _count_reset(self) -> bool:
+        """Rapid Reset: too many streams reset by the client -> GOAWAY, and False."""
+        now = time.monotonic()
+        self.resets.append(now)
+        while self.resets and now - self.resets[0] > RESET_WINDOW:
+            self.resets.pop(0)
+        if len(self.resets) > self.limits.h2_max_resets:
+            log.warning("%s: client reset %d streams within %gs; closing (rapid reset)",
+                        self.listener.name, len(self.resets), RESET_WINDOW)
+            self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            return False
+        return True
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        if self.goaway_sent_at and sid > self.goaway_sent_at:
+            with self.lock:
+                self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = Stream(sid, list(event.headers), event.stream_ended is not None)
+        self.streams[sid] = stream
+        stream.greenlet = gevent.spawn(self._serve_stream, stream)
+
+    def _graceful_goaway(self) -> None:
+        """GOAWAY(NO_ERROR) naming the last stream taken, written by hand so that h2 keeps
+        the streams in flight open (its close_connection would close them all)."""
+        last = max(self.conn.highest_inbound_stream_id, 1)
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = 0
+        with self.lock:
+            self._flush()
+            try:
+                sendall(self.sock, frame.serialize())
+            except OSError:
+                pass
+        self.goaway_sent_at = last
+
+    def _fail(self, code: int, queued_code: int) -> None:
+        """After a protocol error h2 has queued GOAWAY with its own code, which
+        ``_error_code`` may correct: send what h2 queued with the code put right (or our
+        own GOAWAY when h2 queued none), then the connection ends."""
+        with self.lock:
+            pending = self.conn.data_to_send()
+            if len(pending) >= 17 and pending[-14] == 0x7:
+                if code != queued_code:
+                    frame = GoAwayFrame(0)
+                    frame.parse_body(memoryview(pending[-8:]))
+                    frame.error_code = code
+                    pending = pending[:-17] + frame.serialize()
+            else:  # h2 queued none: write our own
+                frame = GoAwayFrame(0)
+                frame.last_stream_id = self.conn.highest_inbound_stream_id
+                frame.error_code = code
+                pending += frame.serialize()
+            try:
+                sendall(self.sock, pending)
+            except OSError:
+                pass
+        self.closed = True
+
+    def _close(self, code: int) -> None:
+        with self.lock:
+            try:
+                self.conn.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+        self.closed = True
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            try:
+                sendall(self.sock, data)
+            except OSError:
+                self.closed = True
+
+    def _cancel(self, stream: Stream) -> None:
+        g = stream.greenlet
+        if g is not None and not g.dead and g is not gevent.getcurrent():
+            g.kill(StreamGone(), block=False)
+        stream.window.set()
+
+    def _ack(self, stream: Stream, n: int) -> None:
+        if n <= 0 or self.closed:
+            return
+        with self.lock:
+            try:
+                self.conn.acknowledge_received_data(n, stream.id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            self._flush()
+
+    # -- sending on a stream ------------------------------------------------------------
+
+    def send_headers(self, stream: Stream, headers: list[tuple[bytes, bytes]],
+                     end: bool = False, flush: bool = True) -> None:
+        """HEADERS; with ``flush=False`` the frame waits for the next write (one send
+        for a response's head and first DATA)."""
+        self._check(stream)
+        with self.lock:
+            self.conn.send_headers(stream.id, headers, end_stream=end)
+            if flush:
+                self._flush()
+
+    def send_data(self, stream: Stream, data: bytes, idle_timeout: float,
+                  end: bool = False) -> None:
+        """DATA as the flow-control windows allow (waiting up to ``idle_timeout`` for the
+        client to open them); ``end`` sets END_STREAM on the last frame."""
+        view = memoryview(data)
+        while view or end:
+            self._check(stream)
+            with self.lock:
+                window = min(self.conn.local_flow_control_window(stream.id),
+                             self.conn.max_outbound_frame_size)
+                if window > 0 or not view:
+                    n = min(window, len(view))
+                    last = end and n == len(view)
+                    self.conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
+                    self._flush()
+                    view = view[n:]
+                    if last:
+                        return
+                    continue
+                self._flush()
+                stream.window.clear()
+            if not stream.window.wait(idle_timeout):
+                raise UpstreamTimeout("the client opened no flow-control window")
+
+    def end_stream(self, stream: Stream, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self._check(stream)
+        with self.lock:
+            if trailers:
+                self.conn.send_headers(stream.id, trailers, end_stream=True)
+            else:
+                self.conn.end_stream(stream.id)
+            self._flush()
+
+    def reset_stream(self, stream: Stream, code: int) -> None:
+        if self.closed or stream.reset:
+            return
+        with self.lock:
+            try:
+                self.conn.reset_stream(stream.id, code)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            self._flush()
+
+    def _check(self, stream: Stream) -> None:
+        if stream.reset or self.closed:
+            raise StreamGone()
+
+    # -- one stream ---------------------------------------------------------------------
+
+    def _serve_stream(self, stream: Stream) -> None:
+        try:
+            H2ToHttp1(self, stream).run()
+        except StreamGone:
+            pass
+        except Exception:
+            log.exception("%s: HTTP/2 stream %d failed", self.listener.name, stream.id)
+            self.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self.streams.pop(stream.id, None)
+            # DATA nobody read still holds connection window: give it back.
+            unread = 0
+            while not stream.body.empty():
+                data = stream.body.get_nowait()
+                unread += len(data) if data else 0
+            if unread and not self.closed:
+                with self.lock:
+                    try:
+                        self.conn.acknowledge_received_data(unread, stream.id)
+                    except h2.exceptions.ProtocolError:
+                        pass
+                    self._flush()
+
+    def peer(self) -> bytes:
+        if self._peer is None:
+            try:
+                self._peer = str(self.sock.getpeername()[0]).encode()
+            except OSError:
+                self._peer = b""
+        return self._peer
+
+
+def _error_code(e: h2.exceptions.ProtocolError) -> int:
+    """The GOAWAY code for an error h2 raised. h2 reports an undecodable header block
+    and a SETTINGS ACK with a payload as plain protocol errors; RFC 9113 names them
+    COMPRESSION_ERROR (§4.3) and FRAME_SIZE_ERROR (§6.5)."""
+    cause = e.__cause__
+    if isinstance(cause, hpack.exceptions.HPACKDecodingError) and not isinstance(
+            cause, hpack.exceptions.OversizedHeaderListError):
+        return h2.errors.ErrorCodes.COMPRESSION_ERROR
+    if isinstance(cause, hyperframe.exceptions.InvalidDataError) and "ack" in str(cause).lower() \
+            and "payload" in str(cause).lower():
+        return h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    return int(getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+
+
+def serve_h2(worker: Worker, listener: ListenerConfig, sock: socket.socket, initial: bytes) -> None:
+    """Serve a connection that opened with the HTTP/2 preface (``initial`` holds what was
+    read already, the preface included)."""
+    H2ServerConnection(worker, listener, sock).serve(initial)

@@ -1,0 +1,465 @@
+"""One HTTP/2 request stream from a client, proxied (``meshd.worker.h2_server`` owns the
+connection and hands each stream here in its own greenlet).
+
+``H2ToHttp1`` routes the stream like an HTTP/1.1 request (``meshd.worker.dispatch``) and
+exchanges it with an HTTP/1.1 upstream, translating both ways: pseudo headers to a
+request line and Host, split cookies joined (RFC 9113 §8.2.3), the body streamed with
+Content-Length when the client gave one and chunked otherwise, the response's
+hop-by-hop fields dropped and its chunked trailers sent as HTTP/2 trailers. gRPC, a
+service with ``protocol = "h2"`` and meshed endpoints go to an HTTP/2 upstream instead
+(``_exchange_h2``): headers, DATA, trailers and resets pass as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+import gevent.event
+import gevent.queue
+import h2.errors
+
+from meshd.errors import NoEndpoints, NoService, ProxyError, UpstreamError, UpstreamTimeout
+from meshd.proto import http1
+from meshd.shm import F_REQUESTS
+from meshd.worker.dispatch import (
+    ORIG_PROTO,
+    Call,
+    hash_key,
+    is_grpc,
+    may_retry,
+    route,
+    upstream_protocol,
+)
+from meshd.worker.sockio import sendall
+
+if TYPE_CHECKING:
+    from meshd.worker.h2_server import H2ServerConnection
+    from meshd.worker.h2_upstream import H2Stream
+    from meshd.worker.upstream import UpstreamConn
+
+log = logging.getLogger("meshd.worker")
+
+READ_SIZE = 65536
+
+# Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
+_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                  b"upgrade", b"te", b"host", b"content-length", b"http2-settings",
+                  ORIG_PROTO])
+# HTTP/2 to HTTP/2: what h2 validation already refuses, and our own marker.
+_H2_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                      b"upgrade", b"http2-settings", ORIG_PROTO])
+
+
+class StreamGone(gevent.GreenletExit):
+    """The client reset the stream or the connection went away (a GreenletExit: a
+    stream greenlet killed with it before it ran is not reported as a failure)."""
+
+
+class Stream:
+    __slots__ = ("id", "headers", "bodiless", "body", "ended", "trailers", "window", "reset",
+                 "greenlet")
+
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], bodiless: bool) -> None:
+        self.id = stream_id
+        self.headers = headers
+        self.bodiless = bodiless  # HEADERS came with END_STREAM
+        self.body: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
+        self.ended = False
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.window = gevent.event.Event()  # set when the client opened our send window
+        self.reset = False
+        self.greenlet: gevent.Greenlet | None = None
+
+
+class H2ToHttp1:
+    """One HTTP/2 request stream exchanged with an HTTP/1.1 upstream."""
+
+    def __init__(self, server: H2ServerConnection, stream: Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.worker = server.worker
+        self.response_started = False
+
+    def run(self) -> None:
+        worker = self.worker
+        server = self.server
+        started = time.monotonic()
+        pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
+        method = pseudo.get(b":method", b"GET")
+        target = pseudo.get(b":path", b"/")
+        fields = _join_cookies([(k, v) for k, v in self.stream.headers if not k.startswith(b":")])
+        self.fields = fields
+        authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
+        status = 502
+        service, endpoints, row, policy = route(worker, server.listener, method, authority,
+                                                target, fields)
+        worker.stripe.add(row, F_REQUESTS)
+        try:
+            if method == b"CONNECT":
+                raise _NotSupported("CONNECT over HTTP/2 is not supported")
+            if endpoints is None:
+                raise NoService(f"unknown service {service!r}: no discovery source knows it")
+            if not endpoints:
+                raise NoEndpoints(f"service {service!r} has no endpoints")
+            call = Call(service, endpoints, policy, started + policy.timeout, row, method,
+                        hash_key(worker, service, fields, server.peer()))
+            head = self._upstream_head(method, target, authority, fields)
+            attempt = 0
+            while True:
+                try:
+                    status = self._exchange(call, head, attempt < policy.retries)
+                    return
+                except _Retry:
+                    attempt += 1
+                    pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
+                    if pause > 0:
+                        gevent.sleep(pause)
+        except ProxyError as e:
+            status = e.status
+            if self.response_started:
+                server.reset_stream(self.stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            else:
+                self._answer_error(e)
+        except StreamGone:
+            status = 499 if not self.response_started else status
+            raise
+        finally:
+            worker.stripe.record_response(row, status, time.monotonic() - started, status >= 500)
+
+    def _upstream_head(self, method: bytes, target: bytes, authority: bytes | None,
+                       fields: list[tuple[bytes, bytes]]) -> bytes:
+        headers = [(k, v) for k, v in fields if k not in _HOP]
+        framing = [(b"Host", authority or b"")]
+        length = next((v for k, v in fields if k == b"content-length"), None)
+        if length is not None:
+            framing.append((b"Content-Length", length))
+        elif not self.stream.bodiless:
+            self.chunked = True
+            framing.append((b"Transfer-Encoding", b"chunked"))
+        return http1.serialize_request_head(method, target, headers, framing)
+
+    def _exchange(self, call: Call, head: bytes, attempts_left: bool) -> int:
+        worker = self.worker
+        policy = call.policy
+        balancer = worker.balancer
+        snap = worker.snapshot
+        svc = worker.config.services.get(call.service)
+        # a retry goes to an endpoint not tried yet, when there is one
+        index, ep_row = balancer.pick(call.service, call.endpoints, snap.endpoint_rows, svc,
+                                      snap.splits.get(call.service), call.hash_key, call.tried)
+        call.tried.append(index)
+        ep = call.endpoints[index]
+        balancer.started(ep_row)
+        sent_at = time.monotonic()
+        try_deadline = call.deadline
+        if policy.try_timeout and sent_at + policy.try_timeout < try_deadline:
+            try_deadline = sent_at + policy.try_timeout
+        proto, address = upstream_protocol(worker, call.service, ep, is_grpc(self.fields))
+        if proto != "http1":
+            return self._exchange_h2(call, attempts_left, ep_row, address, proto == "meshed",
+                                     sent_at, try_deadline)
+        failed = True
+        rtt: float | None = None
+        sender = None
+        try:
+            conn = worker.pool.acquire(ep, min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)),
+                                       idle_timeout=policy.idle_timeout, row=ep_row,
+                                       limit=svc.max_connections if svc else 0)
+        except BaseException as e:
+            balancer.finished(ep_row, None, "connect" in policy.failure_on)
+            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
+                raise _Retry() from None
+            raise
+        try:
+            body_sent = self.stream.bodiless
+            if body_sent:
+                sendall(conn.sock, head)
+            else:
+                call.replay = False  # the body is not kept: no retry once it started
+                sender = gevent.spawn(self._send_body, conn, head, self.chunked, policy.idle_timeout)
+            resp = _read_response_head(conn, try_deadline, call.deadline, self.server.limits.header_bytes,
+                                       self.server.limits.header_count)
+            rtt = time.monotonic() - sent_at
+            kind = "5xx" if resp.status >= 500 else "4xx" if resp.status >= 400 else ""
+            failed = kind in policy.failure_on
+            if failed and body_sent and may_retry(worker, call, kind, attempts_left):
+                raise _Retry()
+            self._relay_response(resp, conn, policy.idle_timeout, self.stream.headers)
+            if sender is not None:
+                sender.join()
+                if not sender.successful() or sender.value is not True:
+                    conn.close()
+                    return resp.status
+            if resp.keep_alive and self._upstream_clean:
+                worker.pool.release(conn)
+            else:
+                conn.close()
+            return resp.status
+        except BaseException as e:
+            if sender is not None:
+                sender.kill()
+            conn.close()
+            if isinstance(e, (_Retry, StreamGone)):
+                if isinstance(e, StreamGone):
+                    failed = False
+                raise
+            if isinstance(e, (OSError, ProxyError)) and not self.response_started:
+                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                failed = kind in policy.failure_on
+                if may_retry(worker, call, kind, attempts_left):
+                    raise _Retry() from None
+                if isinstance(e, OSError):
+                    raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
+            raise
+        finally:
+            balancer.finished(ep_row, rtt, failed)
+
+    def _exchange_h2(self, call: Call, attempts_left: bool, ep_row: int, address: tuple[str, int],
+                     meshed: bool, sent_at: float, try_deadline: float) -> int:
+        """The stream to an HTTP/2 upstream (gRPC, ``protocol = "h2"``, or a peer meshd):
+        headers, DATA and trailers pass as they are, resets travel both ways."""
+        worker, server, stream, policy = self.worker, self.server, self.stream, call.policy
+        balancer = worker.balancer
+        headers = [(k, v) for k, v in stream.headers if k not in _H2_DROP]
+        if meshed:
+            headers.append((ORIG_PROTO, b"HTTP/2"))
+        failed = True
+        rtt: float | None = None
+        sender = None
+        try:
+            up = worker.h2pool.stream(address, headers, stream.bodiless,
+                                      min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)))
+        except BaseException as e:
+            balancer.finished(ep_row, None, "connect" in policy.failure_on)
+            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
+                raise _Retry() from None
+            raise
+        try:
+            if not stream.bodiless:
+                call.replay = False  # the body is not kept: no retry once it started
+                sender = gevent.spawn(self._send_body_h2, up, policy.idle_timeout)
+            head = up.response(try_deadline)
+            rtt = time.monotonic() - sent_at
+            status = int(dict(head).get(b":status", b"502"))
+            kind = "5xx" if status >= 500 else "4xx" if status >= 400 else ""
+            failed = kind in policy.failure_on
+            if failed and stream.bodiless and may_retry(worker, call, kind, attempts_left):
+                up.reset()
+                raise _Retry()
+            out = [(k, v) for k, v in head if k not in _H2_DROP]
+            self.response_started = True
+            data = up.read(policy.idle_timeout)
+            if data is None and not up.trailers:
+                # A head that ended the stream (gRPC's trailers-only answer): one HEADERS
+                # frame with END_STREAM, not an empty DATA after it.
+                server.send_headers(stream, out, end=True)
+                return status
+            server.send_headers(stream, out, flush=False)
+            while data is not None:
+                server.send_data(stream, data, policy.idle_timeout)
+                data = up.read(policy.idle_timeout)
+            trailers = [(k, v) for k, v in (up.trailers or []) if k not in _H2_DROP]
+            server.end_stream(stream, trailers or None)
+            if sender is not None:
+                sender.join()
+            return status
+        except BaseException as e:
+            if sender is not None:
+                sender.kill()
+            up.reset()  # the upstream sees the cancellation (a client's reset, a timeout)
+            if isinstance(e, (_Retry, StreamGone)):
+                if isinstance(e, StreamGone):
+                    failed = False
+                raise
+            if isinstance(e, ProxyError) and not self.response_started:
+                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                failed = kind in policy.failure_on
+                if stream.bodiless and may_retry(worker, call, kind, attempts_left):
+                    raise _Retry() from None
+            raise
+        finally:
+            balancer.finished(ep_row, rtt, failed)
+
+    def _send_body_h2(self, up: H2Stream, idle_timeout: float) -> bool:
+        stream = self.stream
+        try:
+            while True:
+                try:
+                    data = stream.body.get(timeout=idle_timeout)
+                except gevent.queue.Empty:
+                    up.reset()
+                    return False
+                if data is None:
+                    trailers = [(k, v) for k, v in stream.trailers if k not in _H2_DROP]
+                    if trailers:
+                        up.send_trailers(trailers)
+                    else:
+                        up.end()
+                    return True
+                up.send_data(data, timeout=idle_timeout)
+                self.server._ack(stream, len(data))
+        except ProxyError:
+            return False
+
+    def _send_body(self, conn: UpstreamConn, head: bytes, chunked: bool, idle_timeout: float) -> bool:
+        """The stream's DATA to the upstream; each piece's window goes back to the client
+        once the upstream took it."""
+        stream = self.stream
+        out = head
+        try:
+            if stream.body.empty():  # the head goes at once; the body follows as it comes
+                sendall(conn.sock, head)
+                out = b""
+            while True:
+                try:
+                    data = stream.body.get(timeout=idle_timeout)
+                except gevent.queue.Empty:
+                    return False
+                if data is None:
+                    if chunked:
+                        kept = http1.forwardable_trailers(stream.trailers)
+                        out += http1.encode_trailers(kept) if kept else http1.LAST_CHUNK
+                    sendall(conn.sock, out)
+                    return True
+                out += http1.encode_chunk(data) if chunked else data
+                sendall(conn.sock, out)
+                out = b""
+                self.server._ack(stream, len(data))
+        except OSError:
+            return False
+
+    def _relay_response(self, resp: http1.ResponseHead, conn: UpstreamConn, idle_timeout: float,
+                        request: list[tuple[bytes, bytes]]) -> None:
+        server, stream = self.server, self.stream
+        method = next((v for k, v in request if k == b":method"), b"GET")
+        has_body = http1.response_has_body(method, resp.status)
+        headers = [(b":status", b"%d" % resp.status)]
+        drop = _HOP | resp.connection_tokens
+        headers += [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
+        if resp.content_length is not None and resp.status != 204 and not (
+                resp.chunked or (100 <= resp.status < 200)):
+            headers.append((b"content-length", b"%d" % resp.content_length))
+        self.response_started = True
+        self._upstream_clean = True
+        if not has_body:
+            server.send_headers(stream, headers, end=True)
+            return
+        server.send_headers(stream, headers, flush=False)
+        if resp.chunked:
+            decoder = http1.ChunkedDecoder()
+            while True:
+                try:
+                    pieces = decoder.feed(_upstream_read(conn, idle_timeout, True))
+                except http1.BadRequest as e:
+                    raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
+                for piece in pieces:
+                    if piece:
+                        server.send_data(stream, piece, idle_timeout)
+                if decoder.done:
+                    conn.buf += decoder.unconsumed
+                    kept = http1.forwardable_trailers(decoder.trailers)
+                    server.end_stream(stream, [(k.lower(), v) for k, v in kept] or None)
+                    return
+        elif resp.content_length is not None:
+            left = resp.content_length
+            if not left:
+                server.send_data(stream, b"", idle_timeout, end=True)
+            while left > 0:
+                data = _upstream_read(conn, idle_timeout, True)
+                if len(data) > left:
+                    conn.buf += data[left:]
+                    data = data[:left]
+                left -= len(data)
+                server.send_data(stream, data, idle_timeout, end=not left)
+        else:
+            self._upstream_clean = False
+            while data := _upstream_read(conn, idle_timeout, False):
+                server.send_data(stream, data, idle_timeout)
+            server.end_stream(stream)
+
+    _upstream_clean = True
+    chunked = False
+
+    def _answer_error(self, err: ProxyError) -> None:
+        level = logging.INFO if err.status < 500 else logging.WARNING
+        log.log(level, "%s %s (HTTP/2): %s", self.server.listener.name, err.status, err.reason)
+        body = err.reason.encode("utf-8", "replace") + b"\n"
+        headers = [(b":status", b"%d" % err.status), (b"content-type", b"text/plain; charset=utf-8"),
+                   (b"content-length", b"%d" % len(body)),
+                   (b"meshd-error", err.reason.encode("ascii", "replace")[:200])]
+        self.server.send_headers(self.stream, headers, flush=False)
+        self.server.send_data(self.stream, body, 10.0, end=True)
+
+
+class _Retry(Exception):
+    pass
+
+
+class _NotSupported(ProxyError):
+    status = 501
+    reason = "not supported"
+
+
+def _join_cookies(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """RFC 9113 §8.2.3: cookie crumbs become one field for HTTP/1.1."""
+    cookies = [v for k, v in fields if k == b"cookie"]
+    if len(cookies) < 2:
+        return fields
+    out = [(k, v) for k, v in fields if k != b"cookie"]
+    out.append((b"cookie", b"; ".join(cookies)))
+    return out
+
+
+def _upstream_read(conn: UpstreamConn, idle_timeout: float, required: bool) -> bytes:
+    if conn.buf:
+        data = bytes(conn.buf)
+        conn.buf.clear()
+        return data
+    try:
+        with gevent.Timeout(idle_timeout, UpstreamTimeout("response body stalled")):
+            data = conn.sock.recv(READ_SIZE)
+    except OSError as e:
+        raise UpstreamError(f"reading from {conn.endpoint}: {e.strerror or e}") from None
+    if not data and required:
+        raise UpstreamError(f"{conn.endpoint} closed the connection inside the response body")
+    return data
+
+
+def _read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
+                        limit: int, max_headers: int) -> http1.ResponseHead:
+    """The final response head (1xx skipped: HTTP/2 clients get no 100 Continue here)."""
+    buf = conn.buf
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buf) > limit:
+                raise UpstreamError("response head from upstream too large")
+            remaining = try_deadline - time.monotonic()
+            if remaining <= 0:
+                which = "timeout" if try_deadline >= deadline else "try_timeout"
+                raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
+            conn.sock.settimeout(remaining)
+            try:
+                data = conn.sock.recv(READ_SIZE)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
+            finally:
+                conn.sock.settimeout(None)
+            if not data:
+                raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
+            start = max(0, len(buf) - 3)
+            buf += data
+            end = buf.find(b"\r\n\r\n", start)
+        head = bytes(buf[: end + 4])
+        del buf[: end + 4]
+        resp = http1.parse_response_head(head, max_headers=max_headers)
+        if 100 <= resp.status < 200 and resp.status != 101:
+            continue
+        if resp.status == 101:
+            raise UpstreamError(f"{conn.endpoint} switched protocols on an HTTP/2 request")
+        return resp

@@ -1,0 +1,842 @@
+"""meshd.worker.h2_upstream against a scripted h2 server and a real grpcio server.
+
+How this runs in the shared pytest process: the module under test uses gevent's own
+sockets (``gevent.socket``), never the patched stdlib, so it is cooperative without
+``monkey.patch_all()``. The test body runs in the main greenlet; each wait in the client
+(an Event, a socket read) switches to the hub, which runs the connection's reader
+greenlet. The servers are ordinary OS threads with blocking stdlib sockets (the
+scripted one) or grpcio's own C-core threads; nothing here is patched, so the two
+worlds only meet on loopback sockets.
+
+The scripted server (``H2Server``) is a select() loop per connection on the h2 library:
+the request path picks a behaviour (echo, delay, trailers, RST_STREAM, GOAWAY, big
+bodies), and it honours flow control both ways with windows that can be made small.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import ipaddress
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import gevent
+import gevent.ssl
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hyperframe.frame import GoAwayFrame
+
+from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
+from meshd.worker.h2_pool import H2Pool
+from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
+
+MB = 1 << 20
+EARLY = ("/rst-now", "/goaway-now", "/early")  # answered at the request head, not its end
+
+
+# -- a scripted HTTP/2 server ------------------------------------------------------------
+
+class _ServerStream:
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.id = stream_id
+        self.headers = dict(headers)
+        url = urlsplit(self.headers[b":path"].decode())
+        self.path = url.path
+        self.query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.body = bytearray()
+        self.actions: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.sent = 0        # DATA bytes sent
+        self.done = False
+
+
+class _ServerConn:
+    """One client connection of ``H2Server``, served on its own thread."""
+
+    def __init__(self, server: H2Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.conn = h2.connection.H2Connection(cfg)
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: server.initial_window,
+        })
+        self.out = bytearray()
+        self.streams: dict[int, _ServerStream] = {}
+        self.close_when_idle = False
+        self.closed = False
+
+    def run(self) -> None:
+        conn = self.conn
+        conn.initiate_connection()
+        self.out += conn.data_to_send()
+        try:
+            if self.server.tls is not None:
+                self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+            while not self.closed and not self.server.stopping:
+                r, w, _ = select.select([self.sock], [self.sock] if self.out else [], [], 0.01)
+                if r or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    for event in conn.receive_data(data):
+                        self.on_event(event)
+                self.pump()
+                self.out += conn.data_to_send()
+                if w and self.out:
+                    n = self.sock.send(self.out)
+                    del self.out[:n]
+                if self.close_when_idle and not self.out and all(
+                        s.done for s in self.streams.values()):
+                    break
+        except (OSError, h2.exceptions.ProtocolError):
+            pass  # the client went away or closed h2's state (its GOAWAY)
+        finally:
+            self.sock.close()
+
+    def on_event(self, event: h2.events.Event) -> None:
+        srv = self.server
+        if isinstance(event, h2.events.RequestReceived):
+            stream = _ServerStream(event.stream_id, event.headers)
+            self.streams[event.stream_id] = stream
+            srv.requests.append(stream)
+            if stream.path in EARLY:
+                self.respond(stream)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams[event.stream_id]
+            stream.body += event.data
+            if stream.path != "/noack":
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams[event.stream_id]
+            if stream.path not in EARLY:
+                self.respond(stream)
+        elif isinstance(event, (h2.events.PingAckReceived, h2.events.SettingsAcknowledged)):
+            srv.acks.append(type(event).__name__)
+        elif isinstance(event, h2.events.StreamReset):
+            srv.resets.append((event.stream_id, int(event.error_code)))
+            stream = self.streams[event.stream_id]
+            stream.actions.clear()
+            stream.done = True
+
+    def respond(self, s: _ServerStream) -> None:
+        """Queue the actions the request path asks for."""
+        q = s.query
+        ok = [(b":status", b"200"), (b"server", b"scripted")]
+        act = s.actions.append
+        if "delay" in q:
+            act(("sleep", time.monotonic() + float(q["delay"])))
+        if s.path == "/echo":
+            if "informational" in q:
+                act(("headers", [(b":status", b"103"), (b"link", b"</a>; rel=preload")], False))
+            act(("headers", ok + [(b"x-request-bytes", str(len(s.body)).encode())], False))
+            if "trailers" in q:
+                act(("data", bytes(s.body), False))
+                digest = hashlib.sha256(s.body).hexdigest().encode()
+                act(("trailers", [(b"x-sha256", digest)]))
+            else:
+                act(("data", bytes(s.body), True))
+        elif s.path == "/big":
+            act(("headers", ok, False))
+            act(("data", b"x" * int(q["size"]), True))
+        elif s.path in ("/rst", "/rst-now"):
+            if "partial" in q:
+                act(("headers", ok, False))
+                act(("data", b"partial", False))
+            act(("rst", int(q.get("code", "2"))))
+        elif s.path == "/early":  # answers in full, then stops the upload (RFC 9113 §8.1)
+            act(("headers", ok, False))
+            act(("data", b"early", True))
+            act(("rst", 0))
+        elif s.path in ("/goaway", "/goaway-now"):
+            act(("goaway", int(q.get("code", "0")), int(q.get("last", "0"))))
+        elif s.path == "/ping-and-settings":
+            self.conn.ping(b"12345678")
+            self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+            act(("headers", ok, True))
+        elif s.path == "/kill":
+            act(("kill",))
+        else:  # /, /noack
+            act(("headers", ok, True))
+
+    def pump(self) -> None:
+        """Run queued actions in order, as flow control and timers allow."""
+        conn = self.conn
+        now = time.monotonic()
+        for s in list(self.streams.values()):
+            while s.actions and not self.closed:
+                a = s.actions.popleft()
+                kind = a[0]
+                if kind == "sleep":
+                    if now < a[1]:
+                        s.actions.appendleft(a)
+                        break
+                elif kind == "headers":
+                    conn.send_headers(s.id, a[1], end_stream=a[2])
+                    s.done = a[2]
+                elif kind == "trailers":
+                    conn.send_headers(s.id, a[1], end_stream=True)
+                    s.done = True
+                elif kind == "data":
+                    data: bytes = a[1]
+                    end: bool = a[2]
+                    if not data and end:
+                        conn.end_stream(s.id)
+                    while data:
+                        size = min(len(data), conn.local_flow_control_window(s.id),
+                                   conn.max_outbound_frame_size)
+                        if size <= 0:
+                            break
+                        conn.send_data(s.id, data[:size], end_stream=end and size == len(data))
+                        s.sent += size
+                        data = data[size:]
+                    if data:
+                        s.actions.appendleft(("data", data, end))
+                        break
+                    s.done = end
+                elif kind == "rst":
+                    conn.reset_stream(s.id, a[1])
+                    s.done = True
+                elif kind == "goaway":
+                    # By hand: h2's close_connection() would close its state and end the
+                    # streams below last_stream_id too.
+                    self.out += conn.data_to_send()
+                    self.out += GoAwayFrame(0, last_stream_id=a[2], error_code=a[1]).serialize()
+                    self.close_when_idle = True
+                    s.done = True
+                    for other in self.streams.values():
+                        if other.id > a[2]:
+                            other.actions.clear()
+                            other.done = True
+                elif kind == "kill":
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                    self.closed = True
+                    return
+
+
+class H2Server:
+    """An h2 server on 127.0.0.1:0, one thread per connection."""
+
+    def __init__(self, *, initial_window: int = 65535, max_concurrent_streams: int = 100,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self.initial_window = initial_window
+        self.max_concurrent_streams = max_concurrent_streams
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.requests: list[_ServerStream] = []
+        self.resets: list[tuple[int, int]] = []
+        self.acks: list[str] = []
+        self.connections = 0
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self.threads.append(accept)
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self.stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connections += 1
+            t = threading.Thread(target=_ServerConn(self, sock).run, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for t in self.threads:
+            t.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def server_factory() -> Any:
+    servers: list[H2Server] = []
+
+    def start(**kw: Any) -> H2Server:
+        s = H2Server(**kw)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(server_factory: Any) -> H2Server:
+    return server_factory()
+
+
+def req(server: H2Server | tuple[str, int], path: str, method: bytes = b"GET",
+        extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+    address = server.address if isinstance(server, H2Server) else server
+    return [(b":method", method), (b":scheme", b"http"), (b":path", path.encode()),
+            (b":authority", f"{address[0]}:{address[1]}".encode())] + (extra or [])
+
+
+def read_all(stream: Any, timeout: float = 10.0) -> bytes:
+    out = bytearray()
+    while (chunk := stream.read(timeout)) is not None:
+        assert chunk
+        out += chunk
+    return bytes(out)
+
+
+def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        gevent.sleep(0.01)
+
+
+# -- against the scripted server -------------------------------------------------------
+
+def test_get_and_echo(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        assert up.alive and up.available()
+        s = up.open_stream(req(server, "/"), end_stream=True)
+        assert s.stream_id == 1
+        head = s.response(time.monotonic() + 5)
+        assert (b":status", b"200") in head and (b"server", b"scripted") in head
+        assert s.read(5) is None
+        s2 = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
+        s2.send_data(b"hello ")
+        s2.send_data(b"world", end_stream=True)
+        assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
+        assert read_all(s2) == b"hello world"
+        assert s2.trailers is None
+        assert not up.streams  # both finished and left the connection
+    finally:
+        up.close()
+    assert not up.alive
+    with pytest.raises(StreamNotOpened, match="takes no new streams: closed by meshd"):
+        up.open_stream(req(server, "/"), end_stream=True)
+
+
+def test_answers_ping_and_settings(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/ping-and-settings"), end_stream=True)
+        assert s.read(5) is None
+        wait_for(lambda: sorted(server.acks) == ["PingAckReceived", "SettingsAcknowledged",
+                                                 "SettingsAcknowledged"])
+        assert up.conn.remote_settings.max_concurrent_streams == 7
+    finally:
+        up.close()
+
+
+def test_idle_connection_closes(server: H2Server, monkeypatch: Any) -> None:
+    monkeypatch.setattr("meshd.worker.h2_upstream.WRITE_TIMEOUT", 0.05)
+    up = H2Upstream.connect(server.address, 5)
+    up.idle_timeout = 0.2
+    s = up.open_stream(req(server, "/?delay=0.3"), end_stream=True)
+    assert s.read(5) is None
+    assert up.alive
+    wait_for(lambda: up.closed, timeout=2)
+    assert up.close_reason == "idle for 0.2s"
+
+
+def test_trailers_and_informational(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/echo?trailers=1&informational=1", b"POST"), False)
+        s.send_data(b"abc")
+        s.send_trailers([(b"x-client-trailer", b"1")])
+        head = s.response(time.monotonic() + 5)
+        assert dict(head)[b":status"] == b"200"
+        assert [dict(h)[b":status"] for h in s.informational] == [b"103"]
+        assert read_all(s) == b"abc"
+        assert s.trailers == [(b"x-sha256", hashlib.sha256(b"abc").hexdigest().encode())]
+        wait_for(lambda: len(server.requests) == 1 and server.requests[0].body == b"abc")
+    finally:
+        up.close()
+
+
+def test_many_concurrent_streams_share_one_connection(server: H2Server) -> None:
+    pool = H2Pool()
+    bodies = {i: f"body-{i}-".encode() * (i + 1) for i in range(100)}
+
+    def one(i: int) -> bytes:
+        s = pool.stream(server.address, req(server, "/echo?delay=0.2", b"POST"), False, 5)
+        s.send_data(bodies[i], end_stream=True)
+        s.response(time.monotonic() + 10)
+        return read_all(s)
+
+    try:
+        started = time.monotonic()
+        jobs = [gevent.spawn(one, i) for i in range(100)]
+        gevent.joinall(jobs, timeout=30, raise_error=True)
+        elapsed = time.monotonic() - started
+        assert [j.value for j in jobs] == [bodies[i] for i in range(100)]
+        assert server.connections == 1
+        assert len(pool.connections[server.address]) == 1
+        assert elapsed < 5, "streams ran one after another, not concurrently"
+    finally:
+        pool.close_all()
+
+
+def test_pool_opens_a_second_connection_past_max_concurrent_streams(
+        server_factory: Any) -> None:
+    server = server_factory(max_concurrent_streams=10)
+    pool = H2Pool(max_connections_per_endpoint=2)
+    try:
+        streams = [pool.stream(server.address, req(server, "/?delay=0.3"), True, 5)
+                   for _ in range(20)]
+        assert server.connections == 2
+        with pytest.raises(EndpointsBusy):
+            pool.stream(server.address, req(server, "/"), True, 5)
+        for s in streams:
+            assert dict(s.response(time.monotonic() + 5))[b":status"] == b"200"
+            assert s.read(5) is None
+        # Streams finished: the pooled connections have room again.
+        s = pool.stream(server.address, req(server, "/"), True, 5)
+        assert s.read(5) is None
+        assert server.connections == 2
+    finally:
+        pool.close_all()
+
+
+def test_five_megabytes_both_ways_through_small_windows(server_factory: Any) -> None:
+    # The server advertises 16 KiB stream windows (and h2's 64 KiB connection window):
+    # the upload waits for WINDOW_UPDATEs hundreds of times. meshd advertises 64 KiB
+    # for the download, so the echo waits on our acknowledgements as we read.
+    server = server_factory(initial_window=16384)
+    body = bytes(range(256)) * (5 * MB // 256) + b"tail"
+    up = H2Upstream.connect(server.address, 5, stream_window=65535, connection_window=65535)
+    try:
+        s = up.open_stream(req(server, "/echo?trailers=1", b"POST"), end_stream=False)
+        sender = gevent.spawn(s.send_data, body, False, 10)
+        assert sender.get(timeout=20) is None
+        s.send_trailers([(b"x-done", b"1")])
+        head = s.response(time.monotonic() + 20)  # the server answers at the request's end
+        assert dict(head)[b"x-request-bytes"] == str(len(body)).encode()
+        got = bytearray()
+        while (chunk := s.read(10)) is not None:
+            assert s.buffered <= 65535
+            got += chunk
+        assert bytes(got) == body
+        assert s.trailers == [(b"x-sha256", hashlib.sha256(body).hexdigest().encode())]
+    finally:
+        up.close()
+
+
+def test_slow_reader_holds_at_most_its_window(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        size = 5 * MB
+        s = up.open_stream(req(server, f"/big?size={size}"), end_stream=True)
+        s.response(time.monotonic() + 5)
+        sent = server.requests[0]
+        wait_for(lambda: sent.sent >= STREAM_WINDOW)
+        gevent.sleep(0.3)  # the server would send more if it could
+        assert sent.sent == STREAM_WINDOW
+        assert s.buffered == STREAM_WINDOW
+        assert len(read_all(s)) == size
+    finally:
+        up.close()
+
+
+def test_deadline_raises_timeout_and_resets_the_stream(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            s.response(started + 0.2)
+        assert time.monotonic() - started < 1
+        wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
+        with pytest.raises(UpstreamError):
+            s.read(1)
+        s.reset()  # idempotent
+        # The connection is fine for the next stream.
+        s2 = up.open_stream(req(server, "/"), end_stream=True)
+        assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
+    finally:
+        up.close()
+
+
+def test_read_timeout_resets(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/echo?delay=5", b"POST"), end_stream=False)
+        with pytest.raises(UpstreamTimeout):
+            s.read(0.2)
+        wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
+        with pytest.raises(UpstreamError):
+            s.send_data(b"late")
+    finally:
+        up.close()
+
+
+def test_send_without_window_times_out(server_factory: Any) -> None:
+    server = server_factory(initial_window=1000)
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/noack", b"POST"), end_stream=False)
+        with pytest.raises(UpstreamTimeout, match="no send window"):
+            s.send_data(b"x" * 5000, timeout=0.2)
+        wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
+        assert server.requests[0].body == b"x" * 1000
+    finally:
+        up.close()
+
+
+@pytest.mark.parametrize(("code", "refused"), [(7, True), (2, False)])
+def test_rst_stream(server: H2Server, code: int, refused: bool) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, f"/rst-now?code={code}", b"POST"), end_stream=False)
+        name = h2.errors.ErrorCodes(code).name
+        with pytest.raises(UpstreamError, match=name):
+            s.response(time.monotonic() + 5)
+        assert s.refused is refused
+        with pytest.raises(UpstreamError, match=name):
+            s.send_data(b"more")
+        s.reset()  # a no-op now
+        assert up.alive and not up.streams
+    finally:
+        up.close()
+
+
+def test_rst_stream_mid_body(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/rst?partial=1&code=2"), end_stream=True)
+        s.response(time.monotonic() + 5)
+        with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
+            read_all(s)  # the partial body is dropped: the response is broken
+        assert not s.refused
+    finally:
+        up.close()
+
+
+def test_complete_response_then_rst_no_error_stops_the_upload(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, "/early", b"POST"), end_stream=False)
+        assert read_all(s) == b"early"
+        wait_for(lambda: not up.streams)  # the RST_STREAM(NO_ERROR) arrived
+        s.send_data(b"the rest nobody wants")  # dropped quietly, not an error
+        s.end()
+        assert s.read(1) is None and not s.refused
+        s2 = up.open_stream(req(server, "/rst-now?code=0", b"POST"), end_stream=False)
+        with pytest.raises(UpstreamError, match="NO_ERROR"):
+            s2.response(time.monotonic() + 5)  # NO_ERROR before any response is an error
+    finally:
+        up.close()
+
+
+def test_goaway_refuses_later_streams_and_finishes_earlier_ones(server: H2Server) -> None:
+    pool = H2Pool()
+    try:
+        slow = pool.stream(server.address, req(server, "/echo?delay=0.3", b"POST"), False, 5)
+        later = pool.stream(server.address, req(server, "/?delay=5"), True, 5)
+        up = pool.connections[server.address][0]
+        # Stream 5 asks for GOAWAY(last_stream_id=1): stream 1 goes on, 3 and 5 were not
+        # processed.
+        bye = pool.stream(server.address, req(server, "/goaway-now?last=1"), True, 5)
+        with pytest.raises(UpstreamError, match=r"GOAWAY\(NO_ERROR\) with last stream 1"):
+            later.response(time.monotonic() + 5)
+        assert later.refused and not up.alive and not up.available()
+        with pytest.raises(UpstreamError):
+            bye.response(time.monotonic() + 5)
+        assert bye.refused
+        # The stream below last_stream_id still runs, both ways.
+        slow.send_data(b"still here", end_stream=True)
+        assert dict(slow.response(time.monotonic() + 5))[b":status"] == b"200"
+        assert read_all(slow) == b"still here"
+        assert not slow.refused
+        wait_for(lambda: up.closed)  # closed once its last stream ended
+        # New streams go to a new connection.
+        s = pool.stream(server.address, req(server, "/"), True, 5)
+        assert s.read(5) is None
+        assert server.connections == 2
+    finally:
+        pool.close_all()
+
+
+def test_pool_drain_and_close_reach_retired_connections(server: H2Server) -> None:
+    pool = H2Pool()
+    first = pool.stream(server.address, req(server, "/?delay=5"), True, 5)
+    pool.drain_all()  # the connection finishes `first`, takes nothing new
+    assert first.upstream.draining and first.upstream in pool.retired
+    second = pool.stream(server.address, req(server, "/?delay=5"), True, 5)
+    assert second.upstream is not first.upstream
+    pool.close_all()  # reaches the retired one too
+    for s in (first, second):
+        assert s.upstream.closed
+        with pytest.raises(UpstreamError, match="closed by meshd"):
+            s.response(time.monotonic() + 1)
+
+
+def test_goaway_with_error_fails_every_stream(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        a = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+        up.open_stream(req(server, "/goaway-now?code=2&last=0"), end_stream=True)
+        with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
+            a.response(time.monotonic() + 5)
+        assert a.refused
+        wait_for(lambda: up.closed)
+    finally:
+        up.close()
+
+
+def test_connection_loss_fails_open_streams(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        done = up.open_stream(req(server, "/big?size=1000"), end_stream=True)
+        done.response(time.monotonic() + 5)
+        wait_for(lambda: done.ended)
+        pending = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+        up.open_stream(req(server, "/kill"), end_stream=True)
+        with pytest.raises(UpstreamError, match="lost"):
+            pending.response(time.monotonic() + 5)
+        assert not pending.refused  # it may have been processed: not safe to retry
+        assert not up.alive
+        assert len(read_all(done)) == 1000  # a complete response survives the loss
+    finally:
+        up.close()
+
+
+def test_goaway_by_us_drains(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    s = up.open_stream(req(server, "/?delay=0.2"), end_stream=True)
+    up.goaway()
+    assert not up.available()
+    with pytest.raises(UpstreamError, match="draining"):
+        up.open_stream(req(server, "/"), end_stream=True)
+    assert dict(s.response(time.monotonic() + 5))[b":status"] == b"200"
+    assert s.read(5) is None
+    assert up.closed
+
+
+def test_invalid_request_head_does_not_leak_a_stream(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        with pytest.raises(UpstreamError, match="invalid request head.*TE"):
+            up.open_stream(req(server, "/", extra=[(b"te", b"gzip")]), True)
+        assert not up.streams and not up.conn.streams and up.available()
+        s = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
+        with pytest.raises(UpstreamError, match="invalid trailers"):
+            s.send_trailers([(b":path", b"/nope")])
+        s.send_data(b"ok", end_stream=True)
+        assert read_all(s) == b"ok"
+        s = up.open_stream(req(server, "/"), end_stream=True)
+        assert s.read(5) is None
+    finally:
+        up.close()
+
+
+def test_connect_errors() -> None:
+    port = socket.create_server(("127.0.0.1", 0))
+    address = port.getsockname()[:2]
+    port.close()
+    with pytest.raises(UpstreamError, match="connect to"):
+        H2Upstream.connect(address, 2)
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but says nothing
+    try:
+        with pytest.raises(UpstreamTimeout, match="SETTINGS"):
+            H2Upstream.connect(silent.getsockname()[:2], 0.3)
+    finally:
+        silent.close()
+
+
+def test_http1_upstream_is_a_protocol_error() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.5)
+        conn.close()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(UpstreamError, match="does not speak HTTP/2.*HTTP/1.1 400"):
+            H2Upstream.connect(listener.getsockname()[:2], 5)
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def _self_signed(tmp_path: Path) -> tuple[str, str]:
+    """(cert file, key file): a self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize("alpn", ["h2", "http/1.1"])
+def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.set_alpn_protocols([alpn])
+    server = server_factory(tls=server_ctx)
+    client_ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(cert)
+    client_ctx.set_alpn_protocols(["h2"])
+    if alpn != "h2":
+        with pytest.raises(UpstreamError, match="did not select ALPN h2"):
+            H2Upstream.connect(server.address, 5, tls_context=client_ctx)
+        return
+    pool = H2Pool(tls_context=client_ctx)
+    try:
+        body = b"t" * 300_000  # several TLS records, windows and frames
+        s = pool.stream(server.address, req(server, "/echo", b"POST"), False, 5)
+        s.send_data(body, end_stream=True)
+        assert dict(s.response(time.monotonic() + 5))[b":status"] == b"200"
+        assert read_all(s) == body
+    finally:
+        pool.close_all()
+
+
+def test_oversized_frame_fails_without_buffering_it() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
+        conn.recv(65536)
+        # A DATA frame header announcing 1 MiB (over the 16 KiB maximum), then a trickle.
+        conn.sendall((1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"x" * 100)
+        time.sleep(1)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        started = time.monotonic()
+        try:  # the bad frame may come before connect() returns, or right after
+            up = H2Upstream.connect(listener.getsockname()[:2], 5)
+            wait_for(lambda: up.closed, timeout=0.8)
+            reason = up.close_reason
+        except UpstreamError as e:
+            reason = str(e)
+        assert "FRAME_SIZE_ERROR" in reason
+        assert time.monotonic() - started < 0.8  # long before the server closes
+    finally:
+        t.join(5)
+        listener.close()
+
+
+# -- against grpcio --------------------------------------------------------------------
+
+grpc = pytest.importorskip("grpc")
+
+
+@pytest.fixture
+def grpc_server() -> Any:
+    def echo(request: bytes, context: Any) -> bytes:
+        if request == b"fail":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        return b"echo:" + request
+
+    handler = grpc.method_handlers_generic_handler("meshd.test.Echo", {
+        # No (de)serializers: the messages are raw bytes, no protoc needed.
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield ("127.0.0.1", port)
+    server.stop(None)
+
+
+def grpc_call(up: H2Upstream, address: tuple[str, int],
+              message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes, dict[bytes, bytes]]:
+    s = up.open_stream(req(address, "/meshd.test.Echo/Echo", b"POST", [
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")]), end_stream=False)
+    s.send_data(b"\x00" + struct.pack(">I", len(message)) + message, end_stream=True)
+    head = s.response(time.monotonic() + 5)
+    body = read_all(s)
+    # A trailers-only answer (an error before any message) carries grpc-status in the head.
+    trailers = dict(s.trailers) if s.trailers is not None else dict(head)
+    return head, body, trailers
+
+
+def test_grpc_unary_call(grpc_server: tuple[str, int]) -> None:
+    up = H2Upstream.connect(grpc_server, 5)
+    try:
+        head, body, trailers = grpc_call(up, grpc_server, b"hello")
+        assert dict(head)[b":status"] == b"200"
+        assert dict(head)[b"content-type"].startswith(b"application/grpc")
+        assert body[0] == 0 and struct.unpack(">I", body[1:5])[0] == len(body) - 5
+        assert body[5:] == b"echo:hello"
+        assert trailers[b"grpc-status"] == b"0"
+
+        _, body, trailers = grpc_call(up, grpc_server, b"fail")
+        assert body == b""
+        assert trailers[b"grpc-status"] == b"5"  # NOT_FOUND
+        assert trailers[b"grpc-message"] == b"no such thing"
+    finally:
+        up.close()
+
+
+def test_grpc_many_concurrent_calls(grpc_server: tuple[str, int]) -> None:
+    up = H2Upstream.connect(grpc_server, 5)
+    try:
+        big = b"m" * 200_000  # over the 64 KiB windows grpcio starts with
+
+        def one(i: int) -> bytes:
+            _, body, trailers = grpc_call(up, grpc_server, b"%d:" % i + big)
+            assert trailers[b"grpc-status"] == b"0"
+            return body[5:]
+
+        jobs = [gevent.spawn(one, i) for i in range(50)]
+        gevent.joinall(jobs, timeout=30, raise_error=True)
+        assert [j.value for j in jobs] == [b"echo:%d:" % i + big for i in range(50)]
+        assert up.alive
+    finally:
+        up.close()

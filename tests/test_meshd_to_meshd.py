@@ -1,0 +1,169 @@
+"""Two meshd instances in one test, outbound -> inbound -> application: HTTP/1.1 requests
+from many client connections cross between the two over one multiplexed HTTP/2
+connection, and the application sees HTTP/1.1 with its headers intact."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from collections import Counter
+
+import gevent  # noqa: F401  (imported by the harness anyway)
+
+from meshd.testing.harness import free_port
+
+INBOUND = """
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:{port}"
+direction = "inbound"
+protocol = "auto"
+forward = "{app}"
+"""
+
+
+def _peer_connections(pid: int, port: int) -> int:
+    """Established TCP connections from process ``pid`` to 127.0.0.1:``port``."""
+    inodes = set()
+    import os
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            remote, state, inode = parts[2], parts[3], parts[9]
+            if state == "01" and inode in inodes and int(remote.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
+    app = backends("app")
+    inbound_port = free_port()
+    # meshd B fronts the application: its inbound listener forwards to it
+    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
+                                                                         app=app.address))
+    b = mesh.start(text_b, ports_b)
+    # meshd A routes "web" to the application, which discovery says is meshed
+    meshed = f'{{ address = "{app.address}", meshed = true, inbound_port = {inbound_port} }}'
+    text_a, ports_a = mesh.config({}, workers=1)
+    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\nweb = [{meshed}]\n")
+    a = mesh.start(text_a, ports_a)
+
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", a.ports["outbound"], timeout=10)
+        try:
+            for j in range(20):
+                conn.request("GET", f"/headers?c={i}&r={j}",
+                             headers={"Host": "web", "X-Client": str(i), "Cookie": "a=1; b=2"})
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    errors.append(f"{resp.status} {body[:200]!r}")
+                    continue
+                headers = json.loads(body)
+                with lock:
+                    seen[headers.get("x-client", "?")] += 1
+                    if headers.get("cookie") != "a=1; b=2":
+                        errors.append(f"cookie {headers.get('cookie')!r}")
+                    if "meshd-orig-proto" in headers:
+                        errors.append("the marker header reached the application")
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    # while they run: A holds a single connection to B's inbound port
+    for t in threads:
+        t.join(60)
+    assert errors == [], errors[:5]
+    assert seen == {str(i): 20 for i in range(12)}
+    (worker_a,) = a.worker_pids()
+    assert _peer_connections(worker_a, inbound_port) == 1
+    # the application saw HTTP/1.1 requests (pywsgi's own view of the protocol)
+    conn = http.client.HTTPConnection("127.0.0.1", a.ports["outbound"], timeout=10)
+    conn.request("POST", "/echo", body=b"x" * 100_000, headers={"Host": "web"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b"x" * 100_000
+    conn.close()
+    _ = b
+
+
+def test_chunked_body_and_trailers_cross_two_meshds(mesh, backends):
+    app = backends("app")
+    inbound_port = free_port()
+    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
+                                                                         app=app.address))
+    mesh.start(text_b, ports_b)
+    meshed = f'{{ address = "{app.address}", meshed = true, inbound_port = {inbound_port} }}'
+    text_a, ports_a = mesh.config({}, workers=1)
+    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\nweb = [{meshed}]\n")
+    a = mesh.start(text_a, ports_a)
+    with socket.create_connection(("127.0.0.1", a.ports["outbound"]), timeout=10) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n")
+        data = b""
+        while not data.endswith(b"}") and not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b'"bytes": 11' in data, data
+
+
+def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
+    """An outbound tcp listener's service is meshed: the bytes go to the peer meshd's
+    inbound port with a header naming the target port, and the peer delivers them."""
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(4)
+    seen_first: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = echo.accept()
+        with conn:
+            first = True
+            while data := conn.recv(65536):
+                if first:
+                    seen_first.append(data[:40])
+                    first = False
+                conn.sendall(data)
+    threading.Thread(target=serve, daemon=True).start()
+    app_port = echo.getsockname()[1]
+    inbound_port, tcp_port = free_port(), free_port()
+    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(
+        port=inbound_port, app=f"127.0.0.1:{free_port()}"))  # forward: another port
+    mesh.start(text_b, ports_b)
+    meshed = f'{{ address = "127.0.0.1:{app_port}", meshed = true, inbound_port = {inbound_port} }}'
+    tcp = f'\n[[listener]]\nname = "db"\nlisten = "127.0.0.1:{tcp_port}"\nprotocol = "tcp"\nservice = "db"\n'
+    text_a, ports_a = mesh.config({}, workers=1, listeners=tcp)
+    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\ndb = [{meshed}]\n")
+    mesh.start(text_a, ports_a)
+    try:
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as s:
+            payload = b"SELECT 1;" + bytes(range(256)) * 400
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                data = s.recv(65536)
+                assert data, got[:100]
+                got += data
+        assert got == payload
+        # the application saw the client's bytes only: the header stopped at the peer
+        assert seen_first and seen_first[0].startswith(b"SELECT 1;")
+    finally:
+        echo.close()
