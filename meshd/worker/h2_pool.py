@@ -50,7 +50,7 @@ class H2Pool:
             if up is None:
                 up = self._connect(address, conns, connect_timeout)
             try:
-                return up.open_stream(headers, end_stream)
+                return up.open_stream(headers, end_stream, checked=True)
             except StreamNotOpened:
                 continue  # nothing was sent: the next pick will not choose it again
         raise StreamNotOpened(f"no HTTP/2 connection to {address[0]}:{address[1]} "

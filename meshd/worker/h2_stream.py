@@ -166,6 +166,7 @@ class H2ToHttp1:
         sender = None
         try:
             conn = worker.pool.acquire(ep, min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)),
+                                       check=not self.stream.bodiless,
                                        idle_timeout=policy.idle_timeout, row=ep_row,
                                        limit=svc.max_connections if svc else 0)
         except BaseException as e:
@@ -175,13 +176,30 @@ class H2ToHttp1:
             raise
         try:
             body_sent = self.stream.bodiless
+            limits = self.server.limits
             if body_sent:
-                sendall(conn.sock, head)
+                try:
+                    try:
+                        sendall(conn.sock, head)
+                    except OSError as e:
+                        raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
+                    resp = _read_response_head(conn, try_deadline, call.deadline,
+                                               limits.header_bytes, limits.header_count)
+                except UpstreamError:
+                    if not conn.reused:
+                        raise
+                    # A pooled connection the upstream closed as we reused it (unchecked:
+                    # the request is bodiless and got no answer, so it is sent again).
+                    conn.close()
+                    conn = worker.pool.connect(ep, policy.connect_timeout, ep_row)
+                    sendall(conn.sock, head)
+                    resp = _read_response_head(conn, try_deadline, call.deadline,
+                                               limits.header_bytes, limits.header_count)
             else:
                 call.replay = False  # the body is not kept: no retry once it started
                 sender = gevent.spawn(self._send_body, conn, head, self.chunked, policy.idle_timeout)
-            resp = _read_response_head(conn, try_deadline, call.deadline, self.server.limits.header_bytes,
-                                       self.server.limits.header_count)
+                resp = _read_response_head(conn, try_deadline, call.deadline,
+                                           limits.header_bytes, limits.header_count)
             rtt = time.monotonic() - sent_at
             kind = "5xx" if resp.status >= 500 else "4xx" if resp.status >= 400 else ""
             failed = kind in policy.failure_on
