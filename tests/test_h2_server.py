@@ -286,6 +286,23 @@ def _goaway_code(frames: list[Frame]) -> int | None:
     return codes[-1] if codes else None
 
 
+def _usage(pid: int) -> tuple[float, float]:
+    """(resident MiB, CPU seconds used so far) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        rss_kb = int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bounded(pid: int, before: tuple[float, float], mib: float, cpu: float) -> None:
+    """The worker grew by less than ``mib`` and spent less than ``cpu`` seconds on the
+    attack (generous bounds: an unbounded attack costs many times more)."""
+    rss, seconds = _usage(pid)
+    assert rss - before[0] < mib, f"RSS grew {rss - before[0]:.1f} MiB"
+    assert seconds - before[1] < cpu, f"{seconds - before[1]:.2f} s of CPU"
+
+
 def _worker_alive(m) -> bool:
     c = RawH2(m.ports["outbound"])
     sid = c.request("/hello")
@@ -299,22 +316,28 @@ def test_rapid_reset_ends_in_goaway_enhance_your_calm(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]}, workers=1, extra="[limits]\nh2_max_resets = 100\n")
     pids = m.worker_pids()
+    before = _usage(pids[0])
     c = RawH2(m.ports["outbound"])
-    for _ in range(400):
-        sid = c.request("/slow?ms=1000")
-        c.conn.reset_stream(sid)
-    c.flush()
+    try:
+        for _ in range(3000):
+            sid = c.request("/slow?ms=1000")
+            c.conn.reset_stream(sid)
+        c.flush()
+    except OSError:
+        pass  # closed on us midway: the point
     c.pump(lambda: c.goaway() is not None or c.closed, timeout=10)
     goaway = c.goaway()
     assert goaway is not None and goaway.error_code == 0xb, c.events[-3:]  # ENHANCE_YOUR_CALM
     c.close()
     assert _worker_alive(m) and m.worker_pids() == pids
+    _bounded(pids[0], before, mib=32, cpu=3.0)
 
 
 def test_continuation_flood_is_bounded(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]}, workers=1)
     pids = m.worker_pids()
+    before = _usage(pids[0])
     s = _raw_connection(m.ports["outbound"])
     enc = hpack.Encoder()
     block = enc.encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
@@ -324,7 +347,7 @@ def test_continuation_flood_is_bounded(mesh, backends):
     out = [h.serialize()]
     filler = ContinuationFrame(1)
     filler.data = b"\x00" * 16000  # never END_HEADERS
-    out += [filler.serialize()] * 200
+    out += [filler.serialize()] * 2000  # 32 MB of header block, never ending
     try:
         s.sendall(b"".join(out))
     except OSError:
@@ -333,6 +356,7 @@ def test_continuation_flood_is_bounded(mesh, backends):
     s.close()
     assert _goaway_code(frames) not in (None, 0), frames
     assert _worker_alive(m) and m.worker_pids() == pids
+    _bounded(pids[0], before, mib=16, cpu=3.0)
 
 
 def test_hpack_bomb_is_bounded(mesh, backends):
@@ -341,6 +365,7 @@ def test_hpack_bomb_is_bounded(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]}, workers=1)
     pids = m.worker_pids()
+    before = _usage(pids[0])
     s = _raw_connection(m.ports["outbound"])
     enc = hpack.Encoder()
     first = enc.encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
@@ -356,6 +381,7 @@ def test_hpack_bomb_is_bounded(mesh, backends):
     s.close()
     assert _goaway_code(frames) not in (None, 0), frames
     assert _worker_alive(m) and m.worker_pids() == pids
+    _bounded(pids[0], before, mib=16, cpu=3.0)  # decoded in full: 20 MB of headers
 
 
 def test_concurrent_streams_beyond_the_setting_are_refused(mesh, backends):

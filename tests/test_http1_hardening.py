@@ -8,6 +8,7 @@ sees the request" is checked on the wire, not inferred from the client's answer.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import select
@@ -513,3 +514,50 @@ def _request_ok(m: Meshd) -> bool:
             return False
     return bool(wait_for(ok, 10, what="a request served after EMFILE"))
 
+
+
+def test_many_slowloris_connections_are_bounded(web: Meshd, recorder: Recorder) -> None:
+    """200 connections trickling a head byte by byte: each is answered 408 and closed at
+    header_read_timeout, and the worker's memory and CPU stay small meanwhile."""
+    (pid,) = web.worker_pids()
+
+    def usage() -> tuple[float, float]:
+        with open(f"/proc/{pid}/status") as f:
+            rss = int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1024
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    before = usage()
+    request = head(b"Host: web", b"X-Slow: " + b"s" * 40, line=b"GET /slow HTTP/1.1")
+    socks = [socket.create_connection(("127.0.0.1", port(web)), timeout=5) for _ in range(200)]
+    answered: dict[int, bytes] = {}
+    try:
+        started = time.monotonic()
+        for byte in request:
+            for i, s in enumerate(socks):
+                if i in answered:
+                    continue
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    answered[i] = b""
+            readable, _, _ = select.select([s for i, s in enumerate(socks) if i not in answered],
+                                           [], [], 0.15)
+            for s in readable:
+                answered[socks.index(s)] = read_until_closed(s, timeout=2)[0]
+            if len(answered) == len(socks) or time.monotonic() - started > 5:
+                break
+        for i, s in enumerate(socks):
+            if i not in answered:
+                answered[i] = read_until_closed(s, timeout=3)[0]
+    finally:
+        for s in socks:
+            s.close()
+    assert all(statuses(data) == [408] for data in answered.values() if data), \
+        {i: d[:40] for i, d in answered.items() if statuses(d) != [408]}
+    # the rest were closed while the test still wrote (a reset loses the 408), never served
+    assert sum(1 for d in answered.values() if d) >= 150, len([d for d in answered.values() if d])
+    rss, cpu = usage()
+    assert rss - before[0] < 48, f"RSS grew {rss - before[0]:.1f} MiB"
+    assert cpu - before[1] < 4.0, f"{cpu - before[1]:.2f} s of CPU"
+    assert recorder.received() == b""
