@@ -34,6 +34,7 @@ from meshd.worker.dispatch import (
     upstream_protocol,
 )
 from meshd.worker.sockio import sendall
+from meshd.worker.upstream import read_response_head
 
 if TYPE_CHECKING:
     from meshd.worker.h2_server import H2ServerConnection
@@ -449,33 +450,8 @@ def _upstream_read(conn: UpstreamConn, idle_timeout: float, required: bool) -> b
 def _read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
                         limit: int, max_headers: int) -> http1.ResponseHead:
     """The final response head (1xx skipped: HTTP/2 clients get no 100 Continue here)."""
-    buf = conn.buf
     while True:
-        end = buf.find(b"\r\n\r\n")
-        while end < 0:
-            if len(buf) > limit:
-                raise UpstreamError("response head from upstream too large")
-            remaining = try_deadline - time.monotonic()
-            if remaining <= 0:
-                which = "timeout" if try_deadline >= deadline else "try_timeout"
-                raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
-            conn.sock.settimeout(remaining)
-            try:
-                data = conn.sock.recv(READ_SIZE)
-            except TimeoutError:
-                continue
-            except OSError as e:
-                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-            finally:
-                conn.sock.settimeout(None)
-            if not data:
-                raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
-            start = max(0, len(buf) - 3)
-            buf += data
-            end = buf.find(b"\r\n\r\n", start)
-        head = bytes(buf[: end + 4])
-        del buf[: end + 4]
-        resp = http1.parse_response_head(head, max_headers=max_headers)
+        resp = read_response_head(conn, try_deadline, deadline, limit, max_headers)
         if 100 <= resp.status < 200 and resp.status != 101:
             continue
         if resp.status == 101:

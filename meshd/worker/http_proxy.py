@@ -39,7 +39,7 @@ from meshd.worker.dispatch import Call, hash_key, may_retry, route, upstream_pro
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import sendall
 from meshd.worker.tunnel import Tunnel
-from meshd.worker.upstream import UpstreamConn
+from meshd.worker.upstream import UpstreamConn, read_response_head
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -361,39 +361,16 @@ class HttpConnection:
 
     def _read_response_head(self, conn: UpstreamConn, try_deadline: float,
                             deadline: float) -> http1.ResponseHead:
-        buf = conn.buf
-        limit = self.limits.header_bytes
+        """The final response head; informational ones other than 100 (our own 100
+        Continue went to the client already, if it asked) are passed on."""
+        limits = self.limits
         while True:
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buf) > limit:
-                    raise UpstreamError("response head from upstream too large")
-                remaining = try_deadline - time.monotonic()
-                if remaining <= 0:
-                    which = "timeout" if try_deadline >= deadline else "try_timeout"
-                    raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
-                conn.sock.settimeout(remaining)
-                try:
-                    data = conn.sock.recv(READ_SIZE)
-                except TimeoutError:
-                    continue
-                except OSError as e:
-                    raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-                finally:
-                    conn.sock.settimeout(None)
-                if not data:
-                    raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
-                start = max(0, len(buf) - 3)
-                buf += data
-                end = buf.find(b"\r\n\r\n", start)
-            head = bytes(buf[: end + 4])
-            del buf[: end + 4]
-            resp = http1.parse_response_head(head, max_headers=self.limits.header_count)
-            if resp.status == 100 or not 100 <= resp.status < 200 or resp.status == 101:
-                if resp.status != 100:
-                    return resp
-                continue  # our own 100 Continue already went to the client, if it asked
-            self._send(http1.serialize_response_head(resp.status, resp.reason, resp.headers))
+            resp = read_response_head(conn, try_deadline, deadline, limits.header_bytes,
+                                      limits.header_count)
+            if not 100 <= resp.status < 200 or resp.status == 101:
+                return resp
+            if resp.status != 100:
+                self._send(http1.serialize_response_head(resp.status, resp.reason, resp.headers))
 
     def _relay_response(self, req: http1.RequestHead, resp: http1.ResponseHead,
                         conn: UpstreamConn) -> bool:

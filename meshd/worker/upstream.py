@@ -19,8 +19,10 @@ from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
+from meshd.proto import http1
 
 MAX_IDLE_PER_ENDPOINT = 128
+READ_SIZE = 262144
 RECHECK_AFTER = 1.0
 _original_poll = get_original("select", "poll")
 
@@ -131,6 +133,39 @@ class Pool:
             for conn in stack:
                 conn.close()
         self._idle.clear()
+
+
+def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
+                       limit: int, max_headers: int) -> http1.ResponseHead:
+    """The next response head on ``conn`` (an informational 1xx one included: the caller
+    decides what to do with it), waiting until ``try_deadline`` (the attempt's; the
+    whole request's is ``deadline``, which names the timeout in the error)."""
+    buf = conn.buf
+    end = buf.find(b"\r\n\r\n")
+    while end < 0:
+        if len(buf) > limit:
+            raise UpstreamError("response head from upstream too large")
+        remaining = try_deadline - time.monotonic()
+        if remaining <= 0:
+            which = "timeout" if try_deadline >= deadline else "try_timeout"
+            raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
+        conn.sock.settimeout(remaining)
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except TimeoutError:
+            continue
+        except OSError as e:
+            raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
+        finally:
+            conn.sock.settimeout(None)
+        if not data:
+            raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
+        start = max(0, len(buf) - 3)
+        buf += data
+        end = buf.find(b"\r\n\r\n", start)
+    head = bytes(buf[: end + 4])
+    del buf[: end + 4]
+    return http1.parse_response_head(head, max_headers=max_headers)
 
 
 def _still_open(sock: socket.socket) -> bool:
