@@ -13,7 +13,12 @@ a request without the key.
 Limits: with ``max_pending``, an endpoint whose in-flight requests (all workers) reached
 it is not chosen; when every endpoint is full, ``EndpointsBusy`` (503) at once.
 ``max_connections`` is checked by the pool when it would open a connection, against
-the open connections of all workers (``EP_CONNS`` gauges).
+the upstream connections all workers have in use (``EP_CONNS`` gauges).
+
+Failure accrual: each worker keeps its run of consecutive failures per endpoint in
+its stripe (``EP_RUN``); when the runs of all live workers add up to
+``failure_accrual``, the worker that sees it stops choosing the endpoint at once
+(for up to LOCAL_TRIP), before the control process's next tick ejects it for all.
 
 Reads go straight to the shared-memory views (no locks: each field has one writer and
 8-byte stores are not torn). Endpoints without a row (the region is full) cost the
@@ -142,7 +147,7 @@ class SharedBalancer:
         return sum(q[base + slot * self._per_slot] for slot in live)
 
     def connections(self, row: int) -> int:
-        """Open upstream connections to the endpoint of ``row`` over all live workers."""
+        """Upstream connections in use to the endpoint of ``row`` over all live workers."""
         q = self.q
         base = self._ep_base + row * EP_FIELDS + EP_CONNS
         return sum(q[base + slot * self._per_slot] for slot in self.live_slots(time.monotonic()))
