@@ -52,7 +52,7 @@ def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
     # meshd B fronts the application: its inbound listener forwards to it
     text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
                                                                          app=app.address))
-    b = mesh.start(text_b, ports_b)
+    mesh.start(text_b, ports_b)
     # meshd A routes "web" to the application, which discovery says is meshed
     meshed = f'{{ address = "{app.address}", meshed = true, inbound_port = {inbound_port} }}'
     text_a, ports_a = mesh.config({}, workers=1)
@@ -99,7 +99,6 @@ def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
     resp = conn.getresponse()
     assert resp.status == 200 and resp.read() == b"x" * 100_000
     conn.close()
-    _ = b
 
 
 def test_chunked_body_and_trailers_cross_two_meshds(mesh, backends):

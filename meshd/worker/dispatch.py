@@ -3,49 +3,80 @@ service through the routing rules and failover, its endpoints and metric row, it
 consistent-hash key, and whether a failed attempt may be sent again.
 
 ``Call`` is one client request across its attempts; the protocol modules keep their
-own framing state beside it.
+own framing state beside it. ``Call.start_attempt`` picks the endpoint of the next
+attempt and its deadlines, ``connect_failed`` and ``may_retry`` decide whether a failed
+attempt is sent again (the protocol module then raises ``RetryNow``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from meshd.discovery.api import Endpoint
+from meshd.errors import ProxyError, UpstreamTimeout
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
 
 if TYPE_CHECKING:
-    from meshd.config import ListenerConfig
+    from meshd.config import ListenerConfig, ServiceConfig
     from meshd.worker.process import Worker
 
 Headers = Sequence[tuple[bytes, bytes]]
 
 
+class RetryNow(Exception):
+    """This attempt failed in a way another endpoint may not, and the retry rules allow
+    another: the protocol module's request loop sends the request again."""
+
+
 class Call:
     """One client request across its attempts."""
 
-    __slots__ = ("service", "endpoints", "policy", "deadline", "row", "replay", "hash_key",
-                 "tried")
+    __slots__ = ("service", "svc", "endpoints", "policy", "deadline", "row", "replay",
+                 "hash_key", "tried")
 
-    def __init__(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy,
-                 deadline: float, row: int, method: bytes, hash_key: bytes | None) -> None:
+    def __init__(self, worker: Worker, service: str, endpoints: tuple[Endpoint, ...],
+                 policy: Policy, deadline: float, row: int, method: bytes, headers: Headers,
+                 peer: Callable[[], bytes]) -> None:
         self.service = service
+        self.svc: ServiceConfig | None = worker.config.services.get(service)
         self.endpoints = endpoints
         self.policy = policy
         self.deadline = deadline      # the whole request, retries included
         self.row = row
         # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
         self.replay = policy.retryable or method in IDEMPOTENT
-        self.hash_key = hash_key
+        self.hash_key = hash_key(self.svc, headers, peer)
         self.tried: list[int] = []
 
     def body_replayable(self) -> bool:
         """Whether the body (if any) can still be sent again. Protocols that keep bodies
         for replay override this."""
         return True
+
+    def start_attempt(self, worker: Worker) -> tuple[Endpoint, int, float, float]:
+        """(endpoint, its shm row, when the attempt starts, its deadline) of the next
+        attempt, counted in flight. A retry goes to an endpoint not tried yet, when there
+        is one; the attempt's deadline is the sooner of ``try_timeout`` and the call's."""
+        snap = worker.snapshot
+        index, row = worker.balancer.pick(self.service, self.endpoints, snap.endpoint_rows,
+                                          self.svc, snap.splits.get(self.service),
+                                          self.hash_key, self.tried)
+        self.tried.append(index)
+        worker.balancer.started(row)
+        now = time.monotonic()
+        try_timeout = self.policy.try_timeout
+        try_deadline = self.deadline
+        if try_timeout and now + try_timeout < try_deadline:
+            try_deadline = now + try_timeout
+        return self.endpoints[index], row, now, try_deadline
+
+    def connect_timeout(self, now: float) -> float:
+        """The connect timeout, cut short by what is left of the call's deadline."""
+        return min(self.policy.connect_timeout, max(self.deadline - now, 0.001))
 
 
 def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: bytes | None,
@@ -76,18 +107,38 @@ def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: by
     return service, endpoints, ROW_OVERFLOW if row is None else row, policy
 
 
-def hash_key(worker: Worker, service: str, headers: Headers, peer: bytes) -> bytes | None:
-    """The consistent-hash key of a request to ``service``, None when it has none."""
-    svc = worker.config.services.get(service)
+def hash_key(svc: ServiceConfig | None, headers: Headers,
+             peer: Callable[[], bytes]) -> bytes | None:
+    """The consistent-hash key of a request to a service, None when it has none (the
+    peer's address is only looked up for services hashing on it)."""
     if svc is None or svc.balancer != "consistent_hash":
         return None
     if svc.hash_on == "client_address":
-        return peer
+        return peer()
     name = svc.hash_on[7:].encode()
     for k, v in headers:
         if k.lower() == name:
             return v
     return None  # no key: balanced like p2c
+
+
+def status_kind(status: int) -> str:
+    """The failure kind of a response status ("" for none): see ``failure_on``."""
+    return "5xx" if status >= 500 else "4xx" if status >= 400 else ""
+
+
+def error_kind(e: BaseException) -> str:
+    """The failure kind of an attempt that broke after its connection was made."""
+    return "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+
+
+def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
+                   attempts_left: bool) -> None:
+    """The attempt's connection could not be made: count it for the endpoint, and raise
+    ``RetryNow`` when the request may go elsewhere (nothing of it was sent)."""
+    worker.balancer.finished(row, None, "connect" in call.policy.failure_on)
+    if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
+        raise RetryNow() from None
 
 
 def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> bool:

@@ -19,10 +19,17 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from meshd.errors import ProxyError, UpstreamTimeout
+from meshd.errors import ProxyError
 from meshd.proto import http1
 from meshd.worker.body import ClientGone
-from meshd.worker.dispatch import ORIG_PROTO, may_retry
+from meshd.worker.dispatch import (
+    ORIG_PROTO,
+    RetryNow,
+    connect_failed,
+    error_kind,
+    may_retry,
+    status_kind,
+)
 
 if TYPE_CHECKING:
     from meshd.worker.h2_upstream import H2Stream
@@ -32,10 +39,6 @@ if TYPE_CHECKING:
 _DROP = frozenset([b"host", b"content-length", b"transfer-encoding", b"te", b"expect",
                    b"keep-alive", b"proxy-connection", b"connection", b"upgrade",
                    b"http2-settings", ORIG_PROTO])
-
-
-class Retry(Exception):
-    """This attempt failed in a way another endpoint may not: send the request again."""
 
 
 def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: int,
@@ -59,12 +62,9 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
     rtt: float | None = None
     sender = None
     try:
-        up = worker.h2pool.stream(address, headers, body is None,
-                                  min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)))
+        up = worker.h2pool.stream(address, headers, body is None, call.connect_timeout(sent_at))
     except BaseException as e:
-        balancer.finished(ep_row, None, "connect" in policy.failure_on)
-        if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
-            raise Retry() from None
+        connect_failed(worker, call, ep_row, e, attempts_left)
         raise
     try:
         if body is not None:
@@ -72,10 +72,10 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
         head = up.response(try_deadline)
         rtt = time.monotonic() - sent_at
         status = int(dict(head).get(b":status", b"502"))
-        kind = "5xx" if status >= 500 else "4xx" if status >= 400 else ""
+        kind = status_kind(status)
         failed = kind in policy.failure_on
         if failed and may_retry(worker, call, kind, attempts_left):
-            raise Retry()
+            raise RetryNow()
         keep = _relay(conn, req, up, head, status, policy.idle_timeout)
         if sender is not None:
             sender.join()
@@ -86,7 +86,7 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
         if sender is not None:
             sender.kill()
         up.reset()  # the upstream sees the cancellation
-        if isinstance(e, Retry):
+        if isinstance(e, RetryNow):
             raise
         body_error = conn._body_error
         if body_error is not None and not conn.response_started:
@@ -95,10 +95,10 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
                 raise body_error from None
             raise ClientGone() from None
         if isinstance(e, ProxyError) and not conn.response_started:
-            kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+            kind = error_kind(e)
             failed = kind in policy.failure_on
             if may_retry(worker, call, kind, attempts_left):
-                raise Retry() from None
+                raise RetryNow() from None
         raise
     finally:
         balancer.finished(ep_row, rtt, failed)

@@ -27,10 +27,13 @@ from meshd.shm import F_REQUESTS
 from meshd.worker.dispatch import (
     ORIG_PROTO,
     Call,
-    hash_key,
+    RetryNow,
+    connect_failed,
+    error_kind,
     is_grpc,
     may_retry,
     route,
+    status_kind,
     upstream_protocol,
 )
 from meshd.worker.sockio import sendall
@@ -105,15 +108,15 @@ class H2ToHttp1:
                 raise NoService(f"unknown service {service!r}: no discovery source knows it")
             if not endpoints:
                 raise NoEndpoints(f"service {service!r} has no endpoints")
-            call = Call(service, endpoints, policy, started + policy.timeout, row, method,
-                        hash_key(worker, service, fields, server.peer()))
+            call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
+                        method, fields, server.peer)
             head = self._upstream_head(method, target, authority, fields)
             attempt = 0
             while True:
                 try:
                     status = self._exchange(call, head, attempt < policy.retries)
                     return
-                except _Retry:
+                except RetryNow:
                     attempt += 1
                     pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
                     if pause > 0:
@@ -144,20 +147,9 @@ class H2ToHttp1:
 
     def _exchange(self, call: Call, head: bytes, attempts_left: bool) -> int:
         worker = self.worker
-        policy = call.policy
+        policy, svc = call.policy, call.svc
         balancer = worker.balancer
-        snap = worker.snapshot
-        svc = worker.config.services.get(call.service)
-        # a retry goes to an endpoint not tried yet, when there is one
-        index, ep_row = balancer.pick(call.service, call.endpoints, snap.endpoint_rows, svc,
-                                      snap.splits.get(call.service), call.hash_key, call.tried)
-        call.tried.append(index)
-        ep = call.endpoints[index]
-        balancer.started(ep_row)
-        sent_at = time.monotonic()
-        try_deadline = call.deadline
-        if policy.try_timeout and sent_at + policy.try_timeout < try_deadline:
-            try_deadline = sent_at + policy.try_timeout
+        ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
         proto, address = upstream_protocol(worker, call.service, ep, is_grpc(self.fields))
         if proto != "http1":
             return self._exchange_h2(call, attempts_left, ep_row, address, proto == "meshed",
@@ -166,46 +158,31 @@ class H2ToHttp1:
         rtt: float | None = None
         sender = None
         try:
-            conn = worker.pool.acquire(ep, min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)),
+            conn = worker.pool.acquire(ep, call.connect_timeout(sent_at),
                                        check=not self.stream.bodiless,
                                        idle_timeout=policy.idle_timeout, row=ep_row,
                                        limit=svc.max_connections if svc else 0)
         except BaseException as e:
-            balancer.finished(ep_row, None, "connect" in policy.failure_on)
-            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
-                raise _Retry() from None
+            connect_failed(worker, call, ep_row, e, attempts_left)
             raise
         try:
             body_sent = self.stream.bodiless
             limits = self.server.limits
             if body_sent:
-                try:
-                    try:
-                        sendall(conn.sock, head)
-                    except OSError as e:
-                        raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
-                    resp = _read_response_head(conn, try_deadline, call.deadline,
-                                               limits.header_bytes, limits.header_count)
-                except UpstreamError:
-                    if not conn.reused:
-                        raise
-                    # A pooled connection the upstream closed as we reused it (unchecked:
-                    # the request is bodiless and got no answer, so it is sent again).
-                    conn.close()
-                    conn = worker.pool.connect(ep, policy.connect_timeout, ep_row)
-                    sendall(conn.sock, head)
-                    resp = _read_response_head(conn, try_deadline, call.deadline,
-                                               limits.header_bytes, limits.header_count)
+                conn, resp = worker.pool.exchange_bodiless(
+                    conn, head, policy.connect_timeout,
+                    lambda c: _read_response_head(c, try_deadline, call.deadline,
+                                                  limits.header_bytes, limits.header_count))
             else:
                 call.replay = False  # the body is not kept: no retry once it started
                 sender = gevent.spawn(self._send_body, conn, head, self.chunked, policy.idle_timeout)
                 resp = _read_response_head(conn, try_deadline, call.deadline,
                                            limits.header_bytes, limits.header_count)
             rtt = time.monotonic() - sent_at
-            kind = "5xx" if resp.status >= 500 else "4xx" if resp.status >= 400 else ""
+            kind = status_kind(resp.status)
             failed = kind in policy.failure_on
             if failed and body_sent and may_retry(worker, call, kind, attempts_left):
-                raise _Retry()
+                raise RetryNow()
             self._relay_response(resp, conn, policy.idle_timeout, self.stream.headers)
             if sender is not None:
                 sender.join()
@@ -221,15 +198,15 @@ class H2ToHttp1:
             if sender is not None:
                 sender.kill()
             conn.close()
-            if isinstance(e, (_Retry, StreamGone)):
+            if isinstance(e, (RetryNow, StreamGone)):
                 if isinstance(e, StreamGone):
                     failed = False
                 raise
             if isinstance(e, (OSError, ProxyError)) and not self.response_started:
-                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                kind = error_kind(e)
                 failed = kind in policy.failure_on
                 if may_retry(worker, call, kind, attempts_left):
-                    raise _Retry() from None
+                    raise RetryNow() from None
                 if isinstance(e, OSError):
                     raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             raise
@@ -250,11 +227,9 @@ class H2ToHttp1:
         sender = None
         try:
             up = worker.h2pool.stream(address, headers, stream.bodiless,
-                                      min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)))
+                                      call.connect_timeout(sent_at))
         except BaseException as e:
-            balancer.finished(ep_row, None, "connect" in policy.failure_on)
-            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
-                raise _Retry() from None
+            connect_failed(worker, call, ep_row, e, attempts_left)
             raise
         try:
             if not stream.bodiless:
@@ -263,11 +238,11 @@ class H2ToHttp1:
             head = up.response(try_deadline)
             rtt = time.monotonic() - sent_at
             status = int(dict(head).get(b":status", b"502"))
-            kind = "5xx" if status >= 500 else "4xx" if status >= 400 else ""
+            kind = status_kind(status)
             failed = kind in policy.failure_on
             if failed and stream.bodiless and may_retry(worker, call, kind, attempts_left):
                 up.reset()
-                raise _Retry()
+                raise RetryNow()
             out = [(k, v) for k, v in head if k not in _H2_DROP]
             self.response_started = True
             data = up.read(policy.idle_timeout)
@@ -289,15 +264,15 @@ class H2ToHttp1:
             if sender is not None:
                 sender.kill()
             up.reset()  # the upstream sees the cancellation (a client's reset, a timeout)
-            if isinstance(e, (_Retry, StreamGone)):
+            if isinstance(e, (RetryNow, StreamGone)):
                 if isinstance(e, StreamGone):
                     failed = False
                 raise
             if isinstance(e, ProxyError) and not self.response_started:
-                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                kind = error_kind(e)
                 failed = kind in policy.failure_on
                 if stream.bodiless and may_retry(worker, call, kind, attempts_left):
-                    raise _Retry() from None
+                    raise RetryNow() from None
             raise
         finally:
             balancer.finished(ep_row, rtt, failed)
@@ -411,10 +386,6 @@ class H2ToHttp1:
                    (b"meshd-error", err.reason.encode("ascii", "replace")[:200])]
         self.server.send_headers(self.stream, headers, flush=False)
         self.server.send_data(self.stream, body, 10.0, end=True)
-
-
-class _Retry(Exception):
-    pass
 
 
 class _NotSupported(ProxyError):

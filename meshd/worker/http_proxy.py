@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
@@ -35,7 +36,16 @@ from meshd.errors import (
 from meshd.proto import http1
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker.body import ClientGone, RequestBody
-from meshd.worker.dispatch import Call, hash_key, may_retry, route, upstream_protocol
+from meshd.worker.dispatch import (
+    Call,
+    RetryNow,
+    connect_failed,
+    error_kind,
+    may_retry,
+    route,
+    status_kind,
+    upstream_protocol,
+)
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import sendall
 from meshd.worker.tunnel import Tunnel
@@ -52,10 +62,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 H2_PRI = b"PRI * HTTP/2.0\r\n\r\n"  # the first part of the HTTP/2 preface
 DEFAULT_TIMEOUT = 10.0
 BODY_IDLE_TIMEOUT = 60.0
-
-
-class _RetryNow(Exception):
-    """This attempt failed in a way another endpoint may not: send the request again."""
 
 
 class Idle(Exception):
@@ -195,9 +201,8 @@ class HttpConnection:
                 return False
             if req.expect_continue and req.has_body:
                 self._send(CONTINUE)
-            call = _Call(req, self._upstream_head(req), service, endpoints, policy,
-                         started + policy.timeout, row,
-                         hash_key(worker, service, req.headers, self._peer_address()))
+            call = _Call(worker, req, self._upstream_head(req), service, endpoints, policy,
+                         started + policy.timeout, row, self._peer_address)
             if req.has_body:
                 body = call.body = RequestBody(self, req, call.replay)
             attempt = 0
@@ -205,7 +210,7 @@ class HttpConnection:
                 try:
                     status, keep = self._exchange(call, attempt < policy.retries)
                     return keep
-                except _RetryNow:
+                except RetryNow:
                     attempt += 1
                     pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
                     if pause > 0:
@@ -248,61 +253,33 @@ class HttpConnection:
 
     def _exchange(self, call: _Call, attempts_left: bool) -> tuple[int, bool]:
         worker = self.worker
-        req, body, policy = call.req, call.body, call.policy
-        snap = worker.snapshot
+        req, body, policy, svc = call.req, call.body, call.policy, call.svc
         balancer = worker.balancer
-        svc = worker.config.services.get(call.service)
-        # a retry goes to an endpoint not tried yet, when there is one
-        index, ep_row = balancer.pick(call.service, call.endpoints, snap.endpoint_rows, svc,
-                                      snap.splits.get(call.service), call.hash_key, call.tried)
-        call.tried.append(index)
-        ep = call.endpoints[index]
-        balancer.started(ep_row)
-        sent_at = time.monotonic()
-        try_deadline = call.deadline
-        if policy.try_timeout and sent_at + policy.try_timeout < try_deadline:
-            try_deadline = sent_at + policy.try_timeout
+        ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
         if ep.meshed or (svc is not None and svc.protocol == "h2"):
             proto, address = upstream_protocol(worker, call.service, ep, False)
             if proto != "http1":
-                from meshd.worker.h1_to_h2 import Retry, exchange_h2
-                try:
-                    return exchange_h2(self, call, attempts_left, ep_row, address,
-                                       proto == "meshed", sent_at, try_deadline)
-                except Retry:
-                    raise _RetryNow() from None
+                from meshd.worker.h1_to_h2 import exchange_h2
+                return exchange_h2(self, call, attempts_left, ep_row, address,
+                                   proto == "meshed", sent_at, try_deadline)
         rtt: float | None = None
         failed = True
         sender = None
         try:
-            conn = worker.pool.acquire(ep, min(policy.connect_timeout, max(call.deadline - sent_at, 0.001)),
-                                       check=body is not None, idle_timeout=policy.idle_timeout,
-                                       row=ep_row, limit=svc.max_connections if svc else 0)
+            conn = worker.pool.acquire(ep, call.connect_timeout(sent_at), check=body is not None,
+                                       idle_timeout=policy.idle_timeout, row=ep_row,
+                                       limit=svc.max_connections if svc else 0)
         except BaseException as e:
-            balancer.finished(ep_row, None, "connect" in policy.failure_on)
-            if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
-                raise _RetryNow() from None
+            connect_failed(worker, call, ep_row, e, attempts_left)
             raise
         try:
             if body is not None:
                 sender = gevent.spawn(body.send, conn.sock, call.head)
                 resp = self._read_response_head(conn, try_deadline, call.deadline)
             else:
-                try:
-                    try:
-                        sendall(conn.sock, call.head)
-                    except OSError as e:
-                        raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
-                    resp = self._read_response_head(conn, try_deadline, call.deadline)
-                except UpstreamError:
-                    if not conn.reused:
-                        raise
-                    # A pooled connection the upstream closed as we reused it: the request
-                    # had no body and got no answer, so sending it again is safe.
-                    conn.close()
-                    conn = worker.pool.connect(ep, policy.connect_timeout, ep_row)
-                    sendall(conn.sock, call.head)
-                    resp = self._read_response_head(conn, try_deadline, call.deadline)
+                conn, resp = worker.pool.exchange_bodiless(
+                    conn, call.head, policy.connect_timeout,
+                    lambda c: self._read_response_head(c, try_deadline, call.deadline))
             rtt = time.monotonic() - sent_at
             if resp.status == 101:
                 failed = False
@@ -311,10 +288,10 @@ class HttpConnection:
                 finally:
                     conn.close()
                 return 101, False
-            kind = "5xx" if resp.status >= 500 else "4xx" if resp.status >= 400 else ""
+            kind = status_kind(resp.status)
             failed = kind in policy.failure_on
             if failed and may_retry(worker, call, kind, attempts_left):
-                raise _RetryNow()
+                raise RetryNow()
             keep = self._relay_response(req, resp, conn)
             if sender is not None:
                 sender.join()
@@ -330,7 +307,7 @@ class HttpConnection:
             if sender is not None:
                 sender.kill()  # waits: the next attempt's sender reads the same client socket
             conn.close()  # the upstream sees the request cancelled
-            if isinstance(e, _RetryNow):
+            if isinstance(e, RetryNow):
                 raise
             body_error = self._body_error
             if body_error is not None and not self.response_started:
@@ -339,10 +316,10 @@ class HttpConnection:
                     raise body_error from None
                 raise ClientGone() from None
             if isinstance(e, (OSError, ProxyError)) and not self.response_started:
-                kind = "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+                kind = error_kind(e)
                 failed = kind in policy.failure_on
                 if may_retry(worker, call, kind, attempts_left):
-                    raise _RetryNow() from None
+                    raise RetryNow() from None
             if isinstance(e, OSError) and not self.response_started:
                 raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             raise
@@ -553,10 +530,11 @@ class _Call(Call):
 
     __slots__ = ("req", "head", "body")
 
-    def __init__(self, req: http1.RequestHead, head: bytes, service: str,
+    def __init__(self, worker: Worker, req: http1.RequestHead, head: bytes, service: str,
                  endpoints: tuple[Endpoint, ...], policy: Policy, deadline: float, row: int,
-                 key: bytes | None) -> None:
-        super().__init__(service, endpoints, policy, deadline, row, req.method, key)
+                 peer: Callable[[], bytes]) -> None:
+        super().__init__(worker, service, endpoints, policy, deadline, row, req.method,
+                         req.headers, peer)
         self.req = req
         self.head = head
         self.body: RequestBody | None = None

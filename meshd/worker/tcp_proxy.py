@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
@@ -31,7 +32,7 @@ from gevent.socket import wait_read, wait_write
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
-from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW, Stripe
+from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
 from meshd.worker.sockio import sendall
 
 if TYPE_CHECKING:
@@ -77,8 +78,9 @@ def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket
                             e.strerror or e)
                 return
             stripe.add(row, F_READ_BYTES, len(initial))
-        back = gevent.spawn(_pump, upstream.sock, client, stripe, row, F_WRITE_BYTES)
-        _pump(client, upstream.sock, stripe, row, F_READ_BYTES)
+        back = gevent.spawn(pump, upstream.sock, client,
+                            lambda n: stripe.add(row, F_WRITE_BYTES, n))
+        pump(client, upstream.sock, lambda n: stripe.add(row, F_READ_BYTES, n))
         back.join()
     finally:
         upstream.close()
@@ -173,15 +175,17 @@ def peer_name(sock: socket.socket) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
-def _pump(src: socket.socket, dst: socket.socket, stripe: Stripe, row: int, field: int) -> None:
-    """Copy src -> dst until EOF, then half-close dst so the peer sees the end too."""
+def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
+    """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
+    dst so the peer sees the end too; a reset on either side shuts both down at once.
+    Used by opaque TCP and by the tunnels after an Upgrade or CONNECT."""
     try:
         if HAS_SPLICE:
-            _splice(src, dst, stripe, row, field)
+            _splice(src, dst, count)
         else:
             while data := src.recv(CHUNK):
                 dst.sendall(data)
-                stripe.add(row, field, len(data))
+                count(len(data))
     except OSError:
         for s in (src, dst):
             try:
@@ -195,7 +199,7 @@ def _pump(src: socket.socket, dst: socket.socket, stripe: Stripe, row: int, fiel
         pass
 
 
-def _splice(src: socket.socket, dst: socket.socket, stripe: Stripe, row: int, field: int) -> None:
+def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     sfd, dfd = src.fileno(), dst.fileno()
     try:
@@ -207,7 +211,7 @@ def _splice(src: socket.socket, dst: socket.socket, stripe: Stripe, row: int, fi
                 continue
             if n == 0:
                 return
-            stripe.add(row, field, n)
+            count(n)
             while n:
                 try:
                     n -= os.splice(rfd, dfd, n, flags=_SPLICE_FLAGS)

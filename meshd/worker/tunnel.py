@@ -1,12 +1,12 @@
 """Byte tunnels after an HTTP/1.1 upgrade (101) or a CONNECT (200): both directions
-copied until both have ended.
+copied (``meshd.worker.tcp_proxy.pump``: splice where the platform has it) until both
+have ended.
 
-Each direction runs in its own greenlet: bytes already read past the HTTP head (the
-client's or the upstream's leftover buffer) go first, then recv -> sendall. A direction
-that reaches EOF half-closes its destination (SHUT_WR), so a peer that finishes writing
-still gets its answer. The tunnel ends when both directions have, when either side
-resets, or when neither side moved a byte for ``idle_timeout`` (nginx's
-proxy_read_timeout does the same for WebSockets).
+Bytes already read past the HTTP head (the client's or the upstream's leftover buffer)
+go first. A direction that reaches EOF half-closes its destination, so a peer that
+finishes writing still gets its answer. The tunnel ends when both directions have,
+when either side resets, or when neither side moved a byte for ``idle_timeout``
+(nginx's proxy_read_timeout does the same for WebSockets).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 import gevent
 
 from meshd.worker.sockio import sendall
+from meshd.worker.tcp_proxy import pump
 
-READ_SIZE = 65536
 IDLE_CHECK = 1.0
 
 
@@ -33,8 +33,17 @@ class Tunnel:
         self.bytes_down = 0   # upstream -> client
 
     def run(self, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
-        up = gevent.spawn(self._copy, self.client, self.upstream, client_leftover, True)
-        down = gevent.spawn(self._copy, self.upstream, self.client, upstream_leftover, False)
+        try:
+            if client_leftover:
+                sendall(self.upstream, client_leftover)
+                self._up(len(client_leftover))
+            if upstream_leftover:
+                sendall(self.client, upstream_leftover)
+                self._down(len(upstream_leftover))
+        except OSError:
+            return
+        up = gevent.spawn(pump, self.client, self.upstream, self._up)
+        down = gevent.spawn(pump, self.upstream, self.client, self._down)
         try:
             while not (up.dead and down.dead):
                 gevent.joinall([up, down], timeout=IDLE_CHECK, count=2)
@@ -43,33 +52,10 @@ class Tunnel:
         finally:
             gevent.killall([up, down])
 
-    def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, upward: bool) -> None:
-        try:
-            if first:
-                sendall(dst, first)
-                self._count(len(first), upward)
-            while True:
-                data = src.recv(READ_SIZE)
-                if not data:
-                    break
-                sendall(dst, data)
-                self._count(len(data), upward)
-        except OSError:
-            # A reset on one side: the other side must learn too, at once.
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            return
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def _count(self, n: int, upward: bool) -> None:
+    def _up(self, n: int) -> None:
         self.last_activity = time.monotonic()
-        if upward:
-            self.bytes_up += n
-        else:
-            self.bytes_down += n
+        self.bytes_up += n
+
+    def _down(self, n: int) -> None:
+        self.last_activity = time.monotonic()
+        self.bytes_down += n

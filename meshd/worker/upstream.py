@@ -20,6 +20,7 @@ from gevent.monkey import get_original
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
+from meshd.worker.sockio import sendall
 
 MAX_IDLE_PER_ENDPOINT = 128
 READ_SIZE = 262144
@@ -115,6 +116,27 @@ class Pool:
             raise UpstreamError(f"connect to {ep} failed: {e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return UpstreamConn(sock, ep, row, self.counter)
+
+    def exchange_bodiless(self, conn: UpstreamConn, head: bytes, connect_timeout: float,
+                          read: Callable[[UpstreamConn], http1.ResponseHead],
+                          ) -> tuple[UpstreamConn, http1.ResponseHead]:
+        """Send a bodiless request head and ``read`` the response head: (the connection
+        it went on, the head). A pooled connection the upstream closed as it was reused
+        (``acquire`` skips the liveness probe for bodiless requests) gets the request
+        again on a new connection: it had no body and got no answer, so that is safe."""
+        try:
+            try:
+                sendall(conn.sock, head)
+            except OSError as e:
+                raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
+            return conn, read(conn)
+        except UpstreamError:
+            if not conn.reused:
+                raise
+            conn.close()
+            conn = self.connect(conn.endpoint, connect_timeout, conn.row)
+            sendall(conn.sock, head)
+            return conn, read(conn)
 
     def release(self, conn: UpstreamConn) -> None:
         if conn.buf:  # the upstream sent more than the response: not reusable
