@@ -44,7 +44,8 @@ Layout, byte by byte::
             +24 state (u64): 0 free, 1 booting, 2 serving, 3 draining   the process
             +32 kind (u64): 1 worker, 2 control              master on spawn
             +40 started (f64, CLOCK_MONOTONIC)              master on spawn
-            +48 16 reserved
+            +48 open client connections (u64 gauge)     the worker (accept balancing)
+            +56 8 reserved
 
     then    slots x rows x FIELDS x 8   counter stripes: stripe s, row r, field f at
             STRIPES + ((s * rows + r) * FIELDS + f) * 8 (u64). Only the process in slot s
@@ -119,6 +120,7 @@ SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")
 _SLOT = struct.Struct("<qdQQQd")
+_SLOT_CONNS = struct.Struct("<qdQQQdQ")
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_GENERATION = 24
@@ -417,6 +419,29 @@ class Region:
         for row in range(self.endpoint_rows):
             self._qr[ep_base + row * EP_FIELDS + EP_INFLIGHT] = 0
             self._qr[ep_base + row * EP_FIELDS + EP_CONNS] = 0
+
+    def set_open_connections(self, index: int, n: int) -> None:
+        """The slot's own worker: how many client connections it serves now."""
+        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + 48, n)
+
+    def open_connections(self, index: int) -> int:
+        return int(struct.unpack_from("<Q", self._mm, self._slot_offset(index) + 48)[0])
+
+    def fewest_connections(self, me: int, generation: int) -> int | None:
+        """The fewest client connections any other serving worker of ``generation``
+        holds (None: no such worker). Read by a worker deciding whether to leave a
+        pending connection to a less loaded sibling."""
+        fewest = None
+        mm = self._mm
+        for i in range(self.get_u32(OFF_SLOTS_USED)):
+            if i == me:
+                continue
+            off = HEADER_SIZE + i * SLOT_SIZE
+            pid, _hb, gen, state, kind, _started, n = _SLOT_CONNS.unpack_from(mm, off)
+            if pid > 0 and gen == generation and state == STATE_SERVING and kind == KIND_WORKER \
+                    and (fewest is None or n < fewest):
+                fewest = n
+        return fewest
 
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""

@@ -321,6 +321,35 @@ def test_workers_share_the_accepted_connections(mesh, backends):
     assert len(per_worker) == 2 and min(per_worker) >= 4, per_worker
 
 
+def test_a_burst_of_connections_is_spread_over_the_workers(mesh, backends):
+    """16 connections opened at once (as an HTTP/2 client or a peer meshd opens its few
+    long-lived ones): without accept balancing the first worker to wake takes them all."""
+    a = backends("a")
+    m = mesh.run({"web": [a.address]})
+    socks = [socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10)
+             for _ in range(16)]
+    try:
+        for s in socks:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        for s in socks:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+
+        def open_per_worker() -> list[int]:
+            with m.region() as r:
+                return [sum(r.read_field(w.index, row, F_TCP_OPEN) for row in range(r.rows))
+                        for w in r.slots_in_use() if w.kind == KIND_WORKER]
+        wait_for(lambda: sum(open_per_worker()) == 16, timeout=5, what="16 open connections")
+        per_worker = open_per_worker()
+        with m.region() as r:  # what the workers publish for each other (slot +48)
+            published = [r.open_connections(w.index) for w in r.slots_in_use()
+                         if w.kind == KIND_WORKER]
+        assert sorted(published) == sorted(per_worker)
+        assert len(per_worker) == 2 and min(per_worker) >= 5, per_worker
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_stat_reads_shared_memory_read_only(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]})

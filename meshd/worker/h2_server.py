@@ -12,9 +12,10 @@ of at most 64 CONTINUATION frames (h2's own limit: the CONTINUATION flood), at m
 ``h2_max_resets`` streams reset by the client within 10 s (h2 does not count them:
 Rapid Reset, CVE-2023-44487) — beyond that GOAWAY ENHANCE_YOUR_CALM. Request bodies are
 held to the flow-control window meshd advertises: a window is given back only as the
-upstream takes the bytes. Responses are written under one lock straight to the socket,
-so the output buffer is the kernel's. A protocol error closes the connection with
-GOAWAY and the error code RFC 9113 names (h2's, corrected where it is too coarse).
+upstream takes the bytes. Output is queued per connection and written once per loop
+iteration (see ``_queue``); streams wait while more than OUT_LIMIT bytes are queued. A
+protocol error closes the connection with GOAWAY and the error code RFC 9113 names
+(h2's, corrected where it is too coarse).
 
 Draining: a GOAWAY with the last stream id seen is written (without closing h2's state,
 so streams in flight finish), later streams are refused, and the connection closes
@@ -26,11 +27,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
-import gevent.lock
 import gevent.queue
 import h2.config
 import h2.connection
@@ -57,6 +57,8 @@ STREAM_WINDOW = 1 << 18       # what a client may send ahead on one stream
 CONNECTION_WINDOW = 1 << 22   # ... and on the whole connection
 RESET_WINDOW = 10.0
 TICK = 1.0                    # how often the reader looks at drain and idle state
+OUT_LIMIT = 1 << 18           # output queued per connection before streams wait
+FINAL_WRITE_TIMEOUT = 2.0     # for the last frames (GOAWAY) when a connection ends
 
 # Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
 
@@ -83,22 +85,28 @@ class H2ServerConnection:
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.header_bytes,
         })
         self.conn.decoder.max_header_list_size = limits.header_bytes
-        self.lock = gevent.lock.RLock()
         self.streams: dict[int, Stream] = {}
         self.resets: list[float] = []
         self.goaway_sent_at = 0   # last stream id of our graceful GOAWAY, 0: none yet
         self.closed = False
         self.idle_since = 0.0     # the worker's drain closes idle connections; h2 drains itself
         self._peer: bytes | None = None
+        self.out = bytearray()        # frames not yet written (see _queue)
+        self.sock_gone = False
+        self._raw = sock._sock  # type: ignore[attr-defined]  # gevent's real socket
+        self._loop = gevent.get_hub().loop
+        self._send_scheduled = False
+        self._writer: gevent.Greenlet | None = None
+        self._room = gevent.event.Event()
+        self._room.set()
 
     # -- the connection -----------------------------------------------------------------
 
     def serve(self, initial: bytes = b"") -> None:
         conn = self.conn
-        with self.lock:
-            conn.initiate_connection()
-            conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-            self._flush()
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
         data = initial
         idle_deadline = time.monotonic() + self.limits.client_idle_timeout
         try:
@@ -130,12 +138,12 @@ class H2ServerConnection:
             self.closed = True
             for stream in list(self.streams.values()):
                 self._cancel(stream)
+            self._finish_output()
 
     def _receive(self, data: bytes) -> bool:
         """Feed bytes to h2 and act on its events. False when the connection must end."""
         try:
-            with self.lock:
-                events = self.conn.receive_data(data)
+            events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             code = _error_code(e)
             log.info("%s: HTTP/2 protocol error from the client: %s", self.listener.name, e)
@@ -147,9 +155,8 @@ class H2ServerConnection:
             elif isinstance(event, h2.events.DataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is None:  # a stream we refused or finished: give the window back
-                    with self.lock:
-                        self.conn.acknowledge_received_data(event.flow_controlled_length,
-                                                            event.stream_id)
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        event.stream_id)
                 else:
                     stream.body.put(event.data)
                     if event.flow_controlled_length > len(event.data):  # padding
@@ -175,8 +182,7 @@ class H2ServerConnection:
                     stream.window.set()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 return False
-        with self.lock:
-            self._flush()
+        self._flush()
         return True
 
     def _count_reset(self) -> bool:
@@ -195,8 +201,7 @@ class H2ServerConnection:
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         if self.goaway_sent_at and sid > self.goaway_sent_at:
-            with self.lock:
-                self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream = Stream(sid, list(event.headers), event.stream_ended is not None)
         self.streams[sid] = stream
@@ -209,53 +214,122 @@ class H2ServerConnection:
         frame = GoAwayFrame(0)
         frame.last_stream_id = last
         frame.error_code = 0
-        with self.lock:
-            self._flush()
-            try:
-                sendall(self.sock, frame.serialize())
-            except OSError:
-                pass
+        self._flush()
+        self._queue(frame.serialize())
         self.goaway_sent_at = last
 
     def _fail(self, code: int, queued_code: int) -> None:
         """After a protocol error h2 has queued GOAWAY with its own code, which
         ``_error_code`` may correct: send what h2 queued with the code put right (or our
         own GOAWAY when h2 queued none), then the connection ends."""
-        with self.lock:
-            pending = self.conn.data_to_send()
-            if len(pending) >= 17 and pending[-14] == 0x7:
-                if code != queued_code:
-                    frame = GoAwayFrame(0)
-                    frame.parse_body(memoryview(pending[-8:]))
-                    frame.error_code = code
-                    pending = pending[:-17] + frame.serialize()
-            else:  # h2 queued none: write our own
+        pending = self.conn.data_to_send()
+        if len(pending) >= 17 and pending[-14] == 0x7:
+            if code != queued_code:
                 frame = GoAwayFrame(0)
-                frame.last_stream_id = self.conn.highest_inbound_stream_id
+                frame.parse_body(memoryview(pending[-8:]))
                 frame.error_code = code
-                pending += frame.serialize()
-            try:
-                sendall(self.sock, pending)
-            except OSError:
-                pass
+                pending = pending[:-17] + frame.serialize()
+        else:  # h2 queued none: write our own
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.conn.highest_inbound_stream_id
+            frame.error_code = code
+            pending += frame.serialize()
+        self._queue(pending)
         self.closed = True
 
     def _close(self, code: int) -> None:
-        with self.lock:
-            try:
-                self.conn.close_connection(error_code=code)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
         self.closed = True
+
+    # -- output ---------------------------------------------------------------------------
+    # Frames go to ``out``; one send per loop iteration takes what every stream queued in
+    # it (a hub callback), so ten responses finishing together cost one system call, not
+    # ten. When the kernel buffer is full a writer greenlet waits for the socket; streams
+    # wait while more than OUT_LIMIT bytes are queued. No h2 call can yield, so h2's state
+    # needs no lock.
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
+        if self.sock_gone:
+            return
+        self.out += data
+        if not self._send_scheduled and self._writer is None:
+            self._send_scheduled = True
+            self._loop.run_callback(self._send_out)
+
+    def _send_out(self) -> None:
+        """In the hub: write what is queued, without blocking."""
+        self._send_scheduled = False
+        if self._writer is not None or not self.out or self.sock_gone:
+            return
+        try:
+            sent = self._raw.send(self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        del self.out[:sent]
+        if self.out:
+            if len(self.out) > OUT_LIMIT:
+                self._room.clear()
+            self._writer = gevent.spawn(self._write_rest)
+
+    def _write_rest(self) -> None:
+        """The kernel buffer was full: wait for the socket, write the rest."""
+        g: Any = self.sock
+        try:
+            while self.out:
+                try:  # the reader may have set a timeout on the socket: wait again
+                    g._wait(g._write_event)
+                except TimeoutError:
+                    continue
+                try:
+                    sent = self._raw.send(self.out)
+                except BlockingIOError:
+                    continue
+                del self.out[:sent]
+                if len(self.out) <= OUT_LIMIT:
+                    self._room.set()
+        except OSError:
+            self._lost()
+        finally:
+            self._writer = None
+            self._room.set()
+
+    def _lost(self) -> None:
+        """The socket failed under a write: nothing more can reach the client."""
+        self.sock_gone = self.closed = True
+        self.out.clear()
+        self._room.set()
+
+    def _wait_room(self, timeout: float) -> None:
+        """Hold a stream while the connection's output is over OUT_LIMIT."""
+        if len(self.out) > OUT_LIMIT and not self._room.wait(timeout):
+            raise UpstreamTimeout("the client is not reading its responses")
+
+    def _finish_output(self) -> None:
+        """The connection ends: write what is queued (GOAWAY included), within
+        FINAL_WRITE_TIMEOUT, before the socket is closed."""
+        writer = self._writer
+        if writer is not None:
+            writer.join(FINAL_WRITE_TIMEOUT)
+        if self.out and self._writer is None and not self.sock_gone:
+            data, self.out = bytes(self.out), bytearray()
             try:
-                sendall(self.sock, data)
-            except OSError:
-                self.closed = True
+                with gevent.Timeout(FINAL_WRITE_TIMEOUT):
+                    sendall(self.sock, data)
+            except (OSError, gevent.Timeout):
+                pass
+        self.sock_gone = True
 
     def _cancel(self, stream: Stream) -> None:
         g = stream.greenlet
@@ -266,12 +340,11 @@ class H2ServerConnection:
     def _ack(self, stream: Stream, n: int) -> None:
         if n <= 0 or self.closed:
             return
-        with self.lock:
-            try:
-                self.conn.acknowledge_received_data(n, stream.id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                pass
-            self._flush()
+        try:
+            self.conn.acknowledge_received_data(n, stream.id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._flush()
 
     # -- sending on a stream ------------------------------------------------------------
 
@@ -280,10 +353,9 @@ class H2ServerConnection:
         """HEADERS; with ``flush=False`` the frame waits for the next write (one send
         for a response's head and first DATA)."""
         self._check(stream)
-        with self.lock:
-            self.conn.send_headers(stream.id, headers, end_stream=end)
-            if flush:
-                self._flush()
+        self.conn.send_headers(stream.id, headers, end_stream=end)
+        if flush:
+            self._flush()
 
     def send_data(self, stream: Stream, data: bytes, idle_timeout: float,
                   end: bool = False) -> None:
@@ -291,42 +363,40 @@ class H2ServerConnection:
         client to open them); ``end`` sets END_STREAM on the last frame."""
         view = memoryview(data)
         while view or end:
+            self._wait_room(idle_timeout)
             self._check(stream)
-            with self.lock:
-                window = min(self.conn.local_flow_control_window(stream.id),
-                             self.conn.max_outbound_frame_size)
-                if window > 0 or not view:
-                    n = min(window, len(view))
-                    last = end and n == len(view)
-                    self.conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
-                    self._flush()
-                    view = view[n:]
-                    if last:
-                        return
-                    continue
+            window = min(self.conn.local_flow_control_window(stream.id),
+                         self.conn.max_outbound_frame_size)
+            if window > 0 or not view:
+                n = min(window, len(view))
+                last = end and n == len(view)
+                self.conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
                 self._flush()
-                stream.window.clear()
+                view = view[n:]
+                if last:
+                    return
+                continue
+            self._flush()
+            stream.window.clear()
             if not stream.window.wait(idle_timeout):
                 raise UpstreamTimeout("the client opened no flow-control window")
 
     def end_stream(self, stream: Stream, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._check(stream)
-        with self.lock:
-            if trailers:
-                self.conn.send_headers(stream.id, trailers, end_stream=True)
-            else:
-                self.conn.end_stream(stream.id)
-            self._flush()
+        if trailers:
+            self.conn.send_headers(stream.id, trailers, end_stream=True)
+        else:
+            self.conn.end_stream(stream.id)
+        self._flush()
 
     def reset_stream(self, stream: Stream, code: int) -> None:
         if self.closed or stream.reset:
             return
-        with self.lock:
-            try:
-                self.conn.reset_stream(stream.id, code)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                pass
-            self._flush()
+        try:
+            self.conn.reset_stream(stream.id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._flush()
 
     def _check(self, stream: Stream) -> None:
         if stream.reset or self.closed:
@@ -350,12 +420,11 @@ class H2ServerConnection:
                 data = stream.body.get_nowait()
                 unread += len(data) if data else 0
             if unread and not self.closed:
-                with self.lock:
-                    try:
-                        self.conn.acknowledge_received_data(unread, stream.id)
-                    except h2.exceptions.ProtocolError:
-                        pass
-                    self._flush()
+                try:
+                    self.conn.acknowledge_received_data(unread, stream.id)
+                except h2.exceptions.ProtocolError:
+                    pass
+                self._flush()
 
     def peer(self) -> bytes:
         if self._peer is None:

@@ -61,6 +61,11 @@ ASK_POLL = 0.02              # while a request waits for a service to be discove
 ASK_INTERVAL = 1.0          # a worker asks for the same unknown service at most this often
 IDLE_CLOSE_GRACE = 1.0        # while draining, a keep-alive connection idle this long is closed
 ACCEPT_ERROR_BACKOFF = 0.05
+# Accept balancing: a worker holding more than ACCEPT_SLACK client connections above its
+# least loaded sibling waits ACCEPT_DEFER before it accepts, so that the sibling (woken
+# by the same listening socket) takes the pending connection if it is free to.
+ACCEPT_SLACK = 1
+ACCEPT_DEFER = 0.002
 LINGER_SECONDS = 0.5
 LINGER_BYTES = 1 << 20
 
@@ -200,6 +205,7 @@ class Worker:
         backoff = ACCEPT_ERROR_BACKOFF
         while not self.draining:
             slots.acquire()  # at max_connections, the rest wait in the kernel's accept queue
+            self._accept_turn()
             try:
                 client, _ = sock.accept()
             except OSError as e:
@@ -220,6 +226,21 @@ class Worker:
             row = self.snapshot.row(lst.name, key)
             g = gevent.spawn(self._serve, lst, client, ROW_OVERFLOW if row is None else row, slots)
             self.connections[g] = None
+            self.region.set_open_connections(self.slot, len(self.connections))
+
+    def _accept_turn(self) -> None:
+        """Accept balancing. Every worker waits on the same listening sockets and the one
+        that runs first takes every connection pending, so a burst of a few long-lived
+        connections (HTTP/2 clients, meshd peers) can all land on one worker while the
+        other idles. A worker ahead of its least loaded sibling by more than ACCEPT_SLACK
+        connections waits ACCEPT_DEFER first (once per connection, so a busy sibling
+        delays accepting by that much at most)."""
+        mine = len(self.connections)
+        if mine <= ACCEPT_SLACK:
+            return
+        fewest = self.region.fewest_connections(self.slot, self.ctx.generation)
+        if fewest is not None and mine > fewest + ACCEPT_SLACK:
+            gevent.sleep(ACCEPT_DEFER)
 
     def _serve(self, lst: ListenerConfig, client: socket.socket, row: int,
                slots: gevent.lock.BoundedSemaphore) -> None:
@@ -244,6 +265,8 @@ class Worker:
         finally:
             _close_gracefully(client)
             self.connections.pop(me, None)
+            if not self.draining:
+                self.region.set_open_connections(self.slot, len(self.connections))
             slots.release()
             stripe.add(row, F_TCP_CLOSE_TOTAL)
             stripe.sub(row, F_TCP_OPEN)
