@@ -953,7 +953,7 @@ def test_8_1_pseudo_header_in_trailers(env, conn):
     sid = conn.sid()
     conn.send(conn.headers_frame(sid, conn.req(mark, "rec", method="POST"), end_stream=False),
               conn.headers_frame(sid, [(b":method", b"GET")]))
-    stream_error(conn, sid, PROTOCOL_ERROR)
+    assert stream_error(conn, sid, PROTOCOL_ERROR) == "stream"
     never_forwarded(env, mark)
 
 
@@ -1006,9 +1006,9 @@ def test_8_malformed_request_headers(env, conn, case):
     mark = marker()
     sid = conn.sid()
     conn.send(raw(HEADERS, END_STREAM | END_HEADERS, sid, conn.block(_fields(case, mark))))
-    # a malformed request: a stream error PROTOCOL_ERROR (§8.1.1), and never forwarded;
-    # meshd (h2) makes it a connection error PROTOCOL_ERROR: allowed (§5.4.1)
-    stream_error(conn, sid, PROTOCOL_ERROR)
+    # a malformed request: a stream error PROTOCOL_ERROR (§8.1.1), the connection stays
+    # usable (meshd.proto.h2_headers), and never forwarded
+    assert stream_error(conn, sid, PROTOCOL_ERROR) == "stream"
     never_forwarded(env, mark)
 
 

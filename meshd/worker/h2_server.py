@@ -43,6 +43,7 @@ import hyperframe.exceptions
 from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamTimeout
+from meshd.proto.h2_headers import request_problem, trailers_problem
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
 from meshd.worker.sockio import sendall
 
@@ -70,12 +71,13 @@ class H2ServerConnection:
         self.sock = sock
         limits = worker.config.limits
         self.limits = limits
-        # What clients send is validated; what meshd sends is built from heads its
-        # strict HTTP/1.1 parser or h2 already validated, with names lower-cased and
+        # What clients send is checked by meshd.proto.h2_headers (one pass, and a stream
+        # error rather than h2's connection error); what meshd sends is built from heads
+        # its strict HTTP/1.1 parser or those checks passed, with names lower-cased and
         # connection-specific fields dropped (validating it again costs ~10 %).
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True,
-                                           normalize_inbound_headers=True,
+                                           validate_inbound_headers=False,
+                                           normalize_inbound_headers=False,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(config)
@@ -86,6 +88,7 @@ class H2ServerConnection:
         })
         self.conn.decoder.max_header_list_size = limits.header_bytes
         self.streams: dict[int, Stream] = {}
+        self.blocked: set[Stream] = set()  # streams waiting for the client to open a window
         self.resets: list[float] = []
         self.goaway_sent_at = 0   # last stream id of our graceful GOAWAY, 0: none yet
         self.closed = False
@@ -164,12 +167,20 @@ class H2ServerConnection:
             elif isinstance(event, h2.events.TrailersReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
+                    problem = trailers_problem(event.headers)
+                    if problem:
+                        self._malformed(event.stream_id, problem)
+                        self.streams.pop(event.stream_id, None)
+                        stream.reset = True
+                        self._cancel(stream)
+                        continue
                     stream.trailers = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.ended = True
-                    stream.body.put(None)
+                    if not stream.bodiless:
+                        stream.body.put(None)
             elif isinstance(event, h2.events.StreamReset):
                 stream = self.streams.pop(event.stream_id, None)
                 if stream is not None:
@@ -178,8 +189,9 @@ class H2ServerConnection:
                 if event.remote_reset and not self._count_reset():
                     return False
             elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-                for stream in self.streams.values():
-                    stream.window.set()
+                for stream in self.blocked:
+                    stream.window.set()  # type: ignore[union-attr]
+                self.blocked.clear()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 return False
         self._flush()
@@ -203,9 +215,21 @@ class H2ServerConnection:
         if self.goaway_sent_at and sid > self.goaway_sent_at:
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        problem = request_problem(event.headers)
+        if problem:
+            self._malformed(sid, problem)
+            return
         stream = Stream(sid, list(event.headers), event.stream_ended is not None)
         self.streams[sid] = stream
         stream.greenlet = gevent.spawn(self._serve_stream, stream)
+
+    def _malformed(self, sid: int, problem: str) -> None:
+        """A malformed request or trailer section: a stream error (RFC 9113 §8.1.1)."""
+        log.info("%s: malformed HTTP/2 request on stream %d: %s", self.listener.name, sid, problem)
+        try:
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
 
     def _graceful_goaway(self) -> None:
         """GOAWAY(NO_ERROR) naming the last stream taken, written by hand so that h2 keeps
@@ -335,7 +359,8 @@ class H2ServerConnection:
         g = stream.greenlet
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(StreamGone(), block=False)
-        stream.window.set()
+        if stream.window is not None:
+            stream.window.set()
 
     def _ack(self, stream: Stream, n: int) -> None:
         if n <= 0 or self.closed:
@@ -361,25 +386,40 @@ class H2ServerConnection:
                   end: bool = False) -> None:
         """DATA as the flow-control windows allow (waiting up to ``idle_timeout`` for the
         client to open them); ``end`` sets END_STREAM on the last frame."""
+        if not data and not end:
+            return
+        conn = self.conn
+        self._wait_room(idle_timeout)
+        self._check(stream)
+        if len(data) <= min(conn.local_flow_control_window(stream.id),
+                            conn.max_outbound_frame_size):  # the usual case: one frame
+            conn.send_data(stream.id, data, end_stream=end)
+            self._flush()
+            return
         view = memoryview(data)
         while view or end:
             self._wait_room(idle_timeout)
             self._check(stream)
-            window = min(self.conn.local_flow_control_window(stream.id),
-                         self.conn.max_outbound_frame_size)
+            window = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size)
             if window > 0 or not view:
                 n = min(window, len(view))
                 last = end and n == len(view)
-                self.conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
+                conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
                 self._flush()
                 view = view[n:]
                 if last:
                     return
                 continue
             self._flush()
+            if stream.window is None:
+                stream.window = gevent.event.Event()
             stream.window.clear()
-            if not stream.window.wait(idle_timeout):
-                raise UpstreamTimeout("the client opened no flow-control window")
+            self.blocked.add(stream)
+            try:
+                if not stream.window.wait(idle_timeout):
+                    raise UpstreamTimeout("the client opened no flow-control window")
+            finally:
+                self.blocked.discard(stream)
 
     def end_stream(self, stream: Stream, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._check(stream)
@@ -416,7 +456,7 @@ class H2ServerConnection:
             self.streams.pop(stream.id, None)
             # DATA nobody read still holds connection window: give it back.
             unread = 0
-            while not stream.body.empty():
+            while not stream.bodiless and not stream.body.empty():
                 data = stream.body.get_nowait()
                 unread += len(data) if data else 0
             if unread and not self.closed:

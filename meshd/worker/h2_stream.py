@@ -62,6 +62,9 @@ class StreamGone(gevent.GreenletExit):
     stream greenlet killed with it before it ran is not reported as a failure)."""
 
 
+_NO_BODY: gevent.queue.Queue[bytes | None] = gevent.queue.Queue(maxsize=1)
+
+
 class Stream:
     __slots__ = ("id", "headers", "bodiless", "body", "ended", "trailers", "window", "reset",
                  "greenlet")
@@ -70,10 +73,11 @@ class Stream:
         self.id = stream_id
         self.headers = headers
         self.bodiless = bodiless  # HEADERS came with END_STREAM
-        self.body: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
+        # DATA as it arrives, None at the end (no queue for a request without a body)
+        self.body: gevent.queue.Queue[bytes | None] = _NO_BODY if bodiless else gevent.queue.Queue()
         self.ended = False
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.window = gevent.event.Event()  # set when the client opened our send window
+        self.window: gevent.event.Event | None = None  # made when flow control blocks a send
         self.reset = False
         self.greenlet: gevent.Greenlet | None = None
 

@@ -1,0 +1,97 @@
+"""meshd.proto.h2_headers against h2's own header validation: meshd turns h2's checks off
+and runs these instead, so on any header list both must accept or both refuse."""
+
+from __future__ import annotations
+
+import h2.exceptions
+import h2.utilities
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.proto.h2_headers import request_problem, trailers_problem
+
+REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False,
+                                             is_response_header=False, is_push_promise=False)
+TRAILER = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=True,
+                                             is_response_header=False, is_push_promise=False)
+
+
+def h2_accepts(headers: list[tuple[bytes, bytes]], flags: h2.utilities.HeaderValidationFlags) -> bool:
+    try:
+        list(h2.utilities.validate_headers(headers, flags))
+    except h2.exceptions.ProtocolError:
+        return False
+    return True
+
+
+GOOD = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=c"),
+        (b":authority", b"web:8080"), (b"user-agent", b"curl/8"), (b"te", b"trailers")]
+
+# Names and values likely to matter: every pseudo-header, the connection-specific and
+# special fields, and bytes at the edges of what is allowed.
+names = st.sampled_from([
+    b":method", b":scheme", b":path", b":authority", b":protocol", b":status", b":custom",
+    b"host", b"te", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+    b"upgrade", b"x-a", b"cookie", b"content-length", b"X-Upper", b"x a", b"x:a", b"x\na",
+    b"", b"x\x7f", b"\xc3\xa9", b"x-\x00"]) | st.binary(min_size=0, max_size=6)
+values = st.sampled_from([
+    b"GET", b"CONNECT", b"POST", b"http", b"/", b"", b"web", b"trailers", b"Trailers",
+    b"trailers, deflate", b" 1", b"1\t", b"a\x00b", b"1\r\nx: y", b"websocket", b"a b",
+    b"\xff"]) | st.binary(min_size=0, max_size=6)
+header_lists = st.lists(st.tuples(names, values), max_size=8)
+
+
+def mutated(base: list[tuple[bytes, bytes]]) -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
+    """A valid request head with fields dropped, replaced, duplicated or inserted."""
+    def apply(ops: list[tuple[int, int, tuple[bytes, bytes]]]) -> list[tuple[bytes, bytes]]:
+        out = list(base)
+        for op, where, field in ops:
+            i = where % (len(out) + 1)
+            if op == 0 and out:
+                del out[i % len(out)]
+            elif op == 1 and out:
+                out[i % len(out)] = field
+            elif op == 2 and out:
+                out.insert(i, out[i % len(out)])
+            else:
+                out.insert(i, field)
+        return out
+    return st.lists(st.tuples(st.integers(0, 3), st.integers(0, 20), st.tuples(names, values)),
+                    min_size=1, max_size=3).map(apply)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(header_lists | mutated(GOOD))
+def test_request_rules_agree_with_h2(headers):
+    assert (request_problem(headers) is None) == h2_accepts(headers, REQUEST), \
+        (headers, request_problem(headers))
+
+
+@settings(max_examples=800, deadline=None)
+@given(header_lists)
+def test_trailer_rules_agree_with_h2(headers):
+    assert (trailers_problem(headers) is None) == h2_accepts(headers, TRAILER), \
+        (headers, trailers_problem(headers))
+
+
+@pytest.mark.parametrize("headers,reason", [
+    (GOOD, None),
+    ([*GOOD, (b"X-Upper", b"1")], "invalid field name"),
+    ([*GOOD, (b"x-a", b"1\r\nx-b: 2")], "invalid value"),
+    ([*GOOD, (b"connection", b"close")], "connection-specific"),
+    ([*GOOD, (b"te", b"gzip")], "TE other than"),
+    ([*GOOD[:2], *GOOD[3:], GOOD[2]], "after a regular field"),
+    ([GOOD[0], *GOOD], "duplicate pseudo-header"),
+    ([(b":method", b"CONNECT"), (b":authority", b"db:5432")], None),
+    ([(b":method", b"CONNECT"), (b":authority", b"db:5432"), (b":path", b"/")], "CONNECT with"),
+    ([*GOOD[:3], (b"host", b"other")], None),
+    ([*GOOD, (b"host", b"other")], ":authority and Host differ"),
+    (GOOD[:3], "neither :authority nor Host"),
+])
+def test_reasons(headers, reason):
+    problem = request_problem(headers)
+    if reason is None:
+        assert problem is None
+    else:
+        assert problem is not None and reason in problem, problem
