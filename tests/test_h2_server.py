@@ -15,6 +15,7 @@ import time
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import hpack
@@ -405,3 +406,60 @@ def test_concurrent_streams_beyond_the_setting_are_refused(mesh, backends):
     assert any(getattr(f, "stream_id", 0) == sids[-1] + 2 and f.type == 0x3 for f in frames) \
         or _goaway_code(frames) not in (None, 0), frames
     wait_for(lambda: _worker_alive(m), timeout=5)
+
+
+def _resetting_h2_upstream(code: int) -> tuple[socket.socket, int]:
+    """An HTTP/2 upstream (prior knowledge) that answers each request with a head and a
+    piece of body, then resets the stream with ``code``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve(sock: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        with sock:
+            try:
+                sock.sendall(conn.data_to_send())
+                while data := sock.recv(65536):
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            conn.send_headers(event.stream_id, [(b":status", b"200")])
+                            conn.send_data(event.stream_id, b"partial")
+                            sock.sendall(conn.data_to_send())
+                            time.sleep(0.3)  # the head and body reach the client first
+                            conn.reset_stream(event.stream_id, code)
+                    sock.sendall(conn.data_to_send())
+            except OSError:
+                return
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(sock,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_upstream_reset_reaches_the_client_with_its_own_code(mesh):
+    """RST_STREAM from an HTTP/2 upstream after the response began is passed on with the
+    upstream's code (CANCEL reaches a gRPC client as CANCELLED), not INTERNAL_ERROR."""
+    for code in (h2.errors.ErrorCodes.CANCEL, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM):
+        srv, port = _resetting_h2_upstream(code)
+        try:
+            m = mesh.run({"web": [f"127.0.0.1:{port}"]}, workers=1,
+                         extra='[service.web]\nprotocol = "h2"\n')
+            c = RawH2(m.ports["outbound"])
+            sid = c.request("/")
+            c.pump(lambda c=c, sid=sid: c.ended(sid))
+            resets = [e for e in c.events if isinstance(e, h2.events.StreamReset)]
+            assert [(e.stream_id, e.error_code) for e in resets] == [(sid, code)], c.events
+            assert c.response(sid)[:2] == ({b":status": b"200"}, b"partial")
+            c.close()
+            m.stop()
+        finally:
+            srv.close()

@@ -51,6 +51,8 @@ from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
 
 MB = 1 << 20
 EARLY = ("/rst-now", "/goaway-now", "/early")  # answered at the request head, not its end
+BAD_FIELDS = {"upper": (b"X-Upper", b"1"), "connection": (b"connection", b"close"),
+              "crlf": (b"x-a", b"1\r\nx-injected: 1"), "pseudo": (b":path", b"/")}
 
 
 # -- a scripted HTTP/2 server ------------------------------------------------------------
@@ -74,7 +76,10 @@ class _ServerConn:
     def __init__(self, server: H2Server, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
-        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Sent heads are not validated, so a path can script a malformed one.
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                        validate_outbound_headers=False,
+                                        normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(cfg)
         self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
@@ -176,6 +181,12 @@ class _ServerConn:
             act(("headers", ok, True))
         elif s.path == "/kill":
             act(("kill",))
+        elif s.path == "/bad-head":
+            act(("headers", [(b":status", b"200"), BAD_FIELDS[q["field"]]], True))
+        elif s.path == "/bad-trailers":
+            act(("headers", ok, False))
+            act(("data", b"body", False))
+            act(("trailers", [BAD_FIELDS[q["field"]]]))
         else:  # /, /noack
             act(("headers", ok, True))
 
@@ -653,6 +664,25 @@ def test_invalid_request_head_does_not_leak_a_stream(server: H2Server) -> None:
         assert read_all(s) == b"ok"
         s = up.open_stream(req(server, "/"), end_stream=True)
         assert s.read(5) is None
+    finally:
+        up.close()
+
+
+@pytest.mark.parametrize("field", sorted(BAD_FIELDS))
+def test_malformed_response_head_fails_only_its_stream(server: H2Server, field: str) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    try:
+        s = up.open_stream(req(server, f"/bad-head?field={field}"), end_stream=True)
+        with pytest.raises(UpstreamError, match="malformed response head"):
+            s.response(time.monotonic() + 5)
+        t = up.open_stream(req(server, f"/bad-trailers?field={field}"), end_stream=True)
+        assert t.response(time.monotonic() + 5)[0] == (b":status", b"200")
+        with pytest.raises(UpstreamError, match="malformed trailers"):
+            read_all(t)
+        wait_for(lambda: not up.streams)
+        ok = up.open_stream(req(server, "/"), end_stream=True)  # the connection goes on
+        assert ok.response(time.monotonic() + 5)[0] == (b":status", b"200")
+        assert up.alive and not up.closed
     finally:
         up.close()
 

@@ -122,3 +122,29 @@ def trailers_problem(headers: Headers) -> str | None:
             return problem
     return None
 
+
+
+def response_problem(headers: Headers) -> str | None:
+    """What makes a response head (final or 1xx) malformed (§8.3.2), or None."""
+    problem = _fields_problem(headers)
+    if problem:
+        return problem
+    status = None
+    regular = False
+    for name, value in headers:
+        if name[0] == 0x3a:
+            if regular:
+                return f"pseudo-header {name!r} after a regular field"
+            if name != b":status" or status is not None:
+                return f"pseudo-header {name!r} not allowed in a response"
+            status = value
+        else:
+            regular = True
+            problem = _regular_problem(name, value)
+            if problem:
+                return problem
+    if status is None:
+        return "no :status"
+    if len(status) != 3 or not status.isdigit():
+        return f"invalid :status {status[:16]!r}"
+    return None

@@ -128,7 +128,10 @@ class H2ToHttp1:
         except ProxyError as e:
             status = e.status
             if self.response_started:
-                server.reset_stream(self.stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                # The upstream's own RST_STREAM code when it reset the stream (CANCEL
+                # reaches a gRPC client as CANCELLED), else INTERNAL_ERROR.
+                server.reset_stream(self.stream, self.upstream_reset
+                                    or h2.errors.ErrorCodes.INTERNAL_ERROR)
             else:
                 self._answer_error(e)
         except StreamGone:
@@ -267,6 +270,7 @@ class H2ToHttp1:
         except BaseException as e:
             if sender is not None:
                 sender.kill()
+            self.upstream_reset = up.reset_code
             up.reset()  # the upstream sees the cancellation (a client's reset, a timeout)
             if isinstance(e, (RetryNow, StreamGone)):
                 if isinstance(e, StreamGone):
@@ -380,6 +384,7 @@ class H2ToHttp1:
 
     _upstream_clean = True
     chunked = False
+    upstream_reset: int | None = None  # the RST_STREAM code an HTTP/2 upstream sent
 
     def _answer_error(self, err: ProxyError) -> None:
         level = logging.INFO if err.status < 500 else logging.WARNING

@@ -42,7 +42,7 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -56,10 +56,10 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import h2.utilities
 from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamError, UpstreamTimeout
+from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
 from meshd.worker.sockio import sendall as _fast_sendall
 
 log = logging.getLogger("meshd.worker")
@@ -77,6 +77,7 @@ IDLE_TIMEOUT = 300.0            # a connection without streams this long is clos
 WRITE_BATCH = 1 << 17           # DATA bytes framed per lock hold, so streams interleave
 CANCEL = h2.errors.ErrorCodes.CANCEL
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 
 class StreamNotOpened(UpstreamError):
@@ -94,25 +95,19 @@ def code_name(code: int | None) -> str:
         return f"0x{code:x}"
 
 
-def _as_bytes(headers: Sequence[Any]) -> Headers:
-    return [(k if isinstance(k, bytes) else str(k).encode(),
-             v if isinstance(v, bytes) else str(v).encode()) for k, v in headers]
-
-
 def check_headers(headers: Headers, trailers: bool = False) -> None:
-    """Raise ``UpstreamError`` for a head h2 would refuse to send. Checked before h2 sees
-    it: h2 validates while it HPACK-encodes, so a refusal there leaves the encoder's
+    """Raise ``UpstreamError`` for a head the peer would refuse as malformed (the rules
+    of RFC 9113 §8.2/8.3, meshd.proto.h2_headers). Checked before h2 sees it: h2 is told
+    not to validate what it sends, and a refusal midway would leave its HPACK encoder's
     table ahead of the peer's decoder and the connection unusable."""
-    flags = h2.utilities.HeaderValidationFlags(
-        is_client=True, is_trailer=trailers, is_response_header=False, is_push_promise=False)
-    try:
-        for _ in h2.utilities.validate_outbound_headers(
-                h2.utilities.normalize_outbound_headers(headers, flags), flags):
-            pass
-    except h2.exceptions.ProtocolError as e:
-        if trailers:
-            raise UpstreamError(f"invalid trailers: {e}") from None
-        raise StreamNotOpened(f"invalid request head: {e}") from None
+    if trailers:
+        problem = trailers_problem(headers)
+        if problem:
+            raise UpstreamError(f"invalid trailers: {problem}")
+        return
+    problem = request_problem(headers)
+    if problem:
+        raise StreamNotOpened(f"invalid request head: {problem}")
 
 
 class _Connection(h2.connection.H2Connection):
@@ -177,6 +172,7 @@ class H2Stream:
         self.head: Headers | None = None
         self.trailers: Headers | None = None
         self.refused = False
+        self.reset_code: int | None = None  # the code of the upstream's RST_STREAM
         self.buffered = 0                 # received bytes not yet read (<= stream window)
         self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
         self._remote_ended = False
@@ -369,9 +365,11 @@ class H2Upstream:
         self.address = address
         self.name = f"{address[0]}:{address[1]}"
         # Outbound heads are checked once, by check_headers in open_stream, before h2
-        # encodes them; h2 validating them again costs ~10 % of a request.
+        # encodes them; inbound ones by meshd.proto.h2_headers in _dispatch (one pass,
+        # and a stream error): h2's own checks cost ~10 % of a request each way.
         config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                           validate_inbound_headers=True,
+                                           validate_inbound_headers=False,
+                                           normalize_inbound_headers=False,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
         self.conn = _Connection(config)
@@ -647,17 +645,18 @@ class H2Upstream:
             self._on_data(event)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.head = _as_bytes(event.headers)
+            if stream is not None and self._well_formed(stream, event.headers, "response head"):
+                stream.head = event.headers
                 stream._changed.set()
         elif isinstance(event, h2.events.InformationalResponseReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and len(stream.informational) < MAX_INFORMATIONAL:
-                stream.informational.append(_as_bytes(event.headers))
+            if stream is not None and self._well_formed(stream, event.headers, "1xx head") \
+                    and len(stream.informational) < MAX_INFORMATIONAL:
+                stream.informational.append(event.headers)
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.trailers = _as_bytes(event.headers)
+            if stream is not None and self._well_formed(stream, event.headers, "trailers"):
+                stream.trailers = event.headers
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -680,6 +679,16 @@ class H2Upstream:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event)
         # PING and SETTINGS are answered by h2 (flushed by the caller); the rest is ignored.
+
+    def _well_formed(self, stream: H2Stream, headers: Headers, what: str) -> bool:
+        """A malformed head from the upstream fails its stream (RST_STREAM
+        PROTOCOL_ERROR, RFC 9113 §8.1.1); the connection goes on."""
+        problem = trailers_problem(headers) if what == "trailers" else response_problem(headers)
+        if problem is None:
+            return True
+        stream.reset(PROTOCOL_ERROR)
+        stream._error = f"{stream!r}: malformed {what} from the upstream: {problem}"
+        return False
 
     def _wake_senders(self) -> None:
         for stream in self.streams.values():
@@ -706,6 +715,7 @@ class H2Upstream:
             stream._upload_stopped = True  # answered in full; the rest of the body is unwanted
         elif event.remote_reset:
             stream.refused = code == REFUSED_STREAM
+            stream.reset_code = code
             stream._error = f"{stream!r} reset by the upstream ({code_name(code)})"
         else:  # h2 reset it: the upstream broke the protocol on this stream
             stream._error = f"{stream!r}: the upstream sent an invalid frame ({code_name(code)})"
