@@ -463,3 +463,28 @@ def test_upstream_reset_reaches_the_client_with_its_own_code(mesh):
             m.stop()
         finally:
             srv.close()
+
+
+def test_output_to_a_client_that_does_not_read_is_bounded(mesh, backends):
+    """A client that opens huge flow-control windows and then stops reading its socket:
+    meshd queues at most OUT_LIMIT (256 KiB) beyond what the kernel buffers hold, not
+    the 50 MB the windows allow, and other connections are served meanwhile."""
+    a = backends("a")
+    m = mesh.run({"web": [a.address]}, workers=1)
+    [worker] = m.worker_pids()
+    before = _usage(worker)
+    greedy = RawH2(m.ports["outbound"], window=2**31 - 1)
+    greedy.conn.increment_flow_control_window(2**31 - 1 - 65535)
+    greedy.flush()
+    greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    for i in range(2):
+        greedy.request(f"/bytes?n=25000000&i={i}")
+    time.sleep(2.0)  # meshd writes until the socket is full, then holds the streams
+    assert _worker_alive(m)
+    _bounded(worker, before, mib=30, cpu=5)
+    # reading again resumes the responses where they stopped
+    greedy.pump(lambda: sum(len(e.data) for e in greedy.events
+                            if isinstance(e, h2.events.DataReceived)) > 2_000_000, timeout=20)
+    assert not greedy.closed and greedy.goaway() is None
+    greedy.close()
+    assert _worker_alive(m)
