@@ -112,6 +112,9 @@ class H2ServerConnection:
         self._flush()
         data = initial
         idle_deadline = time.monotonic() + self.limits.client_idle_timeout
+        g: Any = self.sock
+        raw = self._raw
+        g.settimeout(TICK)  # for the waits below (and the writer's, which just waits again)
         try:
             while True:
                 if data:
@@ -125,16 +128,19 @@ class H2ServerConnection:
                 if not self.streams and time.monotonic() > idle_deadline:
                     self._close(h2.errors.ErrorCodes.NO_ERROR)
                     return
-                self.sock.settimeout(TICK)
+                # The raw non-blocking recv first; wait on the socket's own read watcher
+                # (at most TICK) only when nothing is there (sockio's approach).
                 try:
-                    data = self.sock.recv(READ_SIZE)
-                except TimeoutError:
+                    data = raw.recv(READ_SIZE)
+                except BlockingIOError:
+                    try:
+                        g._wait(g._read_event)
+                    except TimeoutError:
+                        pass
                     data = b""
                     continue
                 except OSError:
                     return
-                finally:
-                    self.sock.settimeout(None)
                 if not data:
                     return
         finally:
@@ -348,6 +354,7 @@ class H2ServerConnection:
             writer.join(FINAL_WRITE_TIMEOUT)
         if self.out and self._writer is None and not self.sock_gone:
             data, self.out = bytes(self.out), bytearray()
+            self.sock.settimeout(None)
             try:
                 with gevent.Timeout(FINAL_WRITE_TIMEOUT):
                     sendall(self.sock, data)
