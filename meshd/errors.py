@@ -101,6 +101,12 @@ class UpstreamError(ProxyError):
     reason = "upstream failure"
 
 
+class ProtocolUnavailable(UpstreamError):
+    """The endpoint is up but cannot speak what the request needs (a gRPC request to a
+    TLS endpoint whose ALPN selected http/1.1): not counted against the endpoint, and
+    the request may go to another one."""
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     reason = "upstream timeout"
