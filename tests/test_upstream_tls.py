@@ -62,8 +62,8 @@ def curl(*args: str, timeout: float = 10) -> tuple[int, dict[str, str], str]:
 class Nginx:
     """nginx serving HTTPS with HTTP/2 (ALPN h2), answering its $server_protocol."""
 
-    def __init__(self, workdir: Path, issued: Issued) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, issued: Issued, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.dir = workdir / f"nginx-{self.port}"
         self.dir.mkdir()
         temp = "".join(f"  {k}_temp_path {self.dir}/{k};\n"
@@ -175,6 +175,20 @@ def test_http2_client_to_a_tls_http1_upstream(mesh, backends, pki):
 
 # -- ALPN h2 ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("first", ["http1", "h2"])
+def test_the_first_request_learns_alpn_h2(mesh, pki, nginx_h2, first):
+    """One worker: the first request's new TLS connection (from the HTTP/1.1 pool)
+    selects h2 and moves to the HTTP/2 pool, for an HTTP/1.1 client and an HTTP/2 one."""
+    m = mesh.run({"web": [f"127.0.0.1:{nginx_h2.port}"]}, workers=1,
+                 extra=tls_table("web", ca_file=pki["ca"].cert_file))
+    url = f"http://127.0.0.1:{m.ports['outbound']}/"
+    args = ["--http2-prior-knowledge"] if first == "h2" else []
+    for _ in range(3):
+        status, headers, body = curl(*args, "-H", "Host: web", url)
+        assert status == 200, body
+        assert body.startswith("proto=HTTP/2.0 scheme=https host=web")
+
+
 def test_clients_reach_an_upstream_that_selects_h2(mesh, pki, nginx_h2):
     ca = pki["ca"]
     m = mesh.run({"web": [f"127.0.0.1:{nginx_h2.port}"]},
@@ -192,6 +206,35 @@ def test_clients_reach_an_upstream_that_selects_h2(mesh, pki, nginx_h2):
         assert body.startswith("proto=HTTP/2.0 ")
         status, headers, body = curl("-H", "Host: web", url)  # HTTP/1.1 client via curl
         assert status == 200 and body.startswith("proto=HTTP/2.0 ")
+
+
+def test_a_new_connection_refreshes_what_alpn_selected(mesh, backends, pki, tmp_path):
+    """The endpoint's server changes on the same port: HTTPS HTTP/1.1, then nginx with
+    h2, then HTTP/1.1 again. Requests follow, without an error reaching the client."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    ca, server = pki["ca"], pki["server"]
+    port = free_port()
+    m = mesh.run({"web": [f"127.0.0.1:{port}"]}, workers=1,
+                 extra="[service.web]\nretries = 2\n" + tls_table("web", ca_file=ca.cert_file))
+    out = m.ports["outbound"]
+
+    def proto() -> str:
+        status, headers, body = http_get("127.0.0.1", out, "/proto", {"Host": "web"})
+        assert status == 200, headers.get("meshd-error")
+        return body.decode().split()[0].removeprefix("proto=")
+
+    b = backends("secure", port=port, tls=(server.cert, server.key))
+    assert proto() == "HTTP/1.1"
+    b.stop()
+    nginx = Nginx(tmp_path, server, port).start()
+    try:
+        assert proto() == "HTTP/2.0"  # the pooled HTTP/1.1 connection is gone; the new one says h2
+        assert proto() == "HTTP/2.0"
+    finally:
+        nginx.stop()
+    backends("secure-again", port=port, tls=(server.cert, server.key))
+    assert proto() == "HTTP/1.1"  # remembered h2, a new connection says http/1.1: retried
 
 
 def test_protocol_h2_offers_only_h2(mesh, pki, nginx_h2):
@@ -263,13 +306,12 @@ def test_server_name_is_sent_and_verified(mesh, backends, pki):
 
 
 def test_verify_false_accepts_any_certificate_and_warns(mesh, backends, pki):
-    other, stranger = pki["other"], pki["stranger"]
+    stranger = pki["stranger"]  # signed by a CA meshd is never told about
     b = backends("secure", tls=(stranger.cert, stranger.key))
     m = mesh.run({"web": [b.address]}, extra=tls_table("web", verify=False))
     status, _, body = http_get("127.0.0.1", m.ports["outbound"], "/proto", {"Host": "web"})
     assert status == 200 and body.split()[1] == b"https"
     assert "service.web.tls.verify = false" in m.log()
-    assert other.cert_file  # the server's CA was never given to meshd
 
 
 def test_client_certificate_is_presented(mesh, pki, tmp_path):
@@ -411,7 +453,7 @@ def test_config_tls_values(pki, tmp_path):
 
 
 def test_config_tls_errors_name_the_key(pki, tmp_path):
-    ca, client, server = pki["ca"], pki["client"], pki["server"]
+    client, server = pki["client"], pki["server"]
     missing = str(tmp_path / "missing.pem")
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
@@ -431,7 +473,6 @@ def test_config_tls_errors_name_the_key(pki, tmp_path):
         "service.web.tls.server_name"]
     assert _problems({"verfy": False})["service.web.tls.verfy"] == "unknown key"
     assert "expected a table" in _problems(True)["service.web.tls"]
-    assert ca.cert_file
 
 
 def test_meshd_check_refuses_bad_tls(tmp_path, pki):
@@ -451,3 +492,21 @@ def test_meshd_check_refuses_bad_tls(tmp_path, pki):
     err = out.stderr.decode() + out.stdout.decode()
     assert f"{path}: service.web.tls.ca_file: cannot read {missing}" in err
     assert f"{path}: service.web.tls.server_name: expected a host name or IP address" in err
+
+
+def test_one_context_per_service_per_worker(pki):
+    """A worker's TLS targets are built on first use and kept: one cooperative context per
+    service, shared by its connections; services without a tls table get none."""
+    import gevent.ssl
+
+    from meshd.worker.upstream_tls import UpstreamTls
+
+    cfg = parse(dict(BASE, service={"web": {"tls": {"ca_file": pki["ca"].cert_file}},
+                                    "grpc": {"protocol": "h2", "tls": {}},
+                                    "plain": {}}))
+    tls = UpstreamTls(cfg)
+    web = tls.target("web")
+    assert web is not None and tls.target("web") is web
+    assert isinstance(web.context, gevent.ssl.SSLContext)
+    assert not web.require_h2 and tls.target("grpc").require_h2
+    assert tls.target("plain") is None and tls.target("unknown") is None
