@@ -355,15 +355,89 @@ def test_client_certificate_is_presented(mesh, pki, tmp_path):
         proc.wait(5)
 
 
-def test_upgrade_to_a_tls_upstream_is_refused(mesh, backends, pki):
+class UpgradeServer:
+    """A TLS server that accepts any Upgrade with 101, then answers each chunk in upper
+    case until the client's stream ends (``ended`` set), then closes."""
+
+    def __init__(self, issued: Issued) -> None:
+        import socket
+        import ssl
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(issued.cert, issued.key)
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.ended = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, raw) -> None:
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                conn.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    head += data
+                head, _, rest = head.partition(b"\r\n\r\n")
+                self.requests.append(head)
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n" + rest.upper())
+                while data := conn.recv(65536):
+                    conn.sendall(data.upper())
+                self.ended.set()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_websocket_to_a_tls_upstream_is_tunneled(mesh, pki):
+    import socket
     ca, server = pki["ca"], pki["server"]
-    b = backends("secure", tls=(server.cert, server.key))
-    m = mesh.run({"web": [b.address]}, extra=tls_table("web", ca_file=ca.cert_file))
-    status, headers, _ = http_get("127.0.0.1", m.ports["outbound"], "/", {
-        "Host": "web", "Connection": "Upgrade", "Upgrade": "websocket",
-        "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
-    assert status == 502
-    assert "does not tunnel upgrades" in headers["meshd-error"]
+    up = UpgradeServer(server)
+    try:
+        m = mesh.run({"web": [f"127.0.0.1:{up.port}"]},
+                     extra=tls_table("web", ca_file=ca.cert_file))
+        with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as c:
+            c.sendall(b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nearly")
+            got = b""
+            while b"EARLY" not in got:
+                data = c.recv(65536)
+                assert data, got
+                got += data
+            assert got.startswith(b"HTTP/1.1 101 ")
+            big = b"abc" * 100000  # many TLS records each way
+            c.sendall(big)
+            back = b""
+            while len(back) < len(big):
+                data = c.recv(65536)
+                assert data
+                back += data
+            assert back == big.upper()
+            # The end of the client's stream reaches the server (as the end of the TCP
+            # stream: no close_notify), which closes; so does the tunnel.
+            c.shutdown(socket.SHUT_WR)
+            assert up.ended.wait(5)
+            assert c.recv(65536) == b""
+        assert up.requests and b"upgrade: websocket" in up.requests[0].lower()
+    finally:
+        up.close()
 
 
 # -- gRPC ------------------------------------------------------------------------------------

@@ -255,10 +255,6 @@ class HttpConnection:
         worker = self.worker
         req, body, policy, svc = call.req, call.body, call.policy, call.svc
         balancer = worker.balancer
-        if svc is not None and svc.tls is not None and _upgrade_protocols(
-                req, self.listener.h2c_upgrade):
-            raise UpstreamError(f"service {call.service} is reached over TLS, and meshd does "
-                                f"not tunnel upgrades (WebSocket, h2c) over TLS upstreams yet")
         ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
         tls = None
         if ep.meshed or (svc is not None and (svc.protocol == "h2" or svc.tls is not None)):
@@ -472,7 +468,7 @@ class HttpConnection:
         extra = [(b"Connection", b"Upgrade")] + ([(b"Upgrade", upgrade)] if upgrade else [])
         self.response_started = True
         self._send(http1.serialize_response_head(101, resp.reason, headers, extra))
-        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout)
+        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout, tls=conn.tls is not None)
         conn.buf.clear()
 
     def _connect(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy) -> int:
@@ -497,10 +493,11 @@ class HttpConnection:
             if conn is not None:
                 conn.close()
 
-    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
+    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float,
+                tls: bool = False) -> None:
         leftover = bytes(self.buf)
         self.buf.clear()
-        tunnel = Tunnel(self.sock, upstream, idle_timeout)
+        tunnel = Tunnel(self.sock, upstream, idle_timeout, tls)
         tunnel.run(leftover, upstream_leftover)
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)
