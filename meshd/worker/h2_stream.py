@@ -232,6 +232,8 @@ class H2ToHttp1:
         worker, server, stream, policy = self.worker, self.server, self.stream, call.policy
         balancer = worker.balancer
         headers = [(k, v) for k, v in stream.headers if k not in _H2_DROP]
+        if tls is not None:  # the upstream is reached over TLS: its URI scheme is https
+            headers = [(k, b"https" if k == b":scheme" else v) for k, v in headers]
         if meshed:
             headers.append((ORIG_PROTO, b"HTTP/2"))
         failed = True
