@@ -56,7 +56,8 @@ def client_context(tls: TlsConfig, protocol: str, context_class: Any = ssl.SSLCo
         _readable("cert_file", tls.cert_file)
         _readable("key_file", tls.key_file)
         try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+            # An encrypted key would make OpenSSL prompt on the terminal: refuse it instead.
+            ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_encrypted_key(tls.key_file))
         except ssl.SSLError as e:
             raise TlsSetupError("cert_file", f"cannot load the client certificate {tls.cert_file} "
                                              f"with the key {tls.key_file}: {_ssl_reason(e)}") from None
@@ -72,6 +73,13 @@ def handshake_error(e: OSError) -> str:
     if isinstance(e, ssl.SSLError):
         return _ssl_reason(e)
     return e.strerror or str(e)
+
+
+def _encrypted_key(path: str) -> Any:
+    def refuse() -> str:
+        raise TlsSetupError("key_file", f"{path} is encrypted; meshd needs an unencrypted "
+                                        "key (readable by meshd only)")
+    return refuse
 
 
 def _readable(key: str, path: str) -> None:

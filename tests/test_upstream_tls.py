@@ -541,6 +541,14 @@ def test_config_tls_errors_name_the_key(pki, tmp_path):
         {"cert_file": client.cert, "key_file": server.key})["service.web.tls.cert_file"]
     assert "cannot read" in _problems(
         {"cert_file": client.cert, "key_file": missing})["service.web.tls.key_file"]
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(Path(client.key).read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(  # OpenSSL would prompt for its password
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    assert "is encrypted" in _problems(
+        {"cert_file": client.cert, "key_file": str(encrypted)})["service.web.tls.key_file"]
     assert "expected true or false" in _problems({"verify": "no"})["service.web.tls.verify"]
     assert "expected true or false" in _problems({"enabled": 1})["service.web.tls.enabled"]
     assert "host name or IP" in _problems({"server_name": "bad name"})[
