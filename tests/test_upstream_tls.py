@@ -289,6 +289,23 @@ def test_wrong_ca_is_a_connect_failure_retried_elsewhere(mesh, backends, pki):
     assert _endpoint(m, good.address)["successes"] >= 6
 
 
+def test_a_ca_file_gone_before_first_use_is_not_the_endpoints_fault(mesh, backends, pki,
+                                                                   tmp_path):
+    """Workers build a service's context on first use: a file removed after the config
+    was loaded fails the request with the reason, without counting against the endpoint."""
+    server = pki["server"]
+    ca_copy = tmp_path / "ca-copy.crt"
+    ca_copy.write_bytes(Path(pki["ca"].cert_file).read_bytes())
+    b = backends("secure", tls=(server.cert, server.key))
+    m = mesh.run({"web": [b.address]}, workers=1, extra=tls_table("web", ca_file=str(ca_copy)))
+    ca_copy.unlink()
+    status, headers, _ = http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": "web"})
+    assert status == 502
+    assert headers["meshd-error"].startswith("TLS toward service web cannot be set up: "
+                                             f"cannot read {ca_copy}")
+    assert _endpoint(m, b.address)["failures"] == 0
+
+
 def test_server_name_is_sent_and_verified(mesh, backends, pki):
     ca, server = pki["ca"], pki["server"]
     b = backends("secure", tls=(server.cert, server.key))

@@ -137,9 +137,9 @@ def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
                    attempts_left: bool) -> None:
     """The attempt's connection could not be made: count it for the endpoint, and raise
     ``RetryNow`` when the request may go elsewhere (nothing of it was sent)."""
-    # An endpoint that answered the handshake but cannot speak what this request needs
-    # is not at fault (it serves other requests well).
-    counted = "connect" in call.policy.failure_on and not isinstance(e, ProtocolUnavailable)
+    # Not every failed attempt is the endpoint's fault: one that cannot speak what this
+    # request needs serves others well, and meshd's own setup may have failed.
+    counted = "connect" in call.policy.failure_on and getattr(e, "endpoint_fault", True)
     worker.balancer.finished(row, None, counted)
     if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
         raise RetryNow() from None

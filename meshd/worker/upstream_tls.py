@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 import gevent.socket
 import gevent.ssl
 
-from meshd.errors import ProtocolUnavailable, UpstreamError, UpstreamTimeout
+from meshd.errors import (
+    ProtocolUnavailable,
+    UpstreamError,
+    UpstreamSetupError,
+    UpstreamTimeout,
+)
 from meshd.tls import ALPN_H2, ALPN_HTTP1, TlsSetupError, client_context, handshake_error
 
 if TYPE_CHECKING:
@@ -92,7 +97,8 @@ class UpstreamTls:
     def target(self, service: str) -> TlsTarget | None:
         """The TLS target of ``service``, None when it speaks plaintext. A context that
         cannot be built now (a file removed since the config was loaded) fails the
-        attempt like a connect failure, and is tried again by the next request."""
+        attempt (``UpstreamSetupError``, not counted against the endpoint) and is tried
+        again by the next request."""
         found = self._targets.get(service)
         if found is not None:
             return found
@@ -102,7 +108,8 @@ class UpstreamTls:
         try:
             context = client_context(svc.tls, svc.protocol, gevent.ssl.SSLContext)
         except (TlsSetupError, OSError) as e:
-            raise UpstreamError(f"TLS toward service {service} cannot be set up: {e}") from None
+            raise UpstreamSetupError(f"TLS toward service {service} cannot be set up: "
+                                     f"{e}") from None
         target = TlsTarget(service, context, svc.tls.server_name, svc.protocol == "h2",
                            self.alpn)
         self._targets[service] = target
