@@ -14,6 +14,7 @@ Unknown keys are errors at every level, except beside ``name`` and ``plugin`` in
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from meshd.errors import ConfigError
 
+log = logging.getLogger("meshd.config")
 T = TypeVar("T")
 Problems = list[tuple[str, str]]
 
@@ -36,6 +38,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _METHOD = re.compile(r"[A-Z]+")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 FAILURE_KINDS = ("connect", "reset", "timeout", "5xx", "4xx")
 DEFAULT_FAILURE_ON = frozenset(("connect", "reset", "timeout", "5xx"))
 
@@ -90,6 +93,17 @@ class SourceShare:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """`[service.NAME.tls]`: the service's endpoints are reached over TLS (client side;
+    the context is built by ``meshd.tls.client_context``)."""
+    ca_file: str | None = None      # PEM CA bundle; None: the system trust store
+    server_name: str | None = None  # SNI and the name verified; None: the endpoint's host
+    verify: bool = True             # False: no verification at all (warned at load)
+    cert_file: str | None = None    # client certificate (PEM), presented when asked
+    key_file: str | None = None     # its private key (PEM)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     timeout: float = 10.0  # the response head must arrive within it, else 504
@@ -109,6 +123,7 @@ class ServiceConfig:
     max_pending: int = 0  # in-flight requests per endpoint over all workers (0: no limit)
     max_connections: int = 0  # upstream connections in use per endpoint, all workers (0: none)
     protocol: str = "http1"  # toward the endpoints: http1 | h2 (prior knowledge); gRPC is always h2
+    tls: TlsConfig | None = None  # None: plaintext (meshed endpoints are always plaintext h2c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +374,7 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         max_pending = t.take("max_pending", _integer(0), 0)
         max_connections = t.take("max_connections", _integer(0), 0)
         protocol = t.take("protocol", _choice("http1", "h2"), "http1")
+        tls = _service_tls(t, name, protocol)
         t.finish()
         if name in failover:
             t.problem("failover", f"a service cannot fail over to itself ({name!r})")
@@ -368,9 +384,57 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
             sources=shares, balancer=balancer, failure_accrual=failure_accrual,
             retries=retries, try_timeout=try_timeout, failure_on=failure_on,
             failover=failover, hash_on=hash_on, max_pending=max_pending,
-            max_connections=max_connections, protocol=protocol,
+            max_connections=max_connections, protocol=protocol, tls=tls,
         )
     return MappingProxyType(services)
+
+
+def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
+    """`[service.NAME.tls]`: None when absent or `enabled = false`. Its files are loaded
+    here (``meshd.tls``, the standard ssl module) so that a bad one is a config error."""
+    raw = service.raw("tls", None)
+    if raw is None:
+        return None
+    t = _Table(raw, f"{service.path}.tls", service.problems)
+    before = len(t.problems)
+    enabled = t.take("enabled", _boolean, True)
+    tls = TlsConfig(ca_file=t.take("ca_file", _string(), None),
+                    server_name=t.take("server_name", _server_name, None),
+                    verify=t.take("verify", _boolean, True),
+                    cert_file=t.take("cert_file", _string(), None),
+                    key_file=t.take("key_file", _string(), None))
+    t.finish()
+    if (tls.cert_file is None) != (tls.key_file is None):
+        given, missing = ("cert_file", "key_file") if tls.key_file is None else ("key_file",
+                                                                                 "cert_file")
+        if given not in t.bad:
+            t.problem(missing, f"required with {given} (a client certificate needs its key)")
+    if not enabled or not t.ok or t.bad & {"enabled", "ca_file", "cert_file", "key_file"}:
+        return None
+    from meshd.tls import TlsSetupError, client_context  # ssl stays out of the sans-IO import
+    try:
+        client_context(tls, protocol)
+    except TlsSetupError as e:
+        t.problem(e.key, str(e))
+    if len(t.problems) > before:
+        return None
+    if not tls.verify:
+        log.warning("service.%s.tls.verify = false: the certificates of %s's endpoints are "
+                    "not verified (anyone on the path can impersonate them)", name, name)
+    return tls
+
+
+def _server_name(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a host name or IP address, got {_show(value)}")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"expected a host name or IP address, got {value!r}")
+    return value
 
 
 def _route(t: _Table, i: int) -> RouteConfig:

@@ -48,10 +48,12 @@ class ShmError(MeshdError):
 
 
 class ProxyError(MeshdError):
-    """An error that ends one proxied request with an HTTP answer."""
+    """An error that ends one proxied request with an HTTP answer. ``endpoint_fault``:
+    a failed connection attempt counts toward the endpoint's failure accrual."""
 
     status = 502
     reason = "bad gateway"
+    endpoint_fault = True
 
 
 class BadRequest(ProxyError):
@@ -99,6 +101,21 @@ class EndpointsBusy(ProxyError):
 class UpstreamError(ProxyError):
     status = 502
     reason = "upstream failure"
+
+
+class ProtocolUnavailable(UpstreamError):
+    """The endpoint is up but cannot speak what the request needs (a gRPC request to a
+    TLS endpoint whose ALPN selected http/1.1): not counted against the endpoint, and
+    the request may go to another one."""
+
+    endpoint_fault = False
+
+
+class UpstreamSetupError(UpstreamError):
+    """meshd cannot set up its side of a connection (a service's TLS files cannot be
+    loaded any more): answered 502, not counted against the endpoint."""
+
+    endpoint_fault = False
 
 
 class UpstreamTimeout(ProxyError):

@@ -17,8 +17,9 @@ from meshd.testing.k8s_server import K8sApiServer
 def backends() -> Iterator[Callable[..., Backend]]:
     started: list[Backend] = []
 
-    def start(name: str = "a", port: int | None = None, host: str = "127.0.0.1") -> Backend:
-        b = Backend(name, port, host).start()
+    def start(name: str = "a", port: int | None = None, host: str = "127.0.0.1",
+              tls: tuple[str, str] | None = None) -> Backend:
+        b = Backend(name, port, host, tls).start()
         started.append(b)
         return b
 

@@ -1,6 +1,9 @@
 """A small HTTP/1.1 backend for tests, the demo and benchmarks (gevent.pywsgi).
 
     python -m meshd.testing.backend --listen 127.0.0.1:8081 --name a
+    python -m meshd.testing.backend --listen 127.0.0.1:8443 --tls-cert C --tls-key K  # HTTPS
+
+Over TLS it selects ALPN "http/1.1" when the client offers it (it speaks nothing else).
 
 Routes (anything else answers ``NAME PATH``):
   /echo            streams the request body back (Content-Length when the request had one,
@@ -12,6 +15,7 @@ Routes (anything else answers ``NAME PATH``):
   /silent          never answers (until the client goes away or 600 s pass)
   /headers         the request headers as JSON
   /pid             the backend's pid
+  /proto           "PROTOCOL SCHEME CLIENT-PORT", e.g. "HTTP/1.1 https 40312"
   /_delay?ms=N     from now on, every other request waits N ms before answering
   /_fail?code=N    from now on, every other request answers N (0: normally again)
   /_counts         JSON {"METHOD /path": n}: the requests received so far (every path but
@@ -116,6 +120,11 @@ def make_app(name: str) -> Callable[[dict[str, Any], Callable[..., Any]], Any]:
             out = json.dumps(hdrs).encode()
             start_response("200 OK", base + [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
             return [out]
+        elif path == "/proto":
+            out = (f"{environ.get('SERVER_PROTOCOL')} {environ.get('wsgi.url_scheme')} "
+                   f"{environ.get('REMOTE_PORT')}").encode()
+            start_response("200 OK", base + [("Content-Length", str(len(out)))])
+            return [out]
         elif path == "/pid":
             out = str(os.getpid()).encode()
             start_response("200 OK", base + [("Content-Length", str(len(out)))])
@@ -139,9 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8081")
     parser.add_argument("--name", default="backend")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="... and this key (PEM)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
-    server = _Server((host.strip("[]"), int(port)), make_app(args.name), log=None)
+    tls: dict[str, Any] = {}
+    if args.tls_cert:
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # gevent's: patched above
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        context.set_alpn_protocols(["http/1.1"])
+        tls["ssl_context"] = context
+    server = _Server((host.strip("[]"), int(port)), make_app(args.name), log=None, **tls)
     gevent.signal_handler(signal.SIGTERM, server.stop)
     server.start()
     print(f"backend {args.name} listening on {args.listen}", file=sys.stderr, flush=True)

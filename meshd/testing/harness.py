@@ -63,10 +63,12 @@ def http_get(host: str, port: int, path: str, headers: dict[str, str] | None = N
 class Backend:
     """The test backend (meshd.testing.backend) in its own process."""
 
-    def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1",
+                 tls: tuple[str, str] | None = None) -> None:
         self.name = name
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls  # (certificate file, key file): HTTPS
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +78,8 @@ class Backend:
     def start(self) -> Backend:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshd.testing.backend", "--listen", self.address,
-             "--name", self.name],
+             "--name", self.name,
+             *(["--tls-cert", self.tls[0], "--tls-key", self.tls[1]] if self.tls else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open(self.host, self.port), what=f"backend {self.name}")

@@ -13,15 +13,14 @@ killing one for a retry loses no byte.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Protocol
 
 from meshd.errors import ProxyError
 from meshd.proto import http1
-from meshd.worker.sockio import sendall
 
 if TYPE_CHECKING:
     from meshd.worker.h2_upstream import H2Stream
+    from meshd.worker.upstream import UpstreamConn
 
 REPLAY_LIMIT = 65536  # request bodies up to this size are kept for a retry
 READ_SIZE = 262144
@@ -57,7 +56,7 @@ class RequestBody:
 
     # -- to an HTTP/1.1 upstream ---------------------------------------------------------
 
-    def send(self, up: socket.socket, head: bytes) -> bool:
+    def send(self, up: UpstreamConn, head: bytes) -> bool:
         """Send head and body upstream in HTTP/1.1 framing (the request's own: chunked
         stays chunked). True when all of it was sent; on a client error (gone, too slow,
         bad chunking) the upstream socket is shut down so the response wait ends, and
@@ -71,7 +70,7 @@ class RequestBody:
                     kept = self.trailers
                     out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
                 try:
-                    sendall(up, b"".join(out))
+                    up.sendall(b"".join(out))
                 except OSError:
                     return False  # the upstream stopped reading: its response tells why
                 if self.done:
@@ -79,10 +78,7 @@ class RequestBody:
                 out = [self._frame(self._next())]
         except (ClientGone, ProxyError) as e:
             self.source._body_error = e
-            try:
-                up.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            up.shutdown()
             return False
 
     def _frame(self, piece: bytes) -> bytes:

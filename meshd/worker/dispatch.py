@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from meshd.discovery.api import Endpoint
-from meshd.errors import ProxyError, UpstreamTimeout
+from meshd.errors import ProtocolUnavailable, ProxyError, UpstreamTimeout
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -23,6 +23,7 @@ from meshd.worker.routing import Policy
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
     from meshd.worker.process import Worker
+    from meshd.worker.upstream_tls import TlsTarget
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -136,7 +137,10 @@ def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
                    attempts_left: bool) -> None:
     """The attempt's connection could not be made: count it for the endpoint, and raise
     ``RetryNow`` when the request may go elsewhere (nothing of it was sent)."""
-    worker.balancer.finished(row, None, "connect" in call.policy.failure_on)
+    # Not every failed attempt is the endpoint's fault: one that cannot speak what this
+    # request needs serves others well, and meshd's own setup may have failed.
+    counted = "connect" in call.policy.failure_on and getattr(e, "endpoint_fault", True)
+    worker.balancer.finished(row, None, counted)
     if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
         raise RetryNow() from None
 
@@ -160,18 +164,37 @@ def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> boo
 ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
 
 
-def upstream_protocol(worker: Worker, service: str, ep: Endpoint,
-                      grpc: bool) -> tuple[str, tuple[str, int]]:
-    """("http1" | "h2" | "meshed", address) for a request to ``ep``: an endpoint fronted
-    by meshd (discovery says meshed, with its inbound port) gets HTTP/2 to that port,
-    multiplexed; gRPC and services with ``protocol = "h2"`` get HTTP/2 with prior
-    knowledge; everything else HTTP/1.1."""
+def upstream_protocol(worker: Worker, service: str, ep: Endpoint, grpc: bool,
+                      ) -> tuple[str, tuple[str, int], TlsTarget | None]:
+    """("http1" | "h2" | "meshed", address, TLS target or None) for a request to ``ep``.
+
+    An endpoint fronted by meshd (discovery says meshed, with its inbound port) gets
+    HTTP/2 to that port, multiplexed, plaintext h2c. A service with ``[service.X.tls]``
+    reaches its endpoints over TLS: ``protocol = "h2"`` needs ALPN h2; otherwise the
+    endpoint's remembered ALPN choice decides ("h2": the HTTP/2 pool; "http/1.1" or not
+    known yet: the HTTP/1.1 pool, whose new connection tells), and gRPC goes HTTP/2
+    unless the endpoint is known to have chosen http/1.1 (``ProtocolUnavailable``).
+    Without TLS, gRPC and ``protocol = "h2"`` get HTTP/2 with prior knowledge and
+    everything else HTTP/1.1. Raises ``UpstreamError`` as a connect failure would."""
     if ep.meshed and ep.inbound_port:
-        return "meshed", (ep.host, ep.inbound_port)
+        return "meshed", (ep.host, ep.inbound_port), None
     svc = worker.config.services.get(service)
-    if grpc or (svc is not None and svc.protocol == "h2"):
-        return "h2", ep.address
-    return "http1", ep.address
+    if svc is None:
+        return ("h2" if grpc else "http1"), ep.address, None
+    tls = worker.tls.target(service) if svc.tls is not None else None
+    if svc.protocol == "h2":
+        return "h2", ep.address, tls
+    if tls is not None:
+        chosen = worker.tls.alpn.get(ep.address)
+        if chosen == "h2":
+            return "h2", ep.address, tls
+        if grpc:
+            if chosen is not None:
+                raise ProtocolUnavailable(f"gRPC needs HTTP/2, and {ep} selected ALPN "
+                                          f"{chosen} over TLS")
+            return "h2", ep.address, tls
+        return "http1", ep.address, tls
+    return ("h2" if grpc else "http1"), ep.address, None
 
 
 def is_grpc(headers: Headers) -> bool:

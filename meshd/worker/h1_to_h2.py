@@ -34,6 +34,7 @@ from meshd.worker.dispatch import (
 if TYPE_CHECKING:
     from meshd.worker.h2_upstream import H2Stream
     from meshd.worker.http_proxy import HttpConnection, _Call
+    from meshd.worker.upstream_tls import TlsTarget
 
 # Never sent on HTTP/2 (RFC 9113 §8.2.2), or framed by meshd itself.
 _DROP = frozenset([b"host", b"content-length", b"transfer-encoding", b"te", b"expect",
@@ -43,12 +44,12 @@ _DROP = frozenset([b"host", b"content-length", b"transfer-encoding", b"te", b"ex
 
 def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: int,
                 address: tuple[str, int], meshed: bool, sent_at: float,
-                try_deadline: float) -> tuple[int, bool]:
+                try_deadline: float, tls: TlsTarget | None = None) -> tuple[int, bool]:
     worker = conn.worker
     req, body, policy = call.req, call.body, call.policy
     balancer = worker.balancer
     tokens = req.connection_tokens
-    headers = [(b":method", req.method), (b":scheme", b"http"),
+    headers = [(b":method", req.method), (b":scheme", b"https" if tls is not None else b"http"),
                (b":authority", req.host or b""), (b":path", req.target)]
     headers += [(k.lower(), v) for k, v in req.headers
                 if k.lower() not in _DROP and k.lower() not in tokens]
@@ -62,7 +63,8 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
     rtt: float | None = None
     sender = None
     try:
-        up = worker.h2pool.stream(address, headers, body is None, call.connect_timeout(sent_at))
+        up = worker.h2pool.stream(address, headers, body is None, call.connect_timeout(sent_at),
+                                  tls)
     except BaseException as e:
         connect_failed(worker, call, ep_row, e, attempts_left)
         raise

@@ -3,11 +3,17 @@ connection per endpoint while it has room for another stream, up to
 ``max_connections_per_endpoint``; beyond that ``EndpointsBusy`` (503) rather than a
 queue. Connections that received GOAWAY or are draining leave the pool and finish
 their streams on their own.
+
+A service with ``[service.NAME.tls]`` passes its ``TlsTarget`` (``meshd.worker.upstream_tls``):
+its connections are TLS with ALPN "h2" and pooled apart from plaintext ones to the same
+address. ``adopt`` takes a TLS connection the HTTP/1.1 pool opened on which the endpoint
+selected "h2".
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import gevent.lock
 
@@ -22,6 +28,15 @@ from meshd.worker.h2_upstream import (
     check_headers,
 )
 
+if TYPE_CHECKING:
+    from meshd.worker.upstream_tls import TlsTarget
+
+Key = tuple[str, int] | tuple[str, int, str]  # an address; with a TLS target's service too
+
+
+def _key(address: tuple[str, int], tls: TlsTarget | None) -> Key:
+    return address if tls is None else (address[0], address[1], tls.service)
+
 
 class H2Pool:
     """A worker's HTTP/2 upstream connections: one per endpoint while it has room, up to
@@ -35,20 +50,22 @@ class H2Pool:
         self.tls_context = tls_context
         self.stream_window = stream_window
         self.connection_window = connection_window
-        self.connections: dict[tuple[str, int], list[H2Upstream]] = {}
+        self.connections: dict[Key, list[H2Upstream]] = {}
         self.retired: set[H2Upstream] = set()  # out of the pool, streams still finishing
-        self._connecting: dict[tuple[str, int], gevent.lock.Semaphore] = {}
+        self._connecting: dict[Key, gevent.lock.Semaphore] = {}
 
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
-               connect_timeout: float) -> H2Stream:
-        """A new stream to ``address``, on a pooled connection with room or a new one.
-        Raises ``EndpointsBusy`` when every allowed connection is full."""
+               connect_timeout: float, tls: TlsTarget | None = None) -> H2Stream:
+        """A new stream to ``address``, on a pooled connection with room or a new one
+        (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
+        is full."""
         check_headers(headers)  # an invalid head fails the same on every connection
-        conns = self.connections.setdefault(address, [])
+        key = _key(address, tls)
+        conns = self.connections.setdefault(key, [])
         for _ in range(3):  # a connection may fill or die between the pick and the open
             up = self._pick(conns)
             if up is None:
-                up = self._connect(address, conns, connect_timeout)
+                up = self._connect(address, key, conns, connect_timeout, tls)
             try:
                 return up.open_stream(headers, end_stream, checked=True)
             except StreamNotOpened:
@@ -71,11 +88,11 @@ class H2Pool:
                 return up
         return None
 
-    def _connect(self, address: tuple[str, int], conns: list[H2Upstream],
-                 timeout: float) -> H2Upstream:
+    def _connect(self, address: tuple[str, int], key: Key, conns: list[H2Upstream],
+                 timeout: float, tls: TlsTarget | None) -> H2Upstream:
         # One connect per endpoint at a time: the greenlets that wait for it then share
         # the new connection instead of each opening their own.
-        gate = self._connecting.setdefault(address, gevent.lock.Semaphore())
+        gate = self._connecting.setdefault(key, gevent.lock.Semaphore())
         if not gate.acquire(timeout=timeout):
             raise UpstreamTimeout(f"connect to {address[0]}:{address[1]} timed out "
                                   "(waiting for another connect)")
@@ -86,13 +103,33 @@ class H2Pool:
             if len(conns) >= self.max_connections_per_endpoint:
                 raise EndpointsBusy(f"{address[0]}:{address[1]}: "
                                     f"{len(conns)} HTTP/2 connections, all full")
-            up = H2Upstream.connect(address, timeout, tls_context=self.tls_context,
-                                    stream_window=self.stream_window,
-                                    connection_window=self.connection_window)
+            if tls is not None:
+                deadline = time.monotonic() + timeout
+                up = H2Upstream.start_on(tls.connect_h2(address, timeout), address, deadline,
+                                         stream_window=self.stream_window,
+                                         connection_window=self.connection_window)
+            else:
+                up = H2Upstream.connect(address, timeout, tls_context=self.tls_context,
+                                        stream_window=self.stream_window,
+                                        connection_window=self.connection_window)
             conns.append(up)
             return up
         finally:
             gate.release()
+
+    def adopt(self, sock: Any, address: tuple[str, int], tls: TlsTarget, timeout: float) -> None:
+        """Take a TLS connection on which ALPN selected "h2" (opened by the HTTP/1.1
+        pool): HTTP/2 starts on it and it joins the pool, unless the endpoint has all the
+        connections it may (then it is closed; the next stream uses those)."""
+        conns = self.connections.setdefault(_key(address, tls), [])
+        up = H2Upstream.start_on(sock, address, time.monotonic() + timeout,
+                                 stream_window=self.stream_window,
+                                 connection_window=self.connection_window)
+        self._pick(conns)  # drops the dead ones
+        if len(conns) < self.max_connections_per_endpoint:
+            conns.append(up)
+        else:
+            up.close()
 
     def drain_all(self) -> None:
         """Graceful: every connection takes no new stream and closes after its last."""

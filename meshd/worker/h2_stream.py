@@ -36,13 +36,13 @@ from meshd.worker.dispatch import (
     status_kind,
     upstream_protocol,
 )
-from meshd.worker.sockio import sendall
 from meshd.worker.upstream import read_response_head
 
 if TYPE_CHECKING:
     from meshd.worker.h2_server import H2ServerConnection
     from meshd.worker.h2_upstream import H2Stream
     from meshd.worker.upstream import UpstreamConn
+    from meshd.worker.upstream_tls import TlsTarget
 
 log = logging.getLogger("meshd.worker")
 
@@ -157,10 +157,15 @@ class H2ToHttp1:
         policy, svc = call.policy, call.svc
         balancer = worker.balancer
         ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        proto, address = upstream_protocol(worker, call.service, ep, is_grpc(self.fields))
+        try:
+            proto, address, tls = upstream_protocol(worker, call.service, ep,
+                                                    is_grpc(self.fields))
+        except BaseException as e:
+            connect_failed(worker, call, ep_row, e, attempts_left)
+            raise
         if proto != "http1":
             return self._exchange_h2(call, attempts_left, ep_row, address, proto == "meshed",
-                                     sent_at, try_deadline)
+                                     sent_at, try_deadline, tls)
         failed = True
         rtt: float | None = None
         sender = None
@@ -168,10 +173,16 @@ class H2ToHttp1:
             conn = worker.pool.acquire(ep, call.connect_timeout(sent_at),
                                        check=not self.stream.bodiless,
                                        idle_timeout=policy.idle_timeout, row=ep_row,
-                                       limit=svc.max_connections if svc else 0)
+                                       limit=svc.max_connections if svc else 0, tls=tls)
+            if conn.alpn == "h2":  # a new TLS connection, and the endpoint chose HTTP/2
+                assert tls is not None
+                worker.h2pool.adopt(conn.detach(), ep.address, tls, call.connect_timeout(sent_at))
         except BaseException as e:
             connect_failed(worker, call, ep_row, e, attempts_left)
             raise
+        if conn.alpn == "h2":
+            return self._exchange_h2(call, attempts_left, ep_row, ep.address, False, sent_at,
+                                     try_deadline, tls)
         try:
             body_sent = self.stream.bodiless
             limits = self.server.limits
@@ -221,12 +232,15 @@ class H2ToHttp1:
             balancer.finished(ep_row, rtt, failed)
 
     def _exchange_h2(self, call: Call, attempts_left: bool, ep_row: int, address: tuple[str, int],
-                     meshed: bool, sent_at: float, try_deadline: float) -> int:
+                     meshed: bool, sent_at: float, try_deadline: float,
+                     tls: TlsTarget | None = None) -> int:
         """The stream to an HTTP/2 upstream (gRPC, ``protocol = "h2"``, or a peer meshd):
         headers, DATA and trailers pass as they are, resets travel both ways."""
         worker, server, stream, policy = self.worker, self.server, self.stream, call.policy
         balancer = worker.balancer
         headers = [(k, v) for k, v in stream.headers if k not in _H2_DROP]
+        if tls is not None:  # the upstream is reached over TLS: its URI scheme is https
+            headers = [(k, b"https" if k == b":scheme" else v) for k, v in headers]
         if meshed:
             headers.append((ORIG_PROTO, b"HTTP/2"))
         failed = True
@@ -234,7 +248,7 @@ class H2ToHttp1:
         sender = None
         try:
             up = worker.h2pool.stream(address, headers, stream.bodiless,
-                                      call.connect_timeout(sent_at))
+                                      call.connect_timeout(sent_at), tls)
         except BaseException as e:
             connect_failed(worker, call, ep_row, e, attempts_left)
             raise
@@ -313,7 +327,7 @@ class H2ToHttp1:
         out = head
         try:
             if stream.body.empty():  # the head goes at once; the body follows as it comes
-                sendall(conn.sock, head)
+                conn.sendall(head)
                 out = b""
             while True:
                 try:
@@ -324,10 +338,10 @@ class H2ToHttp1:
                     if chunked:
                         kept = http1.forwardable_trailers(stream.trailers)
                         out += http1.encode_trailers(kept) if kept else http1.LAST_CHUNK
-                    sendall(conn.sock, out)
+                    conn.sendall(out)
                     return True
                 out += http1.encode_chunk(data) if chunked else data
-                sendall(conn.sock, out)
+                conn.sendall(out)
                 out = b""
                 self.server._ack(stream, len(data))
         except OSError:

@@ -427,6 +427,23 @@ class H2Upstream:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls_context is not None:
                 sock = cls._wrap_tls(sock, tls_context, server_hostname or address[0], name)
+        except BaseException:
+            sock.close()
+            raise
+        return cls.start_on(sock, address, deadline, stream_window=stream_window,
+                            connection_window=connection_window,
+                            max_header_list_size=max_header_list_size)
+
+    @classmethod
+    def start_on(cls, sock: Any, address: tuple[str, int], deadline: float, *,
+                 stream_window: int = STREAM_WINDOW,
+                 connection_window: int = CONNECTION_WINDOW,
+                 max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> H2Upstream:
+        """HTTP/2 on a connected socket (plain, or TLS on which ALPN selected "h2"): the
+        preface and our SETTINGS, then the upstream's SETTINGS awaited until ``deadline``
+        (``time.monotonic()``). The socket is the connection's from here on."""
+        name = f"{address[0]}:{address[1]}"
+        try:
             sock.settimeout(WRITE_TIMEOUT)
         except BaseException:
             sock.close()
@@ -438,7 +455,7 @@ class H2Upstream:
         remaining = deadline - time.monotonic()
         if not up._settings.wait(max(remaining, 0.0)):
             up._lost("no SETTINGS from the upstream in time")
-            raise UpstreamTimeout(f"{name} sent no HTTP/2 SETTINGS within {timeout:g}s")
+            raise UpstreamTimeout(f"{name} sent no HTTP/2 SETTINGS in time")
         if up.closed:
             raise UpstreamError(f"HTTP/2 to {name} failed: {up.close_reason}")
         return up

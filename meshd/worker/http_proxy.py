@@ -256,25 +256,37 @@ class HttpConnection:
         req, body, policy, svc = call.req, call.body, call.policy, call.svc
         balancer = worker.balancer
         ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        if ep.meshed or (svc is not None and svc.protocol == "h2"):
-            proto, address = upstream_protocol(worker, call.service, ep, False)
+        tls = None
+        if ep.meshed or (svc is not None and (svc.protocol == "h2" or svc.tls is not None)):
+            try:
+                proto, address, tls = upstream_protocol(worker, call.service, ep, False)
+            except BaseException as e:
+                connect_failed(worker, call, ep_row, e, attempts_left)
+                raise
             if proto != "http1":
                 from meshd.worker.h1_to_h2 import exchange_h2
                 return exchange_h2(self, call, attempts_left, ep_row, address,
-                                   proto == "meshed", sent_at, try_deadline)
+                                   proto == "meshed", sent_at, try_deadline, tls)
         rtt: float | None = None
         failed = True
         sender = None
         try:
             conn = worker.pool.acquire(ep, call.connect_timeout(sent_at), check=body is not None,
                                        idle_timeout=policy.idle_timeout, row=ep_row,
-                                       limit=svc.max_connections if svc else 0)
+                                       limit=svc.max_connections if svc else 0, tls=tls)
+            if conn.alpn == "h2":  # a new TLS connection, and the endpoint chose HTTP/2
+                assert tls is not None
+                worker.h2pool.adopt(conn.detach(), ep.address, tls, call.connect_timeout(sent_at))
         except BaseException as e:
             connect_failed(worker, call, ep_row, e, attempts_left)
             raise
+        if conn.alpn == "h2":
+            from meshd.worker.h1_to_h2 import exchange_h2
+            return exchange_h2(self, call, attempts_left, ep_row, ep.address, False, sent_at,
+                               try_deadline, tls)
         try:
             if body is not None:
-                sender = gevent.spawn(body.send, conn.sock, call.head)
+                sender = gevent.spawn(body.send, conn, call.head)
                 resp = self._read_response_head(conn, try_deadline, call.deadline)
             else:
                 conn, resp = worker.pool.exchange_bodiless(
@@ -456,7 +468,7 @@ class HttpConnection:
         extra = [(b"Connection", b"Upgrade")] + ([(b"Upgrade", upgrade)] if upgrade else [])
         self.response_started = True
         self._send(http1.serialize_response_head(101, resp.reason, headers, extra))
-        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout)
+        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout, tls=conn.tls is not None)
         conn.buf.clear()
 
     def _connect(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy) -> int:
@@ -481,10 +493,11 @@ class HttpConnection:
             if conn is not None:
                 conn.close()
 
-    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
+    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float,
+                tls: bool = False) -> None:
         leftover = bytes(self.buf)
         self.buf.clear()
-        tunnel = Tunnel(self.sock, upstream, idle_timeout)
+        tunnel = Tunnel(self.sock, upstream, idle_timeout, tls)
         tunnel.run(leftover, upstream_leftover)
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)

@@ -47,6 +47,7 @@ from meshd.worker.retries import RetryBudgets  # noqa: E402
 from meshd.worker.routing import Router  # noqa: E402
 from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
 from meshd.worker.upstream import Pool  # noqa: E402
+from meshd.worker.upstream_tls import UpstreamTls  # noqa: E402
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
@@ -83,6 +84,7 @@ class Worker:
         self.pool = Pool(counter=self.balancer.connection_delta,
                          connections=self.balancer.connections)
         self.router = Router(ctx.config)
+        self.tls = UpstreamTls(ctx.config)  # contexts of services with [service.X.tls]
         self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot
         self._snapshot_mtime = 0

@@ -1,6 +1,7 @@
 """Byte tunnels after an HTTP/1.1 upgrade (101) or a CONNECT (200): both directions
 copied (``meshd.worker.tcp_proxy.pump``: splice where the platform has it) until both
-have ended.
+have ended. An upstream over TLS (a WebSocket to a service with ``[service.X.tls]``)
+is read and written through its TLS socket instead (recv/sendall, no splice).
 
 Bytes already read past the HTTP head (the client's or the upstream's leftover buffer)
 go first. A direction that reaches EOF half-closes its destination, so a peer that
@@ -24,9 +25,10 @@ IDLE_CHECK = 1.0
 
 class Tunnel:
     def __init__(self, client: socket.socket, upstream: socket.socket,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, tls: bool = False) -> None:
         self.client = client
         self.upstream = upstream
+        self.tls = tls  # the upstream socket is a TLS one
         self.idle_timeout = idle_timeout
         self.last_activity = time.monotonic()
         self.bytes_up = 0     # client -> upstream
@@ -35,15 +37,18 @@ class Tunnel:
     def run(self, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
         try:
             if client_leftover:
-                sendall(self.upstream, client_leftover)
+                if self.tls:
+                    self.upstream.sendall(client_leftover)
+                else:
+                    sendall(self.upstream, client_leftover)
                 self._up(len(client_leftover))
             if upstream_leftover:
                 sendall(self.client, upstream_leftover)
                 self._down(len(upstream_leftover))
         except OSError:
             return
-        up = gevent.spawn(pump, self.client, self.upstream, self._up)
-        down = gevent.spawn(pump, self.upstream, self.client, self._down)
+        up = gevent.spawn(pump, self.client, self.upstream, self._up, self.tls)
+        down = gevent.spawn(pump, self.upstream, self.client, self._down, self.tls)
         try:
             while not (up.dead and down.dead):
                 gevent.joinall([up, down], timeout=IDLE_CHECK, count=2)

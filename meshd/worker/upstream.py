@@ -6,21 +6,33 @@ with a deadline when none is left. Open connections are counted per endpoint row
 shared memory (through ``counter``) so ``max_connections`` holds over all workers: a
 connection counts while a request uses it, not while it idles in a pool (an idle one in
 another worker must not keep this worker from connecting).
+
+A service with ``[service.NAME.tls]`` passes its ``TlsTarget``: its connections are
+TLS (pooled apart from plaintext ones to the same address), and a new one carries in
+``alpn`` what the endpoint selected, so the caller can hand an "h2" one to the HTTP/2
+pool. TLS sockets write with their own ``sendall`` (``sockio.sendall`` writes the raw
+socket, which is right for plain TCP only); use ``UpstreamConn.sendall``.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+import gevent.socket
 from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
-from meshd.worker.sockio import sendall
+from meshd.worker.sockio import sendall as fast_sendall
+
+if TYPE_CHECKING:
+    from meshd.worker.upstream_tls import TlsTarget
 
 MAX_IDLE_PER_ENDPOINT = 128
 READ_SIZE = 262144
@@ -35,12 +47,23 @@ def _no_count(row: int, delta: int) -> None:
     pass
 
 
+PoolKey = tuple[str, int, str]  # host, port, the TLS target's service ("": plaintext)
+
+
+def pool_key(ep: Endpoint, tls: TlsTarget | None) -> PoolKey:
+    return (ep.host, ep.port, tls.service if tls is not None else "")
+
+
 class UpstreamConn:
-    __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use")
+    __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use",
+                 "tls", "alpn")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
-                 counter: Counter = _no_count) -> None:
+                 counter: Counter = _no_count, tls: TlsTarget | None = None,
+                 alpn: str = "") -> None:
         self.sock = sock
+        self.tls = tls
+        self.alpn = alpn  # what ALPN selected, on a new TLS connection ("" otherwise)
         self.buf = bytearray()
         self.endpoint = endpoint
         self.reused = False
@@ -60,6 +83,31 @@ class UpstreamConn:
             self.in_use = False
             self._counter(self.row, -1)
 
+    def sendall(self, data: bytes) -> None:
+        if self.tls is None:
+            fast_sendall(self.sock, data)
+        else:
+            self.sock.sendall(data)
+
+    def shutdown(self) -> None:
+        """Shut the connection down both ways (a waiting reader sees EOF). On a TLS socket
+        gevent's own ``shutdown`` would drop the TLS layer under a reader's feet; the TCP
+        socket beneath is shut down instead."""
+        try:
+            if self.tls is None:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            else:
+                gevent.socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def detach(self) -> Any:
+        """Hand the socket to someone else (the HTTP/2 pool): no longer counted here."""
+        self.unuse()
+        sock = self.sock
+        self.buf.clear()
+        return sock
+
     def close(self) -> None:
         self.unuse()  # counted once, however often closed
         try:
@@ -74,38 +122,42 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.counter = counter
         self.connections = connections  # row -> open connections of all workers
-        self._idle: dict[tuple[str, int], list[UpstreamConn]] = {}
+        self._idle: dict[PoolKey, list[UpstreamConn]] = {}
 
     def acquire(self, ep: Endpoint, connect_timeout: float, check: bool = True,
-                idle_timeout: float | None = None, row: int = -1, limit: int = 0) -> UpstreamConn:
+                idle_timeout: float | None = None, row: int = -1, limit: int = 0,
+                tls: TlsTarget | None = None) -> UpstreamConn:
         """A pooled connection to ``ep``, or a new one. ``check=False`` skips the
         liveness probe (a system call) for connections idle under RECHECK_AFTER: the
         caller can resend a bodiless request if the upstream closed it meanwhile.
         With ``limit``, a new connection is refused (``EndpointsBusy``) when all
-        workers together hold that many to the endpoint."""
-        stack = self._idle.get(ep.address)
+        workers together hold that many to the endpoint. ``tls``: the service's TLS
+        target (connections over TLS, pooled apart)."""
+        stack = self._idle.get(pool_key(ep, tls))
         now = time.monotonic()
         max_idle = self.idle_timeout if idle_timeout is None else idle_timeout
         while stack:
             conn = stack.pop()
             idle = now - conn.idle_since
             if idle < max_idle and (
-                    (not check and idle < RECHECK_AFTER) or _still_open(conn.sock)):
+                    (not check and idle < RECHECK_AFTER) or _still_open(conn)):
                 conn.reused = True
                 conn.use()
                 return conn
             conn.close()
         if limit and row >= 0 and self.connections is not None and self.connections(row) >= limit:
             raise EndpointsBusy(f"{ep} has {limit} open connections (max_connections)")
-        return self.connect(ep, connect_timeout, row)
+        return self.connect(ep, connect_timeout, row, tls)
 
-    def connect(self, ep: Endpoint, connect_timeout: float, row: int = -1) -> UpstreamConn:
+    def connect(self, ep: Endpoint, connect_timeout: float, row: int = -1,
+                tls: TlsTarget | None = None) -> UpstreamConn:
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:  # EMFILE: answer 502 with the reason rather than fail the worker
             raise UpstreamError(f"connect to {ep}: no socket: {e.strerror or e}") from None
         sock.settimeout(connect_timeout)
+        started = time.monotonic() if tls is not None else 0.0
         try:
             sock.connect(ep.address)
         except TimeoutError:
@@ -115,7 +167,11 @@ class Pool:
             sock.close()
             raise UpstreamError(f"connect to {ep} failed: {e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return UpstreamConn(sock, ep, row, self.counter)
+        if tls is None:
+            return UpstreamConn(sock, ep, row, self.counter)
+        left = connect_timeout - (time.monotonic() - started)  # the handshake shares it
+        tls_sock, selected = tls.handshake(sock, ep.address, left)
+        return UpstreamConn(tls_sock, ep, row, self.counter, tls, selected)
 
     def exchange_bodiless(self, conn: UpstreamConn, head: bytes, connect_timeout: float,
                           read: Callable[[UpstreamConn], http1.ResponseHead],
@@ -126,7 +182,7 @@ class Pool:
         again on a new connection: it had no body and got no answer, so that is safe."""
         try:
             try:
-                sendall(conn.sock, head)
+                conn.sendall(head)
             except OSError as e:
                 raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
             return conn, read(conn)
@@ -134,15 +190,19 @@ class Pool:
             if not conn.reused:
                 raise
             conn.close()
-            conn = self.connect(conn.endpoint, connect_timeout, conn.row)
-            sendall(conn.sock, head)
+            conn = self.connect(conn.endpoint, connect_timeout, conn.row, conn.tls)
+            if conn.alpn == "h2":  # the endpoint switched to HTTP/2 (remembered for the retry)
+                conn.close()
+                raise UpstreamError(f"{conn.endpoint} now selects ALPN h2 over TLS") from None
+            conn.sendall(head)
             return conn, read(conn)
 
     def release(self, conn: UpstreamConn) -> None:
         if conn.buf:  # the upstream sent more than the response: not reusable
             conn.close()
             return
-        stack = self._idle.setdefault(conn.endpoint.address, [])
+        conn.alpn = ""
+        stack = self._idle.setdefault(pool_key(conn.endpoint, conn.tls), [])
         if len(stack) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
@@ -190,10 +250,32 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
     return http1.parse_response_head(head, max_headers=max_headers)
 
 
-def _still_open(sock: socket.socket) -> bool:
+def _still_open(conn: UpstreamConn) -> bool:
     """An idle connection is usable when it is not readable: readable means EOF (the
     upstream closed it) or bytes nobody asked for. Asked with the unpatched poll, which
-    answers at once (gevent's cooperative recv would wait for readability instead)."""
+    answers at once (gevent's cooperative recv would wait for readability instead).
+
+    Over TLS a readable socket may hold only TLS records without data (TLS 1.3 session
+    tickets arrive after the handshake): a non-blocking read consumes them and tells
+    "nothing yet" (still open) from EOF or data (not usable)."""
+    sock = conn.sock
     poller = _original_poll()
     poller.register(sock.fileno(), select.POLLIN)
-    return not poller.poll(0)
+    readable = bool(poller.poll(0))
+    if conn.tls is None:
+        return not readable
+    tls: Any = sock
+    if tls.pending():
+        return False
+    if not readable:
+        return True
+    tls.settimeout(0.0)
+    try:
+        tls.recv(1)  # data or EOF: either way not a connection to send a request on
+        return False
+    except ssl.SSLWantReadError:
+        return True
+    except OSError:
+        return False
+    finally:
+        tls.settimeout(None)
