@@ -207,6 +207,7 @@ def test_failover_to_the_next_service_and_back(mesh, backends, tmp_path):
     # both gone: 503 naming every service tried
     _write(path, "web = []\nweb-dc2 = []\n")
     wait_for(lambda: who() == "503", timeout=5, what="503 once nothing is left")
+    time.sleep(0.5)  # every worker has loaded the snapshot (each polls every 100 ms)
     status, headers, _ = _get(port)
     assert status == 503 and "web, web-dc2" in headers["meshd-error"], headers
 
