@@ -6,10 +6,14 @@ from __future__ import annotations
 import h2.exceptions
 import h2.utilities
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_http1 import INTERESTING, request_heads
 
+from meshd.errors import ProxyError
 from meshd.proto.h2_headers import request_problem, trailers_problem
+from meshd.proto.http1 import parse_request_head
+from meshd.worker.h1_to_h2 import request_head
 
 REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False,
                                              is_response_header=False, is_push_promise=False)
@@ -95,3 +99,30 @@ def test_reasons(headers, reason):
         assert problem is None
     else:
         assert problem is not None and reason in problem, problem
+
+
+# The HTTP/2 head meshd builds from an HTTP/1.1 request its strict parser accepted skips
+# the pool's check (meshd.worker.h1_to_h2.request_head): it must be valid by construction.
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_heads(), st.booleans(), st.booleans())
+def test_heads_translated_from_http1_are_valid_http2(head: bytes, https: bool, meshed: bool):
+    try:
+        req = parse_request_head(head[: head.find(b"\r\n\r\n") + 4])
+    except ProxyError:
+        return
+    assume(req.method != b"CONNECT")  # tunneled, never translated
+    translated = request_head(req, https, meshed)
+    assert request_problem(translated) is None, (head, translated, request_problem(translated))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_heads(), st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(INTERESTING)),
+                                 min_size=1, max_size=3))
+def test_mutated_heads_translated_from_http1_are_valid_http2(head: bytes, edits):
+    data = bytearray(head)
+    for where, what in edits:
+        at = where % (len(data) + 1)
+        data[at:at] = what
+    assume(b"\r\n\r\n" in data)
+    test_heads_translated_from_http1_are_valid_http2.hypothesis.inner_test(bytes(data), False, True)

@@ -55,11 +55,14 @@ class H2Pool:
         self._connecting: dict[Key, gevent.lock.Semaphore] = {}
 
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
-               connect_timeout: float, tls: TlsTarget | None = None) -> H2Stream:
+               connect_timeout: float, tls: TlsTarget | None = None,
+               checked: bool = False) -> H2Stream:
         """A new stream to ``address``, on a pooled connection with room or a new one
         (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
-        is full."""
-        check_headers(headers)  # an invalid head fails the same on every connection
+        is full. ``checked``: the head is valid by construction (``check_headers`` would
+        pass it)."""
+        if not checked:
+            check_headers(headers)  # an invalid head fails the same on every connection
         key = _key(address, tls)
         conns = self.connections.setdefault(key, [])
         for _ in range(3):  # a connection may fill or die between the pick and the open

@@ -587,12 +587,26 @@ class H2Upstream:
             self._lost("write interrupted")
             raise
 
+    def _recv(self) -> bytes:
+        """The next bytes from the peer. Plain TCP: the raw non-blocking recv first, and
+        a wait on the socket's own read watcher only when nothing is there (sockio's
+        approach: no timer or wrapper per read when data is waiting)."""
+        if self._sendall is not _fast_sendall:  # TLS: the SSL socket reads
+            return self.sock.recv(READ_SIZE)
+        g: Any = self.sock
+        raw = g._sock
+        while True:
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                g._wait(g._read_event)  # TimeoutError after the socket's timeout
+
     def _read_loop(self) -> None:
         reason = "the upstream closed the connection"
         try:
             while not self.closed:
                 try:
-                    data = self.sock.recv(READ_SIZE)
+                    data = self._recv()
                 except TimeoutError:  # quiet for WRITE_TIMEOUT (the socket's timeout)
                     if not self.streams and (time.monotonic() - self.idle_since
                                              >= self.idle_timeout):
