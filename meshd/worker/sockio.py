@@ -34,3 +34,18 @@ def sendall(sock: socket.socket, data: bytes) -> None:
         except BlockingIOError:
             continue
         view = view[sent:]
+
+
+def recv_after_wait(sock: socket.socket, size: int) -> bytes:
+    """``recv`` for an answer to what was just sent: wait for the socket to be readable
+    first (within the socket's timeout, TimeoutError after it), then one raw recv. The
+    usual recv tries first and, since the peer cannot have answered yet, pays a failed
+    system call and an exception for nothing."""
+    g: Any = sock
+    raw: socket.socket = g._sock
+    while True:
+        g._wait(g._read_event)
+        try:
+            return raw.recv(size)
+        except BlockingIOError:  # a spurious wakeup: wait again
+            continue

@@ -29,6 +29,7 @@ from gevent.monkey import get_original
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
+from meshd.worker.sockio import recv_after_wait
 from meshd.worker.sockio import sendall as fast_sendall
 
 if TYPE_CHECKING:
@@ -233,7 +234,9 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
             raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
         conn.sock.settimeout(remaining)
         try:
-            data = conn.sock.recv(READ_SIZE)
+            # Plain TCP: wait, then read (nothing can be there yet the first time round).
+            data = conn.sock.recv(READ_SIZE) if conn.tls is not None \
+                else recv_after_wait(conn.sock, READ_SIZE)
         except TimeoutError:
             continue
         except OSError as e:
