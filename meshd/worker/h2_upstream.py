@@ -48,7 +48,6 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.lock
-import gevent.socket
 import gevent.ssl
 import h2.config
 import h2.connection
@@ -60,6 +59,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamError, UpstreamTimeout
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
+from meshd.worker.sockio import address_name, tcp_connect
 from meshd.worker.sockio import sendall as _fast_sendall
 
 log = logging.getLogger("meshd.worker")
@@ -416,15 +416,9 @@ class H2Upstream:
         ``gevent.ssl.SSLContext``). ``stream_window`` and ``connection_window`` are the
         receive windows meshd advertises, hence its buffer bounds."""
         deadline = time.monotonic() + timeout
-        name = f"{address[0]}:{address[1]}"
+        name = address_name(address)
+        sock: Any = tcp_connect(address, timeout)
         try:
-            sock = gevent.socket.create_connection(address, timeout=timeout)
-        except TimeoutError:
-            raise UpstreamTimeout(f"connect to {name} timed out") from None
-        except OSError as e:
-            raise UpstreamError(f"connect to {name} failed: {e.strerror or e}") from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls_context is not None:
                 sock = cls._wrap_tls(sock, tls_context, server_hostname or address[0], name)
         except BaseException:

@@ -16,6 +16,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import gevent.socket
+
+from meshd.errors import UpstreamError, UpstreamTimeout
+
 
 def sendall(sock: socket.socket, data: bytes) -> None:
     g: Any = sock
@@ -49,3 +53,22 @@ def recv_after_wait(sock: socket.socket, size: int) -> bytes:
             return raw.recv(size)
         except BlockingIOError:  # a spurious wakeup: wait again
             continue
+
+
+def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
+    """A cooperative TCP connection with TCP_NODELAY (to an upstream: failures are
+    ``UpstreamTimeout`` / ``UpstreamError`` naming the address)."""
+    name = address_name(address)
+    try:
+        sock = gevent.socket.create_connection(address, timeout=timeout)
+    except TimeoutError:
+        raise UpstreamTimeout(f"connect to {name} timed out") from None
+    except OSError as e:
+        raise UpstreamError(f"connect to {name} failed: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def address_name(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-import gevent.socket
 import gevent.ssl
 
 from meshd.errors import (
@@ -29,6 +28,8 @@ from meshd.errors import (
     UpstreamTimeout,
 )
 from meshd.tls import ALPN_H2, ALPN_HTTP1, TlsSetupError, client_context, handshake_error
+from meshd.worker.sockio import address_name as _name
+from meshd.worker.sockio import tcp_connect
 
 if TYPE_CHECKING:
     from meshd.config import Config
@@ -114,21 +115,3 @@ class UpstreamTls:
                            self.alpn)
         self._targets[service] = target
         return target
-
-
-def tcp_connect(address: Address, timeout: float) -> socket.socket:
-    """A cooperative TCP connection with TCP_NODELAY; failures as ``UpstreamError``."""
-    name = _name(address)
-    try:
-        sock = gevent.socket.create_connection(address, timeout=timeout)
-    except TimeoutError:
-        raise UpstreamTimeout(f"connect to {name} timed out") from None
-    except OSError as e:
-        raise UpstreamError(f"connect to {name} failed: {e.strerror or e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _name(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
