@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from meshd.config import parse
 from meshd.errors import ConfigError
 from meshd.testing.certs import Issued, TestCA
-from meshd.testing.harness import free_port, http_get, port_open, wait_for
+from meshd.testing.harness import free_port, http_get, port_open, terminate, wait_for
 
 
 @pytest.fixture
@@ -105,13 +106,7 @@ class Nginx:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 @pytest.fixture
@@ -379,7 +374,6 @@ class UpgradeServer:
     def __init__(self, issued: Issued) -> None:
         import socket
         import ssl
-        import threading
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(issued.cert, issued.key)
         self.ctx.set_alpn_protocols(["http/1.1"])
@@ -390,7 +384,6 @@ class UpgradeServer:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import threading
         while True:
             try:
                 conn, _ = self.sock.accept()

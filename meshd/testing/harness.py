@@ -86,13 +86,7 @@ class Backend:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 class Meshd:
@@ -245,3 +239,14 @@ class KeepAliveLoad:
         for t in self._threads:
             t.join(15)
         return self
+
+
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """TERM a child process this test started, KILL it when it has not gone in 5 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
