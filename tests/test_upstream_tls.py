@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def curl(*args: str, timeout: float = 10) -> tuple[int, dict[str, str], str]:
 
 # -- nginx over TLS with ALPN h2 -------------------------------------------------------------
 
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
 class Nginx:
     """nginx serving HTTPS with HTTP/2 (ALPN h2), answering its $server_protocol."""
 
@@ -94,7 +98,7 @@ class Nginx:
 
     def start(self) -> Nginx:
         self.proc = subprocess.Popen(
-            ["nginx", "-p", str(self.dir), "-e", str(self.dir / "error.log"),
+            [str(NGINX), "-p", str(self.dir), "-e", str(self.dir / "error.log"),
              "-c", str(self.dir / "nginx.conf")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -111,8 +115,8 @@ class Nginx:
 
 @pytest.fixture
 def nginx_h2(tmp_path: Path, pki: dict[str, object]) -> Iterator[Nginx]:
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed")
+    # `make test` installs nginx (scripts/ensure-tools.sh); missing, the test fails
+    assert NGINX is not None, "nginx is not installed (make test installs nginx-light)"
     server = Nginx(tmp_path, pki["server"]).start()  # type: ignore[arg-type]
     yield server
     server.stop()
@@ -206,8 +210,7 @@ def test_clients_reach_an_upstream_that_selects_h2(mesh, pki, nginx_h2):
 def test_a_new_connection_refreshes_what_alpn_selected(mesh, backends, pki, tmp_path):
     """The endpoint's server changes on the same port: HTTPS HTTP/1.1, then nginx with
     h2, then HTTP/1.1 again. Requests follow, without an error reaching the client."""
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed")
+    assert NGINX is not None, "nginx is not installed (make test installs nginx-light)"
     ca, server = pki["ca"], pki["server"]
     port = free_port()
     m = mesh.run({"web": [f"127.0.0.1:{port}"]}, workers=1,
