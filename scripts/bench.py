@@ -956,11 +956,15 @@ def scenario_h2(direct_port: int, backend_port: int, workdir: Path, args: argpar
            [[name, f"{r.rps:,.0f}", _ratio(r.rps, base.rps), f"{r.p50_ms:.2f}",
              f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", _cpu(r),
              _ratio(r.cpu_us_per_req, base.cpu_us_per_req)] for name, r in results.items()])
-    ratio = results["meshd-h2"].rps / base.rps
+    # nginx's own figure moves by a third between rounds on a shared machine: the aim is
+    # judged on the ratio within each round (meshd measured right after nginx), median.
+    pairs = [m.rps / n.rps for m, n in zip(rounds["meshd-h2"], rounds["nginx-h2"], strict=True)]
+    ratio = statistics.median(pairs)
     print(f"\nlatency percentiles from h2load's per-request log (--log-file); the backend of "
           f"nginx-h2 and meshd-h2 is the HTTP/1.1 nginx backend\n"
+          f"per-round req/s ratio meshd-h2/nginx-h2: {', '.join(f'{x:.3f}' for x in pairs)}\n"
           f"aim {H2_AIM}x nginx: {'met' if ratio >= H2_AIM else 'not met'} "
-          f"(meshd-h2 at {ratio:.3f}x)\n"
+          f"(median of the per-round ratios {ratio:.3f}x)\n"
           f"meshd-h2's workers' shares of its workers' CPU, per round: {'; '.join(shares)}")
     _warnings(rounds)
     _save("h2.json", {
@@ -968,6 +972,7 @@ def scenario_h2(direct_port: int, backend_port: int, workdir: Path, args: argpar
         "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
         "results": {name: asdict(r) for name, r in results.items()},
         "all_rounds": _rounds_json(rounds),
+        "per_round_ratios": pairs,
         "aim": {"ratio": H2_AIM, "met": ratio >= H2_AIM},
     })
 
