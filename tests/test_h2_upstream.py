@@ -48,6 +48,7 @@ from hyperframe.frame import GoAwayFrame
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.worker.h2_pool import H2Pool
 from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
+from meshd.worker.upstream_tls import TlsTarget
 
 MB = 1 << 20
 EARLY = ("/rst-now", "/goaway-now", "/early")  # answered at the request head, not its end
@@ -756,14 +757,15 @@ def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
     client_ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.load_verify_locations(cert)
     client_ctx.set_alpn_protocols(["h2"])
+    target = TlsTarget("web", client_ctx, None, True, {})
     if alpn != "h2":
         with pytest.raises(UpstreamError, match="did not select ALPN h2"):
-            H2Upstream.connect(server.address, 5, tls_context=client_ctx)
+            target.connect_h2(server.address, 5)
         return
-    pool = H2Pool(tls_context=client_ctx)
+    pool = H2Pool()
     try:
         body = b"t" * 300_000  # several TLS records, windows and frames
-        s = pool.stream(server.address, req(server, "/echo", b"POST"), False, 5)
+        s = pool.stream(server.address, req(server, "/echo", b"POST"), False, 5, target)
         s.send_data(body, end_stream=True)
         assert dict(s.response(time.monotonic() + 5))[b":status"] == b"200"
         assert read_all(s) == body

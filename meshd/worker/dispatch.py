@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+import gevent
 
 from meshd.discovery.api import Endpoint
-from meshd.errors import ProtocolUnavailable, ProxyError, UpstreamTimeout
+from meshd.errors import NoEndpoints, NoService, ProtocolUnavailable, ProxyError, UpstreamTimeout
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -23,9 +25,11 @@ from meshd.worker.routing import Policy
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
     from meshd.worker.process import Worker
+    from meshd.worker.upstream import UpstreamConn
     from meshd.worker.upstream_tls import TlsTarget
 
 Headers = Sequence[tuple[bytes, bytes]]
+T = TypeVar("T")
 
 
 class RetryNow(Exception):
@@ -78,6 +82,60 @@ class Call:
     def connect_timeout(self, now: float) -> float:
         """The connect timeout, cut short by what is left of the call's deadline."""
         return min(self.policy.connect_timeout, max(self.deadline - now, 0.001))
+
+    def run(self, worker: Worker, exchange: Callable[[bool], T]) -> T:
+        """Attempts until one ends without ``RetryNow``, each told whether another may
+        follow, a backoff pause between them (within the call's deadline)."""
+        attempt = 0
+        while True:
+            try:
+                return exchange(attempt < self.policy.retries)
+            except RetryNow:
+                attempt += 1
+                pause = min(worker.retries.backoff(attempt), self.deadline - time.monotonic())
+                if pause > 0:
+                    gevent.sleep(pause)
+
+    def protocol(self, worker: Worker, ep: Endpoint, row: int, grpc: bool,
+                 attempts_left: bool) -> tuple[str, tuple[str, int], TlsTarget | None]:
+        """``upstream_protocol`` for this attempt; a failure is a connect failure."""
+        try:
+            return upstream_protocol(worker, self, ep, grpc)
+        except BaseException as e:
+            connect_failed(worker, self, row, e, attempts_left)
+            raise
+
+    def acquire(self, worker: Worker, ep: Endpoint, row: int, sent_at: float, check: bool,
+                tls: TlsTarget | None, attempts_left: bool) -> UpstreamConn | None:
+        """A pooled or new HTTP/1.1 connection for this attempt (a failure is a connect
+        failure), or None when it was a new TLS connection on which the endpoint selected
+        ALPN h2: it went to the HTTP/2 pool, and the attempt goes HTTP/2."""
+        try:
+            svc = self.svc
+            conn = worker.pool.acquire(ep, self.connect_timeout(sent_at), check=check,
+                                       idle_timeout=self.policy.idle_timeout, row=row,
+                                       limit=svc.max_connections if svc else 0, tls=tls)
+            if conn.alpn != "h2":
+                return conn
+            assert tls is not None
+            worker.h2pool.adopt(conn.detach(), ep.address, tls, self.connect_timeout(sent_at))
+            return None
+        except BaseException as e:
+            connect_failed(worker, self, row, e, attempts_left)
+            raise
+
+
+def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
+                      policy: Policy) -> tuple[Endpoint, ...]:
+    """The endpoints ``route`` found, or the error a client gets: no source knows the
+    service (NoService), or neither it nor its failover services have any (NoEndpoints)."""
+    if endpoints is None:
+        raise NoService(f"unknown service {service!r}: no discovery source knows it")
+    if not endpoints:
+        tried = (policy.service, *policy.failover)
+        raise NoEndpoints(f"service {service!r} has no endpoints" if len(tried) == 1 else
+                          f"no endpoints in {', '.join(tried)}")
+    return endpoints
 
 
 def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: bytes | None,
@@ -164,7 +222,7 @@ def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> boo
 ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
 
 
-def upstream_protocol(worker: Worker, service: str, ep: Endpoint, grpc: bool,
+def upstream_protocol(worker: Worker, call: Call, ep: Endpoint, grpc: bool,
                       ) -> tuple[str, tuple[str, int], TlsTarget | None]:
     """("http1" | "h2" | "meshed", address, TLS target or None) for a request to ``ep``.
 
@@ -178,10 +236,10 @@ def upstream_protocol(worker: Worker, service: str, ep: Endpoint, grpc: bool,
     everything else HTTP/1.1. Raises ``UpstreamError`` as a connect failure would."""
     if ep.meshed and ep.inbound_port:
         return "meshed", (ep.host, ep.inbound_port), None
-    svc = worker.config.services.get(service)
+    svc = call.svc
     if svc is None:
         return ("h2" if grpc else "http1"), ep.address, None
-    tls = worker.tls.target(service) if svc.tls is not None else None
+    tls = worker.tls.target(call.service) if svc.tls is not None else None
     if svc.protocol == "h2":
         return "h2", ep.address, tls
     if tls is not None:

@@ -43,11 +43,10 @@ class H2Pool:
     ``max_connections_per_endpoint``; connections that received GOAWAY or are draining
     leave the pool and finish their streams on their own."""
 
-    def __init__(self, max_connections_per_endpoint: int = 4, *, tls_context: Any = None,
+    def __init__(self, max_connections_per_endpoint: int = 4, *,
                  stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW) -> None:
         self.max_connections_per_endpoint = max_connections_per_endpoint
-        self.tls_context = tls_context
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.connections: dict[Key, list[H2Upstream]] = {}
@@ -112,8 +111,7 @@ class H2Pool:
                                          stream_window=self.stream_window,
                                          connection_window=self.connection_window)
             else:
-                up = H2Upstream.connect(address, timeout, tls_context=self.tls_context,
-                                        stream_window=self.stream_window,
+                up = H2Upstream.connect(address, timeout, stream_window=self.stream_window,
                                         connection_window=self.connection_window)
             conns.append(up)
             return up

@@ -45,7 +45,7 @@ from hyperframe.frame import GoAwayFrame
 from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_headers import request_problem, trailers_problem
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
-from meshd.worker.sockio import sendall
+from meshd.worker.sockio import recv, sendall
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -112,9 +112,7 @@ class H2ServerConnection:
         self._flush()
         data = initial
         idle_deadline = time.monotonic() + self.limits.client_idle_timeout
-        g: Any = self.sock
-        raw = self._raw
-        g.settimeout(TICK)  # for the waits below (and the writer's, which just waits again)
+        self.sock.settimeout(TICK)  # for the reads below (the writer just waits again)
         try:
             while True:
                 if data:
@@ -128,15 +126,9 @@ class H2ServerConnection:
                 if not self.streams and time.monotonic() > idle_deadline:
                     self._close(h2.errors.ErrorCodes.NO_ERROR)
                     return
-                # The raw non-blocking recv first; wait on the socket's own read watcher
-                # (at most TICK) only when nothing is there (sockio's approach).
                 try:
-                    data = raw.recv(READ_SIZE)
-                except BlockingIOError:
-                    try:
-                        g._wait(g._read_event)
-                    except TimeoutError:
-                        pass
+                    data = recv(self.sock, READ_SIZE)
+                except TimeoutError:  # quiet for TICK: look at drain and idle state again
                     data = b""
                     continue
                 except OSError:

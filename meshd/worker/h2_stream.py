@@ -21,7 +21,7 @@ import gevent.event
 import gevent.queue
 import h2.errors
 
-from meshd.errors import NoEndpoints, NoService, ProxyError, UpstreamError, UpstreamTimeout
+from meshd.errors import ProxyError, UpstreamError
 from meshd.proto import http1
 from meshd.shm import F_REQUESTS
 from meshd.worker.dispatch import (
@@ -32,9 +32,9 @@ from meshd.worker.dispatch import (
     error_kind,
     is_grpc,
     may_retry,
+    require_endpoints,
     route,
     status_kind,
-    upstream_protocol,
 )
 from meshd.worker.upstream import read_response_head
 
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshd.worker")
 
-READ_SIZE = 65536
 
 # Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
 _HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -99,7 +98,7 @@ class H2ToHttp1:
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
         fields = _join_cookies([(k, v) for k, v in self.stream.headers if not k.startswith(b":")])
-        self.fields = fields
+        self.grpc = is_grpc(fields)
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
@@ -108,23 +107,11 @@ class H2ToHttp1:
         try:
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
-            if endpoints is None:
-                raise NoService(f"unknown service {service!r}: no discovery source knows it")
-            if not endpoints:
-                raise NoEndpoints(f"service {service!r} has no endpoints")
+            endpoints = require_endpoints(service, endpoints, policy)
             call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
                         method, fields, server.peer)
             head = self._upstream_head(method, target, authority, fields)
-            attempt = 0
-            while True:
-                try:
-                    status = self._exchange(call, head, attempt < policy.retries)
-                    return
-                except RetryNow:
-                    attempt += 1
-                    pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
-                    if pause > 0:
-                        gevent.sleep(pause)
+            status = call.run(worker, lambda more: self._exchange(call, head, more))
         except ProxyError as e:
             status = e.status
             if self.response_started:
@@ -154,35 +141,20 @@ class H2ToHttp1:
 
     def _exchange(self, call: Call, head: bytes, attempts_left: bool) -> int:
         worker = self.worker
-        policy, svc = call.policy, call.svc
+        policy = call.policy
         balancer = worker.balancer
         ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        try:
-            proto, address, tls = upstream_protocol(worker, call.service, ep,
-                                                    is_grpc(self.fields))
-        except BaseException as e:
-            connect_failed(worker, call, ep_row, e, attempts_left)
-            raise
-        if proto != "http1":
+        proto, address, tls = call.protocol(worker, ep, ep_row, self.grpc, attempts_left)
+        conn = None
+        if proto == "http1":
+            conn = call.acquire(worker, ep, ep_row, sent_at, not self.stream.bodiless, tls,
+                                attempts_left)
+        if conn is None:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
             return self._exchange_h2(call, attempts_left, ep_row, address, proto == "meshed",
                                      sent_at, try_deadline, tls)
         failed = True
         rtt: float | None = None
         sender = None
-        try:
-            conn = worker.pool.acquire(ep, call.connect_timeout(sent_at),
-                                       check=not self.stream.bodiless,
-                                       idle_timeout=policy.idle_timeout, row=ep_row,
-                                       limit=svc.max_connections if svc else 0, tls=tls)
-            if conn.alpn == "h2":  # a new TLS connection, and the endpoint chose HTTP/2
-                assert tls is not None
-                worker.h2pool.adopt(conn.detach(), ep.address, tls, call.connect_timeout(sent_at))
-        except BaseException as e:
-            connect_failed(worker, call, ep_row, e, attempts_left)
-            raise
-        if conn.alpn == "h2":
-            return self._exchange_h2(call, attempts_left, ep_row, ep.address, False, sent_at,
-                                     try_deadline, tls)
         try:
             body_sent = self.stream.bodiless
             limits = self.server.limits
@@ -368,7 +340,7 @@ class H2ToHttp1:
             decoder = http1.ChunkedDecoder()
             while True:
                 try:
-                    pieces = decoder.feed(_upstream_read(conn, idle_timeout, True))
+                    pieces = decoder.feed(conn.read_body(idle_timeout))
                 except http1.BadRequest as e:
                     raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
                 for piece in pieces:
@@ -384,7 +356,7 @@ class H2ToHttp1:
             if not left:
                 server.send_data(stream, b"", idle_timeout, end=True)
             while left > 0:
-                data = _upstream_read(conn, idle_timeout, True)
+                data = conn.read_body(idle_timeout)
                 if len(data) > left:
                     conn.buf += data[left:]
                     data = data[:left]
@@ -392,7 +364,7 @@ class H2ToHttp1:
                 server.send_data(stream, data, idle_timeout, end=not left)
         else:
             self._upstream_clean = False
-            while data := _upstream_read(conn, idle_timeout, False):
+            while data := conn.read_body(idle_timeout, False):
                 server.send_data(stream, data, idle_timeout)
             server.end_stream(stream)
 
@@ -424,21 +396,6 @@ def _join_cookies(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     out = [(k, v) for k, v in fields if k != b"cookie"]
     out.append((b"cookie", b"; ".join(cookies)))
     return out
-
-
-def _upstream_read(conn: UpstreamConn, idle_timeout: float, required: bool) -> bytes:
-    if conn.buf:
-        data = bytes(conn.buf)
-        conn.buf.clear()
-        return data
-    try:
-        with gevent.Timeout(idle_timeout, UpstreamTimeout("response body stalled")):
-            data = conn.sock.recv(READ_SIZE)
-    except OSError as e:
-        raise UpstreamError(f"reading from {conn.endpoint}: {e.strerror or e}") from None
-    if not data and required:
-        raise UpstreamError(f"{conn.endpoint} closed the connection inside the response body")
-    return data
 
 
 def _read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,

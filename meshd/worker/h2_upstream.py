@@ -1,8 +1,8 @@
 """HTTP/2 toward upstreams: one connection to one endpoint carries many streams.
 
-``H2Upstream`` owns one connection (h2c with prior knowledge, RFC 9113 §3.3; TLS with
-ALPN "h2" when given a context), ``H2Stream`` one request/response exchange on it, and
-``meshd.worker.h2_pool`` keeps a worker's connections, reusing one per endpoint while it
+``H2Upstream`` owns one connection (h2c with prior knowledge, RFC 9113 §3.3; or a TLS
+socket on which ALPN selected "h2", ``meshd.worker.upstream_tls``), ``H2Stream`` one
+request/response exchange on it, and ``meshd.worker.h2_pool`` keeps a worker's connections, reusing one per endpoint while it
 has room.
 
 Use: ``pool.stream(address, head, end_stream, connect_timeout)``, then ``send_data`` /
@@ -42,7 +42,6 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -59,8 +58,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamError, UpstreamTimeout
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
-from meshd.worker.sockio import address_name, tcp_connect
-from meshd.worker.sockio import sendall as _fast_sendall
+from meshd.worker.sockio import address_name, recv, sendall, tcp_connect
 
 log = logging.getLogger("meshd.worker")
 
@@ -390,10 +388,6 @@ class H2Upstream:
         self.idle_timeout = IDLE_TIMEOUT
         self.idle_since = time.monotonic()
         self._settings = gevent.event.Event()  # the peer's first SETTINGS arrived
-        self._sendall: Callable[[socket.socket, bytes], None]
-        # sockio's sendall writes the raw socket: right for plain TCP, wrong under TLS.
-        self._sendall = (_fast_sendall if not isinstance(sock, gevent.ssl.SSLSocket)
-                         else type(sock).sendall)
         self._reader: gevent.Greenlet | None = None
         self._guard = _FrameGuard()
 
@@ -403,29 +397,16 @@ class H2Upstream:
     # -- lifecycle ----------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, address: tuple[str, int], timeout: float, *, tls_context: Any = None,
-                server_hostname: str | None = None, stream_window: int = STREAM_WINDOW,
-                connection_window: int = CONNECTION_WINDOW,
+    def connect(cls, address: tuple[str, int], timeout: float, *,
+                stream_window: int = STREAM_WINDOW, connection_window: int = CONNECTION_WINDOW,
                 max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> H2Upstream:
-        """Connect, send the preface and our SETTINGS, and wait (within ``timeout``) for
-        the upstream's SETTINGS, so a peer that does not speak HTTP/2 fails here and
-        ``available`` knows its MAX_CONCURRENT_STREAMS from the first stream on.
-
-        ``tls_context``: an SSL context offering ALPN "h2" (the seam for meshed peers; a
-        cooperative one: ``ssl.SSLContext`` in a patched worker, else
-        ``gevent.ssl.SSLContext``). ``stream_window`` and ``connection_window`` are the
-        receive windows meshd advertises, hence its buffer bounds."""
+        """Connect (h2c, prior knowledge) and ``start_on`` the socket within ``timeout``.
+        ``stream_window`` and ``connection_window`` are the receive windows meshd
+        advertises, hence its buffer bounds. (Over TLS: ``TlsTarget.connect_h2``, then
+        ``start_on``.)"""
         deadline = time.monotonic() + timeout
-        name = address_name(address)
-        sock: Any = tcp_connect(address, timeout)
-        try:
-            if tls_context is not None:
-                sock = cls._wrap_tls(sock, tls_context, server_hostname or address[0], name)
-        except BaseException:
-            sock.close()
-            raise
-        return cls.start_on(sock, address, deadline, stream_window=stream_window,
-                            connection_window=connection_window,
+        return cls.start_on(tcp_connect(address, timeout), address, deadline,
+                            stream_window=stream_window, connection_window=connection_window,
                             max_header_list_size=max_header_list_size)
 
     @classmethod
@@ -435,8 +416,10 @@ class H2Upstream:
                  max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> H2Upstream:
         """HTTP/2 on a connected socket (plain, or TLS on which ALPN selected "h2"): the
         preface and our SETTINGS, then the upstream's SETTINGS awaited until ``deadline``
-        (``time.monotonic()``). The socket is the connection's from here on."""
-        name = f"{address[0]}:{address[1]}"
+        (``time.monotonic()``): so a peer that does not speak HTTP/2 fails here, and
+        ``available`` knows its MAX_CONCURRENT_STREAMS from the first stream on. The
+        socket is the connection's from here on."""
+        name = address_name(address)
         try:
             sock.settimeout(WRITE_TIMEOUT)
         except BaseException:
@@ -453,22 +436,6 @@ class H2Upstream:
         if up.closed:
             raise UpstreamError(f"HTTP/2 to {name} failed: {up.close_reason}")
         return up
-
-    @staticmethod
-    def _wrap_tls(sock: Any, context: Any, hostname: str, name: str) -> Any:
-        if not isinstance(context, gevent.ssl.SSLContext):
-            raise TypeError("tls_context must be cooperative: gevent.ssl.SSLContext "
-                            "(ssl.SSLContext once gevent has patched the worker)")
-        try:
-            tls = context.wrap_socket(sock, server_hostname=hostname)
-        except TimeoutError:
-            raise UpstreamTimeout(f"TLS handshake with {name} timed out") from None
-        except OSError as e:
-            raise UpstreamError(f"TLS handshake with {name} failed: {e}") from None
-        if tls.selected_alpn_protocol() != "h2":
-            tls.close()
-            raise UpstreamError(f"{name} did not select ALPN h2")
-        return tls
 
     def _start(self) -> None:
         with self.lock:
@@ -571,7 +538,7 @@ class H2Upstream:
         if not data or self.closed:
             return
         try:
-            self._sendall(self.sock, data)
+            sendall(self.sock, data)
         except OSError as e:
             self._lost(f"write failed: {e}")
             if raise_errors:
@@ -581,26 +548,13 @@ class H2Upstream:
             self._lost("write interrupted")
             raise
 
-    def _recv(self) -> bytes:
-        """The next bytes from the peer. Plain TCP: the raw non-blocking recv first, and
-        a wait on the socket's own read watcher only when nothing is there (sockio's
-        approach: no timer or wrapper per read when data is waiting)."""
-        if self._sendall is not _fast_sendall:  # TLS: the SSL socket reads
-            return self.sock.recv(READ_SIZE)
-        g: Any = self.sock
-        raw = g._sock
-        while True:
-            try:
-                return raw.recv(READ_SIZE)
-            except BlockingIOError:
-                g._wait(g._read_event)  # TimeoutError after the socket's timeout
 
     def _read_loop(self) -> None:
         reason = "the upstream closed the connection"
         try:
             while not self.closed:
                 try:
-                    data = self._recv()
+                    data = recv(self.sock, READ_SIZE)
                 except TimeoutError:  # quiet for WRITE_TIMEOUT (the socket's timeout)
                     if not self.streams and (time.monotonic() - self.idle_since
                                              >= self.idle_timeout):

@@ -25,12 +25,9 @@ from meshd.discovery.api import Endpoint
 from meshd.errors import (
     BadRequest,
     HeadersTooLarge,
-    NoEndpoints,
-    NoService,
     ProxyError,
     RequestTimeout,
     UpstreamError,
-    UpstreamTimeout,
     UriTooLong,
 )
 from meshd.proto import http1
@@ -39,12 +36,11 @@ from meshd.worker.body import ClientGone, RequestBody
 from meshd.worker.dispatch import (
     Call,
     RetryNow,
-    connect_failed,
     error_kind,
     may_retry,
+    require_endpoints,
     route,
     status_kind,
-    upstream_protocol,
 )
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import sendall
@@ -190,12 +186,7 @@ class HttpConnection:
         body: RequestBody | None = None
         status = 502
         try:
-            if endpoints is None:
-                raise NoService(f"unknown service {service!r}: no discovery source knows it")
-            if not endpoints:
-                tried = (policy.service, *policy.failover)
-                raise NoEndpoints(f"service {service!r} has no endpoints" if len(tried) == 1 else
-                                  f"no endpoints in {', '.join(tried)}")
+            endpoints = require_endpoints(service, endpoints, policy)
             if req.method == b"CONNECT":
                 status = self._connect(service, endpoints, policy)
                 return False
@@ -205,16 +196,8 @@ class HttpConnection:
                          started + policy.timeout, row, self._peer_address)
             if req.has_body:
                 body = call.body = RequestBody(self, req, call.replay)
-            attempt = 0
-            while True:
-                try:
-                    status, keep = self._exchange(call, attempt < policy.retries)
-                    return keep
-                except RetryNow:
-                    attempt += 1
-                    pause = min(worker.retries.backoff(attempt), call.deadline - time.monotonic())
-                    if pause > 0:
-                        gevent.sleep(pause)
+            status, keep = call.run(worker, lambda more: self._exchange(call, more))
+            return keep
         except ProxyError as e:
             status = e.status
             if self.response_started:  # mid-body: the client learns from the closed connection
@@ -253,37 +236,20 @@ class HttpConnection:
 
     def _exchange(self, call: _Call, attempts_left: bool) -> tuple[int, bool]:
         worker = self.worker
-        req, body, policy, svc = call.req, call.body, call.policy, call.svc
+        req, body, policy = call.req, call.body, call.policy
         balancer = worker.balancer
         ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        tls = None
-        if ep.meshed or (svc is not None and (svc.protocol == "h2" or svc.tls is not None)):
-            try:
-                proto, address, tls = upstream_protocol(worker, call.service, ep, False)
-            except BaseException as e:
-                connect_failed(worker, call, ep_row, e, attempts_left)
-                raise
-            if proto != "http1":
-                from meshd.worker.h1_to_h2 import exchange_h2
-                return exchange_h2(self, call, attempts_left, ep_row, address,
-                                   proto == "meshed", sent_at, try_deadline, tls)
+        proto, address, tls = call.protocol(worker, ep, ep_row, False, attempts_left)
+        conn = None
+        if proto == "http1":
+            conn = call.acquire(worker, ep, ep_row, sent_at, body is not None, tls, attempts_left)
+        if conn is None:  # HTTP/2: a meshed peer, protocol = "h2", or ALPN chose h2
+            from meshd.worker.h1_to_h2 import exchange_h2
+            return exchange_h2(self, call, attempts_left, ep_row, address, proto == "meshed",
+                               sent_at, try_deadline, tls)
         rtt: float | None = None
         failed = True
         sender = None
-        try:
-            conn = worker.pool.acquire(ep, call.connect_timeout(sent_at), check=body is not None,
-                                       idle_timeout=policy.idle_timeout, row=ep_row,
-                                       limit=svc.max_connections if svc else 0, tls=tls)
-            if conn.alpn == "h2":  # a new TLS connection, and the endpoint chose HTTP/2
-                assert tls is not None
-                worker.h2pool.adopt(conn.detach(), ep.address, tls, call.connect_timeout(sent_at))
-        except BaseException as e:
-            connect_failed(worker, call, ep_row, e, attempts_left)
-            raise
-        if conn.alpn == "h2":
-            from meshd.worker.h1_to_h2 import exchange_h2
-            return exchange_h2(self, call, attempts_left, ep_row, ep.address, False, sent_at,
-                               try_deadline, tls)
         try:
             if body is not None:
                 sender = gevent.spawn(body.send, conn, call.head)
@@ -396,23 +362,6 @@ class HttpConnection:
             self._relay_until_close(head, conn, chunk_out)
         return keep
 
-    def _upstream_recv(self, conn: UpstreamConn) -> bytes:
-        if conn.buf:
-            data = bytes(conn.buf)
-            conn.buf.clear()
-            return data
-        try:
-            with Timeout(self._idle_timeout, UpstreamTimeout("response body stalled")):
-                return conn.sock.recv(READ_SIZE)
-        except OSError as e:
-            raise UpstreamError(f"reading from {conn.endpoint}: {e.strerror or e}") from None
-
-    def _upstream_body(self, conn: UpstreamConn) -> bytes:
-        data = self._upstream_recv(conn)
-        if not data:
-            raise UpstreamError(f"{conn.endpoint} closed the connection inside the response body")
-        return data
-
     def _relay_exact(self, head: bytes, conn: UpstreamConn, n: int) -> None:
         take = min(len(conn.buf), n)
         first = head + bytes(conn.buf[:take])
@@ -420,7 +369,7 @@ class HttpConnection:
         n -= take
         self._send(first)
         while n > 0:
-            data = self._upstream_body(conn)
+            data = conn.read_body(self._idle_timeout)
             if len(data) > n:
                 conn.buf += data[n:]
                 data = data[:n]
@@ -432,7 +381,7 @@ class HttpConnection:
         out = [head]
         while True:
             try:
-                pieces = decoder.feed(self._upstream_body(conn))
+                pieces = decoder.feed(conn.read_body(self._idle_timeout))
             except BadRequest as e:
                 raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
             out.extend(http1.encode_chunk(p) for p in pieces if p)
@@ -449,7 +398,7 @@ class HttpConnection:
     def _relay_until_close(self, head: bytes, conn: UpstreamConn, chunk_out: bool) -> None:
         self._send(head)
         while True:
-            data = self._upstream_recv(conn)
+            data = conn.read_body(self._idle_timeout, False)
             if not data:
                 if chunk_out:
                     self._send(http1.LAST_CHUNK)
@@ -468,7 +417,7 @@ class HttpConnection:
         extra = [(b"Connection", b"Upgrade")] + ([(b"Upgrade", upgrade)] if upgrade else [])
         self.response_started = True
         self._send(http1.serialize_response_head(101, resp.reason, headers, extra))
-        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout, tls=conn.tls is not None)
+        self._tunnel(conn.sock, bytes(conn.buf), idle_timeout)
         conn.buf.clear()
 
     def _connect(self, service: str, endpoints: tuple[Endpoint, ...], policy: Policy) -> int:
@@ -493,11 +442,10 @@ class HttpConnection:
             if conn is not None:
                 conn.close()
 
-    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float,
-                tls: bool = False) -> None:
+    def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
         leftover = bytes(self.buf)
         self.buf.clear()
-        tunnel = Tunnel(self.sock, upstream, idle_timeout, tls)
+        tunnel = Tunnel(self.sock, upstream, idle_timeout)
         tunnel.run(leftover, upstream_leftover)
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)

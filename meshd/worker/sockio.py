@@ -8,7 +8,9 @@ costs one system call per write (PERF.md: the biggest single lever is fewer call
 
 This relies on two long-stable attributes of gevent's socket (``_sock``, the real
 non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher); the test
-suite exercises them on every request.
+suite exercises them on every request. A TLS socket (an upstream over
+``[service.X.tls]``) goes through its own ``sendall``/``recv`` instead: its ``_sock``
+carries the encrypted records.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ import socket
 from typing import Any
 
 import gevent.socket
+import gevent.ssl
 
 from meshd.errors import UpstreamError, UpstreamTimeout
 
+_SSLSocket = gevent.ssl.SSLSocket
+
+
+def is_tls(sock: socket.socket) -> bool:
+    """A TLS socket (an upstream over ``[service.X.tls]``): its bytes go through its own
+    recv/sendall, never the raw socket beneath it, nor splice."""
+    return isinstance(sock, _SSLSocket)
+
 
 def sendall(sock: socket.socket, data: bytes) -> None:
+    if isinstance(sock, _SSLSocket):
+        sock.sendall(data)
+        return
     g: Any = sock
     raw = g._sock
     try:
@@ -40,11 +54,29 @@ def sendall(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
+def recv(sock: socket.socket, size: int) -> bytes:
+    """``recv`` with the raw non-blocking call first, waiting on the socket's own read
+    watcher (within the socket's timeout, TimeoutError after it) only when nothing is
+    there: no timer or exception when data is waiting."""
+    if isinstance(sock, _SSLSocket):
+        return sock.recv(size)
+    g: Any = sock
+    raw: socket.socket = g._sock
+    while True:
+        try:
+            return raw.recv(size)
+        except BlockingIOError:
+            g._wait(g._read_event)
+
+
 def recv_after_wait(sock: socket.socket, size: int) -> bytes:
     """``recv`` for an answer to what was just sent: wait for the socket to be readable
     first (within the socket's timeout, TimeoutError after it), then one raw recv. The
     usual recv tries first and, since the peer cannot have answered yet, pays a failed
-    system call and an exception for nothing."""
+    system call and an exception for nothing. (TLS: the socket's own recv, which knows
+    the bytes it has decrypted already.)"""
+    if isinstance(sock, _SSLSocket):
+        return sock.recv(size)
     g: Any = sock
     raw: socket.socket = g._sock
     while True:
@@ -72,3 +104,17 @@ def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
 def address_name(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """``sock.shutdown(how)``, errors ignored. A TLS socket's TCP socket is shut down
+    instead: gevent's SSLSocket.shutdown drops the TLS layer, and a reader still on it
+    would then read the raw records (no close_notify is sent: a FIN ends the direction,
+    as for plain TCP)."""
+    try:
+        if isinstance(sock, _SSLSocket):
+            gevent.socket.socket.shutdown(sock, how)
+        else:
+            sock.shutdown(how)
+    except OSError:
+        pass

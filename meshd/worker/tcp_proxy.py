@@ -27,15 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
-import gevent.socket
-import gevent.ssl
 from gevent.socket import wait_read, wait_write
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
-from meshd.worker.sockio import sendall
+from meshd.worker.sockio import is_tls, sendall, shutdown
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -177,17 +175,16 @@ def peer_name(sock: socket.socket) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
-def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
-         tls: bool = False) -> None:
+def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
     """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
     dst so the peer sees the end too; a reset on either side shuts both down at once.
     Used by opaque TCP and by the tunnels after an Upgrade or CONNECT.
 
-    ``tls``: one of the sockets is a TLS socket (an upstream over TLS): the bytes go
-    through its own recv/sendall, never splice, and it is shut down beneath its TLS
-    layer (``shutdown``), so the other direction still reads it."""
+    A TLS socket (an upstream over TLS) is read and written through its own
+    recv/sendall, never spliced, and shut down beneath its TLS layer
+    (``sockio.shutdown``), so the other direction still reads it."""
     try:
-        if HAS_SPLICE and not tls:
+        if HAS_SPLICE and not (is_tls(src) or is_tls(dst)):
             _splice(src, dst, count)
         else:
             while data := src.recv(CHUNK):
@@ -198,20 +195,6 @@ def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
             shutdown(s, socket.SHUT_RDWR)
         return
     shutdown(dst, socket.SHUT_WR)
-
-
-def shutdown(sock: socket.socket, how: int) -> None:
-    """``sock.shutdown(how)``, errors ignored. A TLS socket's TCP socket is shut down
-    instead: gevent's SSLSocket.shutdown drops the TLS layer, and a reader still on it
-    would then read the raw records (no close_notify is sent: a FIN ends the direction,
-    as for plain TCP)."""
-    try:
-        if isinstance(sock, gevent.ssl.SSLSocket):
-            gevent.socket.socket.shutdown(sock, how)
-        else:
-            sock.shutdown(how)
-    except OSError:
-        pass
 
 
 def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:

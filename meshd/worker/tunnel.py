@@ -25,10 +25,9 @@ IDLE_CHECK = 1.0
 
 class Tunnel:
     def __init__(self, client: socket.socket, upstream: socket.socket,
-                 idle_timeout: float, tls: bool = False) -> None:
+                 idle_timeout: float) -> None:
         self.client = client
         self.upstream = upstream
-        self.tls = tls  # the upstream socket is a TLS one
         self.idle_timeout = idle_timeout
         self.last_activity = time.monotonic()
         self.bytes_up = 0     # client -> upstream
@@ -37,18 +36,15 @@ class Tunnel:
     def run(self, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
         try:
             if client_leftover:
-                if self.tls:
-                    self.upstream.sendall(client_leftover)
-                else:
-                    sendall(self.upstream, client_leftover)
+                sendall(self.upstream, client_leftover)
                 self._up(len(client_leftover))
             if upstream_leftover:
                 sendall(self.client, upstream_leftover)
                 self._down(len(upstream_leftover))
         except OSError:
             return
-        up = gevent.spawn(pump, self.client, self.upstream, self._up, self.tls)
-        down = gevent.spawn(pump, self.upstream, self.client, self._down, self.tls)
+        up = gevent.spawn(pump, self.client, self.upstream, self._up)
+        down = gevent.spawn(pump, self.upstream, self.client, self._down)
         try:
             while not (up.dead and down.dead):
                 gevent.joinall([up, down], timeout=IDLE_CHECK, count=2)

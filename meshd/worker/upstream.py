@@ -10,8 +10,7 @@ another worker must not keep this worker from connecting).
 A service with ``[service.NAME.tls]`` passes its ``TlsTarget``: its connections are
 TLS (pooled apart from plaintext ones to the same address), and a new one carries in
 ``alpn`` what the endpoint selected, so the caller can hand an "h2" one to the HTTP/2
-pool. TLS sockets write with their own ``sendall`` (``sockio.sendall`` writes the raw
-socket, which is right for plain TCP only); use ``UpstreamConn.sendall``.
+pool. ``sockio`` reads and writes TLS sockets through their own calls.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import gevent.socket
+import gevent
 from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
-from meshd.worker.sockio import recv_after_wait
-from meshd.worker.sockio import sendall as fast_sendall
+from meshd.worker.sockio import recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
     from meshd.worker.upstream_tls import TlsTarget
@@ -85,22 +83,27 @@ class UpstreamConn:
             self._counter(self.row, -1)
 
     def sendall(self, data: bytes) -> None:
-        if self.tls is None:
-            fast_sendall(self.sock, data)
-        else:
-            self.sock.sendall(data)
+        sendall(self.sock, data)
+
+    def read_body(self, idle_timeout: float, required: bool = True) -> bytes:
+        """Response body bytes: what is buffered, else one read within ``idle_timeout``.
+        At EOF b"", or ``UpstreamError`` when ``required`` (the body is not complete)."""
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            return data
+        try:
+            with gevent.Timeout(idle_timeout, UpstreamTimeout("response body stalled")):
+                data = recv(self.sock, READ_SIZE)
+        except OSError as e:
+            raise UpstreamError(f"reading from {self.endpoint}: {e.strerror or e}") from None
+        if not data and required:
+            raise UpstreamError(f"{self.endpoint} closed the connection inside the response body")
+        return data
 
     def shutdown(self) -> None:
-        """Shut the connection down both ways (a waiting reader sees EOF). On a TLS socket
-        gevent's own ``shutdown`` would drop the TLS layer under a reader's feet; the TCP
-        socket beneath is shut down instead."""
-        try:
-            if self.tls is None:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            else:
-                gevent.socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Shut the connection down both ways (a waiting reader sees EOF)."""
+        shutdown(self.sock, socket.SHUT_RDWR)
 
     def detach(self) -> Any:
         """Hand the socket to someone else (the HTTP/2 pool): no longer counted here."""
@@ -234,9 +237,8 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
             raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
         conn.sock.settimeout(remaining)
         try:
-            # Plain TCP: wait, then read (nothing can be there yet the first time round).
-            data = conn.sock.recv(READ_SIZE) if conn.tls is not None \
-                else recv_after_wait(conn.sock, READ_SIZE)
+            # Wait, then read: nothing can be there yet the first time round.
+            data = recv_after_wait(conn.sock, READ_SIZE)
         except TimeoutError:
             continue
         except OSError as e:
