@@ -126,6 +126,9 @@ class ServiceConfig:
     tls: TlsConfig | None = None  # None: plaintext (meshed endpoints are always plaintext h2c)
 
 
+DEFAULT_SERVICE = ServiceConfig(name="")  # a service the config does not name
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     service: str

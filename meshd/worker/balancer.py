@@ -35,7 +35,7 @@ from math import exp
 from meshd.balance import p2c
 from meshd.balance.ejection import Health
 from meshd.balance.ewma import DECAY, DEFAULT_RTT, MIN_RTT
-from meshd.config import ServiceConfig
+from meshd.config import DEFAULT_SERVICE, ServiceConfig
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, NoEndpoints
 from meshd.shm import (
@@ -55,7 +55,6 @@ LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at m
 _HEALTHY, _PROBING = float(Health.HEALTHY), float(Health.PROBING)
 
 
-_DEFAULT = ServiceConfig(name="")
 
 
 class _ServiceState:
@@ -94,7 +93,6 @@ class SharedBalancer:
         self._services: dict[str, _ServiceState] = {}
         self._probed: dict[int, float] = {}   # row -> the grant ("since") I answered
         self._tripped: dict[int, float] = {}  # row -> when the shared run reached failure_accrual
-        self._accrual = 7
         # service -> (its endpoint tuple, start -> the run of endpoints of one split)
         self._subs: dict[str, tuple[Sequence[Endpoint] | None, dict[int, tuple[Endpoint, ...]]]] = {}
 
@@ -122,35 +120,40 @@ class SharedBalancer:
         if row >= 0:
             self.stripe.started(row)
 
-    def finished(self, row: int, rtt: float | None, failed: bool) -> None:
-        """A request to the endpoint of ``row`` ended (``rtt``: time to its response head)."""
+    def finished(self, row: int, rtt: float | None, failed: bool,
+                 svc: ServiceConfig | None) -> None:
+        """A request of service ``svc`` to the endpoint of ``row`` ended (``rtt``: time to
+        its response head); a failure counts toward that service's failure_accrual."""
         if row < 0:
             return
-        self.stripe.finished(row, rtt, time.monotonic(), failed)
+        now = time.monotonic()
+        self.stripe.finished(row, rtt, now, failed)
         if failed:
-            if row not in self._tripped and self.shared_run(row) >= self._accrual:
-                self._tripped[row] = time.monotonic()
+            accrual = (svc or DEFAULT_SERVICE).failure_accrual or 1 << 30
+            if row not in self._tripped and self.shared_run(row, now) >= accrual:
+                self._tripped[row] = now
         elif self._tripped:
             self._tripped.pop(row, None)
 
-    def shared_run(self, row: int) -> int:
+    def shared_run(self, row: int, now: float) -> int:
         """Consecutive failures of the endpoint of ``row``, summed over every live
         worker's own run: failure_accrual trips on the failures all workers saw."""
-        q = self.q
-        base = self._ep_base + row * EP_FIELDS + EP_RUN
-        return sum(q[base + slot * self._per_slot] for slot in self.live_slots(time.monotonic()))
+        return self._sum(row, EP_RUN, self.live_slots(now))
 
     def inflight(self, row: int, live: list[int]) -> int:
         """In-flight requests to the endpoint of ``row`` over all live workers."""
-        q = self.q
-        base = self._ep_base + row * EP_FIELDS + EP_INFLIGHT
-        return sum(q[base + slot * self._per_slot] for slot in live)
+        return self._sum(row, EP_INFLIGHT, live)
 
     def connections(self, row: int) -> int:
         """Upstream connections in use to the endpoint of ``row`` over all live workers."""
+        return self._sum(row, EP_CONNS, self.live_slots(time.monotonic()))
+
+    def _sum(self, row: int, field: int, live: list[int]) -> int:
+        """One endpoint field summed over the stripes of ``live`` workers."""
         q = self.q
-        base = self._ep_base + row * EP_FIELDS + EP_CONNS
-        return sum(q[base + slot * self._per_slot] for slot in self.live_slots(time.monotonic()))
+        base = self._ep_base + row * EP_FIELDS + field
+        per_slot = self._per_slot
+        return sum(q[base + slot * per_slot] for slot in live)
 
     def connection_delta(self, row: int, delta: int) -> None:
         if row >= 0:
@@ -164,8 +167,7 @@ class SharedBalancer:
         indexes a retry should avoid (tried already) while another is eligible."""
         if not endpoints:
             raise NoEndpoints(f"no endpoints for service {service}")
-        svc = svc or _DEFAULT
-        self._accrual = svc.failure_accrual or 1 << 30
+        svc = svc or DEFAULT_SERVICE
         if splits:
             _share, start, end = _draw(splits, self.rng)
             parent, subs = self._subs.get(service, (None, {}))

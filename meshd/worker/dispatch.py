@@ -198,7 +198,7 @@ def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
     # Not every failed attempt is the endpoint's fault: one that cannot speak what this
     # request needs serves others well, and meshd's own setup may have failed.
     counted = "connect" in call.policy.failure_on and getattr(e, "endpoint_fault", True)
-    worker.balancer.finished(row, None, counted)
+    worker.balancer.finished(row, None, counted, call.svc)
     if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
         raise RetryNow() from None
 

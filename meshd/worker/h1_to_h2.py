@@ -113,7 +113,7 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
                 raise RetryNow() from None
         raise
     finally:
-        balancer.finished(ep_row, rtt, failed)
+        balancer.finished(ep_row, rtt, failed, call.svc)
 
 
 def _relay(conn: HttpConnection, req: http1.RequestHead, up: H2Stream,

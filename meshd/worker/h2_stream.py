@@ -201,7 +201,7 @@ class H2ToHttp1:
                     raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             raise
         finally:
-            balancer.finished(ep_row, rtt, failed)
+            balancer.finished(ep_row, rtt, failed, call.svc)
 
     def _exchange_h2(self, call: Call, attempts_left: bool, ep_row: int, address: tuple[str, int],
                      meshed: bool, sent_at: float, try_deadline: float,
@@ -269,7 +269,7 @@ class H2ToHttp1:
                     raise RetryNow() from None
             raise
         finally:
-            balancer.finished(ep_row, rtt, failed)
+            balancer.finished(ep_row, rtt, failed, call.svc)
 
     def _send_body_h2(self, up: H2Stream, idle_timeout: float) -> bool:
         stream = self.stream

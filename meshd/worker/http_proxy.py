@@ -302,7 +302,7 @@ class HttpConnection:
                 raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
             raise
         finally:
-            balancer.finished(ep_row, rtt, failed)
+            balancer.finished(ep_row, rtt, failed, call.svc)
 
     def _recv_body(self, size: int = READ_SIZE) -> bytes:
         try:
@@ -424,8 +424,8 @@ class HttpConnection:
         """CONNECT service:port: a TCP tunnel to one of the service's endpoints, after 200."""
         worker = self.worker
         snap = worker.snapshot
-        index, ep_row = worker.balancer.pick(service, endpoints, snap.endpoint_rows,
-                                             worker.config.services.get(service))
+        svc = worker.config.services.get(service)
+        index, ep_row = worker.balancer.pick(service, endpoints, snap.endpoint_rows, svc)
         ep = endpoints[index]
         worker.balancer.started(ep_row)
         failed = True
@@ -438,7 +438,7 @@ class HttpConnection:
             self._tunnel(conn.sock, b"", policy.idle_timeout)
             return 200
         finally:
-            worker.balancer.finished(ep_row, None, failed)
+            worker.balancer.finished(ep_row, None, failed, svc)
             if conn is not None:
                 conn.close()
 

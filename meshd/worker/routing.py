@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshd.balance.p2c import Candidate, RoundRobin
-from meshd.config import DEFAULT_FAILURE_ON, Config, RouteConfig, ServiceConfig
-
-_DEFAULT_SERVICE = ServiceConfig(name="")
+from meshd.config import DEFAULT_FAILURE_ON, DEFAULT_SERVICE, Config, RouteConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +96,7 @@ class Router:
     def policy(self, service: str, route: RouteConfig | None) -> Policy:
         """The settings of a request to ``service``: the route's where it sets them,
         else the service's, else the defaults."""
-        svc = self.config.services.get(service, _DEFAULT_SERVICE)
+        svc = self.config.services.get(service, DEFAULT_SERVICE)
         if route is None:
             return Policy(service, svc.failover, svc.timeout, svc.try_timeout,
                           svc.connect_timeout, svc.idle_timeout, svc.retries, False,
