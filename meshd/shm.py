@@ -119,8 +119,7 @@ HEADER_SIZE = 128
 SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")
-_SLOT = struct.Struct("<qdQQQd")
-_SLOT_CONNS = struct.Struct("<qdQQQdQ")
+_SLOT = struct.Struct("<qdQQQdQ")
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_GENERATION = 24
@@ -218,6 +217,7 @@ class SlotRecord:
     state: int
     kind: int
     started: float
+    connections: int = 0  # open client connections (a worker's, for accept balancing)
 
 
 class Region:
@@ -381,11 +381,10 @@ class Region:
         return HEADER_SIZE + index * SLOT_SIZE
 
     def read_slot(self, index: int) -> SlotRecord:
-        pid, hb, gen, state, kind, started = _SLOT.unpack_from(self._mm, self._slot_offset(index))
-        return SlotRecord(index, pid, hb, gen, state, kind, started)
+        return SlotRecord(index, *_SLOT.unpack_from(self._mm, self._slot_offset(index)))
 
     def slots_in_use(self) -> Iterator[SlotRecord]:
-        for i in range(self.slots):
+        for i in range(self.get_u32(OFF_SLOTS_USED)):  # slots past it were never claimed
             rec = self.read_slot(i)
             if rec.pid:
                 yield rec
@@ -396,7 +395,7 @@ class Region:
         overwritten by the master."""
         now = time.monotonic()
         _SLOT.pack_into(self._mm, self._slot_offset(index, True), -1, now, generation,
-                        STATE_BOOTING, kind, now)
+                        STATE_BOOTING, kind, now, 0)
         self._mark_used(index)
 
     def _mark_used(self, index: int) -> None:
@@ -424,24 +423,14 @@ class Region:
         """The slot's own worker: how many client connections it serves now."""
         struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + 48, n)
 
-    def open_connections(self, index: int) -> int:
-        return int(struct.unpack_from("<Q", self._mm, self._slot_offset(index) + 48)[0])
 
     def fewest_connections(self, me: int, generation: int) -> int | None:
         """The fewest client connections any other serving worker of ``generation``
         holds (None: no such worker). Read by a worker deciding whether to leave a
         pending connection to a less loaded sibling."""
-        fewest = None
-        mm = self._mm
-        for i in range(self.get_u32(OFF_SLOTS_USED)):
-            if i == me:
-                continue
-            off = HEADER_SIZE + i * SLOT_SIZE
-            pid, _hb, gen, state, kind, _started, n = _SLOT_CONNS.unpack_from(mm, off)
-            if pid > 0 and gen == generation and state == STATE_SERVING and kind == KIND_WORKER \
-                    and (fewest is None or n < fewest):
-                fewest = n
-        return fewest
+        return min((r.connections for r in self.slots_in_use()
+                    if r.index != me and r.pid > 0 and r.generation == generation
+                    and r.state == STATE_SERVING and r.kind == KIND_WORKER), default=None)
 
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""

@@ -29,16 +29,6 @@ from meshd.testing.harness import KeepAliveLoad, http_get, wait_for
 WEB = {"Host": "web"}
 
 
-def _metric(m, name: str, labels: str = "") -> int:
-    _, _, body = http_get("127.0.0.1", m.ports["admin"], "/metrics")
-    total = 0
-    for line in body.decode().splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if labels in line:
-                total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
 def _serving_workers(m, count: int) -> list[int]:
     return wait_for(lambda: (p := m.worker_pids(STATE_SERVING)) and len(p) == count and p,
                     timeout=15, what=f"{count} serving workers")
@@ -53,7 +43,7 @@ def test_ten_hups_under_load_lose_nothing(mesh, backends):
 
     def sample() -> None:
         while not stop.is_set():
-            seen.append(_metric(m, "request_total", 'service="web"'))
+            seen.append(m.metric("request_total", 'service="web"'))
             time.sleep(0.1)
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -75,9 +65,9 @@ def test_ten_hups_under_load_lose_nothing(mesh, backends):
     assert len(seen) > 20
     assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
     # the last generation counts as a reload once it serves (a busy machine boots slowly)
-    wait_for(lambda: _metric(m, "meshd_config_reloads_total", 'result="success"') >= 1,
+    wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="success"') >= 1,
              timeout=15, what="a successful reload counted")
-    assert _metric(m, "meshd_config_reloads_total", 'result="failure"') == 0
+    assert m.metric("meshd_config_reloads_total", 'result="failure"') == 0
 
 
 def test_hup_with_invalid_config_keeps_old_one(mesh, backends):
@@ -89,7 +79,7 @@ def test_hup_with_invalid_config_keeps_old_one(mesh, backends):
     wait_for(lambda: "reload rejected" in m.log(), what="the rejection in the log")
     assert re.search(r"reload rejected.*drain_timeout: ", m.log())
     assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
-    assert _metric(m, "meshd_config_reloads_total", 'result="failure"') == 1
+    assert m.metric("meshd_config_reloads_total", 'result="failure"') == 1
     with m.region() as r:
         assert r.get_u64(OFF_GENERATION) == 1
 
@@ -116,7 +106,7 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
     assert replaced_in < 2.0
     assert len(load.failed_connections) <= open_on_victim
     assert load.ok > 100
-    assert _metric(m, "meshd_worker_restarts_total") == 1
+    assert m.metric("meshd_worker_restarts_total") == 1
 
 
 def test_stopped_worker_is_killed_after_worker_timeout(mesh, backends):
@@ -174,7 +164,7 @@ def test_ttin_ttou_change_worker_count(mesh, backends):
     m.signal(signal.SIGTTOU)
     wait_for(lambda: len(m.worker_pids()) == 1, timeout=15, what="one worker")
     assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
-    assert _metric(m, "meshd_workers") == 1
+    assert m.metric("meshd_workers") == 1
 
 
 def test_usr2_upgrades_without_failed_requests(mesh, backends):
@@ -341,8 +331,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(mesh, backends):
         wait_for(lambda: sum(open_per_worker()) == 16, timeout=5, what="16 open connections")
         per_worker = open_per_worker()
         with m.region() as r:  # what the workers publish for each other (slot +48)
-            published = [r.open_connections(w.index) for w in r.slots_in_use()
-                         if w.kind == KIND_WORKER]
+            published = [w.connections for w in r.slots_in_use() if w.kind == KIND_WORKER]
         assert sorted(published) == sorted(per_worker)
         assert len(per_worker) == 2 and min(per_worker) >= 5, per_worker
     finally:

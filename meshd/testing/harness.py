@@ -49,6 +49,27 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def read_head(sock: socket.socket, until: bytes = b"\r\n\r\n") -> bytes:
+    """Bytes read from ``sock`` until ``until`` is among them, or until EOF (then what
+    came so far). Reads in chunks: bytes after the marker may be in the result too."""
+    data = b""
+    while until not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(resident MiB, CPU seconds used so far) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        rss_kb = int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def http_get(host: str, port: int, path: str, headers: dict[str, str] | None = None,
              timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -137,6 +158,16 @@ class Meshd:
             except OSError:
                 return False
         wait_for(ready, timeout, what="meshd /ready")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The samples of ``name`` on the admin /metrics whose line contains ``labels``,
+        summed (0 when there are none)."""
+        assert self.admin is not None, "metric needs the admin address"
+        host, _, port = self.admin.rpartition(":")
+        body = http_get(host, int(port), "/metrics")[2]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                   if (line.startswith(name + "{") or line.startswith(name + " "))
+                   and labels in line)
 
     def log(self) -> str:
         try:
