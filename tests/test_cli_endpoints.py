@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,7 @@ from meshd.cli.endpoints import HEADER
 from meshd.control.health import EndpointRows, HealthKeeper
 from meshd.discovery.api import Endpoint
 from meshd.shm import KIND_WORKER, Region
-from meshd.testing.harness import http_get, wait_for
+from meshd.testing.harness import free_port, http_get, wait_for
 
 
 def invoke(*args: str) -> Result:
@@ -189,12 +188,6 @@ def test_recent_window_and_ejected_until(tmp_path: Path) -> None:
         assert d["successes"] == 200 and d["failures"] == 3  # the totals stay
     finally:
         region.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_unreachable_admin() -> None:

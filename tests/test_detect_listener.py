@@ -6,8 +6,6 @@ and meshd_protocol_detect_total counts each result."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import socketserver
 import ssl
@@ -15,14 +13,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from meshd.testing.certs import TestCA
 from meshd.testing.harness import free_port, http_get, wait_for
 
 RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel")
@@ -80,31 +74,6 @@ def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], _Server]]:
     yield start
     for s in started:
         s.stop()
-
-
-def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    """(cert file, key file): a self-signed certificate for localhost and 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
 
 
 class _TlsEcho:
@@ -294,13 +263,14 @@ def test_outbound_opaque_without_a_destination_is_closed(mesh) -> None:
 
 
 def test_tls_is_tunneled_and_the_handshake_completes(mesh, tmp_path) -> None:
-    cert, key = _self_signed(tmp_path)
-    backend = _TlsEcho(cert, key)
+    ca = TestCA.create(tmp_path)
+    issued = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"])
+    backend = _TlsEcho(issued.cert, issued.key)
     try:
         port = free_port()
         m = mesh.run({}, listeners=_listener("in", port, forward=backend.address),
                      extra=_limits())
-        ctx = ssl.create_default_context(cafile=cert)
+        ctx = ssl.create_default_context(cafile=ca.cert_file)
         ctx.set_alpn_protocols(["h2", "http/1.1"])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:

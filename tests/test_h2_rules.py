@@ -435,7 +435,7 @@ def test_4_2_headers_beyond_max_frame_size(env, conn):
 
 # == 4.3 header compression ===============================================================
 
-def test_4_3_invalid_header_block_is_a_compression_error(env, conn):
+def test_4_3_invalid_header_block_is_a_compression_error(conn):
     sid = conn.sid()
     # an indexed field naming index 0 (never valid), then one past the static table
     conn.send(raw(HEADERS, END_STREAM | END_HEADERS, sid, b"\x80\xff\x7f"))
@@ -933,8 +933,7 @@ def test_8_1_trailers_reach_an_http1_upstream(env, conn):
     assert conn.status(sid) == b"200" and conn.body(sid) == b"ok"
     sent = env.rec.request_with(mark)
     assert b"transfer-encoding: chunked" in sent.lower(), sent
-    assert sent.endswith(b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n") or \
-        b"\r\n0\r\nx-checksum: abc\r\n\r\n" in sent, sent
+    assert b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n" in sent, sent
     usable(conn)
 
 

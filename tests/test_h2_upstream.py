@@ -16,9 +16,7 @@ bodies), and it honours flow control both ways with windows that can be made sma
 from __future__ import annotations
 
 import collections
-import datetime
 import hashlib
-import ipaddress
 import select
 import socket
 import ssl
@@ -39,13 +37,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
+from meshd.testing.certs import TestCA
 from meshd.worker.h2_pool import H2Pool
 from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
 from meshd.worker.upstream_tls import TlsTarget
@@ -723,39 +718,16 @@ def test_http1_upstream_is_a_protocol_error() -> None:
         listener.close()
 
 
-def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    """(cert file, key file): a self-signed certificate for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
-
-
 @pytest.mark.parametrize("alpn", ["h2", "http/1.1"])
 def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
-    cert, key = _self_signed(tmp_path)
+    ca = TestCA.create(tmp_path)
+    issued = ca.issue("localhost", ips=["127.0.0.1"])
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
+    server_ctx.load_cert_chain(issued.cert, issued.key)
     server_ctx.set_alpn_protocols([alpn])
     server = server_factory(tls=server_ctx)
     client_ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_ctx.load_verify_locations(cert)
+    client_ctx.load_verify_locations(ca.cert_file)
     client_ctx.set_alpn_protocols(["h2"])
     target = TlsTarget("web", client_ctx, None, True, {})
     if alpn != "h2":

@@ -8,7 +8,6 @@ sees the request" is checked on the wire, not inferred from the client's answer.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import select
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import MeshFactory
 
-from meshd.testing.harness import Backend, Meshd, http_get, wait_for
+from meshd.testing.harness import Backend, Meshd, http_get, process_usage, read_head, wait_for
 
 SHARED_LIMITS = """
 [limits]
@@ -348,9 +347,8 @@ def test_slowloris_gets_408_and_close(web: Meshd, recorder: Recorder) -> None:
 def test_idle_keep_alive_connection_is_closed(web: Meshd) -> None:
     with socket.create_connection(("127.0.0.1", port(web)), timeout=5) as s:
         s.sendall(head(b"Host: real", line=b"GET /one HTTP/1.1"))
-        data = b""
-        while not data.endswith(b"a /one\n"):
-            data += s.recv(65536)
+        data = read_head(s, b"a /one\n")
+        assert data.endswith(b"a /one\n"), data
         assert statuses(data) == [200] and b"connection: close" not in data.lower()
         idle_from = time.monotonic()
         rest, how = read_until_closed(s, timeout=4)
@@ -521,13 +519,7 @@ def test_many_slowloris_connections_are_bounded(web: Meshd, recorder: Recorder) 
     header_read_timeout, and the worker's memory and CPU stay small meanwhile."""
     (pid,) = web.worker_pids()
 
-    def usage() -> tuple[float, float]:
-        with open(f"/proc/{pid}/status") as f:
-            rss = int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1024
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    before = usage()
+    before = process_usage(pid)
     request = head(b"Host: web", b"X-Slow: " + b"s" * 40, line=b"GET /slow HTTP/1.1")
     socks = [socket.create_connection(("127.0.0.1", port(web)), timeout=5) for _ in range(200)]
     answered: dict[int, bytes] = {}
@@ -557,7 +549,7 @@ def test_many_slowloris_connections_are_bounded(web: Meshd, recorder: Recorder) 
         {i: d[:40] for i, d in answered.items() if statuses(d) != [408]}
     # the rest were closed while the test still wrote (a reset loses the 408), never served
     assert sum(1 for d in answered.values() if d) >= 150, len([d for d in answered.values() if d])
-    rss, cpu = usage()
+    rss, cpu = process_usage(pid)
     assert rss - before[0] < 48, f"RSS grew {rss - before[0]:.1f} MiB"
     assert cpu - before[1] < 4.0, f"{cpu - before[1]:.2f} s of CPU"
     assert recorder.received() == b""

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 from collections import Counter
-
-import gevent  # noqa: F401  (imported by the harness anyway)
 
 from meshd.testing.harness import free_port
 
@@ -27,7 +26,6 @@ forward = "{app}"
 def _peer_connections(pid: int, port: int) -> int:
     """Established TCP connections from process ``pid`` to 127.0.0.1:``port``."""
     inodes = set()
-    import os
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -86,9 +84,10 @@ def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    # while they run: A holds a single connection to B's inbound port
     for t in threads:
         t.join(60)
+    # all that traffic crossed between the two over one connection: A holds a single
+    # connection to B's inbound port
     assert errors == [], errors[:5]
     assert seen == {str(i): 20 for i in range(12)}
     (worker_a,) = a.worker_pids()

@@ -145,16 +145,6 @@ def _counts(b: Backend) -> Counter[str]:
     return Counter(json.loads(raw))
 
 
-def _metric(m, name: str, service: str = "web") -> int:
-    """A counter from /metrics, summed over the rows of ``service`` (0 when absent)."""
-    _, _, raw = http_get("127.0.0.1", m.ports["admin"], "/metrics")
-    total = 0
-    for line in raw.decode().splitlines():
-        if line.startswith(name + "{") and f'service="{service}"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
 def _endpoint(m, address: str, service: str = "web") -> dict:
     _, _, raw = http_get("127.0.0.1", m.ports["admin"], "/endpoints")
     eps = json.loads(raw)["services"][service]["endpoints"]
@@ -251,9 +241,9 @@ def test_posts_reach_exactly_one_endpoint_and_are_not_retried(mesh, backends):
     # that is up to 2 x ACCRUAL (see test_accrual_counts_the_failures_of_all_workers).
     assert ep["ejections"] >= 1, detail
     assert ACCRUAL <= got["c"] <= 2 * ACCRUAL + CLIENTS - 1 + _probes(ep), detail
-    assert _metric(m, "retry_total") == 0
-    assert _metric(m, "retry_budget_exhausted_total") == 0  # not even asked
-    assert _metric(m, "request_total") == out.sent
+    assert m.metric("retry_total", 'service="web"') == 0
+    assert m.metric("retry_budget_exhausted_total", 'service="web"') == 0  # not even asked
+    assert m.metric("request_total", 'service="web"') == out.sent
 
 
 # -- 3. ejection, probes, return -----------------------------------------------------------
@@ -345,15 +335,15 @@ def _check_budget(m, eps, loads: list[Load], pinned: int) -> None:
     requests = sum(x.out.sent for x in loads)
     answers = sum((x.out.summary for x in loads), Counter())
     received = sum(_counts(x)["GET /"] for x in eps)
-    retries = _metric(m, "retry_total")
-    refused = _metric(m, "retry_budget_exhausted_total")
+    retries = m.metric("retry_total", 'service="web"')
+    refused = m.metric("retry_budget_exhausted_total", 'service="web"')
     detail = (f"{requests} requests in {elapsed:.1f}s, {received} received, {retries} "
               f"retries, {refused} refused; answers {dict(answers)}")
     assert elapsed < 10.0  # one window
     # Every answer was an endpoint's own 503 (none of meshd's).
     assert set(answers) <= {(503, "", "a"), (503, "", "b"), (503, "", "c")}, detail
     assert sum(x.out.ok for x in loads) == 0, detail
-    assert _metric(m, "request_total") == requests + pinned, detail
+    assert m.metric("request_total", 'service="web"') == requests + pinned, detail
     # Every attempt reached a backend: what they received beyond the requests is retries.
     assert received - requests == retries, detail
     assert 0 < retries <= 0.2 * requests + 10 * 10 + 10, detail

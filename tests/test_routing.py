@@ -116,12 +116,6 @@ def _get(port: int, path: str = "/", headers: dict[str, str] | None = None,
         conn.close()
 
 
-def _metric(m, name: str) -> float:
-    _, _, raw = http_get("127.0.0.1", m.ports["admin"], "/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in raw.decode().splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def test_a_90_10_split_lands_within_3_percent_over_2000_requests(mesh, backends):
     v1, v2 = backends("v1"), backends("v2")
     extra = """
@@ -273,7 +267,7 @@ service = "web"
         assert resp.status == 200
         assert json.loads(resp.read()) == {"bytes": len(small), "sha256": _sha(small)}
         conn.close()
-    assert _metric(m, "retry_total") >= 5  # every third request met the failing endpoint
+    assert m.metric("retry_total") >= 5  # every third request met the failing endpoint
     big = os.urandom(100 * 1024)
     statuses = Counter(_get(port, "/upload", method="PUT", body=big)[0] for _ in range(9))
     assert statuses[503] >= 2 and statuses[200] >= 5, statuses

@@ -229,15 +229,6 @@ def test_endpoint_rows_count_and_log_exhaustion(small: Region,
 
 # -- real processes ------------------------------------------------------------------------------
 
-def _metric(m, name: str, labels: str = "") -> int:
-    _, _, body = http_get("127.0.0.1", m.ports["admin"], "/metrics")
-    total = 0
-    for line in body.decode().splitlines():
-        if (line.startswith(name + "{") or line.startswith(name + " ")) and labels in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
 def _get(m, service: str) -> int:
     return http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": service}, timeout=10)[0]
 
@@ -283,14 +274,14 @@ def test_region_grows_on_hup_under_load_without_losing_a_count(mesh, backends, t
     os.rename(tmp, endpoints_file)
     for name in services:
         assert _get(m, name) == 200, name
-    wait_for(lambda: _metric(m, "meshd_shm_rows_exhausted_total") > 0, what="rows exhausted")
+    wait_for(lambda: m.metric("meshd_shm_rows_exhausted_total") > 0, what="rows exhausted")
     with m.region() as r:
         wait_for(lambda: r.rows_used > 12 and r.endpoint_rows_used > 12, what="usage published")
-    overflow_before = _metric(m, "request_total", 'service="_overflow"')
+    overflow_before = m.metric("request_total", 'service="_overflow"')
     assert overflow_before > 0          # the region is full: loudly so
     assert "will grow at the next reload" in m.log()
     assert "shared memory full" in m.log()
-    web_before = _metric(m, "request_total", 'service="web"')
+    web_before = m.metric("request_total", 'service="web"')
     assert web_before >= 25
 
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", {"Host": "web"}).start()
@@ -312,22 +303,22 @@ def test_region_grows_on_hup_under_load_without_losing_a_count(mesh, backends, t
     # Every count from before the HUP and during it, once: the old generation's final
     # stripes were folded into the grown region when its processes were reaped.
     expected = web_before + load.ok
-    wait_for(lambda: _metric(m, "request_total", 'service="web"') == expected, timeout=10,
+    wait_for(lambda: m.metric("request_total", 'service="web"') == expected, timeout=10,
              what=f"web requests == {expected}")
     assert _stat_shm_requests(m, "web") == expected
 
     # The new services now have rows of their own; nothing more goes to _overflow.
-    before = {name: _metric(m, "request_total", f'service="{name}"') for name in services}
+    before = {name: m.metric("request_total", f'service="{name}"') for name in services}
     for name in services:
         for _ in range(3):
             assert _get(m, name) == 200, name
     for name in services:
-        wait_for(lambda name=name: _metric(m, "request_total", f'service="{name}"') == before[name] + 3,
+        wait_for(lambda name=name: m.metric("request_total", f'service="{name}"') == before[name] + 3,
                  timeout=10, what=f"{name} counted under its own service")
-    assert _metric(m, "request_total", 'service="_overflow"') == overflow_before
+    assert m.metric("request_total", 'service="_overflow"') == overflow_before
     with m.region() as r:
         assert r.rows_used <= 32 and r.endpoint_rows_used <= 32   # under half now
-    assert _metric(m, "meshd_config_reloads_total", 'result="success"') == 1
+    assert m.metric("meshd_config_reloads_total", 'result="success"') == 1
 
 
 def _stat_shm_requests(m, service: str) -> int:
@@ -342,21 +333,21 @@ def test_hup_raising_metric_rows_is_accepted_and_grows(mesh, backends):
     m, text = _small_mesh(mesh, a.address)
     for _ in range(10):
         assert _get(m, "web") == 200
-    before = _metric(m, "request_total", 'service="web"')
+    before = m.metric("request_total", 'service="web"')
     m.config_path.write_text(text.replace("metric_rows = 16", "metric_rows = 40"))
     m.signal(signal.SIGHUP)
     wait_for(lambda: _region_rows(m) == (40, 16, 2), timeout=30, what="40 metric rows")
     wait_for(lambda: _only_generation(m, 2), timeout=30, what="generation 1 drained")
-    assert _metric(m, "request_total", 'service="web"') == before
+    assert m.metric("request_total", 'service="web"') == before
     assert _get(m, "web") == 200
-    wait_for(lambda: _metric(m, "request_total", 'service="web"') == before + 1, what="counted")
-    assert _metric(m, "meshd_config_reloads_total", 'result="failure"') == 0
+    wait_for(lambda: m.metric("request_total", 'service="web"') == before + 1, what="counted")
+    assert m.metric("meshd_config_reloads_total", 'result="failure"') == 0
     # Asking for fewer rows again is no error either: the region keeps its size.
     m.config_path.write_text(text)
     m.signal(signal.SIGHUP)
     wait_for(lambda: _region_rows(m) == (40, 16, 3), timeout=30, what="generation 3")
     wait_for(lambda: "a region never shrinks" in m.log(), what="the info log")
-    assert _metric(m, "meshd_config_reloads_total", 'result="failure"') == 0
+    assert m.metric("meshd_config_reloads_total", 'result="failure"') == 0
 
 
 # -- the master's bookkeeping: one region per generation, folded on reap -------------------------

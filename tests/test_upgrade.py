@@ -11,7 +11,7 @@ import threading
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
-from meshd.testing.harness import free_port, http_get, wait_for
+from meshd.testing.harness import free_port, read_head, wait_for
 
 WS_LISTENER = """
 [[listener]]
@@ -49,12 +49,8 @@ def test_websocket_echo_through_meshd(mesh):
             assert [ws.recv(timeout=10) for _ in range(50)] == [f"m{i}" for i in range(50)]
         # the close handshake went through both ways (no exception on exit), and the
         # tunnel's bytes were counted on the listener's row once it ended
-        def counted(name: str) -> float:
-            _, _, raw = http_get("127.0.0.1", m.ports["admin"], "/metrics")
-            return sum(float(line.rsplit(" ", 1)[1]) for line in raw.decode().splitlines()
-                       if line.startswith(name + "{") and 'listener="ws"' in line)
-        wait_for(lambda: counted("tcp_read_bytes_total") >= 200_000
-                 and counted("tcp_write_bytes_total") >= 200_000, timeout=10,
+        wait_for(lambda: m.metric("tcp_read_bytes_total", 'listener="ws"') >= 200_000
+                 and m.metric("tcp_write_bytes_total", 'listener="ws"') >= 200_000, timeout=10,
                  what="the tunnel's bytes in /metrics")
     finally:
         server.shutdown()
@@ -63,13 +59,7 @@ def test_websocket_echo_through_meshd(mesh):
 def _exchange(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(request)
-        out = b""
-        while b"\r\n\r\n" not in out:
-            data = s.recv(65536)
-            if not data:
-                break
-            out += data
-        return out
+        return read_head(s)
 
 
 def test_h2c_upgrade_is_not_passed_upstream(mesh, backends):
@@ -119,14 +109,12 @@ def test_connect_tunnels_to_an_endpoint_of_the_named_service(mesh):
         m = mesh.run({"echo": [f"127.0.0.1:{port}"]})
         with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as s:
             s.sendall(b"CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n\r\nearly bytes|")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += s.recv(1)
-            assert head.startswith(b"HTTP/1.1 200"), head
+            head, marker, got = read_head(s).partition(b"\r\n\r\n")
+            head += marker  # bytes past the head are the tunnel's: kept in got
+            assert head.startswith(b"HTTP/1.1 200") and marker, head
             payload = os.urandom(300_000)
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)  # half-close: the echo still comes back
-            got = b""
             while data := s.recv(65536):
                 got += data
         assert got == b"early bytes|" + payload
@@ -169,10 +157,7 @@ def test_h2c_upgrade_passes_where_the_listener_allows_it(mesh):
     def upstream() -> None:
         conn, _ = srv.accept()
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(65536)
-            seen.append(head)
+            seen.append(read_head(conn))
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
                          b"after-101")
             conn.sendall(conn.recv(65536))  # echo what the client sends next
@@ -184,9 +169,7 @@ def test_h2c_upgrade_passes_where_the_listener_allows_it(mesh):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\n"
                       b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
-            got = b""
-            while b"after-101" not in got:
-                got += s.recv(65536)
+            got = read_head(s, b"after-101")
             assert got.startswith(b"HTTP/1.1 101"), got
             s.sendall(b"ping")
             assert s.recv(64) == b"ping"

@@ -329,7 +329,7 @@ def test_verify_false_accepts_any_certificate_and_warns(mesh, backends, pki):
     assert "service.web.tls.verify = false" in m.log()
 
 
-def test_client_certificate_is_presented(mesh, pki, tmp_path):
+def test_client_certificate_is_presented(mesh, pki):
     """The mTLS seam: cert_file/key_file are loaded and presented when asked. The server
     here is Python's own, requiring a client certificate signed by the CA."""
     ca, server, client = pki["ca"], pki["server"], pki["client"]
@@ -366,8 +366,7 @@ def test_client_certificate_is_presented(mesh, pki, tmp_path):
         status, _, _ = http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": "anon"})
         assert status == 502  # no client certificate: the server refuses the handshake
     finally:
-        proc.terminate()
-        proc.wait(5)
+        terminate(proc)
 
 
 class UpgradeServer:
@@ -524,7 +523,7 @@ def _problems(tls: object, **service: object) -> dict[str, str]:
     return dict(e.value.problems)
 
 
-def test_config_tls_values(pki, tmp_path):
+def test_config_tls_values(pki):
     ca, client = pki["ca"], pki["client"]
     cfg = parse(dict(BASE, service={"web": {"tls": {}}}))
     tls = cfg.services["web"].tls
@@ -570,7 +569,7 @@ def test_config_tls_errors_name_the_key(pki, tmp_path):
     assert "expected a table" in _problems(True)["service.web.tls"]
 
 
-def test_meshd_check_refuses_bad_tls(tmp_path, pki):
+def test_meshd_check_refuses_bad_tls(tmp_path):
     missing = tmp_path / "no-ca.pem"
     path = tmp_path / "meshd.toml"
     path.write_text(textwrap.dedent(f"""\
