@@ -1,7 +1,7 @@
 """HTTP/2 from clients (prior knowledge, RFC 9113 §3.3), on the ``h2`` library.
 
-One greenlet reads the connection and feeds ``h2``; each request stream gets its own
-greenlet, which proxies it (``meshd.worker.h2_stream``). This module owns the
+One greenlet reads the connection and feeds ``h2``; each request stream is a task on a
+reused greenlet (``meshd.worker.tasks``), which proxies it (``meshd.worker.h2_stream``). This module owns the
 connection: its settings and limits, writing frames for the streams (flow control
 included), resets and GOAWAY.
 
@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 import gevent.queue
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -43,9 +41,11 @@ import hyperframe.exceptions
 from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamTimeout
+from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, trailers_problem
+from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
-from meshd.worker.sockio import recv, sendall
+from meshd.worker.sockio import recv, recv_after_wait, sendall
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -71,22 +71,12 @@ class H2ServerConnection:
         self.sock = sock
         limits = worker.config.limits
         self.limits = limits
-        # What clients send is checked by meshd.proto.h2_headers (one pass, and a stream
-        # error rather than h2's connection error); what meshd sends is built from heads
-        # its strict HTTP/1.1 parser or those checks passed, with names lower-cased and
-        # connection-specific fields dropped (validating it again costs ~10 %).
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=False,
-                                           normalize_inbound_headers=False,
-                                           validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
-        self.conn = h2.connection.H2Connection(config)
+        self.conn = H2Connection(client_side=False, max_header_list_size=limits.header_bytes)
         self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.header_bytes,
         })
-        self.conn.decoder.max_header_list_size = limits.header_bytes
         self.streams: dict[int, Stream] = {}
         self.blocked: set[Stream] = set()  # streams waiting for the client to open a window
         self.resets: list[float] = []
@@ -127,7 +117,9 @@ class H2ServerConnection:
                     self._close(h2.errors.ErrorCodes.NO_ERROR)
                     return
                 try:
-                    data = recv(self.sock, READ_SIZE)
+                    # After a short read the socket is drained: wait, then read.
+                    data = (recv_after_wait if 0 < len(data) < READ_SIZE else recv)(
+                        self.sock, READ_SIZE)
                 except TimeoutError:  # quiet for TICK: look at drain and idle state again
                     data = b""
                     continue
@@ -219,7 +211,7 @@ class H2ServerConnection:
             return
         stream = Stream(sid, list(event.headers), event.stream_ended is not None)
         self.streams[sid] = stream
-        stream.greenlet = gevent.spawn(self._serve_stream, stream)
+        stream.task = tasks.pool.spawn(self._serve_stream, stream)
 
     def _malformed(self, sid: int, problem: str) -> None:
         """A malformed request or trailer section: a stream error (RFC 9113 §8.1.1)."""
@@ -355,9 +347,8 @@ class H2ServerConnection:
         self.sock_gone = True
 
     def _cancel(self, stream: Stream) -> None:
-        g = stream.greenlet
-        if g is not None and not g.dead and g is not gevent.getcurrent():
-            g.kill(StreamGone(), block=False)
+        if stream.task is not None:
+            stream.task.cancel(StreamGone())
         if stream.window is not None:
             stream.window.set()
 

@@ -41,6 +41,7 @@ from meshd.worker.upstream import read_response_head
 if TYPE_CHECKING:
     from meshd.worker.h2_server import H2ServerConnection
     from meshd.worker.h2_upstream import H2Stream
+    from meshd.worker.tasks import Task
     from meshd.worker.upstream import UpstreamConn
     from meshd.worker.upstream_tls import TlsTarget
 
@@ -58,7 +59,7 @@ _H2_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"trans
 
 class StreamGone(gevent.GreenletExit):
     """The client reset the stream or the connection went away (a GreenletExit: a
-    stream greenlet killed with it before it ran is not reported as a failure)."""
+    stream task cancelled with it ends quietly, or does not start)."""
 
 
 _NO_BODY: gevent.queue.Queue[bytes | None] = gevent.queue.Queue(maxsize=1)
@@ -66,7 +67,7 @@ _NO_BODY: gevent.queue.Queue[bytes | None] = gevent.queue.Queue(maxsize=1)
 
 class Stream:
     __slots__ = ("id", "headers", "bodiless", "body", "ended", "trailers", "window", "reset",
-                 "greenlet")
+                 "task")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], bodiless: bool) -> None:
         self.id = stream_id
@@ -78,7 +79,7 @@ class Stream:
         self.trailers: list[tuple[bytes, bytes]] = []
         self.window: gevent.event.Event | None = None  # made when flow control blocks a send
         self.reset = False
-        self.greenlet: gevent.Greenlet | None = None
+        self.task: Task | None = None  # the task proxying it (meshd.worker.tasks)
 
 
 class H2ToHttp1:

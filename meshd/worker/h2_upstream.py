@@ -48,7 +48,6 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.ssl
-import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -57,8 +56,9 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamError, UpstreamTimeout
+from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
-from meshd.worker.sockio import address_name, recv, sendall, tcp_connect
+from meshd.worker.sockio import address_name, recv, recv_after_wait, sendall, tcp_connect
 
 log = logging.getLogger("meshd.worker")
 
@@ -108,7 +108,7 @@ def check_headers(headers: Headers, trailers: bool = False) -> None:
         raise StreamNotOpened(f"invalid request head: {problem}")
 
 
-class _Connection(h2.connection.H2Connection):
+class _Connection(H2Connection):
     """h2's connection, kept open after a received GOAWAY so streams it covers finish."""
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
@@ -362,21 +362,12 @@ class H2Upstream:
         self.sock = sock
         self.address = address
         self.name = f"{address[0]}:{address[1]}"
-        # Outbound heads are checked once, by check_headers in open_stream, before h2
-        # encodes them; inbound ones by meshd.proto.h2_headers in _dispatch (one pass,
-        # and a stream error): h2's own checks cost ~10 % of a request each way.
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                           validate_inbound_headers=False,
-                                           normalize_inbound_headers=False,
-                                           validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
-        self.conn = _Connection(config)
+        self.conn = _Connection(client_side=True, max_header_list_size=max_header_list_size)
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
         })
-        self.conn.decoder.max_header_list_size = max_header_list_size
         self.connection_window = connection_window
         self.lock = gevent.lock.RLock()
         self.streams: dict[int, H2Stream] = {}
@@ -551,10 +542,12 @@ class H2Upstream:
 
     def _read_loop(self) -> None:
         reason = "the upstream closed the connection"
+        drained = False  # the last read took less than it could: wait before the next
         try:
             while not self.closed:
                 try:
-                    data = recv(self.sock, READ_SIZE)
+                    data = (recv_after_wait if drained else recv)(self.sock, READ_SIZE)
+                    drained = len(data) < READ_SIZE
                 except TimeoutError:  # quiet for WRITE_TIMEOUT (the socket's timeout)
                     if not self.streams and (time.monotonic() - self.idle_since
                                              >= self.idle_timeout):

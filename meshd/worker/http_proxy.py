@@ -43,7 +43,7 @@ from meshd.worker.dispatch import (
     status_kind,
 )
 from meshd.worker.routing import Policy
-from meshd.worker.sockio import sendall
+from meshd.worker.sockio import recv, recv_after_wait, sendall
 from meshd.worker.tunnel import Tunnel
 from meshd.worker.upstream import UpstreamConn, read_response_head
 
@@ -134,7 +134,10 @@ class HttpConnection:
                     raise Idle()
                 sock.settimeout(remaining)
                 try:
-                    data = sock.recv(READ_SIZE)
+                    # After a response the client has yet to send its next request: wait
+                    # for it, then read (no failed read first, see sockio.recv_after_wait).
+                    data = recv(sock, READ_SIZE) if first or buf else \
+                        recv_after_wait(sock, READ_SIZE)
                 except TimeoutError:
                     continue
                 except OSError:
