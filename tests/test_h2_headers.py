@@ -117,7 +117,10 @@ def _check_translated(head: bytes, https: bool, meshed: bool) -> bool:
     return True
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Most generated heads are ones the strict parser refuses (rejected: nothing to
+# translate), so hypothesis's filter health check is off for this one.
+@settings(max_examples=800, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(request_heads(), st.booleans(), st.booleans())
 def test_heads_translated_from_http1_are_valid_http2(head: bytes, https: bool, meshed: bool):
     assume(b"\r\n\r\n" in head)

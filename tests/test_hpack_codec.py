@@ -113,6 +113,12 @@ def test_the_first_block_sets_the_table_to_zero_and_fields_use_the_static_table(
     assert encoder.encode([(b"cookie", b"c", True)]) == b"\x1f\x11\x01c"
 
 
+def test_values_of_other_types_are_encoded_as_their_bytes() -> None:
+    block = Encoder().encode([(b"x-a", bytearray(b"1")), ("x-b", "2"), (b"x-c", memoryview(b"3"))])
+    assert hpack.Decoder().decode(block, raw=True) == [(b"x-a", b"1"), (b"x-b", b"2"),
+                                                       (b"x-c", b"3")]
+
+
 def test_the_encoders_cache_is_bounded() -> None:
     encoder = Encoder()
     for i in range(3 * hpack_codec._CACHE_LIMIT):

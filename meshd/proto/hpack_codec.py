@@ -118,7 +118,10 @@ class Encoder:
         cache = _cache
         for field in headers:
             if len(field) == 2 and not isinstance(field, NeverIndexedHeaderTuple):
-                block = cache.get(field)
+                try:
+                    block = cache.get(field)
+                except TypeError:  # not hashable (a bytearray): encoded, not cached
+                    block = encode_field(_as_bytes(field[0]), _as_bytes(field[1]), False)
                 if block is None:
                     name, value = _as_bytes(field[0]), _as_bytes(field[1])
                     block = encode_field(name, value, False)

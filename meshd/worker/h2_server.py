@@ -1,9 +1,9 @@
 """HTTP/2 from clients (prior knowledge, RFC 9113 §3.3), on the ``h2`` library.
 
 One greenlet reads the connection and feeds ``h2``; each request stream is a task on a
-reused greenlet (``meshd.worker.tasks``), which proxies it (``meshd.worker.h2_stream``). This module owns the
-connection: its settings and limits, writing frames for the streams (flow control
-included), resets and GOAWAY.
+reused greenlet (``meshd.worker.tasks``), which proxies it (``meshd.worker.h2_stream``).
+This module owns the connection: its settings and limits, writing frames for the streams
+(flow control included), resets and GOAWAY.
 
 Bounds, all per connection: at most ``h2_max_concurrent_streams`` streams (SETTINGS,
 enforced by h2), a request head of at most ``header_bytes`` after HPACK decoding
