@@ -21,7 +21,6 @@ import select
 import socket
 import ssl
 import struct
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -41,6 +40,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.testing.certs import TestCA
+from meshd.testing.tcp_server import TcpServer
 from meshd.worker.h2_pool import H2Pool
 from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
 from meshd.worker.upstream_tls import TlsTarget
@@ -87,6 +87,7 @@ class _ServerConn:
         self.closed = False
 
     def run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = self.conn
         conn.initiate_connection()
         self.out += conn.data_to_send()
@@ -249,38 +250,20 @@ class H2Server:
         self.tls = tls
         self.initial_window = initial_window
         self.max_concurrent_streams = max_concurrent_streams
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
         self.requests: list[_ServerStream] = []
         self.resets: list[tuple[int, int]] = []
         self.acks: list[str] = []
-        self.connections = 0
         self.stopping = False
-        self.threads: list[threading.Thread] = []
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self.threads.append(accept)
+        self.tcp = TcpServer(lambda sock: _ServerConn(self, sock).run())
+        self.address = ("127.0.0.1", self.tcp.port)
 
-    def _accept(self) -> None:
-        self.listener.settimeout(0.05)
-        while not self.stopping:
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connections += 1
-            t = threading.Thread(target=_ServerConn(self, sock).run, daemon=True)
-            t.start()
-            self.threads.append(t)
+    @property
+    def connections(self) -> int:
+        return self.tcp.accepted
 
     def stop(self) -> None:
         self.stopping = True
-        for t in self.threads:
-            t.join(5)
-        self.listener.close()
+        self.tcp.close(wait=5)
 
 
 @pytest.fixture
@@ -699,23 +682,18 @@ def test_connect_errors() -> None:
 
 
 def test_http1_upstream_is_a_protocol_error() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        conn, _ = listener.accept()
+    def answer(conn: socket.socket) -> None:
         conn.recv(1024)
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
         time.sleep(0.5)
         conn.close()
 
-    t = threading.Thread(target=answer, daemon=True)
-    t.start()
+    listener = TcpServer(answer, limit=1)
     try:
         with pytest.raises(UpstreamError, match="does not speak HTTP/2.*HTTP/1.1 400"):
-            H2Upstream.connect(listener.getsockname()[:2], 5)
+            H2Upstream.connect(("127.0.0.1", listener.port), 5)
     finally:
-        t.join(5)
-        listener.close()
+        listener.close(wait=5)
 
 
 @pytest.mark.parametrize("alpn", ["h2", "http/1.1"])
@@ -746,10 +724,7 @@ def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
 
 
 def test_oversized_frame_fails_without_buffering_it() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def serve(conn: socket.socket) -> None:
         conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
         conn.recv(65536)
         # A DATA frame header announcing 1 MiB (over the 16 KiB maximum), then a trickle.
@@ -757,12 +732,11 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
         time.sleep(1)
         conn.close()
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    listener = TcpServer(serve, limit=1)
     try:
         started = time.monotonic()
         try:  # the bad frame may come before connect() returns, or right after
-            up = H2Upstream.connect(listener.getsockname()[:2], 5)
+            up = H2Upstream.connect(("127.0.0.1", listener.port), 5)
             wait_for(lambda: up.closed, timeout=0.8)
             reason = up.close_reason
         except UpstreamError as e:
@@ -770,8 +744,7 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
         assert "FRAME_SIZE_ERROR" in reason
         assert time.monotonic() - started < 0.8  # long before the server closes
     finally:
-        t.join(5)
-        listener.close()
+        listener.close(wait=5)
 
 
 # -- against grpcio --------------------------------------------------------------------

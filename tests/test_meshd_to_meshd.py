@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 
 from meshd.testing.harness import free_port
+from meshd.testing.tcp_server import TcpServer
 
 INBOUND = """
 [[listener]]
@@ -126,13 +127,9 @@ def test_chunked_body_and_trailers_cross_two_meshds(mesh, backends):
 def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
     """An outbound tcp listener's service is meshed: the bytes go to the peer meshd's
     inbound port with a header naming the target port, and the peer delivers them."""
-    echo = socket.socket()
-    echo.bind(("127.0.0.1", 0))
-    echo.listen(4)
     seen_first: list[bytes] = []
 
-    def serve() -> None:
-        conn, _ = echo.accept()
+    def serve(conn: socket.socket) -> None:
         with conn:
             first = True
             while data := conn.recv(65536):
@@ -140,8 +137,8 @@ def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
                     seen_first.append(data[:40])
                     first = False
                 conn.sendall(data)
-    threading.Thread(target=serve, daemon=True).start()
-    app_port = echo.getsockname()[1]
+    echo = TcpServer(serve, limit=1)
+    app_port = echo.port
     inbound_port, tcp_port = free_port(), free_port()
     text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(
         port=inbound_port, app=f"127.0.0.1:{free_port()}"))  # forward: another port
