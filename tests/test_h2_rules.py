@@ -40,6 +40,7 @@ from hyperframe.frame import (
 )
 
 from meshd.testing.harness import Backend
+from meshd.testing.tcp_server import TcpServer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -79,25 +80,10 @@ class Recorder:
     once a request (with its body, Content-Length or chunked) is complete."""
 
     def __init__(self) -> None:
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(64)
-        self.port = self.srv.getsockname()[1]
         self.received = bytearray()
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.srv = TcpServer(self._serve)
+        self.address = self.srv.address
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import h2.config
@@ -22,6 +21,7 @@ import hpack
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from meshd.testing.harness import process_usage, read_head, wait_for
+from meshd.testing.tcp_server import TcpServer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -181,29 +181,18 @@ def test_a_client_that_opens_no_window_is_bounded_and_others_go_on(mesh, backend
     other.close()
 
 
-def _trailer_upstream() -> tuple[socket.socket, int]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                read_head(conn)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                             b"5\r\nhello\r\n0\r\ngrpc-status: 7\r\ngrpc-message: denied\r\n\r\n")
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, srv.getsockname()[1]
+def _trailer_upstream() -> TcpServer:
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            read_head(conn)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                         b"5\r\nhello\r\n0\r\ngrpc-status: 7\r\ngrpc-message: denied\r\n\r\n")
+    return TcpServer(serve, serial=True)
 
 
 def test_chunked_trailers_from_http1_become_h2_trailers(mesh):
-    srv, port = _trailer_upstream()
-    try:
-        m = mesh.run({"web": [f"127.0.0.1:{port}"]})
+    with _trailer_upstream() as srv:
+        m = mesh.run({"web": [srv.address]})
         c = RawH2(m.ports["outbound"])
         sid = c.request("/", extra=[(b"te", b"trailers")])
         c.pump(lambda: c.ended(sid))
@@ -211,8 +200,6 @@ def test_chunked_trailers_from_http1_become_h2_trailers(mesh):
         assert head[b":status"] == b"200" and body == b"hello"
         assert (b"grpc-status", b"7") in trailers and (b"grpc-message", b"denied") in trailers
         c.close()
-    finally:
-        srv.close()
 
 
 def test_header_rules_uppercase_and_connection_specific_fields_are_rejected(mesh, backends):
@@ -396,12 +383,9 @@ def test_concurrent_streams_beyond_the_setting_are_refused(mesh, backends):
     wait_for(lambda: _worker_alive(m), timeout=5)
 
 
-def _resetting_h2_upstream(code: int) -> tuple[socket.socket, int]:
+def _resetting_h2_upstream(code: int) -> TcpServer:
     """An HTTP/2 upstream (prior knowledge) that answers each request with a head and a
     piece of body, then resets the stream with ``code``."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
 
     def serve(sock: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
@@ -421,25 +405,15 @@ def _resetting_h2_upstream(code: int) -> tuple[socket.socket, int]:
                     sock.sendall(conn.data_to_send())
             except OSError:
                 return
-
-    def accept() -> None:
-        while True:
-            try:
-                sock, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(sock,), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, srv.getsockname()[1]
+    return TcpServer(serve)
 
 
 def test_upstream_reset_reaches_the_client_with_its_own_code(mesh):
     """RST_STREAM from an HTTP/2 upstream after the response began is passed on with the
     upstream's code (CANCEL reaches a gRPC client as CANCELLED), not INTERNAL_ERROR."""
     for code in (h2.errors.ErrorCodes.CANCEL, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM):
-        srv, port = _resetting_h2_upstream(code)
-        try:
-            m = mesh.run({"web": [f"127.0.0.1:{port}"]}, workers=1,
+        with _resetting_h2_upstream(code) as srv:
+            m = mesh.run({"web": [srv.address]}, workers=1,
                          extra='[service.web]\nprotocol = "h2"\n')
             c = RawH2(m.ports["outbound"])
             sid = c.request("/")
@@ -449,8 +423,6 @@ def test_upstream_reset_reaches_the_client_with_its_own_code(mesh):
             assert c.response(sid)[:2] == ({b":status": b"200"}, b"partial")
             c.close()
             m.stop()
-        finally:
-            srv.close()
 
 
 def test_output_to_a_client_that_does_not_read_is_bounded(mesh, backends):

@@ -21,8 +21,8 @@ import select
 import socket
 import ssl
 import struct
-import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.testing.certs import TestCA
+from meshd.testing.tcp_server import TcpServer
 from meshd.worker.h2_pool import H2Pool
 from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
 from meshd.worker.upstream_tls import TlsTarget
@@ -87,6 +88,7 @@ class _ServerConn:
         self.closed = False
 
     def run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = self.conn
         conn.initiate_connection()
         self.out += conn.data_to_send()
@@ -249,38 +251,20 @@ class H2Server:
         self.tls = tls
         self.initial_window = initial_window
         self.max_concurrent_streams = max_concurrent_streams
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
         self.requests: list[_ServerStream] = []
         self.resets: list[tuple[int, int]] = []
         self.acks: list[str] = []
-        self.connections = 0
         self.stopping = False
-        self.threads: list[threading.Thread] = []
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self.threads.append(accept)
+        self.tcp = TcpServer(lambda sock: _ServerConn(self, sock).run())
+        self.address = ("127.0.0.1", self.tcp.port)
 
-    def _accept(self) -> None:
-        self.listener.settimeout(0.05)
-        while not self.stopping:
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connections += 1
-            t = threading.Thread(target=_ServerConn(self, sock).run, daemon=True)
-            t.start()
-            self.threads.append(t)
+    @property
+    def connections(self) -> int:
+        return self.tcp.accepted
 
     def stop(self) -> None:
         self.stopping = True
-        for t in self.threads:
-            t.join(5)
-        self.listener.close()
+        self.tcp.close(wait=5)
 
 
 @pytest.fixture
@@ -300,6 +284,14 @@ def server_factory() -> Any:
 @pytest.fixture
 def server(server_factory: Any) -> H2Server:
     return server_factory()
+
+
+@pytest.fixture
+def up(server: H2Server) -> Iterator[H2Upstream]:
+    """An H2Upstream connected to ``server``, closed after the test (if it has not been)."""
+    upstream = H2Upstream.connect(server.address, 5)
+    yield upstream
+    upstream.close()
 
 
 def req(server: H2Server | tuple[str, int], path: str, method: bytes = b"GET",
@@ -326,39 +318,32 @@ def wait_for(cond: Any, timeout: float = 5.0) -> None:
 
 # -- against the scripted server -------------------------------------------------------
 
-def test_get_and_echo(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        assert up.alive and up.available()
-        s = up.open_stream(req(server, "/"), end_stream=True)
-        assert s.stream_id == 1
-        head = s.response(time.monotonic() + 5)
-        assert (b":status", b"200") in head and (b"server", b"scripted") in head
-        assert s.read(5) is None
-        s2 = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
-        s2.send_data(b"hello ")
-        s2.send_data(b"world", end_stream=True)
-        assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
-        assert read_all(s2) == b"hello world"
-        assert s2.trailers is None
-        assert not up.streams  # both finished and left the connection
-    finally:
-        up.close()
+def test_get_and_echo(server: H2Server, up: H2Upstream) -> None:
+    assert up.alive and up.available()
+    s = up.open_stream(req(server, "/"), end_stream=True)
+    assert s.stream_id == 1
+    head = s.response(time.monotonic() + 5)
+    assert (b":status", b"200") in head and (b"server", b"scripted") in head
+    assert s.read(5) is None
+    s2 = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
+    s2.send_data(b"hello ")
+    s2.send_data(b"world", end_stream=True)
+    assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
+    assert read_all(s2) == b"hello world"
+    assert s2.trailers is None
+    assert not up.streams  # both finished and left the connection
+    up.close()
     assert not up.alive
     with pytest.raises(StreamNotOpened, match="takes no new streams: closed by meshd"):
         up.open_stream(req(server, "/"), end_stream=True)
 
 
-def test_answers_ping_and_settings(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/ping-and-settings"), end_stream=True)
-        assert s.read(5) is None
-        wait_for(lambda: sorted(server.acks) == ["PingAckReceived", "SettingsAcknowledged",
-                                                 "SettingsAcknowledged"])
-        assert up.conn.remote_settings.max_concurrent_streams == 7
-    finally:
-        up.close()
+def test_answers_ping_and_settings(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/ping-and-settings"), end_stream=True)
+    assert s.read(5) is None
+    wait_for(lambda: sorted(server.acks) == ["PingAckReceived", "SettingsAcknowledged",
+                                             "SettingsAcknowledged"])
+    assert up.conn.remote_settings.max_concurrent_streams == 7
 
 
 def test_idle_connection_closes(server: H2Server, monkeypatch: Any) -> None:
@@ -372,20 +357,16 @@ def test_idle_connection_closes(server: H2Server, monkeypatch: Any) -> None:
     assert up.close_reason == "idle for 0.2s"
 
 
-def test_trailers_and_informational(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/echo?trailers=1&informational=1", b"POST"), False)
-        s.send_data(b"abc")
-        s.send_trailers([(b"x-client-trailer", b"1")])
-        head = s.response(time.monotonic() + 5)
-        assert dict(head)[b":status"] == b"200"
-        assert [dict(h)[b":status"] for h in s.informational] == [b"103"]
-        assert read_all(s) == b"abc"
-        assert s.trailers == [(b"x-sha256", hashlib.sha256(b"abc").hexdigest().encode())]
-        wait_for(lambda: len(server.requests) == 1 and server.requests[0].body == b"abc")
-    finally:
-        up.close()
+def test_trailers_and_informational(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/echo?trailers=1&informational=1", b"POST"), False)
+    s.send_data(b"abc")
+    s.send_trailers([(b"x-client-trailer", b"1")])
+    head = s.response(time.monotonic() + 5)
+    assert dict(head)[b":status"] == b"200"
+    assert [dict(h)[b":status"] for h in s.informational] == [b"103"]
+    assert read_all(s) == b"abc"
+    assert s.trailers == [(b"x-sha256", hashlib.sha256(b"abc").hexdigest().encode())]
+    wait_for(lambda: len(server.requests) == 1 and server.requests[0].body == b"abc")
 
 
 def test_many_concurrent_streams_share_one_connection(server: H2Server) -> None:
@@ -456,52 +437,40 @@ def test_five_megabytes_both_ways_through_small_windows(server_factory: Any) -> 
         up.close()
 
 
-def test_slow_reader_holds_at_most_its_window(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        size = 5 * MB
-        s = up.open_stream(req(server, f"/big?size={size}"), end_stream=True)
-        s.response(time.monotonic() + 5)
-        sent = server.requests[0]
-        wait_for(lambda: sent.sent >= STREAM_WINDOW)
-        gevent.sleep(0.3)  # the server would send more if it could
-        assert sent.sent == STREAM_WINDOW
-        assert s.buffered == STREAM_WINDOW
-        assert len(read_all(s)) == size
-    finally:
-        up.close()
+def test_slow_reader_holds_at_most_its_window(server: H2Server, up: H2Upstream) -> None:
+    size = 5 * MB
+    s = up.open_stream(req(server, f"/big?size={size}"), end_stream=True)
+    s.response(time.monotonic() + 5)
+    sent = server.requests[0]
+    wait_for(lambda: sent.sent >= STREAM_WINDOW)
+    gevent.sleep(0.3)  # the server would send more if it could
+    assert sent.sent == STREAM_WINDOW
+    assert s.buffered == STREAM_WINDOW
+    assert len(read_all(s)) == size
 
 
-def test_deadline_raises_timeout_and_resets_the_stream(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/?delay=5"), end_stream=True)
-        started = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            s.response(started + 0.2)
-        assert time.monotonic() - started < 1
-        wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
-        with pytest.raises(UpstreamError):
-            s.read(1)
-        s.reset()  # idempotent
-        # The connection is fine for the next stream.
-        s2 = up.open_stream(req(server, "/"), end_stream=True)
-        assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
-    finally:
-        up.close()
+def test_deadline_raises_timeout_and_resets_the_stream(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        s.response(started + 0.2)
+    assert time.monotonic() - started < 1
+    wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
+    with pytest.raises(UpstreamError):
+        s.read(1)
+    s.reset()  # idempotent
+    # The connection is fine for the next stream.
+    s2 = up.open_stream(req(server, "/"), end_stream=True)
+    assert dict(s2.response(time.monotonic() + 5))[b":status"] == b"200"
 
 
-def test_read_timeout_resets(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/echo?delay=5", b"POST"), end_stream=False)
-        with pytest.raises(UpstreamTimeout):
-            s.read(0.2)
-        wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
-        with pytest.raises(UpstreamError):
-            s.send_data(b"late")
-    finally:
-        up.close()
+def test_read_timeout_resets(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/echo?delay=5", b"POST"), end_stream=False)
+    with pytest.raises(UpstreamTimeout):
+        s.read(0.2)
+    wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
+    with pytest.raises(UpstreamError):
+        s.send_data(b"late")
 
 
 def test_send_without_window_times_out(server_factory: Any) -> None:
@@ -518,48 +487,36 @@ def test_send_without_window_times_out(server_factory: Any) -> None:
 
 
 @pytest.mark.parametrize(("code", "refused"), [(7, True), (2, False)])
-def test_rst_stream(server: H2Server, code: int, refused: bool) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, f"/rst-now?code={code}", b"POST"), end_stream=False)
-        name = h2.errors.ErrorCodes(code).name
-        with pytest.raises(UpstreamError, match=name):
-            s.response(time.monotonic() + 5)
-        assert s.refused is refused
-        with pytest.raises(UpstreamError, match=name):
-            s.send_data(b"more")
-        s.reset()  # a no-op now
-        assert up.alive and not up.streams
-    finally:
-        up.close()
-
-
-def test_rst_stream_mid_body(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/rst?partial=1&code=2"), end_stream=True)
+def test_rst_stream(server: H2Server, up: H2Upstream, code: int, refused: bool) -> None:
+    s = up.open_stream(req(server, f"/rst-now?code={code}", b"POST"), end_stream=False)
+    name = h2.errors.ErrorCodes(code).name
+    with pytest.raises(UpstreamError, match=name):
         s.response(time.monotonic() + 5)
-        with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
-            read_all(s)  # the partial body is dropped: the response is broken
-        assert not s.refused
-    finally:
-        up.close()
+    assert s.refused is refused
+    with pytest.raises(UpstreamError, match=name):
+        s.send_data(b"more")
+    s.reset()  # a no-op now
+    assert up.alive and not up.streams
 
 
-def test_complete_response_then_rst_no_error_stops_the_upload(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, "/early", b"POST"), end_stream=False)
-        assert read_all(s) == b"early"
-        wait_for(lambda: not up.streams)  # the RST_STREAM(NO_ERROR) arrived
-        s.send_data(b"the rest nobody wants")  # dropped quietly, not an error
-        s.end()
-        assert s.read(1) is None and not s.refused
-        s2 = up.open_stream(req(server, "/rst-now?code=0", b"POST"), end_stream=False)
-        with pytest.raises(UpstreamError, match="NO_ERROR"):
-            s2.response(time.monotonic() + 5)  # NO_ERROR before any response is an error
-    finally:
-        up.close()
+def test_rst_stream_mid_body(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/rst?partial=1&code=2"), end_stream=True)
+    s.response(time.monotonic() + 5)
+    with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
+        read_all(s)  # the partial body is dropped: the response is broken
+    assert not s.refused
+
+
+def test_complete_response_then_rst_no_error_stops_the_upload(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/early", b"POST"), end_stream=False)
+    assert read_all(s) == b"early"
+    wait_for(lambda: not up.streams)  # the RST_STREAM(NO_ERROR) arrived
+    s.send_data(b"the rest nobody wants")  # dropped quietly, not an error
+    s.end()
+    assert s.read(1) is None and not s.refused
+    s2 = up.open_stream(req(server, "/rst-now?code=0", b"POST"), end_stream=False)
+    with pytest.raises(UpstreamError, match="NO_ERROR"):
+        s2.response(time.monotonic() + 5)  # NO_ERROR before any response is an error
 
 
 def test_goaway_refuses_later_streams_and_finishes_earlier_ones(server: H2Server) -> None:
@@ -605,38 +562,29 @@ def test_pool_drain_and_close_reach_retired_connections(server: H2Server) -> Non
             s.response(time.monotonic() + 1)
 
 
-def test_goaway_with_error_fails_every_stream(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        a = up.open_stream(req(server, "/?delay=5"), end_stream=True)
-        up.open_stream(req(server, "/goaway-now?code=2&last=0"), end_stream=True)
-        with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
-            a.response(time.monotonic() + 5)
-        assert a.refused
-        wait_for(lambda: up.closed)
-    finally:
-        up.close()
+def test_goaway_with_error_fails_every_stream(server: H2Server, up: H2Upstream) -> None:
+    a = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+    up.open_stream(req(server, "/goaway-now?code=2&last=0"), end_stream=True)
+    with pytest.raises(UpstreamError, match="INTERNAL_ERROR"):
+        a.response(time.monotonic() + 5)
+    assert a.refused
+    wait_for(lambda: up.closed)
 
 
-def test_connection_loss_fails_open_streams(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        done = up.open_stream(req(server, "/big?size=1000"), end_stream=True)
-        done.response(time.monotonic() + 5)
-        wait_for(lambda: done.ended)
-        pending = up.open_stream(req(server, "/?delay=5"), end_stream=True)
-        up.open_stream(req(server, "/kill"), end_stream=True)
-        with pytest.raises(UpstreamError, match="lost"):
-            pending.response(time.monotonic() + 5)
-        assert not pending.refused  # it may have been processed: not safe to retry
-        assert not up.alive
-        assert len(read_all(done)) == 1000  # a complete response survives the loss
-    finally:
-        up.close()
+def test_connection_loss_fails_open_streams(server: H2Server, up: H2Upstream) -> None:
+    done = up.open_stream(req(server, "/big?size=1000"), end_stream=True)
+    done.response(time.monotonic() + 5)
+    wait_for(lambda: done.ended)
+    pending = up.open_stream(req(server, "/?delay=5"), end_stream=True)
+    up.open_stream(req(server, "/kill"), end_stream=True)
+    with pytest.raises(UpstreamError, match="lost"):
+        pending.response(time.monotonic() + 5)
+    assert not pending.refused  # it may have been processed: not safe to retry
+    assert not up.alive
+    assert len(read_all(done)) == 1000  # a complete response survives the loss
 
 
-def test_goaway_by_us_drains(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
+def test_goaway_by_us_drains(server: H2Server, up: H2Upstream) -> None:
     s = up.open_stream(req(server, "/?delay=0.2"), end_stream=True)
     up.goaway()
     assert not up.available()
@@ -647,40 +595,32 @@ def test_goaway_by_us_drains(server: H2Server) -> None:
     assert up.closed
 
 
-def test_invalid_request_head_does_not_leak_a_stream(server: H2Server) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        with pytest.raises(UpstreamError, match="invalid request head.*TE"):
-            up.open_stream(req(server, "/", extra=[(b"te", b"gzip")]), True)
-        assert not up.streams and not up.conn.streams and up.available()
-        s = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
-        with pytest.raises(UpstreamError, match="invalid trailers"):
-            s.send_trailers([(b":path", b"/nope")])
-        s.send_data(b"ok", end_stream=True)
-        assert read_all(s) == b"ok"
-        s = up.open_stream(req(server, "/"), end_stream=True)
-        assert s.read(5) is None
-    finally:
-        up.close()
+def test_invalid_request_head_does_not_leak_a_stream(server: H2Server, up: H2Upstream) -> None:
+    with pytest.raises(UpstreamError, match="invalid request head.*TE"):
+        up.open_stream(req(server, "/", extra=[(b"te", b"gzip")]), True)
+    assert not up.streams and not up.conn.streams and up.available()
+    s = up.open_stream(req(server, "/echo", b"POST"), end_stream=False)
+    with pytest.raises(UpstreamError, match="invalid trailers"):
+        s.send_trailers([(b":path", b"/nope")])
+    s.send_data(b"ok", end_stream=True)
+    assert read_all(s) == b"ok"
+    s = up.open_stream(req(server, "/"), end_stream=True)
+    assert s.read(5) is None
 
 
 @pytest.mark.parametrize("field", sorted(BAD_FIELDS))
-def test_malformed_response_head_fails_only_its_stream(server: H2Server, field: str) -> None:
-    up = H2Upstream.connect(server.address, 5)
-    try:
-        s = up.open_stream(req(server, f"/bad-head?field={field}"), end_stream=True)
-        with pytest.raises(UpstreamError, match="malformed response head"):
-            s.response(time.monotonic() + 5)
-        t = up.open_stream(req(server, f"/bad-trailers?field={field}"), end_stream=True)
-        assert t.response(time.monotonic() + 5)[0] == (b":status", b"200")
-        with pytest.raises(UpstreamError, match="malformed trailers"):
-            read_all(t)
-        wait_for(lambda: not up.streams)
-        ok = up.open_stream(req(server, "/"), end_stream=True)  # the connection goes on
-        assert ok.response(time.monotonic() + 5)[0] == (b":status", b"200")
-        assert up.alive and not up.closed
-    finally:
-        up.close()
+def test_malformed_response_head_fails_only_its_stream(server: H2Server, up: H2Upstream, field: str) -> None:
+    s = up.open_stream(req(server, f"/bad-head?field={field}"), end_stream=True)
+    with pytest.raises(UpstreamError, match="malformed response head"):
+        s.response(time.monotonic() + 5)
+    t = up.open_stream(req(server, f"/bad-trailers?field={field}"), end_stream=True)
+    assert t.response(time.monotonic() + 5)[0] == (b":status", b"200")
+    with pytest.raises(UpstreamError, match="malformed trailers"):
+        read_all(t)
+    wait_for(lambda: not up.streams)
+    ok = up.open_stream(req(server, "/"), end_stream=True)  # the connection goes on
+    assert ok.response(time.monotonic() + 5)[0] == (b":status", b"200")
+    assert up.alive and not up.closed
 
 
 def test_connect_errors() -> None:
@@ -699,23 +639,18 @@ def test_connect_errors() -> None:
 
 
 def test_http1_upstream_is_a_protocol_error() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        conn, _ = listener.accept()
+    def answer(conn: socket.socket) -> None:
         conn.recv(1024)
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
         time.sleep(0.5)
         conn.close()
 
-    t = threading.Thread(target=answer, daemon=True)
-    t.start()
+    listener = TcpServer(answer, limit=1)
     try:
         with pytest.raises(UpstreamError, match="does not speak HTTP/2.*HTTP/1.1 400"):
-            H2Upstream.connect(listener.getsockname()[:2], 5)
+            H2Upstream.connect(("127.0.0.1", listener.port), 5)
     finally:
-        t.join(5)
-        listener.close()
+        listener.close(wait=5)
 
 
 @pytest.mark.parametrize("alpn", ["h2", "http/1.1"])
@@ -746,10 +681,7 @@ def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
 
 
 def test_oversized_frame_fails_without_buffering_it() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def serve(conn: socket.socket) -> None:
         conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
         conn.recv(65536)
         # A DATA frame header announcing 1 MiB (over the 16 KiB maximum), then a trickle.
@@ -757,12 +689,11 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
         time.sleep(1)
         conn.close()
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    listener = TcpServer(serve, limit=1)
     try:
         started = time.monotonic()
         try:  # the bad frame may come before connect() returns, or right after
-            up = H2Upstream.connect(listener.getsockname()[:2], 5)
+            up = H2Upstream.connect(("127.0.0.1", listener.port), 5)
             wait_for(lambda: up.closed, timeout=0.8)
             reason = up.close_reason
         except UpstreamError as e:
@@ -770,8 +701,7 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
         assert "FRAME_SIZE_ERROR" in reason
         assert time.monotonic() - started < 0.8  # long before the server closes
     finally:
-        t.join(5)
-        listener.close()
+        listener.close(wait=5)
 
 
 # -- against grpcio --------------------------------------------------------------------
@@ -798,6 +728,14 @@ def grpc_server() -> Any:
     server.stop(None)
 
 
+@pytest.fixture
+def grpc_up(grpc_server: tuple[str, int]) -> Iterator[H2Upstream]:
+    """An H2Upstream connected to ``grpc_server``, closed after the test."""
+    upstream = H2Upstream.connect(grpc_server, 5)
+    yield upstream
+    upstream.close()
+
+
 def grpc_call(up: H2Upstream, address: tuple[str, int],
               message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes, dict[bytes, bytes]]:
     s = up.open_stream(req(address, "/meshd.test.Echo/Echo", b"POST", [
@@ -810,37 +748,29 @@ def grpc_call(up: H2Upstream, address: tuple[str, int],
     return head, body, trailers
 
 
-def test_grpc_unary_call(grpc_server: tuple[str, int]) -> None:
-    up = H2Upstream.connect(grpc_server, 5)
-    try:
-        head, body, trailers = grpc_call(up, grpc_server, b"hello")
-        assert dict(head)[b":status"] == b"200"
-        assert dict(head)[b"content-type"].startswith(b"application/grpc")
-        assert body[0] == 0 and struct.unpack(">I", body[1:5])[0] == len(body) - 5
-        assert body[5:] == b"echo:hello"
+def test_grpc_unary_call(grpc_server: tuple[str, int], grpc_up: H2Upstream) -> None:
+    head, body, trailers = grpc_call(grpc_up, grpc_server, b"hello")
+    assert dict(head)[b":status"] == b"200"
+    assert dict(head)[b"content-type"].startswith(b"application/grpc")
+    assert body[0] == 0 and struct.unpack(">I", body[1:5])[0] == len(body) - 5
+    assert body[5:] == b"echo:hello"
+    assert trailers[b"grpc-status"] == b"0"
+
+    _, body, trailers = grpc_call(grpc_up, grpc_server, b"fail")
+    assert body == b""
+    assert trailers[b"grpc-status"] == b"5"  # NOT_FOUND
+    assert trailers[b"grpc-message"] == b"no such thing"
+
+
+def test_grpc_many_concurrent_calls(grpc_server: tuple[str, int], grpc_up: H2Upstream) -> None:
+    big = b"m" * 200_000  # over the 64 KiB windows grpcio starts with
+
+    def one(i: int) -> bytes:
+        _, body, trailers = grpc_call(grpc_up, grpc_server, b"%d:" % i + big)
         assert trailers[b"grpc-status"] == b"0"
+        return body[5:]
 
-        _, body, trailers = grpc_call(up, grpc_server, b"fail")
-        assert body == b""
-        assert trailers[b"grpc-status"] == b"5"  # NOT_FOUND
-        assert trailers[b"grpc-message"] == b"no such thing"
-    finally:
-        up.close()
-
-
-def test_grpc_many_concurrent_calls(grpc_server: tuple[str, int]) -> None:
-    up = H2Upstream.connect(grpc_server, 5)
-    try:
-        big = b"m" * 200_000  # over the 64 KiB windows grpcio starts with
-
-        def one(i: int) -> bytes:
-            _, body, trailers = grpc_call(up, grpc_server, b"%d:" % i + big)
-            assert trailers[b"grpc-status"] == b"0"
-            return body[5:]
-
-        jobs = [gevent.spawn(one, i) for i in range(50)]
-        gevent.joinall(jobs, timeout=30, raise_error=True)
-        assert [j.value for j in jobs] == [b"echo:%d:" % i + big for i in range(50)]
-        assert up.alive
-    finally:
-        up.close()
+    jobs = [gevent.spawn(one, i) for i in range(50)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert [j.value for j in jobs] == [b"echo:%d:" % i + big for i in range(50)]
+    assert grpc_up.alive

@@ -20,6 +20,7 @@ import pytest
 from conftest import MeshFactory
 
 from meshd.testing.harness import Backend, Meshd, http_get, process_usage, read_head, wait_for
+from meshd.testing.tcp_server import TcpServer
 
 SHARED_LIMITS = """
 [limits]
@@ -35,31 +36,16 @@ class Recorder:
     """A TCP server that accepts, never answers, and records each connection's bytes."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.connections: list[bytearray] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        self.server = TcpServer(self._read)
+        self.address = self.server.address
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            record = bytearray()
-            with self._lock:
-                self.connections.append(record)
-            t = threading.Thread(target=self._read, args=(conn, record), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _read(self, conn: socket.socket, record: bytearray) -> None:
+    def _read(self, conn: socket.socket) -> None:
+        record = bytearray()
+        with self._lock:
+            self.connections.append(record)
         conn.settimeout(0.1)
         with conn:
             while not self._stop.is_set():
@@ -84,9 +70,7 @@ class Recorder:
 
     def stop(self) -> None:
         self._stop.set()
-        self.sock.close()
-        for t in self._threads:
-            t.join(2)
+        self.server.close(wait=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,10 @@ import socket
 import threading
 from collections import Counter
 
-from meshd.testing.harness import free_port
+from conftest import MeshFactory
+
+from meshd.testing.harness import Meshd, free_port
+from meshd.testing.tcp_server import TcpServer
 
 INBOUND = """
 [[listener]]
@@ -44,18 +47,27 @@ def _peer_connections(pid: int, port: int) -> int:
     return count
 
 
-def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
-    app = backends("app")
+def _two_meshds(mesh: MeshFactory, service: str, app: str, *, forward: str | None = None,
+                listeners_a: str | None = None) -> tuple[Meshd, int]:
+    """Outbound meshd A -> inbound meshd B -> the application at ``app``: B's inbound
+    listener forwards to ``forward`` (``app`` unless given), A's discovery lists
+    ``service`` at ``app`` as meshed behind B's inbound port; A also has ``listeners_a``.
+    Both have one worker. Returns A (started after B) and B's inbound port."""
     inbound_port = free_port()
     # meshd B fronts the application: its inbound listener forwards to it
     text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
-                                                                         app=app.address))
+                                                                         app=forward or app))
     mesh.start(text_b, ports_b)
-    # meshd A routes "web" to the application, which discovery says is meshed
-    meshed = f'{{ address = "{app.address}", meshed = true, inbound_port = {inbound_port} }}'
-    text_a, ports_a = mesh.config({}, workers=1)
-    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\nweb = [{meshed}]\n")
-    a = mesh.start(text_a, ports_a)
+    # meshd A routes the service to the application, which discovery says is meshed
+    meshed = f'{{ address = "{app}", meshed = true, inbound_port = {inbound_port} }}'
+    text_a, ports_a = mesh.config({}, workers=1, listeners=listeners_a)
+    text_a = text_a.replace("[discovery.services]\n",
+                            f"[discovery.services]\n{service} = [{meshed}]\n")
+    return mesh.start(text_a, ports_a), inbound_port
+
+
+def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
+    a, inbound_port = _two_meshds(mesh, "web", backends("app").address)
 
     seen: Counter[str] = Counter()
     lock = threading.Lock()
@@ -101,15 +113,7 @@ def test_http1_between_two_meshds_rides_one_h2_connection(mesh, backends):
 
 
 def test_chunked_body_and_trailers_cross_two_meshds(mesh, backends):
-    app = backends("app")
-    inbound_port = free_port()
-    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
-                                                                         app=app.address))
-    mesh.start(text_b, ports_b)
-    meshed = f'{{ address = "{app.address}", meshed = true, inbound_port = {inbound_port} }}'
-    text_a, ports_a = mesh.config({}, workers=1)
-    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\nweb = [{meshed}]\n")
-    a = mesh.start(text_a, ports_a)
+    a, _ = _two_meshds(mesh, "web", backends("app").address)
     with socket.create_connection(("127.0.0.1", a.ports["outbound"]), timeout=10) as s:
         s.sendall(b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n")
@@ -126,13 +130,9 @@ def test_chunked_body_and_trailers_cross_two_meshds(mesh, backends):
 def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
     """An outbound tcp listener's service is meshed: the bytes go to the peer meshd's
     inbound port with a header naming the target port, and the peer delivers them."""
-    echo = socket.socket()
-    echo.bind(("127.0.0.1", 0))
-    echo.listen(4)
     seen_first: list[bytes] = []
 
-    def serve() -> None:
-        conn, _ = echo.accept()
+    def serve(conn: socket.socket) -> None:
         with conn:
             first = True
             while data := conn.recv(65536):
@@ -140,18 +140,11 @@ def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
                     seen_first.append(data[:40])
                     first = False
                 conn.sendall(data)
-    threading.Thread(target=serve, daemon=True).start()
-    app_port = echo.getsockname()[1]
-    inbound_port, tcp_port = free_port(), free_port()
-    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(
-        port=inbound_port, app=f"127.0.0.1:{free_port()}"))  # forward: another port
-    mesh.start(text_b, ports_b)
-    meshed = f'{{ address = "127.0.0.1:{app_port}", meshed = true, inbound_port = {inbound_port} }}'
-    tcp = f'\n[[listener]]\nname = "db"\nlisten = "127.0.0.1:{tcp_port}"\nprotocol = "tcp"\nservice = "db"\n'
-    text_a, ports_a = mesh.config({}, workers=1, listeners=tcp)
-    text_a = text_a.replace("[discovery.services]\n", f"[discovery.services]\ndb = [{meshed}]\n")
-    mesh.start(text_a, ports_a)
-    try:
+    with TcpServer(serve, limit=1) as echo:
+        tcp_port = free_port()
+        tcp = f'\n[[listener]]\nname = "db"\nlisten = "127.0.0.1:{tcp_port}"\nprotocol = "tcp"\nservice = "db"\n'
+        _two_meshds(mesh, "db", echo.address, listeners_a=tcp,
+                    forward=f"127.0.0.1:{free_port()}")  # forward: another port
         with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as s:
             payload = b"SELECT 1;" + bytes(range(256)) * 400
             s.sendall(payload)
@@ -163,5 +156,3 @@ def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
         assert got == payload
         # the application saw the client's bytes only: the header stopped at the peer
         assert seen_first and seen_first[0].startswith(b"SELECT 1;")
-    finally:
-        echo.close()

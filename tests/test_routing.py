@@ -19,6 +19,7 @@ import pytest
 from meshd.config import parse
 from meshd.errors import ConfigError
 from meshd.testing.harness import KeepAliveLoad, http_get, wait_for
+from meshd.testing.tcp_server import TcpServer
 from meshd.worker.routing import Router
 
 # -- the router, pure --------------------------------------------------------------------------
@@ -281,25 +282,9 @@ class SilentServer:
     open after its request arrived (the proxy's cancellation closes it)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.held: list[float] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+        self.server = TcpServer(self._hold)
+        self.address = self.server.address
 
     def _hold(self, conn: socket.socket) -> None:
         conn.settimeout(30)
@@ -317,7 +302,7 @@ class SilentServer:
             conn.close()
 
     def close(self) -> None:
-        self.sock.close()
+        self.server.close()
 
 
 def test_try_timeout_cancels_the_attempt_and_retries_elsewhere(mesh, backends):

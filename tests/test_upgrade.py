@@ -12,6 +12,7 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
 from meshd.testing.harness import free_port, read_head, wait_for
+from meshd.testing.tcp_server import TcpServer
 
 WS_LISTENER = """
 [[listener]]
@@ -83,30 +84,15 @@ def test_h2c_upgrade_is_not_passed_upstream(mesh, backends):
     assert "upgrade" not in seen and "http2-settings" not in seen, seen
 
 
-def _tcp_echo_server() -> tuple[socket.socket, int]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            def echo(c: socket.socket = conn) -> None:
-                with c:
-                    while data := c.recv(65536):
-                        c.sendall(data)
-            threading.Thread(target=echo, daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, srv.getsockname()[1]
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
 
 
 def test_connect_tunnels_to_an_endpoint_of_the_named_service(mesh):
-    srv, port = _tcp_echo_server()
-    try:
-        m = mesh.run({"echo": [f"127.0.0.1:{port}"]})
+    with TcpServer(_echo) as srv:
+        m = mesh.run({"echo": [srv.address]})
         with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as s:
             s.sendall(b"CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n\r\nearly bytes|")
             head, marker, got = read_head(s).partition(b"\r\n\r\n")
@@ -121,51 +107,36 @@ def test_connect_tunnels_to_an_endpoint_of_the_named_service(mesh):
         # a service nobody knows: 503 with the reason, no tunnel
         reply = _exchange(m.ports["outbound"], b"CONNECT nowhere:80 HTTP/1.1\r\nHost: nowhere:80\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 503"), reply
-    finally:
-        srv.close()
 
 
 def test_an_unsolicited_101_is_a_502(mesh):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-
-    def rogue() -> None:
-        conn, _ = srv.accept()
+    def rogue(conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
             conn.recv(65536)
-    threading.Thread(target=rogue, daemon=True).start()
-    try:
-        m = mesh.run({"web": [f"127.0.0.1:{srv.getsockname()[1]}"]}, extra='[service.web]\nretries = 0\n')
+    with TcpServer(rogue, limit=1) as srv:
+        m = mesh.run({"web": [srv.address]}, extra='[service.web]\nretries = 0\n')
         reply = _exchange(m.ports["outbound"], b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 502"), reply
         assert b"switched protocols without being asked" in reply
-    finally:
-        srv.close()
 
 
 def test_h2c_upgrade_passes_where_the_listener_allows_it(mesh):
     """A listener with h2c_upgrade = true passes Upgrade: h2c and HTTP2-Settings on, and
     after the upstream's 101 the bytes are tunneled (the upstream speaks h2 on them)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
     seen: list[bytes] = []
 
-    def upstream() -> None:
-        conn, _ = srv.accept()
+    def upstream(conn: socket.socket) -> None:
         with conn:
             seen.append(read_head(conn))
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
                          b"after-101")
             conn.sendall(conn.recv(65536))  # echo what the client sends next
-    threading.Thread(target=upstream, daemon=True).start()
-    port = free_port()
-    listener = f'\n[[listener]]\nname = "h2c"\nlisten = "127.0.0.1:{port}"\nprotocol = "http"\nh2c_upgrade = true\n'
-    try:
-        mesh.run({"web": [f"127.0.0.1:{srv.getsockname()[1]}"]}, listeners=listener)
+    with TcpServer(upstream, limit=1) as srv:
+        port = free_port()
+        listener = f'\n[[listener]]\nname = "h2c"\nlisten = "127.0.0.1:{port}"\nprotocol = "http"\nh2c_upgrade = true\n'
+        mesh.run({"web": [srv.address]}, listeners=listener)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\n"
                       b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
@@ -175,5 +146,3 @@ def test_h2c_upgrade_passes_where_the_listener_allows_it(mesh):
             assert s.recv(64) == b"ping"
         head = seen[0].lower()
         assert b"upgrade: h2c" in head and b"http2-settings: aamaaabkaaqaap__" in head, head
-    finally:
-        srv.close()

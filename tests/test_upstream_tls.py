@@ -24,6 +24,7 @@ from meshd.config import parse
 from meshd.errors import ConfigError
 from meshd.testing.certs import Issued, TestCA
 from meshd.testing.harness import free_port, http_get, port_open, terminate, wait_for
+from meshd.testing.tcp_server import TcpServer
 
 
 @pytest.fixture
@@ -374,24 +375,14 @@ class UpgradeServer:
     case until the client's stream ends (``ended`` set), then closes."""
 
     def __init__(self, issued: Issued) -> None:
-        import socket
         import ssl
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(issued.cert, issued.key)
         self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
         self.ended = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.server = TcpServer(self._serve)
+        self.port = self.server.port
 
     def _serve(self, raw) -> None:
         try:
@@ -414,7 +405,7 @@ class UpgradeServer:
             pass
 
     def close(self) -> None:
-        self.sock.close()
+        self.server.close()
 
 
 def test_websocket_to_a_tls_upstream_is_tunneled(mesh, pki):
