@@ -373,40 +373,35 @@ def arbiter(tmp_path: Path) -> Iterator[Arbiter]:
     cfg = config_mod.load(str(path))
     os.makedirs(cfg.shm_dir)
     arb = Arbiter(cfg)
-    arb.region_path = shm.region_path(cfg.shm_dir, cfg.instance)
-    arb.region = Region.create(arb.region_path, 8, 16, 16)
-    arb._region_inode = os.stat(arb.region_path).st_ino
-    arb.regions[1] = arb.region
-    arb._open_regions.append(arb.region)
+    arb.regions.create(1, 8, 16, 16)
+    arb.regions.serve(1, ())
     arb.active_generation = 1
     yield arb
     for child in list(arb.children.values()):
         os.kill(child.pid, signal.SIGKILL)
     arb._reap()
-    for region in arb._open_regions:
+    for region in arb.regions.open_regions:
         region.close()
 
 
 def _child(arb: Arbiter, slot: int, generation: int) -> Child:
-    assert arb.region is not None
-    arb.region.claim_slot(slot, generation, KIND_WORKER)
+    region = arb.regions.current
+    region.claim_slot(slot, generation, KIND_WORKER)
     pid = _sleeper()
-    arb.region.set_pid(slot, pid)
-    child = Child(pid, slot, KIND_WORKER, generation, time.monotonic(), arb.region)
+    region.set_pid(slot, pid)
+    child = Child(pid, slot, KIND_WORKER, generation, time.monotonic(), region)
     arb.children[pid] = child
     return child
 
 
 def _grow_for_generation_2(arb: Arbiter) -> tuple[Region, Region]:
-    old = arb.region
-    assert old is not None
+    old = arb.regions.current
     old.publish_usage(rows=14, endpoint_rows=3)
-    grown = arb._region_for(arb.cfg)
+    arb.regions.begin(2, arb.cfg, arb.children.values())
+    grown = arb.regions.current
     assert grown is not old and (grown.rows, grown.endpoint_rows) == (32, 16)
     arb.generation = 2
     arb.configs[2] = arb.cfg
-    arb.regions[2] = grown
-    arb._set_current(grown)
     return old, grown
 
 
@@ -420,28 +415,28 @@ def _reap_all(arb: Arbiter, children: list[Child]) -> None:
 def test_master_folds_the_drained_generation_into_the_grown_region(arbiter: Arbiter) -> None:
     arb = arbiter
     old_worker = _child(arb, 1, 1)
-    assert arb.region is not None
-    old_stripe = arb.region.stripe(1)
+    old_stripe = arb.regions.current.stripe(1)
     old_stripe.add(5, F_REQUESTS, 10)
     old, grown = _grow_for_generation_2(arb)
-    assert grown.path != arb.region_path and os.path.samefile(old.path, arb.region_path)
+    path = arb.regions.path
+    assert grown.path != path and os.path.samefile(old.path, path)
     new_worker = _child(arb, 2, 2)
     grown.stripe(2).add(5, F_REQUESTS, 3)
     grown.stripe(2).add(20, F_REQUESTS, 4)
     old_stripe.add(5, F_REQUESTS, 1)          # the old worker still serves
-    arb._sync_regions()
+    arb.regions.sync(arb.children.values())
     assert grown.row_totals(5)[F_REQUESTS] == 14 and old.row_totals(5)[F_REQUESTS] == 14
     assert grown.read_slot(1).pid == old_worker.pid and old.read_slot(2).pid == new_worker.pid
     # Generation 2 serves: its region takes the name; the old one drains, then is reaped.
+    arb.regions.serve(2, arb.children.values())
     arb.active_generation = 2
-    arb._publish_region()
-    assert grown.path == arb.region_path
+    assert grown.path == path
     old_stripe.add(5, F_REQUESTS, 100)        # its last requests
     _reap_all(arb, [old_worker])
     assert grown.row_totals(5)[F_REQUESTS] == 114
     assert grown.read_slot(1).pid == 0
-    assert arb._open_regions == [grown] and list(arb.regions) == [2]
-    reader = Region.attach(arb.region_path)
+    assert arb.regions.open_regions == (grown,) and arb.regions.generations == [2]
+    reader = Region.attach(path)
     try:
         assert (reader.rows, reader.row_totals(5)[F_REQUESTS]) == (32, 114)
     finally:
@@ -457,10 +452,29 @@ def test_master_abandoning_a_grown_generation_keeps_the_old_region(arbiter: Arbi
     new_worker = _child(arb, 2, 2)
     grown.stripe(2).add(5, F_REQUESTS, 3)
     arb._abandon_generation()                 # generation 2 failed to boot
-    assert arb.region is old and arb.generation == 1
+    assert arb.regions.current is old and arb.generation == 1
     _reap_all(arb, [new_worker])
     assert old.row_totals(5)[F_REQUESTS] == 3  # what it served is kept (rows both have)
     assert not os.path.exists(temp)            # the grown file never got the name
-    assert arb._open_regions == [old]
-    assert os.path.samefile(old.path, arb.region_path)
+    assert arb.regions.open_regions == (old,)
+    assert os.path.samefile(old.path, arb.regions.path)
     assert old_worker.pid in arb.children
+
+
+def test_master_exit_unlinks_its_regions(arbiter: Arbiter) -> None:
+    arb = arbiter
+    _, grown = _grow_for_generation_2(arb)    # still at its temporary name
+    temp = grown.path
+    arb.regions.unlink_all()
+    assert not os.path.exists(temp) and not os.path.exists(arb.regions.path)
+
+
+def test_master_exit_leaves_the_name_to_a_new_master(arbiter: Arbiter) -> None:
+    arb = arbiter
+    newer = Region.create(arb.regions.path, 8, 16, 16)   # a binary upgrade took the name
+    try:
+        arb.regions.unlink_all()
+        assert os.path.samefile(newer.path, arb.regions.path)
+    finally:
+        newer.unlink()
+        newer.close()

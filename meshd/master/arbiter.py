@@ -7,10 +7,9 @@ generation G+1 (control process and workers) beside G, and only when every new p
 serves are the older ones told to drain. A reload that fails to validate or to boot
 leaves generation G serving.
 
-Shared memory can grow on a reload (see "Growth" in ``meshd.shm``): each generation maps
-one region, kept here per generation until its last process is reaped; while two regions
-are live the loop copies every process's slot into the other ones, so readers of either
-see every process and a drained process's counts end up in the region that stays.
+Each generation maps its own shared-memory region (it can grow on a reload);
+``meshd.master.regions.RegionSet`` keeps them, told by this loop when a generation
+begins, serves or is abandoned and when a process is reaped.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ from dataclasses import dataclass
 
 from meshd import config as config_mod
 from meshd.config import Config
-from meshd.errors import ConfigError, MeshdError, ShmError
+from meshd.errors import ConfigError, MeshdError
 from meshd.master.notify import Notifier, scrub_env
+from meshd.master.regions import RegionSet
 from meshd.master.sockets import UPGRADE_ENV, SocketSet, address_key, inherited
 from meshd.master.spawn import EXIT_BOOT_ERROR, ProcessContext, fork_child
 from meshd.shm import (
@@ -37,13 +37,8 @@ from meshd.shm import (
     OFF_RELOAD_FAILURES,
     OFF_RELOADS,
     OFF_RESTARTS,
-    OFF_ROWS_EXHAUSTED,
     STATE_SERVING,
     Region,
-    copy_region,
-    copy_slot,
-    grown_rows,
-    region_path,
     slot_count_for,
 )
 from meshd.snapshot import control_socket_path, snapshot_path
@@ -97,12 +92,7 @@ class Arbiter:
         self.respawn_failures = 0
         self.next_spawn_at = 0.0
         self.last_watchdog = 0.0
-        self.region: Region | None = None          # the newest generation's
-        self.regions: dict[int, Region] = {}       # generation -> the region it maps
-        self._open_regions: list[Region] = []      # every region mapped and not yet closed
-        self.region_path = ""
-        self._region_inode = 0
-        self._exhausted_base: dict[int, int] = {}  # id(region) -> its count when superseded
+        self.regions = RegionSet(cfg.shm_dir, cfg.instance)
         self._wake_r, self._wake_w = -1, -1
 
     # -- life cycle ---------------------------------------------------------------------
@@ -126,7 +116,7 @@ class Arbiter:
                 self._check_heartbeats()
                 self._maintain()
                 self._advance_generation()
-                self._sync_regions()
+                self.regions.sync(self.children.values())
                 self._watchdog()
         finally:
             self._cleanup()
@@ -142,14 +132,10 @@ class Arbiter:
         self.sockets.adopt(inherited())
         self._open_sockets(self.cfg)
         os.makedirs(self.cfg.shm_dir, exist_ok=True)
-        path = self.region_path = region_path(self.cfg.shm_dir, self.cfg.instance)
-        self.region = Region.create(path, slot_count_for(max(self.desired, 64)), self.cfg.metric_rows,
-                                    self.cfg.endpoint_rows)
-        self.regions[self.generation] = self.region
-        self._open_regions.append(self.region)
-        self._region_inode = os.stat(path).st_ino
-        self.region.set_u64(OFF_GENERATION, self.generation)
-        self.region.set_u32(OFF_DESIRED, self.desired)
+        self.regions.create(self.generation, slot_count_for(max(self.desired, 64)),
+                            self.cfg.metric_rows, self.cfg.endpoint_rows)
+        self.regions.current.set_u64(OFF_GENERATION, self.generation)
+        self.regions.current.set_u32(OFF_DESIRED, self.desired)
         log.info("master %d: %d workers, listening on %s", os.getpid(), self.desired,
                  ", ".join(sorted(self.sockets.by_address)))
 
@@ -162,16 +148,7 @@ class Arbiter:
         for child in list(self.children.values()):
             _kill(child.pid, signal.SIGKILL)
         self.sockets.close_all()
-        for region in self._open_regions:
-            if region.path != self.region_path:   # grown, never published
-                region.unlink()
-        if self.region_path:
-            try:
-                mine = os.stat(self.region_path).st_ino == self._region_inode
-            except FileNotFoundError:
-                mine = False
-            if mine:  # after a binary upgrade the path belongs to the new master
-                _unlink(self.region_path)
+        self.regions.unlink_all()
         for gen in range(1, self.generation + 1):
             _unlink(self._snapshot_path(gen))
             _unlink(control_socket_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen))
@@ -218,13 +195,11 @@ class Arbiter:
 
     def _set_desired(self) -> None:
         log.info("worker count set to %d", self.desired)
-        assert self.region is not None
-        self.region.set_u32(OFF_DESIRED, self.desired)
+        self.regions.current.set_u32(OFF_DESIRED, self.desired)
 
     def handle_hup(self) -> None:
         if self.stopping:
             return
-        assert self.region is not None
         log.info("reloading %s", self.cfg.path)
         try:
             new = config_mod.load(self.cfg.path)
@@ -235,11 +210,11 @@ class Arbiter:
         except ConfigError as e:
             for line in e.lines():
                 log.error("reload rejected, the running config stays: %s", line)
-            self.region.add_u64(OFF_RELOAD_FAILURES)
+            self.regions.current.add_u64(OFF_RELOAD_FAILURES)
             return
         except MeshdError as e:
             log.error("reload rejected, the running config stays: %s", e)
-            self.region.add_u64(OFF_RELOAD_FAILURES)
+            self.regions.current.add_u64(OFF_RELOAD_FAILURES)
             return
         self.notifier.reloading()
         # A generation that was still booting is superseded at once: only the serving
@@ -247,131 +222,15 @@ class Arbiter:
         for child in self.children.values():
             if self.active_generation < child.generation:
                 self._retire(child)
-        region = self._region_for(new)
+        self.regions.begin(self.generation + 1, new, self.children.values())
         self.generation += 1
         self.generation_started = time.monotonic()
         self.configs[self.generation] = new
-        self.regions[self.generation] = region
-        self._set_current(region)
         self.cfg = new
         if self.workers_override is None:
             self.desired = new.workers
-        self.region.set_u64(OFF_GENERATION, self.generation)
-        self.region.set_u32(OFF_DESIRED, self.desired)
-
-    # -- shared memory per generation ---------------------------------------------------
-
-    def _region_for(self, new: Config) -> Region:
-        """The region the next generation maps: the current one, or a grown copy of it
-        when the rows in use (or the new config) call for more (``shm.grown_rows``). A
-        region that cannot be grown is logged and kept: the reload still happens."""
-        assert self.region is not None
-        cur = self.region
-        rows = grown_rows(cur.rows, new.metric_rows, cur.rows_used)
-        eps = grown_rows(cur.endpoint_rows, new.endpoint_rows, cur.endpoint_rows_used)
-        if new.metric_rows < cur.rows or new.endpoint_rows < cur.endpoint_rows:
-            log.info("shared memory keeps its %d metric rows and %d endpoint rows (the config "
-                     "asks for %d and %d): a region never shrinks", cur.rows, cur.endpoint_rows,
-                     new.metric_rows, new.endpoint_rows)
-        if (rows, eps) == (cur.rows, cur.endpoint_rows):
-            return cur
-        try:
-            grown = self._grown_copy(cur, rows, eps)
-        except (OSError, ShmError) as e:
-            log.error("shared memory cannot grow to %d metric rows and %d endpoint rows (%s); "
-                      "the next generation keeps %d and %d", rows, eps, e, cur.rows,
-                      cur.endpoint_rows)
-            return cur
-        self._open_regions.append(grown)
-        log.info("shared memory grows for the next generation: metric rows %d -> %d (%d in "
-                 "use), endpoint rows %d -> %d (%d in use)", cur.rows, rows, cur.rows_used,
-                 cur.endpoint_rows, eps, cur.endpoint_rows_used)
-        return grown
-
-    def _grown_copy(self, cur: Region, rows: int, endpoint_rows: int) -> Region:
-        """A copy of ``cur`` with more rows, at a temporary name until its generation
-        serves (``_publish_region``): until then readers by name keep the serving one."""
-        grown = Region.create(self.region_path, cur.slots, rows, endpoint_rows, publish=False)
-        try:
-            copy_region(cur, grown)
-        except BaseException:
-            grown.unlink()
-            grown.close()
-            raise
-        return grown
-
-    def _set_current(self, region: Region) -> None:
-        """New processes go into ``region`` from now on."""
-        assert self.region is not None
-        if region is self.region:
-            return
-        self._exhausted_base[id(self.region)] = self.region.get_u64(OFF_ROWS_EXHAUSTED)
-        self._exhausted_base.pop(id(region), None)
-        self.region = region
-        self._sync_regions()
-
-    def _live_regions(self) -> list[Region]:
-        """The current region, the serving generation's, and any a process still maps."""
-        assert self.region is not None
-        out = [self.region]
-        serving = self.regions.get(self.active_generation)
-        for region in [serving, *(c.region for c in self.children.values())]:
-            if region is not None and all(region is not r for r in out):
-                out.append(region)
-        return out
-
-    def _sync_regions(self) -> None:
-        """Copy every live process's slot into the other live regions (nothing to do
-        unless a reload grew the region and the older generation still runs)."""
-        regions = self._live_regions()
-        if len(regions) < 2:
-            return
-        for child in self.children.values():
-            self._copy_slot_out(child.region, child.slot, regions)
-
-    def _copy_slot_out(self, src: Region, slot: int, regions: list[Region]) -> None:
-        for dst in regions:
-            if dst is not src:
-                copy_slot(src, dst, slot)
-
-    def _release_regions(self) -> None:
-        """Forget generations nothing runs in; close the regions nothing maps any more."""
-        keep = {self.generation, self.active_generation}
-        keep.update(c.generation for c in self.children.values())
-        for gen in [g for g in self.regions if g not in keep]:
-            del self.regions[gen]
-        live = self._live_regions()
-        for region in [r for r in self._open_regions if all(r is not x for x in live)]:
-            self._open_regions.remove(region)
-            self._close_region(region)
-
-    def _close_region(self, region: Region) -> None:
-        assert self.region is not None
-        base = self._exhausted_base.pop(id(region), None)
-        if base is not None:   # what its control counted after it was superseded
-            self.region.add_u64(OFF_ROWS_EXHAUSTED, max(0, region.get_u64(OFF_ROWS_EXHAUSTED) - base))
-        if region.path != self.region_path:
-            region.unlink()    # grown for a generation that never served
-        log.info("shared memory: closed a %d-row region no process maps any more", region.rows)
-        region.close()
-
-    def _publish_region(self) -> None:
-        """The serving generation's region becomes the one readers find by name."""
-        assert self.region is not None
-        if self.region.path == self.region_path:
-            return
-        try:
-            ours = os.stat(self.region_path).st_ino == self._region_inode
-        except FileNotFoundError:
-            ours = True
-        if not ours:   # a binary upgrade's new master owns the name now
-            return
-        try:
-            self.region.publish(self.region_path)
-            self._region_inode = os.stat(self.region_path).st_ino
-        except OSError as e:
-            log.error("shared memory: cannot rename %s to %s: %s", self.region.path,
-                      self.region_path, e.strerror)
+        self.regions.current.set_u64(OFF_GENERATION, self.generation)
+        self.regions.current.set_u32(OFF_DESIRED, self.desired)
 
     def handle_usr2(self) -> None:
         if self.stopping or self.upgrade_pid:
@@ -426,7 +285,6 @@ class Arbiter:
     # -- children -----------------------------------------------------------------------
 
     def _reap(self) -> None:
-        assert self.region is not None
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -443,11 +301,7 @@ class Arbiter:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            region = child.region
-            region.free_slot(child.slot)
-            # Its final counts (gauges now zero) into the regions that stay.
-            self._copy_slot_out(region, child.slot, self._live_regions())
-            self._release_regions()
+            self.regions.reaped(child.region, child.slot, self.children.values())
             how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
             if child.retired_at is not None:
                 log.info("%s stopped (%s)", child.name, how)
@@ -456,18 +310,17 @@ class Arbiter:
                 self._boot_failed(child)
                 continue
             log.warning("%s died unexpectedly (%s); replacing it", child.name, how)
-            self.region.add_u64(OFF_RESTARTS)
+            self.regions.current.add_u64(OFF_RESTARTS)
             now = time.monotonic()
             self.respawn_failures = self.respawn_failures + 1 if now - child.spawned < 5 else 0
             delay = 0.0 if self.respawn_failures == 0 else min(0.1 * 2 ** self.respawn_failures, 10.0)
             self.next_spawn_at = now + delay
 
     def _boot_failed(self, child: Child) -> None:
-        assert self.region is not None
         if child.generation > self.active_generation and self.active_generation > 0:
             log.error("reload failed: %s could not boot; generation %d keeps serving",
                       child.name, self.active_generation)
-            self.region.add_u64(OFF_RELOAD_FAILURES)
+            self.regions.current.add_u64(OFF_RELOAD_FAILURES)
             self._abandon_generation()
             return
         log.error("%s could not boot (see its error above); halting with exit code %d",
@@ -481,9 +334,8 @@ class Arbiter:
                 self._retire(child)
         self.generation = self.active_generation
         self.cfg = self.configs[self.generation]
-        self._set_current(self.regions[self.generation])
-        assert self.region is not None
-        self.region.set_u64(OFF_GENERATION, self.generation)
+        self.regions.fall_back(self.generation, self.children.values())
+        self.regions.current.set_u64(OFF_GENERATION, self.generation)
 
     def _retire(self, child: Child) -> None:
         if child.retired_at is None:
@@ -491,19 +343,18 @@ class Arbiter:
             _kill(child.pid, signal.SIGTERM)
 
     def _free_slot(self) -> int | None:
-        assert self.region is not None
         used = {c.slot for c in self.children.values()}
-        for i in range(self.region.slots):
+        for i in range(self.regions.current.slots):
             if i not in used:
                 return i
         return None
 
     def _spawn(self, kind: int) -> bool:
-        assert self.region is not None
+        region = self.regions.current
         slot = self._free_slot()
         if slot is None:
             log.error("no free process slot in shared memory (%d); spawn deferred",
-                      self.region.slots)
+                      region.slots)
             return False
         cfg = self.configs[self.generation]
         wanted = {address_key(lst.listen) for lst in cfg.listeners}
@@ -517,15 +368,15 @@ class Arbiter:
             generation=self.generation,
             slot=slot,
             master_pid=os.getpid(),
-            region=self.region,
+            region=region,
             sockets=socks,
             snapshot_path=self._snapshot_path(self.generation),
             previous_snapshot_path=self._snapshot_path(prev) if prev else None,
         )
-        self.region.claim_slot(slot, self.generation, kind)
+        region.claim_slot(slot, self.generation, kind)
         pid = fork_child(ctx, kind, [self._wake_r, self._wake_w, *others])
-        self.region.set_pid(slot, pid)
-        child = Child(pid, slot, kind, self.generation, time.monotonic(), self.region)
+        region.set_pid(slot, pid)
+        child = Child(pid, slot, kind, self.generation, time.monotonic(), region)
         self.children[pid] = child
         log.info("spawned %s in slot %d", child.name, slot)
         return True
@@ -552,7 +403,6 @@ class Arbiter:
 
     def _advance_generation(self) -> None:
         """Once every process of the newest generation serves, retire the older ones."""
-        assert self.region is not None
         if self.active_generation == self.generation:
             return
         current = self._current(KIND_WORKER) + self._current(KIND_CONTROL)
@@ -561,7 +411,7 @@ class Arbiter:
             if time.monotonic() - self.generation_started > BOOT_TIMEOUT:
                 log.error("generation %d not serving after %.0fs", self.generation, BOOT_TIMEOUT)
                 if self.active_generation:
-                    self.region.add_u64(OFF_RELOAD_FAILURES)
+                    self.regions.current.add_u64(OFF_RELOAD_FAILURES)
                     self._abandon_generation()
                 else:
                     self.exit_code = EXIT_BOOT_ERROR
@@ -575,10 +425,9 @@ class Arbiter:
             del self.configs[gen]
             if gen < self.generation - 1:
                 _unlink(self._snapshot_path(gen))
-        self._publish_region()
-        self._release_regions()
+        self.regions.serve(self.generation, self.children.values())
         if not first:
-            self.region.add_u64(OFF_RELOADS)
+            self.regions.current.add_u64(OFF_RELOADS)
             keep = {address_key(lst.listen) for lst in self.cfg.listeners}
             keep.add(address_key(self.cfg.admin.listen))
             self.sockets.close_unused(keep)
@@ -591,7 +440,6 @@ class Arbiter:
             self.upgrade_from = 0
 
     def _check_heartbeats(self) -> None:
-        assert self.region is not None
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.abrt_at is not None:
