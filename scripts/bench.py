@@ -78,9 +78,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from meshd.testing.harness import Meshd, free_port, http_get, port_open, wait_for
 
@@ -685,23 +686,62 @@ def measure_rate(name: str, port: int, host: str, cpu_roots: Sequence[int],
                      client * 1e6 / len(times), errors, each)
 
 
-def run_rounds(ports: dict[str, tuple[int, int | None]], args: argparse.Namespace,
-               connections: int | None = None, counter: Counter | None = None,
-               label: str = "") -> dict[str, list[Round]]:
-    """``args.rounds`` rounds over the targets of ``ports`` in turn (A B A B ...)."""
-    rounds: dict[str, list[Round]] = {name: [] for name in ports}
+# -- rounds, reports and results: what every scenario shares ---------------------------------
+
+T = TypeVar("T")  # a target: what a scenario needs to measure it (port, pid, ...)
+R = TypeVar("R", Round, RateRound)  # one round's figures
+Ports = dict[str, tuple[int, int | None]]  # the wrk/h2load targets: port, pid for the CPU
+
+
+def run_rounds(label: str, targets: Mapping[str, T], args: argparse.Namespace,
+               check: Callable[[str, T], None],
+               measure_one: Callable[[str, T], R]) -> dict[str, list[R]]:
+    """``check`` each target once, then ``args.rounds`` rounds over the targets in turn
+    (A B A B ...) so that drift hits them alike, ``measure_one`` measuring one target once.
+    Returns each target's rounds."""
+    for name, target in targets.items():
+        check(name, target)
+    rounds: dict[str, list[R]] = {name: [] for name in targets}
     for i in range(args.rounds):
-        for name, (port, pid) in ports.items():
+        for name, target in targets.items():
             print(f"{label}round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
-            rounds[name].append(measure(name, port, pid, args, connections, counter))
+            rounds[name].append(measure_one(name, target))
     return rounds
 
 
-def median_round(rs: list[Round], key: Callable[[Round], float]) -> Round:
-    return sorted(rs, key=key)[(len(rs) - 1) // 2]
+def wrk_rounds(label: str, ports: Ports, args: argparse.Namespace,
+               connections: int | None = None,
+               counter: Counter | None = None) -> dict[str, list[Round]]:
+    """``run_rounds`` with wrk over HTTP/1.1 (``measure``), each target checked first."""
+    return run_rounds(label, ports, args, lambda name, t: check_answers(name, t[0]),
+                      lambda name, t: measure(name, t[0], t[1], args, connections, counter))
 
 
-# -- reports ----------------------------------------------------------------------------------
+def median_rounds(rounds: dict[str, list[Round]],
+                  key: Callable[[Round], float]) -> dict[str, Round]:
+    """Each target's round with the median ``key`` (the lower middle one of an even count)."""
+    return {name: sorted(rs, key=key)[(len(rs) - 1) // 2] for name, rs in rounds.items()}
+
+
+def rps_ratios(rounds: dict[str, list[Round]], a: str, b: str) -> list[float]:
+    """``a``'s req/s over ``b``'s round by round (each pair measured back to back)."""
+    return [x.rps / y.rps for x, y in zip(rounds[a], rounds[b], strict=True)]
+
+
+def ratio_aim(pairs: list[float], a: str, b: str, aim: float) -> tuple[str, bool]:
+    """The req/s aim against nginx, judged on the median of the per-round ratios ``pairs``
+    (``a``/``b``; nginx's own figure moves by a third between rounds on a shared machine):
+    the lines that report it, and whether it is met."""
+    ratio = statistics.median(pairs)
+    met = ratio >= aim
+    return (f"per-round req/s ratio {a}/{b}: {', '.join(f'{x:.3f}' for x in pairs)}\n"
+            f"aim {aim}x nginx: {'met' if met else 'not met'} (median of the per-round "
+            f"ratios {ratio:.3f}x; the table's column divides the median rounds)", met)
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
 
 def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}" if value is not None and base else "—"
@@ -711,12 +751,13 @@ def _cpu(r: Round) -> str:
     return f"{r.cpu_us_per_req:.1f}" if r.cpu_us_per_req is not None else "—"
 
 
-def _header(title: str, command: str, args: argparse.Namespace, how: str,
-            load: float) -> None:
-    print(f"\n### {title}\n\n{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, "
-          f"{os.cpu_count()} CPUs, {how} of {args.rounds} round(s) of {args.duration:g} s; "
-          f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after\n"
-          f"`$ {command}`\n")
+def _header(title: str, command: str, how: str, rounds: int, duration: float, load: float,
+            prompt: str = "$ ") -> None:
+    """A scenario's heading: ``how`` the figures come from the rounds (up to their count,
+    e.g. "median by req/s of"), the load average before (``load``) and now, the command."""
+    print(f"\n### {title}\n\n{_now()}, {os.cpu_count()} CPUs, {how} {rounds} round(s) of "
+          f"{duration:g} s; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+          f"`{prompt}{command}`\n")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> None:
@@ -726,100 +767,50 @@ def _table(head: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def _warnings(results: dict[str, list[Round]]) -> None:
-    for name, rs in results.items():
-        non_2xx = sum(r.non_2xx for r in rs)
-        errors: dict[str, int] = {}
-        for r in rs:
-            for k, v in r.socket_errors.items():
-                if v:
-                    errors[k] = errors.get(k, 0) + v
-        if non_2xx or errors:
-            print(f"\nwarning: {name}: {non_2xx} non-2xx/3xx responses, socket errors {errors} "
-                  f"(over all rounds)")
+def _warnings(rounds: Mapping[str, list[R]], problems: Callable[[list[R]], list[str]]) -> None:
+    """A warning line for each of the ``problems`` of each target's rounds."""
+    for name, rs in rounds.items():
+        for problem in problems(rs):
+            print(f"\nwarning: {name}: {problem}")
 
 
-def report(results: dict[str, Round], command: str, args: argparse.Namespace,
-           load: float = 0.0, pairs: list[float] | None = None) -> None:
-    base = results.get("nginx")
-    base_rps = base.rps if base else None
-    base_cpu = base.cpu_us_per_req if base else None
-    _header("HTTP/1.1 throughput: direct, nginx, meshd", command, args, "median by req/s",
-            load)
-    _table(["target", "req/s", "× nginx", "p50 ms", "p99 ms", "CPU µs/req", "× nginx CPU"],
-           [[name, f"{r.rps:,.0f}", _ratio(r.rps, base_rps), f"{r.p50_ms:.2f}",
-             f"{r.p99_ms:.2f}", _cpu(r), _ratio(r.cpu_us_per_req, base_cpu)]
-            for name, r in results.items()])
-    if pairs:
-        ratio = statistics.median(pairs)
-        print(f"\nper-round req/s ratio meshd-2w/nginx: {', '.join(f'{x:.3f}' for x in pairs)}"
-              f"\naim {AIM}x nginx: {'met' if ratio >= AIM else 'not met'} "
-              f"(median of the per-round ratios {ratio:.3f}x; the table's column divides "
-              f"the median rounds)")
+def wrk_problems(rs: list[Round]) -> list[str]:
+    """Non-2xx/3xx responses and socket errors over all rounds (wrk, h2load)."""
+    non_2xx = sum(r.non_2xx for r in rs)
+    errors: dict[str, int] = {}
+    for r in rs:
+        for k, v in r.socket_errors.items():
+            if v:
+                errors[k] = errors.get(k, 0) + v
+    if non_2xx or errors:
+        return [f"{non_2xx} non-2xx/3xx responses, socket errors {errors} (over all rounds)"]
+    return []
 
 
-def balancing_summary(rounds: dict[str, list[Round]]) -> dict[str, float | None]:
-    """Per-round ratios p2c / rr (each pair measured back to back), their medians."""
-    a, b = (rounds[n] for n in BALANCING)
-    rps = [x.rps / y.rps for x, y in zip(a, b, strict=True)]
-    p99 = [x.p99_ms / y.p99_ms for x, y in zip(a, b, strict=True)]
-    cpu = [x.cpu_us_per_req / y.cpu_us_per_req for x, y in zip(a, b, strict=True)
-           if x.cpu_us_per_req and y.cpu_us_per_req]
-    return {"rps_ratio": statistics.median(rps), "p99_ratio": statistics.median(p99),
-            "cpu_ratio": statistics.median(cpu) if cpu else None}
+def rate_problems(rs: list[RateRound]) -> list[str]:
+    """Failed requests over all rounds and rounds short of the rate (the open loop)."""
+    problems = []
+    errors = sum(r.errors for r in rs)
+    if errors:
+        problems.append(f"{errors} failed or non-2xx requests (over all rounds)")
+    if any(r.achieved < 0.95 * r.rate for r in rs):
+        problems.append(f"a round fell short of the rate "
+                        f"({', '.join(f'{r.achieved:.0f}' for r in rs)} req/s)")
+    return problems
 
 
-def report_balancing(rounds: dict[str, list[Round]], command: str,
-                     args: argparse.Namespace, load: float) -> dict[str, float | None]:
-    results = {n: median_round(rs, lambda r: r.rps) for n, rs in rounds.items()}
-    base = results["meshd-rr"]
-    _header("Balancing features on (p2c, retries 1, failure_accrual 7) vs round robin "
-            "(retries 0, failure_accrual 0): meshd 2 workers, 3 healthy backends",
-            command, args, "alternated A B A B, median by req/s", load)
-    _table(["variant", "req/s", "× rr", "p50 ms", "p99 ms", "× rr p99", "CPU µs/req", "× rr CPU"],
-           [[name, f"{r.rps:,.0f}", _ratio(r.rps, base.rps), f"{r.p50_ms:.2f}",
-             f"{r.p99_ms:.2f}", _ratio(r.p99_ms, base.p99_ms), _cpu(r),
-             _ratio(r.cpu_us_per_req, base.cpu_us_per_req)] for name, r in results.items()])
-    s = balancing_summary(rounds)
-    pairs = ", ".join(f"{x.rps / y.rps:.3f}" for x, y in zip(*(rounds[n] for n in BALANCING),
-                                                              strict=True))
-    cpu_ratio = s["cpu_ratio"]
-    print(f"\nper-round req/s ratio p2c/rr (back-to-back pairs): {pairs}; median "
-          f"{s['rps_ratio']:.3f}; median p99 ratio {s['p99_ratio']:.2f}; median CPU/req ratio "
-          + (f"{cpu_ratio:.3f}" if cpu_ratio is not None else "—"))
-    rps_ratio = s["rps_ratio"] or 0.0
-    met = rps_ratio >= 1 - BALANCING_AIM and (cpu_ratio is None or cpu_ratio <= 1 + BALANCING_AIM)
-    print(f"aim: cost under {BALANCING_AIM:.0%}: {'met' if met else 'not met'} "
-          f"(req/s {rps_ratio - 1:+.1%}, CPU per request "
-          + (f"{cpu_ratio - 1:+.1%})" if cpu_ratio is not None else "—)"))
-    return s
-
-
-def report_slow(rounds: dict[str, list[Round]], command: str, args: argparse.Namespace,
-                load: float) -> None:
-    results = {n: median_round(rs, lambda r: r.p99_ms) for n, rs in rounds.items()}
-    base = results.get(SLOW_VARIANTS[0])
-    _header(f"One slow endpoint (+{SLOW_MS} ms) out of three: nginx round robin / least_conn "
-            "vs meshd p2c / round robin (2 workers each)", command, args, "median by p99", load)
-    _table(["variant", "req/s", "p50 ms", "p90 ms", "p99 ms", "× nginx-rr p99",
-            "slow endpoint's share", "CPU µs/req"],
-           [[name, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
-             _ratio(r.p99_ms, base.p99_ms if base else None),
-             f"{r.slow_share:.1%}" if r.slow_share is not None else "—", _cpu(r)]
-            for name, r in results.items()])
-    shares = {n: ", ".join(f"{r.slow_share:.1%}" for r in rs if r.slow_share is not None)
-              for n, rs in rounds.items()}
-    print("\nslow endpoint's share per round: "
-          + "; ".join(f"{n} {s}" for n, s in shares.items()))
-
-
-def _save(name: str, data: dict[str, object]) -> None:
+def _save(file: str, command: str, args: argparse.Namespace, **fields: object) -> None:
+    """bench-results/``file``: the fields every result starts with (date, command, cpus,
+    rounds), then the scenario's own ``fields``."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(data, indent=2) + "\n")
+    data = {"date": _now(), "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
+            **fields}
+    (RESULTS / file).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _rounds_json(rounds: dict[str, list[Round]]) -> dict[str, list[dict[str, object]]]:
-    return {n: [asdict(r) | {"slow_share": r.slow_share} if r.backend_requests else asdict(r)
+def _rounds_json(rounds: Mapping[str, list[R]]) -> dict[str, list[dict[str, object]]]:
+    return {n: [asdict(r) | {"slow_share": r.slow_share}
+                if isinstance(r, Round) and r.backend_requests else asdict(r)
                 for r in rs] for n, rs in rounds.items()}
 
 
@@ -828,7 +819,7 @@ def _rounds_json(rounds: dict[str, list[Round]]) -> dict[str, list[dict[str, obj
 def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
                    args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     load = os.getloadavg()[0]
-    ports: dict[str, tuple[int, int | None]] = {}
+    ports: Ports = {}
     for name in targets:
         port = free_port()
         if name == "direct":
@@ -840,48 +831,80 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
             proc = start_meshd(workdir, int(name[6]), port, backend_port)
         stack.callback(proc.stop)
         ports[name] = (port, proc.pid)
-    for name in targets:
-        check_answers(name, ports[name][0])
-    rounds = run_rounds(ports, args)
-    results = {name: median_round(rs, lambda r: r.rps) for name, rs in rounds.items()}
+    rounds = wrk_rounds("", ports, args)
+    results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
+    base = results.get("nginx")
+    base_rps = base.rps if base else None
+    base_cpu = base.cpu_us_per_req if base else None
+    _header("HTTP/1.1 throughput: direct, nginx, meshd", command, "median by req/s of",
+            args.rounds, args.duration, load)
+    _table(["target", "req/s", "× nginx", "p50 ms", "p99 ms", "CPU µs/req", "× nginx CPU"],
+           [[name, f"{r.rps:,.0f}", _ratio(r.rps, base_rps), f"{r.p50_ms:.2f}",
+             f"{r.p99_ms:.2f}", _cpu(r), _ratio(r.cpu_us_per_req, base_cpu)]
+            for name, r in results.items()])
     # nginx and meshd-2w run back to back in each round: the aim is judged per round
-    pairs = ([m.rps / n.rps for m, n in zip(rounds["meshd-2w"], rounds["nginx"], strict=True)]
+    pairs = (rps_ratios(rounds, "meshd-2w", "nginx")
              if "meshd-2w" in rounds and "nginx" in rounds else [])
-    report(results, command, args, load, pairs)
-    _warnings(rounds)
-    _save("http1.json", {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
-        "results": {name: asdict(r) for name, r in results.items()},
-        "all_rounds": _rounds_json(rounds),
-        "per_round_ratios": pairs,
-        "aim": {"ratio": AIM, "met": statistics.median(pairs) >= AIM} if pairs else None,
-    })
+    aim = None
+    if pairs:
+        lines, met = ratio_aim(pairs, "meshd-2w", "nginx", AIM)
+        print(f"\n{lines}")
+        aim = {"ratio": AIM, "met": met}
+    _warnings(rounds, wrk_problems)
+    _save("http1.json", command, args,
+          results={name: asdict(r) for name, r in results.items()},
+          all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim)
+
+
+def balancing_summary(rounds: dict[str, list[Round]]) -> dict[str, float | None]:
+    """Per-round ratios p2c / rr (each pair measured back to back), their medians."""
+    a, b = (rounds[n] for n in BALANCING)
+    rps = rps_ratios(rounds, *BALANCING)
+    p99 = [x.p99_ms / y.p99_ms for x, y in zip(a, b, strict=True)]
+    cpu = [x.cpu_us_per_req / y.cpu_us_per_req for x, y in zip(a, b, strict=True)
+           if x.cpu_us_per_req and y.cpu_us_per_req]
+    return {"rps_ratio": statistics.median(rps), "p99_ratio": statistics.median(p99),
+            "cpu_ratio": statistics.median(cpu) if cpu else None}
 
 
 def scenario_balancing(backend_ports: list[int], workdir: Path, args: argparse.Namespace,
                        stack: contextlib.ExitStack) -> None:
     load = os.getloadavg()[0]
-    ports: dict[str, tuple[int, int | None]] = {}
+    ports: Ports = {}
     for name in BALANCING:
         port = free_port()
         meshd = start_meshd(workdir, 2, port, backend_ports, name=f"bal-{name[6:]}",
                             policy=POLICIES[name[6:]])
         stack.callback(meshd.stop)
         ports[name] = (port, meshd.pid)
-    for name in ports:
-        check_answers(name, ports[name][0])
-    rounds = run_rounds(ports, args, label="balancing: ")
+    rounds = wrk_rounds("balancing: ", ports, args)
+    results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
-    summary = report_balancing(rounds, command, args, load)
-    _warnings(rounds)
-    _save("balancing.json", {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
-        "policies": POLICIES, "per_round_median_ratios_p2c_over_rr": summary,
-        "aim_cost": BALANCING_AIM, "all_rounds": _rounds_json(rounds),
-    })
+    base = results["meshd-rr"]
+    _header("Balancing features on (p2c, retries 1, failure_accrual 7) vs round robin "
+            "(retries 0, failure_accrual 0): meshd 2 workers, 3 healthy backends",
+            command, "alternated A B A B, median by req/s of", args.rounds, args.duration,
+            load)
+    _table(["variant", "req/s", "× rr", "p50 ms", "p99 ms", "× rr p99", "CPU µs/req", "× rr CPU"],
+           [[name, f"{r.rps:,.0f}", _ratio(r.rps, base.rps), f"{r.p50_ms:.2f}",
+             f"{r.p99_ms:.2f}", _ratio(r.p99_ms, base.p99_ms), _cpu(r),
+             _ratio(r.cpu_us_per_req, base.cpu_us_per_req)] for name, r in results.items()])
+    s = balancing_summary(rounds)
+    pairs = ", ".join(f"{x:.3f}" for x in rps_ratios(rounds, *BALANCING))
+    cpu_ratio = s["cpu_ratio"]
+    print(f"\nper-round req/s ratio p2c/rr (back-to-back pairs): {pairs}; median "
+          f"{s['rps_ratio']:.3f}; median p99 ratio {s['p99_ratio']:.2f}; median CPU/req ratio "
+          + (f"{cpu_ratio:.3f}" if cpu_ratio is not None else "—"))
+    rps_ratio = s["rps_ratio"] or 0.0
+    met = rps_ratio >= 1 - BALANCING_AIM and (cpu_ratio is None or cpu_ratio <= 1 + BALANCING_AIM)
+    print(f"aim: cost under {BALANCING_AIM:.0%}: {'met' if met else 'not met'} "
+          f"(req/s {rps_ratio - 1:+.1%}, CPU per request "
+          + (f"{cpu_ratio - 1:+.1%})" if cpu_ratio is not None else "—)"))
+    _warnings(rounds, wrk_problems)
+    _save("balancing.json", command, args, policies=POLICIES,
+          per_round_median_ratios_p2c_over_rr=s, aim_cost=BALANCING_AIM,
+          all_rounds=_rounds_json(rounds))
 
 
 def scenario_slow(fast: dict[str, tuple[int, Path]], workdir: Path, args: argparse.Namespace,
@@ -897,7 +920,7 @@ def scenario_slow(fast: dict[str, tuple[int, Path]], workdir: Path, args: argpar
         counts["slow"] = slow.count()
         return counts
 
-    ports: dict[str, tuple[int, int | None]] = {}
+    ports: Ports = {}
     for name in SLOW_VARIANTS:
         port = free_port()
         proc: Nginx | Meshd
@@ -909,24 +932,33 @@ def scenario_slow(fast: dict[str, tuple[int, Path]], workdir: Path, args: argpar
                                policy=POLICIES[name[6:]])
         stack.callback(proc.stop)
         ports[name] = (port, proc.pid)
-    for name in ports:
-        check_answers(name, ports[name][0])
-    rounds = run_rounds(ports, args, args.slow_connections, counter, label="slow-endpoint: ")
+    rounds = wrk_rounds("slow-endpoint: ", ports, args, args.slow_connections, counter)
+    results = median_rounds(rounds, lambda r: r.p99_ms)
     command = shown_command(args.duration, args.slow_connections)
-    report_slow(rounds, command, args, load)
-    _warnings(rounds)
-    _save("slow-endpoint.json", {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
-        "slow_ms": SLOW_MS, "policies": POLICIES, "all_rounds": _rounds_json(rounds),
-    })
+    base = results.get(SLOW_VARIANTS[0])
+    _header(f"One slow endpoint (+{SLOW_MS} ms) out of three: nginx round robin / least_conn "
+            "vs meshd p2c / round robin (2 workers each)", command, "median by p99 of",
+            args.rounds, args.duration, load)
+    _table(["variant", "req/s", "p50 ms", "p90 ms", "p99 ms", "× nginx-rr p99",
+            "slow endpoint's share", "CPU µs/req"],
+           [[name, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+             _ratio(r.p99_ms, base.p99_ms if base else None),
+             f"{r.slow_share:.1%}" if r.slow_share is not None else "—", _cpu(r)]
+            for name, r in results.items()])
+    shares = {n: ", ".join(f"{r.slow_share:.1%}" for r in rs if r.slow_share is not None)
+              for n, rs in rounds.items()}
+    print("\nslow endpoint's share per round: "
+          + "; ".join(f"{n} {s}" for n, s in shares.items()))
+    _warnings(rounds, wrk_problems)
+    _save("slow-endpoint.json", command, args, slow_ms=SLOW_MS, policies=POLICIES,
+          all_rounds=_rounds_json(rounds))
 
 
 def scenario_h2(direct_port: int, backend_port: int, workdir: Path, args: argparse.Namespace,
                 stack: contextlib.ExitStack) -> None:
     ensure_tools("h2load")
     load = os.getloadavg()[0]
-    ports: dict[str, tuple[int, int | None]] = {"direct-h2": (direct_port, None)}
+    ports: Ports = {"direct-h2": (direct_port, None)}
     nginx = proxy_nginx(workdir, free_port(), backend_port, h2=True).start()
     stack.callback(nginx.stop)
     ports["nginx-h2"] = (nginx.port, nginx.pid)
@@ -934,51 +966,41 @@ def scenario_h2(direct_port: int, backend_port: int, workdir: Path, args: argpar
     meshd = start_meshd(workdir, 2, port, backend_port, name="h2")
     stack.callback(meshd.stop)
     ports["meshd-h2"] = (port, meshd.pid)
-    for name, (p, _) in ports.items():
-        check_h2(name, p)
-    rounds: dict[str, list[Round]] = {name: [] for name in ports}
-    workers = meshd.worker_pids()
     shares: list[str] = []  # how meshd's workers shared its CPU, round by round
-    for i in range(args.rounds):
-        for name, (p, pid) in ports.items():
-            print(f"h2: round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
-            before = own_ticks(workers)
-            rounds[name].append(measure_h2(name, p, pid, args, workdir))
-            if name == "meshd-h2":
-                used = {w: t - before.get(w, 0) for w, t in own_ticks(workers).items()}
-                total = sum(used.values()) or 1
-                shares.append(" / ".join(f"{u / total:.0%}" for u in used.values()))
-    results = {n: median_round(rs, lambda r: r.rps) for n, rs in rounds.items()}
+
+    def measure_one(name: str, target: tuple[int, int | None]) -> Round:
+        if name != "meshd-h2":
+            return measure_h2(name, *target, args, workdir)
+        workers = meshd.worker_pids()
+        before = own_ticks(workers)
+        r = measure_h2(name, *target, args, workdir)
+        used = {w: t - before.get(w, 0) for w, t in own_ticks(workers).items()}
+        total = sum(used.values()) or 1
+        shares.append(" / ".join(f"{u / total:.0%}" for u in used.values()))
+        return r
+
+    rounds = run_rounds("h2: ", ports, args, lambda name, t: check_h2(name, t[0]), measure_one)
+    results = median_rounds(rounds, lambda r: r.rps)
     command = shown_h2load(args.duration)
     base = results["nginx-h2"]
     _header("HTTP/2 (h2c, prior knowledge), 16 connections x 10 streams: direct to an nginx h2c "
             "server, nginx h2c -> HTTP/1.1, meshd (2 workers) h2 -> HTTP/1.1",
-            command, args, "median by req/s", load)
+            command, "median by req/s of", args.rounds, args.duration, load)
     _table(["target", "req/s", "× nginx", "p50 ms", "p90 ms", "p99 ms", "CPU µs/req",
             "× nginx CPU"],
            [[name, f"{r.rps:,.0f}", _ratio(r.rps, base.rps), f"{r.p50_ms:.2f}",
              f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", _cpu(r),
              _ratio(r.cpu_us_per_req, base.cpu_us_per_req)] for name, r in results.items()])
-    # nginx's own figure moves by a third between rounds on a shared machine: the aim is
-    # judged on the ratio within each round (meshd measured right after nginx), median.
-    pairs = [m.rps / n.rps for m, n in zip(rounds["meshd-h2"], rounds["nginx-h2"], strict=True)]
-    ratio = statistics.median(pairs)
+    # the aim is judged on the ratio within each round (meshd measured right after nginx)
+    pairs = rps_ratios(rounds, "meshd-h2", "nginx-h2")
+    lines, met = ratio_aim(pairs, "meshd-h2", "nginx-h2", H2_AIM)
     print(f"\nlatency percentiles from h2load's per-request log (--log-file); the backend of "
-          f"nginx-h2 and meshd-h2 is the HTTP/1.1 nginx backend\n"
-          f"per-round req/s ratio meshd-h2/nginx-h2: {', '.join(f'{x:.3f}' for x in pairs)}\n"
-          f"aim {H2_AIM}x nginx: {'met' if ratio >= H2_AIM else 'not met'} "
-          f"(median of the per-round ratios {ratio:.3f}x; the table's column divides the "
-          f"median rounds)\n"
+          f"nginx-h2 and meshd-h2 is the HTTP/1.1 nginx backend\n{lines}\n"
           f"meshd-h2's workers' shares of its workers' CPU, per round: {'; '.join(shares)}")
-    _warnings(rounds)
-    _save("h2.json", {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
-        "results": {name: asdict(r) for name, r in results.items()},
-        "all_rounds": _rounds_json(rounds),
-        "per_round_ratios": pairs,
-        "aim": {"ratio": H2_AIM, "met": ratio >= H2_AIM},
-    })
+    _warnings(rounds, wrk_problems)
+    _save("h2.json", command, args, results={name: asdict(r) for name, r in results.items()},
+          all_rounds=_rounds_json(rounds), per_round_ratios=pairs,
+          aim={"ratio": H2_AIM, "met": met})
 
 
 def _hop_cpu(rs: list[RateRound]) -> str:
@@ -1014,14 +1036,9 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
         "one-hop": (a_port, "bench", [a.pid]),
         "two-hop": (a_port, "web", [a.pid, b.pid]),
     }
-    for name, (port, host, _) in targets.items():
-        check_answers(name, port, host)
-    rounds: dict[str, list[RateRound]] = {name: [] for name in targets}
-    for i in range(args.rounds):
-        for name, (port, host, pids) in targets.items():
-            print(f"two-hop: round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr,
-                  flush=True)
-            rounds[name].append(measure_rate(name, port, host, pids, args))
+    rounds = run_rounds("two-hop: ", targets, args,
+                        lambda name, t: check_answers(name, t[0], t[1]),
+                        lambda name, t: measure_rate(name, *t, args))
 
     def med(name: str, key: Callable[[RateRound], float]) -> float:
         return statistics.median(key(r) for r in rounds[name])
@@ -1030,13 +1047,9 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
     command = (f"open loop in bench.py: {args.rate:g} GET/s over {args.rate_connections} "
                f"keep-alive HTTP/1.1 connections, {args.rate_duration:g} s per round after a "
                f"1 s warm-up, latency from the scheduled send time")
-    print(f"\n### Added latency of meshd hops at a fixed {args.rate:,.0f} requests/s: "
-          f"direct to the app, one hop (A), two hops (A -> HTTP/2 -> B -> app), "
-          f"{workers} worker(s) each\n\n"
-          f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, "
-          f"{os.cpu_count()} CPUs, medians over {args.rounds} round(s) of "
-          f"{args.rate_duration:g} s; load average {load:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after\n`{command}`\n")
+    _header(f"Added latency of meshd hops at a fixed {args.rate:,.0f} requests/s: direct to "
+            f"the app, one hop (A), two hops (A -> HTTP/2 -> B -> app), {workers} worker(s) "
+            f"each", command, "medians over", args.rounds, args.rate_duration, load, prompt="")
     _table(["path", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
             "added p50 ms", "added p99 ms", "meshd CPU µs/req (A / B)", "client CPU µs/req"],
            [[n, f"{med(n, lambda r: r.achieved):,.0f}", f"{p50[n]:.3f}",
@@ -1055,23 +1068,14 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
           + f" ms\naim: two hops add under {HOP_AIM_MS:g} ms median: "
           f"{'met' if added_p50 < HOP_AIM_MS else 'not met'} ({added_p50:+.3f} ms, the median "
           f"of the per-round figures)")
-    for name, rs in rounds.items():
-        errors = sum(r.errors for r in rs)
-        if errors:
-            print(f"\nwarning: {name}: {errors} failed or non-2xx requests (over all rounds)")
-        if any(r.achieved < 0.95 * r.rate for r in rs):
-            print(f"\nwarning: {name}: a round fell short of the rate "
-                  f"({', '.join(f'{r.achieved:.0f}' for r in rs)} req/s)")
-    _save("two-hop.json", {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "cpus": os.cpu_count(), "rounds": args.rounds,
-        "workers": workers, "rate": args.rate, "connections": args.rate_connections,
-        "medians": {n: {"p50_ms": p50[n], "p99_ms": p99[n]} for n in targets},
-        "added_ms": {n: {"p50": p50[n] - p50["direct"], "p99": p99[n] - p99["direct"]}
-                     for n in ("one-hop", "two-hop")},
-        "all_rounds": {n: [asdict(r) for r in rs] for n, rs in rounds.items()},
-        "aim": {"added_p50_ms": HOP_AIM_MS, "met": added_p50 < HOP_AIM_MS},
-    })
+    _warnings(rounds, rate_problems)
+    _save("two-hop.json", command, args,
+          workers=workers, rate=args.rate, connections=args.rate_connections,
+          medians={n: {"p50_ms": p50[n], "p99_ms": p99[n]} for n in targets},
+          added_ms={n: {"p50": p50[n] - p50["direct"], "p99": p99[n] - p99["direct"]}
+                    for n in ("one-hop", "two-hop")},
+          all_rounds=_rounds_json(rounds),
+          aim={"added_p50_ms": HOP_AIM_MS, "met": added_p50 < HOP_AIM_MS})
 
 
 # -- the run --------------------------------------------------------------------------------
