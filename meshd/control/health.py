@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +30,7 @@ from meshd.balance.ejection import (
     on_tick,
 )
 from meshd.balance.ewma import EwmaState, combine
+from meshd.balance.window import Window
 from meshd.discovery.api import Endpoint
 from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region, usage_high
 
@@ -108,10 +108,10 @@ class HealthKeeper:
         self.states: dict[int, EndpointHealth] = {}
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}   # (slot, row) -> (ok, bad)
         self._next_prober = 0
-        # Outcomes this process has counted per row, and a ring of (time, ok, bad) samples
-        # of them taken every SAMPLE_EVERY: the recent success rate in describe().
+        # Outcomes this process has counted per row, and a window of (time, ok, bad)
+        # samples of them taken every SAMPLE_EVERY: the recent success rate in describe().
         self.totals: dict[int, tuple[int, int]] = {}
-        self.samples: dict[int, deque[tuple[float, int, int]]] = {}
+        self.window = Window(keep=SAMPLES)
         self._last_sample = float("-inf")
         self._take_baseline()
 
@@ -142,8 +142,8 @@ class HealthKeeper:
                 ok, bad = self._moved(row, live)
                 if ok or bad:
                     t_ok, t_bad = self.totals.get(row, (0, 0))
-                    if row not in self.samples:  # a new row: its window starts here
-                        self.samples[row] = deque([(now, t_ok, t_bad)], maxlen=SAMPLES)
+                    if row not in self.window:  # a new row: its window starts here
+                        self.window.add(row, now, t_ok, t_bad)
                     self.totals[row] = (t_ok + ok, t_bad + bad)
                 h = before = states[i]
                 if ok:
@@ -170,21 +170,14 @@ class HealthKeeper:
         before its first outcome is added, so its window has no gap)."""
         self._last_sample = now
         for row in self.rows.rows.values():
-            ring = self.samples.get(row)
-            if ring is None:
-                ring = self.samples[row] = deque(maxlen=SAMPLES)
             ok, bad = self.totals.get(row, (0, 0))
-            ring.append((now, ok, bad))
+            self.window.add(row, now, ok, bad)
 
     def recent(self, row: int, now: float) -> tuple[int, int, float]:
         """Successes and failures of a row over about the last 10 s, and that window's
         length in seconds (0.0 before the first sample)."""
-        ring = self.samples.get(row)
-        if not ring:
-            return 0, 0, 0.0
-        t0, ok0, bad0 = ring[0]
         ok, bad = self.totals.get(row, (0, 0))
-        return ok - ok0, bad - bad0, max(0.0, now - t0)
+        return self.window.moved(row, now, ok, bad)
 
     def _moved(self, row: int, live: list[int]) -> tuple[int, int]:
         """Successes and failures since the last tick, over the live workers' stripes."""
