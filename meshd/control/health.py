@@ -31,8 +31,9 @@ from meshd.balance.ejection import (
 )
 from meshd.balance.ewma import EwmaState, combine
 from meshd.balance.window import Window
+from meshd.control.rows import RowUsage
 from meshd.discovery.api import Endpoint
-from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region, usage_high
+from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region
 
 log = logging.getLogger("meshd.control")
 
@@ -56,8 +57,8 @@ class EndpointRows:
         self.rows: dict[str, int] = dict(seed or {})
         self.next_row = max(self.rows.values(), default=-1) + 1
         self.refused: set[str] = set()
-        self._high_logged = False
-        self._publish()
+        self._usage = RowUsage(region, endpoint_rows=True)
+        self._usage.publish(self.in_use)
 
     @property
     def in_use(self) -> int:
@@ -77,7 +78,7 @@ class EndpointRows:
             self.next_row += 1
             changed = True
         if changed:
-            self._publish()
+            self._usage.publish(self.in_use)
 
     def _refuse(self, key: str) -> bool:
         if key in self.refused or len(self.refused) >= self.MAX_REFUSED:
@@ -91,13 +92,6 @@ class EndpointRows:
                       "; further ones are only counted in meshd_shm_rows_exhausted_total"
                       if len(self.refused) == self.LOGGED else "")
         return True
-
-    def _publish(self) -> None:
-        self.region.publish_usage(endpoint_rows=self.in_use)
-        if not self._high_logged and usage_high(self.in_use, self.region.endpoint_rows):
-            self._high_logged = True
-            log.warning("shared memory: %d of %d endpoint rows in use; the region will grow at "
-                        "the next reload (HUP)", self.in_use, self.region.endpoint_rows)
 
 
 class HealthKeeper:
