@@ -161,7 +161,8 @@ def test_balance_modules_import_no_io_and_no_clock(path: Path) -> None:
 def test_importing_the_package_loads_no_io_module() -> None:
     """(``time`` is loaded by the interpreter itself; the source check above covers it.)"""
     code = ("import sys; import meshd.balance.ewma, meshd.balance.p2c, "
-            "meshd.balance.ejection, meshd.balance.budget, meshd.balance.retry; "
+            "meshd.balance.ejection, meshd.balance.budget, meshd.balance.retry, "
+            "meshd.balance.window; "
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'gevent', 'socket', 'ssl', 'select', 'selectors', 'asyncio'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -351,6 +352,21 @@ def test_consistent_hash_keeps_a_key_on_one_endpoint(mesh, backends):
     assert len(set(owners.values())) == 3, owners
     # without the header the request is still served (balanced like p2c)
     assert _get(port)[0] == 200
+
+
+def test_consistent_hash_on_the_client_address_over_http1_and_h2(mesh, backends):
+    """hash_on = "client_address" (the default): HTTP/1.1 and HTTP/2 connections from
+    127.0.0.1 hash to one endpoint, since both look the address up the same way."""
+    bs = [backends(n) for n in "abc"]
+    m = mesh.run({"web": [b.address for b in bs]}, extra='[service.web]\nbalancer = "consistent_hash"\n')
+    port = m.ports["outbound"]
+    seen = {_get(port)[1]["x-backend"] for _ in range(6)}
+    for _ in range(6):
+        r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "Host: web",
+                            f"http://127.0.0.1:{port}/"], capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        seen.add(r.stdout.split()[0].decode())
+    assert len(seen) == 1, seen
 
 
 def _hold_requests(port: int, n: int, path: str) -> list[threading.Thread]:

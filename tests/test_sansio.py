@@ -32,6 +32,7 @@ SANS_IO = [
     "meshd.balance.ejection",
     "meshd.balance.budget",
     "meshd.balance.retry",
+    "meshd.balance.window",
     "meshd.control.state",
 ]
 IO_MODULES = ("gevent", "ssl", "asyncio", "socket", "selectors", "select")

@@ -17,6 +17,9 @@ control process and in a unit test.
   Envoy's jittered retry backoff.
 - ``retry``: which requests may be retried at all (RFC 9110 idempotency, replayable
   body, nothing sent to the client yet).
+- ``window``: how far cumulative counters moved over the last seconds, from samples of
+  their totals (a worker's shared retry budget, the control process's recent success
+  rate of an endpoint).
 
 Where the state lives (which shared-memory row, which writer) is the caller's business;
 each module says what its state is made of so that it can be stored as plain numbers.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -31,8 +30,10 @@ from meshd.balance.ejection import (
     on_tick,
 )
 from meshd.balance.ewma import EwmaState, combine
+from meshd.balance.window import Window
+from meshd.control.rows import RowUsage
 from meshd.discovery.api import Endpoint
-from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region, usage_high
+from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region
 
 log = logging.getLogger("meshd.control")
 
@@ -56,8 +57,8 @@ class EndpointRows:
         self.rows: dict[str, int] = dict(seed or {})
         self.next_row = max(self.rows.values(), default=-1) + 1
         self.refused: set[str] = set()
-        self._high_logged = False
-        self._publish()
+        self._usage = RowUsage(region, endpoint_rows=True)
+        self._usage.publish(self.in_use)
 
     @property
     def in_use(self) -> int:
@@ -77,7 +78,7 @@ class EndpointRows:
             self.next_row += 1
             changed = True
         if changed:
-            self._publish()
+            self._usage.publish(self.in_use)
 
     def _refuse(self, key: str) -> bool:
         if key in self.refused or len(self.refused) >= self.MAX_REFUSED:
@@ -92,13 +93,6 @@ class EndpointRows:
                       if len(self.refused) == self.LOGGED else "")
         return True
 
-    def _publish(self) -> None:
-        self.region.publish_usage(endpoint_rows=self.in_use)
-        if not self._high_logged and usage_high(self.in_use, self.region.endpoint_rows):
-            self._high_logged = True
-            log.warning("shared memory: %d of %d endpoint rows in use; the region will grow at "
-                        "the next reload (HUP)", self.in_use, self.region.endpoint_rows)
-
 
 class HealthKeeper:
     def __init__(self, region: Region, rows: EndpointRows, rng: random.Random | None = None) -> None:
@@ -108,10 +102,10 @@ class HealthKeeper:
         self.states: dict[int, EndpointHealth] = {}
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}   # (slot, row) -> (ok, bad)
         self._next_prober = 0
-        # Outcomes this process has counted per row, and a ring of (time, ok, bad) samples
-        # of them taken every SAMPLE_EVERY: the recent success rate in describe().
+        # Outcomes this process has counted per row, and a window of (time, ok, bad)
+        # samples of them taken every SAMPLE_EVERY: the recent success rate in describe().
         self.totals: dict[int, tuple[int, int]] = {}
-        self.samples: dict[int, deque[tuple[float, int, int]]] = {}
+        self.window = Window(keep=SAMPLES)
         self._last_sample = float("-inf")
         self._take_baseline()
 
@@ -142,8 +136,8 @@ class HealthKeeper:
                 ok, bad = self._moved(row, live)
                 if ok or bad:
                     t_ok, t_bad = self.totals.get(row, (0, 0))
-                    if row not in self.samples:  # a new row: its window starts here
-                        self.samples[row] = deque([(now, t_ok, t_bad)], maxlen=SAMPLES)
+                    if row not in self.window:  # a new row: its window starts here
+                        self.window.add(row, now, t_ok, t_bad)
                     self.totals[row] = (t_ok + ok, t_bad + bad)
                 h = before = states[i]
                 if ok:
@@ -170,21 +164,14 @@ class HealthKeeper:
         before its first outcome is added, so its window has no gap)."""
         self._last_sample = now
         for row in self.rows.rows.values():
-            ring = self.samples.get(row)
-            if ring is None:
-                ring = self.samples[row] = deque(maxlen=SAMPLES)
             ok, bad = self.totals.get(row, (0, 0))
-            ring.append((now, ok, bad))
+            self.window.add(row, now, ok, bad)
 
     def recent(self, row: int, now: float) -> tuple[int, int, float]:
         """Successes and failures of a row over about the last 10 s, and that window's
         length in seconds (0.0 before the first sample)."""
-        ring = self.samples.get(row)
-        if not ring:
-            return 0, 0, 0.0
-        t0, ok0, bad0 = ring[0]
         ok, bad = self.totals.get(row, (0, 0))
-        return ok - ok0, bad - bad0, max(0.0, now - t0)
+        return self.window.moved(row, now, ok, bad)
 
     def _moved(self, row: int, live: list[int]) -> tuple[int, int]:
         """Successes and failures since the last tick, over the live workers' stripes."""

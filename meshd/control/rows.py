@@ -7,7 +7,8 @@ copy that keeps every row where it was).
 
 How many rows are in use -- assigned, plus pairs that found the region full -- is
 published in the region's header: the master reads it on the next reload to decide
-whether the region grows, and the control warns once usage passes 3/4.
+whether the region grows, and the control warns once usage passes 3/4 (``RowUsage``,
+which the endpoint rows of ``meshd.control.health`` publish through too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region, usage_high
 log = logging.getLogger("meshd.control")
 
 
+class RowUsage:
+    """Publishes how many rows of one table -- the metric rows, or the endpoint rows --
+    are in use, in the region's header field the master reads on reload, and warns once
+    when usage passes 3/4 (``usage_high``): the region will grow at the next reload."""
+
+    def __init__(self, region: Region, endpoint_rows: bool = False) -> None:
+        self.region = region
+        self.endpoint_rows = endpoint_rows
+        self._high_logged = False
+
+    def publish(self, in_use: int) -> None:
+        region = self.region
+        if self.endpoint_rows:
+            region.publish_usage(endpoint_rows=in_use)
+            capacity, kind = region.endpoint_rows, "endpoint"
+        else:
+            region.publish_usage(rows=in_use)
+            capacity, kind = region.rows, "metric"
+        if not self._high_logged and usage_high(in_use, capacity):
+            self._high_logged = True
+            log.warning("shared memory: %d of %d %s rows in use; the region will grow at "
+                        "the next reload (HUP)", in_use, capacity, kind)
+
+
 class RowTable:
     def __init__(self, region: Region, seed: Mapping[str, Mapping[str, int]] | None) -> None:
         self.region = region
@@ -27,8 +52,8 @@ class RowTable:
         used = [r for by in self.rows.values() for r in by.values()]
         self.next_row = max(used, default=FIRST_ROW - 1) + 1
         self._warned: set[tuple[str, str]] = set()
-        self._high_logged = False
-        self._publish()
+        self._usage = RowUsage(region)
+        self._usage.publish(self.in_use)
 
     @property
     def in_use(self) -> int:
@@ -46,18 +71,11 @@ class RowTable:
                 log.error("shared memory full: no metric row for listener %s service %s "
                           "(metric_rows = %d); its traffic is counted under service=\"_overflow\" "
                           "until a reload grows the region", listener, service, self.region.rows)
-                self._publish()
+                self._usage.publish(self.in_use)
             return
         by[service] = self.next_row
         self.next_row += 1
-        self._publish()
-
-    def _publish(self) -> None:
-        self.region.publish_usage(rows=self.in_use)
-        if not self._high_logged and usage_high(self.in_use, self.region.rows):
-            self._high_logged = True
-            log.warning("shared memory: %d of %d metric rows in use; the region will grow at "
-                        "the next reload (HUP)", self.in_use, self.region.rows)
+        self._usage.publish(self.in_use)
 
     def service_rows(self, service: str) -> list[int]:
         return [by[service] for by in self.rows.values() if service in by]

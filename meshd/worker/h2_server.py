@@ -45,7 +45,7 @@ from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, trailers_problem
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
-from meshd.worker.sockio import recv, recv_after_wait, sendall
+from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -458,10 +458,7 @@ class H2ServerConnection:
 
     def peer(self) -> bytes:
         if self._peer is None:
-            try:
-                self._peer = str(self.sock.getpeername()[0]).encode()
-            except OSError:
-                self._peer = b""
+            self._peer = peer_address(self.sock)
         return self._peer
 
 

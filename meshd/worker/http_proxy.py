@@ -43,7 +43,7 @@ from meshd.worker.dispatch import (
     status_kind,
 )
 from meshd.worker.routing import Policy
-from meshd.worker.sockio import recv, recv_after_wait, sendall
+from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
 from meshd.worker.tunnel import Tunnel
 from meshd.worker.upstream import UpstreamConn, read_response_head
 
@@ -212,10 +212,7 @@ class HttpConnection:
 
     def _peer_address(self) -> bytes:
         if self._peer is None:
-            try:
-                self._peer = str(self.sock.getpeername()[0]).encode()
-            except OSError:
-                self._peer = b""
+            self._peer = peer_address(self.sock)
         return self._peer
 
     def _upstream_head(self, req: http1.RequestHead) -> bytes:

@@ -13,10 +13,10 @@ whole meshd, not per worker.
 from __future__ import annotations
 
 import random
-from collections import deque
 
 from meshd.balance import budget
 from meshd.balance.retry import IDEMPOTENT_METHODS
+from meshd.balance.window import Window
 from meshd.shm import F_BUDGET_EXHAUSTED, F_REQUESTS, F_RETRIES, FIRST_ROW, Region, Stripe
 
 IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)  # RFC 9110 §9.2.2
@@ -28,7 +28,7 @@ class RetryBudgets:
         self.region = region
         self.stripe = stripe
         self.rng = rng or random.Random()
-        self._samples: dict[int, deque[tuple[float, int, int]]] = {}
+        self._window = Window(span=budget.WINDOW)  # per row: (time, requests, retries)
         self._boot_rows: int | None = None  # rows that existed when sampling began
 
     def _totals(self, row: int, live: list[int]) -> tuple[int, int]:
@@ -49,24 +49,20 @@ class RetryBudgets:
             requests, retries = self._totals(row, live)
             self._sample(row, now, requests, retries)
 
-    def _sample(self, row: int, now: float, requests: int, retries: int) -> deque[tuple[float, int, int]]:
-        samples = self._samples.get(row)
-        if samples is None:
-            samples = self._samples[row] = deque()
-            if self._boot_rows is not None and row >= self._boot_rows:
-                samples.append((now - SAMPLE_EVERY, 0, 0))
-        if not samples or now - samples[-1][0] >= SAMPLE_EVERY * 0.9:
-            samples.append((now, requests, retries))
-        while len(samples) > 1 and now - samples[1][0] >= budget.WINDOW:
-            samples.popleft()
-        return samples
+    def _sample(self, row: int, now: float, requests: int, retries: int) -> None:
+        window = self._window
+        if row not in window and self._boot_rows is not None and row >= self._boot_rows:
+            window.add(row, now - SAMPLE_EVERY, 0, 0)
+        newest = window.newest(row)
+        if newest is None or now - newest.at >= SAMPLE_EVERY * 0.9:
+            window.add(row, now, requests, retries)
 
     def try_retry(self, row: int, live: list[int], now: float) -> bool:
         """Spend one retry of ``row``'s budget if it allows one (counted either way)."""
         requests, retries = self._totals(row, live)
-        samples = self._sample(row, now, requests, retries)
-        _, base_requests, base_retries = samples[0]
-        ok = budget.allowed(max(requests - base_requests, 0), max(retries - base_retries, 0))
+        self._sample(row, now, requests, retries)
+        requests_in_window, retries_in_window, _ = self._window.moved(row, now, requests, retries)
+        ok = budget.allowed(requests_in_window, retries_in_window)
         self.stripe.add(row, F_RETRIES if ok else F_BUDGET_EXHAUSTED)
         return ok
 

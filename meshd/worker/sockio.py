@@ -101,6 +101,15 @@ def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
     return sock
 
 
+def peer_address(sock: socket.socket) -> bytes:
+    """The client's address as header bytes (x-forwarded-for, a hash on the client):
+    b"" when the client is gone. Callers cache it per connection."""
+    try:
+        return str(sock.getpeername()[0]).encode()
+    except OSError:
+        return b""
+
+
 def address_name(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
