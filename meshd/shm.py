@@ -423,7 +423,6 @@ class Region:
         """The slot's own worker: how many client connections it serves now."""
         struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + 48, n)
 
-
     def fewest_connections(self, me: int, generation: int) -> int | None:
         """The fewest client connections any other serving worker of ``generation``
         holds (None: no such worker). Read by a worker deciding whether to leave a

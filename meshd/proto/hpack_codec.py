@@ -94,13 +94,13 @@ def encode_field(name: bytes, value: bytes, sensitive: bool) -> bytes:
 
 class Encoder:
     """h2's ``conn.encoder``: ``encode(headers)`` and a ``header_table_size`` that h2 sets
-    from the peer's SETTINGS (noted; the table in use stays 0)."""
+    from the peer's SETTINGS (accepted and ignored: the table in use stays 0, within any
+    maximum)."""
 
-    __slots__ = ("_started", "peer_table_size")
+    __slots__ = ("_started",)
 
     def __init__(self) -> None:
         self._started = False
-        self.peer_table_size = DEFAULT_TABLE_SIZE
 
     @property
     def header_table_size(self) -> int:
@@ -108,7 +108,7 @@ class Encoder:
 
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
-        self.peer_table_size = value
+        pass
 
     def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:
         parts: list[bytes] = []

@@ -55,8 +55,6 @@ LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at m
 _HEALTHY, _PROBING = float(Health.HEALTHY), float(Health.PROBING)
 
 
-
-
 class _ServiceState:
     __slots__ = ("endpoints", "rows", "weights", "rr", "_ring")
 

@@ -24,6 +24,7 @@ from meshd.worker.routing import Policy
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
+    from meshd.worker.h2_upstream import H2Stream
     from meshd.worker.process import Worker
     from meshd.worker.upstream import UpstreamConn
     from meshd.worker.upstream_tls import TlsTarget
@@ -120,6 +121,19 @@ class Call:
             assert tls is not None
             worker.h2pool.adopt(conn.detach(), ep.address, tls, self.connect_timeout(sent_at))
             return None
+        except BaseException as e:
+            connect_failed(worker, self, row, e, attempts_left)
+            raise
+
+    def open_h2(self, worker: Worker, address: tuple[str, int],
+                headers: list[tuple[bytes, bytes]], end_stream: bool, sent_at: float,
+                tls: TlsTarget | None, row: int, attempts_left: bool,
+                checked: bool = False) -> H2Stream:
+        """A stream on the worker's HTTP/2 pool for this attempt (a failure to get one is
+        a connect failure). ``checked``: the head is valid by construction."""
+        try:
+            return worker.h2pool.stream(address, headers, end_stream,
+                                        self.connect_timeout(sent_at), tls, checked=checked)
         except BaseException as e:
             connect_failed(worker, self, row, e, attempts_left)
             raise

@@ -25,7 +25,6 @@ from meshd.worker.body import ClientGone
 from meshd.worker.dispatch import (
     ORIG_PROTO,
     RetryNow,
-    connect_failed,
     error_kind,
     may_retry,
     status_kind,
@@ -72,12 +71,8 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
     failed = True
     rtt: float | None = None
     sender = None
-    try:
-        up = worker.h2pool.stream(address, headers, body is None, call.connect_timeout(sent_at),
-                                  tls, checked=True)
-    except BaseException as e:
-        connect_failed(worker, call, ep_row, e, attempts_left)
-        raise
+    up = call.open_h2(worker, address, headers, body is None, sent_at, tls, ep_row,
+                      attempts_left, checked=True)
     try:
         if body is not None:
             sender = gevent.spawn(body.send_h2, up, policy.idle_timeout)

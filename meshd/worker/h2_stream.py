@@ -28,7 +28,6 @@ from meshd.worker.dispatch import (
     ORIG_PROTO,
     Call,
     RetryNow,
-    connect_failed,
     error_kind,
     is_grpc,
     may_retry,
@@ -219,12 +218,8 @@ class H2ToHttp1:
         failed = True
         rtt: float | None = None
         sender = None
-        try:
-            up = worker.h2pool.stream(address, headers, stream.bodiless,
-                                      call.connect_timeout(sent_at), tls)
-        except BaseException as e:
-            connect_failed(worker, call, ep_row, e, attempts_left)
-            raise
+        up = call.open_h2(worker, address, headers, stream.bodiless, sent_at, tls, ep_row,
+                          attempts_left)
         try:
             if not stream.bodiless:
                 call.replay = False  # the body is not kept: no retry once it started

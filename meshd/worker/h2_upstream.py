@@ -2,8 +2,8 @@
 
 ``H2Upstream`` owns one connection (h2c with prior knowledge, RFC 9113 §3.3; or a TLS
 socket on which ALPN selected "h2", ``meshd.worker.upstream_tls``), ``H2Stream`` one
-request/response exchange on it, and ``meshd.worker.h2_pool`` keeps a worker's connections, reusing one per endpoint while it
-has room.
+request/response exchange on it, and ``meshd.worker.h2_pool`` keeps a worker's
+connections, reusing one per endpoint while it has room.
 
 Use: ``pool.stream(address, head, end_stream, connect_timeout)``, then ``send_data`` /
 ``end`` / ``send_trailers`` for the body, ``response(deadline)`` for the head and
@@ -361,7 +361,7 @@ class H2Upstream:
                  max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
         self.sock = sock
         self.address = address
-        self.name = f"{address[0]}:{address[1]}"
+        self.name = address_name(address)
         self.conn = _Connection(client_side=True, max_header_list_size=max_header_list_size)
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -538,7 +538,6 @@ class H2Upstream:
         except BaseException:
             self._lost("write interrupted")
             raise
-
 
     def _read_loop(self) -> None:
         reason = "the upstream closed the connection"

@@ -33,7 +33,7 @@ from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
-from meshd.worker.sockio import is_tls, sendall, shutdown
+from meshd.worker.sockio import address_name, is_tls, sendall, shutdown
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -172,7 +172,7 @@ def peer_name(sock: socket.socket) -> str:
         addr = sock.getpeername()
     except OSError:
         return "a client that is gone"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+    return address_name((str(addr[0]), addr[1]))
 
 
 def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
