@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from meshd.cli import cli
 from meshd.config import parse
 from meshd.metrics import StatWindow, row_keys
 from meshd.shm import F_REQUESTS, Region
+from meshd.testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,12 +250,6 @@ def test_stat_json(admin_server: Callable[[bytes], str]) -> None:
     result = invoke("stat", "--admin", admin_server(json.dumps(STATS).encode()), "-o", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == STATS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_stat_when_nothing_listens() -> None:

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import gevent
 import gevent.ssl
+import grpc
 import h2.config
 import h2.connection
 import h2.errors
@@ -41,6 +42,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.testing.certs import TestCA
+from meshd.testing.harness import free_port
 from meshd.testing.tcp_server import TcpServer
 from meshd.worker.h2_pool import H2Pool
 from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
@@ -624,9 +626,7 @@ def test_malformed_response_head_fails_only_its_stream(server: H2Server, up: H2U
 
 
 def test_connect_errors() -> None:
-    port = socket.create_server(("127.0.0.1", 0))
-    address = port.getsockname()[:2]
-    port.close()
+    address = ("127.0.0.1", free_port())
     with pytest.raises(UpstreamError, match="connect to"):
         H2Upstream.connect(address, 2)
 
@@ -705,8 +705,6 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
 
 
 # -- against grpcio --------------------------------------------------------------------
-
-import grpc  # noqa: E402  (a test extra: setup.cfg installs grpcio with the tests)
 
 
 @pytest.fixture

@@ -63,48 +63,41 @@ def test_a_task_cancelled_before_it_starts_does_not_run() -> None:
     assert task.ended and ran == []
 
 
-def test_a_late_cancel_never_reaches_the_next_task_on_the_same_greenlet() -> None:
-    """The first task ends, the greenlet takes a second one; cancelling the first then
-    (and a cancel already on its way when the first ended) leaves the second alone."""
+def test_a_cancel_after_the_task_ended_is_a_no_op() -> None:
     pool = TaskPool()
-    first_done = gevent.event.Event()
-    second: list[str] = []
+    ran: list[str] = []
+    t1 = pool.spawn(ran.append, "first")
+    gevent.sleep(0)
+    assert t1.ended
+    t1.cancel(Stop())
+    t2 = pool.spawn(ran.append, "second")
+    gevent.sleep(0.01)
+    assert t2.runner is t1.runner and t2.ended and ran == ["first", "second"]
 
-    def first() -> None:
-        first_done.set()
+
+def test_a_cancel_in_flight_never_reaches_the_next_task_on_the_same_greenlet(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The cancel of the first task is queued while it runs; before it is delivered the
+    first task ends and its greenlet takes a second, longer one: the second runs to its
+    end (the delivery finds its task gone)."""
+    pool = TaskPool()
+    gate = gevent.event.Event()
+    second: list[str] = []
+    tasks: list[object] = []
 
     def long() -> None:
         gevent.sleep(0.05)
         second.append("done")
 
-    t1 = pool.spawn(first)
-    first_done.wait()
-    t1.cancel(Stop())          # t1 ended: a no-op
-    t2 = pool.spawn(long)
+    t1 = pool.spawn(gate.wait)
     gevent.sleep(0)
-    assert t2.runner is t1.runner
-    t1.cancel(Stop())
+    gate.set()          # the task wakes at the next loop iteration...
+    t1.cancel(Stop())   # ...the cancel is queued behind that wakeup...
+    gate.rawlink(lambda _: tasks.append(pool.spawn(long)))  # ...and so is the next task
     gevent.sleep(0.1)
-    assert second == ["done"] and t2.ended
-
-
-def test_a_cancel_in_flight_when_the_task_ends_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    pool = TaskPool()
-    gate = gevent.event.Event()
-    after: list[str] = []
-
-    def job() -> None:
-        gate.wait()
-
-    t1 = pool.spawn(job)
-    gevent.sleep(0)
-    gate.set()          # wakes the task at the next loop iteration...
-    t1.cancel(Stop())   # ...and the cancel is queued behind that wakeup
-    gevent.sleep(0.01)
-    assert t1.ended
-    t2 = pool.spawn(after.append, "ran")
-    gevent.sleep(0.01)
-    assert after == ["ran"] and t2.ended
+    (t2,) = tasks
+    assert t1.ended and t2.runner is t1.runner  # type: ignore[attr-defined]
+    assert second == ["done"] and t2.ended  # type: ignore[attr-defined]
     assert "failed" not in caplog.text
 
 

@@ -23,7 +23,14 @@ import pytest
 from meshd.config import parse
 from meshd.errors import ConfigError
 from meshd.testing.certs import Issued, TestCA
-from meshd.testing.harness import free_port, http_get, port_open, terminate, wait_for
+from meshd.testing.harness import (
+    free_port,
+    http_get,
+    port_open,
+    read_head,
+    terminate,
+    wait_for,
+)
 from meshd.testing.tcp_server import TcpServer
 
 
@@ -388,13 +395,9 @@ class UpgradeServer:
         try:
             with self.ctx.wrap_socket(raw, server_side=True) as conn:
                 conn.settimeout(10)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    data = conn.recv(4096)
-                    if not data:
-                        return
-                    head += data
-                head, _, rest = head.partition(b"\r\n\r\n")
+                head, marker, rest = read_head(conn).partition(b"\r\n\r\n")
+                if not marker:
+                    return
                 self.requests.append(head)
                 conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                              b"Connection: Upgrade\r\n\r\n" + rest.upper())
