@@ -7,10 +7,8 @@ and meshd_protocol_detect_total counts each result."""
 from __future__ import annotations
 
 import socket
-import socketserver
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,6 +16,7 @@ import pytest
 
 from meshd.testing.certs import TestCA
 from meshd.testing.harness import free_port, http_get, wait_for
+from meshd.testing.tcp_server import TcpServer
 
 RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -26,26 +25,12 @@ BANNER = b"220 banner.test ESMTP ready\r\n"
 
 # -- backends -----------------------------------------------------------------------------
 
-class _Server:
-    """A threaded TCP server on loopback running ``handle(sock)`` per connection."""
-
-    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                handle(self.request)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def _closing(handle: Callable[[socket.socket], None]) -> Callable[[socket.socket], None]:
+    """``handle``, then the connection closed (TcpServer leaves that to its handler)."""
+    def run(sock: socket.socket) -> None:
+        with sock:
+            handle(sock)
+    return run
 
 
 def _echo(sock: socket.socket) -> None:
@@ -63,17 +48,17 @@ def _banner_then_echo(sock: socket.socket) -> None:
 
 
 @pytest.fixture
-def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], _Server]]:
-    started: list[_Server] = []
+def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], TcpServer]]:
+    started: list[TcpServer] = []
 
-    def start(handle: Callable[[socket.socket], None]) -> _Server:
-        s = _Server(handle)
+    def start(handle: Callable[[socket.socket], None]) -> TcpServer:
+        s = TcpServer(_closing(handle))
         started.append(s)
         return s
 
     yield start
     for s in started:
-        s.stop()
+        s.close()
 
 
 class _TlsEcho:
@@ -85,7 +70,7 @@ class _TlsEcho:
         self.ctx.set_alpn_protocols(["http/1.1"])
         self.sni: list[str | None] = []
         self.ctx.sni_callback = self._sni
-        self.tcp = _Server(self._handle)
+        self.tcp = TcpServer(_closing(self._handle))
         self.address = self.tcp.address
 
     def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -100,7 +85,7 @@ class _TlsEcho:
             pass
 
     def stop(self) -> None:
-        self.tcp.stop()
+        self.tcp.close()
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def _trailer_upstream() -> TcpServer:
             read_head(conn)
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                          b"5\r\nhello\r\n0\r\ngrpc-status: 7\r\ngrpc-message: denied\r\n\r\n")
-    return TcpServer(serve, serial=True)
+    return TcpServer(serve)
 
 
 def test_chunked_trailers_from_http1_become_h2_trailers(mesh):

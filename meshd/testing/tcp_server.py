@@ -19,11 +19,9 @@ class TcpServer:
     """Listens on 127.0.0.1 (a free port) and hands each accepted connection to
     ``handler(conn)``, which owns it (closes it or leaves it open: the server does not).
 
-    The accept loop runs on a daemon thread; each handler runs on a daemon thread of
-    its own, or, with ``serial=True``, on the accept thread, one connection after the
-    other. These are OS threads on blocking stdlib sockets: the pytest process is not
-    monkey-patched, so a test body that waits on gevent (tests/test_h2_upstream.py) runs
-    on while a handler blocks. Where gevent has patched the process, they are greenlets.
+    The accept loop runs on a daemon thread, and each handler on a daemon thread of its
+    own: OS threads on blocking stdlib sockets (the pytest process is not monkey-patched),
+    so a test body that waits on gevent runs on while a handler blocks.
 
     ``limit``: accept that many connections, no more (later ones stay in the backlog).
 
@@ -33,10 +31,9 @@ class TcpServer:
     connections accepted so far.
     """
 
-    def __init__(self, handler: Callable[[socket.socket], object], *, serial: bool = False,
+    def __init__(self, handler: Callable[[socket.socket], object], *,
                  limit: int | None = None, backlog: int = 64) -> None:
         self.handler = handler
-        self.serial = serial
         self.limit = limit
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
         self.port: int = self.listener.getsockname()[1]
@@ -55,12 +52,9 @@ class TcpServer:
             except OSError:
                 return  # closed
             self.accepted += 1
-            if self.serial:
-                self.handler(conn)
-            else:
-                t = threading.Thread(target=self.handler, args=(conn,), daemon=True)
-                t.start()
-                self.threads.append(t)
+            t = threading.Thread(target=self.handler, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
 
     def close(self, wait: float = 0.0) -> None:
         with contextlib.suppress(OSError):  # not listening (any more)
