@@ -84,6 +84,9 @@ class ListenerConfig:
     # auto listeners: original destination ports proxied as opaque TCP without detection
     # (server-speaks-first protocols); the default is meshd.proto.detect.DEFAULT_OPAQUE_PORTS
     opaque_ports: frozenset[int] = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+    # a client's X-Forwarded-For / Forwarded (meshd.proto.forwarded): "replace" with the
+    # peer's address, "append" it, or "keep" them; default replace inbound, keep outbound
+    forwarded: str = "keep"
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,10 +328,13 @@ def _listener(t: _Table) -> ListenerConfig:
                 raise ValueError(f"port {port} is listed twice")
         return frozenset(value)
 
+    name = t.take("name", _string(_NAME), "", required=True)
+    listen = t.take("listen", parse_address, Address("", 0), required=True)
+    direction = t.take("direction", _choice("outbound", "inbound"), "outbound")
     listener = ListenerConfig(
-        name=t.take("name", _string(_NAME), "", required=True),
-        listen=t.take("listen", parse_address, Address("", 0), required=True),
-        direction=t.take("direction", _choice("outbound", "inbound"), "outbound"),
+        name=name,
+        listen=listen,
+        direction=direction,
         protocol=t.take("protocol", _choice("auto", "http", "tcp"), "auto"),
         service=t.take("service", _string(_SERVICE_NAME), None),
         forward=t.take("forward", parse_address, None),
@@ -337,6 +343,8 @@ def _listener(t: _Table) -> ListenerConfig:
         h2c_upgrade=t.take("h2c_upgrade", _boolean, False),
         opaque_ports=(DEFAULT_OPAQUE_PORTS if (given := t.take("opaque_ports", ports, None)) is None
                       else given),
+        forwarded=t.take("forwarded", _choice("replace", "append", "keep"),
+                         "replace" if direction == "inbound" else "keep"),
     )
     t.finish()
     if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:

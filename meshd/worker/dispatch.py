@@ -234,6 +234,24 @@ def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> boo
 
 
 ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
+MESHD_ERROR = b"meshd-error"  # on meshd's own error answers: the reason
+
+
+def strip_meshd_error(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """A response's (or its trailers') fields without ``meshd-error``: only meshd says
+    that an answer is its own error. (An upstream that is a peer meshd keeps it: the peer
+    removed its application's.)"""
+    return [(k, v) for k, v in headers if k.lower() != MESHD_ERROR]
+
+
+def public_reason(err: ProxyError, listener: ListenerConfig) -> str:
+    """The reason meshd's error answer gives the client: the error's own, except for a
+    5xx on an inbound listener, whose client is another host and whose detail may name
+    internal addresses ("connect to 127.0.0.1:8080 failed"): there, only the kind of
+    error (its class's reason); the log keeps the detail."""
+    if listener.direction == "inbound" and err.status >= 500:
+        return type(err).reason
+    return err.reason
 
 
 def upstream_protocol(worker: Worker, call: Call, ep: Endpoint, grpc: bool,

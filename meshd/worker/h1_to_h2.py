@@ -28,6 +28,7 @@ from meshd.worker.dispatch import (
     error_kind,
     may_retry,
     status_kind,
+    strip_meshd_error,
 )
 
 if TYPE_CHECKING:
@@ -83,7 +84,9 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
         failed = kind in policy.failure_on
         if failed and may_retry(worker, call, kind, attempts_left):
             raise RetryNow()
-        keep = _relay(conn, req, up, head, status, policy.idle_timeout)
+        if not meshed:  # a peer meshd's meshd-error is its own; an application's is not
+            head = strip_meshd_error(head)
+        keep = _relay(conn, req, up, head, status, policy.idle_timeout, meshed)
         if sender is not None:
             sender.join()
             if not sender.successful() or sender.value is not True:
@@ -112,7 +115,8 @@ def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: 
 
 
 def _relay(conn: HttpConnection, req: http1.RequestHead, up: H2Stream,
-           head: list[tuple[bytes, bytes]], status: int, idle_timeout: float) -> bool:
+           head: list[tuple[bytes, bytes]], status: int, idle_timeout: float,
+           meshed: bool) -> bool:
     """The response to the HTTP/1.1 client. Returns whether its connection stays."""
     keep = req.keep_alive and not conn.worker.draining
     fields = [(k, v) for k, v in head if not k.startswith(b":") and k not in _DROP]
@@ -145,6 +149,8 @@ def _relay(conn: HttpConnection, req: http1.RequestHead, up: H2Stream,
             out = []
         if chunked:
             trailers = [(k, v) for k, v in (up.trailers or []) if k not in _DROP]
+            if not meshed:
+                trailers = strip_meshd_error(trailers)
             out.append(http1.encode_trailers(trailers) if trailers else http1.LAST_CHUNK)
     else:
         up.reset()  # HEAD, 204, 304: a body the upstream might still send is not wanted

@@ -22,19 +22,22 @@ import gevent.queue
 import h2.errors
 
 from meshd.errors import ProxyError, UpstreamError
-from meshd.proto import http1
+from meshd.proto import forwarded, http1
 from meshd.shm import F_REQUESTS
 from meshd.worker.dispatch import (
+    MESHD_ERROR,
     ORIG_PROTO,
     Call,
     RetryNow,
     error_kind,
     is_grpc,
     may_retry,
+    public_reason,
     require_endpoints,
     route,
     status_kind,
 )
+from meshd.worker.http_proxy import quiet
 from meshd.worker.upstream import read_response_head
 
 if TYPE_CHECKING:
@@ -54,6 +57,8 @@ _HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-
 # HTTP/2 to HTTP/2: what h2 validation already refuses, and our own marker.
 _H2_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                       b"upgrade", b"http2-settings", ORIG_PROTO])
+# A response from an upstream other than a peer meshd: meshd-error is meshd's alone.
+_H2_DROP_RESPONSE = _H2_DROP | {MESHD_ERROR}
 
 
 class StreamGone(gevent.GreenletExit):
@@ -94,6 +99,9 @@ class H2ToHttp1:
         worker = self.worker
         server = self.server
         started = time.monotonic()
+        mode = server.listener.forwarded
+        if mode != "keep":
+            self.stream.headers = forwarded.apply(self.stream.headers, mode, server.peer(), h2=True)
         pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
@@ -232,7 +240,8 @@ class H2ToHttp1:
             if failed and stream.bodiless and may_retry(worker, call, kind, attempts_left):
                 up.reset()
                 raise RetryNow()
-            out = [(k, v) for k, v in head if k not in _H2_DROP]
+            drop = _H2_DROP if meshed else _H2_DROP_RESPONSE  # a peer meshd's meshd-error stays
+            out = [(k, v) for k, v in head if k not in drop]
             self.response_started = True
             data = up.read(policy.idle_timeout)
             if data is None and not up.trailers:
@@ -244,7 +253,7 @@ class H2ToHttp1:
             while data is not None:
                 server.send_data(stream, data, policy.idle_timeout)
                 data = up.read(policy.idle_timeout)
-            trailers = [(k, v) for k, v in (up.trailers or []) if k not in _H2_DROP]
+            trailers = [(k, v) for k, v in (up.trailers or []) if k not in drop]
             server.end_stream(stream, trailers or None)
             if sender is not None:
                 sender.join()
@@ -321,7 +330,7 @@ class H2ToHttp1:
         method = next((v for k, v in request if k == b":method"), b"GET")
         has_body = http1.response_has_body(method, resp.status)
         headers = [(b":status", b"%d" % resp.status)]
-        drop = _HOP | resp.connection_tokens
+        drop = _HOP | resp.connection_tokens | {MESHD_ERROR}
         headers += [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
         if resp.content_length is not None and resp.status != 204 and not (
                 resp.chunked or (100 <= resp.status < 200)):
@@ -345,7 +354,8 @@ class H2ToHttp1:
                 if decoder.done:
                     conn.buf += decoder.unconsumed
                     kept = http1.forwardable_trailers(decoder.trailers)
-                    server.end_stream(stream, [(k.lower(), v) for k, v in kept] or None)
+                    server.end_stream(stream, [(k.lower(), v) for k, v in kept
+                                               if k.lower() != MESHD_ERROR] or None)
                     return
         elif resp.content_length is not None:
             left = resp.content_length
@@ -370,11 +380,14 @@ class H2ToHttp1:
 
     def _answer_error(self, err: ProxyError) -> None:
         level = logging.INFO if err.status < 500 else logging.WARNING
-        log.log(level, "%s %s (HTTP/2): %s", self.server.listener.name, err.status, err.reason)
-        body = err.reason.encode("utf-8", "replace") + b"\n"
+        listener = self.server.listener
+        quiet.log(level, f"{listener.name}: {type(err).__name__}", "%s %s (HTTP/2): %s",
+                  listener.name, err.status, err.reason)
+        reason = public_reason(err, listener)
+        body = reason.encode("utf-8", "replace") + b"\n"
         headers = [(b":status", b"%d" % err.status), (b"content-type", b"text/plain; charset=utf-8"),
                    (b"content-length", b"%d" % len(body)),
-                   (b"meshd-error", err.reason.encode("ascii", "replace")[:200])]
+                   (MESHD_ERROR, reason.encode("ascii", "replace")[:200])]
         self.server.send_headers(self.stream, headers, flush=False)
         self.server.send_data(self.stream, body, 10.0, end=True)
 

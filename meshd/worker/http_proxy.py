@@ -30,7 +30,8 @@ from meshd.errors import (
     UpstreamError,
     UriTooLong,
 )
-from meshd.proto import http1
+from meshd.proto import forwarded, http1
+from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker.body import ClientGone, RequestBody
 from meshd.worker.dispatch import (
@@ -38,9 +39,11 @@ from meshd.worker.dispatch import (
     RetryNow,
     error_kind,
     may_retry,
+    public_reason,
     require_endpoints,
     route,
     status_kind,
+    strip_meshd_error,
 )
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
+# A client triggers error answers at will (malformed heads, unknown services): their log
+# lines go through this, keyed by listener name and error kind.
+quiet = Throttle(log)
 
 READ_SIZE = 262144
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -177,6 +183,9 @@ class HttpConnection:
         """Proxy one request. Returns whether the client connection stays open."""
         worker = self.worker
         stripe = worker.stripe
+        mode = self.listener.forwarded
+        if mode != "keep":
+            req.headers = forwarded.apply(req.headers, mode, self._peer_address())
         # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
         authority = req.target if req.method == b"CONNECT" else req.host
         service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
@@ -204,7 +213,9 @@ class HttpConnection:
         except ProxyError as e:
             status = e.status
             if self.response_started:  # mid-body: the client learns from the closed connection
-                log.warning("%s: %s after the response started; closing", self.listener.name, e.reason)
+                name = self.listener.name
+                quiet.warning(f"{name}: {type(e).__name__} mid-response",
+                              "%s: %s after the response started; closing", name, e.reason)
                 return False
             return self._answer_error(e, close=body is not None and not body.done)
         finally:
@@ -325,13 +336,14 @@ class HttpConnection:
             if not 100 <= resp.status < 200 or resp.status == 101:
                 return resp
             if resp.status != 100:
-                self._send(http1.serialize_response_head(resp.status, resp.reason, resp.headers))
+                self._send(http1.serialize_response_head(resp.status, resp.reason,
+                                                         strip_meshd_error(resp.headers)))
 
     def _relay_response(self, req: http1.RequestHead, resp: http1.ResponseHead,
                         conn: UpstreamConn) -> bool:
         """Send the response to the client. Returns whether the client connection stays."""
         keep = req.keep_alive and not self.worker.draining
-        headers = http1.strip_hop_by_hop(resp.headers, resp.connection_tokens)
+        headers = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
         extra: list[tuple[bytes, bytes]] = []
         has_body = http1.response_has_body(req.method, resp.status)
         close_delimited = has_body and not resp.chunked and resp.content_length is None
@@ -386,7 +398,7 @@ class HttpConnection:
                 raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
             out.extend(http1.encode_chunk(p) for p in pieces if p)
             if decoder.done:
-                kept = http1.forwardable_trailers(decoder.trailers)
+                kept = strip_meshd_error(http1.forwardable_trailers(decoder.trailers))
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
                 self._send(b"".join(out))
                 conn.buf += decoder.unconsumed
@@ -413,7 +425,7 @@ class HttpConnection:
         if not _upgrade_protocols(req, self.listener.h2c_upgrade):
             raise UpstreamError(f"{conn.endpoint} switched protocols without being asked")
         upgrade = b", ".join(v for k, v in resp.headers if k.lower() == b"upgrade")
-        headers = http1.strip_hop_by_hop(resp.headers, resp.connection_tokens)
+        headers = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
         extra = [(b"Connection", b"Upgrade")] + ([(b"Upgrade", upgrade)] if upgrade else [])
         self.response_started = True
         self._send(http1.serialize_response_head(101, resp.reason, headers, extra))
@@ -462,13 +474,16 @@ class HttpConnection:
     def _answer_error(self, err: ProxyError, close: bool) -> bool:
         """Answer with the error's status and reason. Returns whether to keep the connection."""
         level = logging.INFO if err.status < 500 else logging.WARNING
-        log.log(level, "%s %s: %s", self.listener.name, err.status, err.reason)
-        body = err.reason.encode("utf-8", "replace") + b"\n"
+        name = self.listener.name
+        quiet.log(level, f"{name}: {type(err).__name__}", "%s %s: %s", name, err.status,
+                  err.reason)
+        reason = public_reason(err, self.listener)
+        body = reason.encode("utf-8", "replace") + b"\n"
         close = close or self.worker.draining
         extra = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", b"%d" % len(body)),
-            (b"meshd-error", err.reason.encode("ascii", "replace")[:200]),
+            (b"meshd-error", reason.encode("ascii", "replace")[:200]),
         ]
         if close:
             extra.append((b"Connection", b"close"))

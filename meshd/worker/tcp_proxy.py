@@ -32,6 +32,7 @@ from gevent.socket import wait_read, wait_write
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
+from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
 from meshd.worker.sockio import address_name, is_tls, sendall, shutdown
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from meshd.worker.upstream import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
+# Any client can open connections that fail (no destination, unknown service, refused
+# upstream): those lines are rate-limited per listener and kind.
+quiet = Throttle(log)
 
 HAS_SPLICE = hasattr(os, "splice")
 CHUNK = 1 << 16
@@ -74,8 +78,8 @@ def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket
             try:
                 sendall(upstream.sock, initial)
             except OSError as e:
-                log.warning("%s: sending to %s failed: %s", listener.name, upstream.endpoint,
-                            e.strerror or e)
+                quiet.warning(f"{listener.name}: send failed", "%s: sending to %s failed: %s",
+                              listener.name, upstream.endpoint, e.strerror or e)
                 return
             stripe.add(row, F_READ_BYTES, len(initial))
         back = gevent.spawn(pump, upstream.sock, client,
@@ -124,15 +128,16 @@ def _connect(worker: Worker, listener: ListenerConfig, client: socket.socket,
             service = ""
             dst = original_dst or original_destination(client)
             if dst is None or dst == _local_address(client):
-                log.info("%s: no destination for an opaque connection from %s: the listener "
-                         "has no service and the connection was not redirected to it "
-                         "(SO_ORIGINAL_DST is the listener's own address); closing it",
-                         listener.name, peer_name(client))
+                quiet.info(f"{listener.name}: no destination",
+                           "%s: no destination for an opaque connection from %s: the listener "
+                           "has no service and the connection was not redirected to it "
+                           "(SO_ORIGINAL_DST is the listener's own address); closing it",
+                           listener.name, peer_name(client))
                 return None
             ep = Endpoint(dst[0], dst[1])
         upstream = worker.pool.connect(ep, timeout)
     except ProxyError as e:
-        log.warning("%s: %s", listener.name, e.reason)
+        quiet.warning(f"{listener.name}: {type(e).__name__}", "%s: %s", listener.name, e.reason)
         return None
     row = snap.row(listener.name, service)
     if row is None:
