@@ -199,6 +199,7 @@ def test_upstream_meshd_error_is_removed_http1(forging) -> None:
 def test_upstream_meshd_error_is_removed_h2(forging) -> None:
     r = _curl(f"http://{forging}/", "-D", "-", "-H", "Host: web", h2=True)
     assert r.stdout.startswith(b"HTTP/2 502"), r.stdout
+    assert b"x-t: kept" in r.stdout, r.stdout  # curl shows the trailers after the body
     assert b"forged" not in r.stdout, r.stdout
 
 
