@@ -6,6 +6,9 @@ consistent-hash key, and whether a failed attempt may be sent again.
 own framing state beside it. ``Call.start_attempt`` picks the endpoint of the next
 attempt and its deadlines, ``connect_failed`` and ``may_retry`` decide whether a failed
 attempt is sent again (the protocol module then raises ``RetryNow``).
+``meshd-error`` is meshd's alone: ``strip_meshd_error`` removes an upstream's, and
+``public_reason`` is what meshd's own error answer says (nothing internal on inbound
+listeners).
 """
 
 from __future__ import annotations
