@@ -169,7 +169,8 @@ def test_opted_out_template_and_documents_without_a_template_are_left_alone() ->
 
 
 def test_init_container_arguments_are_a_working_iptables_command() -> None:
-    doc = list(yaml.safe_load_all(run_inject(_source(), "--skip-outbound-ports", "5432")))[2]
+    doc = list(yaml.safe_load_all(run_inject(_source(), "--skip-outbound-ports", "5432",
+                                             "--iptables-restore", "iptables-legacy-restore")))[2]
     init = doc["spec"]["template"]["spec"]["initContainers"][0]
     assert init["args"][0] == "iptables"
     result = CliRunner().invoke(iptables, [*init["args"][1:], "--dry-run"])
@@ -177,6 +178,7 @@ def test_init_container_arguments_are_a_working_iptables_command() -> None:
     assert "--uid-owner 2102 -j RETURN" in result.output
     assert "--dports 4192 -j RETURN" in result.output  # the probe port reaches meshd directly
     assert "--dports 5432 -j RETURN" in result.output
+    assert init["args"][-2:] == ["--iptables-restore", "iptables-legacy-restore"]
 
 
 def test_bad_input_is_refused_with_a_message() -> None:

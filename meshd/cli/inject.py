@@ -6,7 +6,10 @@ Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob, or such items of
 
 - the init container ``meshd-init``, running ``meshd iptables`` as root with NET_ADMIN and
   NET_RAW only: the pod's TCP traffic goes through meshd from the first packet;
-- the sidecar ``meshd`` (uid 2102, the uid the rules exempt): ``meshd run`` on the config
+- the sidecar ``meshd``, by default a restartable init container (Kubernetes >= 1.29:
+  the application starts once meshd is ready, a Job completes without it), else the
+  first container (``--container-sidecar``). It runs as uid 2102, the uid the rules
+  exempt: ``meshd run`` on the config
   of a ConfigMap volume, liveness and readiness probes on ``/live`` and ``/ready`` of the
   probe port (``[admin] probe_listen``, skipped by the inbound rules), resources, the pod
   IP, name, namespace and service account in the environment (for ``${VAR}`` in the
@@ -61,6 +64,7 @@ class InjectOptions:
     # a restartable init container (Kubernetes >= 1.29): the application's containers
     # start once meshd is ready, and a Job completes when its own containers do
     native_sidecar: bool = True
+    iptables_restore: str = "iptables-restore"  # iptables-legacy-restore on legacy nodes
 
 
 def pod_specs(doc: Any) -> Iterator[dict[str, Any]]:
@@ -165,6 +169,8 @@ def _init_container(opts: InjectOptions) -> dict[str, Any]:
             "--skip-inbound-ports", skip_in]
     if opts.skip_outbound_ports:
         args += ["--skip-outbound-ports", opts.skip_outbound_ports]
+    if opts.iptables_restore != InjectOptions.iptables_restore:
+        args += ["--iptables-restore", opts.iptables_restore]
     return {
         "name": INIT,
         "image": opts.image,
@@ -262,9 +268,13 @@ def _volumes(opts: InjectOptions) -> list[dict[str, Any]]:
 @click.option("--native-sidecar/--container-sidecar", default=True, show_default=True,
               help="meshd as a restartable init container (Kubernetes >= 1.29), or as the "
                    "first container (older clusters; a Job's pod then never completes).")
+@click.option("--iptables-restore", "iptables_restore", default="iptables-restore",
+              show_default=True, type=click.Choice(["iptables-restore", "iptables-nft-restore",
+                                                    "iptables-legacy-restore"]),
+              help="The init container's restore command: the node's iptables backend.")
 def inject(source: str, image: str, config_map: str, inbound_port: int, outbound_port: int,
            probe_port: int, skip_inbound_ports: str, skip_outbound_ports: str,
-           native_sidecar: bool) -> None:
+           native_sidecar: bool, iptables_restore: str) -> None:
     """Print Kubernetes YAML with meshd added to every Pod template (kubectl apply -f -)."""
     from meshd.cli.iptables import parse_ports
     for value, flag in ((skip_inbound_ports, "--skip-inbound-ports"),
@@ -285,7 +295,7 @@ def inject(source: str, image: str, config_map: str, inbound_port: int, outbound
         raise click.ClickException(f"{source}: more than {MAX_INPUT} bytes of YAML")
     opts = InjectOptions(image, config_map, inbound_port, outbound_port, probe_port,
                          skip_inbound_ports, skip_outbound_ports,
-                         native_sidecar=native_sidecar)
+                         native_sidecar=native_sidecar, iptables_restore=iptables_restore)
     try:
         click.echo(inject_documents(text, opts), nl=False)
     except yaml.YAMLError as e:
