@@ -164,8 +164,19 @@ def test_legacy_sidecar_placement_loads_too_and_is_idempotent() -> None:
 def test_opted_out_template_and_documents_without_a_template_are_left_alone() -> None:
     pod = _workloads()[0]
     pod["metadata"]["annotations"] = {"meshd.io/inject": "disabled"}
-    text = yaml.safe_dump(pod, sort_keys=False) + "---\n" + "# only a comment\n"
+    host = _workloads()[3]  # a DaemonSet on the node's network: never captured
+    host["spec"]["template"]["spec"]["hostNetwork"] = True
+    text = (yaml.safe_dump(pod, sort_keys=False) + "---\n" + "# only a comment\n"
+            + "---\n" + yaml.safe_dump(host, sort_keys=False))
     assert run_inject(text) == text
+
+
+def test_items_of_a_list_are_injected() -> None:
+    doc = {"apiVersion": "v1", "kind": "List", "items": _workloads()[:2]}
+    out = yaml.safe_load(run_inject(yaml.safe_dump(doc)))
+    for item in out["items"]:
+        spec = pod_spec(load_model(item))
+        assert [c.name for c in spec.init_containers] == ["meshd-init", "meshd"]
 
 
 def test_init_container_arguments_are_a_working_iptables_command() -> None:

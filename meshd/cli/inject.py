@@ -21,7 +21,8 @@ Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob, or such items of
 Every other document is passed on as it was, byte for byte. Injecting again replaces
 meshd's own containers and volumes and so changes nothing: the output of injecting
 twice equals that of injecting once. A template annotated ``meshd.io/inject: disabled``
-is left alone. ``inject_documents`` is the pure core; the command reads a file or stdin.
+is left alone, and so is one with ``hostNetwork: true`` (the init container's rules
+would redirect the node's own traffic). ``inject_documents`` is the pure core; the command reads a file or stdin.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def pod_specs(doc: Any) -> Iterator[dict[str, Any]]:
 
 def inject_template(template: dict[str, Any], opts: InjectOptions) -> bool:
     """Add meshd to one Pod template (``metadata`` + ``spec``) in place. Returns whether
-    it was injected (False: opted out, or no spec)."""
+    it was injected (False: opted out, host network, or no spec)."""
     spec = template.get("spec")
     if not isinstance(spec, dict):
         return False
@@ -106,6 +107,8 @@ def inject_template(template: dict[str, Any], opts: InjectOptions) -> bool:
         return False
     annotations = metadata.get("annotations") or {}
     if str(annotations.get(ANNOTATION_INJECT, "")).lower() == "disabled":
+        return False
+    if spec.get("hostNetwork") is True:  # the rules would capture the node's own traffic
         return False
     ours = (INIT, SIDECAR)
     init = [c for c in spec.get("initContainers") or [] if c.get("name") not in ours]
