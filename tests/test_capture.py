@@ -185,9 +185,9 @@ forward = "127.0.0.1:8080"
 
 
 @pytest.fixture(scope="module")
-def pod() -> Iterator[Path]:
+def pod() -> Iterator[int]:
     """The two namespaces, servers in both, the rules and meshd (uid 2102); yields
-    meshd's log path. Everything is torn down in the finally, namespaces last."""
+    meshd's pid. Everything is torn down in the finally, namespaces last."""
     missing = [t for t in ("ip", "iptables-restore", "iptables-save", "curl", "setpriv")
                if shutil.which(t) is None]
     assert not missing, f"missing tools {missing}: make tools TOOLS=\"ip iptables curl\""
@@ -253,7 +253,7 @@ def pod() -> Iterator[Path]:
         wait_for(ready, 30, 0.2, what="meshd ready in the namespace")
         wait_for(lambda: listening(PEER_NS, PEER_IP, 8080), 20, what="peer backend")
         wait_for(lambda: listening(APP_NS, "127.0.0.1", 8080), 20, what="app backend")
-        yield log_path
+        yield meshd.pid  # ip netns exec and setpriv exec: the pid is meshd's master
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -275,13 +275,16 @@ def pod() -> Iterator[Path]:
 OUT = 'listener="outbound"'
 
 
-def test_rules_are_in_place_and_meshd_runs_as_the_proxy_uid(pod: Path) -> None:
+def test_rules_are_in_place_and_meshd_runs_as_the_proxy_uid(pod: int) -> None:
     saved = subprocess.run(["ip", "netns", "exec", APP_NS, "iptables-save", "-t", "nat"],
                            capture_output=True, text=True, timeout=STEP_TIMEOUT).stdout
     hooks = [line for line in saved.splitlines() if line.startswith(("-A OUTPUT", "-A PREROUTING"))]
     assert any("-j MESHD_OUTPUT" in h for h in hooks) and any("-j MESHD_INBOUND" in h for h in hooks)
     assert any(f"--uid-owner {PROXY_UID}" in line and "-j RETURN" in line
                for line in saved.splitlines())
+    with open(f"/proc/{pod}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert uids == [str(PROXY_UID)] * 4  # real, effective, saved, file system
     # applying again (an init container run twice) leaves the rules as they are
     _run("ip", "netns", "exec", APP_NS, sys.executable, "-m", "meshd", "iptables")
     again = subprocess.run(["ip", "netns", "exec", APP_NS, "iptables-save", "-t", "nat"],
@@ -289,14 +292,14 @@ def test_rules_are_in_place_and_meshd_runs_as_the_proxy_uid(pod: Path) -> None:
     assert again.count("-j MESHD_OUTPUT") == saved.count("-j MESHD_OUTPUT")
 
 
-def test_outbound_http_to_an_address_discovery_does_not_know_goes_to_it(pod: Path) -> None:
+def test_outbound_http_to_an_address_discovery_does_not_know_goes_to_it(pod: int) -> None:
     before = metric("request_total", OUT, 'service=""')
     status, body = curl(f"http://{PEER_IP}:8080/hello")
     assert (status, body) == (200, "peer /hello\n")
     assert metric("request_total", OUT, 'service=""') == before + 1  # through meshd
 
 
-def test_outbound_http_to_an_unknown_name_goes_to_the_original_destination(pod: Path) -> None:
+def test_outbound_http_to_an_unknown_name_goes_to_the_original_destination(pod: int) -> None:
     before = metric("request_total", OUT, 'service=""')
     for _ in range(2):  # the first asks discovery (nobody knows it), the second knows that
         status, body = curl("-H", "Host: shop.example", f"http://{PEER_IP}:8080/cart")
@@ -304,7 +307,7 @@ def test_outbound_http_to_an_unknown_name_goes_to_the_original_destination(pod: 
     assert metric("request_total", OUT, 'service=""') == before + 2
 
 
-def test_outbound_http_naming_a_known_service_is_routed_by_discovery(pod: Path) -> None:
+def test_outbound_http_naming_a_known_service_is_routed_by_discovery(pod: int) -> None:
     before = metric("request_total", OUT, 'service="web"')
     # port 9 of the peer is closed: only discovery's endpoint (:8080) can answer
     status, body = curl("-H", "Host: web", f"http://{PEER_IP}:9/routed")
@@ -312,35 +315,35 @@ def test_outbound_http_naming_a_known_service_is_routed_by_discovery(pod: Path) 
     assert metric("request_total", OUT, 'service="web"') == before + 1
 
 
-def test_outbound_http2_to_an_address_goes_through_meshd(pod: Path) -> None:
+def test_outbound_http2_to_an_address_goes_through_meshd(pod: int) -> None:
     before = metric("request_total", OUT, 'service=""')
     status, body = curl("--http2-prior-knowledge", f"http://{PEER_IP}:8080/h2")
     assert (status, body) == (200, "peer /h2\n")
     assert metric("request_total", OUT, 'service=""') == before + 1
 
 
-def test_opaque_port_server_speaks_first_is_tunneled_at_once(pod: Path) -> None:
+def test_opaque_port_server_speaks_first_is_tunneled_at_once(pod: int) -> None:
     before = metric("meshd_protocol_detect_total", OUT, 'result="skipped"')
     greeting, answer = in_ns(APP_NS, talk_first_speaker, 5432)
     assert (greeting, answer) == (b"HELLO db\n", b"echo: ping\n")
     assert metric("meshd_protocol_detect_total", OUT, 'result="skipped"') == before + 1
 
 
-def test_server_speaks_first_on_another_port_is_tunneled_after_detection(pod: Path) -> None:
+def test_server_speaks_first_on_another_port_is_tunneled_after_detection(pod: int) -> None:
     before = metric("meshd_protocol_detect_total", OUT, 'result="timeout"')
     greeting, answer = in_ns(APP_NS, talk_first_speaker, 2525)
     assert (greeting, answer) == (b"220 mail ESMTP\n", b"echo: ping\n")
     assert metric("meshd_protocol_detect_total", OUT, 'result="timeout"') == before + 1
 
 
-def test_inbound_connection_to_the_app_port_passes_the_inbound_listener(pod: Path) -> None:
+def test_inbound_connection_to_the_app_port_passes_the_inbound_listener(pod: int) -> None:
     before = metric("request_total", 'listener="inbound"')
     status, _headers, body = in_ns(PEER_NS, http_get, APP_IP, 8080, "/inbound")
     assert (status, body) == (200, b"app /inbound\n")
     assert metric("request_total", 'listener="inbound"') == before + 1
 
 
-def test_skipped_inbound_port_reaches_the_probe_listener_directly(pod: Path) -> None:
+def test_skipped_inbound_port_reaches_the_probe_listener_directly(pod: int) -> None:
     status, _headers, body = in_ns(PEER_NS, http_get, APP_IP, PROBE, "/ready")
     assert (status, body) == (200, b"ready\n")
     # the probe listener answers nothing else (redirected, the app would have answered)
