@@ -176,3 +176,28 @@ listen = "127.0.0.1:{out}"
     finally:
         meshd.stop()
         backend.stop()
+
+
+def test_a_second_term_during_shutdown_delay_stops_without_waiting(tmp_path: Path) -> None:
+    admin = free_port()
+    config = tmp_path / "meshd.toml"
+    config.write_text(f"""
+workers = 1
+shutdown_delay = "10m"
+state_dir = "{tmp_path}/state"
+[admin]
+listen = "127.0.0.1:{admin}"
+[[listener]]
+name = "out"
+listen = "127.0.0.1:{free_port()}"
+""")
+    meshd = Meshd(config, tmp_path / "log", admin=f"127.0.0.1:{admin}")
+    try:
+        meshd.start()
+        meshd.signal(signal.SIGTERM)
+        wait_for(lambda: "serving on for shutdown_delay" in meshd.log(), 10, what="TERM seen")
+        meshd.signal(signal.SIGTERM)
+        assert meshd.wait(30) == 0  # not ten minutes
+        assert "graceful stop" in meshd.log()
+    finally:
+        meshd.stop()
