@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx"
+	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables"
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 

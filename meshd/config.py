@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import socket
 import tomllib
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from meshd.config_env import expand_env
+from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
 
 log = logging.getLogger("meshd.config")
@@ -59,6 +60,9 @@ class Address:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address = Address("127.0.0.1", 4191)
+    # a second listener serving only /live and /ready, for probes from outside the pod
+    # (kubelet on the pod IP) without exposing /endpoints, /metrics... there
+    probe_listen: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +201,9 @@ class Config:
     limits: LimitsConfig
     balancer: BalancerConfig = BalancerConfig()
     routes: tuple[RouteConfig, ...] = ()  # in file order; the first match wins
+    # on TERM, listeners keep accepting this long before the drain starts (a pod's
+    # application still calls out through meshd while it shuts down)
+    shutdown_delay: float = 0.0
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -255,9 +262,11 @@ def load(path: str) -> Config:
 def parse(data: Mapping[str, Any], path: str = "") -> Config:
     """Validate an already-read TOML document; raise ``ConfigError`` with every problem."""
     problems: Problems = []
+    data = expand_env(data, problems)
     top = _Table(data, "", problems)
     workers = top.take("workers", _workers, _workers("auto"))
     drain_timeout = top.take("drain_timeout", _duration(0.0), 30.0)
+    shutdown_delay = top.take("shutdown_delay", _duration(0.0), 0.0)
     worker_timeout = top.take("worker_timeout", _duration(1.0), 30.0)
     state_dir = top.take("state_dir", _string(), "/var/lib/meshd")
     shm_dir = top.take("shm_dir", _string(), "/dev/shm")
@@ -297,13 +306,14 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
                   metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits, balancer, routes)
+                  services, limits, balancer, routes, shutdown_delay)
 
 
 # -- sections -------------------------------------------------------------------------------
 
 def _admin(t: _Table) -> AdminConfig:
-    admin = AdminConfig(t.take("listen", parse_address, AdminConfig().listen))
+    admin = AdminConfig(t.take("listen", parse_address, AdminConfig().listen),
+                        t.take("probe_listen", parse_address, None))
     t.finish()
     return admin
 
@@ -567,6 +577,12 @@ def _check_addresses(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
     """Two sockets may not bind the same port, and a wildcard host overlaps every host
     of its family (IPv6 sockets are bound V6ONLY, so "::" leaves IPv4 alone)."""
     taken: list[tuple[Address, str]] = [(admin.listen, "the admin address")]
+    probe = admin.probe_listen
+    if probe is not None and probe.port and _overlap(probe, admin.listen):
+        problems.append(("admin.probe_listen", f"{probe} clashes with the admin address "
+                                               f"{admin.listen}"))
+    elif probe is not None and probe.port:
+        taken.append((probe, "admin.probe_listen"))
     for i, listener in enumerate(listeners):
         addr = listener.listen
         if not addr.host or addr.port == 0:
@@ -717,7 +733,7 @@ def _header_matches(value: object) -> tuple[tuple[str, str], ...]:
 
 def _workers(value: object) -> int:
     if value == "auto":
-        return min(max(os.cpu_count() or 1, 1), MAX_WORKERS)
+        return min(usable_cpus(), MAX_WORKERS)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'expected an integer or "auto", got {_show(value)}')
     if not 1 <= value <= MAX_WORKERS:

@@ -8,8 +8,11 @@ for tool in "$@"; do
   case "$tool" in
     nginx) [ -x /usr/sbin/nginx ] && continue; pkg=nginx-light ;;
     h2load|nghttp) pkg=nghttp2-client ;;
+    iptables|iptables-restore) pkg=iptables ;;
+    ip) pkg=iproute2 ;;
     *) pkg=$tool ;;
   esac
+  case " $missing " in *" $pkg "*) continue ;; esac
   missing="$missing $pkg"
 done
 [ -z "$missing" ] && exit 0

@@ -21,6 +21,7 @@ from meshd.config import (
     parse_address,
     parse_duration,
 )
+from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.toml"
@@ -177,7 +178,7 @@ detect_timeout = "500ms"
 # -- top-level keys -------------------------------------------------------------------------
 
 def test_workers_auto() -> None:
-    assert parse(minimal(workers="auto")).workers == min(max(os.cpu_count() or 1, 1), 128)
+    assert parse(minimal(workers="auto")).workers == min(usable_cpus(), 128)  # see test_cpus
     assert parse(minimal(workers=128)).workers == 128
 
 

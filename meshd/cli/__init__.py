@@ -7,6 +7,8 @@ import click
 from meshd import __version__
 from meshd.cli.check import check
 from meshd.cli.endpoints import endpoints
+from meshd.cli.inject import inject
+from meshd.cli.iptables import iptables
 from meshd.cli.plugins import plugins
 from meshd.cli.run import run
 from meshd.cli.stat import stat
@@ -28,6 +30,8 @@ cli.add_command(check)
 cli.add_command(stat)
 cli.add_command(endpoints)
 cli.add_command(plugins)
+cli.add_command(iptables)
+cli.add_command(inject)
 
 
 def main() -> None:

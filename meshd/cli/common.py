@@ -16,6 +16,7 @@ import click
 
 from meshd import config as config_mod
 from meshd.config import Config
+from meshd.config_env import expand_env
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, PluginError, PluginImportError
 
@@ -64,6 +65,7 @@ def _raw_sources(path: str) -> list[tuple[str, str, dict[str, Any]]]:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return []
+    data = expand_env(data, [])  # as load does (its problems are reported already)
     tables = data.get("discovery")
     if not isinstance(tables, list):
         return []

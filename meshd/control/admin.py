@@ -2,6 +2,7 @@
 
 ``/live``, ``/ready``, ``/metrics`` (Prometheus text summed over workers), ``/stats``
 (JSON: what `meshd stat` prints) and ``/endpoints`` (JSON: services and endpoints).
+The probe listener (``[admin] probe_listen``) serves only ``/live`` and ``/ready``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ if TYPE_CHECKING:
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
+PROBE_PATHS = ("/live", "/ready")
+
+
 class AdminApp:
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: Control, probe_only: bool = False) -> None:
         self.control = control
         self.routes: dict[str, Callable[[], tuple[str, str, bytes]]] = {
             "/live": self.live,
@@ -30,6 +34,8 @@ class AdminApp:
             "/stats": self.stats,
             "/endpoints": self.endpoints,
         }
+        if probe_only:  # reachable from the pod network: nothing that describes the mesh
+            self.routes = {p: self.routes[p] for p in PROBE_PATHS}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         route = self.routes.get(environ.get("PATH_INFO", ""))

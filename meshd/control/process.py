@@ -55,6 +55,7 @@ class Control:
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
         self.server: WSGIServer | None = None
+        self.probe_server: WSGIServer | None = None
         self.control_path = ""
 
     def boot(self) -> None:
@@ -69,6 +70,13 @@ class Control:
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.server = WSGIServer(sock, AdminApp(self), log=None, error_log=log)
         self.server.start()
+        probe = self.config.admin.probe_listen
+        if probe is not None:
+            raw = self.ctx.sockets[address_key(probe)]
+            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            self.probe_server = WSGIServer(sock, AdminApp(self, probe_only=True), log=None,
+                                           error_log=log)
+            self.probe_server.start()
         first = gevent.spawn(self.discovery.first_published.wait)
         gevent.joinall([first, gevent.spawn(self.stopped.wait)], count=1)
         if not self.discovery.first_published.is_set():
@@ -120,8 +128,9 @@ class Control:
 
     def run(self) -> int:
         self.stopped.wait()
-        if self.server is not None:
-            self.server.close()
+        for server in (self.server, self.probe_server):
+            if server is not None:
+                server.close()
         if self.control_path:
             try:
                 os.unlink(self.control_path)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from meshd import config as config_mod
-from meshd.config import Config
+from meshd.config import Address, Config
 from meshd.errors import ConfigError, MeshdError
 from meshd.master.notify import Notifier, scrub_env
 from meshd.master.regions import RegionSet
@@ -86,6 +86,7 @@ class Arbiter:
         self.upgrade_from = int(os.environ.pop(UPGRADE_FROM_ENV, "0") or 0)
         self.upgrade_pid = 0
         self.stopping: str | None = None   # "graceful" | "fast"
+        self.stop_after = 0.0              # TERM during shutdown_delay: drain from then on
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.signal_queue: list[str] = []
@@ -105,8 +106,11 @@ class Arbiter:
             return 1
         try:
             while True:
-                self._sleep(0.25 if self.stopping or self.active_generation < self.generation else 1.0)
+                self._sleep(0.25 if self.stopping or self.stop_after
+                            or self.active_generation < self.generation else 1.0)
                 self._dispatch_signals()
+                if self.stop_after and not self.stopping and time.monotonic() >= self.stop_after:
+                    self._begin_stop("graceful")
                 self._reap()
                 if self.stopping:
                     if not self.children:
@@ -141,7 +145,7 @@ class Arbiter:
 
     def _open_sockets(self, cfg: Config) -> None:
         wanted = [(lst.listen, lst.backlog) for lst in cfg.listeners]
-        wanted.append((cfg.admin.listen, 128))
+        wanted += [(addr, 128) for addr in _admin_addresses(cfg)]
         self.sockets.ensure(wanted)
 
     def _cleanup(self) -> None:
@@ -177,7 +181,15 @@ class Arbiter:
         pass  # the loop reaps after every wake-up
 
     def handle_term(self) -> None:
-        self._begin_stop("graceful")
+        delay = self.cfg.shutdown_delay
+        if delay > 0 and not self.stopping and not self.stop_after:
+            # A pod's containers all get TERM at once: the application may still call
+            # out (through these listeners) while it shuts down, so keep serving first.
+            self.stop_after = time.monotonic() + delay
+            log.info("TERM: serving on for shutdown_delay (%.1fs), then draining", delay)
+            self.notifier.stopping()
+            return
+        self._begin_stop("graceful")  # a second TERM during the delay does not wait
 
     def handle_int(self) -> None:
         self._begin_stop("fast")
@@ -198,7 +210,7 @@ class Arbiter:
         self.regions.current.set_u32(OFF_DESIRED, self.desired)
 
     def handle_hup(self) -> None:
-        if self.stopping:
+        if self.stopping or self.stop_after:
             return
         log.info("reloading %s", self.cfg.path)
         try:
@@ -359,7 +371,7 @@ class Arbiter:
         cfg = self.configs[self.generation]
         wanted = {address_key(lst.listen) for lst in cfg.listeners}
         if kind == KIND_CONTROL:
-            wanted.add(address_key(cfg.admin.listen))
+            wanted.update(address_key(addr) for addr in _admin_addresses(cfg))
         socks = {k: s for k, s in self.sockets.by_address.items() if k in wanted}
         others = [s.fileno() for k, s in self.sockets.by_address.items() if k not in wanted]
         prev = self.generation - 1 if self.generation - 1 in self.configs else None
@@ -429,7 +441,7 @@ class Arbiter:
         if not first:
             self.regions.current.add_u64(OFF_RELOADS)
             keep = {address_key(lst.listen) for lst in self.cfg.listeners}
-            keep.add(address_key(self.cfg.admin.listen))
+            keep.update(address_key(addr) for addr in _admin_addresses(self.cfg))
             self.sockets.close_unused(keep)
         self.active_generation = self.generation
         log.info("generation %d serving with %d workers", self.generation, self.desired)
@@ -464,6 +476,12 @@ class Arbiter:
         if interval and time.monotonic() - self.last_watchdog >= interval:
             self.last_watchdog = time.monotonic()
             self.notifier.watchdog()
+
+
+def _admin_addresses(cfg: Config) -> list[Address]:
+    """The control process's sockets: the admin API and the probe listener, if any."""
+    probe = cfg.admin.probe_listen
+    return [cfg.admin.listen] + ([probe] if probe is not None else [])
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -13,6 +13,7 @@ listeners).
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -156,10 +157,17 @@ def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
 
 
 def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: bytes | None,
-          target: bytes, headers: Headers) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
+          target: bytes, headers: Headers,
+          redirected: Callable[[], tuple[str, int] | None] | None = None,
+          ) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
     """(service, its endpoints or None when unknown, metric row, policy): the routing
     rules pick the service, and its failover list stands in when it has no endpoints.
-    ``authority`` is the Host (or :authority, or a CONNECT target)."""
+    ``authority`` is the Host (or :authority, or a CONNECT target).
+
+    ``redirected``: the connection's original destination when iptables redirected it
+    to this listener, else None (asked only when needed). A request whose Host no
+    discovery source knows goes there, as the application meant it to (transparent
+    capture in a pod), counted on the listener's own row (service "")."""
     if listener.direction == "inbound":
         assert listener.forward is not None
         service = str(listener.forward)
@@ -170,17 +178,45 @@ def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: by
         host = listener.service or strip_port((authority or b"").decode("latin-1"))
         service, matched = worker.router.match(listener.name, host, method, target, headers)
         policy = worker.router.policy(service, matched)
-        endpoints = worker.resolve(service)
-        if not endpoints:
-            for other in policy.failover:
-                found = worker.resolve(other)
-                if found:
-                    service, endpoints = other, found
-                    break
+        if (redirected is not None and not listener.service and _ip_literal(service)
+                and service not in worker.snapshot.services):
+            # An address, not a name: no source is asked for it (an on-demand watch per
+            # address the application calls would be waited for and then refused).
+            endpoints = None
+        else:
+            endpoints = worker.resolve(service)
+            if not endpoints:
+                for other in policy.failover:
+                    found = worker.resolve(other)
+                    if found:
+                        service, endpoints = other, found
+                        break
+        if endpoints is None and redirected is not None and not listener.service:
+            dst = redirected()
+            if dst is not None:
+                return _original_destination(worker, listener, dst)
     if endpoints is None:
         return service, None, ROW_UNKNOWN, policy
     row = worker.snapshot.row(listener.name, service)
     return service, endpoints, ROW_OVERFLOW if row is None else row, policy
+
+
+def _original_destination(worker: Worker, listener: ListenerConfig, dst: tuple[str, int],
+                          ) -> tuple[str, tuple[Endpoint, ...], int, Policy]:
+    """The route of a redirected request no source knows: its original destination,
+    with the default service settings, counted on the listener's row. The service is ""
+    so that the balancer keeps one state for all such requests, not one per address."""
+    row = worker.snapshot.row(listener.name, "")
+    policy = worker.router.policy("", None)
+    return "", (Endpoint(dst[0], dst[1]),), ROW_OVERFLOW if row is None else row, policy
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def hash_key(svc: ServiceConfig | None, headers: Headers,

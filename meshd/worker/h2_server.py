@@ -46,6 +46,7 @@ from meshd.proto.h2_headers import request_problem, trailers_problem
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
+from meshd.worker.tcp_proxy import redirected_destination
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -84,6 +85,7 @@ class H2ServerConnection:
         self.closed = False
         self.idle_since = 0.0     # the worker's drain closes idle connections; h2 drains itself
         self._peer: bytes | None = None
+        self._redirected: list[tuple[str, int] | None] = []  # empty: not asked yet
         self.out = bytearray()        # frames not yet written (see _queue)
         self.sock_gone = False
         self._raw = sock._sock  # type: ignore[attr-defined]  # gevent's real socket
@@ -460,6 +462,12 @@ class H2ServerConnection:
         if self._peer is None:
             self._peer = peer_address(self.sock)
         return self._peer
+
+    def redirected(self) -> tuple[str, int] | None:
+        """The connection's original destination when iptables redirected it (asked once)."""
+        if not self._redirected:
+            self._redirected.append(redirected_destination(self.sock))
+        return self._redirected[0]
 
 
 def _error_code(e: h2.exceptions.ProtocolError) -> int:

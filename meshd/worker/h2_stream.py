@@ -110,7 +110,7 @@ class H2ToHttp1:
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
-                                                target, fields)
+                                                target, fields, server.redirected)
         worker.stripe.add(row, F_REQUESTS)
         try:
             if method == b"CONNECT":

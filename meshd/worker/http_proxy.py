@@ -47,6 +47,7 @@ from meshd.worker.dispatch import (
 )
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
+from meshd.worker.tcp_proxy import redirected_destination
 from meshd.worker.tunnel import Tunnel
 from meshd.worker.upstream import UpstreamConn, read_response_head
 
@@ -189,7 +190,7 @@ class HttpConnection:
         # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
         authority = req.target if req.method == b"CONNECT" else req.host
         service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
-                                                req.target, req.headers)
+                                                req.target, req.headers, self._redirected)
         self._row = row
         stripe.add(row, F_REQUESTS)
         self.response_started = False
@@ -225,6 +226,12 @@ class HttpConnection:
         if self._peer is None:
             self._peer = peer_address(self.sock)
         return self._peer
+
+    def _redirected(self) -> tuple[str, int] | None:
+        """The connection's original destination when iptables redirected it (asked once)."""
+        if self._redirected_to is None:
+            self._redirected_to = [redirected_destination(self.sock)]
+        return self._redirected_to[0]
 
     def _upstream_head(self, req: http1.RequestHead) -> bytes:
         headers = http1.strip_hop_by_hop(req.headers, req.connection_tokens)
@@ -497,6 +504,7 @@ class HttpConnection:
     _body_error: BaseException | None = None
     _idle_timeout = BODY_IDLE_TIMEOUT
     _peer: bytes | None = None
+    _redirected_to: list[tuple[str, int] | None] | None = None  # None: not asked yet
     _row = ROW_UNKNOWN
     response_started = False
 

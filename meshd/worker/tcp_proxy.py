@@ -164,6 +164,13 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
     return local
 
 
+def redirected_destination(sock: socket.socket) -> tuple[str, int] | None:
+    """The original destination of a connection iptables redirected to its listener;
+    None when it was not redirected (the client connected to the listener itself)."""
+    dst = original_destination(sock)
+    return None if dst is None or dst == _local_address(sock) else dst
+
+
 def _local_address(sock: socket.socket) -> tuple[str, int] | None:
     try:
         addr = sock.getsockname()
