@@ -35,8 +35,9 @@ from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
 from meshd.discovery.registry import PluginInfo
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, MeshdError
+from meshd.private_files import write_atomic
 from meshd.shm import F_REQUESTS, Region
-from meshd.snapshot import Snapshot, write_atomic
+from meshd.snapshot import Snapshot
 
 log = logging.getLogger("meshd.control")
 

@@ -86,7 +86,11 @@ class Control:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
+        mask = os.umask(0o177)   # the socket file is 0600 from the start (bind has no mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(mask)
         self.control_path = path
         gevent.spawn(self._control_socket_loop, sock)
 
