@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from meshd.control.admin import AdminApp  # noqa: E402
+from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
@@ -54,7 +53,7 @@ class Control:
                 log.warning("previous snapshot unreadable (%s); shm rows start afresh", e)
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
-        self.server: WSGIServer | None = None
+        self.server: AdminServer | None = None
         self.control_path = ""
 
     def boot(self) -> None:
@@ -67,7 +66,7 @@ class Control:
         self._bind_control_socket()
         raw = self.ctx.sockets[address_key(self.config.admin.listen)]
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-        self.server = WSGIServer(sock, AdminApp(self), log=None, error_log=log)
+        self.server = AdminServer(sock, AdminApp(self), log=None, error_log=log)
         self.server.start()
         first = gevent.spawn(self.discovery.first_published.wait)
         gevent.joinall([first, gevent.spawn(self.stopped.wait)], count=1)
