@@ -21,7 +21,7 @@ from conftest import MeshFactory
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import ConfigError, ShmError
-from meshd.private_files import UntrustedFile, prepare_dir, read_trusted, write_atomic
+from meshd.private_files import UntrustedFile, prepare_dir, read_trusted, reader_uid, write_atomic
 from meshd.shm import Region
 from meshd.snapshot import Snapshot, snapshot_path
 from meshd.snapshot import read as read_snapshot
@@ -241,3 +241,23 @@ def test_prepare_dir(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
         prepare_dir(str(tmp_path / "file"), "state_dir")
+
+
+@root_only
+def test_root_reads_the_files_of_a_service_users_private_dir(tmp_path: Path) -> None:
+    """`meshd stat --shm` as root, meshd running as a service user (DynamicUser=): root
+    trusts the files of the owner of a shm_dir no one else can write, and only those."""
+    shm = tmp_path / "run"
+    shm.mkdir(mode=0o700)
+    region = shm / "meshd-x.shm"
+    Region.create(str(region), 2, 4).close()
+    os.chown(shm, NOBODY, NOBODY)
+    os.chown(region, NOBODY, NOBODY)
+    assert reader_uid(str(shm)) == NOBODY
+    Region.attach(str(region), uid=reader_uid(str(shm))).close()
+    os.chown(region, 0, 0)                 # not the directory owner's: refused
+    with pytest.raises(ShmError, match="not trusted"):
+        Region.attach(str(region), uid=reader_uid(str(shm)))
+    os.chmod(shm, 0o770)                   # a directory others can write: nothing in it
+    with pytest.raises(UntrustedFile, match="writable by other users"):
+        reader_uid(str(shm))
