@@ -350,8 +350,8 @@ class DiscoveryRunner:
                                   self.path, self.publish_error)
             return False
         if self.publish_error is not None:
-            log.info("endpoint snapshot %s published again after %d failed attempts", self.path,
-                     self.publish_failures)
+            log.info("endpoint snapshot %s published again (%d failed attempts since the "
+                     "control process started)", self.path, self.publish_failures)
             self.publish_error = None
         return True
 
