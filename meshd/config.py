@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import socket
 import tomllib
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from meshd.config_env import expand_env
 from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
+from meshd.private_files import default_shm_dir
 
 log = logging.getLogger("meshd.config")
 T = TypeVar("T")
@@ -188,7 +190,7 @@ class Config:
     drain_timeout: float
     worker_timeout: float
     state_dir: str
-    shm_dir: str
+    shm_dir: str  # private (0700) directory of the region, snapshots, control sockets
     instance: str  # names the shm file
     metric_rows: int  # rows of per-service counters in shared memory
     endpoint_rows: int  # rows of per-endpoint balancer state in shared memory
@@ -269,7 +271,9 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     shutdown_delay = top.take("shutdown_delay", _duration(0.0), 0.0)
     worker_timeout = top.take("worker_timeout", _duration(1.0), 30.0)
     state_dir = top.take("state_dir", _string(), "/var/lib/meshd")
-    shm_dir = top.take("shm_dir", _string(), "/dev/shm")
+    # No safe default (non-root without $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR) is "":
+    # `meshd run` then asks for shm_dir (meshd.private_files.prepare_dir).
+    shm_dir = top.take("shm_dir", _string(), default_shm_dir(os.environ, os.geteuid()))
     instance = top.take("instance", _string(_NAME), "meshd")
     metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
     endpoint_rows = top.take("endpoint_rows", _integer(16, 1_000_000), 4096)

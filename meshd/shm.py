@@ -1,6 +1,7 @@
 """The shared-memory region: the only module that knows its bytes.
 
-One file (``{shm_dir}/meshd-{instance}.shm``, tmpfs by default) is created by the master
+One file (``{shm_dir}/meshd-{instance}.shm``, tmpfs by default, mode 0600 in meshd's
+private directory: see ``meshd.private_files``) is created by the master
 before it forks, mapped by every worker and by the control process, and may be attached
 read-only by the CLI. Names never live here: rows are numbers that the endpoint snapshot
 (see ``meshd.snapshot``) maps to (listener, service) pairs. All integers are little
@@ -104,7 +105,6 @@ import bisect
 import mmap
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +112,7 @@ from typing import Any
 
 from meshd.balance.ewma import DECAY, DEFAULT_RTT, EwmaState, seed
 from meshd.errors import ShmError
+from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
 VERSION = 2  # 2: endpoint stripes and health rows
@@ -265,10 +266,9 @@ class Region:
             raise ShmError(f"metric rows must be at least {FIRST_ROW + 1}")
         size = region_size(slots, rows, endpoint_rows)
         # Unique, never truncating: an unpublished region still mapped must not be clobbered.
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(path) or ".")
+        # Exclusive and 0600: the counters are the mesh's traffic (meshd.private_files).
+        fd, tmp = create_temp(path)
         try:
-            os.fchmod(fd, 0o644)
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -292,7 +292,7 @@ class Region:
     def reserve(self, ranges: list[tuple[int, int]]) -> None:
         """Allocate the pages of these (offset, length) ranges now, so that filling them
         fails here with a clear error instead of SIGBUS when tmpfs is full."""
-        fd = os.open(self.path, os.O_RDWR)
+        fd = open_trusted(self.path, os.O_RDWR)
         try:
             for offset, length in ranges:
                 if length > 0:
@@ -304,11 +304,15 @@ class Region:
             os.close(fd)
 
     @classmethod
-    def attach(cls, path: str, writable: bool = False) -> Region:
+    def attach(cls, path: str, writable: bool = False, uid: int | None = None) -> Region:
+        """Map the region at ``path``, once it proves to be a file of ``uid`` (default:
+        this process's) that no one else can write: a region another user planted is
+        refused (ShmError), never read."""
         try:
-            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+            fd = open_trusted(path, os.O_RDWR if writable else os.O_RDONLY, uid)
         except OSError as e:
-            raise ShmError(f"{path}: cannot open shared memory: {e.strerror}") from None
+            raise ShmError(str(e) if isinstance(e, UntrustedFile)
+                           else f"{path}: cannot open shared memory: {e.strerror}") from None
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE:

@@ -4,7 +4,9 @@ A snapshot is an immutable value: for every service, its endpoints, and for ever
 (listener, service) pair the row of the shared-memory region that counts its traffic.
 The control process of config generation G writes it, msgpack-encoded, to
 ``{shm_dir}/meshd-{instance}-{master pid}-g{G}.snap`` with write-to-temp-then-rename, so a
-reader sees either the old file or the new one, whole. Workers of generation G load it
+reader sees either the old file or the new one, whole. The name is predictable, so the
+file is created exclusively (0600) in meshd's private directory, and read only once it
+proves to be meshd's own (``meshd.private_files``): a snapshot routes traffic. Workers of generation G load it
 at boot and reload it when its mtime changes; they swap their reference to the decoded
 value in one assignment, so a request sees one snapshot from start to end.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import msgpack
 
 from meshd.discovery.api import Endpoint
+from meshd.private_files import read_trusted
 
 FORMAT = 2  # 2: endpoints carry inbound_port, identity and labels
 
@@ -98,13 +101,7 @@ def control_socket_path(shm_dir: str, instance: str, master_pid: int, generation
     return os.path.join(shm_dir, f"meshd-{instance}-{master_pid}-g{generation}.ctl")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
-
-
-def read(path: str) -> Snapshot:
-    with open(path, "rb") as f:
-        return Snapshot.decode(f.read())
+def read(path: str, uid: int | None = None) -> Snapshot:
+    """The snapshot at ``path``. Raises OSError (``UntrustedFile`` for a file meshd did
+    not write: another owner, a link, writable by others) or ValueError."""
+    return Snapshot.decode(read_trusted(path, uid))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,10 @@ class MeshFactory:
         self.tmp_path = tmp_path
         self.started: list[Meshd] = []
         self.count = 0
+        # Each test's own shm_dir (meshd creates it, 0700), never /run/meshd. Short, for
+        # the unix socket paths in it (108 bytes at most); tmp_path is too long for that.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="meshd-t-"))
+        self.shm_dir = self.run_dir / "shm"
 
     def config(self, services: dict[str, list[str]], *, workers: int = 2, extra: str = "",
                listeners: str | None = None, top: str = "") -> tuple[str, dict[str, int]]:
@@ -47,6 +53,7 @@ class MeshFactory:
             worker_timeout = "5s"
             instance = "test-{self.tmp_path.name[-20:]}-{self.count}"
             state_dir = "{self.tmp_path}/state"
+            shm_dir = "{self.shm_dir}"
             {top}
             [admin]
             listen = "127.0.0.1:{ports['admin']}"
@@ -69,10 +76,8 @@ class MeshFactory:
               **kwargs: object) -> Meshd:
         path = self.tmp_path / f"meshd-{self.count}.toml"
         path.write_text(text)
-        instance = next(line.split('"')[1] for line in text.splitlines()
-                        if line.startswith("instance"))
         m = Meshd(path, self.tmp_path / f"meshd-{self.count}.log", admin=f"127.0.0.1:{ports['admin']}",
-                  instance=instance, **kwargs)  # type: ignore[arg-type]
+                  **kwargs)  # type: ignore[arg-type]
         m.ports = ports  # type: ignore[attr-defined]
         self.started.append(m)
         return m.start(wait_ready=wait_ready)
@@ -89,6 +94,7 @@ def mesh(tmp_path: Path) -> Iterator[MeshFactory]:
     yield factory
     for m in factory.started:
         m.stop()
+    shutil.rmtree(factory.run_dir, ignore_errors=True)
 
 
 @pytest.fixture

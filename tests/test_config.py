@@ -23,6 +23,7 @@ from meshd.config import (
 )
 from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
+from meshd.private_files import default_shm_dir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.toml"
 OUTBOUND = {"name": "out", "listen": "127.0.0.1:4140"}
@@ -99,6 +100,17 @@ def test_port_range_message() -> None:
         parse_address("h:70000")
 
 
+def test_default_shm_dir() -> None:
+    """$RUNTIME_DIRECTORY (systemd), else /run/meshd as root, else $XDG_RUNTIME_DIR/meshd,
+    else none ("": `meshd run` asks for shm_dir); never the world-writable /dev/shm."""
+    assert default_shm_dir({"RUNTIME_DIRECTORY": "/run/meshd"}, 61000) == "/run/meshd"
+    assert default_shm_dir({"RUNTIME_DIRECTORY": "/run/a:/run/b"}, 0) == "/run/a"
+    assert default_shm_dir({"XDG_RUNTIME_DIR": "/run/user/1000"}, 0) == "/run/meshd"
+    assert default_shm_dir({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000) == "/run/user/1000/meshd"
+    assert default_shm_dir({"RUNTIME_DIRECTORY": "", "XDG_RUNTIME_DIR": ""}, 1000) == ""
+    assert default_shm_dir({}, 1000) == ""
+
+
 # -- defaults and the example ---------------------------------------------------------------
 
 def test_defaults() -> None:
@@ -106,7 +118,8 @@ def test_defaults() -> None:
     assert cfg.path == ""
     assert cfg.workers == min(os.cpu_count() or 1, 128)
     assert (cfg.drain_timeout, cfg.worker_timeout) == (30.0, 30.0)
-    assert (cfg.state_dir, cfg.shm_dir) == ("/var/lib/meshd", "/dev/shm")
+    assert (cfg.state_dir, cfg.shm_dir) == ("/var/lib/meshd",
+                                            default_shm_dir(os.environ, os.geteuid()))
     assert (cfg.instance, cfg.metric_rows) == ("meshd", 1024)
     assert cfg.admin == AdminConfig(Address("127.0.0.1", 4191))
     assert cfg.discovery == ()

@@ -9,7 +9,8 @@ import msgpack
 import pytest
 
 from meshd.discovery.api import Endpoint
-from meshd.snapshot import FORMAT, Snapshot, read, snapshot_path, write_atomic
+from meshd.private_files import write_atomic
+from meshd.snapshot import FORMAT, Snapshot, read, snapshot_path
 
 SNAP = Snapshot(
     generation=3,

@@ -12,6 +12,7 @@ from meshd import config as config_mod
 from meshd.cli.common import admin_get, fail_config
 from meshd.errors import ConfigError, ShmError
 from meshd.metrics import StatWindow, row_keys
+from meshd.private_files import reader_uid
 from meshd.shm import OFF_GENERATION, OFF_MASTER_PID, Region, region_path
 from meshd.snapshot import read as read_snapshot
 from meshd.snapshot import snapshot_path
@@ -57,8 +58,11 @@ def _from_shm(config_path: str) -> dict[str, Any]:
         fail_config(e)
         raise
     try:
-        region = Region.attach(region_path(cfg.shm_dir, cfg.instance))
-    except ShmError as e:
+        # Only files meshd wrote are read: this uid's, or (for root) the owner's of a
+        # shm_dir no one else can write (meshd.private_files).
+        uid = reader_uid(cfg.shm_dir)
+        region = Region.attach(region_path(cfg.shm_dir, cfg.instance), uid=uid)
+    except (OSError, ShmError) as e:
         raise click.ClickException(str(e)) from None
     try:
         master = region.get_u32(OFF_MASTER_PID)
@@ -66,7 +70,8 @@ def _from_shm(config_path: str) -> dict[str, Any]:
         rows: Mapping[str, Mapping[str, int]] = {}
         for gen in (generation, generation - 1):  # the newest may still be booting
             try:
-                rows = read_snapshot(snapshot_path(cfg.shm_dir, cfg.instance, master, gen)).rows
+                rows = read_snapshot(snapshot_path(cfg.shm_dir, cfg.instance, master, gen),
+                                     uid).rows
                 break
             except (OSError, ValueError):
                 continue

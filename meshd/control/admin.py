@@ -1,16 +1,29 @@
-"""The admin HTTP API (WSGI, served by gevent.pywsgi in the control process).
+"""The admin HTTP API (WSGI, served by gevent.pywsgi in the control process), and the
+bounds of its server.
 
 ``/live``, ``/ready``, ``/metrics`` (Prometheus text summed over workers), ``/stats``
 (JSON: what `meshd stat` prints) and ``/endpoints`` (JSON: services and endpoints).
 The probe listener (``[admin] probe_listen``) serves only ``/live`` and ``/ready``.
+
+The server (:class:`AdminServer`) holds at most MAX_CONNECTIONS connections. A connection
+is *idle* while it waits for a request head (a new one, or a kept-alive one between
+requests); a head must arrive whole within HEAD_TIMEOUT, or the connection is closed. At
+the cap, a new connection takes the place of the oldest idle one, so idle or trickling
+clients cannot keep a probe of ``/live`` out; only when every connection is busy with a
+request is the new one closed at accept. ``meshd_admin_connections_closed_total{reason}``
+counts both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.metrics import render_prometheus, row_keys, serving_workers
 from meshd.shm import OFF_DESIRED
@@ -19,6 +32,117 @@ if TYPE_CHECKING:
     from meshd.control.process import Control
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+MAX_CONNECTIONS = 64   # admin connections at once: probes, scrapers, a few humans
+HEAD_TIMEOUT = 10.0    # seconds for a whole request head (and the wait for it)
+CLOSE_REASONS = ("evicted", "refused", "head_timeout")
+
+
+class _Conn:
+    __slots__ = ("sock", "idle", "deadline")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.idle = True                        # waiting for a request head
+        self.deadline: gevent.Greenlet | None = None
+
+
+class AdminServer(WSGIServer):
+    """pywsgi's server with a connection cap and a request-head deadline (see above)."""
+
+    def __init__(self, listener: socket.socket, application: Any, **kwargs: Any) -> None:
+        super().__init__(listener, application, handler_class=AdminHandler, **kwargs)
+        self.conns: dict[socket.socket, _Conn] = {}     # insertion order: oldest first
+        self.closed_by_reason = dict.fromkeys(CLOSE_REASONS, 0)
+
+    def do_handle(self, *args: Any) -> None:   # in the accept loop: (socket, address)
+        sock = args[0]
+        if len(self.conns) >= MAX_CONNECTIONS and not self._evict_idle():
+            self.closed_by_reason["refused"] += 1
+            sock.close()
+            return
+        self.conns[sock] = _Conn(sock)
+        super().do_handle(*args)
+
+    def do_close(self, *args: Any) -> None:    # the connection's greenlet is done
+        conn = self.conns.pop(args[0], None)
+        if conn is not None and conn.deadline is not None:
+            conn.deadline.kill(block=False)
+        super().do_close(*args)
+
+    def _evict_idle(self) -> bool:
+        for sock, conn in self.conns.items():
+            if conn.idle:
+                del self.conns[sock]
+                self.closed_by_reason["evicted"] += 1
+                if conn.deadline is not None:
+                    conn.deadline.kill(block=False)
+                _shut(conn)
+                return True
+        return False
+
+    def head_started(self, sock: socket.socket) -> None:
+        """The handler waits for a request head: idle, and on the clock."""
+        conn = self.conns.get(sock)
+        if conn is not None:
+            conn.idle = True
+            conn.deadline = gevent.spawn_later(HEAD_TIMEOUT, self._head_timeout, conn)
+
+    def head_done(self, sock: socket.socket) -> None:
+        conn = self.conns.get(sock)
+        if conn is not None:
+            conn.idle = False
+            if conn.deadline is not None:
+                conn.deadline.kill(block=False)
+                conn.deadline = None
+
+    def _head_timeout(self, conn: _Conn) -> None:
+        conn.deadline = None
+        if conn.idle and self.conns.get(conn.sock) is conn:
+            self.closed_by_reason["head_timeout"] += 1
+            _shut(conn)
+
+    def prometheus(self) -> Iterator[str]:
+        yield "# HELP meshd_admin_connections Open admin connections."
+        yield "# TYPE meshd_admin_connections gauge"
+        yield f"meshd_admin_connections {len(self.conns)}"
+        yield ("# HELP meshd_admin_connections_closed_total Admin connections meshd closed: "
+               "evicted (idle, at the cap), refused (at the cap, none idle), head_timeout.")
+        yield "# TYPE meshd_admin_connections_closed_total counter"
+        for reason, n in self.closed_by_reason.items():
+            yield f'meshd_admin_connections_closed_total{{reason="{reason}"}} {n}'
+
+
+def _shut(conn: _Conn) -> None:
+    """End the connection: its handler, blocked reading, sees EOF and closes it."""
+    try:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class AdminHandler(WSGIHandler):
+    """Tells the server when it waits for a request head; a write to a connection the
+    server shut is not an error worth a traceback."""
+
+    server: AdminServer
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            pass
+
+    def read_requestline(self) -> str:
+        self.server.head_started(self.socket)
+        line: str = super().read_requestline()
+        return line
+
+    def read_request(self, raw_requestline: str) -> Any:
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.server.head_done(self.socket)
 
 
 PROBE_PATHS = ("/live", "/ready")
@@ -66,7 +190,8 @@ class AdminApp:
     def metrics(self) -> tuple[str, str, bytes]:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
-        text = render_prometheus(c.region, keys) + "\n".join(c.discovery.prometheus()) + "\n"
+        lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ())]
+        text = render_prometheus(c.region, keys) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:

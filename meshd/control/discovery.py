@@ -8,7 +8,9 @@ demand is dropped again after ``service_idle_expiry`` without requests.
 Updates from each source are applied to that source's endpoint set; a service served by
 several sources with shares (a migration: 90 % Consul, 10 % Kubernetes) gets their
 endpoints merged with weights scaled so each source carries its share. A publisher
-greenlet coalesces changes into a snapshot file at most every PUBLISH_INTERVAL.
+greenlet coalesces changes into a snapshot file at most every PUBLISH_INTERVAL; a write
+that fails (EMFILE, ENOSPC, EPERM) is logged, counted
+(``meshd_snapshot_publish_failures_total``) and retried with jittered backoff.
 
 Fail static: a watch that fails keeps the endpoints it last had and is restarted with
 jittered backoff; the last good endpoints are persisted under ``state_dir`` and seed a
@@ -35,12 +37,15 @@ from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
 from meshd.discovery.registry import PluginInfo
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, MeshdError
+from meshd.private_files import write_atomic
+from meshd.ratelog import Throttle
 from meshd.shm import F_REQUESTS, Region
-from meshd.snapshot import Snapshot, write_atomic
+from meshd.snapshot import Snapshot
 
 log = logging.getLogger("meshd.control")
 
 PUBLISH_INTERVAL = 0.02
+PUBLISH_RETRY_MIN, PUBLISH_RETRY_MAX = 0.1, 5.0   # a failed publish: jittered backoff
 FIRST_SYNC_WAIT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 EXPIRY_CHECK_INTERVAL = 5.0
@@ -123,6 +128,9 @@ class DiscoveryRunner:
         self.dirty = gevent.event.Event()
         self.first_published = gevent.event.Event()
         self._last_save = 0.0
+        self.publish_failures = 0              # since this control process started
+        self.publish_error: str | None = None  # the last attempt's, while it keeps failing
+        self._publish_log = Throttle(log, burst=3, interval=60.0)
 
     # -- start --------------------------------------------------------------------------
 
@@ -312,12 +320,40 @@ class DiscoveryRunner:
         if not self.all_synced:
             pending = [w.name for w in self.watches.values() if not w.synced]
             log.warning("publishing endpoints before every source answered: %s", ", ".join(pending))
+        failures = 0   # in a row
         while True:
-            self._publish()
-            self.first_published.set()
-            self.dirty.wait()
+            if self._try_publish():
+                failures = 0
+                self.first_published.set()
+                self.dirty.wait()
+                self.dirty.clear()
+                gevent.sleep(PUBLISH_INTERVAL)
+                continue
+            # Workers keep the snapshot they have (fail static); the retry writes the newest
+            # state, so changes meanwhile need no wake-up of their own.
+            failures += 1
+            delay = min(PUBLISH_RETRY_MAX, PUBLISH_RETRY_MIN * 2 ** min(failures, 16))
             self.dirty.clear()
-            gevent.sleep(PUBLISH_INTERVAL)
+            gevent.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _try_publish(self) -> bool:
+        """One attempt; a failure (EMFILE, ENOSPC, EPERM...) is logged, counted and shown
+        in /metrics and /endpoints, and the publisher retries."""
+        try:
+            self._publish()
+        except Exception as e:   # the publisher must outlive any one failed write
+            self.publish_failures += 1
+            self.publish_error = (f"{e.strerror}" if isinstance(e, OSError) and e.strerror
+                                  else f"{type(e).__name__}: {e}")
+            self._publish_log.log(logging.ERROR, "publish", "cannot publish the endpoint "
+                                  "snapshot %s: %s; workers keep the one they have, retrying",
+                                  self.path, self.publish_error)
+            return False
+        if self.publish_error is not None:
+            log.info("endpoint snapshot %s published again (%d failed attempts since the "
+                     "control process started)", self.path, self.publish_failures)
+            self.publish_error = None
+        return True
 
     def snapshot(self) -> Snapshot:
         services: dict[str, tuple[Endpoint, ...]] = {}
@@ -400,10 +436,18 @@ class DiscoveryRunner:
                                    "error": self.source_errors.get(src.name)}
                         for src in self.cfg.discovery},
             "persisted": {"path": self.state_path, "saved_at": self.saved_at or None},
+            "published": {"path": self.path, "seq": self.seq, "error": self.publish_error,
+                          "failures_total": self.publish_failures},
         }
 
     def prometheus(self) -> Iterable[str]:
         """Discovery health, appended to /metrics."""
+        yield "# HELP meshd_snapshot_publish_failures_total Failed writes of the endpoint snapshot."
+        yield "# TYPE meshd_snapshot_publish_failures_total counter"
+        yield f"meshd_snapshot_publish_failures_total {self.publish_failures}"
+        yield "# HELP meshd_snapshot_publish_failing 1 while workers may miss discovery changes."
+        yield "# TYPE meshd_snapshot_publish_failing gauge"
+        yield f"meshd_snapshot_publish_failing {int(self.publish_error is not None)}"
         yield "# HELP meshd_discovery_endpoints Endpoints of a service now."
         yield "# TYPE meshd_discovery_endpoints gauge"
         for name, w in sorted(self.watches.items()):

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from meshd.control.admin import AdminApp  # noqa: E402
+from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
@@ -54,8 +53,8 @@ class Control:
                 log.warning("previous snapshot unreadable (%s); shm rows start afresh", e)
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
-        self.server: WSGIServer | None = None
-        self.probe_server: WSGIServer | None = None
+        self.server: AdminServer | None = None
+        self.probe_server: AdminServer | None = None
         self.control_path = ""
 
     def boot(self) -> None:
@@ -68,14 +67,14 @@ class Control:
         self._bind_control_socket()
         raw = self.ctx.sockets[address_key(self.config.admin.listen)]
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-        self.server = WSGIServer(sock, AdminApp(self), log=None, error_log=log)
+        self.server = AdminServer(sock, AdminApp(self), log=None, error_log=log)
         self.server.start()
         probe = self.config.admin.probe_listen
         if probe is not None:
             raw = self.ctx.sockets[address_key(probe)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-            self.probe_server = WSGIServer(sock, AdminApp(self, probe_only=True), log=None,
-                                           error_log=log)
+            self.probe_server = AdminServer(sock, AdminApp(self, probe_only=True), log=None,
+                                            error_log=log)
             self.probe_server.start()
         first = gevent.spawn(self.discovery.first_published.wait)
         gevent.joinall([first, gevent.spawn(self.stopped.wait)], count=1)
@@ -94,7 +93,11 @@ class Control:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
+        mask = os.umask(0o177)   # the socket file is 0600 from the start (bind has no mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(mask)
         self.control_path = path
         gevent.spawn(self._control_socket_loop, sock)
 

@@ -1,6 +1,7 @@
 """The last good endpoints of every service, persisted under ``state_dir``.
 
-Written by the control process (atomically, at most every SAVE_INTERVAL) after
+Written by the control process (atomically, 0600 in the private ``state_dir``: see
+``meshd.private_files``; at most every SAVE_INTERVAL) after
 discovery changes, read when it starts: meshd restarted while Consul or the API server
 is down still routes, from endpoints marked stale until their source answers again.
 """
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 import msgpack
 
 from meshd.discovery.api import Endpoint
+from meshd.private_files import read_trusted, write_atomic
 
 log = logging.getLogger("meshd.control")
 
@@ -65,10 +67,10 @@ def decode(raw: bytes) -> tuple[Saved, float]:
 
 
 def load(path: str) -> tuple[Saved, float]:
-    """What was saved, or nothing (logged) when the file is missing or unreadable."""
+    """What was saved, or nothing (logged) when the file is missing, unreadable, or not
+    meshd's own (another owner, a link, writable by others: it would route traffic)."""
     try:
-        with open(path, "rb") as f:
-            return decode(f.read())
+        return decode(read_trusted(path))
     except FileNotFoundError:
         return {}, 0.0
     except (OSError, ValueError) as e:
@@ -77,8 +79,5 @@ def load(path: str) -> tuple[Saved, float]:
 
 
 def save(path: str, services: Mapping[str, Mapping[str, tuple[Endpoint, ...]]]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(encode(services))
-    os.rename(tmp, path)
+    """Replace the file (0600, created exclusively; the master made ``state_dir``)."""
+    write_atomic(path, encode(services))

@@ -29,6 +29,7 @@ from meshd.master.notify import Notifier, scrub_env
 from meshd.master.regions import RegionSet
 from meshd.master.sockets import UPGRADE_ENV, SocketSet, address_key, inherited
 from meshd.master.spawn import EXIT_BOOT_ERROR, ProcessContext, fork_child
+from meshd.private_files import UNIX_PATH_MAX, prepare_dir
 from meshd.shm import (
     KIND_CONTROL,
     KIND_WORKER,
@@ -101,6 +102,11 @@ class Arbiter:
     def run(self) -> int:
         try:
             self._start()
+        except ConfigError as e:
+            e.path = e.path or self.cfg.path
+            for line in e.lines():
+                log.error("%s", line)
+            return 2
         except MeshdError as e:
             log.error("%s", e)
             return 1
@@ -135,13 +141,27 @@ class Arbiter:
         scrub_env()
         self.sockets.adopt(inherited())
         self._open_sockets(self.cfg)
-        os.makedirs(self.cfg.shm_dir, exist_ok=True)
+        self._prepare_dirs()
         self.regions.create(self.generation, slot_count_for(max(self.desired, 64)),
                             self.cfg.metric_rows, self.cfg.endpoint_rows)
         self.regions.current.set_u64(OFF_GENERATION, self.generation)
         self.regions.current.set_u32(OFF_DESIRED, self.desired)
         log.info("master %d: %d workers, listening on %s", os.getpid(), self.desired,
                  ", ".join(sorted(self.sockets.by_address)))
+
+    def _prepare_dirs(self) -> None:
+        """The private directories (``meshd.private_files``): a foreign or shared one is a
+        config error (exit 2). Without a ``state_dir`` endpoints are not persisted."""
+        cfg = self.cfg
+        prepare_dir(cfg.shm_dir, "shm_dir")
+        longest = control_socket_path(cfg.shm_dir, cfg.instance, 2**22, 10**6)
+        if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+            raise ConfigError([("shm_dir", f"too long for the control sockets kept in it (a "
+                                           f"unix socket path has at most {UNIX_PATH_MAX} bytes)")],
+                              cfg.path)
+        if not prepare_dir(cfg.state_dir, "state_dir", optional=True):
+            log.warning("state_dir %s cannot be created: endpoints will not be persisted",
+                        cfg.state_dir)
 
     def _open_sockets(self, cfg: Config) -> None:
         wanted = [(lst.listen, lst.backlog) for lst in cfg.listeners]

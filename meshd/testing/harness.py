@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from meshd import config as config_mod
 from meshd.shm import KIND_CONTROL, KIND_WORKER, Region, SlotRecord, region_path
 
 
@@ -115,21 +116,25 @@ class Meshd:
 
     def __init__(self, config_path: Path, log_path: Path, args: Sequence[str] = (),
                  env: dict[str, str] | None = None, admin: str | None = None,
-                 shm_dir: str = "/dev/shm", instance: str = "meshd",
+                 shm_dir: str | None = None, instance: str | None = None,
                  preexec_fn: Callable[[], None] | None = None,
                  pass_fds: Sequence[int] = ()) -> None:
+        """``shm_dir`` and ``instance`` (where :meth:`region` looks) default to the
+        config's, as meshd itself resolves them (with this process's environment)."""
         self.config_path = config_path
         self.log_path = log_path
         self.args = list(args)
         self.env = env
         self.admin = admin
-        self.shm_path = region_path(shm_dir, instance)
+        self._shm_dir = shm_dir
+        self._instance = instance
         self.preexec_fn = preexec_fn
         self.pass_fds = tuple(pass_fds)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> Meshd:
+        self.shm_path  # noqa: B018 -- resolved now: a test may rewrite the config later
         self._log = open(self.log_path, "ab")
         env = dict(os.environ if self.env is None else self.env)
         self.proc = subprocess.Popen(
@@ -140,6 +145,15 @@ class Meshd:
         if wait_ready:
             self.wait_ready(timeout)
         return self
+
+    @property
+    def shm_path(self) -> str:
+        """The region's file: ``{shm_dir}/meshd-{instance}.shm``."""
+        if self._shm_dir is None or self._instance is None:
+            cfg = config_mod.load(str(self.config_path))
+            self._shm_dir = self._shm_dir or cfg.shm_dir
+            self._instance = self._instance or cfg.instance
+        return region_path(self._shm_dir, self._instance)
 
     @property
     def pid(self) -> int:

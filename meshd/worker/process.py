@@ -29,6 +29,7 @@ import gevent.lock  # noqa: E402
 from meshd.config import Config, ListenerConfig  # noqa: E402
 from meshd.discovery.api import Endpoint  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
+from meshd.ratelog import Throttle  # noqa: E402
 from meshd.shm import (  # noqa: E402
     F_TCP_CLOSE_TOTAL,
     F_TCP_OPEN,
@@ -88,6 +89,7 @@ class Worker:
         self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
+        self._snapshot_log = Throttle(log, burst=3)
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -134,8 +136,9 @@ class Worker:
             return True
         try:
             self.snapshot = read_snapshot(self.ctx.snapshot_path)
-        except (OSError, ValueError) as e:
-            log.error("cannot read endpoint snapshot %s: %s", self.ctx.snapshot_path, e)
+        except (OSError, ValueError) as e:   # retried every poll: throttled
+            self._snapshot_log.log(logging.ERROR, "snapshot", "cannot read endpoint snapshot "
+                                   "%s: %s", self.ctx.snapshot_path, e)
             return hasattr(self, "snapshot")
         self._snapshot_mtime = mtime
         return True
