@@ -249,8 +249,9 @@ def parse_address(value: object) -> Address:
     return Address(host, int(port))
 
 
-def load(path: str) -> Config:
-    """Read, parse and validate the TOML file at ``path``; raise ``ConfigError`` if invalid."""
+def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the TOML file at ``path``; raise ``ConfigError`` if invalid.
+    ``environ`` (default: this process's) gives ``${VAR}`` values and the default shm_dir."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -258,13 +259,17 @@ def load(path: str) -> Config:
         raise ConfigError([("", f"cannot read: {e.strerror or e}")], path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([("", f"invalid TOML: {e}")], path) from None
-    return parse(data, path)
+    return parse(data, path, environ)
 
 
-def parse(data: Mapping[str, Any], path: str = "") -> Config:
+def parse(data: Mapping[str, Any], path: str = "",
+          environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-read TOML document; raise ``ConfigError`` with every problem."""
+    env = os.environ if environ is None else environ
     problems: Problems = []
-    data = expand_env(data, problems)
+    data = expand_env(data, problems, env)
+    env_problems = len(problems)
+    unexpanded = {key for key, _ in problems}  # their values' own checks would only echo
     top = _Table(data, "", problems)
     workers = top.take("workers", _workers, _workers("auto"))
     drain_timeout = top.take("drain_timeout", _duration(0.0), 30.0)
@@ -273,7 +278,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
     state_dir = top.take("state_dir", _string(), "/var/lib/meshd")
     # No safe default (non-root without $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR) is "":
     # `meshd run` then asks for shm_dir (meshd.private_files.prepare_dir).
-    shm_dir = top.take("shm_dir", _string(), default_shm_dir(os.environ, os.geteuid()))
+    shm_dir = top.take("shm_dir", _string(), default_shm_dir(env, os.geteuid()))
     instance = top.take("instance", _string(_NAME), "meshd")
     metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
     endpoint_rows = top.take("endpoint_rows", _integer(16, 1_000_000), 4096)
@@ -306,6 +311,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
                 key = (f"service.{service.name}.discovery" if len(service.sources) == 1
                        else f"service.{service.name}.discovery[{i}].source")
                 problems.append((key, f"no [[discovery]] source is named {share.source!r}"))
+    problems[env_problems:] = [p for p in problems[env_problems:] if p[0] not in unexpanded]
     if problems:
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,

@@ -80,6 +80,7 @@ def test_check_reports_an_unset_variable(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert (f"{config}: listener[0].listen: environment variable MESHD_TEST_UNSET is not set"
             in proc.stderr)
+    assert proc.stderr.count("listener[0].listen") == 1, proc.stderr  # not the raw value too
     env["MESHD_TEST_UNSET"] = "127.0.0.1"
     proc = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(config)],
                           capture_output=True, text=True, timeout=60, env=env)

@@ -150,7 +150,7 @@ class Meshd:
     def shm_path(self) -> str:
         """The region's file: ``{shm_dir}/meshd-{instance}.shm``."""
         if self._shm_dir is None or self._instance is None:
-            cfg = config_mod.load(str(self.config_path))
+            cfg = config_mod.load(str(self.config_path), self.env)
             self._shm_dir = self._shm_dir or cfg.shm_dir
             self._instance = self._instance or cfg.instance
         return region_path(self._shm_dir, self._instance)
