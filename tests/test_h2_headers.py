@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from test_http1 import INTERESTING, request_heads
 
 from meshd.errors import ProxyError
-from meshd.proto.h2_headers import http1_problem, request_length, request_problem, trailers_problem
+from meshd.proto.h2_headers import (
+    http1_fields_problem,
+    http1_problem,
+    request_length,
+    request_problem,
+    trailers_problem,
+)
 from meshd.proto.http1 import parse_request_head
 from meshd.worker.h1_to_h2 import request_head
 from meshd.worker.h2_stream import H2ToHttp1, Stream, _join_cookies
@@ -173,6 +179,12 @@ def test_http1_reasons(headers, reason):
         assert problem is None
     else:
         assert problem is not None and reason in problem, problem
+
+
+def test_http1_rules_for_trailers():
+    assert http1_fields_problem([(b"grpc-status", b"0"), (b"x-t", b"a\tb")]) is None
+    assert "control character" in http1_fields_problem([(b"x-t", b"a\x0bb")])  # type: ignore[operator]
+    assert "field name" in http1_fields_problem([(b"x{t}", b"1")])  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("headers,length", [

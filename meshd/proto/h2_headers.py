@@ -139,11 +139,9 @@ def http1_problem(headers: Headers) -> str | None:
     origin-form (VCHAR only, starting with "/") nor "*" for OPTIONS, an :authority or
     Host outside the Host grammar (userinfo included), a field name that is not a
     token, a CTL other than HTAB in any value. None when it translates faithfully."""
-    regular = b"".join([n for n, _ in headers if n[:1] != b":"])
-    if regular and http1.TOKEN.fullmatch(regular) is None:
-        return "a field name HTTP/1.1 does not allow"
-    if http1.CTL.search(b"".join([v for _, v in headers])) is not None:
-        return "a control character in a field value"
+    problem = http1_fields_problem(headers)
+    if problem:
+        return problem
     method = next((v for n, v in headers if n == b":method"), b"")
     if http1.TOKEN.fullmatch(method) is None:
         return f"invalid :method {method[:64]!r}"
@@ -157,6 +155,17 @@ def http1_problem(headers: Headers) -> str | None:
         elif name == b":authority" or name == b"host":
             if http1.HOST.fullmatch(value) is None:
                 return f"invalid {name.decode()} {value[:64]!r}"
+    return None
+
+
+def http1_fields_problem(headers: Headers) -> str | None:
+    """The part of ``http1_problem`` for any field section (trailers too): field names
+    that are not tokens, a CTL other than HTAB in a value."""
+    regular = b"".join([n for n, _ in headers if n[:1] != b":"])
+    if regular and http1.TOKEN.fullmatch(regular) is None:
+        return "a field name HTTP/1.1 does not allow"
+    if http1.CTL.search(b"".join([v for _, v in headers])) is not None:
+        return "a control character in a field value"
     return None
 
 

@@ -49,7 +49,13 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
-from meshd.proto.h2_headers import http1_problem, request_length, request_problem, trailers_problem
+from meshd.proto.h2_headers import (
+    http1_fields_problem,
+    http1_problem,
+    request_length,
+    request_problem,
+    trailers_problem,
+)
 from meshd.ratelog import Throttle
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
@@ -187,7 +193,8 @@ class H2ServerConnection:
             elif isinstance(event, h2.events.TrailersReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    problem = trailers_problem(event.headers)
+                    problem = trailers_problem(event.headers) or \
+                        http1_fields_problem(event.headers)
                     if problem:
                         if not self._reset_malformed(stream, problem):
                             return False
