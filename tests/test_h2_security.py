@@ -392,3 +392,21 @@ def test_malformed_streams_log_a_burst_then_one_suppressed_line(mesh, backends):
                                             m.log()), timeout=20, what="the suppressed line")
     assert int(suppressed.group(1)) == 2000 - len(lines)
     s.close()
+
+
+def test_protocol_errors_log_a_burst_per_listener(mesh, backends):
+    """50 connections that each end in a protocol error (a SETTINGS ACK with a payload)
+    log at most the burst (3e504a8: one line each)."""
+    from meshd.ratelog import BURST
+
+    a = backends("a")
+    m = mesh.run({"web": [a.address]}, workers=1)
+    bad = b"\x00\x00\x06\x04\x01\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"  # ACK, 6 bytes
+    for _ in range(50):
+        s = _raw_connection(m.ports["outbound"])
+        s.sendall(bad)
+        assert _goaway_code(_read_frames(s)) == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+        s.close()
+    lines = [line for line in m.log().splitlines() if "HTTP/2 protocol error" in line]
+    assert 1 <= len(lines) <= BURST, len(lines)
+    assert _worker_alive(m)
