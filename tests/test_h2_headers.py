@@ -11,9 +11,16 @@ from hypothesis import strategies as st
 from test_http1 import INTERESTING, request_heads
 
 from meshd.errors import ProxyError
-from meshd.proto.h2_headers import request_problem, trailers_problem
+from meshd.proto.h2_headers import (
+    http1_fields_problem,
+    http1_problem,
+    request_length,
+    request_problem,
+    trailers_problem,
+)
 from meshd.proto.http1 import parse_request_head
 from meshd.worker.h1_to_h2 import request_head
+from meshd.worker.h2_stream import H2ToHttp1, Stream, _join_cookies
 
 REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False,
                                              is_response_header=False, is_push_promise=False)
@@ -142,3 +149,100 @@ def test_mutated_heads_translated_from_http1_are_valid_http2(head: bytes, edits,
     assume(b"\r\n\r\n" in data)
     if not _check_translated(bytes(data), https, meshed):
         reject()
+
+
+# An HTTP/2 request translated to HTTP/1.1 (meshd.worker.h2_stream) is held first to what
+# the HTTP/1.1 parser accepts (http1_problem): then the translation parses back, with the
+# parser meshd applies to its own clients, as the same request, never as another one.
+
+@pytest.mark.parametrize("headers,reason", [
+    (GOOD, None),
+    ([(b":method", b"GET /admin?x="), *GOOD[1:]], "invalid :method"),
+    ([(b":method", b"G\x01T"), *GOOD[1:]], "control character"),
+    ([*GOOD[:2], (b":path", b"/a b"), *GOOD[3:]], "invalid :path"),
+    ([*GOOD[:2], (b":path", b"http://other-host/admin"), *GOOD[3:]], "invalid :path"),
+    ([*GOOD[:2], (b":path", b"admin"), *GOOD[3:]], "invalid :path"),
+    ([*GOOD[:2], (b":path", b"*"), *GOOD[3:]], "outside OPTIONS"),
+    ([(b":method", b"OPTIONS"), *GOOD[1:2], (b":path", b"*"), *GOOD[3:]], None),
+    ([*GOOD[:3], (b":authority", b"web@evil.example"), *GOOD[4:]], "invalid :authority"),
+    ([*GOOD[:3], (b":authority", b"web/x"), *GOOD[4:]], "invalid :authority"),
+    ([*GOOD[:3], (b"host", b"a b")], "invalid host"),
+    ([*GOOD, (b"x-a", b"1\x0b2")], "control character"),
+    ([*GOOD, (b"x-a", b"1\x7f")], "control character"),
+    ([*GOOD, (b"x-a", b"tab\tinside \xff")], None),
+    ([*GOOD, (b"x(a", b"1")], "field name"),
+])
+def test_http1_reasons(headers, reason):
+    assert request_problem(headers) is None  # all valid HTTP/2
+    problem = http1_problem(headers)
+    if reason is None:
+        assert problem is None
+    else:
+        assert problem is not None and reason in problem, problem
+
+
+def test_http1_rules_for_trailers():
+    assert http1_fields_problem([(b"grpc-status", b"0"), (b"x-t", b"a\tb")]) is None
+    assert "control character" in http1_fields_problem([(b"x-t", b"a\x0bb")])  # type: ignore[operator]
+    assert "field name" in http1_fields_problem([(b"x{t}", b"1")])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("headers,length", [
+    (GOOD, None), ([*GOOD, (b"content-length", b"43")], 43),
+    ([*GOOD, (b"content-length", b"0"), (b"content-length", b"0")], 0),
+    ([*GOOD, (b"content-length", b"1"), (b"content-length", b"2")], ValueError),
+    ([*GOOD, (b"content-length", b"+1")], ValueError),
+    ([*GOOD, (b"content-length", b"")], ValueError),
+    ([*GOOD, (b"content-length", b"1" * 20)], ValueError),
+])
+def test_request_length(headers, length):
+    if length is ValueError:
+        with pytest.raises(ValueError):
+            request_length(headers)
+    else:
+        assert request_length(headers) == length
+
+
+def _translated(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The HTTP/1.1 head meshd sends upstream for an HTTP/2 request (as H2ToHttp1.run
+    builds it, bodiless)."""
+    translator = H2ToHttp1.__new__(H2ToHttp1)
+    translator.stream = Stream(1, headers, True, request_length(headers))
+    pseudo = {k: v for k, v in headers if k.startswith(b":")}
+    fields = _join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
+    authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
+    return translator._upstream_head(pseudo[b":method"], pseudo[b":path"], authority, fields)
+
+
+requests = st.builds(
+    lambda m, p, a, extra: [(b":method", m), (b":scheme", b"http"), (b":path", p),
+                            (b":authority", a), *extra],
+    st.sampled_from([b"GET", b"OPTIONS", b"GET /admin?x=", b"G\x01T", b"M-SEARCH"]) | st.binary(
+        min_size=1, max_size=6),
+    st.sampled_from([b"/", b"*", b"/a b", b"http://other/admin", b"/a\x01", b"/\xff",
+                     b"/x?y=z#f", b"//h/p"]) | st.binary(min_size=1, max_size=8),
+    st.sampled_from([b"web", b"web:80", b"web@evil.example", b"[::1]:8", b"a b", b"h\x0b",
+                     b""]) | st.binary(max_size=6),
+    st.lists(st.tuples(st.sampled_from([b"x-a", b"cookie", b"x(a", b"user-agent"]), values),
+             max_size=3))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(requests | mutated(GOOD))
+def test_translated_heads_parse_back_as_the_same_request(headers):
+    assume(request_problem(headers) is None and http1_problem(headers) is None)
+    assume(b"CONNECT" not in [v for k, v in headers if k == b":method"])
+    try:
+        assume(not request_length(headers))
+    except ValueError:
+        reject()
+    head = _translated(headers)
+    req = parse_request_head(head)  # never a ProxyError: whatever passed translates
+    pseudo = dict(h for h in headers if h[0].startswith(b":"))
+    assert (req.method, req.target) == (pseudo[b":method"], pseudo[b":path"])
+    # every field arrives as it was sent: none split, merged (cookie aside) or altered
+    regular = [h for h in headers if not h[0].startswith(b":")
+               and h[0] not in (b"host", b"content-length", b"te", b"cookie")]
+    assert all(field in req.headers for field in regular), (headers, head)
+    assert len(req.headers) == len(regular) + 1 + any(k == b"cookie" for k, _ in headers)
+    assert req.host == (pseudo.get(b":authority") or dict(headers).get(b"host") or b"")

@@ -5,6 +5,10 @@
   ``meshd.proto.h2_headers`` in one pass (and a bad head is a stream error, not h2's
   connection error); outbound heads are built from heads those checks or meshd's strict
   HTTP/1.1 parser passed, with names lower-cased and connection-specific fields dropped.
+- On the server side, h2's own content-length check off: it raises a connection error
+  for DATA beyond the length, misses END_STREAM on HEADERS and forgets the length when
+  trailers arrive. ``meshd.worker.h2_server`` keeps the count itself and resets the one
+  stream (RFC 9113 §8.1.1).
 - ``_receive_frame`` without the ``repr(frame)`` h2 builds for a trace log on every frame
   received, whether or not anything logs it (about 5 µs a frame). The rest of the method
   is h2's (4.x; setup.cfg keeps h2 below 5).
@@ -18,6 +22,7 @@ import h2.config
 import h2.connection
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from h2.stream import H2Stream
 from hyperframe.frame import Frame, RstStreamFrame
 
 from meshd.proto import hpack_codec
@@ -38,6 +43,13 @@ class H2Connection(h2.connection.H2Connection):
     def __init__(self, client_side: bool, max_header_list_size: int) -> None:
         super().__init__(configuration(client_side))
         hpack_codec.install(self, max_header_list_size)
+        self._client_side = client_side
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        if not self._client_side:  # the server counts request bodies itself
+            stream._initialize_content_length = _no_length  # type: ignore[method-assign]
+        return stream
 
     def _receive_frame(self, frame: Frame) -> list[Any]:
         try:
@@ -67,3 +79,7 @@ class H2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+
+def _no_length(headers: Any) -> None:
+    """In place of h2's ``H2Stream._initialize_content_length``: no expected length."""

@@ -6,12 +6,22 @@ meshd turns h2's checks off and calls these instead: one loop, and a malformed r
 becomes what RFC 9113 §8.1.1 asks for, a stream error (RST_STREAM PROTOCOL_ERROR) that
 leaves the other streams of the connection alone.
 
-Each function returns None for a valid list, else the reason, for the log.
+Each ``*_problem`` function returns None for a valid list, else the reason, for the log.
+
+Beyond HTTP/2's own rules, a request is held to what meshd's HTTP/1.1 parser accepts
+(``http1_problem``, with the parser's own patterns from ``meshd.proto.http1``) before it
+is routed or translated: HTTP/2 lets through a :method with a space, a :path in
+absolute-form or with a space, an :authority with userinfo and control bytes other than
+NUL, CR and LF, each of which would make a different HTTP/1.1 request upstream. And the
+declared content-length is read here (``request_length``) for the server to hold the
+DATA total to it (RFC 9113 §8.1.1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from meshd.proto import http1
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -122,6 +132,56 @@ def trailers_problem(headers: Headers) -> str | None:
             return problem
     return None
 
+
+def http1_problem(headers: Headers) -> str | None:
+    """What meshd's HTTP/1.1 parser would refuse in a request head HTTP/2 accepted (call
+    after ``request_problem``): a method that is not a token, a :path neither
+    origin-form (VCHAR only, starting with "/") nor "*" for OPTIONS, an :authority or
+    Host outside the Host grammar (userinfo included), a field name that is not a
+    token, a CTL other than HTAB in any value. None when it translates faithfully."""
+    problem = http1_fields_problem(headers)
+    if problem:
+        return problem
+    method = next((v for n, v in headers if n == b":method"), b"")
+    if http1.TOKEN.fullmatch(method) is None:
+        return f"invalid :method {method[:64]!r}"
+    for name, value in headers:
+        if name == b":path":
+            if value == b"*":
+                if method != b"OPTIONS":
+                    return ":path \"*\" outside OPTIONS"
+            elif value[:1] != b"/" or http1.TARGET.fullmatch(value) is None:
+                return f"invalid :path {value[:64]!r}"
+        elif name == b":authority" or name == b"host":
+            if http1.HOST.fullmatch(value) is None:
+                return f"invalid {name.decode()} {value[:64]!r}"
+    return None
+
+
+def http1_fields_problem(headers: Headers) -> str | None:
+    """The part of ``http1_problem`` for any field section (trailers too): field names
+    that are not tokens, a CTL other than HTAB in a value."""
+    regular = b"".join([n for n, _ in headers if n[:1] != b":"])
+    if regular and http1.TOKEN.fullmatch(regular) is None:
+        return "a field name HTTP/1.1 does not allow"
+    if http1.CTL.search(b"".join([v for _, v in headers])) is not None:
+        return "a control character in a field value"
+    return None
+
+
+def request_length(headers: Headers) -> int | None:
+    """The request's declared content-length, None when it declares none. ValueError
+    (with the reason) for a value that is not digits or fields that disagree."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 19:
+                raise ValueError(f"invalid content-length {value[:32]!r}")
+            n = int(value)
+            if length is not None and n != length:
+                raise ValueError("content-length fields that disagree")
+            length = n
+    return length
 
 
 def response_problem(headers: Headers) -> str | None:

@@ -39,7 +39,8 @@ _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 # Only HTTP/1.0 and HTTP/1.1 are accepted: "HTTP/1.2" does not exist and a proxy cannot
 # know its framing, HTTP/2 has its own connection preface. The target is VCHAR only
 # (no obs-text), which is what h11 and most servers accept.
-_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) (HTTP/1\.[01])")
+_VCHAR = rb"\x21-\x7e"
+_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([" + _VCHAR + rb"]+) (HTTP/1\.[01])")
 _ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # A missing reason phrase (and even its SP) is common enough in the wild to accept.
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
@@ -56,6 +57,13 @@ _FIELD_LINE = re.compile(_NAME + _VALUE)
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 authority characters (reg-name, IP literal, port); no userinfo in Host.
 _HOST = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
+# The same rules for what reaches HTTP/1.1 from elsewhere (HTTP/2's pseudo-header fields,
+# meshd.proto.h2_headers): a method is a token, a request-target VCHAR only, Host the
+# authority above, and no value holds a CTL but HTAB.
+TOKEN = _TOKEN
+TARGET = re.compile(rb"[" + _VCHAR + rb"]+")
+HOST = _HOST
+CTL = _CTL
 # chunk = chunk-size [ chunk-ext ] CRLF; BWS is allowed only before an extension.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]++)(?:[ \t]*+;[^\x00-\x08\x0a-\x1f\x7f]*+)?+")
 

@@ -74,6 +74,7 @@ class RequestBody:
                 except OSError:
                     return False  # the upstream stopped reading: its response tells why
                 if self.done:
+                    up.request_sent = True
                     return True
                 out = [self._frame(self._next())]
         except (ClientGone, ProxyError) as e:

@@ -9,13 +9,20 @@ Bounds, all per connection: at most ``h2_max_concurrent_streams`` streams (SETTI
 enforced by h2), a request head of at most ``header_bytes`` after HPACK decoding
 (SETTINGS_MAX_HEADER_LIST_SIZE and the decoder's limit: the HPACK bomb), a header block
 of at most 64 CONTINUATION frames (h2's own limit: the CONTINUATION flood), at most
-``h2_max_resets`` streams reset by the client within 10 s (h2 does not count them:
-Rapid Reset, CVE-2023-44487) — beyond that GOAWAY ENHANCE_YOUR_CALM. Request bodies are
-held to the flow-control window meshd advertises: a window is given back only as the
-upstream takes the bytes. Output is queued per connection and written once per loop
-iteration (see ``_queue``); streams wait while more than OUT_LIMIT bytes are queued. A
-protocol error closes the connection with GOAWAY and the error code RFC 9113 names
-(h2's, corrected where it is too coarse).
+``h2_max_resets`` streams reset within 10 s — by the client (Rapid Reset,
+CVE-2023-44487) or by meshd for the client's fault, a malformed head, trailer section
+or body length (MadeYouReset, CVE-2025-8671) — beyond that GOAWAY ENHANCE_YOUR_CALM.
+Request bodies are held to the flow-control window meshd advertises: a window is given
+back only as the upstream takes the bytes, and to the declared content-length (a DATA
+total that disagrees at END_STREAM resets the stream, RFC 9113 §8.1.1). Output is
+queued per connection and written once per loop iteration (see ``_queue``); streams
+wait while more than OUT_LIMIT bytes are queued, and so does the reader: nothing more is
+read from a client that does not read what it is sent (PING and SETTINGS each owe an
+ACK). Past MAX_CONTROL_QUEUED PINGs and SETTINGS answered since the output was last
+written out in full: GOAWAY ENHANCE_YOUR_CALM. A protocol error closes the connection
+with GOAWAY and the error code RFC 9113 names (h2's, corrected where it is too coarse).
+Log lines a client can cause at will go through a ``meshd.ratelog.Throttle`` (keyed by
+listener and kind).
 
 Draining: a GOAWAY with the last stream id seen is written (without closing h2's state,
 so streams in flight finish), later streams are refused, and the connection closes
@@ -42,7 +49,14 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
-from meshd.proto.h2_headers import request_problem, trailers_problem
+from meshd.proto.h2_headers import (
+    http1_fields_problem,
+    http1_problem,
+    request_length,
+    request_problem,
+    trailers_problem,
+)
+from meshd.ratelog import Throttle
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
@@ -53,6 +67,7 @@ if TYPE_CHECKING:
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
+throttled = Throttle(log)  # for lines a client can cause at will (one per worker)
 
 READ_SIZE = 65536
 STREAM_WINDOW = 1 << 18       # what a client may send ahead on one stream
@@ -61,6 +76,10 @@ RESET_WINDOW = 10.0
 TICK = 1.0                    # how often the reader looks at drain and idle state
 OUT_LIMIT = 1 << 18           # output queued per connection before streams wait
 FINAL_WRITE_TIMEOUT = 2.0     # for the last frames (GOAWAY) when a connection ends
+# PINGs and SETTINGS received (each owes an ACK) since the output was last written out in
+# full: a client flooding them without reading gets GOAWAY ENHANCE_YOUR_CALM past this.
+# 10,000 as Go's HTTP/2 server (maxQueuedControlFrames); about 170 KB of ACKs.
+MAX_CONTROL_QUEUED = 10000
 
 # Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
 
@@ -81,6 +100,7 @@ class H2ServerConnection:
         self.streams: dict[int, Stream] = {}
         self.blocked: set[Stream] = set()  # streams waiting for the client to open a window
         self.resets: list[float] = []
+        self.control_queued = 0   # PING / SETTINGS ACKs owed since ``out`` was last empty
         self.goaway_sent_at = 0   # last stream id of our graceful GOAWAY, 0: none yet
         self.closed = False
         self.idle_since = 0.0     # the worker's drain closes idle connections; h2 drains itself
@@ -118,6 +138,11 @@ class H2ServerConnection:
                 if not self.streams and time.monotonic() > idle_deadline:
                     self._close(h2.errors.ErrorCodes.NO_ERROR)
                     return
+                if len(self.out) > OUT_LIMIT and not self._room.wait(TICK):
+                    # The client is not reading what it is sent: read nothing more from
+                    # it until it does (_room is set once the queue is under OUT_LIMIT).
+                    data = b""
+                    continue
                 try:
                     # After a short read the socket is drained: wait, then read.
                     data = (recv_after_wait if 0 < len(data) < READ_SIZE else recv)(
@@ -141,35 +166,50 @@ class H2ServerConnection:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             code = _error_code(e)
-            log.info("%s: HTTP/2 protocol error from the client: %s", self.listener.name, e)
+            name = self.listener.name
+            throttled.info(f"{name}: h2-protocol-error",
+                           "%s: HTTP/2 protocol error from the client: %s", name, e)
             self._fail(code, int(getattr(e, "error_code", code)))
             return False
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
-                self._request(event)
+                if not self._request(event):
+                    return False
             elif isinstance(event, h2.events.DataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is None:  # a stream we refused or finished: give the window back
                     self.conn.acknowledge_received_data(event.flow_controlled_length,
                                                         event.stream_id)
-                else:
-                    stream.body.put(event.data)
-                    if event.flow_controlled_length > len(event.data):  # padding
-                        self._ack(stream, event.flow_controlled_length - len(event.data))
+                    continue
+                stream.received += len(event.data)
+                if stream.length is not None and stream.received > stream.length:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        event.stream_id)
+                    if not self._reset_malformed(
+                            stream, f"DATA beyond its content-length {stream.length}"):
+                        return False
+                    continue
+                stream.body.put(event.data)
+                if event.flow_controlled_length > len(event.data):  # padding
+                    self._ack(stream, event.flow_controlled_length - len(event.data))
             elif isinstance(event, h2.events.TrailersReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    problem = trailers_problem(event.headers)
+                    problem = trailers_problem(event.headers) or \
+                        http1_fields_problem(event.headers)
                     if problem:
-                        self._malformed(event.stream_id, problem)
-                        self.streams.pop(event.stream_id, None)
-                        stream.reset = True
-                        self._cancel(stream)
+                        if not self._reset_malformed(stream, problem):
+                            return False
                         continue
                     stream.trailers = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
+                    if stream.length is not None and stream.received != stream.length:
+                        if not self._reset_malformed(stream, f"{stream.received} bytes of "
+                                                     f"DATA for content-length {stream.length}"):
+                            return False
+                        continue
                     stream.ended = True
                     if not stream.bodiless:
                         stream.body.put(None)
@@ -184,40 +224,91 @@ class H2ServerConnection:
                 for stream in self.blocked:
                     stream.window.set()  # type: ignore[union-attr]
                 self.blocked.clear()
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    self.control_queued += 1
+            elif isinstance(event, h2.events.PingReceived):
+                self.control_queued += 1
             elif isinstance(event, h2.events.ConnectionTerminated):
                 return False
+        if self.control_queued > MAX_CONTROL_QUEUED and self.out:
+            name = self.listener.name
+            throttled.warning(f"{name}: h2-control-flood",
+                              "%s: client sent %d PING/SETTINGS without reading the ACKs; "
+                              "closing", name, self.control_queued)
+            self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            return False
         self._flush()
         return True
 
     def _count_reset(self) -> bool:
-        """Rapid Reset: too many streams reset by the client -> GOAWAY, and False."""
+        """Rapid Reset and MadeYouReset: too many streams reset, by the client or by meshd
+        for the client's fault -> GOAWAY, and False."""
         now = time.monotonic()
         self.resets.append(now)
         while self.resets and now - self.resets[0] > RESET_WINDOW:
             self.resets.pop(0)
         if len(self.resets) > self.limits.h2_max_resets:
-            log.warning("%s: client reset %d streams within %gs; closing (rapid reset)",
-                        self.listener.name, len(self.resets), RESET_WINDOW)
+            name = self.listener.name
+            throttled.warning(f"{name}: h2-rapid-reset",
+                              "%s: %d streams reset within %gs; closing (rapid reset)",
+                              name, len(self.resets), RESET_WINDOW)
             self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return False
         return True
 
-    def _request(self, event: h2.events.RequestReceived) -> None:
+    def _reset_malformed(self, stream: Stream, problem: str) -> bool:
+        """A started stream turned out malformed (trailers, body length): reset it, stop
+        its task (the upstream connection it used is closed, never reused), give back
+        the window of DATA nobody will read, and count the reset. False when that was
+        one reset too many (the connection is closing)."""
+        self._malformed(stream.id, problem)
+        self.streams.pop(stream.id, None)
+        stream.reset = True
+        unread = 0
+        while not stream.bodiless and not stream.body.empty():
+            data = stream.body.get_nowait()
+            unread += len(data) if data else 0
+        if unread:
+            try:
+                self.conn.acknowledge_received_data(unread, stream.id)
+            except h2.exceptions.ProtocolError:
+                pass
+        self._cancel(stream)
+        return self._count_reset()
+
+    def _request(self, event: h2.events.RequestReceived) -> bool:
+        """Start a stream for a request, or reset it when malformed: HTTP/2's rules, those
+        of HTTP/1.1 it may be translated to, a content-length with END_STREAM on HEADERS.
+        False when the reset was one too many (the connection is closing)."""
         sid = event.stream_id
         if self.goaway_sent_at and sid > self.goaway_sent_at:
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-            return
-        problem = request_problem(event.headers)
+            return True
+        headers = event.headers
+        bodiless = event.stream_ended is not None
+        problem = request_problem(headers) or http1_problem(headers)
+        length = None
+        if not problem:
+            try:
+                length = request_length(headers)
+            except ValueError as e:
+                problem = str(e)
+            else:
+                if length and bodiless:
+                    problem = f"content-length {length} and END_STREAM on HEADERS"
         if problem:
             self._malformed(sid, problem)
-            return
-        stream = Stream(sid, list(event.headers), event.stream_ended is not None)
+            return self._count_reset()
+        stream = Stream(sid, list(headers), bodiless, length)
         self.streams[sid] = stream
         stream.task = tasks.pool.spawn(self._serve_stream, stream)
+        return True
 
     def _malformed(self, sid: int, problem: str) -> None:
         """A malformed request or trailer section: a stream error (RFC 9113 §8.1.1)."""
-        log.info("%s: malformed HTTP/2 request on stream %d: %s", self.listener.name, sid, problem)
+        name = self.listener.name
+        throttled.info(f"{name}: h2-malformed", "%s: malformed HTTP/2 request on stream %d: %s",
+                       name, sid, problem)
         try:
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         except h2.exceptions.ProtocolError:
@@ -277,6 +368,11 @@ class H2ServerConnection:
         if self.sock_gone:
             return
         self.out += data
+        if len(self.out) > OUT_LIMIT:
+            # Streams and the reader wait until the send below (or the writer) takes the
+            # queue under OUT_LIMIT: a stream relaying a fast upstream would otherwise
+            # queue its whole response before the hub runs the send.
+            self._room.clear()
         if not self._send_scheduled and self._writer is None:
             self._send_scheduled = True
             self._loop.run_callback(self._send_out)
@@ -284,7 +380,10 @@ class H2ServerConnection:
     def _send_out(self) -> None:
         """In the hub: write what is queued, without blocking."""
         self._send_scheduled = False
-        if self._writer is not None or not self.out or self.sock_gone:
+        if self._writer is not None or self.sock_gone:
+            return
+        if not self.out:
+            self._room.set()
             return
         try:
             sent = self._raw.send(self.out)
@@ -294,10 +393,12 @@ class H2ServerConnection:
             self._lost()
             return
         del self.out[:sent]
+        if len(self.out) <= OUT_LIMIT:
+            self._room.set()
         if self.out:
-            if len(self.out) > OUT_LIMIT:
-                self._room.clear()
             self._writer = gevent.spawn(self._write_rest)
+        else:
+            self.control_queued = 0  # every ACK owed went out
 
     def _write_rest(self) -> None:
         """The kernel buffer was full: wait for the socket, write the rest."""
@@ -315,6 +416,7 @@ class H2ServerConnection:
                 del self.out[:sent]
                 if len(self.out) <= OUT_LIMIT:
                     self._room.set()
+            self.control_queued = 0  # every ACK owed went out
         except OSError:
             self._lost()
         finally:

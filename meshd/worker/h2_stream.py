@@ -71,12 +71,17 @@ _NO_BODY: gevent.queue.Queue[bytes | None] = gevent.queue.Queue(maxsize=1)
 
 class Stream:
     __slots__ = ("id", "headers", "bodiless", "body", "ended", "trailers", "window", "reset",
-                 "task")
+                 "task", "length", "received")
 
-    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], bodiless: bool) -> None:
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], bodiless: bool,
+                 length: int | None = None) -> None:
         self.id = stream_id
         self.headers = headers
         self.bodiless = bodiless  # HEADERS came with END_STREAM
+        # The declared content-length (None: none) and the DATA received so far: the
+        # server resets a stream whose DATA total disagrees (RFC 9113 §8.1.1).
+        self.length = length
+        self.received = 0
         # DATA as it arrives, None at the end (no queue for a request without a body)
         self.body: gevent.queue.Queue[bytes | None] = _NO_BODY if bodiless else gevent.queue.Queue()
         self.ended = False
@@ -139,9 +144,11 @@ class H2ToHttp1:
                        fields: list[tuple[bytes, bytes]]) -> bytes:
         headers = [(k, v) for k, v in fields if k not in _HOP]
         framing = [(b"Host", authority or b"")]
-        length = next((v for k, v in fields if k == b"content-length"), None)
-        if length is not None:
-            framing.append((b"Content-Length", length))
+        # Content-Length only as the server verified it (h2_server holds the DATA total to
+        # it): a bodiless request never announces a body the upstream would wait for.
+        length = self.stream.length
+        if length is not None and not (self.stream.bodiless and length):
+            framing.append((b"Content-Length", b"%d" % length))
         elif not self.stream.bodiless:
             self.chunked = True
             framing.append((b"Transfer-Encoding", b"chunked"))
@@ -302,6 +309,7 @@ class H2ToHttp1:
         once the upstream took it."""
         stream = self.stream
         out = head
+        left = stream.length  # bytes the head announced (None: chunked)
         try:
             if stream.body.empty():  # the head goes at once; the body follows as it comes
                 conn.sendall(head)
@@ -312,11 +320,18 @@ class H2ToHttp1:
                 except gevent.queue.Empty:
                     return False
                 if data is None:
+                    if left:  # short of the length announced (the server resets such a
+                        return False  # stream first): the connection is closed, not reused
                     if chunked:
                         kept = http1.forwardable_trailers(stream.trailers)
                         out += http1.encode_trailers(kept) if kept else http1.LAST_CHUNK
                     conn.sendall(out)
+                    conn.request_sent = True
                     return True
+                if left is not None:
+                    if len(data) > left:  # never more than announced
+                        return False
+                    left -= len(data)
                 out += http1.encode_chunk(data) if chunked else data
                 conn.sendall(out)
                 out = b""

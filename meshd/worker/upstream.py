@@ -55,7 +55,7 @@ def pool_key(ep: Endpoint, tls: TlsTarget | None) -> PoolKey:
 
 class UpstreamConn:
     __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use",
-                 "tls", "alpn")
+                 "tls", "alpn", "request_sent")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
                  counter: Counter = _no_count, tls: TlsTarget | None = None,
@@ -70,6 +70,10 @@ class UpstreamConn:
         self.row = row
         self._counter = counter
         self.in_use = False
+        # Set by whoever sends the request's last byte (head of a bodiless request, last
+        # piece of a body); ``Pool.release`` closes a connection without it: a request
+        # that ended short would make the upstream read the next request as its body.
+        self.request_sent = False
         self.use()
 
     def use(self) -> None:
@@ -189,6 +193,7 @@ class Pool:
                 conn.sendall(head)
             except OSError as e:
                 raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
+            conn.request_sent = True
             return conn, read(conn)
         except UpstreamError:
             if not conn.reused:
@@ -199,12 +204,18 @@ class Pool:
                 conn.close()
                 raise UpstreamError(f"{conn.endpoint} now selects ALPN h2 over TLS") from None
             conn.sendall(head)
+            conn.request_sent = True
             return conn, read(conn)
 
     def release(self, conn: UpstreamConn) -> None:
-        if conn.buf:  # the upstream sent more than the response: not reusable
+        """Keep ``conn`` for the next request, unless it cannot carry one cleanly: the
+        upstream sent more than the response, or the request was not sent in full (its
+        body ended short: the upstream would take the next request's bytes for the rest
+        of it, request smuggling)."""
+        if conn.buf or not conn.request_sent:
             conn.close()
             return
+        conn.request_sent = False  # for the next request on it
         conn.alpn = ""
         stack = self._idle.setdefault(pool_key(conn.endpoint, conn.tls), [])
         if len(stack) >= MAX_IDLE_PER_ENDPOINT:
