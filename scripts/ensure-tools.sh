@@ -8,6 +8,7 @@ for tool in "$@"; do
   case "$tool" in
     nginx) [ -x /usr/sbin/nginx ] && continue; pkg=nginx-light ;;
     h2load|nghttp) pkg=nghttp2-client ;;
+    systemd-analyze) pkg=systemd ;;
     *) pkg=$tool ;;
   esac
   missing="$missing $pkg"
