@@ -34,7 +34,8 @@ def provision(script: str, root: Path, *args: str) -> None:
 
 @pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed (make tools)")
 def test_vagrantfile_validates(tmp_path: Path) -> None:
-    env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1")
+    env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1",
+               VAGRANT_DOTFILE_PATH=str(tmp_path / "dot-vagrant"))   # not .vagrant/ in the tree
     out = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
