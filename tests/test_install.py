@@ -16,6 +16,10 @@ import pytest
 
 from meshd.testing.harness import Backend, free_port, http_get, terminate, wait_for
 
+# The first test also pays for the module's `make install` (wheels, a venv, dependencies
+# from the package index, pip's cache warm or not): more than the suite's 120 s default.
+pytestmark = pytest.mark.timeout(600)
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/opt/meshd"
 ENV = {k: v for k, v in os.environ.items()

@@ -126,6 +126,7 @@ def _syscall_set(group: str, seen: set[str] | None = None) -> set[str]:
 
 @needs_analyze
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+@pytest.mark.timeout(400)   # everything runs traced, several times slower
 def test_syscalls_and_address_families_stay_within_the_unit_filters(mesh, backends, tmp_path) -> None:
     [allow] = [v for v in unit_values("SystemCallFilter") if not v.startswith("~")]
     [deny] = [v[1:] for v in unit_values("SystemCallFilter") if v.startswith("~")]
