@@ -1,16 +1,21 @@
 # meshd: `make demo`, `make test`, `make bench`. Each creates .venv when missing.
+# `make install [PREFIX=/opt/meshd] [DESTDIR=]`: a venv at PREFIX, /usr/local/bin/meshd,
+# the systemd units, /etc/meshd/meshd.toml when absent (scripts/install.sh says more).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint unit bench tools clean
+.PHONY: demo test lint unit bench tools clean install
 
 PLUGINS := plugins/static plugins/consul plugins/kubernetes plugins/example
 
 $(STAMP): setup.cfg pyproject.toml $(addsuffix /setup.cfg,$(PLUGINS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@# The distribution was named meshd before it became meshd-proxy (meshd on the
+	@# package index is another project): drop the old editable install of this tree.
+	$(PY) -m pip uninstall -q -y meshd 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
@@ -26,13 +31,25 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables"
+	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace"
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+PREFIX ?= /opt/meshd
+DESTDIR ?=
+BINDIR ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+SYSCONFDIR ?= /etc
+INSTALL_PLUGINS := plugins/static plugins/consul plugins/kubernetes
+
+install:
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" BINDIR="$(BINDIR)" UNITDIR="$(UNITDIR)" \
+	SYSCONFDIR="$(SYSCONFDIR)" PYTHON="$(PYTHON)" PLUGINS="$(INSTALL_PLUGINS)" \
+	sh scripts/install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

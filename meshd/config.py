@@ -206,6 +206,7 @@ class Config:
     # on TERM, listeners keep accepting this long before the drain starts (a pod's
     # application still calls out through meshd while it shuts down)
     shutdown_delay: float = 0.0
+    log_level: str = "info"  # debug | info | warning | error; applied again on HUP
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -284,6 +285,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     endpoint_rows = top.take("endpoint_rows", _integer(16, 1_000_000), 4096)
     discovery_wait = top.take("discovery_wait", _duration(0.0), 1.0)
     service_idle_expiry = top.take("service_idle_expiry", _duration(1.0), 600.0)
+    log_level = top.take("log_level", _choice("debug", "info", "warning", "error"), "info")
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
@@ -316,7 +318,7 @@ def parse(data: Mapping[str, Any], path: str = "",
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
                   metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits, balancer, routes, shutdown_delay)
+                  services, limits, balancer, routes, shutdown_delay, log_level=log_level)
 
 
 # -- sections -------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ class Snapshot:
         by_service = self.rows.get(listener)
         return None if by_service is None else by_service.get(service)
 
+    def unknown_reason(self, service: str) -> str:
+        """Why ``service`` has no endpoints here, for the 503 a client gets: a source
+        whose watch fails (not knowing is then not the same as not existing), or no
+        source knowing it."""
+        failing = self.errors.get(service)
+        if failing and service not in self.absent:
+            source, _, error = failing.partition(": ")
+            error = "".join(c if " " <= c < "\x7f" else " " for c in error)[:300]
+            return f"discovery source {source!r} failing for service {service!r}: {error}"
+        return f"unknown service {service!r}: no discovery source knows it"
+
     def encode(self) -> bytes:
         data: dict[str, Any] = {
             "format": FORMAT,

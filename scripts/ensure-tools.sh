@@ -10,6 +10,7 @@ for tool in "$@"; do
     h2load|nghttp) pkg=nghttp2-client ;;
     iptables|iptables-restore) pkg=iptables ;;
     ip) pkg=iproute2 ;;
+    systemd-analyze) pkg=systemd ;;
     *) pkg=$tool ;;
   esac
   case " $missing " in *" $pkg "*) continue ;; esac

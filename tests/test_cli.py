@@ -4,7 +4,10 @@ against a small HTTP server on loopback that answers like the admin API)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from meshd.config import parse
 from meshd.metrics import StatWindow, row_keys
 from meshd.shm import F_REQUESTS, Region
 from meshd.testing.harness import free_port
+from meshd.testing.plugins import make_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,14 +171,37 @@ def test_check_needs_a_file() -> None:
 
 # -- plugins -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag", ["--load", "--no-load"])
-def test_plugins_lists_static(flag: str) -> None:
+@pytest.mark.parametrize(("flag", "status"), [("--load", ["ok"]), ("--no-load", ["not", "loaded"])])
+def test_plugins_lists_static(flag: str, status: list[str]) -> None:
     result = invoke("plugins", flag)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "STATUS"]
     [static] = [line.split() for line in lines if line.startswith("static ")]
-    assert static == ["static", "meshd-static", dist_version("meshd-static"), "ok"]
+    assert static == ["static", "meshd-static", dist_version("meshd-static"), *status]
+
+
+def test_plugins_exits_1_when_one_fails_to_load(tmp_path: Path) -> None:
+    root = tmp_path / "plugins"
+    make_distribution(root, "broken-plugin", {"broken": "brokenplugin:Backend"}, "brokenplugin",
+                      "raise RuntimeError('broken at import')\n")
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    def plugins(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meshd", "plugins", *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    out = plugins()
+    assert out.returncode == 1, out.stdout + out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert rows["broken"].split()[1:4] == ["broken-plugin", "0.0.1", "error:"]
+    assert "RuntimeError: broken at import" in rows["broken"]
+    assert rows["static"].split()[3:] == ["ok"]
+    # Not imported: no plugin is called ok, and nothing failed.
+    out = plugins("--no-load")
+    assert out.returncode == 0, out.stdout + out.stderr
+    statuses = [line.split()[3:] for line in out.stdout.splitlines()[1:]]
+    assert statuses and all(s == ["not", "loaded"] for s in statuses), out.stdout
 
 
 # -- stat ----------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -127,7 +129,7 @@ def test_restart_during_outage_routes_from_persisted_endpoints(mesh, backends, t
     assert m2.proc is not None
 
 
-def test_broken_plugins_do_not_stop_other_services(mesh, backends, tmp_path):
+def test_check_run_and_reload_agree_on_a_plugin_that_fails_to_import(mesh, backends, tmp_path):
     a = backends("a")
     services = tmp_path / "services"
     services.mkdir()
@@ -135,16 +137,25 @@ def test_broken_plugins_do_not_stop_other_services(mesh, backends, tmp_path):
     text, ports = _config(mesh, services, sources=broken,
                           extra='[service.web]\ndiscovery = "local"\n[service.gone]\ndiscovery = "dir"\n')
     text = text.replace("web = []", f'web = ["{a.address}"]')
-    m = mesh.start(text, ports, env=_plugin_env(tmp_path))
+    env = _plugin_env(tmp_path)
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    problem = ("discovery[0].plugin: discovery plugin 'broken' from distribution broken-plugin "
+               "0.0.1 failed to import: RuntimeError: this plugin is broken at import")
+    # `meshd check` and `meshd run` refuse it alike: exit 2, the same line.
+    for command in ("check", "run"):
+        out = subprocess.run([sys.executable, "-m", "meshd", command, "-c", str(path)], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert (out.returncode, out.stderr) == (2, f"{path}: {problem}\n"), (command, out)
+    # A reload to it is refused too, and the running config keeps serving.
+    good = text.replace(broken, "")
+    m = mesh.start(good, ports, env=env)
+    m.config_path.write_text(text)
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="failure"') == 1,
+             what="the reload counted as failed")
+    assert f"reload rejected, the running config stays: {m.config_path}: {problem}" in m.log()
     assert http_get("127.0.0.1", ports["outbound"], "/", {"Host": "web"})[0] == 200
-    log = m.log()
-    assert "broken-plugin 0.0.1 failed to import: RuntimeError: this plugin is broken at import" in log
-    # `meshd check` refuses what `meshd run` tolerated.
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(m.config_path)],
-                         env=_plugin_env(tmp_path), capture_output=True, text=True, timeout=20)
-    assert out.returncode == 2 and "discovery[0].plugin" in out.stderr and "broken-plugin" in out.stderr
 
 
 def test_watch_that_raises_is_reported_with_its_distribution(mesh, backends, tmp_path):
@@ -156,8 +167,17 @@ def test_watch_that_raises_is_reported_with_its_distribution(mesh, backends, tmp
     wait_for(lambda: "discovery source dir (plugin dir from dir-plugin 0.0.1): watch of orders failed" in m.log(),
              timeout=15, what="the failing watch in the log")
     assert http_get("127.0.0.1", ports["outbound"], "/", {"Host": "web"})[0] == 200
-    status, _, body = http_get("127.0.0.1", ports["outbound"], "/", {"Host": "orders"})
+    # Failing is not the same as not knowing: the 503 names the source and its error.
+    status, headers, body = http_get("127.0.0.1", ports["outbound"], "/", {"Host": "orders"})
+    reason = f"discovery source 'dir' failing for service 'orders': OSError: {services} is gone"
+    assert status == 503 and reason in body.decode(), body
+    assert headers["meshd-error"].startswith("discovery source 'dir' failing for service 'orders'")
+    assert b"no discovery source knows it" not in body
+    # /ready says what it waits for: the first answer for orders from dir.
+    status, _, body = http_get("127.0.0.1", ports["admin"], "/ready")
     assert status == 503
+    assert body.startswith(b"not ready, waiting for "), body
+    assert b"discovery: first answer for orders (source dir)" in body, body
 
 
 def test_service_split_across_two_sources_by_share(mesh, backends, tmp_path):

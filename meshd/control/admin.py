@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from meshd.control.process import Control
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+READY_NAMES = 10   # services /ready names when it waits for discovery (then "and N more")
 
 MAX_CONNECTIONS = 64   # admin connections at once: probes, scrapers, a few humans
 HEAD_TIMEOUT = 10.0    # seconds for a whole request head (and the wait for it)
@@ -178,14 +179,29 @@ class AdminApp:
             b"live\n" if alive else b"master gone\n")
 
     def ready(self) -> tuple[str, str, bytes]:
+        """200 "ready", or 503 naming what it waits for: workers not serving yet, each
+        service whose first answer a source still owes (at most READY_NAMES of them), the
+        first endpoints not yet handed to the workers."""
         c = self.control
         serving = serving_workers(c.region)
         desired = c.region.get_u32(OFF_DESIRED)
-        synced = c.discovery.all_synced and c.discovery.first_published.is_set()
-        if serving >= desired and synced:
+        published = c.discovery.first_published.is_set()
+        pending = [(w.name, [src for src, st in w.sources.items() if not (st.synced or st.stale)])
+                   for w in c.discovery.watches.values() if not w.synced]
+        if serving >= desired and not pending and published:
             return "200 OK", "text/plain", b"ready\n"
-        why = f"workers serving {serving}/{desired}; discovery synced: {synced}\n"
-        return "503 Service Unavailable", "text/plain", why.encode()
+        waiting = []
+        if serving < desired:
+            waiting.append(f"workers: {serving} of {desired} serving")
+        if pending:
+            names = ", ".join(f"{name} (source {', '.join(srcs)})"
+                              for name, srcs in pending[:READY_NAMES])
+            more = f" and {len(pending) - READY_NAMES} more" if len(pending) > READY_NAMES else ""
+            waiting.append(f"discovery: first answer for {names}{more}")
+        if not published:
+            waiting.append("endpoints: not yet published to the workers")
+        return ("503 Service Unavailable", "text/plain",
+                ("not ready, waiting for " + "; ".join(waiting) + "\n").encode())
 
     def metrics(self) -> tuple[str, str, bytes]:
         c = self.control

@@ -22,7 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from meshd import config as config_mod
+from meshd import logs
+from meshd.cli.common import load_checked
 from meshd.config import Address, Config
 from meshd.errors import ConfigError, MeshdError
 from meshd.master.notify import Notifier, scrub_env
@@ -71,9 +72,11 @@ class Child:
 
 
 class Arbiter:
-    def __init__(self, cfg: Config, workers_override: int | None = None) -> None:
+    def __init__(self, cfg: Config, workers_override: int | None = None,
+                 log_level_override: str | None = None) -> None:
         self.cfg = cfg
         self.workers_override = workers_override
+        self.log_level_override = log_level_override
         self.desired = workers_override or cfg.workers
         self.configs: dict[int, Config] = {1: cfg}
         self.generation = 1             # the newest generation (may still be booting)
@@ -234,7 +237,7 @@ class Arbiter:
             return
         log.info("reloading %s", self.cfg.path)
         try:
-            new = config_mod.load(self.cfg.path)
+            new = load_checked(self.cfg.path)   # as `meshd check` (and ExecReload) does
             if new.shm_dir != self.cfg.shm_dir or new.instance != self.cfg.instance:
                 raise ConfigError([("shm_dir", "shm_dir and instance cannot change on reload")],
                                   self.cfg.path)
@@ -259,6 +262,8 @@ class Arbiter:
         self.generation_started = time.monotonic()
         self.configs[self.generation] = new
         self.cfg = new
+        if self.log_level_override is None:
+            logs.set_level(new.log_level)   # the new generation is forked with it
         if self.workers_override is None:
             self.desired = new.workers
         self.regions.current.set_u64(OFF_GENERATION, self.generation)

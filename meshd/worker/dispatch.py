@@ -28,6 +28,7 @@ from meshd.worker.routing import Policy
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
+    from meshd.snapshot import Snapshot
     from meshd.worker.h2_upstream import H2Stream
     from meshd.worker.process import Worker
     from meshd.worker.upstream import UpstreamConn
@@ -144,11 +145,12 @@ class Call:
 
 
 def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
-                      policy: Policy) -> tuple[Endpoint, ...]:
+                      policy: Policy, snapshot: Snapshot) -> tuple[Endpoint, ...]:
     """The endpoints ``route`` found, or the error a client gets: no source knows the
-    service (NoService), or neither it nor its failover services have any (NoEndpoints)."""
+    service or its source fails (NoService, the snapshot says which), or neither it nor
+    its failover services have any (NoEndpoints)."""
     if endpoints is None:
-        raise NoService(f"unknown service {service!r}: no discovery source knows it")
+        raise NoService(snapshot.unknown_reason(service))
     if not endpoints:
         tried = (policy.service, *policy.failover)
         raise NoEndpoints(f"service {service!r} has no endpoints" if len(tried) == 1 else

@@ -120,7 +120,7 @@ class H2ToHttp1:
         try:
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
-            endpoints = require_endpoints(service, endpoints, policy)
+            endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
                         method, fields, server.peer)
             head = self._upstream_head(method, target, authority, fields)

@@ -199,7 +199,7 @@ class HttpConnection:
         body: RequestBody | None = None
         status = 502
         try:
-            endpoints = require_endpoints(service, endpoints, policy)
+            endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             if req.method == b"CONNECT":
                 status = self._connect(service, endpoints, policy)
                 return False

@@ -158,7 +158,8 @@ class Worker:
         to ``discovery_wait``."""
         snap = self.snapshot
         endpoints = snap.services.get(service)
-        if endpoints is not None or service in snap.absent:
+        # A watched service whose source fails is an answer too: no waiting for it.
+        if endpoints is not None or service in snap.absent or service in snap.errors:
             return endpoints
         wait = self.config.discovery_wait
         if wait <= 0:
@@ -170,7 +171,7 @@ class Worker:
             self._load_snapshot()
             snap = self.snapshot
             endpoints = snap.services.get(service)
-            if endpoints is not None or service in snap.absent:
+            if endpoints is not None or service in snap.absent or service in snap.errors:
                 return endpoints
         return None
 

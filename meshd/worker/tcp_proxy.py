@@ -113,7 +113,7 @@ def _connect(worker: Worker, listener: ListenerConfig, client: socket.socket,
             service = listener.service
             endpoints = worker.resolve(service)
             if endpoints is None:
-                raise NoService(f"unknown service {service!r}: no discovery source knows it")
+                raise NoService(worker.snapshot.unknown_reason(service))
             if not endpoints:
                 raise NoEndpoints(f"service {service!r} has no endpoints")
             svc = worker.config.services.get(service)
