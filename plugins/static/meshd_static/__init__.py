@@ -17,7 +17,8 @@ forms of ``services``; a service is given inline or in the file, not in both. Wr
 atomically (a temporary file renamed over it) so a half-written file is never read.
 
 ``watch(service)`` yields ``Reset`` whenever the service's entries change and
-``NoSuchService`` while neither the inline table nor the file has it. A file that turns
+``NoSuchService`` while neither the inline table nor the file has it; ``knows(service)``
+answers the same from memory. A file that turns
 invalid or disappears makes every watch of the file's services raise once, with the file
 and the key path in the message: meshd keeps their last endpoints (fail static) and logs
 it; the watch meshd restarts then waits quietly for the file to change, and the first good
@@ -92,6 +93,16 @@ class StaticBackend(Backend):
                 log.warning("discovery source %s: %s", self.name, state.error)
             names += list(state.services or ())
         return tuple(names)
+
+    def knows(self, service: str) -> bool | None:
+        """From memory (meshd asks for every name a client names): inline, or in the file
+        as last read (before its first read: cannot tell)."""
+        if service in self._services:
+            return True
+        if self._file is None:
+            return False
+        services = self._file.state().services
+        return None if services is None else service in services
 
     def watch(self, service: str) -> Iterator[Update]:
         endpoints = self._services.get(service)
