@@ -10,6 +10,7 @@ attempt is sent again (the protocol module then raises ``RetryNow``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -18,6 +19,7 @@ import gevent
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProtocolUnavailable, ProxyError, UpstreamTimeout
+from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -137,6 +139,22 @@ class Call:
         except BaseException as e:
             connect_failed(worker, self, row, e, attempts_left)
             raise
+
+
+# Clients name services at will (a made-up Host header each request): the answer's log
+# line is rate limited per listener, not one line per name.
+_unknown_service_log = Throttle(logging.getLogger("meshd.worker"))
+
+
+def log_answer(listener: str, err: ProxyError, fmt: str) -> None:
+    """Log an error answer (``fmt`` % (listener, status, reason)); unknown services at a
+    bounded rate."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    if isinstance(err, NoService):
+        _unknown_service_log.log(level, f"{listener}: unknown service", fmt, listener,
+                                 err.status, err.reason)
+    else:
+        logging.getLogger("meshd.worker").log(level, fmt, listener, err.status, err.reason)
 
 
 def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,

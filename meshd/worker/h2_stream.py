@@ -30,6 +30,7 @@ from meshd.worker.dispatch import (
     RetryNow,
     error_kind,
     is_grpc,
+    log_answer,
     may_retry,
     require_endpoints,
     route,
@@ -369,8 +370,7 @@ class H2ToHttp1:
     upstream_reset: int | None = None  # the RST_STREAM code an HTTP/2 upstream sent
 
     def _answer_error(self, err: ProxyError) -> None:
-        level = logging.INFO if err.status < 500 else logging.WARNING
-        log.log(level, "%s %s (HTTP/2): %s", self.server.listener.name, err.status, err.reason)
+        log_answer(self.server.listener.name, err, "%s %s (HTTP/2): %s")
         body = err.reason.encode("utf-8", "replace") + b"\n"
         headers = [(b":status", b"%d" % err.status), (b"content-type", b"text/plain; charset=utf-8"),
                    (b"content-length", b"%d" % len(body)),

@@ -37,6 +37,7 @@ from meshd.worker.dispatch import (
     Call,
     RetryNow,
     error_kind,
+    log_answer,
     may_retry,
     require_endpoints,
     route,
@@ -461,8 +462,7 @@ class HttpConnection:
 
     def _answer_error(self, err: ProxyError, close: bool) -> bool:
         """Answer with the error's status and reason. Returns whether to keep the connection."""
-        level = logging.INFO if err.status < 500 else logging.WARNING
-        log.log(level, "%s %s: %s", self.listener.name, err.status, err.reason)
+        log_answer(self.listener.name, err, "%s %s: %s")
         body = err.reason.encode("utf-8", "replace") + b"\n"
         close = close or self.worker.draining
         extra = [
