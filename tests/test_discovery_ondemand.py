@@ -102,7 +102,6 @@ def _lockout(mesh, consul: ConsulServer, text: str, ports: dict[str, int]) -> No
 
     # Memory stays bounded: the junk held at most max_watches watches, no connection each.
     rss_after, _ = process_usage(control)
-    print(f"control RSS {rss_before:.1f} -> {rss_after:.1f} MiB; max blocked {consul.max_blocked}")
     assert rss_after - rss_before < 25, (rss_before, rss_after)
     assert consul.max_blocked <= DEFAULT_MAX_WATCHES + 2, consul.max_blocked
 
@@ -134,8 +133,7 @@ def test_watches_per_source_stay_within_max_watches(mesh, api, tmp_path) -> None
     # At most the cap, plus evictions the server had not noticed yet while the flood's
     # FLOOD_THREADS clients ran.
     assert api.max_open_watches <= DEFAULT_MAX_WATCHES + FLOOD_THREADS, api.max_open_watches
-    # (most of the 200 past the cap: a few asks may not fit the control socket's queue)
-    assert m.metric("meshd_discovery_watches_evicted_total", 'source="k8s"') >= 150
+    assert m.metric("meshd_discovery_watches_evicted_total", 'source="k8s"') >= 200
     assert m.metric("meshd_discovery_watches", 'source="k8s"') <= DEFAULT_MAX_WATCHES
     # Found absent, they are dropped within the negative cache's 5s.
     wait_for(lambda: not _junk_watched(ports["admin"]), timeout=15,
@@ -174,8 +172,7 @@ def test_refused_watches_are_logged_at_a_bounded_rate(mesh, backends, consul) ->
         assert http_get("127.0.0.1", ports["outbound"], "/", {"Host": name})[0] == 200
     statuses = _flood(ports["outbound"], (f"junk{i}" for i in range(200)))
     assert statuses == {503: 200}, statuses
-    # (Asks the control socket's queue could not take were dropped: most, not all, count.)
-    assert m.metric("meshd_discovery_watches_refused_total", 'source="consul"') >= 100
+    assert m.metric("meshd_discovery_watches_refused_total", 'source="consul"') >= 200
     refused = m.log().count("not watching junk")
     assert 1 <= refused <= 25, refused
     # Known services are never refused: a third one still gets its watch (past the cap).
