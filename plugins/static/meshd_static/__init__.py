@@ -45,6 +45,7 @@ log = logging.getLogger("meshd.discovery.static")
 
 _KEYS = ("services", "file", "interval")
 DEFAULT_INTERVAL = 1.0
+MAX_RAISED = 4096
 _UNSET: Any = object()
 
 
@@ -122,6 +123,8 @@ class StaticBackend(Backend):
                     yield NoSuchService() if current is None else Reset(current)
             elif self._raised.get(service) != state.version:
                 # Once per bad state: the watch meshd restarts after this waits for a change.
+                if len(self._raised) >= MAX_RAISED:  # names are clients' to make up
+                    self._raised.clear()   # at worst a watch raises once more
                 self._raised[service] = state.version
                 raise StaticFileError(f"{state.error} (keeping the last good endpoints)")
             state = file.wait(state.version)
