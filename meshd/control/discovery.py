@@ -138,6 +138,7 @@ class DiscoveryRunner:
         self.refused: Counter[str] = Counter()
         self.max_watches = {src.name: src.max_watches for src in cfg.discovery}
         self.throttle = Throttle(log)
+        self._last_idle_scan = 0.0
         self.state_path = state.state_path(cfg.state_dir, cfg.instance)
         self.saved, self.saved_at = state.load(self.state_path)
         self.seq = 0
@@ -382,6 +383,11 @@ class DiscoveryRunner:
 
     def expire_idle(self, now: float) -> None:
         ttl = self.cfg.discovery_negative_ttl
+        # Requests are summed from shared memory: at most every EXPIRY_CHECK_INTERVAL,
+        # however often the negative cache is looked at.
+        scan = now - self._last_idle_scan >= EXPIRY_CHECK_INTERVAL
+        if scan:
+            self._last_idle_scan = now
         for w in list(self.watches.values()):
             if not w.on_demand:
                 continue
@@ -390,6 +396,8 @@ class DiscoveryRunner:
                 # endpoints once found, and this watch never found any).
                 self.unwatch(w.name, "no source has it" if w.exists is False else
                              "its watch fails and found nothing")
+                continue
+            if not scan:
                 continue
             requests = sum(self.region.row_totals(r)[F_REQUESTS] for r in self.rows.service_rows(w.name))
             if requests != w.last_requests:
