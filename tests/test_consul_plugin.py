@@ -384,6 +384,7 @@ def test_knows_answers_from_the_catalog_it_keeps(consul) -> None:
         assert backend.knows("web") is None           # the first call starts the catalog watch
         assert backend.catalog.wait_synced(5)
         assert (backend.knows("web"), backend.knows("junk")) == (True, False)
+        assert backend.knows("WEB") is True           # Consul's lookups ignore case
         assert backend.knows("web@dc2") is None       # another datacenter's catalog is not kept
         consul.register("orders", 8082, address="10.0.0.2")
         deadline = time.monotonic() + 5

@@ -64,7 +64,7 @@ class Catalog:
         if start:
             self.start()
         with self._cond:
-            return None if self._names is None else name in self._names
+            return None if self._names is None else name.lower() in self._names
 
     def start(self) -> None:
         with self._cond:
@@ -89,7 +89,7 @@ class Catalog:
         """Block until the catalog lists ``name`` (True) or the backend closes (False)."""
         with self._cond:
             while not self._closed.is_set():
-                if self._names is not None and name in self._names:
+                if self._names is not None and name.lower() in self._names:
                     return True
                 self._cond.wait(WAIT_SLICE)
         return False
@@ -137,7 +137,8 @@ class Catalog:
                     index = 0   # the index went backwards: a full read
                     continue
                 index = new_index
-                self._set(frozenset(services or ()), returned)
+                # Lower case: Consul looks service names up case-insensitively.
+                self._set(frozenset(n.lower() for n in services or ()), returned)
         finally:
             self._release()
             self._set(None, 0)
