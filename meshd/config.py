@@ -8,7 +8,7 @@ A reload builds a new ``Config``; nothing here is ever mutated after load.
 
 Unknown keys are errors at every level, except beside ``name`` and ``plugin`` in a
 ``[[discovery]]`` table: those keys belong to the plugin and are handed over in
-``DiscoveryConfig.options`` for the plugin to validate.
+``DiscoveryConfig.options`` for the plugin to validate (meshd keeps ``max_watches``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ T = TypeVar("T")
 Problems = list[tuple[str, str]]
 
 MAX_WORKERS = 128
+DEFAULT_MAX_WATCHES = 100  # per discovery source
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -72,6 +73,9 @@ class DiscoveryConfig:
     name: str
     plugin: str  # entry-point name in the group meshd.discovery
     options: Mapping[str, Any]  # the plugin's own keys, read-only
+    # Watches of this source at once; past it the least recently used watch of a name
+    # the source does not know is stopped (a Consul agent allows 200 connections a client).
+    max_watches: int = DEFAULT_MAX_WATCHES
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,9 @@ class Config:
     # application still calls out through meshd while it shuts down)
     shutdown_delay: float = 0.0
     log_level: str = "info"  # debug | info | warning | error; applied again on HUP
+    # An on-demand watch that found no such service, or only failed, is dropped this long
+    # after it started (a negative cache): made-up names must not hold watches.
+    discovery_negative_ttl: float = 5.0
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -286,6 +293,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     discovery_wait = top.take("discovery_wait", _duration(0.0), 1.0)
     service_idle_expiry = top.take("service_idle_expiry", _duration(1.0), 600.0)
     log_level = top.take("log_level", _choice("debug", "info", "warning", "error"), "info")
+    discovery_negative_ttl = top.take("discovery_negative_ttl", _duration(0.1), 5.0)
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
@@ -318,7 +326,8 @@ def parse(data: Mapping[str, Any], path: str = "",
         raise ConfigError(problems, path)
     return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
                   metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits, balancer, routes, shutdown_delay, log_level=log_level)
+                  services, limits, balancer, routes, shutdown_delay, log_level=log_level,
+                  discovery_negative_ttl=discovery_negative_ttl)
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -333,7 +342,8 @@ def _admin(t: _Table) -> AdminConfig:
 def _discovery(t: _Table) -> DiscoveryConfig:
     name = t.take("name", _string(_NAME), "", required=True)
     plugin = t.take("plugin", _string(), "", required=True)
-    return DiscoveryConfig(name, plugin, MappingProxyType(t.rest()))
+    max_watches = t.take("max_watches", _integer(1, 100_000), DEFAULT_MAX_WATCHES)
+    return DiscoveryConfig(name, plugin, MappingProxyType(t.rest()), max_watches)
 
 
 def _listener(t: _Table) -> ListenerConfig:

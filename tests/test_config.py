@@ -492,3 +492,17 @@ def test_frozen() -> None:
         cfg.services["api"] = ServiceConfig("api")  # type: ignore[index]
     assert isinstance(cfg, Config) and isinstance(cfg.listeners, tuple)
 
+
+
+def test_on_demand_discovery_bounds() -> None:
+    cfg = parse(minimal())
+    assert cfg.discovery_negative_ttl == 5.0
+    cfg = parse(minimal(discovery_negative_ttl="2s", discovery=[
+        {"name": "a", "plugin": "static"},
+        {"name": "b", "plugin": "consul", "max_watches": 20, "address": "http://x:8500"}]))
+    assert cfg.discovery_negative_ttl == 2.0
+    assert [d.max_watches for d in cfg.discovery] == [100, 20]
+    assert "max_watches" not in cfg.discovery[1].options     # meshd's key, not the plugin's
+    assert keys(minimal(discovery_negative_ttl="10ms")) == ["discovery_negative_ttl"]
+    assert keys(minimal(discovery=[{"name": "a", "plugin": "static", "max_watches": 0}])) == [
+        "discovery[0].max_watches"]

@@ -373,3 +373,56 @@ def test_register_local_is_seen_by_a_watch(consul, tmp_path: Path) -> None:
     rec.wait_for(lambda eps: rec.exists is False, timeout=2)
     assert rec.updates[-1][1] == NoSuchService()
     rec.close()
+
+
+# -- made-up names: knows() and the kept catalog ------------------------------------------
+
+def test_knows_answers_from_the_catalog_it_keeps(consul) -> None:
+    consul.register("web", 8081, address="10.0.0.1")
+    backend = ConsulBackend("consul", {"address": consul.url, "wait": "30s"})
+    try:
+        assert backend.knows("web") is None           # the first call starts the catalog watch
+        assert backend.catalog.wait_synced(5)
+        assert (backend.knows("web"), backend.knows("junk")) == (True, False)
+        assert backend.knows("WEB") is True           # Consul's lookups ignore case
+        assert backend.knows("web@dc2") is None       # another datacenter's catalog is not kept
+        consul.register("orders", 8082, address="10.0.0.2")
+        deadline = time.monotonic() + 5
+        while backend.knows("orders") is not True and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.knows("orders") is True
+        # One blocking query follows the catalog: no read per knows() call.
+        catalog = consul.requests_to("/v1/catalog/services")
+        assert len(catalog) <= 3 and catalog[-1].param("index") not in (None, "0")
+    finally:
+        backend.close()
+
+
+def test_a_name_the_catalog_lacks_is_watched_without_a_query_until_it_appears(consul) -> None:
+    backend = ConsulBackend("consul", {"address": consul.url, "wait": "30s"})
+    backend.knows("orders")                           # as meshd asks before watching
+    assert backend.catalog.wait_synced(5)
+    rec = WatchRecorder(backend, "orders")
+    try:
+        assert isinstance(rec.next(), NoSuchService)
+        # Not registered: the watch waits on the kept catalog, not on the agent.
+        assert consul.requests_to("/v1/health/service/orders") == []
+        assert consul.blocked <= 1                    # the catalog's own query
+        consul.register("orders", 8081, address="10.0.0.1")
+        rec.wait_for(lambda eps: hosts(eps) == {"10.0.0.1:8081"}, timeout=5)
+        consul.deregister("orders-node1-8081")        # gone again: back to waiting
+        assert isinstance(rec.next(), Reset) and isinstance(rec.next(), NoSuchService)
+    finally:
+        rec.close()
+
+
+def test_a_watch_is_not_held_by_a_catalog_nobody_started(consul) -> None:
+    # watch() alone (no knows()) works as before: the health query, then the catalog once.
+    backend = ConsulBackend("consul", {"address": consul.url, "wait": "30s"})
+    rec = WatchRecorder(backend, "nosuch")
+    try:
+        assert isinstance(rec.next(), NoSuchService)
+        assert not backend.catalog.started
+        assert len(consul.requests_to("/v1/health/service/nosuch")) >= 1
+    finally:
+        rec.close()

@@ -232,3 +232,19 @@ def test_meshd_follows_an_edit_of_the_file_within_2s(mesh, backends, tmp_path) -
     write(path, f'web = ["{a.address}"]\n')            # fixed: followed again
     wait_for(lambda: {who() for _ in range(5)} == {"a"}, timeout=3, interval=0.02,
              what="traffic to move back to a")
+
+
+def test_knows_answers_from_memory(tmp_path) -> None:
+    path = tmp_path / "endpoints.toml"
+    path.write_text('api = ["127.0.0.1:9000"]\n')
+    backend = StaticBackend("local", {"services": {"web": ["127.0.0.1:8080"]},
+                                      "file": str(path)})
+    try:
+        assert backend.knows("web") is True
+        assert backend.knows("api") is None               # the file is not read yet
+        assert set(backend.services()) == {"web", "api"}  # meshd reads it at start
+        assert (backend.knows("api"), backend.knows("junk")) == (True, False)
+        inline_only = StaticBackend("x", {"services": {"web": ["127.0.0.1:8080"]}})
+        assert (inline_only.knows("web"), inline_only.knows("junk")) == (True, False)
+    finally:
+        backend.close()

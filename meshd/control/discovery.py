@@ -5,6 +5,14 @@ One watch greenlet per (service, source). A service is watched when the config n
 a worker first asks for it (a datagram on the control socket); a service watched on
 demand is dropped again after ``service_idle_expiry`` without requests.
 
+Clients choose the names asked for (a Host header), so on-demand watches are bounded:
+each source holds at most its ``max_watches``; a new name past that stops the least
+recently used watch of a name no source knows (``Backend.knows``, optional) and whose
+watch found nothing, so made-up names never lock out a real service, which is never
+refused. A watch that found no such service, or only failed, is dropped
+``discovery_negative_ttl`` after it started. The log lines clients can cause this way
+are rate limited (``meshd.ratelog``).
+
 Updates from each source are applied to that source's endpoint set; a service served by
 several sources with shares (a migration: 90 % Consul, 10 % Kubernetes) gets their
 endpoints merged with weights scaled so each source carries its share. A publisher
@@ -22,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,9 +57,12 @@ PUBLISH_INTERVAL = 0.02
 PUBLISH_RETRY_MIN, PUBLISH_RETRY_MAX = 0.1, 5.0   # a failed publish: jittered backoff
 FIRST_SYNC_WAIT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
-EXPIRY_CHECK_INTERVAL = 5.0
-ABSENT_EXPIRY = 30.0   # an on-demand service no source knows is forgotten after this
-MAX_ON_DEMAND = 1000   # bounds what clients can make us watch with made-up Host headers
+EXPIRY_CHECK_INTERVAL = 5.0   # at most; a short discovery_negative_ttl checks more often
+# Keys of the rate-limited lines (never a service name: clients choose those).
+LOG_STARTED = "discovery: on-demand watches started"
+LOG_STOPPED = "discovery: on-demand watches stopped"
+LOG_REFUSED = "discovery: watches refused"
+LOG_OVER = "discovery: watches over max_watches"
 
 
 @dataclass
@@ -73,6 +85,7 @@ class ServiceWatch:
     greenlets: list[gevent.Greenlet] = field(default_factory=list)
     last_requests: int = -1
     idle_since: float = 0.0
+    started: float = 0.0              # monotonic; the negative cache counts from here
 
     @property
     def synced(self) -> bool:
@@ -122,6 +135,14 @@ class DiscoveryRunner:
         self.plugin_info: dict[str, PluginInfo] = {}
         self.source_errors: dict[str, str] = {}
         self.watches: dict[str, ServiceWatch] = {}
+        # On-demand watches, least recently used first (asked for, or requests seen).
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.per_source: Counter[str] = Counter()     # watches using each source now
+        self.evicted: Counter[str] = Counter()        # per source, since start
+        self.refused: Counter[str] = Counter()
+        self.max_watches = {src.name: src.max_watches for src in cfg.discovery}
+        self.throttle = Throttle(log)
+        self._last_idle_scan = 0.0
         self.state_path = state.state_path(cfg.state_dir, cfg.instance)
         self.saved, self.saved_at = state.load(self.state_path)
         self.seq = 0
@@ -182,12 +203,21 @@ class DiscoveryRunner:
         svc = self.cfg.services.get(service)
         if svc is not None and svc.sources:
             return svc.sources
+        maybe = None   # the first source that does not say it lacks the service
         for name, backend in self.backends.items():
-            try:
-                if service in backend.services():
-                    return (SourceShare(name, 100),)
-            except Exception:
-                continue
+            if hasattr(backend, "knows"):
+                found = self.knows(name, service)   # from memory: no I/O per made-up name
+            else:
+                try:  # a plugin without knows(): its list (API version 1)
+                    found = service in backend.services() or None
+                except Exception:
+                    continue
+            if found:
+                return (SourceShare(name, 100),)
+            if found is None and maybe is None:
+                maybe = name
+        if maybe is not None:
+            return (SourceShare(maybe, 100),)
         if self.cfg.discovery:
             return (SourceShare(self.cfg.discovery[0].name, 100),)
         return ()
@@ -196,18 +226,43 @@ class DiscoveryRunner:
         info = self.plugin_info.get(source)
         return f"plugin {info.describe()}" if info else "plugin not loaded"
 
+    def knows(self, source: str, service: str) -> bool | None:
+        """The source's ``knows(service)``; None when it cannot tell (or has no such method)."""
+        fn = getattr(self.backends.get(source), "knows", None)
+        if fn is None:
+            return None
+        try:
+            known = fn(service)
+        except Exception as e:
+            self.throttle.warning(f"discovery source {source}: knows() failed",
+                                  "discovery source %s (%s): knows(%r) failed: %s", source,
+                                  self._describe(source), service, e)
+            return None
+        return None if known is None else bool(known)
+
+    def _protected(self, w: ServiceWatch) -> bool:
+        """Never evicted: configured, found to exist, or known to one of its sources."""
+        return (not w.on_demand or w.exists is True
+                or any(self.knows(s.source, w.name) for s in w.shares))
+
     # -- watching -----------------------------------------------------------------------
 
     def watch(self, service: str, on_demand: bool) -> None:
-        if service in self.watches or not service:
+        if not service:
             return
-        if on_demand and sum(w.on_demand for w in self.watches.values()) >= MAX_ON_DEMAND:
-            log.warning("not watching %s: %d services are already watched on demand",
-                        service, MAX_ON_DEMAND)
+        if service in self.watches:
+            if service in self.recent:
+                self.recent.move_to_end(service)   # asked for again: recently used
             return
         shares = self._shares_for(service)
-        w = ServiceWatch(service, shares, on_demand, idle_since=time.monotonic())
+        if not self._make_room(service, shares, on_demand):
+            return
+        now = time.monotonic()
+        w = ServiceWatch(service, shares, on_demand, idle_since=now, started=now)
         self.watches[service] = w
+        self.per_source.update(s.source for s in shares)
+        if on_demand:
+            self.recent[service] = None
         if not on_demand:
             self._ensure_rows(service)
         saved = self.saved.get(service, {})
@@ -223,9 +278,39 @@ class DiscoveryRunner:
                 continue
             w.greenlets.append(gevent.spawn(self._watch_loop, w, share.source, backend))
         if on_demand:
-            log.info("watching %s on demand (sources: %s)", service,
-                     ", ".join(s.source for s in shares) or "none")
+            self.throttle.info(LOG_STARTED, "watching %s on demand (sources: %s)", service,
+                               ", ".join(s.source for s in shares) or "none")
         self.dirty.set()
+
+    def _make_room(self, service: str, shares: tuple[SourceShare, ...], on_demand: bool) -> bool:
+        """Below each source's ``max_watches`` for one more watch: stop the least recently
+        used unprotected watch of a full source. False: refuse ``service``, which is
+        unknown and finds only known or found services holding the cap. A configured or
+        known service is never refused (it may go past the cap: a warning says so)."""
+        known = not on_demand or any(self.knows(s.source, service) for s in shares)
+        for share in shares:
+            source = share.source
+            cap = self.max_watches.get(source, 0)
+            if not cap or self.per_source[source] < cap:
+                continue
+            victim = next((name for name in self.recent
+                           if any(s.source == source for s in self.watches[name].shares)
+                           and not self._protected(self.watches[name])), None)
+            if victim is not None:
+                self.evicted[source] += 1
+                self.unwatch(victim, f"the least recently used of {cap} watches (max_watches) "
+                                     f"of source {source}")
+            elif not known:
+                self.refused[source] += 1
+                self.throttle.warning(LOG_REFUSED, "not watching %s: source %s has %d watches "
+                                      "(max_watches) of services it knows or found", service,
+                                      source, cap)
+                return False
+            else:
+                self.throttle.warning(LOG_OVER, "watching %s past max_watches = %d of source "
+                                      "%s: every watch is of a service it knows", service,
+                                      cap, source)
+        return True
 
     def _ensure_rows(self, service: str) -> None:
         """Rows for a service: at once for configured ones, and for one watched on demand
@@ -247,9 +332,14 @@ class DiscoveryRunner:
                 failures += 1
                 st.errors_total += 1
                 st.error = f"{type(e).__name__}: {e}"
-                log.error("discovery source %s (%s): watch of %s failed: %s; keeping its last "
-                          "%d endpoints", source, self._describe(source), w.name, st.error,
-                          len(st.endpoints))
+                args = ("discovery source %s (%s): watch of %s failed: %s; keeping its last "
+                        "%d endpoints", source, self._describe(source), w.name, st.error,
+                        len(st.endpoints))
+                if w.on_demand and w.exists is not True:  # a name a client made up, maybe
+                    self.throttle.log(logging.ERROR, f"discovery source {source}: on-demand "
+                                      "watches failed", *args)
+                else:
+                    log.error(*args)
                 self.dirty.set()
             delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 10))
             gevent.sleep(delay * random.uniform(0.5, 1.0))
@@ -272,7 +362,12 @@ class DiscoveryRunner:
         w = self.watches.pop(service, None)
         if w is not None:
             gevent.killall(w.greenlets, block=False)
-            log.info("stopped watching %s (%s)", service, why)
+            self.recent.pop(service, None)
+            self.per_source.subtract(s.source for s in w.shares)
+            if w.on_demand:
+                self.throttle.info(LOG_STOPPED, "stopped watching %s (%s)", service, why)
+            else:
+                log.info("stopped watching %s (%s)", service, why)
             self.dirty.set()
 
     def _health_loop(self) -> None:
@@ -288,19 +383,33 @@ class DiscoveryRunner:
                 log.exception("failure accrual tick failed")
 
     def _expiry_loop(self) -> None:
+        interval = min(EXPIRY_CHECK_INTERVAL, max(0.05, self.cfg.discovery_negative_ttl / 4))
         while True:
-            gevent.sleep(EXPIRY_CHECK_INTERVAL)
+            gevent.sleep(interval)
             self.expire_idle(time.monotonic())
 
     def expire_idle(self, now: float) -> None:
+        ttl = self.cfg.discovery_negative_ttl
+        # Requests are summed from shared memory: at most every EXPIRY_CHECK_INTERVAL,
+        # however often the negative cache is looked at.
+        scan = now - self._last_idle_scan >= EXPIRY_CHECK_INTERVAL
+        if scan:
+            self._last_idle_scan = now
         for w in list(self.watches.values()):
             if not w.on_demand:
                 continue
-            if w.exists is False and now - w.idle_since >= ABSENT_EXPIRY:
-                self.unwatch(w.name, "no source knows it")
+            if w.exists is not True and w.settled and now - w.started >= ttl:
+                # The negative cache: absent or failing alike (fail static is for
+                # endpoints once found, and this watch never found any).
+                self.unwatch(w.name, "no source has it" if w.exists is False else
+                             "its watch fails and found nothing")
+                continue
+            if not scan:
                 continue
             requests = sum(self.region.row_totals(r)[F_REQUESTS] for r in self.rows.service_rows(w.name))
             if requests != w.last_requests:
+                if w.last_requests >= 0:
+                    self.recent.move_to_end(w.name)   # traffic: recently used
                 w.last_requests, w.idle_since = requests, now
             elif now - w.idle_since >= self.cfg.service_idle_expiry:
                 self.unwatch(w.name, f"no requests for {self.cfg.service_idle_expiry:.0f}s")
@@ -433,7 +542,11 @@ class DiscoveryRunner:
         return {
             "services": services,
             "sources": {src.name: {"plugin": src.plugin, "distribution": self._describe(src.name),
-                                   "error": self.source_errors.get(src.name)}
+                                   "error": self.source_errors.get(src.name),
+                                   "watches": self.per_source[src.name],
+                                   "max_watches": src.max_watches,
+                                   "evicted_total": self.evicted[src.name],
+                                   "refused_total": self.refused[src.name]}
                         for src in self.cfg.discovery},
             "persisted": {"path": self.state_path, "saved_at": self.saved_at or None},
             "published": {"path": self.path, "seq": self.seq, "error": self.publish_error,
@@ -464,6 +577,23 @@ class DiscoveryRunner:
         for name, src, st in rows:
             stale = int(st.stale or st.error is not None)
             yield f'meshd_discovery_stale{{service="{_esc(name)}",source="{_esc(src)}"}} {stale}'
+        yield "# HELP meshd_discovery_watches Watches of a source now (max_watches bounds those of unknown names)."
+        yield "# TYPE meshd_discovery_watches gauge"
+        sources = [d.name for d in self.cfg.discovery]
+        for source in sources:
+            yield f'meshd_discovery_watches{{source="{_esc(source)}"}} {self.per_source[source]}'
+        yield ("# HELP meshd_discovery_watches_evicted_total Watches of unknown names stopped to "
+               "stay within max_watches.")
+        yield "# TYPE meshd_discovery_watches_evicted_total counter"
+        for source in sources:
+            yield (f'meshd_discovery_watches_evicted_total{{source="{_esc(source)}"}} '
+                   f"{self.evicted[source]}")
+        yield ("# HELP meshd_discovery_watches_refused_total Names not watched: max_watches was "
+               "held by services the source knows or found.")
+        yield "# TYPE meshd_discovery_watches_refused_total counter"
+        for source in sources:
+            yield (f'meshd_discovery_watches_refused_total{{source="{_esc(source)}"}} '
+                   f"{self.refused[source]}")
         yield "# HELP meshd_discovery_errors_total Failed watches, since the control process started."
         yield "# TYPE meshd_discovery_errors_total counter"
         for name, src, st in rows:

@@ -13,6 +13,11 @@ process is gevent-patched.
 ``Add`` / ``Remove`` (changes against the current set) and ``NoSuchService``. A watch that
 raises is logged with the plugin's distribution and restarted with backoff; the last
 endpoints it gave stay in use meanwhile (fail static).
+
+Optional, still API version 1 (meshd calls it only when a backend has it): ``knows(service)``
+says, from what the source already holds and without blocking, whether it has a service
+now (True / False) or cannot tell (None). meshd asks it for every name a client's request
+names: a name a source knows is never refused a watch nor evicted for made-up ones.
 """
 
 from __future__ import annotations
@@ -105,6 +110,12 @@ class Backend:
     def services(self) -> Iterable[str]:
         """Services this source knows up front (watched from the start). May be empty."""
         return ()
+
+    def knows(self, service: str) -> bool | None:
+        """Optional: whether the source has ``service`` now, answered from memory (called
+        for every name clients ask for, in the control process's request path: no blocking
+        I/O). None: cannot tell (the default), and meshd treats the name as unknown."""
+        return None
 
     def watch(self, service: str) -> Iterator[Update]:
         raise NotImplementedError

@@ -25,9 +25,14 @@ ACL (``acl={"token": "read" | "write" | "deny"}``): the token comes from
 "ACL not found"; a token without read permission sees list results filtered (empty, with
 ``X-Consul-Results-Filtered-By-ACLs: true``), as Consul filters reads; a write without
 ``write`` gets 403 "Permission denied". No token means the anonymous token ("deny").
+``"read:PREFIX"`` is a token scoped to services named PREFIX... (Consul's
+``service_prefix "PREFIX" { policy = "read" }``): the health of another service is 403
+"Permission denied", and ``catalog/services`` lists only the matching ones (filtered).
 
 Every request is recorded in ``requests`` for assertions (method, path, query params,
-token). Fault knobs: ``fail_next(n, status, body)``, ``set_index(n)``, ``stop()`` /
+token); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
+once, ``connections`` / ``max_connections`` the client connections open (what an agent's
+``limits.http_max_conns_per_client`` would count). Fault knobs: ``fail_next(n, status, body)``, ``set_index(n)``, ``stop()`` /
 ``restart()`` (connections in flight are cut, state is kept).
 """
 
@@ -37,6 +42,7 @@ import contextlib
 import json
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -49,6 +55,7 @@ from typing import Any
 
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
+HANGUP_CHECK = 0.2   # a blocked query looks for its client having hung up this often
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -132,6 +139,14 @@ class ConsulServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
+        self.blocked = 0
+        self.max_blocked = 0
+        self.max_connections = 0
+
+    @property
+    def connections(self) -> int:
+        with self._cond:
+            return len(self._conns)
 
     # -- life ------------------------------------------------------------------------
 
@@ -149,6 +164,7 @@ class ConsulServer:
             def process_request(self, request: Any, client_address: Any) -> None:
                 with server._cond:
                     server._conns.add(request)
+                    server.max_connections = max(server.max_connections, len(server._conns))
                 super().process_request(request, client_address)
 
             def shutdown_request(self, request: Any) -> None:
@@ -285,11 +301,17 @@ class ConsulServer:
             return 403, "ACL not found"
         if write and policy != "write":
             return 403, "Permission denied"
-        return policy in ("read", "write")
+        return policy in ("read", "write") or policy.startswith("read:")
 
-    def _blocking(self, params: dict[str, list[str]], index_of: Callable[[], int]
-                  ) -> tuple[int, str] | int:
-        """Block per the query's index/wait; the index to report, or (400, why)."""
+    def _scope(self, token: str | None) -> str | None:
+        """The service-name prefix a scoped token may read (None: not scoped)."""
+        policy = (self.acl or {}).get(token) if token else None
+        return policy.removeprefix("read:") if policy and policy.startswith("read:") else None
+
+    def _blocking(self, params: dict[str, list[str]], index_of: Callable[[], int],
+                  conn: socket.socket | None = None) -> tuple[int, str] | int:
+        """Block per the query's index/wait; the index to report, or (400, why). A client
+        that hangs up ends its query (Consul cancels a request whose client went away)."""
         raw = params.get("index", [""])[-1]
         try:
             min_index = int(raw) if raw else 0
@@ -307,12 +329,17 @@ class ConsulServer:
             if min_index > 0:
                 deadline = time.monotonic() + wait + random.uniform(0, wait / 16)
                 abandoned = self._abandoned
-                while (index_of() <= min_index and self._abandoned == abandoned
-                       and self._running):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                self.blocked += 1
+                self.max_blocked = max(self.max_blocked, self.blocked)
+                try:
+                    while (index_of() <= min_index and self._abandoned == abandoned
+                           and self._running):
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or (conn is not None and _hung_up(conn)):
+                            break
+                        self._cond.wait(min(remaining, HANGUP_CHECK))
+                finally:
+                    self.blocked -= 1
             return index_of()
 
     def _health(self, name: str, params: dict[str, list[str]], allowed: bool
@@ -358,6 +385,7 @@ class ConsulServer:
 def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"   # keep-alive, as Consul's HTTP server does
+        scope: str | None = None
         disable_nagle_algorithm = True  # head and body are two writes: no delayed-ACK stall
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -383,6 +411,7 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
             acl = server._acl(token, write=method == "PUT")
             if isinstance(acl, tuple):
                 return self._send(acl[0], acl[1].encode(), "text/plain")
+            self.scope = server._scope(token)
             try:
                 self._route(method, url.path, params, acl, body)
             except (KeyError, ValueError, TypeError) as e:
@@ -393,20 +422,27 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
             dc = params.get("dc", [server.datacenter])[-1] or server.datacenter
             if method == "GET" and path.startswith("/v1/health/service/"):
                 name = urllib.parse.unquote(path.removeprefix("/v1/health/service/"))
+                if self.scope is not None and not name.startswith(self.scope):
+                    return self._send(403, b"Permission denied", "text/plain")
                 if dc not in server.datacenters:
                     return self._send(500, b"No path to datacenter", "text/plain")
                 index = server._blocking(
-                    params, lambda: server._service_index.get(name, server._index))
+                    params, lambda: server._service_index.get(name, server._index),
+                    self.connection)
                 if isinstance(index, tuple):
                     return self._send(index[0], index[1].encode(), "text/plain")
                 return self._json(server._health(name, params, allowed), index, allowed)
             if method == "GET" and path == "/v1/catalog/services":
                 if dc not in server.datacenters:
                     return self._send(500, b"No path to datacenter", "text/plain")
-                index = server._blocking(params, lambda: server._index)
+                index = server._blocking(params, lambda: server._index, self.connection)
                 if isinstance(index, tuple):
                     return self._send(index[0], index[1].encode(), "text/plain")
-                return self._json(server._catalog(dc, allowed), index, allowed)
+                names = server._catalog(dc, allowed)
+                if self.scope is not None:
+                    scoped = {k: v for k, v in names.items() if k.startswith(self.scope)}
+                    allowed, names = allowed and len(scoped) == len(names), scoped
+                return self._json(names, index, allowed)
             if method == "PUT" and path == "/v1/agent/service/register":
                 server._register_body(json.loads(body or b"{}"))
                 return self._send(200, b"", "text/plain")
@@ -442,6 +478,16 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The client closed its end (a request's body was read, so readable means EOF)."""
+    try:
+        poller = select.poll()   # not select(): descriptors may pass FD_SETSIZE
+        poller.register(conn, select.POLLIN)
+        return bool(poller.poll(0)) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def _bearer(value: str | None) -> str | None:

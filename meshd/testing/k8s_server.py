@@ -126,6 +126,7 @@ class K8sApiServer:
         self.slices: dict[tuple[str, str], dict[str, Any]] = {}
         self._history: deque[tuple[int, str, str, dict[str, Any]]] = deque()
         self._watches: set[_Watch] = set()
+        self.max_open_watches = 0   # the most watch streams open at once
         self._conns: set[socket.socket] = set()
         self._failures: list[tuple[int, str]] = []
         self._lock = threading.RLock()
@@ -382,6 +383,7 @@ class K8sApiServer:
                            for rv, ns, kind, o in self._history
                            if rv > since and ns == w.namespace and _matches(o, w.selector)]
             self._watches.add(w)
+            self.max_open_watches = max(self.max_open_watches, len(self._watches))
             self._changed.notify_all()
             return backlog
 

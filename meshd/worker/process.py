@@ -168,6 +168,7 @@ class Worker:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             gevent.sleep(ASK_POLL)
+            self._ask_control(service)   # again only if the last ask did not go out
             self._load_snapshot()
             snap = self.snapshot
             endpoints = snap.services.get(service)
@@ -184,7 +185,10 @@ class Worker:
         self._asked[service] = now
         try:
             self._ask_sock.sendto(service.encode(), self._control_path)
-        except OSError as e:  # the control process is restarting: the next request asks again
+        except OSError as e:
+            # The control process is restarting, or its socket's queue is full (a flood of
+            # made-up names): the waiting request asks again at its next poll.
+            del self._asked[service]
             log.debug("cannot ask the control process for %s: %s", service, e)
 
     def _snapshot_loop(self) -> None:

@@ -34,6 +34,13 @@ port ``Service.Port``, weight ``Weights.Passing`` (``Weights.Warning`` while war
 labels ``("tag", t)`` and ``("meta:KEY", v)``; service meta ``meshd-inbound-port`` marks
 a meshed instance (``meshd-identity``: its SPIFFE ID).
 
+Made-up names (a client's Host header) must not cost a connection each: ``knows(name)``
+answers from one blocking query on ``/v1/catalog/services`` (``catalog.py``, started on
+the first ``knows``), and once it runs, the watch of a local-datacenter name the catalog
+lacks yields ``NoSuchService`` and waits for the name to appear there, without a query of
+its own; ``web@dc2`` names another datacenter's catalog, which is not kept: those are
+watched one by one (meshd's ``max_watches`` bounds them).
+
 Errors (agent unreachable, 5xx, ACL) raise ``ConsulError`` naming the agent, the request
 and the cause; meshd keeps the last endpoints and restarts the watch with backoff.
 """
@@ -52,6 +59,7 @@ import requests
 
 from meshd.discovery import Backend, NoSuchService, Reset, Update
 from meshd.errors import MeshdError
+from meshd_consul.catalog import Catalog
 from meshd_consul.client import Client
 from meshd_consul.entries import (
     META_IDENTITY,
@@ -84,23 +92,56 @@ class ConsulBackend(Backend):
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._clients: set[Client] = set()
+        self._catalog_client: Client | None = None
+        o = self.opts
+        self.catalog = Catalog(o.agent, o.datacenter, _go_duration(o.wait), o.min_interval,
+                               self._closed, self._catalog_query, self._catalog_release)
 
     def services(self) -> Iterable[str]:
         return ()
+
+    def knows(self, service: str) -> bool | None:
+        """From the local datacenter's catalog (kept by one blocking query, started by the
+        first call); another datacenter's names, and any before the first answer: None."""
+        name, dc = split_service(service, self.opts.datacenter)
+        if dc != self.opts.datacenter:
+            return None
+        return self.catalog.has(name)
 
     # -- the watch ---------------------------------------------------------------------
 
     def watch(self, service: str) -> Iterator[Update]:
         name, dc = split_service(service, self.opts.datacenter)
-        client = self._client()
-        try:
-            yield from self._loop(client, name, dc)
-        except _Closed:
-            return
-        finally:
-            self._forget(client)
+        local = dc == self.opts.datacenter
+        gone = False
+        while not self._closed.is_set():
+            if local and self._catalog_lacks(name):
+                if not gone:
+                    gone = True
+                    yield NoSuchService()
+                if not self.catalog.wait_for(name):
+                    return   # closed
+            client = self._client()
+            try:
+                for update in self._loop(client, name, dc):
+                    gone = isinstance(update, NoSuchService)
+                    yield update
+            except _Closed:
+                return
+            finally:
+                self._forget(client)
+
+    def _catalog_lacks(self, name: str) -> bool:
+        """The running catalog watch does not list ``name`` (a first answer is waited for
+        briefly; a catalog nobody asked for yet is not started: no knows() call, no use)."""
+        if not self.catalog.started:
+            return False
+        if self.catalog.has(name, start=False) is None:
+            self.catalog.wait_synced(min(self.opts.timeout, 5.0))
+        return self.catalog.has(name, start=False) is False
 
     def _loop(self, client: Client, name: str, dc: str) -> Iterator[Update]:
+        """Long-poll the service's health until the catalog (when kept) says it is gone."""
         index = 0
         last: object = None
         bucket = TokenBucket(self.opts.min_interval, now=time.monotonic())
@@ -130,7 +171,11 @@ class ConsulBackend(Backend):
                                   f"{name} (results filtered by ACLs: the token lacks "
                                   f"service:read/node:read)")
             else:
-                state = () if self._exists(client, name, dc) else _GONE
+                known = self._catalog_knows(name, dc, returned)
+                if known is False:
+                    yield NoSuchService()   # watch() waits on the catalog: no query held
+                    return
+                state = () if known or self._exists(client, name, dc) else _GONE
             if state != last:
                 last = state
                 if state is _GONE:
@@ -138,6 +183,32 @@ class ConsulBackend(Backend):
                 else:
                     assert isinstance(state, tuple)
                     yield Reset(state)
+
+    def _catalog_knows(self, name: str, dc: str, index: int) -> bool | None:
+        """The kept catalog's answer when it is of this datacenter and at least as recent
+        as the health answer at ``index``; else None (ask the agent)."""
+        if dc != self.opts.datacenter or self.catalog.index < index:
+            return None
+        return self.catalog.has(name, start=False)
+
+    def _catalog_query(self, index: int) -> tuple[int, Any, bool]:
+        client = self._catalog_client   # only the catalog's thread sets it
+        if client is None:
+            client = self._catalog_client = self._client()
+        try:
+            returned, services = self._call(
+                client, "catalog/services", client.catalog.services, index=index,
+                wait=self.catalog.wait, dc=self.opts.datacenter or None)
+        except _Closed:
+            raise ConsulError("closed") from None
+        filtered = client.header("X-Consul-Results-Filtered-By-ACLs").lower() == "true"
+        return returned, services, filtered
+
+    def _catalog_release(self) -> None:
+        with self._lock:
+            client, self._catalog_client = self._catalog_client, None
+        if client is not None:
+            self._forget(client)
 
     def _exists(self, client: Client, name: str, dc: str) -> bool:
         _, services = self._call(client, "catalog/services", client.catalog.services,
@@ -238,6 +309,7 @@ class ConsulBackend(Backend):
         """End every running watch promptly: the flag stops the loop between queries and
         the queries in flight are cut (their sockets shut)."""
         self._closed.set()
+        self.catalog.close()
         with self._lock:
             clients = list(self._clients)
         for client in clients:

@@ -17,7 +17,8 @@ forms of ``services``; a service is given inline or in the file, not in both. Wr
 atomically (a temporary file renamed over it) so a half-written file is never read.
 
 ``watch(service)`` yields ``Reset`` whenever the service's entries change and
-``NoSuchService`` while neither the inline table nor the file has it. A file that turns
+``NoSuchService`` while neither the inline table nor the file has it; ``knows(service)``
+answers the same from memory. A file that turns
 invalid or disappears makes every watch of the file's services raise once, with the file
 and the key path in the message: meshd keeps their last endpoints (fail static) and logs
 it; the watch meshd restarts then waits quietly for the file to change, and the first good
@@ -44,6 +45,7 @@ log = logging.getLogger("meshd.discovery.static")
 
 _KEYS = ("services", "file", "interval")
 DEFAULT_INTERVAL = 1.0
+MAX_RAISED = 4096
 _UNSET: Any = object()
 
 
@@ -93,6 +95,16 @@ class StaticBackend(Backend):
             names += list(state.services or ())
         return tuple(names)
 
+    def knows(self, service: str) -> bool | None:
+        """From memory (meshd asks for every name a client names): inline, or in the file
+        as last read (before its first read: cannot tell)."""
+        if service in self._services:
+            return True
+        if self._file is None:
+            return False
+        services = self._file.state().services
+        return None if services is None else service in services
+
     def watch(self, service: str) -> Iterator[Update]:
         endpoints = self._services.get(service)
         if endpoints is not None or self._file is None:
@@ -111,6 +123,8 @@ class StaticBackend(Backend):
                     yield NoSuchService() if current is None else Reset(current)
             elif self._raised.get(service) != state.version:
                 # Once per bad state: the watch meshd restarts after this waits for a change.
+                if len(self._raised) >= MAX_RAISED:  # names are clients' to make up
+                    self._raised.clear()   # at worst a watch raises once more
                 self._raised[service] = state.version
                 raise StaticFileError(f"{state.error} (keeping the last good endpoints)")
             state = file.wait(state.version)
