@@ -84,6 +84,9 @@ class ListenerConfig:
     # auto listeners: original destination ports proxied as opaque TCP without detection
     # (server-speaks-first protocols); the default is meshd.proto.detect.DEFAULT_OPAQUE_PORTS
     opaque_ports: frozenset[int] = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+    # auto inbound listeners: the ports of the forward host a peer meshd may open with
+    # MESHD-TUNNEL (meshd-to-meshd opaque TCP); any other port is refused. Empty: none.
+    tunnel_ports: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +286,7 @@ def parse(data: Mapping[str, Any], path: str = "") -> Config:
         if route.listener is not None and route.listener not in names:
             problems.append((f"route[{i}].listener", f"no [[listener]] is named {route.listener!r}"))
     _check_addresses(admin, listeners, problems)
+    _check_tunnel_ports(admin, listeners, problems)
     sources = {d.name for d in discovery}
     for service in services.values():
         for i, share in enumerate(service.sources):
@@ -337,6 +341,8 @@ def _listener(t: _Table) -> ListenerConfig:
         h2c_upgrade=t.take("h2c_upgrade", _boolean, False),
         opaque_ports=(DEFAULT_OPAQUE_PORTS if (given := t.take("opaque_ports", ports, None)) is None
                       else given),
+        tunnel_ports=(frozenset() if (tunnels := t.take("tunnel_ports", ports, None)) is None
+                      else tunnels),
     )
     t.finish()
     if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:
@@ -344,6 +350,12 @@ def _listener(t: _Table) -> ListenerConfig:
                                   f'one is "{listener.protocol}" and never looks at ports')
     if "direction" in t.bad:
         return listener  # the rules below would only echo the bad direction
+    if tunnels is not None and listener.direction == "outbound":
+        t.problem("tunnel_ports", "only an inbound listener accepts meshd tunnels (to ports "
+                                  "of its forward host); an outbound one never does")
+    elif tunnels is not None and listener.protocol != "auto" and "protocol" not in t.bad:
+        t.problem("tunnel_ports", f'only a protocol = "auto" listener reads a meshd tunnel '
+                                  f'header; this one is "{listener.protocol}"')
     if listener.direction == "inbound" and listener.forward is None and "forward" not in t.bad:
         t.problem("forward", "required for an inbound listener (the local application)")
     if listener.direction == "outbound" and listener.forward is not None:
@@ -568,6 +580,52 @@ def _check_addresses(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
                 problems.append((f"listener[{i}].listen", f"{addr} clashes with {owner} {other}"))
                 break
         taken.append((addr, f"listener[{i}]"))
+
+
+def _check_tunnel_ports(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
+                        problems: Problems) -> None:
+    """A tunnel port may not be one of meshd's own (a listener's or the admin port) when
+    the forward host may be this meshd: a tunnel would then reach the outbound listener,
+    and through it every service, or the admin API. (Listeners on port 0 are checked
+    when a tunnel arrives, ``meshd.worker.detect_conn``.)"""
+    own = [(admin.listen, "admin address")]
+    own += [(lst.listen, f"listener {lst.name!r}") for lst in listeners]
+    for i, listener in enumerate(listeners):
+        if listener.forward is None:
+            continue
+        for port in sorted(listener.tunnel_ports):
+            for addr, owner in own:
+                if addr.port == port and may_reach(listener.forward.host, addr):
+                    problems.append((f"listener[{i}].tunnel_ports",
+                                     f"port {port} is meshd's own {owner} {addr}: a tunnel to "
+                                     f"{Address(listener.forward.host, port)} would reach "
+                                     f"meshd itself"))
+                    break
+
+
+def may_reach(host: str, bound: Address) -> bool:
+    """Whether a connection to ``host`` (at ``bound``'s port) may reach a socket bound to
+    ``bound``: the same address, a wildcard bind of its family, or a name (it may resolve
+    to anything, this host included)."""
+    try:
+        target = ipaddress.ip_address(host)
+        local = ipaddress.ip_address(bound.host)
+    except ValueError:
+        return True
+    target = _unmapped(target)
+    local = _unmapped(local)
+    if target.is_unspecified:  # connecting to 0.0.0.0 / :: reaches this host
+        return True
+    if local.is_unspecified:
+        return target.version == local.version
+    return target == local
+
+
+def _unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def _overlap(a: Address, b: Address) -> bool:
