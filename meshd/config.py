@@ -169,6 +169,8 @@ class LimitsConfig:
     detect_timeout: float = 1.0
     h2_max_concurrent_streams: int = 100  # per HTTP/2 connection (SETTINGS)
     h2_max_resets: int = 200  # streams a client may reset within 10 s (Rapid Reset)
+    tcp_idle_timeout: float = 3600.0  # an opaque/tunneled connection with no bytes either way
+    write_timeout: float = 60.0  # a client that accepts no bytes this long is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +541,8 @@ def _limits(t: _Table) -> LimitsConfig:
         detect_timeout=t.take("detect_timeout", _duration(), 1.0),
         h2_max_concurrent_streams=t.take("h2_max_concurrent_streams", _integer(1, 10000), 100),
         h2_max_resets=t.take("h2_max_resets", _integer(1), 200),
+        tcp_idle_timeout=t.take("tcp_idle_timeout", _duration(), 3600.0),
+        write_timeout=t.take("write_timeout", _duration(), 60.0),
     )
     t.finish()
     return limits

@@ -460,10 +460,18 @@ def test_discovery_names_unique() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("header_bytes", 1023), ("request_line_bytes", 255), ("header_count", 0),
     ("header_count", True), ("header_read_timeout", 10), ("client_idle_timeout", "0s"),
-    ("detect_timeout", "1"),
+    ("detect_timeout", "1"), ("tcp_idle_timeout", "0s"), ("tcp_idle_timeout", 3600),
+    ("write_timeout", "0s"), ("write_timeout", "1"),
 ])
 def test_bad_limits(key: str, value: object) -> None:
     assert keys(minimal(limits={key: value})) == [f"limits.{key}"]
+
+
+def test_connection_timeouts() -> None:
+    limits = parse(minimal()).limits
+    assert (limits.tcp_idle_timeout, limits.write_timeout) == (3600.0, 60.0)
+    limits = parse(minimal(limits={"tcp_idle_timeout": "1s", "write_timeout": "250ms"})).limits
+    assert (limits.tcp_idle_timeout, limits.write_timeout) == (1.0, 0.25)
 
 
 # -- all at once, files, errors -------------------------------------------------------------

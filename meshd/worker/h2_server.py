@@ -13,7 +13,8 @@ of at most 64 CONTINUATION frames (h2's own limit: the CONTINUATION flood), at m
 Rapid Reset, CVE-2023-44487) — beyond that GOAWAY ENHANCE_YOUR_CALM. Request bodies are
 held to the flow-control window meshd advertises: a window is given back only as the
 upstream takes the bytes. Output is queued per connection and written once per loop
-iteration (see ``_queue``); streams wait while more than OUT_LIMIT bytes are queued. A
+iteration (see ``_queue``); streams wait while more than OUT_LIMIT bytes are queued, and a
+client that accepts no byte for ``[limits] write_timeout`` is dropped. A
 protocol error closes the connection with GOAWAY and the error code RFC 9113 names
 (h2's, corrected where it is too coarse).
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 import gevent.queue
+import gevent.socket
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -43,15 +45,17 @@ from hyperframe.frame import GoAwayFrame
 from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, trailers_problem
+from meshd.ratelog import Throttle
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
-from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
+from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
+_slow_clients = Throttle(log)  # one per worker process, as the logger: see _too_slow
 
 READ_SIZE = 65536
 STREAM_WINDOW = 1 << 18       # what a client may send ahead on one stream
@@ -275,6 +279,8 @@ class H2ServerConnection:
         if self.sock_gone:
             return
         self.out += data
+        if len(self.out) > OUT_LIMIT:  # streams wait until the writer took it below
+            self._room.clear()
         if not self._send_scheduled and self._writer is None:
             self._send_scheduled = True
             self._loop.run_callback(self._send_out)
@@ -292,24 +298,32 @@ class H2ServerConnection:
             self._lost()
             return
         del self.out[:sent]
+        if len(self.out) <= OUT_LIMIT:
+            self._room.set()
         if self.out:
-            if len(self.out) > OUT_LIMIT:
-                self._room.clear()
             self._writer = gevent.spawn(self._write_rest)
 
     def _write_rest(self) -> None:
-        """The kernel buffer was full: wait for the socket, write the rest."""
+        """The kernel buffer was full: wait for the socket, write the rest. A client that
+        accepts no byte for ``write_timeout`` is dropped (its streams end, and with them
+        their upstream connections)."""
         g: Any = self.sock
+        progress = time.monotonic()
         try:
             while self.out:
-                try:  # the reader may have set a timeout on the socket: wait again
-                    g._wait(g._write_event)
+                left = progress + self.limits.write_timeout - time.monotonic()
+                if left <= 0:
+                    self._too_slow()
+                    return
+                try:  # an explicit wait: the reader's socket timeout (TICK) is not ours
+                    gevent.socket.wait(g._write_event, left)
                 except TimeoutError:
                     continue
                 try:
                     sent = self._raw.send(self.out)
                 except BlockingIOError:
                     continue
+                progress = time.monotonic()
                 del self.out[:sent]
                 if len(self.out) <= OUT_LIMIT:
                     self._room.set()
@@ -318,6 +332,13 @@ class H2ServerConnection:
         finally:
             self._writer = None
             self._room.set()
+
+    def _too_slow(self) -> None:
+        _slow_clients.info(f"{self.listener.name}: write timeout",
+                           "%s: dropped an HTTP/2 client that accepted no bytes for %gs",
+                           self.listener.name, self.limits.write_timeout)
+        self._lost()
+        shutdown(self.sock, socket.SHUT_RDWR)  # the reader wakes up to the end
 
     def _lost(self) -> None:
         """The socket failed under a write: nothing more can reach the client."""
@@ -406,7 +427,7 @@ class H2ServerConnection:
             stream.window.clear()
             self.blocked.add(stream)
             try:
-                if not stream.window.wait(idle_timeout):
+                if not stream.window.wait(min(idle_timeout, self.limits.write_timeout)):
                     raise UpstreamTimeout("the client opened no flow-control window")
             finally:
                 self.blocked.discard(stream)

@@ -31,6 +31,7 @@ from meshd.errors import (
     UriTooLong,
 )
 from meshd.proto import http1
+from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker.body import ClientGone, RequestBody
 from meshd.worker.dispatch import (
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
+# Clients dropped for not reading: a client's to trigger at will, so throttled per
+# listener. Module state, one per worker process (as the logger it writes to).
+_slow_clients = Throttle(log)
 
 READ_SIZE = 262144
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -445,7 +449,9 @@ class HttpConnection:
     def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
         leftover = bytes(self.buf)
         self.buf.clear()
-        tunnel = Tunnel(self.sock, upstream, idle_timeout)
+        limits = self.limits
+        tunnel = Tunnel(self.sock, upstream, min(idle_timeout, limits.tcp_idle_timeout),
+                        limits.write_timeout)
         tunnel.run(leftover, upstream_leftover)
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)
@@ -454,8 +460,16 @@ class HttpConnection:
     # -- to the client ------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        """To the client; one that accepts no byte for ``write_timeout`` is dropped
+        (ClientGone: the upstream connection of a response in progress is closed, not
+        pooled, and its max_connections / max_pending slot freed)."""
         try:
-            sendall(self.sock, data)
+            sendall(self.sock, data, self.limits.write_timeout)
+        except TimeoutError:
+            _slow_clients.info(f"{self.listener.name}: write timeout",
+                               "%s: dropped a client that accepted no bytes for %gs",
+                               self.listener.name, self.limits.write_timeout)
+            raise ClientGone() from None
         except OSError:
             raise ClientGone() from None
 
