@@ -78,6 +78,55 @@ def test_a_client_that_keeps_its_side_open_after_the_upstream_closed_is_closed(
             assert m.metric("tcp_open_connections", 'listener="db"') == 0
 
 
+def test_an_opaque_client_that_stops_reading_is_dropped_both_ways(mesh: MeshFactory):
+    """write_timeout holds for opaque TCP too (splice): the upstream keeps sending, the
+    client reads nothing; meshd drops both long before tcp_idle_timeout."""
+    upstream_ended = threading.Event()
+
+    def send_forever(conn: socket.socket) -> None:
+        with conn:
+            try:
+                for _ in range(10_000):  # 640 MB at most: bounded, far more than buffers
+                    conn.sendall(b"x" * 65536)
+            except OSError:
+                upstream_ended.set()
+
+    with TcpServer(send_forever) as db:
+        port = free_port()
+        limits = '[limits]\ntcp_idle_timeout = "1h"\nwrite_timeout = "1s"\n'
+        m = mesh.run({"db": [db.address]}, listeners=_tcp_listener(port), extra=limits)
+        with _stuck_client(port) as stuck:
+            assert upstream_ended.wait(30)  # meshd closed the upstream side
+            wait_for(lambda: _closed(m) == 1, timeout=20, what="meshd closing the client")
+            assert _read_to_end(stuck) < 10_000 * 65536
+
+
+def test_a_silent_connect_tunnel_is_closed_after_tcp_idle_timeout(mesh: MeshFactory):
+    """A CONNECT tunnel shares the opaque code: tcp_idle_timeout bounds it even when the
+    service's own idle_timeout is longer."""
+    upstream_ended = threading.Event()
+
+    def wait_for_eof(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+            upstream_ended.set()
+
+    with TcpServer(wait_for_eof) as srv:
+        m = mesh.run({"echo": [srv.address]},
+                     extra=LIMITS + '\n[service.echo]\nidle_timeout = "5m"\n')
+        with socket.create_connection(("127.0.0.1", m.ports["outbound"]),  # type: ignore[attr-defined]
+                                      timeout=20) as s:
+            s.sendall(b"CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n\r\n")
+            head = s.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert _read_to_end(s) == 0  # closed by meshd, silent both ways
+        assert upstream_ended.wait(20)
+
+
 def _big_response_service(mesh: MeshFactory, backend: Backend) -> Meshd:
     """One endpoint, one upstream connection at most; its pooled connections idle for
     long (so that only write_timeout can free a stuck one quickly)."""

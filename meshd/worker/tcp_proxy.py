@@ -13,8 +13,9 @@ An endpoint that discovery marks meshed (with an ``inbound_port``) is reached th
 the meshd in front of it: the connection goes to that inbound port, and one line,
 ``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
 before the client's bytes; the peer's auto inbound listener reads it and tunnels the
-rest to that port of its ``forward`` host. (The line is where mTLS identity will be
-checked; nothing else may be named: the host is always the peer's own.)
+rest to that port of its ``forward`` host, when its ``tunnel_ports`` lists the port
+(``meshd.worker.detect_conn``). (The line is where mTLS identity will be checked;
+nothing else may be named: the host is always the peer's own.)
 """
 
 from __future__ import annotations
