@@ -2,8 +2,9 @@
 
 Used by opaque TCP (``meshd.worker.tcp_proxy``: tcp listeners, auto-detected opaque and
 TLS connections, meshd-to-meshd tunnels) and by the tunnels after an HTTP/1.1 upgrade
-(101) or a CONNECT (200). Each direction is ``meshd.worker.tcp_proxy.pump`` (splice where
-the platform has it; an upstream over TLS is read and written through its TLS socket).
+(101) or a CONNECT (200). Each direction is a ``pump`` (below): where the platform has
+``os.splice`` the bytes go socket -> pipe -> socket inside the kernel and never enter
+Python; an upstream over TLS is read and written through its TLS socket instead.
 
 Bytes already read (the client's or the upstream's leftover buffer) go first. A
 direction that reaches EOF half-closes its destination, so a peer that finishes writing
