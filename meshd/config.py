@@ -97,6 +97,9 @@ class ListenerConfig:
     # a client's X-Forwarded-For / Forwarded (meshd.proto.forwarded): "replace" with the
     # peer's address, "append" it, or "keep" them; default replace inbound, keep outbound
     forwarded: str = "keep"
+    # auto inbound listeners: the ports of the forward host a peer meshd may open with
+    # MESHD-TUNNEL (meshd-to-meshd opaque TCP); any other port is refused. Empty: none.
+    tunnel_ports: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,8 @@ class LimitsConfig:
     detect_timeout: float = 1.0
     h2_max_concurrent_streams: int = 100  # per HTTP/2 connection (SETTINGS)
     h2_max_resets: int = 200  # streams a client may reset within 10 s (Rapid Reset)
+    tcp_idle_timeout: float = 3600.0  # an opaque/tunneled connection with no bytes either way
+    write_timeout: float = 60.0  # a client that accepts no bytes this long is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +319,7 @@ def parse(data: Mapping[str, Any], path: str = "",
         if route.listener is not None and route.listener not in names:
             problems.append((f"route[{i}].listener", f"no [[listener]] is named {route.listener!r}"))
     _check_addresses(admin, listeners, problems)
+    _check_tunnel_ports(admin, listeners, problems)
     sources = {d.name for d in discovery}
     for service in services.values():
         for i, share in enumerate(service.sources):
@@ -377,6 +383,8 @@ def _listener(t: _Table) -> ListenerConfig:
                       else given),
         forwarded=t.take("forwarded", _choice("replace", "append", "keep"),
                          "replace" if direction == "inbound" else "keep"),
+        tunnel_ports=(frozenset() if (tunnels := t.take("tunnel_ports", ports, None)) is None
+                      else tunnels),
     )
     t.finish()
     if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:
@@ -384,6 +392,12 @@ def _listener(t: _Table) -> ListenerConfig:
                                   f'one is "{listener.protocol}" and never looks at ports')
     if "direction" in t.bad:
         return listener  # the rules below would only echo the bad direction
+    if tunnels is not None and listener.direction == "outbound":
+        t.problem("tunnel_ports", "only an inbound listener accepts meshd tunnels (to ports "
+                                  "of its forward host); an outbound one never does")
+    elif tunnels is not None and listener.protocol != "auto" and "protocol" not in t.bad:
+        t.problem("tunnel_ports", f'only a protocol = "auto" listener reads a meshd tunnel '
+                                  f'header; this one is "{listener.protocol}"')
     if listener.direction == "inbound" and listener.forward is None and "forward" not in t.bad:
         t.problem("forward", "required for an inbound listener (the local application)")
     if listener.direction == "outbound" and listener.forward is not None:
@@ -567,6 +581,8 @@ def _limits(t: _Table) -> LimitsConfig:
         detect_timeout=t.take("detect_timeout", _duration(), 1.0),
         h2_max_concurrent_streams=t.take("h2_max_concurrent_streams", _integer(1, 10000), 100),
         h2_max_resets=t.take("h2_max_resets", _integer(1), 200),
+        tcp_idle_timeout=t.take("tcp_idle_timeout", _duration(), 3600.0),
+        write_timeout=t.take("write_timeout", _duration(), 60.0),
     )
     t.finish()
     return limits
@@ -614,6 +630,52 @@ def _check_addresses(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
                 problems.append((f"listener[{i}].listen", f"{addr} clashes with {owner} {other}"))
                 break
         taken.append((addr, f"listener[{i}]"))
+
+
+def _check_tunnel_ports(admin: AdminConfig, listeners: tuple[ListenerConfig, ...],
+                        problems: Problems) -> None:
+    """A tunnel port may not be one of meshd's own (a listener's or the admin port) when
+    the forward host may be this meshd: a tunnel would then reach the outbound listener,
+    and through it every service, or the admin API. (Listeners on port 0 are checked
+    when a tunnel arrives, ``meshd.worker.detect_conn``.)"""
+    own = [(admin.listen, "admin address")]
+    own += [(lst.listen, f"listener {lst.name!r}") for lst in listeners]
+    for i, listener in enumerate(listeners):
+        if listener.forward is None:
+            continue
+        for port in sorted(listener.tunnel_ports):
+            for addr, owner in own:
+                if addr.port == port and may_reach(listener.forward.host, addr):
+                    problems.append((f"listener[{i}].tunnel_ports",
+                                     f"port {port} is meshd's own {owner} {addr}: a tunnel to "
+                                     f"{Address(listener.forward.host, port)} would reach "
+                                     f"meshd itself"))
+                    break
+
+
+def may_reach(host: str, bound: Address) -> bool:
+    """Whether a connection to ``host`` (at ``bound``'s port) may reach a socket bound to
+    ``bound``: the same address, a wildcard bind of its family, or a name (it may resolve
+    to anything, this host included)."""
+    try:
+        target = ipaddress.ip_address(host)
+        local = ipaddress.ip_address(bound.host)
+    except ValueError:
+        return True
+    target = _unmapped(target)
+    local = _unmapped(local)
+    if target.is_unspecified:  # connecting to 0.0.0.0 / :: reaches this host
+        return True
+    if local.is_unspecified:
+        return target.version == local.version
+    return target == local
+
+
+def _unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def _overlap(a: Address, b: Address) -> bool:

@@ -129,7 +129,8 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
                 out.append(f"{name}{_labels(keys[row])} {t[field]}")
     family("meshd_protocol_detect_total", "counter",
            "Connections of protocol = \"auto\" listeners, by what detection found "
-           "(skipped: an opaque port, not detected).")
+           "(skipped: an opaque port, not detected; tunnel_refused: a meshd tunnel to a port "
+           "not in tunnel_ports, closed unconnected).")
     detected: dict[str, list[int]] = {}
     for row, t in totals.items():  # only a listener's own row (service "") counts them
         counts = t[F_DETECT:F_DETECT + len(DETECT_RESULTS)]

@@ -169,9 +169,10 @@ F_FAILURES = F_WRITE_BYTES + 1                 # responses classified as failure
 F_RETRIES = F_FAILURES + 1                     # retries sent
 F_BUDGET_EXHAUSTED = F_RETRIES + 1             # retries the budget refused
 # Protocol detection on the listener's own row (service ""), one counter per result.
-DETECT_RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel")
+DETECT_RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel",
+                  "tunnel_refused")
 F_DETECT = F_BUDGET_EXHAUSTED + 1              # len(DETECT_RESULTS) fields
-FIELDS = 80                                    # 6 spare for later counters
+FIELDS = 80                                    # 5 spare for later counters
 assert F_DETECT + len(DETECT_RESULTS) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)

@@ -367,6 +367,65 @@ def test_opaque_ports_only_on_auto_listeners() -> None:
         "listener[0].opaque_ports"]
 
 
+INBOUND = {"name": "in", "listen": "0.0.0.0:4143", "direction": "inbound",
+           "forward": "127.0.0.1:8080"}
+
+
+def test_tunnel_ports_default_and_values() -> None:
+    _, inbound = parse({"listener": [dict(OUTBOUND), dict(INBOUND)]}).listeners
+    assert inbound.tunnel_ports == frozenset()  # no tunnel is honoured
+    _, inbound = parse({"listener": [dict(OUTBOUND),
+                                     dict(INBOUND, tunnel_ports=[5432, 6379])]}).listeners
+    assert inbound.tunnel_ports == frozenset({5432, 6379})
+    assert problems({"listener": [dict(INBOUND, tunnel_ports=[5432, 0])]}) == [
+        ("listener[0].tunnel_ports", "expected a list of ports (integers 1..65535), got 0 at [1]")]
+
+
+def test_tunnel_ports_only_on_inbound_auto_listeners() -> None:
+    assert problems({"listener": [dict(OUTBOUND, tunnel_ports=[5432])]}) == [
+        ("listener[0].tunnel_ports", "only an inbound listener accepts meshd tunnels (to ports "
+                                     "of its forward host); an outbound one never does")]
+    assert problems({"listener": [dict(INBOUND, protocol="tcp", tunnel_ports=[5432])]}) == [
+        ("listener[0].tunnel_ports", 'only a protocol = "auto" listener reads a meshd tunnel '
+                                     'header; this one is "tcp"')]
+    assert keys({"listener": [dict(OUTBOUND, tunnel_ports=[])]}) == ["listener[0].tunnel_ports"]
+
+
+@pytest.mark.parametrize(("forward", "listen", "refused"), [
+    ("127.0.0.1:8080", "127.0.0.1:4140", True),
+    ("127.0.0.1:8080", "0.0.0.0:4140", True),       # a wildcard bind takes every address
+    ("10.0.0.5:8080", "0.0.0.0:4140", True),
+    ("localhost:8080", "127.0.0.1:4140", True),     # a name may resolve to this host
+    ("0.0.0.0:8080", "127.0.0.1:4140", True),       # connecting to 0.0.0.0 reaches this host
+    ("[::ffff:127.0.0.1]:8080", "127.0.0.1:4140", True),
+    ("10.0.0.5:8080", "127.0.0.1:4140", False),     # another address: not meshd's socket
+    ("127.0.0.2:8080", "127.0.0.1:4140", False),
+    ("[::1]:8080", "0.0.0.0:4140", False),          # IPv4 wildcard, IPv6 target
+])
+def test_tunnel_ports_may_not_name_meshd_own_ports(forward: str, listen: str,
+                                                   refused: bool) -> None:
+    data = {"admin": {"listen": "127.0.0.1:4191"},
+            "listener": [dict(OUTBOUND, listen=listen),
+                         dict(INBOUND, listen="127.0.0.1:4143", forward=forward,
+                              tunnel_ports=[5432, 4140])]}
+    if not refused:
+        assert parse(data).listeners[1].tunnel_ports == {5432, 4140}
+        return
+    assert problems(data) == [("listener[1].tunnel_ports",
+                               f"port 4140 is meshd's own listener 'out' {listen}: a tunnel to "
+                               f"{Address(parse_address(forward).host, 4140)} would reach "
+                               f"meshd itself")]
+
+
+def test_tunnel_ports_may_not_name_the_admin_or_the_listener_itself() -> None:
+    data = {"listener": [dict(INBOUND, tunnel_ports=[4191, 4143])]}
+    assert problems(data) == [
+        ("listener[0].tunnel_ports", "port 4143 is meshd's own listener 'in' 0.0.0.0:4143: a "
+                                     "tunnel to 127.0.0.1:4143 would reach meshd itself"),
+        ("listener[0].tunnel_ports", "port 4191 is meshd's own admin address 127.0.0.1:4191: a "
+                                     "tunnel to 127.0.0.1:4191 would reach meshd itself")]
+
+
 # -- services and discovery -----------------------------------------------------------------
 
 def test_service_bad_values() -> None:
@@ -415,10 +474,18 @@ def test_discovery_names_unique() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("header_bytes", 1023), ("request_line_bytes", 255), ("header_count", 0),
     ("header_count", True), ("header_read_timeout", 10), ("client_idle_timeout", "0s"),
-    ("detect_timeout", "1"),
+    ("detect_timeout", "1"), ("tcp_idle_timeout", "0s"), ("tcp_idle_timeout", 3600),
+    ("write_timeout", "0s"), ("write_timeout", "1"),
 ])
 def test_bad_limits(key: str, value: object) -> None:
     assert keys(minimal(limits={key: value})) == [f"limits.{key}"]
+
+
+def test_connection_timeouts() -> None:
+    limits = parse(minimal()).limits
+    assert (limits.tcp_idle_timeout, limits.write_timeout) == (3600.0, 60.0)
+    limits = parse(minimal(limits={"tcp_idle_timeout": "1s", "write_timeout": "250ms"})).limits
+    assert (limits.tcp_idle_timeout, limits.write_timeout) == (1.0, 0.25)
 
 
 # -- all at once, files, errors -------------------------------------------------------------

@@ -18,7 +18,7 @@ from meshd.testing.certs import TestCA
 from meshd.testing.harness import free_port, http_get, wait_for
 from meshd.testing.tcp_server import TcpServer
 
-RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel")
+RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel", "tunnel_refused")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 BANNER = b"220 banner.test ESMTP ready\r\n"
 

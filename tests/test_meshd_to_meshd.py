@@ -23,6 +23,7 @@ listen = "127.0.0.1:{port}"
 direction = "inbound"
 protocol = "auto"
 forward = "{app}"
+tunnel_ports = [{tunnel_ports}]
 """
 
 
@@ -48,15 +49,18 @@ def _peer_connections(pid: int, port: int) -> int:
 
 
 def _two_meshds(mesh: MeshFactory, service: str, app: str, *, forward: str | None = None,
-                listeners_a: str | None = None) -> tuple[Meshd, int]:
+                listeners_a: str | None = None, tunnel_ports: tuple[int, ...] = ()
+                ) -> tuple[Meshd, int]:
     """Outbound meshd A -> inbound meshd B -> the application at ``app``: B's inbound
     listener forwards to ``forward`` (``app`` unless given), A's discovery lists
     ``service`` at ``app`` as meshed behind B's inbound port; A also has ``listeners_a``.
-    Both have one worker. Returns A (started after B) and B's inbound port."""
+    B's inbound listener accepts meshd tunnels to ``tunnel_ports``. Both have one worker.
+    Returns A (started after B) and B's inbound port."""
     inbound_port = free_port()
     # meshd B fronts the application: its inbound listener forwards to it
-    text_b, ports_b = mesh.config({}, workers=1, listeners=INBOUND.format(port=inbound_port,
-                                                                         app=forward or app))
+    inbound = INBOUND.format(port=inbound_port, app=forward or app,
+                             tunnel_ports=", ".join(map(str, tunnel_ports)))
+    text_b, ports_b = mesh.config({}, workers=1, listeners=inbound)
     mesh.start(text_b, ports_b)
     # meshd A routes the service to the application, which discovery says is meshed
     meshed = f'{{ address = "{app}", meshed = true, inbound_port = {inbound_port} }}'
@@ -144,7 +148,8 @@ def test_opaque_tcp_to_a_meshed_endpoint_is_tunneled_through_the_peer(mesh):
         tcp_port = free_port()
         tcp = f'\n[[listener]]\nname = "db"\nlisten = "127.0.0.1:{tcp_port}"\nprotocol = "tcp"\nservice = "db"\n'
         _two_meshds(mesh, "db", echo.address, listeners_a=tcp,
-                    forward=f"127.0.0.1:{free_port()}")  # forward: another port
+                    forward=f"127.0.0.1:{free_port()}",  # forward: another port
+                    tunnel_ports=(echo.port,))
         with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as s:
             payload = b"SELECT 1;" + bytes(range(256)) * 400
             s.sendall(payload)

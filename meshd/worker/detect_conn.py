@@ -19,6 +19,11 @@ it, else the listener's own port) is looked up first: a port in the listener's
 The bytes are read, not peeked: a peek returns at once while any byte is waiting, so
 waiting for more would spin; the reader owns the bytes and hands them on instead.
 Each result is counted on the listener's own row (see ``meshd.shm``, F_DETECT).
+
+A ``MESHD-TUNNEL <port>`` line (a peer meshd's opaque TCP) is honoured only on an
+inbound listener whose ``tunnel_ports`` lists the port, and never to one of meshd's own
+ports; else the connection is closed without connecting anywhere, counted as
+``tunnel_refused`` and logged (``meshd.ratelog``: a burst per listener, then a count).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from typing import TYPE_CHECKING
 
 import gevent
 
+from meshd.config import Address, may_reach
 from meshd.discovery.api import Endpoint
 from meshd.proto.detect import PEEK_LIMIT, Detection, detect, parse_tunnel
+from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, ROW_OVERFLOW
 from meshd.worker.http_proxy import HttpConnection
 from meshd.worker.tcp_proxy import original_destination, peer_name, serve_opaque
@@ -41,6 +48,9 @@ if TYPE_CHECKING:
     from meshd.worker.process import Worker
 
 log = logging.getLogger("meshd.worker")
+# Refused tunnels are a client's to trigger at will: their log lines are throttled per
+# listener. Module state, one per worker process (as the logger it writes to).
+_refusals = Throttle(log)
 
 
 def serve_auto(worker: Worker, listener: ListenerConfig, client: socket.socket) -> None:
@@ -56,7 +66,7 @@ def serve_auto(worker: Worker, listener: ListenerConfig, client: socket.socket) 
         return
     if timed_out and result is Detection.OPAQUE:
         _count(worker, listener, "timeout")
-    else:
+    elif result is not Detection.TUNNEL:  # counted by _serve_tunnel: honoured or refused
         _count(worker, listener, result.value)
     if result is Detection.HTTP1:
         conn = HttpConnection(worker, listener, client)
@@ -76,15 +86,47 @@ def _serve_tunnel(worker: Worker, listener: ListenerConfig, client: socket.socke
                   prefix: bytes) -> None:
     """A peer meshd's opaque tunnel: the header names a port on this host; the bytes go
     to that port of the inbound listener's ``forward`` host (never elsewhere: a peer
-    cannot use the tunnel to reach other hosts)."""
+    cannot use the tunnel to reach other hosts), and only when the listener lists the
+    port in ``tunnel_ports`` and it is none of meshd's own. Anything else is refused:
+    closed without connecting anywhere, counted and logged (throttled)."""
     parsed = parse_tunnel(prefix)
-    if listener.direction != "inbound" or listener.forward is None or parsed is None:
-        log.info("%s: refused a meshd tunnel from %s (%s)", listener.name, peer_name(client),
-                 "malformed header" if parsed is None else "not an inbound listener")
+    why = tunnel_refusal(worker, listener, parsed)
+    if why:
+        _count(worker, listener, "tunnel_refused")
+        _refusals.info(f"{listener.name}: tunnel refused",
+                       "%s: refused a meshd tunnel from %s: %s", listener.name,
+                       peer_name(client), why)
         return
+    assert parsed is not None and listener.forward is not None
+    _count(worker, listener, "tunnel")
     port, rest = parsed
     serve_opaque(worker, listener, client, rest, None,
                  target=Endpoint(listener.forward.host, port))
+
+
+def tunnel_refusal(worker: Worker, listener: ListenerConfig,
+                   parsed: tuple[int, bytes] | None) -> str:
+    """Why a tunnel header is refused ("" when it is honoured)."""
+    if parsed is None:
+        return "malformed header"
+    if listener.direction != "inbound" or listener.forward is None:
+        return "not an inbound listener"
+    port = parsed[0]
+    if port not in listener.tunnel_ports:
+        return f"port {port} is not in the listener's tunnel_ports"
+    # config.parse refused meshd's own ports already, save those the kernel picked (port 0)
+    forward = listener.forward.host
+    admin = worker.config.admin.listen
+    if admin.port == port and may_reach(forward, admin):
+        return f"port {port} is meshd's admin port"
+    for lst, sock in worker.listeners:
+        try:
+            host, bound = sock.getsockname()[:2]
+        except OSError:  # closed by a drain
+            continue
+        if bound == port and may_reach(forward, Address(str(host), port)):
+            return f"port {port} is meshd's own listener {lst.name!r}"
+    return ""
 
 
 def read_prefix(sock: socket.socket, timeout: float) -> tuple[bytes, Detection | None, bool]:

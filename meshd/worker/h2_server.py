@@ -21,8 +21,9 @@ read from a client that does not read what it is sent (PING and SETTINGS each ow
 ACK). Past MAX_CONTROL_QUEUED PINGs and SETTINGS answered since the output was last
 written out in full: GOAWAY ENHANCE_YOUR_CALM. A protocol error closes the connection
 with GOAWAY and the error code RFC 9113 names (h2's, corrected where it is too coarse).
-Log lines a client can cause at will go through a ``meshd.ratelog.Throttle`` (keyed by
-listener and kind).
+A client that accepts no byte for ``[limits] write_timeout`` is dropped. Log lines a
+client can cause at will go through a ``meshd.ratelog.Throttle`` (keyed by listener and
+kind).
 
 Draining: a GOAWAY with the last stream id seen is written (without closing h2's state,
 so streams in flight finish), later streams are refused, and the connection closes
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 import gevent.queue
+import gevent.socket
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -59,7 +61,7 @@ from meshd.proto.h2_headers import (
 from meshd.ratelog import Throttle
 from meshd.worker import tasks
 from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
-from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
+from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall, shutdown
 from meshd.worker.tcp_proxy import redirected_destination
 
 if TYPE_CHECKING:
@@ -401,18 +403,26 @@ class H2ServerConnection:
             self.control_queued = 0  # every ACK owed went out
 
     def _write_rest(self) -> None:
-        """The kernel buffer was full: wait for the socket, write the rest."""
+        """The kernel buffer was full: wait for the socket, write the rest. A client that
+        accepts no byte for ``write_timeout`` is dropped (its streams end, and with them
+        their upstream connections)."""
         g: Any = self.sock
+        progress = time.monotonic()
         try:
             while self.out:
-                try:  # the reader may have set a timeout on the socket: wait again
-                    g._wait(g._write_event)
+                left = progress + self.limits.write_timeout - time.monotonic()
+                if left <= 0:
+                    self._too_slow()
+                    return
+                try:  # an explicit wait: the reader's socket timeout (TICK) is not ours
+                    gevent.socket.wait(g._write_event, left)
                 except TimeoutError:
                     continue
                 try:
                     sent = self._raw.send(self.out)
                 except BlockingIOError:
                     continue
+                progress = time.monotonic()
                 del self.out[:sent]
                 if len(self.out) <= OUT_LIMIT:
                     self._room.set()
@@ -422,6 +432,13 @@ class H2ServerConnection:
         finally:
             self._writer = None
             self._room.set()
+
+    def _too_slow(self) -> None:
+        throttled.info(f"{self.listener.name}: write timeout",
+                           "%s: dropped an HTTP/2 client that accepted no bytes for %gs",
+                           self.listener.name, self.limits.write_timeout)
+        self._lost()
+        shutdown(self.sock, socket.SHUT_RDWR)  # the reader wakes up to the end
 
     def _lost(self) -> None:
         """The socket failed under a write: nothing more can reach the client."""
@@ -510,7 +527,7 @@ class H2ServerConnection:
             stream.window.clear()
             self.blocked.add(stream)
             try:
-                if not stream.window.wait(idle_timeout):
+                if not stream.window.wait(min(idle_timeout, self.limits.write_timeout)):
                     raise UpstreamTimeout("the client opened no flow-control window")
             finally:
                 self.blocked.discard(stream)

@@ -464,7 +464,9 @@ class HttpConnection:
     def _tunnel(self, upstream: socket.socket, upstream_leftover: bytes, idle_timeout: float) -> None:
         leftover = bytes(self.buf)
         self.buf.clear()
-        tunnel = Tunnel(self.sock, upstream, idle_timeout)
+        limits = self.limits
+        tunnel = Tunnel(self.sock, upstream, min(idle_timeout, limits.tcp_idle_timeout),
+                        limits.write_timeout)
         tunnel.run(leftover, upstream_leftover)
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)
@@ -473,8 +475,16 @@ class HttpConnection:
     # -- to the client ------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        """To the client; one that accepts no byte for ``write_timeout`` is dropped
+        (ClientGone: the upstream connection of a response in progress is closed, not
+        pooled, and its max_connections / max_pending slot freed)."""
         try:
-            sendall(self.sock, data)
+            sendall(self.sock, data, self.limits.write_timeout)
+        except TimeoutError:
+            quiet.info(f"{self.listener.name}: write timeout",
+                               "%s: dropped a client that accepted no bytes for %gs",
+                               self.listener.name, self.limits.write_timeout)
+            raise ClientGone() from None
         except OSError:
             raise ClientGone() from None
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import gevent
 import gevent.socket
 import gevent.ssl
 
 from meshd.errors import UpstreamError, UpstreamTimeout
 
 _SSLSocket = gevent.ssl.SSLSocket
+_TLS_PIECE = 1 << 16  # bytes per bounded TLS write (write_timeout)
 
 
 def is_tls(sock: socket.socket) -> bool:
@@ -32,9 +34,19 @@ def is_tls(sock: socket.socket) -> bool:
     return isinstance(sock, _SSLSocket)
 
 
-def sendall(sock: socket.socket, data: bytes) -> None:
+def sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
+    """Send all of ``data``. ``timeout``: the longest the peer may accept no byte at all
+    (each wait for room in the kernel buffer gets it afresh; ``TimeoutError`` after it):
+    a peer that reads slowly but steadily is never cut off, one that stopped reading is."""
     if isinstance(sock, _SSLSocket):
-        sock.sendall(data)
+        if timeout is None:
+            sock.sendall(data)
+        else:  # its records are written whole: bound each of them
+            view = memoryview(data)
+            while view:
+                with gevent.Timeout(timeout, TimeoutError("the peer accepts no bytes")):
+                    sock.sendall(view[:_TLS_PIECE])
+                view = view[_TLS_PIECE:]
         return
     g: Any = sock
     raw = g._sock
@@ -46,7 +58,10 @@ def sendall(sock: socket.socket, data: bytes) -> None:
         return
     view = memoryview(data)[sent:]
     while view:
-        g._wait(g._write_event)
+        if timeout is None:
+            g._wait(g._write_event)
+        else:
+            gevent.socket.wait(g._write_event, timeout, TimeoutError("the peer accepts no bytes"))
         try:
             sent = raw.send(view)
         except BlockingIOError:

@@ -1,7 +1,7 @@
-"""Opaque TCP proxying: bytes pass through both ways, counted per direction.
-
-Where the platform has ``os.splice`` the bytes go socket -> pipe -> socket inside the
-kernel and never enter Python; the greenlet only waits for readiness on the hub.
+"""Opaque TCP proxying: where an opaque connection goes; its bytes pass through both
+ways in a ``meshd.worker.tunnel.Tunnel`` (splice where the platform has it), counted per
+direction, until both sides have ended, a side stops accepting bytes for ``[limits]
+write_timeout``, or no byte moved either way for ``[limits] tcp_idle_timeout``.
 
 The destination of an opaque connection: an inbound listener's ``forward`` address; an
 outbound listener's ``service`` (balanced over its endpoints); otherwise, on an outbound
@@ -13,28 +13,24 @@ An endpoint that discovery marks meshed (with an ``inbound_port``) is reached th
 the meshd in front of it: the connection goes to that inbound port, and one line,
 ``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
 before the client's bytes; the peer's auto inbound listener reads it and tunnels the
-rest to that port of its ``forward`` host. (The line is where mTLS identity will be
-checked; nothing else may be named: the host is always the peer's own.)
+rest to that port of its ``forward`` host, when its ``tunnel_ports`` lists the port
+(``meshd.worker.detect_conn``). (The line is where mTLS identity will be checked;
+nothing else may be named: the host is always the peer's own.)
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import socket
-from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import gevent
-from gevent.socket import wait_read, wait_write
 
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
-from meshd.worker.sockio import address_name, is_tls, sendall, shutdown
+from meshd.worker.sockio import address_name
+from meshd.worker.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -46,9 +42,6 @@ log = logging.getLogger("meshd.worker")
 # upstream): those lines are rate-limited per listener and kind.
 quiet = Throttle(log)
 
-HAS_SPLICE = hasattr(os, "splice")
-CHUNK = 1 << 16
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 DEFAULT_CONNECT_TIMEOUT = 2.0
 # linux/netfilter_ipv4.h SO_ORIGINAL_DST (level SOL_IP); IP6T_SO_ORIGINAL_DST has the same
 # number at level SOL_IPV6.
@@ -72,20 +65,15 @@ def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket
         return
     upstream, row, header = connected
     stripe = worker.stripe
+    limits = worker.config.limits
     try:
-        if header or initial:
-            initial = header + initial
-            try:
-                sendall(upstream.sock, initial)
-            except OSError as e:
-                quiet.warning(f"{listener.name}: send failed", "%s: sending to %s failed: %s",
-                              listener.name, upstream.endpoint, e.strerror or e)
-                return
-            stripe.add(row, F_READ_BYTES, len(initial))
-        back = gevent.spawn(pump, upstream.sock, client,
-                            lambda n: stripe.add(row, F_WRITE_BYTES, n))
-        pump(client, upstream.sock, lambda n: stripe.add(row, F_READ_BYTES, n))
-        back.join()
+        tunnel = Tunnel(client, upstream.sock, limits.tcp_idle_timeout, limits.write_timeout,
+                        lambda n: stripe.add(row, F_READ_BYTES, n),
+                        lambda n: stripe.add(row, F_WRITE_BYTES, n))
+        tunnel.run(header + initial)
+        if tunnel.idled:
+            log.debug("%s: closed an opaque connection from %s idle for %gs",
+                      listener.name, peer_name(client), limits.tcp_idle_timeout)
     finally:
         upstream.close()
 
@@ -185,53 +173,3 @@ def peer_name(sock: socket.socket) -> str:
     except OSError:
         return "a client that is gone"
     return address_name((str(addr[0]), addr[1]))
-
-
-def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
-    """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
-    dst so the peer sees the end too; a reset on either side shuts both down at once.
-    Used by opaque TCP and by the tunnels after an Upgrade or CONNECT.
-
-    A TLS socket (an upstream over TLS) is read and written through its own
-    recv/sendall, never spliced, and shut down beneath its TLS layer
-    (``sockio.shutdown``), so the other direction still reads it."""
-    try:
-        if HAS_SPLICE and not (is_tls(src) or is_tls(dst)):
-            _splice(src, dst, count)
-        else:
-            while data := src.recv(CHUNK):
-                dst.sendall(data)
-                count(len(data))
-    except OSError:
-        for s in (src, dst):
-            shutdown(s, socket.SHUT_RDWR)
-        return
-    shutdown(dst, socket.SHUT_WR)
-
-
-def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    sfd, dfd = src.fileno(), dst.fileno()
-    try:
-        while True:
-            try:
-                n = os.splice(sfd, wfd, CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                wait_read(sfd)
-                continue
-            if n == 0:
-                return
-            count(n)
-            while n:
-                try:
-                    n -= os.splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    wait_write(dfd)
-                except OSError as e:
-                    if e.errno == errno.EAGAIN:
-                        wait_write(dfd)
-                    else:
-                        raise
-    finally:
-        os.close(rfd)
-        os.close(wfd)

@@ -1,62 +1,145 @@
-"""Byte tunnels after an HTTP/1.1 upgrade (101) or a CONNECT (200): both directions
-copied (``meshd.worker.tcp_proxy.pump``: splice where the platform has it) until both
-have ended. An upstream over TLS (a WebSocket to a service with ``[service.X.tls]``)
-is read and written through its TLS socket instead (recv/sendall, no splice).
+"""Byte tunnels: both directions of a connection pair copied until both have ended.
 
-Bytes already read past the HTTP head (the client's or the upstream's leftover buffer)
-go first. A direction that reaches EOF half-closes its destination, so a peer that
-finishes writing still gets its answer. The tunnel ends when both directions have,
-when either side resets, or when neither side moved a byte for ``idle_timeout``
-(nginx's proxy_read_timeout does the same for WebSockets).
+Used by opaque TCP (``meshd.worker.tcp_proxy``: tcp listeners, auto-detected opaque and
+TLS connections, meshd-to-meshd tunnels) and by the tunnels after an HTTP/1.1 upgrade
+(101) or a CONNECT (200). Each direction is a ``pump`` (below): where the platform has
+``os.splice`` the bytes go socket -> pipe -> socket inside the kernel and never enter
+Python; an upstream over TLS is read and written through its TLS socket instead.
+
+Bytes already read (the client's or the upstream's leftover buffer) go first. A
+direction that reaches EOF half-closes its destination, so a peer that finishes writing
+still gets its answer. The tunnel ends, and its caller closes both sockets, when:
+
+- both directions have ended (a half-closed pair is closed once the other side ends too);
+- either side resets, or a side accepts no bytes for ``write_timeout``
+  (``[limits] write_timeout``): both are shut down at once;
+- neither side moved a byte for ``idle_timeout`` (``[limits] tcp_idle_timeout``, or a
+  service's shorter ``idle_timeout`` for HTTP tunnels, as nginx's proxy_read_timeout does
+  for WebSockets). This also bounds how long a half-closed pair may stay open: a client
+  that keeps its side open, silent, after the upstream closed is closed after it.
+
+The idle deadline costs one timer wake-up per ``idle_timeout`` while bytes move: the
+pumps only stamp the time, and the waiting greenlet looks at the stamp when its wait ends.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
+from gevent.socket import wait_read, wait_write
 
-from meshd.worker.sockio import sendall
-from meshd.worker.tcp_proxy import pump
+from meshd.worker.sockio import is_tls, sendall, shutdown
 
-IDLE_CHECK = 1.0
+HAS_SPLICE = hasattr(os, "splice")
+CHUNK = 1 << 16
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+def _no_count(n: int) -> None:
+    pass
 
 
 class Tunnel:
-    def __init__(self, client: socket.socket, upstream: socket.socket,
-                 idle_timeout: float) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+                 write_timeout: float | None = None,
+                 count_up: Callable[[int], None] = _no_count,
+                 count_down: Callable[[int], None] = _no_count) -> None:
         self.client = client
         self.upstream = upstream
         self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
+        self.count_up = count_up      # told of each chunk, as it moves (live byte counters)
+        self.count_down = count_down
         self.last_activity = time.monotonic()
         self.bytes_up = 0     # client -> upstream
         self.bytes_down = 0   # upstream -> client
+        self.idled = False    # ended by the idle deadline
 
     def run(self, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
         try:
             if client_leftover:
-                sendall(self.upstream, client_leftover)
+                sendall(self.upstream, client_leftover, self.write_timeout)
                 self._up(len(client_leftover))
             if upstream_leftover:
-                sendall(self.client, upstream_leftover)
+                sendall(self.client, upstream_leftover, self.write_timeout)
                 self._down(len(upstream_leftover))
         except OSError:
             return
-        up = gevent.spawn(pump, self.client, self.upstream, self._up)
-        down = gevent.spawn(pump, self.upstream, self.client, self._down)
+        up = gevent.spawn(pump, self.client, self.upstream, self._up, self.write_timeout)
+        down = gevent.spawn(pump, self.upstream, self.client, self._down, self.write_timeout)
         try:
             while not (up.dead and down.dead):
-                gevent.joinall([up, down], timeout=IDLE_CHECK, count=2)
-                if time.monotonic() - self.last_activity > self.idle_timeout:
-                    break
+                left = self.last_activity + self.idle_timeout - time.monotonic()
+                if left <= 0:
+                    self.idled = True
+                    return
+                gevent.joinall([up, down], timeout=left, count=2)
         finally:
             gevent.killall([up, down])
 
     def _up(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_up += n
+        self.count_up(n)
 
     def _down(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_down += n
+        self.count_down(n)
+
+
+def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
+         write_timeout: float | None = None) -> None:
+    """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
+    dst so the peer sees the end too; a reset on either side, or a dst that accepts no
+    byte for ``write_timeout``, shuts both down at once.
+
+    A TLS socket (an upstream over TLS) is read and written through its own
+    recv/sendall, never spliced, and shut down beneath its TLS layer
+    (``sockio.shutdown``), so the other direction still reads it."""
+    try:
+        if HAS_SPLICE and not (is_tls(src) or is_tls(dst)):
+            _splice(src, dst, count, write_timeout)
+        else:
+            while data := src.recv(CHUNK):
+                sendall(dst, data, write_timeout)
+                count(len(data))
+    except OSError:  # TimeoutError (write_timeout) included
+        for s in (src, dst):
+            shutdown(s, socket.SHUT_RDWR)
+        return
+    shutdown(dst, socket.SHUT_WR)
+
+
+def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
+            write_timeout: float | None) -> None:
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    sfd, dfd = src.fileno(), dst.fileno()
+    try:
+        while True:
+            try:
+                n = os.splice(sfd, wfd, CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                wait_read(sfd)
+                continue
+            if n == 0:
+                return
+            count(n)
+            while n:
+                try:
+                    n -= os.splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    wait_write(dfd, write_timeout)
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        wait_write(dfd, write_timeout)
+                    else:
+                        raise
+    finally:
+        os.close(rfd)
+        os.close(wfd)
