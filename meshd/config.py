@@ -639,6 +639,8 @@ def _check_tunnel_ports(admin: AdminConfig, listeners: tuple[ListenerConfig, ...
     and through it every service, or the admin API. (Listeners on port 0 are checked
     when a tunnel arrives, ``meshd.worker.detect_conn``.)"""
     own = [(admin.listen, "admin address")]
+    if admin.probe_listen is not None:
+        own.append((admin.probe_listen, "probe address"))
     own += [(lst.listen, f"listener {lst.name!r}") for lst in listeners]
     for i, listener in enumerate(listeners):
         if listener.forward is None:

@@ -65,7 +65,7 @@ def _raw_sources(path: str) -> list[tuple[str, str, dict[str, Any]]]:
     sources = []
     for table in tables:
         if isinstance(table, dict) and isinstance(table.get("plugin"), str):
-            options = {k: v for k, v in table.items() if k not in ("name", "plugin")}
+            options = {k: v for k, v in table.items() if k not in ("name", "plugin", "max_watches")}
             sources.append((table["plugin"], str(table.get("name", "")), options))
     return sources
 

@@ -37,6 +37,9 @@ class ProcessContext:
     previous_snapshot_path: str | None    # the previous generation's, to keep shm rows stable
 
 
+MASTER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
+
+
 def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
     """Fork; in the child run the entry point for ``kind`` and never return."""
     sys.stdout.flush()
@@ -46,9 +49,12 @@ def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
         return pid
     code = 1
     try:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        # The master's own signals are ignored: `systemctl kill -s USR2` (or HUP, TTIN)
+        # reaches every process of the unit, and their default action would end a child.
+        for sig in MASTER_ONLY_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         for fd in close_fds:
             try:

@@ -116,9 +116,9 @@ def tunnel_refusal(worker: Worker, listener: ListenerConfig,
         return f"port {port} is not in the listener's tunnel_ports"
     # config.parse refused meshd's own ports already, save those the kernel picked (port 0)
     forward = listener.forward.host
-    admin = worker.config.admin.listen
-    if admin.port == port and may_reach(forward, admin):
-        return f"port {port} is meshd's admin port"
+    for admin in (worker.config.admin.listen, worker.config.admin.probe_listen):
+        if admin is not None and admin.port == port and may_reach(forward, admin):
+            return f"port {port} is meshd's admin or probe port"
     for lst, sock in worker.listeners:
         try:
             host, bound = sock.getsockname()[:2]
