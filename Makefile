@@ -1,10 +1,10 @@
-# meshd: `make demo`, `make test`, `make bench`. Each creates .venv when missing.
+# meshd: `make demo`, `make test`, `make bench`, `make fuzz`. Each creates .venv when missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint unit bench tools clean
+.PHONY: demo test lint unit bench fuzz tools clean
 
 PLUGINS := plugins/static plugins/consul plugins/kubernetes plugins/example
 
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m meshd.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check meshd plugins tests scripts
+	$(VENV)/bin/ruff check meshd plugins tests scripts fuzz
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
@@ -34,5 +34,16 @@ bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+# Coverage-guided fuzzing of the protocol cores (fuzz/): each target for FUZZ_SECONDS,
+# one after another. atheris ships libFuzzer in its manylinux wheel: no clang needed.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+$(VENV)/.fuzz-stamp: $(STAMP)
+	$(PY) -m pip install -q 'atheris>=2.3,<4'
+	touch $@
+
+fuzz: $(VENV)/.fuzz-stamp
+	nice $(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info .fuzz
