@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_h2_rules import conn, env, marker  # noqa: F401 (fixtures: a real meshd, a recorder)
 
 from meshd.proto import h2_headers
 
@@ -51,12 +52,17 @@ def test_h2_request_untranslatable_to_http1(data):
 
 
 @pytest.mark.xfail(_ITEM2_OPEN, raises=AssertionError, strict=True,
-                   reason="issue 11 item 2: H2.CL, a content-length with END_STREAM on HEADERS")
-def test_h2_content_length_without_body():
-    # Mode 0x04: HEADERS with END_STREAM. The HTTP/1.1 head said Content-Length: 43 with
+                   reason="issue 11 item 2: an HTTP/2 content-length copied to HTTP/1.1 unchecked")
+@pytest.mark.parametrize("data", [
+    # Mode 0x04: HEADERS with END_STREAM. The HTTP/1.1 head said Content-Length: 3 with
     # no body behind it: the upstream would read the next pooled request as the body.
-    _run("h2_headers", b"\x04:method\xfePOST\xff:scheme\xfehttp\xff:path\xfe/p\xff"
-                       b":authority\xfeweb\xffcontent-length\xfe43")
+    b"\x04:method\xfePOST\xff:scheme\xfeh\xff:path\xfe/p\xffhost\xffcontent-length\xfe3",
+    # An empty (or any non-digit) content-length went into the HTTP/1.1 head as it was.
+    b"\x00:method\xfeP\xff:scheme\xfehtp\xff:path\xfe/p\xffhost\xfe\xffcontent-length\xff6",
+], ids=["length-with-end-stream", "empty-length"])
+def test_h2_content_length(data):
+    # Both found by the fuzzer once item 5's rules were in place (a local stand-in).
+    _run("h2_headers", data)
 
 
 @pytest.mark.parametrize("data", [
@@ -69,3 +75,20 @@ def test_h2_content_length_without_body():
 ], ids=["status-not-three-digits", "empty-authority"])
 def test_target_expectations(data):
     _run("h2_headers", data)
+
+
+def test_empty_cookie_crumb_is_left_out_of_the_joined_cookie(conn, env):  # noqa: F811
+    # Found by the fuzzer (translated fields differ from the HTTP/2 ones): crumbs "a=1"
+    # and "" were joined to "a=1; ", a value ending with a space, which an HTTP/1.1
+    # parser reads as "a=1;". Fixed in meshd.worker.h2_stream._join_cookies.
+    _run("h2_headers", b"\x00:method\xfeGET\xff:scheme\xfehttps\xff:path\xfe/a?b=c\xff"
+                       b":authority\xfeweb\xffcookie\xfea=1\xffcookie\xfe")
+    # And through a real meshd: what the HTTP/1.1 upstream receives.
+    mark = marker()
+    sid = conn.sid()
+    conn.send(conn.headers_frame(sid, conn.req(mark, "rec", extra=[
+        (b"cookie", b"a=1"), (b"cookie", b""), (b"cookie", b"b=2"), (b"cookie", b"")])))
+    conn.read(lambda: conn.ended(sid))
+    assert conn.status(sid) == b"200"
+    head = env.rec.request_with(mark)
+    assert b"\r\ncookie: a=1; b=2\r\n" in head, head
