@@ -24,6 +24,7 @@ from __future__ import annotations
 import h2.exceptions
 import h2.utilities
 
+from meshd.config import LimitsConfig
 from meshd.errors import ProxyError
 from meshd.proto import h2_headers, http1
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
@@ -32,6 +33,7 @@ from meshd.worker.dispatch import ORIG_PROTO
 from meshd.worker.h1_to_h2 import request_head
 
 MAX_LEN = 2048
+HEADER_COUNT = LimitsConfig().header_count
 Headers = list[tuple[bytes, bytes]]
 
 _FLAGS = {
@@ -149,10 +151,13 @@ def _h2_to_h1(headers: Headers, bodiless: bool) -> None:
     if not passed_on(headers, bodiless):
         return
     method, target, authority, head = translate_h2(headers, bodiless)
-    if method == b"CONNECT":
-        return  # answered 501, never translated
+    fields = h2_stream._join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
+    if method == b"CONNECT" or len(fields) > HEADER_COUNT:
+        return  # answered 501 or 431 (H2ToHttp1.run), never translated
     try:
-        req = http1.parse_request_head(head)
+        # The same field limit as an HTTP/1.1 client's, and the two lines meshd adds
+        # (Host for :authority, the body's framing).
+        req = http1.parse_request_head(head, max_headers=HEADER_COUNT + 2)
     except ProxyError as e:
         raise AssertionError(f"translated request refused: {e.reason}: {head!r}") from None
     assert (req.method, req.target, req.host) == (method, target, authority or b""), (headers, head)
@@ -169,7 +174,6 @@ def _h2_to_h1(headers: Headers, bodiless: bool) -> None:
         assert req.chunked, head
     sent = [(k, v) for k, v in req.headers
             if k.lower() not in (b"host", b"content-length", b"transfer-encoding")]
-    fields = h2_stream._join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
     assert sent == [(k, v) for k, v in fields if k not in h2_stream._HOP], (headers, head)
 
 

@@ -1,7 +1,7 @@
 """Fuzz target: the HTTP/1.1 core (meshd.proto.http1).
 
 The first byte picks what the rest is: a request head, a response head, or a chunked
-body (its low bits; the high bits pick limits and how the body is split into feeds).
+body (its value mod 3; the rest of it picks the limits: the defaults or small ones).
 
 Invariants:
 - a request fault is only ``BadRequest`` (400/414/431) or ``NotImplementedByProxy`` (501),
@@ -31,11 +31,18 @@ def one_input(data: bytes) -> None:
     mode, rest = data[0], data[1:]
     kind = mode % 3
     if kind == 0:
-        _request(_head(rest))
+        _request(_head(rest), *_limits(mode >> 2))
     elif kind == 1:
-        _response(_head(rest))
+        _response(_head(rest), _limits(mode >> 2)[1])
     else:
         _chunked(mode >> 2, rest)
+
+
+def _limits(control: int) -> tuple[int, int]:
+    """(max_request_line, max_headers): the defaults, or small ones to reach 414 and 431."""
+    if not control & 1:
+        return 8192, 100
+    return 4 + (control >> 1) * 4, (control >> 1) % 6
 
 
 def _head(data: bytes) -> bytes:
@@ -64,9 +71,9 @@ def _with_version(head: bytes, version: bytes) -> bytes:
     return line + head[eol:]
 
 
-def _request(head: bytes) -> None:
+def _request(head: bytes, max_line: int, max_headers: int) -> None:
     try:
-        req = http1.parse_request_head(head)
+        req = http1.parse_request_head(head, max_request_line=max_line, max_headers=max_headers)
     except (BadRequest, NotImplementedByProxy) as e:
         assert e.status in (400, 414, 431, 501), e.status
         assert isinstance(e.reason, str) and e.reason
@@ -82,9 +89,10 @@ def _request(head: bytes) -> None:
     else:
         assert not req.chunked and req.upgrade is None and not req.expect_continue
 
+    assert len(req.headers) <= max_headers
     again = http1.parse_request_head(
         _with_version(http1.serialize_request_head(req.method, req.target, req.headers),
-                      req.version))
+                      req.version), max_request_line=max_line + 2, max_headers=max_headers)
     assert again == req, (req, again)
 
     forwarded = http1.strip_hop_by_hop(req.headers, req.connection_tokens)
@@ -103,9 +111,9 @@ def _request(head: bytes) -> None:
         http1.parse_request_head(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, authority))
 
 
-def _response(head: bytes) -> None:
+def _response(head: bytes, max_headers: int) -> None:
     try:
-        resp = http1.parse_response_head(head)
+        resp = http1.parse_response_head(head, max_headers=max_headers)
     except UpstreamError as e:
         assert e.status == 502 and e.reason.startswith("invalid response from upstream: ")
         return
@@ -123,7 +131,9 @@ def _response(head: bytes) -> None:
         http1.response_has_body(method, resp.status)
 
     serialized = http1.serialize_response_head(resp.status, resp.reason, resp.headers)
-    again = http1.parse_response_head(_with_version(serialized, resp.version))
+    assert len(resp.headers) <= max_headers
+    again = http1.parse_response_head(_with_version(serialized, resp.version),
+                                      max_headers=max_headers)
     if not resp.reason:  # an empty reason is sent as the standard phrase
         assert again.reason
         again.reason = b""

@@ -21,7 +21,7 @@ import gevent.event
 import gevent.queue
 import h2.errors
 
-from meshd.errors import ProxyError, UpstreamError
+from meshd.errors import HeadersTooLarge, ProxyError, UpstreamError
 from meshd.proto import http1
 from meshd.shm import F_REQUESTS
 from meshd.worker.dispatch import (
@@ -105,6 +105,10 @@ class H2ToHttp1:
                                                 target, fields)
         worker.stripe.add(row, F_REQUESTS)
         try:
+            # [limits] header_count holds for HTTP/2 requests as for HTTP/1.1 ones: within
+            # header_bytes, empty fields would be a few thousand (found by make fuzz).
+            if len(fields) > server.limits.header_count:
+                raise HeadersTooLarge(f"more than {server.limits.header_count} header fields")
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
             endpoints = require_endpoints(service, endpoints, policy)
