@@ -48,8 +48,13 @@ def one_input(data: bytes) -> None:
             assert final is result, (k, result, final)
             decided = (k, result)
         _what_it_says(prefix, final)
-    if len(data) > d.PEEK_LIMIT:
-        assert d.detect(data, final=False) is d.detect(data[: d.PEEK_LIMIT], final=True)
+    # The peek bound, whatever the input's length: the input repeated to PEEK_LIMIT bytes,
+    # then bytes past the bound (the input again, or junk) decide nothing.
+    if data:
+        full = (data * (d.PEEK_LIMIT // len(data) + 1))[: d.PEEK_LIMIT]
+        verdict = d.detect(full, final=True)
+        for tail in (data, b"\r\n", b"\x00" * 8, b" HTTP/1.1\r\n"):
+            assert d.detect(full + tail, final=False) is verdict, (tail, verdict)
 
     verdict = d.detect(data, final=True)
     tunnel = d.parse_tunnel(data) if verdict is d.Detection.TUNNEL else None  # as the caller

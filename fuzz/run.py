@@ -31,7 +31,10 @@ STATE = ROOT / ".fuzz"
 def run_one(name: str, seconds: int, extra: list[str]) -> None:
     import atheris  # only here: the targets themselves never need it
 
-    atheris.enabled_hooks.add("str")  # startswith/endswith compare feedback
+    # startswith/endswith compare feedback. Not "RegEx": atheris 3.0's pattern proxy
+    # takes no pos/endpos (http1 calls fullmatch(head, start, eol)) and skips possessive
+    # quantifiers, which meshd's patterns use.
+    atheris.enabled_hooks.add("str")
     with atheris.instrument_imports(include=["meshd"]):
         target = importlib.import_module(f"fuzz.fuzz_{name}")
     work = STATE / "corpus" / name
