@@ -12,9 +12,10 @@ Invariants:
   with h2's own validation (but for a :status that is not three digits, which h2 lets
   through); request rules may be stricter than h2's (issue 11 item 5);
 - a request the rules accept, translated to HTTP/1.1, is accepted by meshd's strict
-  HTTP/1.1 parser (the upstream's side) with the same method, origin-form target,
-  authority and fields, and framed as the HTTP/2 stream is: no body when HEADERS ended the stream, the
-  declared Content-Length otherwise, else chunked;
+  HTTP/1.1 parser (the upstream's side) under the same field limit, with the same
+  method, origin-form target, authority and fields, and framed as the HTTP/2 stream is:
+  no body when HEADERS ended the stream, the declared Content-Length otherwise, else
+  chunked;
 - an HTTP/1.1 request the parser accepts, translated to HTTP/2, passes the request rules,
   and translated back to HTTP/1.1 it is the same request with the same framing.
 """

@@ -80,18 +80,24 @@ def main() -> int:
         with open(log_path, "w") as log_file:
             cmd = [sys.executable, "-m", "fuzz.run", "--one", name, "--seconds", str(opts.seconds),
                    *[f"--libfuzzer={flag}" for flag in opts.libfuzzer]]
-            # Bounded even if libFuzzer's own clock fails: its time plus loading the seeds.
-            rc = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                 timeout=opts.seconds * 2 + 120)
+            # Bounded even if libFuzzer's own clock fails: its time plus loading the corpus.
+            try:
+                rc = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                     timeout=opts.seconds * 2 + 120)
+            except subprocess.TimeoutExpired:  # call() has killed it
+                rc = -1
         elapsed = time.monotonic() - started
         log = log_path.read_text(errors="replace")
         stats = _stats(log)
         execs = stats.get("number_of_executed_units", "?")
-        rate = f"{int(execs) / elapsed:.0f}/s" if execs.isdigit() else "?"
+        rate = stats.get("average_exec_per_sec")  # libFuzzer's, over its fuzzing time
+        if rate is None and execs.isdigit():
+            rate = f"{int(execs) / elapsed:.0f}"  # a crash: no final stats, wall time then
         artifacts = re.findall(r"Test unit written to (\S+)", log)
         if rc != 0 or artifacts:
             crashed.append((name, rc, artifacts, log_path))
-        rows.append((name, execs, rate, stats.get("cov", "?"), stats.get("corpus", "?"),
+        rows.append((name, execs, f"{rate or '?'}/s", stats.get("cov", "?"),
+                     stats.get("corpus", "?"),
                      "CRASH" if rc != 0 or artifacts else "ok"))
     print(f"{'target':<12} {'executions':>11} {'rate':>8} {'cov':>6} {'corpus':>7}  result")
     for row in rows:
