@@ -44,4 +44,4 @@ def test_the_seeds_are_what_seeds_py_writes(tmp_path, monkeypatch):
         if name == "detect":  # the ClientHello is new each time (random, key share)
             made = {k: v for k, v in made.items() if not v.startswith(b"\x16")}
             kept = {k: v for k, v in kept.items() if not v.startswith(b"\x16")}
-        assert made == kept, name
+        assert made == kept, f"{name}: fuzz/corpus differs from what `python -m fuzz.seeds` writes"
