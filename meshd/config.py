@@ -262,22 +262,31 @@ def parse_address(value: object) -> Address:
     return Address(host, int(port))
 
 
-def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
+def load(path: str, environ: Mapping[str, str] | None = None, *, text: bytes | None = None,
+         check_files: bool = True) -> Config:
     """Read, parse and validate the TOML file at ``path``; raise ``ConfigError`` if invalid.
-    ``environ`` (default: this process's) gives ``${VAR}`` values and the default shm_dir."""
+    ``environ`` (default: this process's) gives ``${VAR}`` values and the default shm_dir.
+    ``text``: the file's bytes, already read (so that two checks see the same file).
+    ``check_files``: load the TLS files through ssl (see :func:`parse`)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        if text is None:
+            with open(path, "rb") as f:
+                text = f.read()
+        data = tomllib.loads(text.decode())
     except OSError as e:
         raise ConfigError([("", f"cannot read: {e.strerror or e}")], path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([("", f"invalid TOML: {e}")], path) from None
-    return parse(data, path, environ)
+    return parse(data, path, environ, check_files=check_files)
 
 
 def parse(data: Mapping[str, Any], path: str = "",
-          environ: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-read TOML document; raise ``ConfigError`` with every problem."""
+          environ: Mapping[str, str] | None = None, *, check_files: bool = True) -> Config:
+    """Validate an already-read TOML document; raise ``ConfigError`` with every problem.
+
+    ``check_files=False`` skips loading ``[service.NAME.tls]`` files through ssl: the
+    master parses so, after ``meshd.cli.common.load_checked`` had them checked in a
+    child, because a process that forks gevent workers must not import ssl itself."""
     env = os.environ if environ is None else environ
     problems: Problems = []
     data = expand_env(data, problems, env)
@@ -302,7 +311,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
-    services = _services(top.raw("service"), problems)
+    services = _services(top.raw("service"), problems, check_files)
     routes = tuple(_route(t, i) for i, t in enumerate(_array(top, "route", required=False)))
     limits = _limits(_Table(top.raw("limits"), "limits", problems))
     bt = _Table(top.raw("balancer"), "balancer", problems)
@@ -409,7 +418,8 @@ def _listener(t: _Table) -> ListenerConfig:
     return listener
 
 
-def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
+def _services(raw: object, problems: Problems,
+              check_files: bool = True) -> Mapping[str, ServiceConfig]:
     services: dict[str, ServiceConfig] = {}
     table = _Table(raw, "service", problems)
     for name, value in table.rest().items():
@@ -431,7 +441,7 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         max_pending = t.take("max_pending", _integer(0), 0)
         max_connections = t.take("max_connections", _integer(0), 0)
         protocol = t.take("protocol", _choice("http1", "h2"), "http1")
-        tls = _service_tls(t, name, protocol)
+        tls = _service_tls(t, name, protocol, check_files)
         t.finish()
         if name in failover:
             t.problem("failover", f"a service cannot fail over to itself ({name!r})")
@@ -446,7 +456,8 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
     return MappingProxyType(services)
 
 
-def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
+def _service_tls(service: _Table, name: str, protocol: str,
+                 check_files: bool = True) -> TlsConfig | None:
     """`[service.NAME.tls]`: None when absent or `enabled = false`. Its files are loaded
     here (``meshd.tls``, the standard ssl module) so that a bad one is a config error."""
     raw = service.raw("tls", None)
@@ -468,6 +479,8 @@ def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
             t.problem(missing, f"required with {given} (a client certificate needs its key)")
     if not enabled or not t.ok or t.bad & {"enabled", "ca_file", "cert_file", "key_file"}:
         return None
+    if not check_files:  # checked (and warned about) in a child: see parse
+        return tls
     from meshd.tls import TlsSetupError, client_context  # ssl stays out of the sans-IO import
     try:
         client_context(tls, protocol)
