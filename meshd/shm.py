@@ -164,7 +164,7 @@ VERSION = 3  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlo
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
-_HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. restarts (offsets 0..79)
+_HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. rows exhausted (offsets 0..87)
 _SLOT = struct.Struct("<qdQQQdQ")            # pid .. connections (offsets 0..55)
 
 # Header field offsets (bytes), for single-field reads and writes.
@@ -197,6 +197,8 @@ SLOT_KIND = 32
 SLOT_STARTED = 40
 SLOT_CONNECTIONS = 48
 SLOT_SPARE = 56        # zero: room for one more u64 (a worker's loaded snapshot sequence)
+# The two structs end where the named fields after them begin.
+assert _HEADER.size == OFF_ENDPOINT_ROWS and _SLOT.size == SLOT_SPARE
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -315,7 +317,7 @@ class Region:
         self.path = path
         self._mm = mm
         self.writable = writable
-        magic, version, header_size, total, *_rest = _HEADER.unpack_from(mm, 0)
+        magic, version, header_size, total, *_rest = _HEADER.unpack_from(mm, OFF_MAGIC)
         if magic != MAGIC:
             raise ShmError(f"{path}: not a meshd region (bad magic)")
         if version != VERSION:
@@ -369,7 +371,7 @@ class Region:
             raise
         finally:
             os.close(fd)
-        _HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
+        _HEADER.pack_into(mm, OFF_MAGIC, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
                           os.getpid(), time.time(), 0, 0, 0, 0)
         struct.pack_into("<I", mm, OFF_ENDPOINT_ROWS, endpoint_rows)
         struct.pack_into("<Q", mm, OFF_FINGERPRINT, LAYOUT_FINGERPRINT)
