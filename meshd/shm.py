@@ -644,17 +644,24 @@ class EndpointView:
         base = self._ep + row * EP_FIELDS + field
         return sum(q[base + slot * per_slot] for slot in slots)
 
-    def ewma_states(self, row: int, slots: list[int]) -> list[EwmaState]:
-        """Each of ``slots``' peak-EWMA state of the endpoint of ``row`` (store order
-        suffices: see the module docstring)."""
-        d, per_slot = self._d, self._per_slot
+    def ewma_states(self, row: int, slots: list[int]) -> tuple[list[tuple[float, float]], int]:
+        """Each of ``slots``' peak-EWMA state of the endpoint of ``row``, as (rtt, stamp)
+        (``meshd.balance.ewma.EwmaState``'s fields), and their in-flight requests summed:
+        what a cost needs, in one pass. Store order suffices: see the module docstring."""
+        q, d, per_slot = self._q, self._d, self._per_slot
         base = self._ep + row * EP_FIELDS
-        return [EwmaState(d[i + EP_RTT], d[i + EP_STAMP])
-                for i in (base + slot * per_slot for slot in slots)]
+        states = []
+        inflight = 0
+        for slot in slots:
+            i = base + slot * per_slot
+            inflight += q[i + EP_INFLIGHT]
+            states.append((d[i + EP_RTT], d[i + EP_STAMP]))
+        return states, inflight
 
     def state(self, row: int) -> float:
         """The health row's state field alone (one 8-byte load: no lock needed)."""
-        return float(self._d[self._health + row * HEALTH_FIELDS + H_STATE])
+        d: Any = self._d   # a float64 view: its items are floats already
+        return d[self._health + row * HEALTH_FIELDS + H_STATE]
 
     def health_values(self, row: int) -> tuple[float, ...] | None:
         """The six values of a health row, a consistent copy: read between two equal,

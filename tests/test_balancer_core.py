@@ -58,6 +58,16 @@ def test_hot_path_cost_is_the_cores(states, row, now, tau, default_rtt, live):
         assert math.isclose(core, inline, rel_tol=1e-12)
 
 
+@settings(max_examples=500, deadline=None)
+@given(states=st.lists(st.tuples(rtts, stamps), max_size=6), inflight=st.integers(-3, 100),
+       now=st.floats(0.0, 2000.0), tau=st.floats(0.5, 60.0), default_rtt=st.floats(1e-4, 1.0))
+def test_peak_cost_is_cost_over_combine(states, inflight, now, tau, default_rtt):
+    """The one-pass function the hot path calls is the composition of the two cores."""
+    combined = ewma.combine((ewma.EwmaState(r, s) for r, s in states), now, tau)
+    assert ewma.peak_cost(states, inflight, now, default_rtt, tau) == ewma.cost(
+        combined, inflight, now, default_rtt, tau)
+
+
 healths = st.builds(
     lambda state, failures, ejections, until, since, prober: (float(state), float(failures),
                                                               float(ejections), until, since,

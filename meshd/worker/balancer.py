@@ -22,8 +22,8 @@ its stripe (``EP_RUN``); when the runs of all live workers add up to
 
 Reads go through the region's ``EndpointView`` (``meshd.shm``: each field has one
 writer; a health row that is not HEALTHY is copied under its seqlock). The cost and the
-probe rule are the sans-IO cores' own (``ewma.cost`` over ``ewma.combine`` of the
-stripes, ``ejection.holds_probe``). Endpoints without a row (the region is full) cost
+probe rule are the sans-IO cores' own (``ewma.peak_cost``: ``ewma.cost`` over
+``ewma.combine`` of the stripes; ``ejection.holds_probe``). Endpoints without a row (the region is full) cost
 the default RTT and are never ejected.
 """
 
@@ -226,14 +226,13 @@ class SharedBalancer:
         return i, rows[i]
 
     def _cost(self, row: int, live: list[int], now: float) -> float:
-        """The core's cost (``meshd.balance.ewma``) of the endpoint of ``row``: the
-        highest estimate any live worker holds x (their in-flight requests + 1)."""
+        """The core's cost (``meshd.balance.ewma.peak_cost``, which is ``cost`` over
+        ``combine``) of the endpoint of ``row``: the highest estimate any live worker
+        holds x (their in-flight requests + 1)."""
         if row < 0:
             return self.default_rtt
-        view = self.view
-        state = ewma.combine(view.ewma_states(row, live), now, self.tau)
-        return ewma.cost(state, view.field_sum(row, EP_INFLIGHT, live), now,
-                         self.default_rtt, self.tau)
+        states, inflight = self.view.ewma_states(row, live)
+        return ewma.peak_cost(states, inflight, now, self.default_rtt, self.tau)
 
 
 def _draw(splits: list[tuple[int, int, int]], rng: random.Random) -> tuple[int, int, int]:
