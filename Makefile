@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m meshd.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check meshd plugins tests scripts fuzz
+	$(VENV)/bin/ruff check meshd plugins tests scripts fuzz bench
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
@@ -37,7 +37,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 PREFIX ?= /opt/meshd
 DESTDIR ?=

@@ -22,6 +22,11 @@ log = logging.getLogger("meshd.master")
 
 EXIT_BOOT_ERROR = 3
 
+# Debug hook (tests): when set, the master writes ``sorted(sys.modules)`` to this file
+# (unless it exists) before it forks a child, so a test can prove what the master had imported by then (the
+# children patch with gevent first thing, which must come before anything imports ssl).
+MODULES_FILE_ENV = "MESHD_DEBUG_MODULES_FILE"
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -42,6 +47,7 @@ MASTER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIG
 
 def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
     """Fork; in the child run the entry point for ``kind`` and never return."""
+    _dump_modules()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -72,6 +78,13 @@ def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _dump_modules() -> None:
+    path = os.environ.get(MODULES_FILE_ENV)
+    if path and not os.path.exists(path):  # a test removes it to see a later fork
+        with open(path, "w") as f:
+            f.write("".join(f"{name}\n" for name in sorted(sys.modules)))
 
 
 def _entry_point(kind: int) -> Callable[[ProcessContext], int] | None:
