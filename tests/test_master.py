@@ -84,6 +84,20 @@ def test_hup_with_invalid_config_keeps_old_one(mesh, backends):
         assert r.get_u64(OFF_GENERATION) == 1
 
 
+def test_hup_while_the_first_generation_boots_counts_as_a_reload(mesh, backends):
+    """A HUP before anything served (systemctl reload right after start) supersedes the
+    booting generation; the reload still counts once the new one serves."""
+    a = backends("a")
+    m = mesh.run({"web": [a.address]}, wait_ready=False)
+    # The region exists once the master's signal handlers are in place (_start).
+    wait_for(lambda: os.path.exists(m.shm_path), timeout=20, what="the shm region")
+    m.signal(signal.SIGHUP)
+    m.wait_ready(30)
+    wait_for(lambda: "generation 2 serving" in m.log(), timeout=30, what="generation 2 serving")
+    assert m.metric("meshd_config_reloads_total", 'result="success"') == 1
+    assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
+
+
 def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]})

@@ -81,6 +81,7 @@ class Arbiter:
         self.configs: dict[int, Config] = {1: cfg}
         self.generation = 1             # the newest generation (may still be booting)
         self.active_generation = 0      # the newest generation that has served
+        self.from_reload = False        # the newest generation came from an accepted HUP
         self.generation_started = time.monotonic()
         self.children: dict[int, Child] = {}
         self.sockets = SocketSet()
@@ -259,6 +260,7 @@ class Arbiter:
                 self._retire(child)
         self.regions.begin(self.generation + 1, new, self.children.values())
         self.generation += 1
+        self.from_reload = True
         self.generation_started = time.monotonic()
         self.configs[self.generation] = new
         self.cfg = new
@@ -370,6 +372,7 @@ class Arbiter:
             if child.generation > self.active_generation:
                 self._retire(child)
         self.generation = self.active_generation
+        self.from_reload = False
         self.cfg = self.configs[self.generation]
         self.regions.fall_back(self.generation, self.children.values())
         self.regions.current.set_u64(OFF_GENERATION, self.generation)
@@ -463,12 +466,14 @@ class Arbiter:
             if gen < self.generation - 1:
                 _unlink(self._snapshot_path(gen))
         self.regions.serve(self.generation, self.children.values())
-        if not first:
+        # A HUP while the first generation still booted superseded it: still a reload.
+        if self.from_reload:
             self.regions.current.add_u64(OFF_RELOADS)
             keep = {address_key(lst.listen) for lst in self.cfg.listeners}
             keep.update(address_key(addr) for addr in _admin_addresses(self.cfg))
             self.sockets.close_unused(keep)
         self.active_generation = self.generation
+        self.from_reload = False
         log.info("generation %d serving with %d workers", self.generation, self.desired)
         self.notifier.ready(f"serving generation {self.generation}")
         if first and self.upgrade_from and os.getppid() == self.upgrade_from:
