@@ -120,7 +120,10 @@ HEADER_SIZE = 128
 SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")
-_SLOT = struct.Struct("<qdQQQdQ")
+# pid, heartbeat, generation, state, kind, started, connections, snapshot_seq
+_SLOT = struct.Struct("<qdQQQdQQ")
+OFF_SLOT_CONNECTIONS = 48
+OFF_SLOT_SNAPSHOT_SEQ = 56
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_GENERATION = 24
@@ -220,6 +223,9 @@ class SlotRecord:
     kind: int
     started: float
     connections: int = 0  # open client connections (a worker's, for accept balancing)
+    # The seq of the endpoint snapshot the worker has loaded (0: none yet). Tests and
+    # /ready wait for it instead of sleeping a poll interval or two.
+    snapshot_seq: int = 0
 
 
 class Region:
@@ -400,7 +406,7 @@ class Region:
         overwritten by the master."""
         now = time.monotonic()
         _SLOT.pack_into(self._mm, self._slot_offset(index, True), -1, now, generation,
-                        STATE_BOOTING, kind, now, 0)
+                        STATE_BOOTING, kind, now, 0, 0)
         self._mark_used(index)
 
     def _mark_used(self, index: int) -> None:
@@ -426,7 +432,11 @@ class Region:
 
     def set_open_connections(self, index: int, n: int) -> None:
         """The slot's own worker: how many client connections it serves now."""
-        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + 48, n)
+        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + OFF_SLOT_CONNECTIONS, n)
+
+    def set_snapshot_seq(self, index: int, seq: int) -> None:
+        """The slot's own worker: the endpoint snapshot it serves from now."""
+        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + OFF_SLOT_SNAPSHOT_SEQ, seq)
 
     def fewest_connections(self, me: int, generation: int) -> int | None:
         """The fewest client connections any other serving worker of ``generation``

@@ -89,21 +89,23 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", WEB).start()
     try:
-        time.sleep(1.0)
+        wait_for(lambda: load.ok >= 100, timeout=30, what="the load running")
         victim = m.slots(KIND_WORKER)[0]
         with m.region() as r:
             # Client connections on the victim: its stripe's open-connection gauges.
             open_on_victim = sum(r.read_field(victim.index, row, F_TCP_OPEN) for row in range(r.rows))
-        killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         new = wait_for(lambda: victim.pid not in (p := m.worker_pids(STATE_SERVING))
-                       and len(p) == 2 and p, timeout=5, what="a replacement worker")
-        replaced_in = time.monotonic() - killed_at
-        time.sleep(0.5)
+                       and len(p) == 2 and p, timeout=30, what="a replacement worker")
+        ok = load.ok
+        wait_for(lambda: load.ok >= ok + 100, timeout=30, what="the load served after it")
     finally:
         load.stop()
     assert new
-    assert replaced_in < 2.0
+    # Replaced because the master saw it die (SIGCHLD), not after worker_timeout (5 s)
+    # of silence: the reason in the log, not a time bound that a busy machine breaks.
+    assert re.search(rf"worker {victim.pid} \(g1\) died unexpectedly \(signal SIGKILL\)", m.log())
+    assert not re.search(rf"worker {victim.pid} .*silent for", m.log())
     assert len(load.failed_connections) <= open_on_victim
     assert load.ok > 100
     assert m.metric("meshd_worker_restarts_total") == 1
@@ -112,12 +114,14 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
 def test_stopped_worker_is_killed_after_worker_timeout(mesh, backends):
     a = backends("a")
     text, ports = mesh.config({"web": [a.address]})
-    m = mesh.start(text.replace('worker_timeout = "5s"', 'worker_timeout = "1s"'), ports)
+    # 3 s: three missed heartbeats (one a second). At 1 s a child still importing on a
+    # busy machine is taken for hung before it ever beats, and the boot never ends.
+    m = mesh.start(text.replace('worker_timeout = "5s"', 'worker_timeout = "3s"'), ports)
     victim = m.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
     try:
         wait_for(lambda: victim not in m.worker_pids() and len(m.worker_pids(STATE_SERVING)) == 2,
-                 timeout=10, what="the stopped worker replaced")
+                 timeout=30, what="the stopped worker replaced")
     finally:
         try:
             os.kill(victim, signal.SIGCONT)

@@ -19,6 +19,7 @@ import pytest
 
 from meshd.config import parse
 from meshd.errors import ConfigError
+from meshd.shm import KIND_WORKER
 from meshd.testing.harness import KeepAliveLoad, http_get, wait_for
 from meshd.testing.tcp_server import TcpServer
 from meshd.worker.routing import Router
@@ -196,14 +197,14 @@ def test_failover_to_the_next_service_and_back(mesh, backends, tmp_path):
     assert {who() for _ in range(10)} == {"a"}
     _write(path, f'web = []\nweb-dc2 = ["{b.address}"]\n')
     wait_for(lambda: {who() for _ in range(5)} == {"b"}, timeout=5, what="traffic on web-dc2")
-    time.sleep(0.5)  # every worker has loaded the snapshot (each polls every 100 ms)
+    m.wait_snapshot_loaded()  # every worker, not only the one that answered
     assert {who() for _ in range(20)} == {"b"}
     _write(path, f'web = ["{a.address}"]\nweb-dc2 = ["{b.address}"]\n')
     wait_for(lambda: {who() for _ in range(5)} == {"a"}, timeout=5, what="traffic back on web")
     # both gone: 503 naming every service tried
     _write(path, "web = []\nweb-dc2 = []\n")
     wait_for(lambda: who() == "503", timeout=5, what="503 once nothing is left")
-    time.sleep(0.5)  # every worker has loaded the snapshot (each polls every 100 ms)
+    m.wait_snapshot_loaded()  # every worker, not only the one that answered
     status, headers, _ = _get(port)
     assert status == 503 and "web, web-dc2" in headers["meshd-error"], headers
 
@@ -223,7 +224,10 @@ def test_a_reload_applies_new_routes_without_dropping_connections(mesh, backends
         m.signal(signal.SIGHUP)
         wait_for(lambda: {_get(port)[1]["x-backend"] for _ in range(6)} == {"v2"}, timeout=15,
                  what="the new route serving")
-        time.sleep(1.5)  # the old generation drains under load
+        # the old generation drains under load: its workers are gone
+        gen = max(s.generation for s in m.slots(KIND_WORKER))
+        wait_for(lambda: all(s.generation == gen for s in m.slots(KIND_WORKER)), timeout=30,
+                 what="the old generation's workers gone")
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]
@@ -384,7 +388,8 @@ def test_per_endpoint_limits_answer_503_at_once(mesh, backends, limit):
     m = mesh.run({"web": [a.address]}, extra=f"[service.web]\n{limit} = 2\nretries = 0\n")
     port = m.ports["outbound"]
     held = _hold_requests(port, 2, "/slow?ms=8000")
-    time.sleep(1.0)  # both in flight before the probe (else a probe may take a slot first)
+    # both in flight before the probe (else a probe may take a slot first)
+    m.wait_metric("request_total", 'service="web"', at_least=2)
     try:
         def busy() -> bool:
             status, headers, _ = _get(port)
