@@ -227,7 +227,7 @@ def test_drain_sends_goaway_and_finishes_streams_in_flight(mesh, backends):
     m = mesh.run({"web": [a.address]}, workers=1)
     c = RawH2(m.ports["outbound"])
     sid = c.request("/slow?ms=6000")
-    time.sleep(0.3)
+    m.wait_metric("request_total", 'service="web"')  # in flight before the HUP
     m.signal(signal.SIGHUP)  # a new generation; this worker drains
     # read raw frames: h2's own client state machine refuses frames after a GOAWAY
     frames = _read_frames(c.sock, timeout=20)

@@ -313,6 +313,7 @@ def test_absolute_form_target_wins_over_host(web: Meshd) -> None:
 def test_request_line_over_limit_is_414(web: Meshd, recorder: Recorder) -> None:
     data, how = exchange(web, head(b"Host: web", line=b"GET /" + b"a" * 600 + b" HTTP/1.1"))
     assert statuses(data) == [414] and how == "eof"
+    nothing_more_upstream(web, recorder)
     assert recorder.received() == b""
 
 
@@ -325,10 +326,11 @@ def test_header_bytes_over_limit_is_431(web: Meshd, recorder: Recorder) -> None:
     data, how = exchange(web, head(b"Host: web", b"X-Big: " + b"b" * 5000))
     assert statuses(data) == [431] and how == "eof"
     # Without the end of the head: refused once header_bytes are in, not at the timeout.
-    started = time.monotonic()
+    # (At the timeout the answer would be 408: 431 says it was the size, with no time
+    # bound that a busy machine breaks.)
     data, how = exchange(web, b"GET / HTTP/1.1\r\nHost: web\r\nX-Big: " + b"b" * 5000)
     assert statuses(data) == [431] and how == "eof"
-    assert time.monotonic() - started < 0.9
+    nothing_more_upstream(web, recorder)
     assert recorder.received() == b""
 
 
@@ -339,6 +341,7 @@ def test_header_count_over_limit_is_431(web: Meshd, recorder: Recorder) -> None:
     ok, _ = exchange(web, head(*fields[:15], b"Connection: close", line=b"GET /ok HTTP/1.1")
                      .replace(b"Host: web", b"Host: real"))
     assert statuses(ok) == [200]  # exactly header_count fields pass
+    nothing_more_upstream(web, recorder)
     assert recorder.received() == b""
 
 
@@ -351,11 +354,12 @@ def test_slowloris_gets_408_and_close(web: Meshd, recorder: Recorder) -> None:
             s.sendall(bytes([byte]))
             if select.select([s], [], [], 0.15)[0] or time.monotonic() - started > 4:
                 break
-        data, how = read_until_closed(s, timeout=3)
+        data, how = read_until_closed(s, timeout=5)
         elapsed = time.monotonic() - started
     assert statuses(data) == [408], data
     assert how == "eof"
-    assert 0.9 < elapsed < 2.0
+    assert 0.9 < elapsed < 2.9  # header_read_timeout (1 s); the upper bound: not never
+    nothing_more_upstream(web, recorder)
     assert recorder.received() == b""
 
 
@@ -366,10 +370,10 @@ def test_idle_keep_alive_connection_is_closed(web: Meshd) -> None:
         assert data.endswith(b"a /one\n"), data
         assert statuses(data) == [200] and b"connection: close" not in data.lower()
         idle_from = time.monotonic()
-        rest, how = read_until_closed(s, timeout=4)
+        rest, how = read_until_closed(s, timeout=6)
         idle = time.monotonic() - idle_from
     assert rest == b"" and how == "eof"  # closed without a word
-    assert 0.8 < idle < 2.5
+    assert 0.8 < idle < 3.5  # client_idle_timeout (1 s); the upper bound: not never
 
 
 def test_pipelined_requests_are_answered_in_order(web: Meshd) -> None:
@@ -571,4 +575,5 @@ def test_many_slowloris_connections_are_bounded(web: Meshd, recorder: Recorder) 
     rss, cpu = process_usage(pid)
     assert rss - before[0] < 48, f"RSS grew {rss - before[0]:.1f} MiB"
     assert cpu - before[1] < 4.0, f"{cpu - before[1]:.2f} s of CPU"
+    nothing_more_upstream(web, recorder)
     assert recorder.received() == b""

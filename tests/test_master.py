@@ -39,34 +39,40 @@ def test_ten_hups_under_load_lose_nothing(mesh, backends):
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 32, "/", WEB).start()
     seen: list[int] = []
+    lost: list[int] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            seen.append(m.metric("request_total", 'service="web"'))
+            try:
+                seen.append(m.metric("request_total", 'service="web"'))
+            except OSError:  # an admin request lost across a control handover: not checked here
+                lost.append(1)
             time.sleep(0.1)
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         for _ in range(10):
             m.signal(signal.SIGHUP)
-            time.sleep(0.6)
+            time.sleep(0.6)  # pacing: the kernel merges a HUP sent before the last is seen
         with m.region() as r:
-            wait_for(lambda: r.get_u64(OFF_GENERATION) == 11, what="generation 11")
+            wait_for(lambda: r.get_u64(OFF_GENERATION) == 11, timeout=30, what="generation 11")
+        # the last generation counts as a reload once it serves (a busy machine boots slowly)
+        wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="success"') >= 1,
+                 timeout=60, what="a successful reload counted")
         _serving_workers(m, 2)
-        time.sleep(1.0)
+        ok = load.ok
+        wait_for(lambda: load.ok > max(ok + 100, 500) and len(seen) > 20, timeout=60,
+                 what="the last generation serving the load, 20 samples")
     finally:
         load.stop()
         stop.set()
         sampler.join()
     assert load.failures == [], load.failures[:5]
     assert load.ok > 500
-    assert len(seen) > 20
+    assert len(seen) > 20 and len(lost) <= len(seen) // 4, (len(seen), len(lost))
     assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
-    # the last generation counts as a reload once it serves (a busy machine boots slowly)
-    wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="success"') >= 1,
-             timeout=15, what="a successful reload counted")
     assert m.metric("meshd_config_reloads_total", 'result="failure"') == 0
 
 
@@ -137,10 +143,10 @@ def test_term_drains_slow_request_and_refuses_new_connections(mesh, backends):
     result: dict[str, object] = {}
 
     def slow() -> None:
-        result["resp"] = http_get("127.0.0.1", m.ports["outbound"], "/slow?ms=2000", WEB, timeout=10)
+        result["resp"] = http_get("127.0.0.1", m.ports["outbound"], "/slow?ms=5000", WEB, timeout=20)
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.5)
+    m.wait_metric("request_total", 'service="web"')  # in flight before the TERM
     m.signal(signal.SIGTERM)
 
     def refused() -> bool:
@@ -149,9 +155,9 @@ def test_term_drains_slow_request_and_refuses_new_connections(mesh, backends):
             return False
         except ConnectionRefusedError:
             return True
-    wait_for(refused, timeout=1.0, what="new connections refused")
-    assert t.is_alive()  # the slow request is still in flight while we are refused
-    t.join(10)
+    wait_for(refused, timeout=4.0, what="new connections refused")
+    assert t.is_alive()  # the slow request (5 s) is still in flight while we are refused
+    t.join(20)
     status, _, body = result["resp"]  # type: ignore[misc]
     assert status == 200 and body == b"a /slow\n"
     assert m.wait(15) == 0
@@ -178,14 +184,16 @@ def test_usr2_upgrades_without_failed_requests(mesh, backends):
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", WEB).start()
     new_master = 0
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         m.signal(signal.SIGUSR2)
         assert m.wait(30) == 0  # the old master hands over and drains
         r = Region.attach(m.shm_path)
         new_master = r.get_u32(OFF_MASTER_PID)
         r.close()
         assert new_master not in (0, old_master)
-        time.sleep(1.0)
+        ok = load.ok
+        wait_for(lambda: load.ok > max(ok + 100, 200), timeout=30,
+                 what="the new master serving the load")
     finally:
         load.stop()
         if new_master:
@@ -297,7 +305,7 @@ def test_control_process_is_supervised_like_a_worker(mesh, backends):
     [control] = m.control_pids()
     os.kill(control, signal.SIGKILL)
     wait_for(lambda: (c := m.control_pids()) and control not in c and _ready(m.ports["admin"]),
-             timeout=10, what="a new control process serving the admin API")
+             timeout=30, what="a new control process serving the admin API")
     assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
 
 
@@ -305,7 +313,9 @@ def test_workers_share_the_accepted_connections(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 24, "/", WEB).start()
-    time.sleep(1.5)
+    # every one of the 24 connections accepted, and serving
+    m.wait_metric("tcp_open_total", 'listener="outbound"', at_least=24)
+    wait_for(lambda: load.ok >= 240, timeout=30, what="the load running")
     load.stop()
     assert load.failures == []
     with m.region() as r:

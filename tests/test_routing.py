@@ -219,7 +219,7 @@ def test_a_reload_applies_new_routes_without_dropping_connections(mesh, backends
     assert _get(port)[1]["x-backend"] == "v1"
     load = KeepAliveLoad("127.0.0.1", port, 8, "/", {"Host": "web"}).start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         Path(m.config_path).write_text(text.replace(route.format("web-v1"), route.format("web-v2")))
         m.signal(signal.SIGHUP)
         wait_for(lambda: {_get(port)[1]["x-backend"] for _ in range(6)} == {"v2"}, timeout=15,
@@ -228,6 +228,7 @@ def test_a_reload_applies_new_routes_without_dropping_connections(mesh, backends
         gen = max(s.generation for s in m.slots(KIND_WORKER))
         wait_for(lambda: all(s.generation == gen for s in m.slots(KIND_WORKER)), timeout=30,
                  what="the old generation's workers gone")
+        wait_for(lambda: load.ok > 100, timeout=30, what="the load served")
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]
