@@ -361,9 +361,15 @@ def marker() -> str:
 
 
 def never_forwarded(env: Env, c: Conn, mark: str) -> None:
-    """Closes ``c``; once meshd is done with every client connection (so whatever it
-    forwarded is written) and the recorder has read all it was sent, the marked request
-    is not among it."""
+    """The request marked ``mark`` did not reach the recorder. The barrier first: on a
+    connection still open, a request to the recorder sent after it is answered (meshd
+    decided on the marked one before: streams are taken in order); then ``c`` is closed,
+    meshd is done with every client connection (whatever it forwarded is written) and the
+    recorder has read all it was sent."""
+    if not c.eof and c.goaway() is None:
+        sid = c.sid()
+        c.send(c.headers_frame(sid, c.req(marker(), "rec")))
+        c.read(lambda: c.ended(sid) or c.goaway() is not None or c.eof)
     c.close()
     env.meshd.wait_idle("outbound")
     wait_for(env.rec.drained, what="the recorder read everything sent to it")
