@@ -11,8 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from meshd.errors import ShmError
 from meshd.shm import STATE_SERVING
-from meshd.testing.harness import free_port, http_get, port_open, wait_for
+from meshd.testing.harness import free_port, http_get, wait_for
 from meshd.testing.plugins import make_distribution
 
 # A directory of service files: `DIR/NAME` holds "host:port" lines. No file: the service
@@ -216,8 +217,12 @@ def test_ready_waits_until_every_worker_has_loaded_the_first_complete_snapshot(
     text = text.replace("web = []", f'web = ["{a.address}"]')
     text = text.replace('worker_timeout = "5s"', 'worker_timeout = "60s"')  # stopped is fine
     m = mesh.start(text, ports, env=_plugin_env(tmp_path), wait_ready=False)
-    wait_for(lambda: port_open("127.0.0.1", ports["admin"]), timeout=30, what="the admin port")
-    wait_for(lambda: len(m.worker_pids(STATE_SERVING)) == 2, timeout=30, what="2 serving workers")
+    def serving() -> bool:
+        try:
+            return len(m.worker_pids(STATE_SERVING)) == 2
+        except ShmError:  # the master has not created the region yet
+            return False
+    wait_for(serving, timeout=30, what="2 serving workers")
     first = m.wait_snapshot_loaded()  # published without orders' answer
     stopped = m.worker_pids()[0]
     os.kill(stopped, signal.SIGSTOP)

@@ -95,6 +95,9 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", WEB).start()
     try:
+        # every one of the 16 connections accepted (none left in the accept queue for the
+        # victim to take after its count is read), and the load running
+        m.wait_metric("tcp_open_connections", 'listener="outbound"', at_least=16)
         wait_for(lambda: load.ok >= 100, timeout=30, what="the load running")
         victim = m.slots(KIND_WORKER)[0]
         with m.region() as r:
