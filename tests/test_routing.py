@@ -274,7 +274,9 @@ service = "web"
         assert resp.status == 200
         assert json.loads(resp.read()) == {"bytes": len(small), "sha256": _sha(small)}
         conn.close()
-    assert m.metric("retry_total") >= 5  # every third request met the failing endpoint
+    # about every third request met the failing endpoint; each worker keeps its own
+    # round-robin turn, and under load the requests split unevenly between them
+    assert m.metric("retry_total") >= 3
     big = os.urandom(100 * 1024)
     statuses = Counter(_get(port, "/upload", method="PUT", body=big)[0] for _ in range(9))
     assert statuses[503] >= 2 and statuses[200] >= 5, statuses
@@ -389,8 +391,11 @@ def test_per_endpoint_limits_answer_503_at_once(mesh, backends, limit):
     m = mesh.run({"web": [a.address]}, extra=f"[service.web]\n{limit} = 2\nretries = 0\n")
     port = m.ports["outbound"]
     held = _hold_requests(port, 2, "/slow?ms=8000")
-    # both in flight before the probe (else a probe may take a slot first)
-    m.wait_metric("request_total", 'service="web"', at_least=2)
+    # both in flight at the endpoint before the probe (else a probe may take a slot first)
+    def in_flight() -> int:
+        raw = http_get("127.0.0.1", m.ports["admin"], "/endpoints")[2]
+        return sum(e["in_flight"] for e in json.loads(raw)["services"]["web"]["endpoints"])
+    wait_for(lambda: in_flight() >= 2, timeout=6, what="the two slow requests at the endpoint")
     try:
         def busy() -> bool:
             status, headers, _ = _get(port)
