@@ -47,7 +47,7 @@ Layout, byte by byte::
             +32 kind (u64): 1 worker, 2 control              master on spawn
             +40 started (f64, CLOCK_MONOTONIC)              master on spawn
             +48 open client connections (u64 gauge)     the worker (accept balancing)
-            +56 spare (u64, zero; SLOT_SPARE)
+            +56 snapshot_seq (u64: the endpoint snapshot sequence the worker loaded last)
 
     then    slots x rows x FIELDS x 8   counter stripes: stripe s, row r, field f at
             STRIPES + ((s * rows + r) * FIELDS + f) * 8 (u64). Only the process in slot s
@@ -160,12 +160,13 @@ from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
-VERSION = 3  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock
+VERSION = 4  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
+             # 4: the worker slot's snapshot_seq
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. rows exhausted (offsets 0..87)
-_SLOT = struct.Struct("<qdQQQdQ")            # pid .. connections (offsets 0..55)
+_SLOT = struct.Struct("<qdQQQdQQ")           # pid .. snapshot_seq (offsets 0..63)
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_MAGIC = 0
@@ -196,9 +197,9 @@ SLOT_STATE = 24
 SLOT_KIND = 32
 SLOT_STARTED = 40
 SLOT_CONNECTIONS = 48
-SLOT_SPARE = 56        # zero: room for one more u64 (a worker's loaded snapshot sequence)
+SLOT_SNAPSHOT_SEQ = 56  # the snapshot sequence the worker loaded last (/ready waits on it)
 # The two structs end where the named fields after them begin.
-assert _HEADER.size == OFF_ENDPOINT_ROWS and _SLOT.size == SLOT_SPARE
+assert _HEADER.size == OFF_ENDPOINT_ROWS and _SLOT.size == SLOT_SIZE
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -308,6 +309,9 @@ class SlotRecord:
     kind: int
     started: float
     connections: int = 0  # open client connections (a worker's, for accept balancing)
+    # The seq of the endpoint snapshot the worker has loaded (0: none yet). Tests and
+    # /ready wait for it instead of sleeping a poll interval or two.
+    snapshot_seq: int = 0
 
 
 class Region:
@@ -495,7 +499,7 @@ class Region:
         overwritten by the master."""
         now = time.monotonic()
         _SLOT.pack_into(self._mm, self._slot_offset(index, True), -1, now, generation,
-                        STATE_BOOTING, kind, now, 0)
+                        STATE_BOOTING, kind, now, 0, 0)
         self._mark_used(index)
 
     def _mark_used(self, index: int) -> None:
@@ -522,6 +526,10 @@ class Region:
     def set_open_connections(self, index: int, n: int) -> None:
         """The slot's own worker: how many client connections it serves now."""
         struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + SLOT_CONNECTIONS, n)
+
+    def set_snapshot_seq(self, index: int, seq: int) -> None:
+        """The slot's own worker: the endpoint snapshot it serves from now."""
+        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + SLOT_SNAPSHOT_SEQ, seq)
 
     def fewest_connections(self, me: int, generation: int) -> int | None:
         """The fewest client connections any other serving worker of ``generation``

@@ -57,7 +57,7 @@ class Client:
     def seen(self, n: int = 20) -> set[str]:
         return {self.who() for _ in range(n)}
 
-    def until(self, expected: set[str], timeout: float = 2.0, n: int = 20) -> float:
+    def until(self, expected: set[str], timeout: float = 10.0, n: int = 20) -> float:
         """Seconds until ``n`` answers in a row come from exactly ``expected``."""
         started = time.monotonic()
         wait_for(lambda: self.seen(n) == expected, timeout, interval=0.0,

@@ -206,7 +206,7 @@ def test_server_speaks_first_gets_its_banner_after_detect_timeout(mesh, servers)
         banner = recv_exactly(s, len(BANNER))
         elapsed = time.monotonic() - start
         assert banner == BANNER
-        assert 0.25 <= elapsed < 0.3 + 1.5, elapsed  # detection waited, then tunneled
+        assert 0.25 <= elapsed < 0.3 + 4, elapsed  # detection waited, then tunneled
         s.sendall(b"EHLO client\r\n")
         assert recv_exactly(s, 13) == b"EHLO client\r\n"
         s.shutdown(socket.SHUT_WR)
@@ -292,7 +292,7 @@ def test_opaque_port_skips_detection(mesh, servers) -> None:
     with socket.create_connection(("127.0.0.1", port2), timeout=5) as s:
         start = time.monotonic()
         assert recv_exactly(s, len(BANNER)) == BANNER
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 4.0  # not detect_timeout (5 s)
     expect_counts(m, "in", skipped=1)
     expect_counts(m2, "in", skipped=1)
 

@@ -11,6 +11,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from meshd.errors import ShmError
+from meshd.shm import STATE_SERVING
 from meshd.testing.harness import free_port, http_get, wait_for
 from meshd.testing.plugins import make_distribution
 
@@ -202,3 +204,40 @@ web = ["{b.address}"]
         _, headers, _ = http_get("127.0.0.1", ports["outbound"], f"/{i}", {"Host": "web"})
         seen[headers["x-backend"]] += 1
     assert 0.85 <= seen["a"] / 400 <= 0.95, seen
+
+
+def test_ready_waits_until_every_worker_has_loaded_the_first_complete_snapshot(
+        mesh, backends, tmp_path):
+    """/ready turns 200 only once every serving worker has loaded a snapshot that holds
+    every source's first answer: a worker still on an older one (here: stopped) keeps
+    it 503, naming why."""
+    a = backends("a")
+    services = tmp_path / "late"  # not there yet: the first answer for orders is owed
+    text, ports = _config(mesh, services, extra='[service.orders]\ndiscovery = "dir"\n')
+    text = text.replace("web = []", f'web = ["{a.address}"]')
+    text = text.replace('worker_timeout = "5s"', 'worker_timeout = "60s"')  # stopped is fine
+    m = mesh.start(text, ports, env=_plugin_env(tmp_path), wait_ready=False)
+    def serving() -> bool:
+        try:
+            return len(m.worker_pids(STATE_SERVING)) == 2
+        except ShmError:  # the master has not created the region yet
+            return False
+    wait_for(serving, timeout=30, what="2 serving workers")
+    first = m.wait_snapshot_loaded()  # published without orders' answer
+    stopped = m.worker_pids()[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        services.mkdir()
+        (services / "orders").write_text(f"{a.address}\n")
+
+        def behind() -> bytes:
+            status, _, body = http_get("127.0.0.1", ports["admin"], "/ready")
+            assert status == 503, body  # never ready while a worker is behind
+            return b"endpoints: 1 worker(s) not yet on snapshot" in body and body
+        body = wait_for(behind, timeout=30, what="/ready waiting for the stopped worker")
+        assert b"discovery: first answer" not in body, body
+        assert m.published_seq() > first
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    m.wait_ready()
+    assert {s.snapshot_seq >= first + 1 for s in m.slots() if s.pid in m.worker_pids()} == {True}

@@ -17,9 +17,12 @@ error is required a GOAWAY with the same code is accepted too; such cases say so
 
 from __future__ import annotations
 
+import fcntl
 import json
+import select
 import socket
 import struct
+import termios
 import threading
 import time
 import uuid
@@ -39,7 +42,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from meshd.testing.harness import Backend
+from meshd.testing.harness import Backend, Meshd, wait_for
 from meshd.testing.tcp_server import TcpServer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -81,27 +84,46 @@ class Recorder:
 
     def __init__(self) -> None:
         self.received = bytearray()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held from each recv to its append: see drained
+        self.open: set[socket.socket] = set()
         self.srv = TcpServer(self._serve)
         self.address = self.srv.address
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
-        conn.settimeout(10)
+        conn.setblocking(False)
+        with self.lock:
+            self.open.add(conn)
         with conn:
             try:
                 while True:
-                    data = conn.recv(65536)
+                    if not select.select([conn], [], [], 10)[0]:
+                        return  # idle for 10 s
+                    with self.lock:
+                        try:
+                            data = conn.recv(65536)
+                        except BlockingIOError:
+                            continue
+                        self.received += data
                     if not data:
                         return
-                    with self.lock:
-                        self.received += data
                     buf += data
                     while (n := _complete(buf)) is not None:
                         buf = buf[n:]
+                        conn.setblocking(True)
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        conn.setblocking(False)
             except OSError:
                 return
+            finally:
+                with self.lock:
+                    self.open.discard(conn)
+
+    def drained(self) -> bool:
+        """No byte sent to the recorder is left unread (read and recorded are one step
+        under the lock, so none is between the two either)."""
+        with self.lock:
+            return all(_unread(c) == 0 for c in self.open)
 
     def seen(self, marker: str) -> bool:
         with self.lock:
@@ -115,6 +137,13 @@ class Recorder:
 
     def close(self) -> None:
         self.srv.close()
+
+
+def _unread(sock: socket.socket) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0  # closed meanwhile
 
 
 def _complete(buf: bytes) -> int | None:
@@ -145,8 +174,9 @@ def _complete(buf: bytes) -> int | None:
 
 
 class Env:
-    def __init__(self, port: int, rec: Recorder) -> None:
-        self.port = port
+    def __init__(self, meshd: Meshd, rec: Recorder) -> None:
+        self.meshd = meshd
+        self.port = meshd.ports["outbound"]  # type: ignore[attr-defined]
         self.rec = rec
 
 
@@ -158,7 +188,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     try:
         m = factory.run({"web": [backend.address], "rec": [rec.address]}, workers=1,
                         extra=f"[limits]\nh2_max_concurrent_streams = {MAX_STREAMS}\n")
-        yield Env(m.ports["outbound"], rec)  # type: ignore[attr-defined]
+        yield Env(m, rec)
     finally:
         for m in factory.started:
             m.stop()
@@ -330,8 +360,19 @@ def marker() -> str:
     return "/m-" + uuid.uuid4().hex
 
 
-def never_forwarded(env: Env, mark: str) -> None:
-    time.sleep(0.3)  # a forwarded request would have reached the upstream by now
+def never_forwarded(env: Env, c: Conn, mark: str) -> None:
+    """The request marked ``mark`` did not reach the recorder. The barrier first: on a
+    connection still open, a request to the recorder sent after it is answered (meshd
+    decided on the marked one before: streams are taken in order); then ``c`` is closed,
+    meshd is done with every client connection (whatever it forwarded is written) and the
+    recorder has read all it was sent."""
+    if not c.eof and c.goaway() is None:
+        sid = c.sid()
+        c.send(c.headers_frame(sid, c.req(marker(), "rec")))
+        c.read(lambda: c.ended(sid) or c.goaway() is not None or c.eof)
+    c.close()
+    env.meshd.wait_idle("outbound")
+    wait_for(env.rec.drained, what="the recorder read everything sent to it")
     assert not env.rec.seen(mark), env.rec.request_with(mark)
 
 
@@ -385,7 +426,7 @@ def test_5_5_unknown_frame_inside_a_header_block(env, conn):
     conn.send(conn.headers_frame(sid, conn.req(mark, "rec"), end_headers=False),
               raw(0x16, 0, sid, b"\x00" * 8))
     connection_error(conn, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 # == 4.2 frame size =======================================================================
@@ -416,7 +457,7 @@ def test_4_2_headers_beyond_max_frame_size(env, conn):
     conn.send(raw(HEADERS, END_STREAM | END_HEADERS, sid, hpack.Encoder().encode(
         [(k, v, True) for k, v in fields], huffman=False)))
     connection_error(conn, FRAME_SIZE_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 # == 4.3 header compression ===============================================================
@@ -542,7 +583,7 @@ def test_5_1_1_even_stream_id(env, conn):
     mark = marker()
     conn.send(conn.headers_frame(2, conn.req(mark, "rec")))
     connection_error(conn, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 def test_5_1_1_decreasing_stream_id(env, conn):
@@ -551,7 +592,7 @@ def test_5_1_1_decreasing_stream_id(env, conn):
     assert conn.read(lambda: conn.ended(5))
     conn.send(conn.headers_frame(3, conn.req(mark, "rec")))
     connection_error(conn, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 # == 5.1.2 stream concurrency =============================================================
@@ -566,10 +607,10 @@ def test_5_1_2_beyond_max_concurrent_streams(env, conn):
     # a stream error PROTOCOL_ERROR or REFUSED_STREAM (§5.1.2); a connection error is
     # allowed (§5.4.1)
     how = stream_error(conn, extra, PROTOCOL_ERROR, REFUSED_STREAM)
-    never_forwarded(env, mark)
     if how == "stream":  # the streams within the limit are answered
         assert conn.read(lambda: all(conn.ended(s) for s in sids))
         assert all(conn.status(s) == b"200" for s in sids)
+    never_forwarded(env, conn, mark)
 
 
 # == 5.3.1 stream dependencies ============================================================
@@ -585,7 +626,7 @@ def test_5_3_1_self_dependency(env, conn, kind):
         conn.send(raw(PRIORITY, 0, sid, struct.pack(">IB", sid, 15)))
     # a stream error PROTOCOL_ERROR; meshd (h2) makes it a connection error: allowed (§5.4.1)
     stream_error(conn, sid, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 # == 5.4 error handling ===================================================================
@@ -628,7 +669,7 @@ def test_6_2_headers_on_stream_0(env, conn):
     mark = marker()
     conn.send(conn.headers_frame(0, conn.req(mark, "rec")))
     connection_error(conn, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 @pytest.mark.parametrize("pad", [200, 255])
@@ -638,7 +679,7 @@ def test_6_2_headers_padding_too_long(env, conn, pad):
     assert len(block) < pad
     conn.send(raw(HEADERS, END_STREAM | END_HEADERS | PADDED, 1, bytes([pad]) + block))
     connection_error(conn, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 def test_6_2_padded_headers_with_priority_are_accepted(conn):
@@ -903,7 +944,7 @@ def test_6_10_header_block_rules(env, conn, case):
     connection_error(conn, PROTOCOL_ERROR)
     if case not in ("6.10-after-end-headers", "6.10-after-continuation-end-headers",
                     "6.10-preceded-by-data"):
-        never_forwarded(env, mark)  # the block never completed
+        never_forwarded(env, conn, mark)  # the block never completed
 
 
 # == 8.1 HTTP message exchanges ===========================================================
@@ -930,7 +971,7 @@ def test_8_1_second_headers_without_end_stream(env, conn):
               conn.headers_frame(sid, [(b"x-trailer", b"1")], end_stream=False))
     # a malformed message: a stream error PROTOCOL_ERROR (connection error allowed, §5.4.1)
     stream_error(conn, sid, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 def test_8_1_pseudo_header_in_trailers(env, conn):
@@ -939,7 +980,7 @@ def test_8_1_pseudo_header_in_trailers(env, conn):
     conn.send(conn.headers_frame(sid, conn.req(mark, "rec", method="POST"), end_stream=False),
               conn.headers_frame(sid, [(b":method", b"GET")]))
     assert stream_error(conn, sid, PROTOCOL_ERROR) == "stream"
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 # == 8.1.1 malformed messages, 8.2 header fields, 8.3 pseudo-header fields ===============
@@ -994,7 +1035,7 @@ def test_8_malformed_request_headers(env, conn, case):
     # a malformed request: a stream error PROTOCOL_ERROR (§8.1.1), the connection stays
     # usable (meshd.proto.h2_headers), and never forwarded
     assert stream_error(conn, sid, PROTOCOL_ERROR) == "stream"
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 def test_8_2_2_te_trailers_is_allowed(conn):
@@ -1021,7 +1062,7 @@ def test_8_1_1_content_length_mismatch(env, conn, case):
     # a malformed request: a stream error PROTOCOL_ERROR (connection error allowed, §5.4.1);
     # sent in one write, meshd sees the mismatch before it forwards anything
     stream_error(conn, sid, PROTOCOL_ERROR)
-    never_forwarded(env, mark)
+    never_forwarded(env, conn, mark)
 
 
 def test_8_1_head_request_has_no_content(conn):

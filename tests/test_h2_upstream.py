@@ -21,6 +21,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -456,7 +457,7 @@ def test_deadline_raises_timeout_and_resets_the_stream(server: H2Server, up: H2U
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         s.response(started + 0.2)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3  # the deadline, not the 5 s the server takes
     wait_for(lambda: server.resets == [(s.stream_id, h2.errors.ErrorCodes.CANCEL)])
     with pytest.raises(UpstreamError):
         s.read(1)
@@ -681,12 +682,14 @@ def test_tls_with_alpn(server_factory: Any, tmp_path: Path, alpn: str) -> None:
 
 
 def test_oversized_frame_fails_without_buffering_it() -> None:
+    done = threading.Event()
+
     def serve(conn: socket.socket) -> None:
         conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
         conn.recv(65536)
         # A DATA frame header announcing 1 MiB (over the 16 KiB maximum), then a trickle.
         conn.sendall((1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"x" * 100)
-        time.sleep(1)
+        done.wait(10)
         conn.close()
 
     listener = TcpServer(serve, limit=1)
@@ -694,13 +697,14 @@ def test_oversized_frame_fails_without_buffering_it() -> None:
         started = time.monotonic()
         try:  # the bad frame may come before connect() returns, or right after
             up = H2Upstream.connect(("127.0.0.1", listener.port), 5)
-            wait_for(lambda: up.closed, timeout=0.8)
+            wait_for(lambda: up.closed, timeout=5)
             reason = up.close_reason
         except UpstreamError as e:
             reason = str(e)
         assert "FRAME_SIZE_ERROR" in reason
-        assert time.monotonic() - started < 0.8  # long before the server closes
+        assert time.monotonic() - started < 5  # long before the server closes (10 s)
     finally:
+        done.set()
         listener.close(wait=5)
 
 

@@ -305,13 +305,13 @@ def test_head_must_end_with_empty_line() -> None:
 def test_long_whitespace_runs_stay_linear() -> None:
     # A backtracking regex over OWS would take minutes here; the parser takes milliseconds.
     spaces = b" \t" * 40000
-    began = time.perf_counter()
+    began = time.process_time()  # CPU is what is measured, not the machine's other work
     assert parse_request_head(req(b"X-A: a" + spaces + b"b" + spaces)).headers[1] == (b"X-A", b"a" + spaces + b"b")
     bad(req(b"X-A: a" + spaces + b"\x01"), "control character")
     bad(req(b"X-A" + spaces + b": a"), "whitespace between")
     with pytest.raises(BadRequest, match="control character"):
         ChunkedDecoder(max_trailer_bytes=1 << 20).feed(b"0\r\nX: a" + spaces + b"\x01\r\n\r\n")
-    assert time.perf_counter() - began < 1.0
+    assert time.process_time() - began < 1.0
 
 
 def test_error_statuses() -> None:

@@ -39,34 +39,40 @@ def test_ten_hups_under_load_lose_nothing(mesh, backends):
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 32, "/", WEB).start()
     seen: list[int] = []
+    lost: list[int] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            seen.append(m.metric("request_total", 'service="web"'))
+            try:
+                seen.append(m.metric("request_total", 'service="web"'))
+            except OSError:  # an admin request lost across a control handover: not checked here
+                lost.append(1)
             time.sleep(0.1)
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         for _ in range(10):
             m.signal(signal.SIGHUP)
-            time.sleep(0.6)
+            time.sleep(0.6)  # pacing: the kernel merges a HUP sent before the last is seen
         with m.region() as r:
-            wait_for(lambda: r.get_u64(OFF_GENERATION) == 11, what="generation 11")
+            wait_for(lambda: r.get_u64(OFF_GENERATION) == 11, timeout=30, what="generation 11")
+        # the last generation counts as a reload once it serves (a busy machine boots slowly)
+        wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="success"') >= 1,
+                 timeout=60, what="a successful reload counted")
         _serving_workers(m, 2)
-        time.sleep(1.0)
+        ok = load.ok
+        wait_for(lambda: load.ok > max(ok + 100, 500) and len(seen) > 20, timeout=60,
+                 what="the last generation serving the load, 20 samples")
     finally:
         load.stop()
         stop.set()
         sampler.join()
     assert load.failures == [], load.failures[:5]
     assert load.ok > 500
-    assert len(seen) > 20
+    assert len(seen) > 20 and len(lost) <= len(seen) // 4, (len(seen), len(lost))
     assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
-    # the last generation counts as a reload once it serves (a busy machine boots slowly)
-    wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="success"') >= 1,
-             timeout=15, what="a successful reload counted")
     assert m.metric("meshd_config_reloads_total", 'result="failure"') == 0
 
 
@@ -103,21 +109,26 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", WEB).start()
     try:
-        time.sleep(1.0)
+        # every one of the 16 connections accepted (none left in the accept queue for the
+        # victim to take after its count is read), and the load running
+        m.wait_metric("tcp_open_connections", 'listener="outbound"', at_least=16)
+        wait_for(lambda: load.ok >= 100, timeout=30, what="the load running")
         victim = m.slots(KIND_WORKER)[0]
         with m.region() as r:
             # Client connections on the victim: its stripe's open-connection gauges.
             open_on_victim = sum(r.read_field(victim.index, row, F_TCP_OPEN) for row in range(r.rows))
-        killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         new = wait_for(lambda: victim.pid not in (p := m.worker_pids(STATE_SERVING))
-                       and len(p) == 2 and p, timeout=5, what="a replacement worker")
-        replaced_in = time.monotonic() - killed_at
-        time.sleep(0.5)
+                       and len(p) == 2 and p, timeout=30, what="a replacement worker")
+        ok = load.ok
+        wait_for(lambda: load.ok >= ok + 100, timeout=30, what="the load served after it")
     finally:
         load.stop()
     assert new
-    assert replaced_in < 2.0
+    # Replaced because the master saw it die (SIGCHLD), not after worker_timeout (5 s)
+    # of silence: the reason in the log, not a time bound that a busy machine breaks.
+    assert re.search(rf"worker {victim.pid} \(g1\) died unexpectedly \(signal SIGKILL\)", m.log())
+    assert not re.search(rf"worker {victim.pid} .*silent for", m.log())
     assert len(load.failed_connections) <= open_on_victim
     assert load.ok > 100
     assert m.metric("meshd_worker_restarts_total") == 1
@@ -126,12 +137,14 @@ def test_killed_worker_is_replaced_and_only_its_connections_fail(mesh, backends)
 def test_stopped_worker_is_killed_after_worker_timeout(mesh, backends):
     a = backends("a")
     text, ports = mesh.config({"web": [a.address]})
-    m = mesh.start(text.replace('worker_timeout = "5s"', 'worker_timeout = "1s"'), ports)
+    # 3 s: three missed heartbeats (one a second). At 1 s a child still importing on a
+    # busy machine is taken for hung before it ever beats, and the boot never ends.
+    m = mesh.start(text.replace('worker_timeout = "5s"', 'worker_timeout = "3s"'), ports)
     victim = m.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
     try:
         wait_for(lambda: victim not in m.worker_pids() and len(m.worker_pids(STATE_SERVING)) == 2,
-                 timeout=10, what="the stopped worker replaced")
+                 timeout=30, what="the stopped worker replaced")
     finally:
         try:
             os.kill(victim, signal.SIGCONT)
@@ -147,10 +160,10 @@ def test_term_drains_slow_request_and_refuses_new_connections(mesh, backends):
     result: dict[str, object] = {}
 
     def slow() -> None:
-        result["resp"] = http_get("127.0.0.1", m.ports["outbound"], "/slow?ms=2000", WEB, timeout=10)
+        result["resp"] = http_get("127.0.0.1", m.ports["outbound"], "/slow?ms=5000", WEB, timeout=20)
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.5)
+    m.wait_metric("request_total", 'service="web"')  # in flight before the TERM
     m.signal(signal.SIGTERM)
 
     def refused() -> bool:
@@ -159,9 +172,9 @@ def test_term_drains_slow_request_and_refuses_new_connections(mesh, backends):
             return False
         except ConnectionRefusedError:
             return True
-    wait_for(refused, timeout=1.0, what="new connections refused")
-    assert t.is_alive()  # the slow request is still in flight while we are refused
-    t.join(10)
+    wait_for(refused, timeout=4.0, what="new connections refused")
+    assert t.is_alive()  # the slow request (5 s) is still in flight while we are refused
+    t.join(20)
     status, _, body = result["resp"]  # type: ignore[misc]
     assert status == 200 and body == b"a /slow\n"
     assert m.wait(15) == 0
@@ -188,14 +201,16 @@ def test_usr2_upgrades_without_failed_requests(mesh, backends):
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", WEB).start()
     new_master = 0
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         m.signal(signal.SIGUSR2)
         assert m.wait(30) == 0  # the old master hands over and drains
         r = Region.attach(m.shm_path)
         new_master = r.get_u32(OFF_MASTER_PID)
         r.close()
         assert new_master not in (0, old_master)
-        time.sleep(1.0)
+        ok = load.ok
+        wait_for(lambda: load.ok > max(ok + 100, 200), timeout=30,
+                 what="the new master serving the load")
     finally:
         load.stop()
         if new_master:
@@ -307,7 +322,7 @@ def test_control_process_is_supervised_like_a_worker(mesh, backends):
     [control] = m.control_pids()
     os.kill(control, signal.SIGKILL)
     wait_for(lambda: (c := m.control_pids()) and control not in c and _ready(m.ports["admin"]),
-             timeout=10, what="a new control process serving the admin API")
+             timeout=30, what="a new control process serving the admin API")
     assert http_get("127.0.0.1", m.ports["outbound"], "/", WEB)[0] == 200
 
 
@@ -315,7 +330,9 @@ def test_workers_share_the_accepted_connections(mesh, backends):
     a = backends("a")
     m = mesh.run({"web": [a.address]})
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 24, "/", WEB).start()
-    time.sleep(1.5)
+    # every one of the 24 connections accepted, and serving
+    m.wait_metric("tcp_open_total", 'listener="outbound"', at_least=24)
+    wait_for(lambda: load.ok >= 240, timeout=30, what="the load running")
     load.stop()
     assert load.failures == []
     with m.region() as r:

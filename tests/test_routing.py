@@ -19,6 +19,7 @@ import pytest
 
 from meshd.config import parse
 from meshd.errors import ConfigError
+from meshd.shm import KIND_WORKER
 from meshd.testing.harness import KeepAliveLoad, http_get, wait_for
 from meshd.testing.tcp_server import TcpServer
 from meshd.worker.routing import Router
@@ -196,14 +197,14 @@ def test_failover_to_the_next_service_and_back(mesh, backends, tmp_path):
     assert {who() for _ in range(10)} == {"a"}
     _write(path, f'web = []\nweb-dc2 = ["{b.address}"]\n')
     wait_for(lambda: {who() for _ in range(5)} == {"b"}, timeout=5, what="traffic on web-dc2")
-    time.sleep(0.5)  # every worker has loaded the snapshot (each polls every 100 ms)
+    m.wait_snapshot_loaded()  # every worker, not only the one that answered
     assert {who() for _ in range(20)} == {"b"}
     _write(path, f'web = ["{a.address}"]\nweb-dc2 = ["{b.address}"]\n')
     wait_for(lambda: {who() for _ in range(5)} == {"a"}, timeout=5, what="traffic back on web")
     # both gone: 503 naming every service tried
     _write(path, "web = []\nweb-dc2 = []\n")
     wait_for(lambda: who() == "503", timeout=5, what="503 once nothing is left")
-    time.sleep(0.5)  # every worker has loaded the snapshot (each polls every 100 ms)
+    m.wait_snapshot_loaded()  # every worker, not only the one that answered
     status, headers, _ = _get(port)
     assert status == 503 and "web, web-dc2" in headers["meshd-error"], headers
 
@@ -218,12 +219,16 @@ def test_a_reload_applies_new_routes_without_dropping_connections(mesh, backends
     assert _get(port)[1]["x-backend"] == "v1"
     load = KeepAliveLoad("127.0.0.1", port, 8, "/", {"Host": "web"}).start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         Path(m.config_path).write_text(text.replace(route.format("web-v1"), route.format("web-v2")))
         m.signal(signal.SIGHUP)
         wait_for(lambda: {_get(port)[1]["x-backend"] for _ in range(6)} == {"v2"}, timeout=15,
                  what="the new route serving")
-        time.sleep(1.5)  # the old generation drains under load
+        # the old generation drains under load: its workers are gone
+        gen = max(s.generation for s in m.slots(KIND_WORKER))
+        wait_for(lambda: all(s.generation == gen for s in m.slots(KIND_WORKER)), timeout=30,
+                 what="the old generation's workers gone")
+        wait_for(lambda: load.ok > 100, timeout=30, what="the load served")
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]
@@ -269,7 +274,9 @@ service = "web"
         assert resp.status == 200
         assert json.loads(resp.read()) == {"bytes": len(small), "sha256": _sha(small)}
         conn.close()
-    assert m.metric("retry_total") >= 5  # every third request met the failing endpoint
+    # about every third request met the failing endpoint; each worker keeps its own
+    # round-robin turn, and under load the requests split unevenly between them
+    assert m.metric("retry_total") >= 3
     big = os.urandom(100 * 1024)
     statuses = Counter(_get(port, "/upload", method="PUT", body=big)[0] for _ in range(9))
     assert statuses[503] >= 2 and statuses[200] >= 5, statuses
@@ -384,7 +391,11 @@ def test_per_endpoint_limits_answer_503_at_once(mesh, backends, limit):
     m = mesh.run({"web": [a.address]}, extra=f"[service.web]\n{limit} = 2\nretries = 0\n")
     port = m.ports["outbound"]
     held = _hold_requests(port, 2, "/slow?ms=8000")
-    time.sleep(1.0)  # both in flight before the probe (else a probe may take a slot first)
+    # both in flight at the endpoint before the probe (else a probe may take a slot first)
+    def in_flight() -> int:
+        raw = http_get("127.0.0.1", m.ports["admin"], "/endpoints")[2]
+        return sum(e["in_flight"] for e in json.loads(raw)["services"]["web"]["endpoints"])
+    wait_for(lambda: in_flight() >= 2, timeout=6, what="the two slow requests at the endpoint")
     try:
         def busy() -> bool:
             status, headers, _ = _get(port)

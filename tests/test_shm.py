@@ -134,7 +134,7 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
 
 # The layout's identity. Changing any struct format, offset, field index or counter table
 # in meshd/shm.py moves the fingerprint: bump shm.VERSION, then update this pair (both).
-EXPECTED_LAYOUT = (3, 0x34d52463c4c6b0ef)
+EXPECTED_LAYOUT = (4, 0x16401eb05af50b4e)
 
 
 def test_layout_change_bumps_version() -> None:
@@ -167,8 +167,8 @@ def test_other_fingerprint_is_refused(region: Region, path: str, tmp_path: Path)
 
 def test_a_version_2_region_is_refused_clearly(region: Region, path: str, tmp_path: Path) -> None:
     old = tampered(path, tmp_path, shm.OFF_VERSION, struct.pack("<I", 2))
-    with pytest.raises(ShmError, match=r"layout version 2, this meshd reads 3 \(a different "
-                                       r"meshd release wrote it\)"):
+    with pytest.raises(ShmError, match=rf"layout version 2, this meshd reads {shm.VERSION} "
+                                       r"\(a different meshd release wrote it\)"):
         Region.attach(old)
 
 

@@ -286,11 +286,12 @@ def test_region_grows_on_hup_under_load_without_losing_a_count(mesh, backends, t
 
     load = KeepAliveLoad("127.0.0.1", m.ports["outbound"], 16, "/", {"Host": "web"}).start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 50, timeout=30, what="the load running")
         m.signal(signal.SIGHUP)
         wait_for(lambda: _region_rows(m) == (64, 64, 2), timeout=30, what="the grown region")
         wait_for(lambda: _only_generation(m, 2), timeout=30, what="generation 1 drained")
-        time.sleep(0.5)
+        ok = load.ok
+        wait_for(lambda: load.ok >= ok + 50, timeout=30, what="generation 2 serving the load")
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]

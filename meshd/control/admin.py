@@ -26,7 +26,7 @@ import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.metrics import render_prometheus, row_keys, serving_workers
-from meshd.shm import OFF_DESIRED
+from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
 
 if TYPE_CHECKING:
     from meshd.control.process import Control
@@ -186,9 +186,19 @@ class AdminApp:
         serving = serving_workers(c.region)
         desired = c.region.get_u32(OFF_DESIRED)
         published = c.discovery.first_published.is_set()
-        pending = [(w.name, [src for src, st in w.sources.items() if not (st.synced or st.stale)])
-                   for w in c.discovery.watches.values() if not w.synced]
-        if serving >= desired and not pending and published:
+        pending = c.discovery.pending()
+        # Every serving worker of this generation loaded a snapshot holding every first
+        # answer (ready_seq) or a later one. Monotone: a worker's seq only grows and a new
+        # worker loads the newest snapshot before it serves, so later publications (churn)
+        # never turn /ready back to 503.
+        target = c.discovery.ready_seq
+        behind = [s.pid for s in c.region.slots_in_use()
+                  if s.kind == KIND_WORKER and s.state == STATE_SERVING
+                  and s.generation == c.ctx.generation
+                  and (target is None or s.snapshot_seq < target)]
+        if not pending and published and target is None:
+            c.discovery.dirty.set()  # the last first answer came in after the last publish
+        if serving >= desired and not pending and published and not behind:
             return "200 OK", "text/plain", b"ready\n"
         waiting = []
         if serving < desired:
@@ -200,6 +210,10 @@ class AdminApp:
             waiting.append(f"discovery: first answer for {names}{more}")
         if not published:
             waiting.append("endpoints: not yet published to the workers")
+        elif target is None and not pending:
+            waiting.append("endpoints: the first answers not yet published to the workers")
+        elif behind and not pending:
+            waiting.append(f"endpoints: {len(behind)} worker(s) not yet on snapshot {target}")
         return ("503 Service Unavailable", "text/plain",
                 ("not ready, waiting for " + "; ".join(waiting) + "\n").encode())
 

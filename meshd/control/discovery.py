@@ -148,6 +148,9 @@ class DiscoveryRunner:
         self.seq = 0
         self.dirty = gevent.event.Event()
         self.first_published = gevent.event.Event()
+        # The seq of the first snapshot published while no watch owed its first answer
+        # (None: not yet): /ready waits until every serving worker has loaded it or a later one.
+        self.ready_seq: int | None = None
         self._last_save = 0.0
         self.publish_failures = 0              # since this control process started
         self.publish_error: str | None = None  # the last attempt's, while it keeps failing
@@ -416,6 +419,12 @@ class DiscoveryRunner:
 
     # -- publishing ---------------------------------------------------------------------
 
+    def pending(self) -> list[tuple[str, list[str]]]:
+        """Each watch still owed its first answer, with the sources that owe it (a
+        failing source that is stale owes nothing)."""
+        return [(w.name, [src for src, st in w.sources.items() if not (st.synced or st.stale)])
+                for w in self.watches.values() if not w.synced]
+
     @property
     def all_synced(self) -> bool:
         return all(w.synced for w in self.watches.values())
@@ -488,7 +497,10 @@ class DiscoveryRunner:
 
     def _publish(self) -> None:
         self.seq += 1
+        complete = not self.pending()  # before the write: what this snapshot holds
         write_atomic(self.path, self.snapshot().encode())
+        if complete and self.ready_seq is None:
+            self.ready_seq = self.seq
         now = time.monotonic()
         if now - self._last_save >= state.SAVE_INTERVAL:
             self._save()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from meshd import config as config_mod
-from meshd.shm import KIND_CONTROL, KIND_WORKER, Region, SlotRecord, region_path
+from meshd.shm import KIND_CONTROL, KIND_WORKER, STATE_SERVING, Region, SlotRecord, region_path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -164,14 +165,21 @@ class Meshd:
         assert self.admin is not None, "wait_ready needs the admin address"
         host, _, port = self.admin.rpartition(":")
 
+        last = b""
+
         def ready() -> bool:
+            nonlocal last
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                return http_get(host, int(port), "/ready", timeout=1)[0] == 200
+                status, _, last = http_get(host, int(port), "/ready", timeout=1)
             except OSError:
                 return False
-        wait_for(ready, timeout, what="meshd /ready")
+            return status == 200
+        try:
+            wait_for(ready, timeout, what="meshd /ready")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e} (last answer: {last!r})") from None
 
     def metric(self, name: str, labels: str = "") -> float:
         """The samples of ``name`` on the admin /metrics whose line contains ``labels``,
@@ -182,6 +190,49 @@ class Meshd:
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                    if (line.startswith(name + "{") or line.startswith(name + " "))
                    and labels in line)
+
+    def wait_metric(self, name: str, labels: str = "", at_least: float = 1,
+                    timeout: float = 20.0) -> float:
+        """Wait until :meth:`metric` reaches ``at_least``; return its value. The barrier a
+        test takes before asserting that something did NOT happen: e.g. the listener's
+        ``tcp_close_total`` counting the client's connection means meshd is done with it."""
+        value = 0.0
+
+        def reached() -> bool:
+            nonlocal value
+            value = self.metric(name, labels)
+            return value >= at_least
+        wait_for(reached, timeout, what=f"{name}{{{labels}}} >= {at_least} (last {value})")
+        return value
+
+    def wait_idle(self, listener: str, timeout: float = 20.0) -> None:
+        """Wait until meshd holds no client connection of ``listener`` (its
+        ``tcp_open_connections`` is 0): every connection the test closed or meshd closed
+        has been handled to the end, whatever it was going to send upstream is sent. The
+        barrier before asserting that an upstream saw nothing; the test must have
+        closed its own connections to that listener first."""
+        wait_for(lambda: self.metric("tcp_open_connections", f'listener="{listener}"') == 0,
+                 timeout, what=f"no open client connection on {listener}")
+
+    def published_seq(self) -> int:
+        """The seq of the endpoint snapshot the control process published last."""
+        assert self.admin is not None, "published_seq needs the admin address"
+        host, _, port = self.admin.rpartition(":")
+        status, _, body = http_get(host, int(port), "/endpoints")
+        assert status == 200, (status, body)
+        return int(json.loads(body)["published"]["seq"])
+
+    def wait_snapshot_loaded(self, seq: int | None = None, timeout: float = 20.0) -> int:
+        """Wait until every serving worker has loaded snapshot ``seq`` (default: the one
+        the control process published last) or a later one; returns that seq. Instead of
+        sleeping a few of the workers' snapshot polls."""
+        target = self.published_seq() if seq is None else seq
+
+        def loaded() -> bool:
+            workers = [s for s in self.slots(KIND_WORKER) if s.state == STATE_SERVING]
+            return bool(workers) and all(s.snapshot_seq >= target for s in workers)
+        wait_for(loaded, timeout, what=f"every serving worker on snapshot {target}")
+        return target
 
     def log(self) -> str:
         try:
