@@ -11,8 +11,29 @@ from pathlib import Path
 import pytest
 
 from meshd.testing.consul_server import ConsulServer
-from meshd.testing.harness import Backend, Meshd, free_port
+from meshd.testing.harness import Backend, Meshd, free_port, require_root, require_tool
 from meshd.testing.k8s_server import K8sApiServer
+
+
+@pytest.fixture
+def needs_root() -> None:
+    """Tests that play another user, set file attributes or enter namespaces."""
+    require_root("another uid, chattr, or a namespace")
+
+
+@pytest.fixture
+def needs_systemd_analyze() -> None:
+    require_tool("systemd-analyze")
+
+
+@pytest.fixture
+def needs_strace() -> None:
+    require_tool("strace")
+
+
+@pytest.fixture
+def needs_vagrant() -> None:
+    require_tool("vagrant")
 
 
 @pytest.fixture

@@ -3,22 +3,19 @@ publisher outlives failed writes, and the admin server bounds its connections.""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import MeshFactory
 
 from meshd.control.admin import HEAD_TIMEOUT, MAX_CONNECTIONS
-from meshd.testing.harness import Backend, Meshd, http_get, wait_for
+from meshd.testing.harness import Backend, Meshd, http_get, immutable, wait_for
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
+root_only = pytest.mark.usefixtures("needs_root")   # chattr +i
 
 
 def _file_discovery(mesh: MeshFactory, path: Path, web: Backend) -> tuple[str, dict[str, int]]:
@@ -35,16 +32,6 @@ def _served_by(m: Meshd) -> str:
     return headers.get("x-backend", "") if status == 200 else f"status {status}"
 
 
-@contextlib.contextmanager
-def _immutable(path: Path) -> Iterator[None]:
-    """No file can be created in (or renamed into) ``path``, not even by root."""
-    subprocess.run(["chattr", "+i", str(path)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
 @root_only
 def test_publisher_retries_after_write_errors(mesh: MeshFactory, backends: Callable[..., Backend],
                                               tmp_path: Path) -> None:
@@ -59,7 +46,7 @@ def test_publisher_retries_after_write_errors(mesh: MeshFactory, backends: Calla
     assert _served_by(m) == "a"
 
     admin = int(m.admin.rpartition(":")[2])  # type: ignore[union-attr]
-    with _immutable(mesh.shm_dir):
+    with immutable(mesh.shm_dir):
         services.write_text(f'web = ["{b.address}"]\n')
         wait_for(lambda: m.metric("meshd_snapshot_publish_failures_total") >= 2, timeout=20,
                  what="failed publishes counted")

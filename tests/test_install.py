@@ -34,8 +34,12 @@ def _can_unshare() -> bool:
         return False
 
 
-needs_namespace = pytest.mark.skipif(not _can_unshare(),
-                                     reason="needs root for a private mount namespace")
+@pytest.fixture
+def namespace_allowed(needs_root: None, needs_systemd_analyze: None) -> None:
+    assert _can_unshare(), "unshare -m is refused: the test needs a private mount namespace"
+
+
+needs_namespace = pytest.mark.usefixtures("namespace_allowed")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +25,10 @@ from meshd.private_files import UntrustedFile, prepare_dir, read_trusted, reader
 from meshd.shm import Region
 from meshd.snapshot import Snapshot, snapshot_path
 from meshd.snapshot import read as read_snapshot
-from meshd.testing.harness import Backend, Meshd, http_get, wait_for
+from meshd.testing.harness import Backend, Meshd, http_get, immutable, wait_for
 
 NOBODY = 65534
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="plays another user: needs root")
+root_only = pytest.mark.usefixtures("needs_root")   # plays another user
 
 
 def _mode(path: str | Path) -> int:
@@ -46,15 +46,6 @@ def _hup(m: Meshd) -> None:
     supersedes the booting generation instead)."""
     wait_for(lambda: "generation 1 serving" in m.log(), timeout=20, what="generation 1 serving")
     m.signal(signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _immutable(path: Path) -> Iterator[None]:
-    subprocess.run(["chattr", "+i", str(path)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 # -- a running meshd ------------------------------------------------------------------------
@@ -146,7 +137,7 @@ def test_planted_snapshot_of_the_next_generation_is_never_used(
     os.chown(planted, NOBODY, NOBODY)
     os.chmod(planted, 0o644)
     try:
-        with _immutable(planted):
+        with immutable(planted):
             _hup(m)
             # Until a new worker refuses the file (or, trusting it, serves from it).
             wait_for(lambda: (f"owned by uid {NOBODY}, not 0; not trusted" in m.log()

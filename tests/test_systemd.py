@@ -10,7 +10,6 @@ import ctypes
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +24,7 @@ SERVICE = ROOT / "systemd" / "meshd.service"
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 MAX_EXPOSURE = 3.0
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze not installed (make tools)")
+needs_analyze = pytest.mark.usefixtures("needs_systemd_analyze")
 
 
 def unit_values(key: str) -> list[str]:
@@ -125,7 +123,7 @@ def _syscall_set(group: str, seen: set[str] | None = None) -> set[str]:
 
 
 @needs_analyze
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+@pytest.mark.usefixtures("needs_strace")
 @pytest.mark.timeout(400)   # everything runs traced, several times slower
 def test_syscalls_and_address_families_stay_within_the_unit_filters(mesh, backends, tmp_path) -> None:
     [allow] = [v for v in unit_values("SystemCallFilter") if not v.startswith("~")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshd.testing.consul_server import ConsulServer
-from meshd.testing.harness import Backend, Meshd, free_port, http_get, wait_for
+from meshd.testing.harness import Backend, Meshd, free_port, http_get, require_tool, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "deploy" / "vagrant"
@@ -32,7 +31,7 @@ def provision(script: str, root: Path, *args: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed (make tools)")
+@pytest.mark.usefixtures("needs_vagrant")
 def test_vagrantfile_validates(tmp_path: Path) -> None:
     env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1",
                VAGRANT_DOTFILE_PATH=str(tmp_path / "dot-vagrant"))   # not .vagrant/ in the tree
@@ -67,8 +66,7 @@ def test_provisioning_writes_checked_config_and_units(tmp_path: Path) -> None:
     assert listeners["inbound"]["forward"] == f"127.0.0.1:{svc['port']}"
     assert svc["check"]["http"] == f"http://127.0.0.1:{svc['port']}/health"
 
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed (make tools)")
+    require_tool("systemd-analyze")
     units = sorted((app / "etc/systemd/system").glob("*.service"))
     assert [u.name for u in units] == ["consul.service", "demo-app.service", "lab-traffic.service"]
     out = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True,

@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """The path of a command a test drives; an AssertionError (never a skip) when it is
+    missing: `make test` installs the tools the suite needs."""
+    path = shutil.which(name)
+    assert path is not None, f"{name} is not installed (`make test` installs it: make tools)"
+    return path
+
+
+def require_root(why: str) -> None:
+    """An AssertionError (never a skip) unless this process is root: CI runs as root."""
+    assert os.geteuid() == 0, f"this test needs root ({why}); make test runs as root in CI"
+
+
+@contextlib.contextmanager
+def immutable(path: str | Path) -> Iterator[None]:
+    """``chattr +i`` for the block: nothing can be created in, renamed into or written to
+    ``path``, not even by root (a real EPERM for the code under test). Needs root."""
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
