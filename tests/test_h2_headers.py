@@ -19,8 +19,8 @@ from meshd.proto.h2_headers import (
     trailers_problem,
 )
 from meshd.proto.http1 import parse_request_head
-from meshd.worker.h1_to_h2 import request_head
-from meshd.worker.h2_stream import H2ToHttp1, Stream, _join_cookies
+from meshd.worker.client.h2_stream import H2ToHttp1, Stream, _join_cookies
+from meshd.worker.client.http1_to_h2 import request_head
 
 REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False,
                                              is_response_header=False, is_push_promise=False)
@@ -109,7 +109,7 @@ def test_reasons(headers, reason):
 
 
 # The HTTP/2 head meshd builds from an HTTP/1.1 request its strict parser accepted skips
-# the pool's check (meshd.worker.h1_to_h2.request_head): it must be valid by construction.
+# the pool's check (meshd.worker.client.http1_to_h2.request_head): it must be valid by construction.
 
 def _check_translated(head: bytes, https: bool, meshed: bool) -> bool:
     """The translation of ``head`` is valid HTTP/2; False when the parser refused the
@@ -151,7 +151,7 @@ def test_mutated_heads_translated_from_http1_are_valid_http2(head: bytes, edits,
         reject()
 
 
-# An HTTP/2 request translated to HTTP/1.1 (meshd.worker.h2_stream) is held first to what
+# An HTTP/2 request translated to HTTP/1.1 (meshd.worker.client.h2_stream) is held first to what
 # the HTTP/1.1 parser accepts (http1_problem): then the translation parses back, with the
 # parser meshd applies to its own clients, as the same request, never as another one.
 

@@ -1,13 +1,14 @@
-"""One HTTP/2 request stream from a client, proxied (``meshd.worker.h2_server`` owns the
+"""One HTTP/2 request stream from a client, proxied (``meshd.worker.client.h2_server`` owns the
 connection and hands each stream here in its own greenlet).
 
-``H2ToHttp1`` routes the stream like an HTTP/1.1 request (``meshd.worker.dispatch``) and
-exchanges it with an HTTP/1.1 upstream, translating both ways: pseudo headers to a
+``H2ToHttp1`` is the stream's side of its call (``meshd.worker.call.ClientSide``): it
+routes the stream like an HTTP/1.1 request, and for an attempt over HTTP/1.1
+translates both ways: pseudo headers to a
 request line and Host, split cookies joined (RFC 9113 §8.2.3), the body streamed with
 Content-Length when the client gave one and chunked otherwise, the response's
 hop-by-hop fields dropped and its chunked trailers sent as HTTP/2 trailers. gRPC, a
 service with ``protocol = "h2"`` and meshed endpoints go to an HTTP/2 upstream instead
-(``_exchange_h2``): headers, DATA, trailers and resets pass as they are.
+(``h2_exchange``, ``_relay_h2``): headers, DATA, trailers and resets pass as they are.
 """
 
 from __future__ import annotations
@@ -21,31 +22,26 @@ import gevent.event
 import gevent.queue
 import h2.errors
 
-from meshd.errors import ProxyError, UpstreamError
+from meshd.errors import ProxyError
 from meshd.proto import forwarded, http1
 from meshd.shm import F_REQUESTS
-from meshd.worker.dispatch import (
+from meshd.worker.call import (
     MESHD_ERROR,
     ORIG_PROTO,
     Call,
-    RetryNow,
-    error_kind,
     is_grpc,
-    may_retry,
     public_reason,
     require_endpoints,
     route,
-    status_kind,
 )
-from meshd.worker.http_proxy import quiet
-from meshd.worker.upstream import read_response_head
+from meshd.worker.client.http1 import quiet
+from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
 
 if TYPE_CHECKING:
-    from meshd.worker.h2_server import H2ServerConnection
-    from meshd.worker.h2_upstream import H2Stream
+    from meshd.worker.client.h2_server import H2ServerConnection
     from meshd.worker.tasks import Task
-    from meshd.worker.upstream import UpstreamConn
-    from meshd.worker.upstream_tls import TlsTarget
+    from meshd.worker.upstream.h2 import H2Stream
+    from meshd.worker.upstream.http1 import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
 
@@ -123,15 +119,17 @@ class H2ToHttp1:
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
                         method, fields, server.peer)
-            head = self._upstream_head(method, target, authority, fields)
-            status = call.run(worker, lambda more: self._exchange(call, head, more))
+            if self.has_body:
+                call.replay = False  # the body is not kept: no retry once it is sent
+            self._request = (method, target, authority, fields)
+            status = call.run(worker, self)
         except ProxyError as e:
             status = e.status
             if self.response_started:
                 # The upstream's own RST_STREAM code when it reset the stream (CANCEL
                 # reaches a gRPC client as CANCELLED), else INTERNAL_ERROR.
-                server.reset_stream(self.stream, self.upstream_reset
-                                    or h2.errors.ErrorCodes.INTERNAL_ERROR)
+                reset = self._ex.reset_code if self._ex is not None else None
+                server.reset_stream(self.stream, reset or h2.errors.ErrorCodes.INTERNAL_ERROR)
             else:
                 self._answer_error(e)
         except StreamGone:
@@ -154,134 +152,74 @@ class H2ToHttp1:
             framing.append((b"Transfer-Encoding", b"chunked"))
         return http1.serialize_request_head(method, target, headers, framing)
 
-    def _exchange(self, call: Call, head: bytes, attempts_left: bool) -> int:
-        worker = self.worker
-        policy = call.policy
-        balancer = worker.balancer
-        ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        proto, address, tls = call.protocol(worker, ep, ep_row, self.grpc, attempts_left)
-        conn = None
-        if proto == "http1":
-            conn = call.acquire(worker, ep, ep_row, sent_at, not self.stream.bodiless, tls,
-                                attempts_left)
-        if conn is None:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
-            return self._exchange_h2(call, attempts_left, ep_row, address, proto == "meshed",
-                                     sent_at, try_deadline, tls)
-        failed = True
-        rtt: float | None = None
-        sender = None
-        try:
-            body_sent = self.stream.bodiless
-            limits = self.server.limits
-            if body_sent:
-                conn, resp = worker.pool.exchange_bodiless(
-                    conn, head, policy.connect_timeout,
-                    lambda c: _read_response_head(c, try_deadline, call.deadline,
-                                                  limits.header_bytes, limits.header_count))
-            else:
-                call.replay = False  # the body is not kept: no retry once it started
-                sender = gevent.spawn(self._send_body, conn, head, self.chunked, policy.idle_timeout)
-                resp = _read_response_head(conn, try_deadline, call.deadline,
-                                           limits.header_bytes, limits.header_count)
-            rtt = time.monotonic() - sent_at
-            kind = status_kind(resp.status)
-            failed = kind in policy.failure_on
-            if failed and body_sent and may_retry(worker, call, kind, attempts_left):
-                raise RetryNow()
-            self._relay_response(resp, conn, policy.idle_timeout, self.stream.headers)
-            if sender is not None:
-                sender.join()
-                if not sender.successful() or sender.value is not True:
-                    conn.close()
-                    return resp.status
-            if resp.keep_alive and self._upstream_clean:
-                worker.pool.release(conn)
-            else:
-                conn.close()
-            return resp.status
-        except BaseException as e:
-            if sender is not None:
-                sender.kill()
-            conn.close()
-            if isinstance(e, (RetryNow, StreamGone)):
-                if isinstance(e, StreamGone):
-                    failed = False
-                raise
-            if isinstance(e, (OSError, ProxyError)) and not self.response_started:
-                kind = error_kind(e)
-                failed = kind in policy.failure_on
-                if may_retry(worker, call, kind, attempts_left):
-                    raise RetryNow() from None
-                if isinstance(e, OSError):
-                    raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-            raise
-        finally:
-            balancer.finished(ep_row, rtt, failed, call.svc)
+    # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 
-    def _exchange_h2(self, call: Call, attempts_left: bool, ep_row: int, address: tuple[str, int],
-                     meshed: bool, sent_at: float, try_deadline: float,
-                     tls: TlsTarget | None = None) -> int:
-        """The stream to an HTTP/2 upstream (gRPC, ``protocol = "h2"``, or a peer meshd):
-        headers, DATA and trailers pass as they are, resets travel both ways."""
-        worker, server, stream, policy = self.worker, self.server, self.stream, call.policy
-        balancer = worker.balancer
-        headers = [(k, v) for k, v in stream.headers if k not in _H2_DROP]
-        if tls is not None:  # the upstream is reached over TLS: its URI scheme is https
+    @property
+    def has_body(self) -> bool:
+        return not self.stream.bodiless
+
+    def http1_exchange(self, call: Call, conn: UpstreamConn) -> Http1Exchange:
+        method, target, authority, fields = self._request
+        head = self._upstream_head(method, target, authority, fields)
+        idle = call.policy.idle_timeout
+        limits = self.server.limits
+        sender = None
+        if self.has_body:
+            chunked = self.chunked
+            sender = lambda c, h: self._send_body(c, h, chunked, idle)  # noqa: E731
+        ex = Http1Exchange(self.worker.pool, conn, head, method, sender,
+                           call.policy.connect_timeout, limits.header_bytes,
+                           limits.header_count)
+        self._ex = ex
+        return ex
+
+    def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
+        headers = [(k, v) for k, v in self.stream.headers if k not in _H2_DROP]
+        if https:  # the upstream is reached over TLS: its URI scheme is https
             headers = [(k, b"https" if k == b":scheme" else v) for k, v in headers]
         if meshed:
             headers.append((ORIG_PROTO, b"HTTP/2"))
-        failed = True
-        rtt: float | None = None
-        sender = None
-        up = call.open_h2(worker, address, headers, stream.bodiless, sent_at, tls, ep_row,
-                          attempts_left)
-        try:
-            if not stream.bodiless:
-                call.replay = False  # the body is not kept: no retry once it started
-                sender = gevent.spawn(self._send_body_h2, up, policy.idle_timeout)
-            head = up.response(try_deadline)
-            rtt = time.monotonic() - sent_at
-            status = int(dict(head).get(b":status", b"502"))
-            kind = status_kind(status)
-            failed = kind in policy.failure_on
-            if failed and stream.bodiless and may_retry(worker, call, kind, attempts_left):
-                up.reset()
-                raise RetryNow()
-            drop = _H2_DROP if meshed else _H2_DROP_RESPONSE  # a peer meshd's meshd-error stays
-            out = [(k, v) for k, v in head if k not in drop]
-            self.response_started = True
-            data = up.read(policy.idle_timeout)
-            if data is None and not up.trailers:
-                # A head that ended the stream (gRPC's trailers-only answer): one HEADERS
-                # frame with END_STREAM, not an empty DATA after it.
-                server.send_headers(stream, out, end=True)
-                return status
-            server.send_headers(stream, out, flush=False)
-            while data is not None:
-                server.send_data(stream, data, policy.idle_timeout)
-                data = up.read(policy.idle_timeout)
-            trailers = [(k, v) for k, v in (up.trailers or []) if k not in drop]
-            server.end_stream(stream, trailers or None)
-            if sender is not None:
-                sender.join()
-            return status
-        except BaseException as e:
-            if sender is not None:
-                sender.kill()
-            self.upstream_reset = up.reset_code
-            up.reset()  # the upstream sees the cancellation (a client's reset, a timeout)
-            if isinstance(e, (RetryNow, StreamGone)):
-                if isinstance(e, StreamGone):
-                    failed = False
-                raise
-            if isinstance(e, ProxyError) and not self.response_started:
-                kind = error_kind(e)
-                failed = kind in policy.failure_on
-                if stream.bodiless and may_retry(worker, call, kind, attempts_left):
-                    raise RetryNow() from None
-            raise
-        finally:
-            balancer.finished(ep_row, rtt, failed, call.svc)
+        return headers, False
+
+    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
+        self.meshed = meshed
+        idle = call.policy.idle_timeout
+        ex = H2Exchange(stream, (lambda s: self._send_body_h2(s, idle)) if self.has_body
+                        else None)
+        self._ex = ex
+        return ex
+
+    def respond(self, call: Call, ex: UpstreamExchange, status: int) -> int:
+        idle = call.policy.idle_timeout
+        if isinstance(ex, Http1Exchange):
+            self._relay_response(ex, idle, self.stream.headers)
+        else:
+            assert isinstance(ex, H2Exchange)
+            self._relay_h2(ex, status, idle)
+        ex.finish()
+        return status
+
+    def client_fault(self, e: BaseException) -> BaseException | None:
+        return e if isinstance(e, StreamGone) else None
+
+    def _relay_h2(self, ex: H2Exchange, status: int, idle_timeout: float) -> None:
+        """The response of an HTTP/2 upstream: headers, DATA and trailers as they are."""
+        server, stream = self.server, self.stream
+        drop = _H2_DROP if self.meshed else _H2_DROP_RESPONSE  # a peer meshd's meshd-error stays
+        out = [(k, v) for k, v in ex.head if k not in drop]
+        self.response_started = True
+        data = ex.read(idle_timeout)
+        if data is None and not ex.trailers:
+            # A head that ended the stream (gRPC's trailers-only answer): one HEADERS
+            # frame with END_STREAM, not an empty DATA after it.
+            server.send_headers(stream, out, end=True)
+            return
+        server.send_headers(stream, out, flush=False)
+        while data is not None:
+            server.send_data(stream, data, idle_timeout)
+            data = ex.read(idle_timeout)
+        trailers = [(k, v) for k, v in ex.trailers if k not in drop]
+        server.end_stream(stream, trailers or None)
 
     def _send_body_h2(self, up: H2Stream, idle_timeout: float) -> bool:
         stream = self.stream
@@ -339,9 +277,13 @@ class H2ToHttp1:
         except OSError:
             return False
 
-    def _relay_response(self, resp: http1.ResponseHead, conn: UpstreamConn, idle_timeout: float,
+    def _relay_response(self, ex: Http1Exchange, idle_timeout: float,
                         request: list[tuple[bytes, bytes]]) -> None:
+        """The response of an HTTP/1.1 upstream, translated: fields lower-cased without
+        the connection-specific ones, the body as DATA, chunked trailers as trailers."""
         server, stream = self.server, self.stream
+        resp = ex.resp
+        assert resp is not None
         method = next((v for k, v in request if k == b":method"), b"GET")
         has_body = http1.response_has_body(method, resp.status)
         headers = [(b":status", b"%d" % resp.status)]
@@ -351,47 +293,33 @@ class H2ToHttp1:
                 resp.chunked or (100 <= resp.status < 200)):
             headers.append((b"content-length", b"%d" % resp.content_length))
         self.response_started = True
-        self._upstream_clean = True
         if not has_body:
             server.send_headers(stream, headers, end=True)
             return
         server.send_headers(stream, headers, flush=False)
         if resp.chunked:
-            decoder = http1.ChunkedDecoder()
-            while True:
-                try:
-                    pieces = decoder.feed(conn.read_body(idle_timeout))
-                except http1.BadRequest as e:
-                    raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
-                for piece in pieces:
-                    if piece:
-                        server.send_data(stream, piece, idle_timeout)
-                if decoder.done:
-                    conn.buf += decoder.unconsumed
-                    kept = http1.forwardable_trailers(decoder.trailers)
-                    server.end_stream(stream, [(k.lower(), v) for k, v in kept
-                                               if k.lower() != MESHD_ERROR] or None)
-                    return
+            while (data := ex.read(idle_timeout)) is not None:
+                server.send_data(stream, data, idle_timeout)
+            server.end_stream(stream, [(k.lower(), v) for k, v in ex.trailers
+                                       if k.lower() != MESHD_ERROR] or None)
         elif resp.content_length is not None:
-            left = resp.content_length
-            if not left:
-                server.send_data(stream, b"", idle_timeout, end=True)
-            while left > 0:
-                data = conn.read_body(idle_timeout)
-                if len(data) > left:
-                    conn.buf += data[left:]
-                    data = data[:left]
-                left -= len(data)
-                server.send_data(stream, data, idle_timeout, end=not left)
+            while True:
+                data = ex.read(idle_timeout)
+                if data is None:  # Content-Length: 0
+                    server.send_data(stream, b"", idle_timeout, end=True)
+                    return
+                server.send_data(stream, data, idle_timeout, end=ex.complete)
+                if ex.complete:
+                    return
         else:
-            self._upstream_clean = False
-            while data := conn.read_body(idle_timeout, False):
+            while (data := ex.read(idle_timeout)) is not None:
                 server.send_data(stream, data, idle_timeout)
             server.end_stream(stream)
 
-    _upstream_clean = True
     chunked = False
-    upstream_reset: int | None = None  # the RST_STREAM code an HTTP/2 upstream sent
+    meshed = False
+    grpc = False
+    _ex: UpstreamExchange | None = None  # the last attempt's
 
     def _answer_error(self, err: ProxyError) -> None:
         level = logging.INFO if err.status < 500 else logging.WARNING
@@ -420,15 +348,3 @@ def _join_cookies(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     out = [(k, v) for k, v in fields if k != b"cookie"]
     out.append((b"cookie", b"; ".join(cookies)))
     return out
-
-
-def _read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
-                        limit: int, max_headers: int) -> http1.ResponseHead:
-    """The final response head (1xx skipped: HTTP/2 clients get no 100 Continue here)."""
-    while True:
-        resp = read_response_head(conn, try_deadline, deadline, limit, max_headers)
-        if 100 <= resp.status < 200 and resp.status != 101:
-            continue
-        if resp.status == 101:
-            raise UpstreamError(f"{conn.endpoint} switched protocols on an HTTP/2 request")
-        return resp

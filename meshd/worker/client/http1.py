@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import gevent
 from gevent import Timeout
 
 from meshd.discovery.api import Endpoint
@@ -33,27 +32,26 @@ from meshd.errors import (
 from meshd.proto import forwarded, http1
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
-from meshd.worker.body import ClientGone, RequestBody
-from meshd.worker.dispatch import (
+from meshd.worker.call import (
     Call,
-    RetryNow,
-    error_kind,
-    may_retry,
     public_reason,
     require_endpoints,
     route,
-    status_kind,
     strip_meshd_error,
 )
+from meshd.worker.client.body import ClientGone, RequestBody
+from meshd.worker.client.http1_to_h2 import relay_h2_response, request_head
+from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
-from meshd.worker.tcp_proxy import redirected_destination
 from meshd.worker.tunnel import Tunnel
-from meshd.worker.upstream import UpstreamConn, read_response_head
+from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
+from meshd.worker.upstream.http1 import UpstreamConn
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
-    from meshd.worker.process import Worker
+    from meshd.worker.context import Context
+    from meshd.worker.upstream.h2 import H2Stream
 
 log = logging.getLogger("meshd.worker")
 # A client triggers error answers at will (malformed heads, unknown services): their log
@@ -72,7 +70,7 @@ class Idle(Exception):
 
 
 class HttpConnection:
-    def __init__(self, worker: Worker, listener: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket) -> None:
         self.worker = worker
         self.listener = listener
         self.sock = sock
@@ -82,22 +80,22 @@ class HttpConnection:
 
     # -- the request loop ---------------------------------------------------------------
 
-    def serve(self) -> None:
+    def serve(self) -> bytes | None:
+        """Requests until the connection ends. Returns what was read when the first head
+        is the HTTP/2 preface (``meshd.worker.serve`` goes on with HTTP/2), else None."""
         first = True
         while True:
             try:
                 head = self._read_head(first)
             except Idle:
-                return
+                return None
             except ProxyError as e:
                 self._answer_error(e, close=True)
-                return
+                return None
             if first and head == H2_PRI:  # HTTP/2 with prior knowledge (RFC 9113 §3.3)
-                from meshd.worker.h2_server import serve_h2  # h2 loads on first use
                 initial = head + bytes(self.buf)
                 self.buf.clear()
-                serve_h2(self.worker, self.listener, self.sock, initial)
-                return
+                return initial
             first = False
             started = time.monotonic()
             try:
@@ -110,13 +108,13 @@ class HttpConnection:
                     req.headers.append((b"Host", absolute[0]))
             except ProxyError as e:
                 self._answer_error(e, close=True)
-                return
+                return None
             try:
                 keep = self._proxy(req, started)
             except ClientGone:
-                return
+                return None
             if not keep:
-                return
+                return None
             # Draining: a response that already went out with keep-alive promised the
             # client one more request; it gets answered (with Connection: close), or the
             # connection is closed once it has been idle for a grace period.
@@ -205,11 +203,11 @@ class HttpConnection:
                 return False
             if req.expect_continue and req.has_body:
                 self._send(CONTINUE)
-            call = _Call(worker, req, self._upstream_head(req), service, endpoints, policy,
-                         started + policy.timeout, row, self._peer_address)
+            call = _Call(worker, req, service, endpoints, policy, started + policy.timeout, row,
+                         self._peer_address)
             if req.has_body:
                 body = call.body = RequestBody(self, req, call.replay)
-            status, keep = call.run(worker, lambda more: self._exchange(call, more))
+            status, keep = call.run(worker, Http1Side(self, req, body))
             return keep
         except ProxyError as e:
             status = e.status
@@ -252,76 +250,6 @@ class HttpConnection:
             framing.append((b"Content-Length", b"%d" % req.content_length))
         return http1.serialize_request_head(req.method, req.target, headers, framing)
 
-    def _exchange(self, call: _Call, attempts_left: bool) -> tuple[int, bool]:
-        worker = self.worker
-        req, body, policy = call.req, call.body, call.policy
-        balancer = worker.balancer
-        ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        proto, address, tls = call.protocol(worker, ep, ep_row, False, attempts_left)
-        conn = None
-        if proto == "http1":
-            conn = call.acquire(worker, ep, ep_row, sent_at, body is not None, tls, attempts_left)
-        if conn is None:  # HTTP/2: a meshed peer, protocol = "h2", or ALPN chose h2
-            from meshd.worker.h1_to_h2 import exchange_h2
-            return exchange_h2(self, call, attempts_left, ep_row, address, proto == "meshed",
-                               sent_at, try_deadline, tls)
-        rtt: float | None = None
-        failed = True
-        sender = None
-        try:
-            if body is not None:
-                sender = gevent.spawn(body.send, conn, call.head)
-                resp = self._read_response_head(conn, try_deadline, call.deadline)
-            else:
-                conn, resp = worker.pool.exchange_bodiless(
-                    conn, call.head, policy.connect_timeout,
-                    lambda c: self._read_response_head(c, try_deadline, call.deadline))
-            rtt = time.monotonic() - sent_at
-            if resp.status == 101:
-                failed = False
-                try:
-                    self._switch_protocols(req, resp, conn, policy.idle_timeout)
-                finally:
-                    conn.close()
-                return 101, False
-            kind = status_kind(resp.status)
-            failed = kind in policy.failure_on
-            if failed and may_retry(worker, call, kind, attempts_left):
-                raise RetryNow()
-            keep = self._relay_response(req, resp, conn)
-            if sender is not None:
-                sender.join()
-                if not sender.successful() or sender.value is not True:
-                    conn.close()
-                    return resp.status, False
-            if resp.keep_alive and self._upstream_clean:
-                worker.pool.release(conn)
-            else:
-                conn.close()
-            return resp.status, keep
-        except BaseException as e:
-            if sender is not None:
-                sender.kill()  # waits: the next attempt's sender reads the same client socket
-            conn.close()  # the upstream sees the request cancelled
-            if isinstance(e, RetryNow):
-                raise
-            body_error = self._body_error
-            if body_error is not None and not self.response_started:
-                failed = False  # the client's fault, not the endpoint's
-                if isinstance(body_error, ProxyError):
-                    raise body_error from None
-                raise ClientGone() from None
-            if isinstance(e, (OSError, ProxyError)) and not self.response_started:
-                kind = error_kind(e)
-                failed = kind in policy.failure_on
-                if may_retry(worker, call, kind, attempts_left):
-                    raise RetryNow() from None
-            if isinstance(e, OSError) and not self.response_started:
-                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-            raise
-        finally:
-            balancer.finished(ep_row, rtt, failed, call.svc)
-
     def _recv_body(self, size: int = READ_SIZE) -> bytes:
         try:
             with Timeout(self._idle_timeout, RequestTimeout("request body read timed out")):
@@ -332,23 +260,16 @@ class HttpConnection:
             raise ClientGone()
         return data
 
-    def _read_response_head(self, conn: UpstreamConn, try_deadline: float,
-                            deadline: float) -> http1.ResponseHead:
-        """The final response head; informational ones other than 100 (our own 100
-        Continue went to the client already, if it asked) are passed on."""
-        limits = self.limits
-        while True:
-            resp = read_response_head(conn, try_deadline, deadline, limits.header_bytes,
-                                      limits.header_count)
-            if not 100 <= resp.status < 200 or resp.status == 101:
-                return resp
-            if resp.status != 100:
-                self._send(http1.serialize_response_head(resp.status, resp.reason,
-                                                         strip_meshd_error(resp.headers)))
+    def _informational(self, resp: http1.ResponseHead) -> None:
+        """A 1xx head other than 100 goes to the client as it is (our own 100 Continue
+        went already, if it asked)."""
+        self._send(http1.serialize_response_head(resp.status, resp.reason,
+                                                 strip_meshd_error(resp.headers)))
 
-    def _relay_response(self, req: http1.RequestHead, resp: http1.ResponseHead,
-                        conn: UpstreamConn) -> bool:
+    def _relay_response(self, req: http1.RequestHead, ex: Http1Exchange) -> bool:
         """Send the response to the client. Returns whether the client connection stays."""
+        resp = ex.resp
+        assert resp is not None
         keep = req.keep_alive and not self.worker.draining
         headers = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
         extra: list[tuple[bytes, bytes]] = []
@@ -368,61 +289,21 @@ class HttpConnection:
             extra.append((b"Connection", b"close"))
         elif req.version == b"HTTP/1.0":
             extra.append((b"Connection", b"keep-alive"))
-        head = http1.serialize_response_head(resp.status, resp.reason, headers, extra)
-        self._upstream_clean = not close_delimited
+        out = [http1.serialize_response_head(resp.status, resp.reason, headers, extra)]
         self.response_started = True
-        if not has_body:
-            self._send(head)
-        elif resp.chunked:
-            self._relay_chunked(head, conn)
-        elif resp.content_length is not None:
-            self._relay_exact(head, conn, resp.content_length)
-        else:
-            self._relay_until_close(head, conn, chunk_out)
-        return keep
-
-    def _relay_exact(self, head: bytes, conn: UpstreamConn, n: int) -> None:
-        take = min(len(conn.buf), n)
-        first = head + bytes(conn.buf[:take])
-        del conn.buf[:take]
-        n -= take
-        self._send(first)
-        while n > 0:
-            data = conn.read_body(self._idle_timeout)
-            if len(data) > n:
-                conn.buf += data[n:]
-                data = data[:n]
-            n -= len(data)
-            self._send(data)
-
-    def _relay_chunked(self, head: bytes, conn: UpstreamConn) -> None:
-        decoder = http1.ChunkedDecoder()
-        out = [head]
-        while True:
-            try:
-                pieces = decoder.feed(conn.read_body(self._idle_timeout))
-            except BadRequest as e:
-                raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
-            out.extend(http1.encode_chunk(p) for p in pieces if p)
-            if decoder.done:
-                kept = strip_meshd_error(http1.forwardable_trailers(decoder.trailers))
+        if has_body:
+            idle = self._idle_timeout
+            while (data := ex.read(idle)) is not None:
+                out.append(http1.encode_chunk(data) if chunk_out else data)
+                if not ex.complete:
+                    self._send(b"".join(out))
+                    out = []
+            if chunk_out:
+                kept = strip_meshd_error(ex.trailers)
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
-                self._send(b"".join(out))
-                conn.buf += decoder.unconsumed
-                return
-            if out:
-                self._send(b"".join(out))
-                out = []
-
-    def _relay_until_close(self, head: bytes, conn: UpstreamConn, chunk_out: bool) -> None:
-        self._send(head)
-        while True:
-            data = conn.read_body(self._idle_timeout, False)
-            if not data:
-                if chunk_out:
-                    self._send(http1.LAST_CHUNK)
-                return
-            self._send(http1.encode_chunk(data) if chunk_out else data)
+        if out:
+            self._send(b"".join(out))
+        return keep
 
     # -- tunnels ------------------------------------------------------------------------
 
@@ -510,7 +391,6 @@ class HttpConnection:
             return False
         return not close
 
-    _upstream_clean = True
     _body_error: BaseException | None = None
     _idle_timeout = BODY_IDLE_TIMEOUT
     _peer: bytes | None = None
@@ -520,22 +400,84 @@ class HttpConnection:
 
 
 class _Call(Call):
-    """An HTTP/1.1 request across its attempts: its head as sent upstream, its body."""
+    """An HTTP/1.1 request across its attempts, and its body."""
 
-    __slots__ = ("req", "head", "body")
+    __slots__ = ("body",)
 
-    def __init__(self, worker: Worker, req: http1.RequestHead, head: bytes, service: str,
+    def __init__(self, worker: Context, req: http1.RequestHead, service: str,
                  endpoints: tuple[Endpoint, ...], policy: Policy, deadline: float, row: int,
                  peer: Callable[[], bytes]) -> None:
         super().__init__(worker, service, endpoints, policy, deadline, row, req.method,
                          req.headers, peer)
-        self.req = req
-        self.head = head
         self.body: RequestBody | None = None
 
     def body_replayable(self) -> bool:
         body = self.body
         return body is None or body.replayable or not body.started
+
+
+class Http1Side:
+    """The HTTP/1.1 client side of one call (``meshd.worker.call.ClientSide``): the
+    request goes out as an HTTP/1.1 head (built for the first attempt that goes
+    HTTP/1.1) or translated to HTTP/2 (``http1_to_h2``), the body from ``RequestBody``;
+    the response comes back in HTTP/1.1 framing, or a 101 starts a tunnel."""
+
+    grpc = False
+
+    def __init__(self, conn: HttpConnection, req: http1.RequestHead,
+                 body: RequestBody | None) -> None:
+        self.conn = conn
+        self.req = req
+        self.body = body
+        self.has_body = body is not None
+        self.meshed = False
+        self._head: bytes | None = None
+
+    @property
+    def response_started(self) -> bool:
+        return self.conn.response_started
+
+    def http1_exchange(self, call: Call, conn: UpstreamConn) -> Http1Exchange:
+        if self._head is None:
+            self._head = self.conn._upstream_head(self.req)
+        limits = self.conn.limits
+        return Http1Exchange(self.conn.worker.pool, conn, self._head, self.req.method,
+                             self.body.send if self.body is not None else None,
+                             call.policy.connect_timeout, limits.header_bytes,
+                             limits.header_count, self.conn._informational, upgrade=True)
+
+    def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
+        return request_head(self.req, https, meshed), True
+
+    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
+        self.meshed = meshed
+        body, idle = self.body, call.policy.idle_timeout
+        return H2Exchange(stream, (lambda s: body.send_h2(s, idle)) if body is not None else None)
+
+    def respond(self, call: Call, ex: UpstreamExchange, status: int) -> tuple[int, bool]:
+        conn = self.conn
+        if isinstance(ex, Http1Exchange):
+            if status == 101:
+                assert ex.resp is not None
+                try:
+                    conn._switch_protocols(self.req, ex.resp, ex.conn, call.policy.idle_timeout)
+                finally:
+                    ex.conn.close()
+                return 101, False
+            keep = conn._relay_response(self.req, ex)
+        else:
+            assert isinstance(ex, H2Exchange)
+            keep = relay_h2_response(conn, self.req, ex, status, call.policy.idle_timeout,
+                                     self.meshed)
+        if not ex.finish():
+            return status, False  # the client's body was not all read
+        return status, keep
+
+    def client_fault(self, e: BaseException) -> BaseException | None:
+        body_error = self.conn._body_error
+        if body_error is None or self.conn.response_started:
+            return None
+        return body_error if isinstance(body_error, ProxyError) else ClientGone()
 
 
 def _upgrade_protocols(req: http1.RequestHead, h2c: bool = False) -> bytes:

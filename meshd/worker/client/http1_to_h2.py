@@ -1,4 +1,5 @@
-"""An HTTP/1.1 client's request sent to an HTTP/2 upstream: an endpoint of a service
+"""An HTTP/1.1 client's request sent to an HTTP/2 upstream (the attempt itself is
+``meshd.worker.call.Call.attempt`` over an ``H2Exchange``): an endpoint of a service
 with ``protocol = "h2"``, or a peer meshd's inbound listener (meshd-to-meshd: requests
 from many client connections share one multiplexed connection per peer, and carry
 ``meshd-orig-proto: HTTP/1.1`` so the peer knows what the client spoke).
@@ -14,27 +15,14 @@ an HTTP/1.0 client.
 from __future__ import annotations
 
 import http
-import time
 from typing import TYPE_CHECKING
 
-import gevent
-
-from meshd.errors import ProxyError
 from meshd.proto import http1
-from meshd.worker.body import ClientGone
-from meshd.worker.dispatch import (
-    ORIG_PROTO,
-    RetryNow,
-    error_kind,
-    may_retry,
-    status_kind,
-    strip_meshd_error,
-)
+from meshd.worker.call import ORIG_PROTO, strip_meshd_error
 
 if TYPE_CHECKING:
-    from meshd.worker.h2_upstream import H2Stream
-    from meshd.worker.http_proxy import HttpConnection, _Call
-    from meshd.worker.upstream_tls import TlsTarget
+    from meshd.worker.client.http1 import HttpConnection
+    from meshd.worker.upstream.exchange import H2Exchange
 
 # Never sent on HTTP/2 (RFC 9113 §8.2.2), or framed by meshd itself.
 _DROP = frozenset([b"host", b"content-length", b"transfer-encoding", b"te", b"expect",
@@ -62,62 +50,12 @@ def request_head(req: http1.RequestHead, https: bool, meshed: bool) -> list[tupl
     return headers
 
 
-def exchange_h2(conn: HttpConnection, call: _Call, attempts_left: bool, ep_row: int,
-                address: tuple[str, int], meshed: bool, sent_at: float,
-                try_deadline: float, tls: TlsTarget | None = None) -> tuple[int, bool]:
-    worker = conn.worker
-    req, body, policy = call.req, call.body, call.policy
-    balancer = worker.balancer
-    headers = request_head(req, tls is not None, meshed)
-    failed = True
-    rtt: float | None = None
-    sender = None
-    up = call.open_h2(worker, address, headers, body is None, sent_at, tls, ep_row,
-                      attempts_left, checked=True)
-    try:
-        if body is not None:
-            sender = gevent.spawn(body.send_h2, up, policy.idle_timeout)
-        head = up.response(try_deadline)
-        rtt = time.monotonic() - sent_at
-        status = int(dict(head).get(b":status", b"502"))
-        kind = status_kind(status)
-        failed = kind in policy.failure_on
-        if failed and may_retry(worker, call, kind, attempts_left):
-            raise RetryNow()
-        if not meshed:  # a peer meshd's meshd-error is its own; an application's is not
-            head = strip_meshd_error(head)
-        keep = _relay(conn, req, up, head, status, policy.idle_timeout, meshed)
-        if sender is not None:
-            sender.join()
-            if not sender.successful() or sender.value is not True:
-                keep = False  # the client's body was not all read
-        return status, keep
-    except BaseException as e:
-        if sender is not None:
-            sender.kill()
-        up.reset()  # the upstream sees the cancellation
-        if isinstance(e, RetryNow):
-            raise
-        body_error = conn._body_error
-        if body_error is not None and not conn.response_started:
-            failed = False
-            if isinstance(body_error, ProxyError):
-                raise body_error from None
-            raise ClientGone() from None
-        if isinstance(e, ProxyError) and not conn.response_started:
-            kind = error_kind(e)
-            failed = kind in policy.failure_on
-            if may_retry(worker, call, kind, attempts_left):
-                raise RetryNow() from None
-        raise
-    finally:
-        balancer.finished(ep_row, rtt, failed, call.svc)
-
-
-def _relay(conn: HttpConnection, req: http1.RequestHead, up: H2Stream,
-           head: list[tuple[bytes, bytes]], status: int, idle_timeout: float,
-           meshed: bool) -> bool:
-    """The response to the HTTP/1.1 client. Returns whether its connection stays."""
+def relay_h2_response(conn: HttpConnection, req: http1.RequestHead, ex: H2Exchange,
+                      status: int, idle_timeout: float, meshed: bool) -> bool:
+    """The response of an HTTP/2 upstream to the HTTP/1.1 client. Returns whether its
+    connection stays."""
+    up = ex.stream
+    head = ex.head if meshed else strip_meshd_error(ex.head)  # a peer meshd's is its own
     keep = req.keep_alive and not conn.worker.draining
     fields = [(k, v) for k, v in head if not k.startswith(b":") and k not in _DROP]
     length = next((v for k, v in head if k == b"content-length"), None)
