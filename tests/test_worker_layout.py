@@ -13,7 +13,7 @@ import meshd.worker
 
 WORKER = Path(meshd.worker.__file__).parent
 # The process entry and the worker class: the only modules allowed to know of each other.
-ENTRY = {"meshd.worker.process", "meshd.worker.runtime"}
+ENTRY = {"meshd.worker.entry", "meshd.worker.process"}
 
 
 def _modules() -> list[str]:
@@ -49,7 +49,7 @@ def test_no_data_path_module_imports_the_worker_class_or_entry() -> None:
 
 def test_data_path_modules_import_without_gevent_patching() -> None:
     """Each module imported in a fresh interpreter leaves the standard library unpatched
-    (importing ``meshd.worker.process`` patches it: the check is real)."""
+    (importing ``meshd.worker.entry`` patches it: the check is real)."""
     data_path = [m for m in _modules() if m not in ENTRY]
     script = (
         "import importlib, sys\n"
@@ -63,9 +63,9 @@ def test_data_path_modules_import_without_gevent_patching() -> None:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"ok {len(data_path)}"
-    entry = subprocess.run([sys.executable, "-c", script, "meshd.worker.process"],
+    entry = subprocess.run([sys.executable, "-c", script, "meshd.worker.entry"],
                            capture_output=True, text=True, timeout=120)
-    assert entry.returncode != 0 and "meshd.worker.process" in entry.stderr
+    assert entry.returncode != 0 and "meshd.worker.entry" in entry.stderr
 
 
 def test_the_package_tells_the_data_path() -> None:

@@ -1,6 +1,6 @@
 """A worker process: the gevent data path.
 
-The path of one connection: ``runtime.Worker`` accepts it on a shared listening socket
+The path of one connection: ``process.Worker`` accepts it on a shared listening socket
 and ``serve.serve_connection`` decides who serves it (tcp, auto detection, HTTP/1.1,
 or HTTP/2 by its preface). The client side (``client``) reads requests:
 ``client.http1.HttpConnection`` for HTTP/1.1, ``client.h2_server`` for an HTTP/2
@@ -13,7 +13,7 @@ the retry rules (``retries``, ``meshd.balance.retry``) stop it; each attempt is 
 streams, ``upstream.tls`` for TLS toward services). ``tunnel`` copies bytes after an
 upgrade or CONNECT and for opaque TCP; ``sockio`` holds the socket helpers.
 
-The handlers see the worker as a ``context.Context``; only ``process`` (the entry the
-master forks into: it patches the standard library, then runs ``runtime.main``) and
-``runtime`` know the worker class.
+The handlers see the worker as a ``context.Context``; only ``entry`` (what the
+master forks into: it patches the standard library, then runs ``process.main``) and
+``process`` know the worker class.
 """

@@ -1,9 +1,9 @@
 """What the data path needs of its worker, as a ``Protocol``: the handlers (client side,
 upstream side, the call) take a ``Context`` rather than the worker class, so none of them
-imports ``meshd.worker.runtime`` (whose process entry monkey-patches on import) and each
+imports ``meshd.worker.process`` (nor ``meshd.worker.entry``, which monkey-patches on import) and each
 can be driven in-process by a test with a small stand-in.
 
-``meshd.worker.runtime.Worker`` is the one implementation; ``tests/test_worker_layout.py``
+``meshd.worker.process.Worker`` is the one implementation; ``tests/test_worker_layout.py``
 holds the data path to importing this protocol only.
 """
 
