@@ -7,22 +7,25 @@ loop, whatever the client and the upstream speak: ``start_attempt`` picks the en
 and the attempt's deadlines, an ``UpstreamExchange`` (``meshd.worker.upstream.exchange``)
 goes over HTTP/1.1 or an HTTP/2 stream, the balancer is told how each attempt went, and
 ``connect_failed`` and ``may_retry`` classify a failure and decide whether the request is
-sent again (``RetryNow``). The client side (``ClientSide``: an HTTP/1.1 connection's
+sent again (``RetryNow``: the rule is ``meshd.balance.retry.attempt_refusal``'s, then the
+deadline and the shared budget). The client side (``ClientSide``: an HTTP/1.1 connection's
 request, an HTTP/2 stream) only translates the request in and the response out.
-``meshd-error`` is meshd's alone: ``strip_meshd_error`` removes an upstream's, and
-``public_reason`` is what meshd's own error answer says (nothing internal on inbound
-listeners).
+``meshd-error`` is meshd's alone: ``meshd.proto.translate.strip_meshd_error`` removes an
+upstream's; ``error_answer`` is meshd's own answer for either client side, and
+``public_reason`` what it says (nothing internal on inbound listeners).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import gevent
 
+from meshd.balance.retry import attempt_refusal
 from meshd.discovery.api import Endpoint
 from meshd.errors import (
     NoEndpoints,
@@ -32,6 +35,8 @@ from meshd.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from meshd.proto.translate import MESHD_ERROR, ORIG_PROTO, strip_meshd_error
+from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -45,9 +50,15 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.http1 import UpstreamConn
     from meshd.worker.upstream.tls import TlsTarget
 
+log = logging.getLogger("meshd.worker")
+# A client triggers error answers at will (malformed heads, unknown services): their log
+# lines go through this, keyed by listener name and error kind.
+quiet = Throttle(log)
+
 Headers = Sequence[tuple[bytes, bytes]]
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+__all__ = ["MESHD_ERROR", "ORIG_PROTO", "strip_meshd_error"]  # re-exported for older imports
 
 
 class RetryNow(Exception):
@@ -361,9 +372,8 @@ def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bo
     never left meshd (connect failed) may, whatever its method; one that reached an
     upstream only when it is replayable (idempotent or marked retryable, body kept).
     The shared budget is spent when it may."""
-    if not attempts_left or kind not in call.policy.failure_on:
-        return False
-    if kind != "connect" and not (call.replay and call.body_replayable()):
+    if attempt_refusal(kind, call.policy.failure_on, attempts_left, call.replay,
+                       call.body_replayable()) is not None:
         return False
     now = time.monotonic()
     if now >= call.deadline:
@@ -371,15 +381,20 @@ def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bo
     return worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now)
 
 
-ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
-MESHD_ERROR = b"meshd-error"  # on meshd's own error answers: the reason
-
-
-def strip_meshd_error(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """A response's (or its trailers') fields without ``meshd-error``: only meshd says
-    that an answer is its own error. (An upstream that is a peer meshd keeps it: the peer
-    removed its application's.)"""
-    return [(k, v) for k, v in headers if k.lower() != MESHD_ERROR]
+def error_answer(err: ProxyError, listener: ListenerConfig, protocol: str = "",
+                 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """meshd's own answer to a request it could not proxy: (its fields, with
+    ``meshd-error``; its body, the public reason on one line), logged through the
+    throttle (a client causes these at will). ``protocol``: for the log line."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    name = listener.name
+    quiet.log(level, f"{name}: {type(err).__name__}", "%s %s%s: %s", name, err.status,
+              protocol and f" ({protocol})", err.reason)
+    reason = public_reason(err, listener)
+    body = reason.encode("utf-8", "replace") + b"\n"
+    return [(b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+            (MESHD_ERROR, reason.encode("ascii", "replace")[:200])], body
 
 
 def public_reason(err: ProxyError, listener: ListenerConfig) -> str:

@@ -24,17 +24,22 @@ import h2.errors
 
 from meshd.errors import ProxyError
 from meshd.proto import forwarded, http1
-from meshd.shm import F_REQUESTS
-from meshd.worker.call import (
+from meshd.proto.translate import (
     MESHD_ERROR,
     ORIG_PROTO,
+    h2_forward,
+    h2_response,
+    http1_request,
+    join_cookies,
+)
+from meshd.shm import F_REQUESTS
+from meshd.worker.call import (
     Call,
+    error_answer,
     is_grpc,
-    public_reason,
     require_endpoints,
     route,
 )
-from meshd.worker.client.http1 import quiet
 from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
 
 if TYPE_CHECKING:
@@ -44,17 +49,6 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.http1 import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
-
-
-# Connection-specific fields (RFC 9113 §8.2.2) and the ones meshd frames itself.
-_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                  b"upgrade", b"te", b"host", b"content-length", b"http2-settings",
-                  ORIG_PROTO])
-# HTTP/2 to HTTP/2: what h2 validation already refuses, and our own marker.
-_H2_DROP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                      b"upgrade", b"http2-settings", ORIG_PROTO])
-# A response from an upstream other than a peer meshd: meshd-error is meshd's alone.
-_H2_DROP_RESPONSE = _H2_DROP | {MESHD_ERROR}
 
 
 class StreamGone(gevent.GreenletExit):
@@ -106,7 +100,7 @@ class H2ToHttp1:
         pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
-        fields = _join_cookies([(k, v) for k, v in self.stream.headers if not k.startswith(b":")])
+        fields = join_cookies([(k, v) for k, v in self.stream.headers if not k.startswith(b":")])
         self.grpc = is_grpc(fields)
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
@@ -138,20 +132,6 @@ class H2ToHttp1:
         finally:
             worker.stripe.record_response(row, status, time.monotonic() - started, status >= 500)
 
-    def _upstream_head(self, method: bytes, target: bytes, authority: bytes | None,
-                       fields: list[tuple[bytes, bytes]]) -> bytes:
-        headers = [(k, v) for k, v in fields if k not in _HOP]
-        framing = [(b"Host", authority or b"")]
-        # Content-Length only as the server verified it (h2_server holds the DATA total to
-        # it): a bodiless request never announces a body the upstream would wait for.
-        length = self.stream.length
-        if length is not None and not (self.stream.bodiless and length):
-            framing.append((b"Content-Length", b"%d" % length))
-        elif not self.stream.bodiless:
-            self.chunked = True
-            framing.append((b"Transfer-Encoding", b"chunked"))
-        return http1.serialize_request_head(method, target, headers, framing)
-
     # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 
     @property
@@ -160,7 +140,9 @@ class H2ToHttp1:
 
     def http1_exchange(self, call: Call, conn: UpstreamConn) -> Http1Exchange:
         method, target, authority, fields = self._request
-        head = self._upstream_head(method, target, authority, fields)
+        stream = self.stream
+        head, self.chunked = http1_request(method, target, authority, fields, stream.length,
+                                           stream.bodiless)
         idle = call.policy.idle_timeout
         limits = self.server.limits
         sender = None
@@ -174,7 +156,7 @@ class H2ToHttp1:
         return ex
 
     def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
-        headers = [(k, v) for k, v in self.stream.headers if k not in _H2_DROP]
+        headers = h2_forward(self.stream.headers)
         if https:  # the upstream is reached over TLS: its URI scheme is https
             headers = [(k, b"https" if k == b":scheme" else v) for k, v in headers]
         if meshed:
@@ -205,8 +187,8 @@ class H2ToHttp1:
     def _relay_h2(self, ex: H2Exchange, status: int, idle_timeout: float) -> None:
         """The response of an HTTP/2 upstream: headers, DATA and trailers as they are."""
         server, stream = self.server, self.stream
-        drop = _H2_DROP if self.meshed else _H2_DROP_RESPONSE  # a peer meshd's meshd-error stays
-        out = [(k, v) for k, v in ex.head if k not in drop]
+        meshed = self.meshed  # a peer meshd's meshd-error stays
+        out = h2_forward(ex.head, meshed)
         self.response_started = True
         data = ex.read(idle_timeout)
         if data is None and not ex.trailers:
@@ -218,8 +200,7 @@ class H2ToHttp1:
         while data is not None:
             server.send_data(stream, data, idle_timeout)
             data = ex.read(idle_timeout)
-        trailers = [(k, v) for k, v in ex.trailers if k not in drop]
-        server.end_stream(stream, trailers or None)
+        server.end_stream(stream, h2_forward(ex.trailers, meshed) or None)
 
     def _send_body_h2(self, up: H2Stream, idle_timeout: float) -> bool:
         stream = self.stream
@@ -231,7 +212,7 @@ class H2ToHttp1:
                     up.reset()
                     return False
                 if data is None:
-                    trailers = [(k, v) for k, v in stream.trailers if k not in _H2_DROP]
+                    trailers = h2_forward(stream.trailers)
                     if trailers:
                         up.send_trailers(trailers)
                     else:
@@ -286,12 +267,7 @@ class H2ToHttp1:
         assert resp is not None
         method = next((v for k, v in request if k == b":method"), b"GET")
         has_body = http1.response_has_body(method, resp.status)
-        headers = [(b":status", b"%d" % resp.status)]
-        drop = _HOP | resp.connection_tokens | {MESHD_ERROR}
-        headers += [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
-        if resp.content_length is not None and resp.status != 204 and not (
-                resp.chunked or (100 <= resp.status < 200)):
-            headers.append((b"content-length", b"%d" % resp.content_length))
+        headers = h2_response(resp)
         self.response_started = True
         if not has_body:
             server.send_headers(stream, headers, end=True)
@@ -322,15 +298,8 @@ class H2ToHttp1:
     _ex: UpstreamExchange | None = None  # the last attempt's
 
     def _answer_error(self, err: ProxyError) -> None:
-        level = logging.INFO if err.status < 500 else logging.WARNING
-        listener = self.server.listener
-        quiet.log(level, f"{listener.name}: {type(err).__name__}", "%s %s (HTTP/2): %s",
-                  listener.name, err.status, err.reason)
-        reason = public_reason(err, listener)
-        body = reason.encode("utf-8", "replace") + b"\n"
-        headers = [(b":status", b"%d" % err.status), (b"content-type", b"text/plain; charset=utf-8"),
-                   (b"content-length", b"%d" % len(body)),
-                   (MESHD_ERROR, reason.encode("ascii", "replace")[:200])]
+        fields, body = error_answer(err, self.server.listener, "HTTP/2")
+        headers = [(b":status", b"%d" % err.status), *((k.lower(), v) for k, v in fields)]
         self.server.send_headers(self.stream, headers, flush=False)
         self.server.send_data(self.stream, body, 10.0, end=True)
 
@@ -338,13 +307,3 @@ class H2ToHttp1:
 class _NotSupported(ProxyError):
     status = 501
     reason = "not supported"
-
-
-def _join_cookies(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """RFC 9113 §8.2.3: cookie crumbs become one field for HTTP/1.1."""
-    cookies = [v for k, v in fields if k == b"cookie"]
-    if len(cookies) < 2:
-        return fields
-    out = [(k, v) for k, v in fields if k != b"cookie"]
-    out.append((b"cookie", b"; ".join(cookies)))
-    return out

@@ -2,16 +2,22 @@
 
 For each request on a keep-alive connection: read and parse the head (bounded size,
 deadline), route it (outbound: Host -> service -> endpoint; inbound: the listener's
-``forward`` address), send it upstream over a pooled connection with hop-by-hop headers
-removed and our own framing, stream the body both ways without holding it whole (a
-separate greenlet sends the request body so an upstream that answers while it reads
-never deadlocks us), and count the outcome in this worker's shared-memory stripe.
+``forward`` address), and hand it to its call (``meshd.worker.call``) as its client
+side, ``Http1Side``: an attempt over HTTP/1.1 sends the request with hop-by-hop headers
+removed and our own framing; one to an HTTP/2 upstream (a service with ``protocol =
+"h2"``, a peer meshd's inbound listener, which also gets ``meshd-orig-proto``) sends it
+translated (``meshd.proto.translate.h2_request``: pseudo-headers, the body as DATA, its
+trailers as HEADERS). The body streams both ways without being held whole (a separate
+greenlet sends the request body so an upstream that answers while it reads never
+deadlocks us); the response goes back framed by ``response_framing`` whatever the
+upstream spoke, and the outcome is counted in this worker's shared-memory stripe.
 Errors before the response head answers the client with the error's status and a
 one-line reason; after it, the connection is closed.
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import socket
 import time
@@ -30,17 +36,16 @@ from meshd.errors import (
     UriTooLong,
 )
 from meshd.proto import forwarded, http1
-from meshd.ratelog import Throttle
-from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
-from meshd.worker.call import (
-    Call,
-    public_reason,
-    require_endpoints,
-    route,
+from meshd.proto.translate import (
+    H1_TO_H2_DROP,
+    h2_request,
+    http1_response_fields,
+    response_framing,
     strip_meshd_error,
 )
+from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
+from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route
 from meshd.worker.client.body import ClientGone, RequestBody
-from meshd.worker.client.http1_to_h2 import relay_h2_response, request_head
 from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
@@ -54,9 +59,6 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.h2 import H2Stream
 
 log = logging.getLogger("meshd.worker")
-# A client triggers error answers at will (malformed heads, unknown services): their log
-# lines go through this, keyed by listener name and error kind.
-quiet = Throttle(log)
 
 READ_SIZE = 262144
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -266,32 +268,21 @@ class HttpConnection:
         self._send(http1.serialize_response_head(resp.status, resp.reason,
                                                  strip_meshd_error(resp.headers)))
 
-    def _relay_response(self, req: http1.RequestHead, ex: Http1Exchange) -> bool:
-        """Send the response to the client. Returns whether the client connection stays."""
-        resp = ex.resp
-        assert resp is not None
-        keep = req.keep_alive and not self.worker.draining
-        headers = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
-        extra: list[tuple[bytes, bytes]] = []
-        has_body = http1.response_has_body(req.method, resp.status)
-        close_delimited = has_body and not resp.chunked and resp.content_length is None
-        chunk_out = resp.chunked or (close_delimited and req.version == b"HTTP/1.1")
-        if close_delimited and not chunk_out:
-            keep = False
-        if not has_body:
-            if resp.content_length is not None and resp.status != 204:
-                extra.append((b"Content-Length", b"%d" % resp.content_length))
-        elif chunk_out:
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        elif resp.content_length is not None:
-            extra.append((b"Content-Length", b"%d" % resp.content_length))
-        if not keep:
-            extra.append((b"Connection", b"close"))
-        elif req.version == b"HTTP/1.0":
-            extra.append((b"Connection", b"keep-alive"))
-        out = [http1.serialize_response_head(resp.status, resp.reason, headers, extra)]
+    def _relay_response(self, req: http1.RequestHead, ex: UpstreamExchange, status: int,
+                        reason: bytes, fields: list[tuple[bytes, bytes]],
+                        length: bytes | None, chunked: bool,
+                        trailers: Callable[[list[tuple[bytes, bytes]]],
+                                           list[tuple[bytes, bytes]]]) -> bool:
+        """Send the response to the client, framed by ``response_framing`` whatever the
+        upstream spoke (``length``, ``chunked``: the upstream's framing); ``trailers``
+        picks what of the upstream's trailers goes on. Returns whether the client
+        connection stays."""
+        extra, chunk_out, keep = response_framing(req.method, status, req.version,
+                                                  req.keep_alive and not self.worker.draining,
+                                                  length, chunked)
+        out = [http1.serialize_response_head(status, reason, fields, extra)]
         self.response_started = True
-        if has_body:
+        if http1.response_has_body(req.method, status):
             idle = self._idle_timeout
             while (data := ex.read(idle)) is not None:
                 out.append(http1.encode_chunk(data) if chunk_out else data)
@@ -299,7 +290,7 @@ class HttpConnection:
                     self._send(b"".join(out))
                     out = []
             if chunk_out:
-                kept = strip_meshd_error(ex.trailers)
+                kept = trailers(ex.trailers)
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
         if out:
             self._send(b"".join(out))
@@ -371,18 +362,8 @@ class HttpConnection:
 
     def _answer_error(self, err: ProxyError, close: bool) -> bool:
         """Answer with the error's status and reason. Returns whether to keep the connection."""
-        level = logging.INFO if err.status < 500 else logging.WARNING
-        name = self.listener.name
-        quiet.log(level, f"{name}: {type(err).__name__}", "%s %s: %s", name, err.status,
-                  err.reason)
-        reason = public_reason(err, self.listener)
-        body = reason.encode("utf-8", "replace") + b"\n"
+        extra, body = error_answer(err, self.listener)
         close = close or self.worker.draining
-        extra = [
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"meshd-error", reason.encode("ascii", "replace")[:200]),
-        ]
         if close:
             extra.append((b"Connection", b"close"))
         try:
@@ -447,7 +428,7 @@ class Http1Side:
                              limits.header_count, self.conn._informational, upgrade=True)
 
     def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
-        return request_head(self.req, https, meshed), True
+        return h2_request(self.req, https, meshed), True
 
     def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
         self.meshed = meshed
@@ -464,11 +445,27 @@ class Http1Side:
                 finally:
                     ex.conn.close()
                 return 101, False
-            keep = conn._relay_response(self.req, ex)
+            resp = ex.resp
+            assert resp is not None
+            fields = strip_meshd_error(http1.strip_hop_by_hop(resp.headers,
+                                                              resp.connection_tokens))
+            length = None if resp.content_length is None else b"%d" % resp.content_length
+            keep = conn._relay_response(self.req, ex, status, resp.reason, fields, length,
+                                        resp.chunked, strip_meshd_error)
         else:
             assert isinstance(ex, H2Exchange)
-            keep = relay_h2_response(conn, self.req, ex, status, call.policy.idle_timeout,
-                                     self.meshed)
+            meshed = self.meshed  # a peer meshd's meshd-error is its own; an application's not
+            fields, length = http1_response_fields(ex.head if meshed
+                                                   else strip_meshd_error(ex.head))
+            if not http1.response_has_body(self.req.method, status):
+                ex.stream.reset()  # HEAD, 204, 304: a body it might still send is not wanted
+
+            def trailers(kept: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+                kept = [(k, v) for k, v in kept if k not in H1_TO_H2_DROP]
+                return kept if meshed else strip_meshd_error(kept)
+
+            keep = conn._relay_response(self.req, ex, status, _phrase(status), fields, length,
+                                        False, trailers)
         if not ex.finish():
             return status, False  # the client's body was not all read
         return status, keep
@@ -478,6 +475,13 @@ class Http1Side:
         if body_error is None or self.conn.response_started:
             return None
         return body_error if isinstance(body_error, ProxyError) else ClientGone()
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _upgrade_protocols(req: http1.RequestHead, h2c: bool = False) -> bytes:

@@ -44,6 +44,8 @@ class UpstreamExchange(Protocol):
     def response(self, try_deadline: float, deadline: float) -> int: ...
     def read(self, idle_timeout: float) -> bytes | None: ...
     @property
+    def complete(self) -> bool: ...           # the body was read to its end
+    @property
     def trailers(self) -> Fields: ...
     def finish(self) -> bool: ...
     def abort(self) -> None: ...
@@ -212,6 +214,10 @@ class H2Exchange:
 
     def read(self, idle_timeout: float) -> bytes | None:
         return self.stream.read(idle_timeout)
+
+    @property
+    def complete(self) -> bool:
+        return self.stream.ended and not self.stream.buffered
 
     @property
     def trailers(self) -> Fields:
