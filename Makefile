@@ -1,4 +1,4 @@
-# meshd: `make demo`, `make test`, `make bench`. Each creates .venv when missing.
+# meshd: `make demo`, `make test`, `make bench`, `make fuzz`. Each creates .venv when missing.
 # `make install [PREFIX=/opt/meshd] [DESTDIR=]`: a venv at PREFIX, /usr/local/bin/meshd,
 # the systemd units, /etc/meshd/meshd.toml when absent (scripts/install.sh says more).
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint unit bench tools clean install
+.PHONY: demo test lint unit bench fuzz tools clean install
 
 PLUGINS := plugins/static plugins/consul plugins/kubernetes plugins/example
 
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m meshd.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check meshd plugins tests scripts
+	$(VENV)/bin/ruff check meshd plugins tests scripts fuzz bench
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
@@ -37,7 +37,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 PREFIX ?= /opt/meshd
 DESTDIR ?=
@@ -51,5 +51,16 @@ install:
 	SYSCONFDIR="$(SYSCONFDIR)" PYTHON="$(PYTHON)" PLUGINS="$(INSTALL_PLUGINS)" \
 	sh scripts/install.sh
 
+# Coverage-guided fuzzing of the protocol cores (fuzz/): each target for FUZZ_SECONDS,
+# one after another. atheris ships libFuzzer in its manylinux wheel: no clang needed.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+$(VENV)/.fuzz-stamp: $(STAMP)
+	$(PY) -m pip install -q 'atheris>=2.3,<4'
+	touch $@
+
+fuzz: $(VENV)/.fuzz-stamp
+	nice $(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info .fuzz

@@ -20,14 +20,16 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from meshd.balance.ewma import DECAY, DEFAULT_RTT
 from meshd.config_env import expand_env
 from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
 from meshd.private_files import default_shm_dir
+from meshd.proto.detect import DEFAULT_OPAQUE_PORTS
 
 log = logging.getLogger("meshd.config")
 T = TypeVar("T")
@@ -82,8 +84,8 @@ class DiscoveryConfig:
 class ListenerConfig:
     name: str
     listen: Address
-    direction: str  # "outbound" | "inbound"
-    protocol: str  # "auto" | "http" | "tcp"
+    direction: str = "outbound"  # | "inbound"
+    protocol: str = "auto"  # | "http" | "tcp"
     service: str | None = None  # fixed destination service (outbound tcp needs one)
     forward: Address | None = None  # the local application (inbound only)
     backlog: int = 1024
@@ -92,8 +94,8 @@ class ListenerConfig:
     # stripping it; meshd itself speaks HTTP/2 with prior knowledge, never via h2c
     h2c_upgrade: bool = False
     # auto listeners: original destination ports proxied as opaque TCP without detection
-    # (server-speaks-first protocols); the default is meshd.proto.detect.DEFAULT_OPAQUE_PORTS
-    opaque_ports: frozenset[int] = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+    # (server-speaks-first protocols)
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
     # a client's X-Forwarded-For / Forwarded (meshd.proto.forwarded): "replace" with the
     # peer's address, "append" it, or "keep" them; default replace inbound, keep outbound
     forwarded: str = "keep"
@@ -148,7 +150,7 @@ DEFAULT_SERVICE = ServiceConfig(name="")  # a service the config does not name
 @dataclass(frozen=True, slots=True)
 class Backend:
     service: str
-    weight: int
+    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,28 +190,31 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class BalancerConfig:                      # table [balancer], all optional
-    ewma_decay: float = 10.0               # peak-EWMA time constant (Linkerd2, Finagle: 10 s)
-    default_rtt: float = 0.030             # cost of an endpoint with no sample yet
+    ewma_decay: float = DECAY              # peak-EWMA time constant (Linkerd2, Finagle: 10 s)
+    default_rtt: float = DEFAULT_RTT       # cost of an endpoint with no sample yet (30 ms)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
+    """The whole file. The defaults here are the config's defaults (``parse`` reads them
+    from the fields), except two that depend on the machine: ``workers`` ("auto": the
+    usable CPUs) and ``shm_dir`` (``meshd.private_files.default_shm_dir``)."""
     path: str  # the file it came from; "" when parsed from a dict
     workers: int
-    drain_timeout: float
-    worker_timeout: float
-    state_dir: str
+    drain_timeout: float = 30.0
+    worker_timeout: float = 30.0
+    state_dir: str = "/var/lib/meshd"
     shm_dir: str  # private (0700) directory of the region, snapshots, control sockets
-    instance: str  # names the shm file
-    metric_rows: int  # rows of per-service counters in shared memory
-    endpoint_rows: int  # rows of per-endpoint balancer state in shared memory
-    discovery_wait: float  # a first request for a service not yet watched waits this long
-    service_idle_expiry: float  # an on-demand watch without requests this long is dropped
-    admin: AdminConfig
-    discovery: tuple[DiscoveryConfig, ...]
+    instance: str = "meshd"  # names the shm file
+    metric_rows: int = 1024  # rows of per-service counters in shared memory
+    endpoint_rows: int = 4096  # rows of per-endpoint balancer state in shared memory
+    discovery_wait: float = 1.0  # a first request for a service not yet watched waits this long
+    service_idle_expiry: float = 600.0  # an on-demand watch without requests this long is dropped
+    admin: AdminConfig = AdminConfig()
+    discovery: tuple[DiscoveryConfig, ...] = ()
     listeners: tuple[ListenerConfig, ...]
     services: Mapping[str, ServiceConfig]  # read-only
-    limits: LimitsConfig
+    limits: LimitsConfig = LimitsConfig()
     balancer: BalancerConfig = BalancerConfig()
     routes: tuple[RouteConfig, ...] = ()  # in file order; the first match wins
     # on TERM, listeners keep accepting this long before the drain starts (a pod's
@@ -262,22 +267,31 @@ def parse_address(value: object) -> Address:
     return Address(host, int(port))
 
 
-def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
+def load(path: str, environ: Mapping[str, str] | None = None, *, text: bytes | None = None,
+         check_files: bool = True) -> Config:
     """Read, parse and validate the TOML file at ``path``; raise ``ConfigError`` if invalid.
-    ``environ`` (default: this process's) gives ``${VAR}`` values and the default shm_dir."""
+    ``environ`` (default: this process's) gives ``${VAR}`` values and the default shm_dir.
+    ``text``: the file's bytes, already read (so that two checks see the same file).
+    ``check_files``: load the TLS files through ssl (see :func:`parse`)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        if text is None:
+            with open(path, "rb") as f:
+                text = f.read()
+        data = tomllib.loads(text.decode())
     except OSError as e:
         raise ConfigError([("", f"cannot read: {e.strerror or e}")], path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([("", f"invalid TOML: {e}")], path) from None
-    return parse(data, path, environ)
+    return parse(data, path, environ, check_files=check_files)
 
 
 def parse(data: Mapping[str, Any], path: str = "",
-          environ: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-read TOML document; raise ``ConfigError`` with every problem."""
+          environ: Mapping[str, str] | None = None, *, check_files: bool = True) -> Config:
+    """Validate an already-read TOML document; raise ``ConfigError`` with every problem.
+
+    ``check_files=False`` skips loading ``[service.NAME.tls]`` files through ssl: the
+    master parses so, after ``meshd.cli.common.load_checked`` had them checked in a
+    child, because a process that forks gevent workers must not import ssl itself."""
     env = os.environ if environ is None else environ
     problems: Problems = []
     data = expand_env(data, problems, env)
@@ -285,29 +299,30 @@ def parse(data: Mapping[str, Any], path: str = "",
     unexpanded = {key for key, _ in problems}  # their values' own checks would only echo
     top = _Table(data, "", problems)
     workers = top.take("workers", _workers, _workers("auto"))
-    drain_timeout = top.take("drain_timeout", _duration(0.0), 30.0)
-    shutdown_delay = top.take("shutdown_delay", _duration(0.0), 0.0)
-    worker_timeout = top.take("worker_timeout", _duration(1.0), 30.0)
-    state_dir = top.take("state_dir", _string(), "/var/lib/meshd")
+    drain_timeout = top.field(Config, "drain_timeout", _duration(0.0))
+    shutdown_delay = top.field(Config, "shutdown_delay", _duration(0.0))
+    worker_timeout = top.field(Config, "worker_timeout", _duration(1.0))
+    state_dir = top.field(Config, "state_dir", _string())
     # No safe default (non-root without $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR) is "":
     # `meshd run` then asks for shm_dir (meshd.private_files.prepare_dir).
     shm_dir = top.take("shm_dir", _string(), default_shm_dir(env, os.geteuid()))
-    instance = top.take("instance", _string(_NAME), "meshd")
-    metric_rows = top.take("metric_rows", _integer(16, 1_000_000), 1024)
-    endpoint_rows = top.take("endpoint_rows", _integer(16, 1_000_000), 4096)
-    discovery_wait = top.take("discovery_wait", _duration(0.0), 1.0)
-    service_idle_expiry = top.take("service_idle_expiry", _duration(1.0), 600.0)
-    log_level = top.take("log_level", _choice("debug", "info", "warning", "error"), "info")
-    discovery_negative_ttl = top.take("discovery_negative_ttl", _duration(0.1), 5.0)
+    instance = top.field(Config, "instance", _string(_NAME))
+    metric_rows = top.field(Config, "metric_rows", _integer(16, 1_000_000))
+    endpoint_rows = top.field(Config, "endpoint_rows", _integer(16, 1_000_000))
+    discovery_wait = top.field(Config, "discovery_wait", _duration(0.0))
+    service_idle_expiry = top.field(Config, "service_idle_expiry", _duration(1.0))
+    log_level = top.field(Config, "log_level", _choice("debug", "info", "warning", "error"))
+    discovery_negative_ttl = top.field(Config, "discovery_negative_ttl", _duration(0.1))
     admin = _admin(_Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
     listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
-    services = _services(top.raw("service"), problems)
+    services = _services(top.raw("service"), problems, check_files)
     routes = tuple(_route(t, i) for i, t in enumerate(_array(top, "route", required=False)))
     limits = _limits(_Table(top.raw("limits"), "limits", problems))
     bt = _Table(top.raw("balancer"), "balancer", problems)
-    balancer = BalancerConfig(bt.take("ewma_decay", _duration(), 10.0),
-                              bt.take("default_rtt", _duration(), 0.030))
+    balancer = BalancerConfig(
+        ewma_decay=bt.field(BalancerConfig, "ewma_decay", _duration()),
+        default_rtt=bt.field(BalancerConfig, "default_rtt", _duration()))
     bt.finish()
     top.finish()
 
@@ -330,17 +345,21 @@ def parse(data: Mapping[str, Any], path: str = "",
     problems[env_problems:] = [p for p in problems[env_problems:] if p[0] not in unexpanded]
     if problems:
         raise ConfigError(problems, path)
-    return Config(path, workers, drain_timeout, worker_timeout, state_dir, shm_dir, instance,
-                  metric_rows, endpoint_rows, discovery_wait, service_idle_expiry, admin, discovery, listeners,
-                  services, limits, balancer, routes, shutdown_delay, log_level=log_level,
-                  discovery_negative_ttl=discovery_negative_ttl)
+    return Config(path=path, workers=workers, drain_timeout=drain_timeout,
+                  worker_timeout=worker_timeout, state_dir=state_dir, shm_dir=shm_dir,
+                  instance=instance, metric_rows=metric_rows, endpoint_rows=endpoint_rows,
+                  discovery_wait=discovery_wait, service_idle_expiry=service_idle_expiry,
+                  admin=admin, discovery=discovery, listeners=listeners, services=services,
+                  limits=limits, balancer=balancer, routes=routes, shutdown_delay=shutdown_delay,
+                  log_level=log_level, discovery_negative_ttl=discovery_negative_ttl)
 
 
 # -- sections -------------------------------------------------------------------------------
 
 def _admin(t: _Table) -> AdminConfig:
-    admin = AdminConfig(t.take("listen", parse_address, AdminConfig().listen),
-                        t.take("probe_listen", parse_address, None))
+    admin = AdminConfig(
+        listen=t.field(AdminConfig, "listen", parse_address),
+        probe_listen=t.field(AdminConfig, "probe_listen", parse_address))
     t.finish()
     return admin
 
@@ -348,13 +367,12 @@ def _admin(t: _Table) -> AdminConfig:
 def _discovery(t: _Table) -> DiscoveryConfig:
     name = t.take("name", _string(_NAME), "", required=True)
     plugin = t.take("plugin", _string(), "", required=True)
-    max_watches = t.take("max_watches", _integer(1, 100_000), DEFAULT_MAX_WATCHES)
-    return DiscoveryConfig(name, plugin, MappingProxyType(t.rest()), max_watches)
+    max_watches = t.field(DiscoveryConfig, "max_watches", _integer(1, 100_000))
+    return DiscoveryConfig(name=name, plugin=plugin, options=MappingProxyType(t.rest()),
+                           max_watches=max_watches)
 
 
 def _listener(t: _Table) -> ListenerConfig:
-    from meshd.proto.detect import DEFAULT_OPAQUE_PORTS  # sans-IO, no import cycle
-
     def ports(value: object) -> frozenset[int]:
         if not isinstance(value, list):
             raise ValueError(f"expected a list of ports (integers 1..65535), got {_show(value)}")
@@ -368,23 +386,24 @@ def _listener(t: _Table) -> ListenerConfig:
 
     name = t.take("name", _string(_NAME), "", required=True)
     listen = t.take("listen", parse_address, Address("", 0), required=True)
-    direction = t.take("direction", _choice("outbound", "inbound"), "outbound")
+    direction = t.field(ListenerConfig, "direction", _choice("outbound", "inbound"))
     listener = ListenerConfig(
         name=name,
         listen=listen,
         direction=direction,
-        protocol=t.take("protocol", _choice("auto", "http", "tcp"), "auto"),
-        service=t.take("service", _string(_SERVICE_NAME), None),
-        forward=t.take("forward", parse_address, None),
-        backlog=t.take("backlog", _integer(1, 65535), 1024),
-        max_connections=t.take("max_connections", _integer(1), 10000),
-        h2c_upgrade=t.take("h2c_upgrade", _boolean, False),
-        opaque_ports=(DEFAULT_OPAQUE_PORTS if (given := t.take("opaque_ports", ports, None)) is None
-                      else given),
+        protocol=t.field(ListenerConfig, "protocol", _choice("auto", "http", "tcp")),
+        service=t.field(ListenerConfig, "service", _string(_SERVICE_NAME)),
+        forward=t.field(ListenerConfig, "forward", parse_address),
+        backlog=t.field(ListenerConfig, "backlog", _integer(1, 65535)),
+        max_connections=t.field(ListenerConfig, "max_connections", _integer(1)),
+        h2c_upgrade=t.field(ListenerConfig, "h2c_upgrade", _boolean),
+        opaque_ports=(_default(ListenerConfig, "opaque_ports")
+                      if (given := t.take("opaque_ports", ports, None)) is None else given),
         forwarded=t.take("forwarded", _choice("replace", "append", "keep"),
-                         "replace" if direction == "inbound" else "keep"),
-        tunnel_ports=(frozenset() if (tunnels := t.take("tunnel_ports", ports, None)) is None
-                      else tunnels),
+                         "replace" if direction == "inbound"
+                         else _default(ListenerConfig, "forwarded")),
+        tunnel_ports=(_default(ListenerConfig, "tunnel_ports")
+                      if (tunnels := t.take("tunnel_ports", ports, None)) is None else tunnels),
     )
     t.finish()
     if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:
@@ -409,7 +428,8 @@ def _listener(t: _Table) -> ListenerConfig:
     return listener
 
 
-def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
+def _services(raw: object, problems: Problems,
+              check_files: bool = True) -> Mapping[str, ServiceConfig]:
     services: dict[str, ServiceConfig] = {}
     table = _Table(raw, "service", problems)
     for name, value in table.rest().items():
@@ -417,21 +437,22 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
         if not _SERVICE_NAME.fullmatch(name):
             problems.append((f"service.{name}",
                              f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}"))
-        timeout = t.take("timeout", _duration(), 10.0)
-        connect_timeout = t.take("connect_timeout", _duration(), 2.0)
-        idle_timeout = t.take("idle_timeout", _duration(), 60.0)
+        timeout = t.field(ServiceConfig, "timeout", _duration())
+        connect_timeout = t.field(ServiceConfig, "connect_timeout", _duration())
+        idle_timeout = t.field(ServiceConfig, "idle_timeout", _duration())
         shares = _source_shares(t, f"service.{name}.discovery")
-        balancer = t.take("balancer", _choice("p2c", "round_robin", "consistent_hash"), "p2c")
-        failure_accrual = t.take("failure_accrual", _integer(0, 1000), 7)
-        retries = t.take("retries", _integer(0, 10), 1)
-        try_timeout = t.take("try_timeout", _duration(), 0.0)
-        failure_on = t.take("failure_on", _failure_kinds, DEFAULT_FAILURE_ON)
-        failover: tuple[str, ...] = t.take("failover", _service_list, ())
-        hash_on = t.take("hash_on", _hash_on, "client_address")
-        max_pending = t.take("max_pending", _integer(0), 0)
-        max_connections = t.take("max_connections", _integer(0), 0)
-        protocol = t.take("protocol", _choice("http1", "h2"), "http1")
-        tls = _service_tls(t, name, protocol)
+        balancer = t.field(ServiceConfig, "balancer",
+                           _choice("p2c", "round_robin", "consistent_hash"))
+        failure_accrual = t.field(ServiceConfig, "failure_accrual", _integer(0, 1000))
+        retries = t.field(ServiceConfig, "retries", _integer(0, 10))
+        try_timeout = t.field(ServiceConfig, "try_timeout", _duration())
+        failure_on = t.field(ServiceConfig, "failure_on", _failure_kinds)
+        failover: tuple[str, ...] = t.field(ServiceConfig, "failover", _service_list)
+        hash_on = t.field(ServiceConfig, "hash_on", _hash_on)
+        max_pending = t.field(ServiceConfig, "max_pending", _integer(0))
+        max_connections = t.field(ServiceConfig, "max_connections", _integer(0))
+        protocol = t.field(ServiceConfig, "protocol", _choice("http1", "h2"))
+        tls = _service_tls(t, name, protocol, check_files)
         t.finish()
         if name in failover:
             t.problem("failover", f"a service cannot fail over to itself ({name!r})")
@@ -446,7 +467,8 @@ def _services(raw: object, problems: Problems) -> Mapping[str, ServiceConfig]:
     return MappingProxyType(services)
 
 
-def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
+def _service_tls(service: _Table, name: str, protocol: str,
+                 check_files: bool = True) -> TlsConfig | None:
     """`[service.NAME.tls]`: None when absent or `enabled = false`. Its files are loaded
     here (``meshd.tls``, the standard ssl module) so that a bad one is a config error."""
     raw = service.raw("tls", None)
@@ -455,11 +477,11 @@ def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
     t = _Table(raw, f"{service.path}.tls", service.problems)
     before = len(t.problems)
     enabled = t.take("enabled", _boolean, True)
-    tls = TlsConfig(ca_file=t.take("ca_file", _string(), None),
-                    server_name=t.take("server_name", _server_name, None),
-                    verify=t.take("verify", _boolean, True),
-                    cert_file=t.take("cert_file", _string(), None),
-                    key_file=t.take("key_file", _string(), None))
+    tls = TlsConfig(ca_file=t.field(TlsConfig, "ca_file", _string()),
+                    server_name=t.field(TlsConfig, "server_name", _server_name),
+                    verify=t.field(TlsConfig, "verify", _boolean),
+                    cert_file=t.field(TlsConfig, "cert_file", _string()),
+                    key_file=t.field(TlsConfig, "key_file", _string()))
     t.finish()
     if (tls.cert_file is None) != (tls.key_file is None):
         given, missing = ("cert_file", "key_file") if tls.key_file is None else ("key_file",
@@ -468,6 +490,8 @@ def _service_tls(service: _Table, name: str, protocol: str) -> TlsConfig | None:
             t.problem(missing, f"required with {given} (a client certificate needs its key)")
     if not enabled or not t.ok or t.bad & {"enabled", "ca_file", "cert_file", "key_file"}:
         return None
+    if not check_files:  # checked (and warned about) in a child: see parse
+        return tls
     from meshd.tls import TlsSetupError, client_context  # ssl stays out of the sans-IO import
     try:
         client_context(tls, protocol)
@@ -497,23 +521,25 @@ def _server_name(value: object) -> str:
 def _route(t: _Table, i: int) -> RouteConfig:
     name = t.take("name", _string(_NAME), f"route{i}")
     host = t.take("host", _string(_SERVICE_NAME), "", required=True)
-    listener = t.take("listener", _string(_NAME), None)
-    path_prefix = t.take("path_prefix", _path_prefix, None)
-    path_regex = t.take("path_regex", _regex, None)
-    methods: frozenset[str] = t.take("methods", _methods, frozenset())
-    headers: tuple[tuple[str, str], ...] = t.take("headers", _header_matches, ())
+    listener = t.field(RouteConfig, "listener", _string(_NAME))
+    path_prefix = t.field(RouteConfig, "path_prefix", _path_prefix)
+    path_regex = t.field(RouteConfig, "path_regex", _regex)
+    methods: frozenset[str] = t.field(RouteConfig, "methods", _methods)
+    headers: tuple[tuple[str, str], ...] = t.field(RouteConfig, "headers", _header_matches)
     backends = _backends(t)
-    failover = t.take("failover", _service_list, None)
-    timeout = t.take("timeout", _duration(), None)
-    try_timeout = t.take("try_timeout", _duration(), None)
-    connect_timeout = t.take("connect_timeout", _duration(), None)
-    idle_timeout = t.take("idle_timeout", _duration(), None)
-    retries = t.take("retries", _integer(0, 10), None)
-    retryable = t.take("retryable", _boolean, False)
+    failover = t.field(RouteConfig, "failover", _service_list)
+    timeout = t.field(RouteConfig, "timeout", _duration())
+    try_timeout = t.field(RouteConfig, "try_timeout", _duration())
+    connect_timeout = t.field(RouteConfig, "connect_timeout", _duration())
+    idle_timeout = t.field(RouteConfig, "idle_timeout", _duration())
+    retries = t.field(RouteConfig, "retries", _integer(0, 10))
+    retryable = t.field(RouteConfig, "retryable", _boolean)
     t.finish()
-    return RouteConfig(name, host, listener, path_prefix, path_regex, methods, headers, backends,
-                       failover, timeout, try_timeout, connect_timeout, idle_timeout, retries,
-                       retryable)
+    return RouteConfig(name=name, host=host, listener=listener, path_prefix=path_prefix,
+                       path_regex=path_regex, methods=methods, headers=headers,
+                       backends=backends, failover=failover, timeout=timeout,
+                       try_timeout=try_timeout, connect_timeout=connect_timeout,
+                       idle_timeout=idle_timeout, retries=retries, retryable=retryable)
 
 
 def _backends(t: _Table) -> tuple[Backend, ...]:
@@ -531,7 +557,7 @@ def _backends(t: _Table) -> tuple[Backend, ...]:
     for j, item in enumerate(raw):
         bt = _Table(item, f"{t.path}.backends[{j}]", t.problems)
         service = bt.take("service", _string(_SERVICE_NAME), "", required=True)
-        weight = bt.take("weight", _integer(0, 1_000_000), 1)
+        weight = bt.field(Backend, "weight", _integer(0, 1_000_000))
         bt.finish()
         if service:
             backends.append(Backend(service, weight))
@@ -573,19 +599,33 @@ def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
 
 def _limits(t: _Table) -> LimitsConfig:
     limits = LimitsConfig(
-        header_bytes=t.take("header_bytes", _integer(1024), 65536),
-        request_line_bytes=t.take("request_line_bytes", _integer(256), 8192),
-        header_count=t.take("header_count", _integer(1), 100),
-        header_read_timeout=t.take("header_read_timeout", _duration(), 10.0),
-        client_idle_timeout=t.take("client_idle_timeout", _duration(), 60.0),
-        detect_timeout=t.take("detect_timeout", _duration(), 1.0),
-        h2_max_concurrent_streams=t.take("h2_max_concurrent_streams", _integer(1, 10000), 100),
-        h2_max_resets=t.take("h2_max_resets", _integer(1), 200),
-        tcp_idle_timeout=t.take("tcp_idle_timeout", _duration(), 3600.0),
-        write_timeout=t.take("write_timeout", _duration(), 60.0),
+        header_bytes=t.field(LimitsConfig, "header_bytes", _integer(1024)),
+        request_line_bytes=t.field(LimitsConfig, "request_line_bytes", _integer(256)),
+        header_count=t.field(LimitsConfig, "header_count", _integer(1)),
+        header_read_timeout=t.field(LimitsConfig, "header_read_timeout", _duration()),
+        client_idle_timeout=t.field(LimitsConfig, "client_idle_timeout", _duration()),
+        detect_timeout=t.field(LimitsConfig, "detect_timeout", _duration()),
+        h2_max_concurrent_streams=t.field(LimitsConfig, "h2_max_concurrent_streams",
+                                          _integer(1, 10000)),
+        h2_max_resets=t.field(LimitsConfig, "h2_max_resets", _integer(1)),
+        tcp_idle_timeout=t.field(LimitsConfig, "tcp_idle_timeout", _duration()),
+        write_timeout=t.field(LimitsConfig, "write_timeout", _duration()),
     )
     t.finish()
     return limits
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of config dataclass ``cls``: each default is written
+    once, on the dataclass, and ``parse`` takes it from there."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            break
+    raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
 def _array(top: _Table, key: str, required: bool) -> list[_Table]:
@@ -639,6 +679,8 @@ def _check_tunnel_ports(admin: AdminConfig, listeners: tuple[ListenerConfig, ...
     and through it every service, or the admin API. (Listeners on port 0 are checked
     when a tunnel arrives, ``meshd.worker.client.auto``.)"""
     own = [(admin.listen, "admin address")]
+    if admin.probe_listen is not None:
+        own.append((admin.probe_listen, "probe address"))
     own += [(lst.listen, f"listener {lst.name!r}") for lst in listeners]
     for i, listener in enumerate(listeners):
         if listener.forward is None:
@@ -713,6 +755,10 @@ class _Table:
         except ValueError as e:
             self.problem(key, str(e))
             return default
+
+    def field(self, cls: type, key: str, convert: Callable[[object], T]) -> T:
+        """``take`` with the default of ``cls``'s dataclass field named ``key``."""
+        return self.take(key, convert, _default(cls, key))
 
     def raw(self, key: str, default: object = MappingProxyType({})) -> object:
         """Take a value as it is (a sub-table, read by its own ``_Table``)."""

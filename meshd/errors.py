@@ -39,8 +39,8 @@ class PluginError(MeshdError):
 
 
 class PluginImportError(PluginError):
-    """A discovery plugin is installed but raises when imported: `meshd check` reports it;
-    `meshd run` logs it and serves every service of the other sources."""
+    """A discovery plugin is installed but raises when imported: `meshd check`, `meshd run`
+    and a reload (HUP) all refuse the config (exit 2, or the old config keeps serving)."""
 
 
 class ShmError(MeshdError):

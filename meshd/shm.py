@@ -36,7 +36,8 @@ Layout, byte by byte::
                                               want of a row -- what the region needs now
     100     4     endpoint rows in use (u32) control: endpoint rows assigned plus endpoints
                                               refused for want of a row
-    104     24    reserved (zero)
+    104     8     layout fingerprint (u64)   master (once)  -- readers refuse another
+    112     16    reserved (zero)
 
     128     64 x slots   worker table, one 64-byte record per slot:
             +0  pid (i64; 0 = free)          master writes on spawn and clears on reap
@@ -46,7 +47,7 @@ Layout, byte by byte::
             +32 kind (u64): 1 worker, 2 control              master on spawn
             +40 started (f64, CLOCK_MONOTONIC)              master on spawn
             +48 open client connections (u64 gauge)     the worker (accept balancing)
-            +56 8 reserved
+            +56 spare (u64, zero; SLOT_SPARE)
 
     then    slots x rows x FIELDS x 8   counter stripes: stripe s, row r, field f at
             STRIPES + ((s * rows + r) * FIELDS + f) * 8 (u64). Only the process in slot s
@@ -69,8 +70,8 @@ Layout, byte by byte::
     then    endpoint rows x HEALTH_FIELDS x 8   health rows, written only by the control
             process (failure accrual), read by every worker: +0 state (0 healthy,
             1 ejected, 2 probing) +8 consecutive failures +16 ejections +24 until
-            +32 since +40 prober slot, all f64 (meshd.balance.ejection's row), +48..63
-            reserved.
+            +32 since +40 prober slot, all f64 (meshd.balance.ejection's row), +48
+            reserved, +56 sequence (u64, the row's seqlock: odd while being written).
 
 Row 0 counts requests that matched no service, row 1 those whose (listener, service) pair
 found no free row (the region is full: ``rows exhausted`` says how often, and the control
@@ -97,11 +98,54 @@ other row. Detection happens before any service is known, so there is nothing fi
 count it by, and extra fields in the existing stripe need no new section or index.
 Adding them took FIELDS from 72 to 80: a region of the old size is refused on attach
 ("sections do not add up"), so it is never misread.
+
+Layout discipline. ``VERSION`` names the layout, and ``LAYOUT_FINGERPRINT`` (the first
+8 bytes of a SHA-256 over ``LAYOUT``: every struct format, offset, field index and
+counter table below) is written in the header and compared on attach, so a `meshd stat`
+of another build refuses a region laid out differently ("layout fingerprint ...")
+instead of summing the wrong bytes. tests/test_shm.py keeps the expected
+(VERSION, fingerprint) pair: a layout change that does not bump VERSION and update the
+pair fails there. Every offset has a name (OFF_* in the header, SLOT_* in a worker
+record, EP_* and H_* field indexes); code outside this module reads endpoint and health
+rows through :class:`EndpointView`.
+
+Concurrent readers (DESIGN §2: seqlock, or why store order suffices), record by record:
+
+- Health rows: seqlocked. A worker copies state, since and prober together to decide
+  whether it holds a probe, and a transition rewrites them together (EJECTED -> PROBING
+  grants slot p at time t; PROBING -> EJECTED clears it): a mixed copy could send a probe
+  nobody was granted or miss one. The control process (the only writer) makes H_SEQ odd,
+  writes the fields, makes it even; :meth:`EndpointView.health` copies the row between two
+  equal even reads of H_SEQ (bounded retries; past the bound the reader acts as if the
+  endpoint were ejected, never on a mixed copy). The fast path reads the state field alone
+  (a single 8-byte load): HEALTHY rows, nearly all of them, never take the lock.
+- Endpoint stripe rows: store order. Each field is read on its own and summed across
+  stripes (in-flight, connections, successes, failures, the failure run): no invariant
+  ties them, and a count one request behind is what any unlocked sum gives. The one pair
+  read together is (EP_RTT, EP_STAMP); its writer stores the stamp, then the RTT. A mixed
+  copy is the old RTT with the new stamp (decayed too little) or, across two updates,
+  an RTT decayed from a stamp one sample old: either lies between the two valid
+  estimates it straddles, and the value is only compared between two candidates by P2C
+  and refreshed by the next response. A lock here would cost every request.
+- Worker table records: store order. Kind, generation and started are written by the
+  master while no process runs in the slot (before fork, which orders them, and zeroed
+  after the reap); the pid is stored after them (set_pid after fork), so a reader that
+  sees pid > 0 sees the claim. Heartbeat, state and connections have one writer (the
+  slot's process) and are each meaningful alone. A reader racing a reap sees a record
+  half zeroed: its kind or state no longer match what readers filter on, so the slot is
+  skipped one read early, which is what the reap means.
+- Header fields: single values, each with one writer (see the table above).
+
+The stores and loads are CPython's memoryview item assignments, each one aligned 8-byte
+machine store; the seqlock relies on the interpreter not reordering them (it executes
+them in program order) and on x86-64's store order (TSO). On weakly ordered CPUs the
+health row would need fences Python does not offer; meshd is built and tested on x86-64.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import mmap
 import os
 import struct
@@ -110,22 +154,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from meshd.balance.ejection import EndpointHealth
 from meshd.balance.ewma import DECAY, DEFAULT_RTT, EwmaState, seed
 from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
-VERSION = 2  # 2: endpoint stripes and health rows
+VERSION = 3  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
-_HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")
-_SLOT = struct.Struct("<qdQQQdQ")
+_HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. rows exhausted (offsets 0..87)
+_SLOT = struct.Struct("<qdQQQdQ")            # pid .. connections (offsets 0..55)
 
 # Header field offsets (bytes), for single-field reads and writes.
+OFF_MAGIC = 0
+OFF_VERSION = 8
+OFF_HEADER_SIZE = 12
+OFF_TOTAL_SIZE = 16
 OFF_GENERATION = 24
+OFF_SLOTS = 32
+OFF_ROWS = 36
 OFF_DESIRED = 40
 OFF_MASTER_PID = 44
+OFF_STARTED_AT = 48
 OFF_RELOADS = 56
 OFF_RELOAD_FAILURES = 64
 OFF_RESTARTS = 72
@@ -134,6 +186,19 @@ OFF_ENDPOINT_ROWS = 88
 OFF_SLOTS_USED = 92
 OFF_ROWS_USED = 96
 OFF_ENDPOINT_ROWS_USED = 100
+OFF_FINGERPRINT = 104
+
+# Worker record field offsets (bytes, from the record's start).
+SLOT_PID = 0
+SLOT_HEARTBEAT = 8
+SLOT_GENERATION = 16
+SLOT_STATE = 24
+SLOT_KIND = 32
+SLOT_STARTED = 40
+SLOT_CONNECTIONS = 48
+SLOT_SPARE = 56        # zero: room for one more u64 (a worker's loaded snapshot sequence)
+# The two structs end where the named fields after them begin.
+assert _HEADER.size == OFF_ENDPOINT_ROWS and _SLOT.size == SLOT_SPARE
 
 STATE_FREE, STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2, 3
 KIND_WORKER, KIND_CONTROL = 1, 2
@@ -202,7 +267,30 @@ def slot_count_for(workers: int) -> int:
 EP_FIELDS = 8
 EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES, EP_CONNS, EP_RUN = 0, 1, 2, 3, 4, 5, 6
 HEALTH_FIELDS = 8
+# Health row fields (8-byte units): meshd.balance.ejection's row, then the seqlock.
+H_STATE, H_FAILURES, H_EJECTIONS, H_UNTIL, H_SINCE, H_PROBER = 0, 1, 2, 3, 4, 5
+H_VALUES = 6           # fields of EndpointHealth.as_row
+H_SEQ = 7              # u64 sequence: odd while the control process rewrites the row
+SEQLOCK_TRIES = 1000   # a reader's bound; the writer holds a row for six stores
 DEFAULT_ENDPOINT_ROWS = 256
+
+# Everything the bytes' meaning depends on. Change any of it and the fingerprint moves:
+# bump VERSION and the pair in tests/test_shm.py with it.
+LAYOUT: tuple[object, ...] = (
+    ("header", HEADER_SIZE, _HEADER.format, tuple(sorted(
+        (k, v) for k, v in globals().items() if k.startswith("OFF_")))),
+    ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
+        (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
+    ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS,
+     tuple(sorted((k, v) for k, v in globals().items()
+                  if k.startswith("F_") and isinstance(v, int)))),
+    ("endpoint", EP_FIELDS, (EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES,
+                             EP_CONNS, EP_RUN), "qddQQqq8x"),
+    ("health", HEALTH_FIELDS, (H_STATE, H_FAILURES, H_EJECTIONS, H_UNTIL, H_SINCE, H_PROBER,
+                               H_SEQ), H_VALUES, "dddddd8xQ"),
+    ("sections", "header", "slots", "stripes", "endpoint stripes", "health rows"),
+)
+LAYOUT_FINGERPRINT = int.from_bytes(hashlib.sha256(repr(LAYOUT).encode()).digest()[:8], "little")
 
 
 def region_size(slots: int, rows: int, endpoint_rows: int = DEFAULT_ENDPOINT_ROWS) -> int:
@@ -229,17 +317,23 @@ class Region:
         self.path = path
         self._mm = mm
         self.writable = writable
-        magic, version, header_size, total, *_rest = _HEADER.unpack_from(mm, 0)
+        magic, version, header_size, total, *_rest = _HEADER.unpack_from(mm, OFF_MAGIC)
         if magic != MAGIC:
             raise ShmError(f"{path}: not a meshd region (bad magic)")
         if version != VERSION:
-            raise ShmError(f"{path}: layout version {version}, this meshd reads {VERSION}")
+            raise ShmError(f"{path}: layout version {version}, this meshd reads {VERSION} "
+                           "(a different meshd release wrote it)")
+        fingerprint = struct.unpack_from("<Q", mm, OFF_FINGERPRINT)[0]
+        if fingerprint != LAYOUT_FINGERPRINT:
+            raise ShmError(f"{path}: layout fingerprint {fingerprint:016x}, this meshd reads "
+                           f"{LAYOUT_FINGERPRINT:016x} (a meshd built from other sources "
+                           "wrote it)")
         if header_size != HEADER_SIZE or total != len(mm):
             raise ShmError(f"{path}: header says a {header_size}-byte header and {total} bytes "
                            f"in all; expected a {HEADER_SIZE}-byte header, and the file has "
                            f"{len(mm)} bytes")
-        self.slots = struct.unpack_from("<I", mm, 32)[0]
-        self.rows = struct.unpack_from("<I", mm, 36)[0]
+        self.slots = struct.unpack_from("<I", mm, OFF_SLOTS)[0]
+        self.rows = struct.unpack_from("<I", mm, OFF_ROWS)[0]
         self.stripes_offset = HEADER_SIZE + self.slots * SLOT_SIZE
         self.endpoint_rows = struct.unpack_from("<I", mm, OFF_ENDPOINT_ROWS)[0]
         self.ep_offset = self.stripes_offset + self.slots * self.rows * FIELDS * 8
@@ -277,9 +371,10 @@ class Region:
             raise
         finally:
             os.close(fd)
-        _HEADER.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
+        _HEADER.pack_into(mm, OFF_MAGIC, MAGIC, VERSION, HEADER_SIZE, size, 0, slots, rows, 0,
                           os.getpid(), time.time(), 0, 0, 0, 0)
         struct.pack_into("<I", mm, OFF_ENDPOINT_ROWS, endpoint_rows)
+        struct.pack_into("<Q", mm, OFF_FINGERPRINT, LAYOUT_FINGERPRINT)
         region = cls(tmp, mm, writable=True)
         if publish:
             region.publish(path)
@@ -374,7 +469,7 @@ class Region:
 
     @property
     def started_at(self) -> float:
-        return float(struct.unpack_from("<d", self._mm, 48)[0])
+        return float(struct.unpack_from("<d", self._mm, OFF_STARTED_AT)[0])
 
     # -- worker table -------------------------------------------------------------------
 
@@ -408,7 +503,7 @@ class Region:
             self.set_u32(OFF_SLOTS_USED, index + 1)
 
     def set_pid(self, index: int, pid: int) -> None:
-        struct.pack_into("<q", self._mm, self._slot_offset(index, True), pid)
+        struct.pack_into("<q", self._mm, self._slot_offset(index, True) + SLOT_PID, pid)
 
     def free_slot(self, index: int) -> None:
         """Master: the slot's process is gone. Zero its gauges, keep its counters."""
@@ -426,7 +521,7 @@ class Region:
 
     def set_open_connections(self, index: int, n: int) -> None:
         """The slot's own worker: how many client connections it serves now."""
-        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + 48, n)
+        struct.pack_into("<Q", self._mm, self._slot_offset(index, True) + SLOT_CONNECTIONS, n)
 
     def fewest_connections(self, me: int, generation: int) -> int | None:
         """The fewest client connections any other serving worker of ``generation``
@@ -439,9 +534,9 @@ class Region:
     def heartbeat(self, index: int, state: int | None = None) -> None:
         """The slot's own process: I am alive (and, optionally, in this state)."""
         off = self._slot_offset(index, True)
-        struct.pack_into("<d", self._mm, off + 8, time.monotonic())
+        struct.pack_into("<d", self._mm, off + SLOT_HEARTBEAT, time.monotonic())
         if state is not None:
-            struct.pack_into("<Q", self._mm, off + 24, state)
+            struct.pack_into("<Q", self._mm, off + SLOT_STATE, state)
 
     # -- counters -----------------------------------------------------------------------
 
@@ -502,27 +597,91 @@ class Region:
         """Index of an endpoint row's first field in ``views`` (8-byte units)."""
         return self.ep_offset // 8 + (slot * self.endpoint_rows + row) * EP_FIELDS
 
-    def health(self, row: int) -> tuple[float, ...]:
-        i = self.health_offset // 8 + row * HEALTH_FIELDS
-        return tuple(self._dr[i:i + 6])
+    def health(self, row: int) -> tuple[float, ...] | None:
+        """The health row's six values (``EndpointHealth.as_row``), copied under its
+        seqlock (None: see :meth:`EndpointView.health_values`)."""
+        return self.endpoint_view().health_values(row)
 
     def health_index(self, row: int) -> int:
         return self.health_offset // 8 + row * HEALTH_FIELDS
 
     def set_health(self, row: int, values: tuple[float, ...]) -> None:
-        """Control process only. The state field is written last, so a reader that sees
-        a new state sees the fields that go with it."""
+        """Control process only (the row's one writer): the values under the row's
+        seqlock (odd sequence, the fields, even sequence)."""
         if not self.writable:
             raise ShmError(f"{self.path}: attached read-only")
         i = self.health_index(row)
-        for k in range(1, len(values)):
-            self._dr[i + k] = float(values[k])
-        self._dr[i] = float(values[0])
+        q, d = self._qr, self._dr
+        q[i + H_SEQ] += 1
+        for k in range(min(len(values), H_VALUES)):
+            d[i + k] = float(values[k])
+        q[i + H_SEQ] += 1
 
-    @property
-    def views(self) -> tuple[memoryview, Any]:
-        """(int64 view, float64 view) of the whole map, for the hot path's own indexing."""
-        return self._qr, self._dr
+    def endpoint_view(self) -> EndpointView:
+        """Readers' access to endpoint stripes and health rows (the balancer's)."""
+        return EndpointView(self._qr, self._dr, self.ep_offset // 8,
+                            self.endpoint_rows * EP_FIELDS, self.health_offset // 8)
+
+
+class EndpointView:
+    """What every process may read of the endpoints: one field summed over stripes, the
+    stripes' EWMA states, a health row's state alone (no lock) or whole (seqlocked).
+    Indexes are computed here only; ``row`` is an endpoint row, ``slots`` stripe indexes."""
+
+    __slots__ = ("_q", "_d", "_ep", "_per_slot", "_health")
+
+    def __init__(self, q: memoryview, d: Any, ep_base: int, per_slot: int,
+                 health_base: int) -> None:
+        self._q: memoryview = q
+        self._d: Any = d
+        self._ep = ep_base
+        self._per_slot = per_slot
+        self._health = health_base
+
+    def field_sum(self, row: int, field: int, slots: list[int]) -> int:
+        """An integer field of the endpoint of ``row``, summed over ``slots``' stripes."""
+        q, per_slot = self._q, self._per_slot
+        base = self._ep + row * EP_FIELDS + field
+        return sum(q[base + slot * per_slot] for slot in slots)
+
+    def ewma_states(self, row: int, slots: list[int]) -> tuple[list[tuple[float, float]], int]:
+        """Each of ``slots``' peak-EWMA state of the endpoint of ``row``, as (rtt, stamp)
+        (``meshd.balance.ewma.EwmaState``'s fields), and their in-flight requests summed:
+        what a cost needs, in one pass. Store order suffices: see the module docstring."""
+        q, d, per_slot = self._q, self._d, self._per_slot
+        base = self._ep + row * EP_FIELDS
+        states = []
+        inflight = 0
+        for slot in slots:
+            i = base + slot * per_slot
+            inflight += q[i + EP_INFLIGHT]
+            states.append((d[i + EP_RTT], d[i + EP_STAMP]))
+        return states, inflight
+
+    def state(self, row: int) -> float:
+        """The health row's state field alone (one 8-byte load: no lock needed)."""
+        d: Any = self._d   # a float64 view: its items are floats already
+        return d[self._health + row * HEALTH_FIELDS + H_STATE]
+
+    def health_values(self, row: int) -> tuple[float, ...] | None:
+        """The six values of a health row, a consistent copy: read between two equal,
+        even sequence numbers. None after SEQLOCK_TRIES torn reads (a row rewritten
+        without pause, or a writer that died mid-row): the caller treats the endpoint
+        as ejected for this decision rather than act on a mixed copy."""
+        i = self._health + row * HEALTH_FIELDS
+        q, d = self._q, self._d
+        for _ in range(SEQLOCK_TRIES):
+            seq = q[i + H_SEQ]
+            if seq & 1:
+                continue
+            values = tuple(d[i:i + H_VALUES])
+            if q[i + H_SEQ] == seq:
+                return values
+        return None
+
+    def health(self, row: int) -> EndpointHealth | None:
+        values = self.health_values(row)
+        return None if values is None else EndpointHealth.from_row(values)
 
 
 class EndpointStripe:
@@ -612,7 +771,8 @@ MAX_ROWS = 1_000_000     # the config's ceiling for metric_rows and endpoint_row
 
 # Header fields a grown region inherits: counters and who-is-who, not the sizes.
 _INHERITED_HEADER = (
-    (OFF_GENERATION, 8), (OFF_DESIRED, 4), (OFF_MASTER_PID, 4), (48, 8), (OFF_RELOADS, 8),
+    (OFF_GENERATION, 8), (OFF_DESIRED, 4), (OFF_MASTER_PID, 4), (OFF_STARTED_AT, 8),
+    (OFF_RELOADS, 8),
     (OFF_RELOAD_FAILURES, 8), (OFF_RESTARTS, 8), (OFF_ROWS_EXHAUSTED, 8),
     (OFF_SLOTS_USED, 4), (OFF_ROWS_USED, 4), (OFF_ENDPOINT_ROWS_USED, 4),
 )

@@ -133,6 +133,23 @@ def test_check_reports_config_and_plugin_problems_together(tmp_path: Path) -> No
     ]
 
 
+def test_check_keeps_max_watches_from_the_plugin_when_the_config_has_problems(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        bogus = 1
+        [[discovery]]
+        name = "local"
+        plugin = "static"
+        max_watches = 5
+        [[listener]]
+        name = "out"
+        listen = "127.0.0.1:4140"
+        """)
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 2
+    assert result.stderr == f"{path}: bogus: unknown key\n"  # max_watches is meshd's key
+
+
 def test_check_plugin_unknown_key(tmp_path: Path) -> None:
     path = write(tmp_path, """\
         [[discovery]]

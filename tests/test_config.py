@@ -573,3 +573,10 @@ def test_on_demand_discovery_bounds() -> None:
     assert keys(minimal(discovery_negative_ttl="10ms")) == ["discovery_negative_ttl"]
     assert keys(minimal(discovery=[{"name": "a", "plugin": "static", "max_watches": 0}])) == [
         "discovery[0].max_watches"]
+
+
+def test_tunnel_ports_may_not_name_the_probe_port() -> None:
+    data = {"admin": {"listen": "127.0.0.1:4191", "probe_listen": "0.0.0.0:4192"},
+            "listener": [dict(OUTBOUND),
+                         dict(INBOUND, listen="127.0.0.1:4143", tunnel_ports=[4192])]}
+    assert keys(data) == ["listener[1].tunnel_ports"]

@@ -74,8 +74,10 @@ class RecordingUpstream:
                             return
                         buf += data
                     body, buf = buf[:length], buf[length:]
-                    with self.lock:
-                        self.requests[self.requests.index(entry)] = (number, line, headers, body)
+                    with self.lock:  # (the test may have cleared the list meanwhile)
+                        at = next((i for i, r in enumerate(self.requests) if r is entry), None)
+                        if at is not None:
+                            self.requests[at] = (number, line, headers, body)
             except OSError:
                 return
 

@@ -349,3 +349,22 @@ def test_stat_reads_shared_memory_read_only(mesh, backends):
     rows = json.loads(out.stdout)["rows"]
     [web] = [r for r in rows if r["service"] == "web"]
     assert web["requests_total"] == 7 and web["success_rate"] == 1.0
+
+
+def _ignored_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_children_ignore_the_masters_own_signals(mesh, backends):
+    """`systemctl kill -s USR2 meshd` signals every process of the unit: a worker or the
+    control process taking USR2's (or HUP's, TTIN's, TTOU's) default action would die."""
+    a = backends("a")
+    m = mesh.run({"web": [a.address]}, workers=1)
+    children = _serving_workers(m, 1) + m.control_pids()
+    for pid in children:
+        ignored = _ignored_signals(pid)
+        for sig in (signal.SIGUSR2, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            assert ignored & (1 << (sig - 1)), (pid, sig.name)
+        assert not ignored & (1 << (signal.SIGTERM - 1))  # the drain still works
+    assert not _ignored_signals(m.pid) & (1 << (signal.SIGUSR2 - 1))

@@ -98,7 +98,8 @@ def test_header_bytes(region: Region, path: str) -> None:
     assert struct.unpack_from("<I", raw, 88)[0] == region.endpoint_rows
     assert struct.unpack_from("<I", raw, 92)[0] == 0  # no slot claimed yet
     assert struct.unpack_from("<II", raw, 96) == (0, 0)  # rows in use: none published yet
-    assert raw[104:128] == bytes(24)  # reserved
+    assert struct.unpack_from("<Q", raw, 104)[0] == shm.LAYOUT_FINGERPRINT
+    assert raw[112:128] == bytes(16)  # reserved
     region.publish_usage(rows=5, endpoint_rows=7)
     assert struct.unpack_from("<II", file_bytes(path), 96) == (5, 7)
     assert (region.rows_used, region.endpoint_rows_used) == (5, 7)
@@ -129,6 +130,84 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
     bad = tampered(path, tmp_path, 0, b"NOTMESHD")
     with pytest.raises(ShmError, match=r"tampered\.shm: not a meshd region \(bad magic\)"):
         Region.attach(bad)
+
+
+# The layout's identity. Changing any struct format, offset, field index or counter table
+# in meshd/shm.py moves the fingerprint: bump shm.VERSION, then update this pair (both).
+EXPECTED_LAYOUT = (3, 0x34d52463c4c6b0ef)
+
+
+def test_layout_change_bumps_version() -> None:
+    assert (shm.VERSION, shm.LAYOUT_FINGERPRINT) == EXPECTED_LAYOUT, (
+        "meshd/shm.py's layout changed: bump VERSION and update EXPECTED_LAYOUT")
+
+
+def test_layout_fingerprint_covers_formats_and_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    def fingerprint(layout: tuple[object, ...]) -> int:
+        return int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:8], "little")
+    assert fingerprint(shm.LAYOUT) == shm.LAYOUT_FINGERPRINT
+    header, slot, row, endpoint, health, sections = shm.LAYOUT
+    moved = (header, (slot[0], slot[1], slot[2].replace("Q", "q", 1), slot[3]), row,
+             endpoint, health, sections)
+    assert fingerprint(moved) != shm.LAYOUT_FINGERPRINT
+    offsets = dict(header[3])
+    assert offsets["OFF_FINGERPRINT"] == 104 and offsets["OFF_SLOTS_USED"] == 92
+    assert dict(slot[3])["SLOT_CONNECTIONS"] == 48
+
+
+def test_other_fingerprint_is_refused(region: Region, path: str, tmp_path: Path) -> None:
+    """A region of the same VERSION laid out by other sources (a forgotten bump) is
+    refused on attach with both fingerprints named, not read as zeros."""
+    bad = tampered(path, tmp_path, shm.OFF_FINGERPRINT, struct.pack("<Q", 0x1234))
+    with pytest.raises(ShmError, match=rf"tampered\.shm: layout fingerprint 0000000000001234, "
+                                       rf"this meshd reads {shm.LAYOUT_FINGERPRINT:016x}"):
+        Region.attach(bad)
+
+
+def test_a_version_2_region_is_refused_clearly(region: Region, path: str, tmp_path: Path) -> None:
+    old = tampered(path, tmp_path, shm.OFF_VERSION, struct.pack("<I", 2))
+    with pytest.raises(ShmError, match=r"layout version 2, this meshd reads 3 \(a different "
+                                       r"meshd release wrote it\)"):
+        Region.attach(old)
+
+
+def test_health_row_is_read_under_its_seqlock(region: Region, path: str) -> None:
+    """Another process rewrites a health row over and over between two states; every copy
+    a reader takes is one of them, never a mix (the probe grant's state, since and
+    prober go together)."""
+    a = (2.0, 0.0, 1.0, 50.0, 40.0, 4.0)      # PROBING, granted to slot 4 at 40
+    b = (1.0, 0.0, 2.0, 90.0, 80.0, -1.0)     # EJECTED again at 80
+    region.set_health(3, a)
+    assert region._qr[region.health_index(3) + shm.H_SEQ] == 2   # even: bumped twice
+    done = region.health_index(4)   # another row's state field: the writer's stop flag
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for n in range(2_000_000):
+                if region._dr[done]:
+                    break
+                region.set_health(3, b if n % 2 else a)
+            code = 0
+        finally:
+            os._exit(code)
+    reader = Region.attach(path)
+    try:
+        view = reader.endpoint_view()
+        seen = set()
+        deadline = time.monotonic() + 20
+        for _ in range(50_000):
+            seen.add(view.health_values(3))
+            if len(seen) > 2 or time.monotonic() > deadline:
+                break
+    finally:
+        region._dr[done] = 1.0
+        _, status = os.waitpid(pid, 0)
+        reader.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert seen - {None} <= {a, b}, seen - {a, b, None}
+    assert seen & {a, b}, "no consistent copy in 50,000 reads"
 
 
 def test_other_version_is_refused(region: Region, path: str, tmp_path: Path) -> None:

@@ -108,17 +108,33 @@ def combine(states: Iterable[EwmaState], now: float, tau: float = DECAY) -> Ewma
     the traffic would hold just after the worst recent sample, and a stripe that stops
     receiving samples decays towards zero with the same ``tau``, so a stale peak fades
     exactly as it would in one process."""
-    best = UNOBSERVED
-    best_value = -1.0
-    for s in states:
-        if not s.observed:
-            continue
-        value = s.estimate(now, tau)
-        if value > best_value:
-            best, best_value = s, value
-    if not best.observed:
-        return UNOBSERVED
-    return EwmaState(max(best_value, MIN_RTT), now)
+    best = _peak(states, now, tau)
+    return UNOBSERVED if best < 0.0 else EwmaState(max(best, MIN_RTT), now)
+
+
+def peak_cost(states: Iterable[tuple[float, float]], inflight: int, now: float,
+              default_rtt: float = DEFAULT_RTT, tau: float = DECAY) -> float:
+    """``cost(combine(states, now, tau), inflight, now, default_rtt, tau)`` on plain
+    ``(rtt, stamp)`` pairs (one per worker stripe), in one pass: the balancer's hot path
+    calls this, with no state objects in between."""
+    best = _peak(states, now, tau)
+    estimate = default_rtt if best < 0.0 else max(best, MIN_RTT)
+    return estimate * (max(inflight, 0) + 1)
+
+
+def _peak(states: Iterable[tuple[float, float]], now: float, tau: float) -> float:
+    """The highest of the observed states' estimates at ``now`` (``decay`` inlined: this
+    runs for every candidate of every pick); -1.0 when none is observed."""
+    if tau <= 0:
+        raise ValueError("tau must be positive")
+    best = -1.0
+    for rtt, stamp in states:
+        if rtt > 0.0:
+            elapsed = now - stamp
+            value = rtt * math.exp(-elapsed / tau) if elapsed > 0 else rtt
+            if value > best:
+                best = value
+    return best
 
 
 def total_inflight(counts: Iterable[int]) -> int:

@@ -24,7 +24,7 @@ def run(path: str, workers: int | None, log_level: str | None, log_format: str) 
     """Run meshd in the foreground (exit 0 after a graceful stop)."""
     logs.setup(log_format, log_level or "info")
     try:
-        cfg = load_checked(path)
+        cfg = load_checked(path, isolated=True)
     except ConfigError as e:
         fail_config(e)
         return

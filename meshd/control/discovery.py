@@ -38,7 +38,7 @@ from typing import Any
 import gevent
 import gevent.event
 
-from meshd.config import Config, SourceShare
+from meshd.config import DEFAULT_SERVICE, Config, SourceShare
 from meshd.control import state
 from meshd.control.health import TICK, EndpointRows, HealthKeeper
 from meshd.control.rows import RowTable
@@ -376,7 +376,7 @@ class DiscoveryRunner:
             services = {}
             for name, w in self.watches.items():
                 svc = self.cfg.services.get(name)
-                services[name] = (w.merged(), svc.failure_accrual if svc else 7)
+                services[name] = (w.merged(), (svc or DEFAULT_SERVICE).failure_accrual)
             try:
                 self.health.tick(services, time.monotonic())
             except Exception:

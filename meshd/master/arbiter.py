@@ -237,7 +237,7 @@ class Arbiter:
             return
         log.info("reloading %s", self.cfg.path)
         try:
-            new = load_checked(self.cfg.path)   # as `meshd check` (and ExecReload) does
+            new = load_checked(self.cfg.path, isolated=True)   # as `meshd check` does
             if new.shm_dir != self.cfg.shm_dir or new.instance != self.cfg.instance:
                 raise ConfigError([("shm_dir", "shm_dir and instance cannot change on reload")],
                                   self.cfg.path)

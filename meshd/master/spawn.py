@@ -22,6 +22,11 @@ log = logging.getLogger("meshd.master")
 
 EXIT_BOOT_ERROR = 3
 
+# Debug hook (tests): when set, the master writes ``sorted(sys.modules)`` to this file
+# (unless it exists) before it forks a child, so a test can prove what the master had imported by then (the
+# children patch with gevent first thing, which must come before anything imports ssl).
+MODULES_FILE_ENV = "MESHD_DEBUG_MODULES_FILE"
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -37,8 +42,12 @@ class ProcessContext:
     previous_snapshot_path: str | None    # the previous generation's, to keep shm rows stable
 
 
+MASTER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
+
+
 def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
     """Fork; in the child run the entry point for ``kind`` and never return."""
+    _dump_modules()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -46,9 +55,12 @@ def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
         return pid
     code = 1
     try:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        # The master's own signals are ignored: `systemctl kill -s USR2` (or HUP, TTIN)
+        # reaches every process of the unit, and their default action would end a child.
+        for sig in MASTER_ONLY_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         for fd in close_fds:
             try:
@@ -66,6 +78,13 @@ def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _dump_modules() -> None:
+    path = os.environ.get(MODULES_FILE_ENV)
+    if path and not os.path.exists(path):  # a test removes it to see a later fork
+        with open(path, "w") as f:
+            f.write("".join(f"{name}\n" for name in sorted(sys.modules)))
 
 
 def _entry_point(kind: int) -> Callable[[ProcessContext], int] | None:

@@ -61,12 +61,14 @@ def h2_request(req: http1.RequestHead, https: bool, meshed: bool) -> Fields:
 
 
 def join_cookies(fields: Fields) -> Fields:
-    """RFC 9113 §8.2.3: cookie crumbs become one field for HTTP/1.1."""
+    """RFC 9113 §8.2.3: cookie crumbs become one field for HTTP/1.1. Empty crumbs hold
+    no cookie and are left out: joined, they would end the value with a space (found
+    by fuzz/fuzz_h2_headers.py)."""
     cookies = [v for k, v in fields if k == b"cookie"]
     if len(cookies) < 2:
         return fields
     out = [(k, v) for k, v in fields if k != b"cookie"]
-    out.append((b"cookie", b"; ".join(cookies)))
+    out.append((b"cookie", b"; ".join([c for c in cookies if c])))
     return out
 
 

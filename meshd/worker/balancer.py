@@ -20,9 +20,11 @@ its stripe (``EP_RUN``); when the runs of all live workers add up to
 ``failure_accrual``, the worker that sees it stops choosing the endpoint at once
 (for up to LOCAL_TRIP), before the control process's next tick ejects it for all.
 
-Reads go straight to the shared-memory views (no locks: each field has one writer and
-8-byte stores are not torn). Endpoints without a row (the region is full) cost the
-default RTT and are never ejected.
+Reads go through the region's ``EndpointView`` (``meshd.shm``: each field has one
+writer; a health row that is not HEALTHY is copied under its seqlock). The cost and the
+probe rule are the sans-IO cores' own (``ewma.peak_cost``: ``ewma.cost`` over
+``ewma.combine`` of the stripes; ``ejection.holds_probe``). Endpoints without a row (the region is full) cost
+the default RTT and are never ejected.
 """
 
 from __future__ import annotations
@@ -30,25 +32,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping, Sequence
-from math import exp
 
-from meshd.balance import p2c
-from meshd.balance.ejection import Health
-from meshd.balance.ewma import DECAY, DEFAULT_RTT, MIN_RTT
+from meshd.balance import ewma, p2c
+from meshd.balance.ejection import Health, holds_probe
+from meshd.balance.ewma import DECAY, DEFAULT_RTT
 from meshd.config import DEFAULT_SERVICE, ServiceConfig
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, NoEndpoints
-from meshd.shm import (
-    EP_CONNS,
-    EP_FIELDS,
-    EP_INFLIGHT,
-    EP_RTT,
-    EP_RUN,
-    EP_STAMP,
-    HEALTH_FIELDS,
-    KIND_WORKER,
-    Region,
-)
+from meshd.shm import EP_CONNS, EP_INFLIGHT, EP_RUN, KIND_WORKER, Region
 
 LIVE_REFRESH = 1.0
 LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at most
@@ -80,12 +71,9 @@ class SharedBalancer:
         self.tau = tau
         self.default_rtt = default_rtt
         self.rng = rng or random.Random()
-        self.q, self.d = region.views
+        self.view = region.endpoint_view()
         self.stripe = region.ep_stripe(slot)
         self.stripe.tau, self.stripe.default_rtt = tau, default_rtt
-        self._ep_base = region.ep_offset // 8
-        self._per_slot = region.endpoint_rows * EP_FIELDS
-        self._health_base = region.health_offset // 8
         self._live: list[int] = []
         self._live_at = -LIVE_REFRESH
         self._services: dict[str, _ServiceState] = {}
@@ -148,10 +136,7 @@ class SharedBalancer:
 
     def _sum(self, row: int, field: int, live: list[int]) -> int:
         """One endpoint field summed over the stripes of ``live`` workers."""
-        q = self.q
-        base = self._ep_base + row * EP_FIELDS + field
-        per_slot = self._per_slot
-        return sum(q[base + slot * per_slot] for slot in live)
+        return self.view.field_sum(row, field, live)
 
     def connection_delta(self, row: int, delta: int) -> None:
         if row >= 0:
@@ -187,13 +172,12 @@ class SharedBalancer:
         tripped = self._tripped
         st = self._state(service, endpoints, endpoint_rows)
         rows = st.rows
-        d = self.d
-        hb = self._health_base
+        view = self.view
         ejected = None
         for i, r in enumerate(rows):
             if r < 0:
                 continue
-            state = d[hb + r * HEALTH_FIELDS]
+            state = view.state(r)
             if state == _HEALTHY:
                 if not tripped or r not in tripped:
                     continue
@@ -206,10 +190,11 @@ class SharedBalancer:
             else:  # the control process has taken over: runs start again after it
                 tripped.pop(r, None)
                 self.stripe.reset_run(r)
-            if state == _PROBING and d[hb + r * HEALTH_FIELDS + 5] == self.slot:
-                since = d[hb + r * HEALTH_FIELDS + 4]
-                if self._probed.get(r) != since:
-                    self._probed[r] = since
+            if state == _PROBING:
+                health = view.health(r)   # state, since and prober: one consistent copy
+                if (health is not None and holds_probe(health, self.slot)
+                        and self._probed.get(r) != health.since):
+                    self._probed[r] = health.since
                     return i, r   # the one probe request this worker was granted
             if ejected is None:
                 ejected = [False] * n
@@ -241,22 +226,13 @@ class SharedBalancer:
         return i, rows[i]
 
     def _cost(self, row: int, live: list[int], now: float) -> float:
+        """The core's cost (``meshd.balance.ewma.peak_cost``, which is ``cost`` over
+        ``combine``) of the endpoint of ``row``: the highest estimate any live worker
+        holds x (their in-flight requests + 1)."""
         if row < 0:
             return self.default_rtt
-        q, d = self.q, self.d
-        inflight = 0
-        best = 0.0
-        for slot in live:
-            i = self._ep_base + slot * self._per_slot + row * EP_FIELDS
-            inflight += q[i + EP_INFLIGHT]
-            rtt = d[i + EP_RTT]
-            if rtt > 0.0:
-                elapsed = now - d[i + EP_STAMP]
-                value = rtt * exp(-elapsed / self.tau) if elapsed > 0 else rtt
-                if value > best:
-                    best = value
-        estimate = max(best, MIN_RTT) if best else self.default_rtt
-        return estimate * (max(inflight, 0) + 1)
+        states, inflight = self.view.ewma_states(row, live)
+        return ewma.peak_cost(states, inflight, now, self.default_rtt, self.tau)
 
 
 def _draw(splits: list[tuple[int, int, int]], rng: random.Random) -> tuple[int, int, int]:

@@ -104,9 +104,9 @@ def tunnel_refusal(ctx: Context, listener: ListenerConfig,
         return f"port {port} is not in the listener's tunnel_ports"
     # config.parse refused meshd's own ports already, save those the kernel picked (port 0)
     forward = listener.forward.host
-    admin = ctx.config.admin.listen
-    if admin.port == port and may_reach(forward, admin):
-        return f"port {port} is meshd's admin port"
+    for admin in (ctx.config.admin.listen, ctx.config.admin.probe_listen):
+        if admin is not None and admin.port == port and may_reach(forward, admin):
+            return f"port {port} is meshd's admin or probe port"
     for lst, sock in ctx.listeners:
         try:
             host, bound = sock.getsockname()[:2]

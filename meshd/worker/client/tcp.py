@@ -24,6 +24,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from meshd.config import DEFAULT_SERVICE
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
@@ -42,7 +43,6 @@ log = logging.getLogger("meshd.worker")
 # upstream): those lines are rate-limited per listener and kind.
 quiet = Throttle(log)
 
-DEFAULT_CONNECT_TIMEOUT = 2.0
 # linux/netfilter_ipv4.h SO_ORIGINAL_DST (level SOL_IP); IP6T_SO_ORIGINAL_DST has the same
 # number at level SOL_IPV6.
 SO_ORIGINAL_DST = 80
@@ -81,7 +81,7 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     port in one line); None (logged) when there is no destination or it cannot be
     reached."""
     snap = worker.snapshot
-    timeout = DEFAULT_CONNECT_TIMEOUT
+    timeout = DEFAULT_SERVICE.connect_timeout  # a listener's fixed forward has no service
     header = b""
     try:
         if target is not None:
