@@ -1,7 +1,7 @@
 """Fuzz target: protocol detection (meshd.proto.detect).
 
 The input is what a client sends first; the target replays how the listener peeks it
-(``meshd.worker.detect_conn``): a growing prefix, non-final until the last call.
+(``meshd.worker.client.auto``): a growing prefix, non-final until the last call.
 
 Invariants:
 - ``detect`` returns a ``Detection``, never NEED_MORE on a final call nor on a prefix of

@@ -1,6 +1,6 @@
 """Fuzz target: HTTP/2 header rules (meshd.proto.h2_headers) and the request translations
-between HTTP/2 and HTTP/1.1 (meshd.worker.h2_stream: an HTTP/2 client's request to an
-HTTP/1.1 upstream; meshd.worker.h1_to_h2: an HTTP/1.1 client's request to an HTTP/2
+between HTTP/2 and HTTP/1.1 (meshd.proto.translate: http1_request, an HTTP/2 client's
+request to an HTTP/1.1 upstream; h2_request, an HTTP/1.1 client's request to an HTTP/2
 upstream or a peer meshd).
 
 The first byte picks the mode (low two bits) and flags (END_STREAM on HEADERS, https,
@@ -29,9 +29,8 @@ from meshd.config import LimitsConfig
 from meshd.errors import ProxyError
 from meshd.proto import h2_headers, http1
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
-from meshd.worker import h2_stream
-from meshd.worker.dispatch import ORIG_PROTO
-from meshd.worker.h1_to_h2 import request_head
+from meshd.proto.translate import H2_TO_H1_DROP, ORIG_PROTO, http1_request, join_cookies
+from meshd.proto.translate import h2_request as request_head
 
 MAX_LEN = 2048
 HEADER_COUNT = LimitsConfig().header_count
@@ -107,23 +106,16 @@ def _agrees(problem: str | None, headers: Headers, flags: str) -> None:
     assert (problem is None) == _h2_accepts(headers, _FLAGS[flags]), (headers, problem)
 
 
-class _Translator(h2_stream.H2ToHttp1):
-    """H2ToHttp1 with only what building the upstream head needs (no server, no worker)."""
-
-    def __init__(self, headers: Headers, bodiless: bool) -> None:
-        # the length as h2_server verified it (passed_on refused what it would refuse)
-        self.stream = h2_stream.Stream(1, headers, bodiless, h2_headers.request_length(headers))
-        self.chunked = False
-
-
 def translate_h2(headers: Headers, bodiless: bool) -> tuple[bytes, bytes, bytes | None, bytes]:
-    """(method, target, authority, HTTP/1.1 head) as H2ToHttp1.run builds them."""
+    """(method, target, authority, HTTP/1.1 head) as H2ToHttp1.http1_exchange builds them."""
     pseudo = {k: v for k, v in headers if k.startswith(b":")}
     method = pseudo.get(b":method", b"GET")
     target = pseudo.get(b":path", b"/")
-    fields = h2_stream._join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
+    fields = join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
     authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
-    head = _Translator(headers, bodiless)._upstream_head(method, target, authority, fields)
+    # the length as h2_server verified it (passed_on refused what it would refuse)
+    head, _ = http1_request(method, target, authority, fields,
+                            h2_headers.request_length(headers), bodiless)
     return method, target, authority, head
 
 
@@ -148,7 +140,7 @@ def _h2_to_h1(headers: Headers, bodiless: bool) -> None:
     if not passed_on(headers, bodiless):
         return
     method, target, authority, head = translate_h2(headers, bodiless)
-    fields = h2_stream._join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
+    fields = join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
     if method == b"CONNECT" or len(fields) > HEADER_COUNT:
         return  # answered 501 or 431 (H2ToHttp1.run), never translated
     try:
@@ -171,7 +163,7 @@ def _h2_to_h1(headers: Headers, bodiless: bool) -> None:
         assert req.chunked, head
     sent = [(k, v) for k, v in req.headers
             if k.lower() not in (b"host", b"content-length", b"transfer-encoding")]
-    assert sent == [(k, v) for k, v in fields if k not in h2_stream._HOP], (headers, head)
+    assert sent == [(k, v) for k, v in fields if k not in H2_TO_H1_DROP], (headers, head)
 
 
 def _h1_to_h2(data: bytes, https: bool, meshed: bool) -> None:

@@ -677,7 +677,7 @@ def _check_tunnel_ports(admin: AdminConfig, listeners: tuple[ListenerConfig, ...
     """A tunnel port may not be one of meshd's own (a listener's or the admin port) when
     the forward host may be this meshd: a tunnel would then reach the outbound listener,
     and through it every service, or the admin API. (Listeners on port 0 are checked
-    when a tunnel arrives, ``meshd.worker.detect_conn``.)"""
+    when a tunnel arrives, ``meshd.worker.client.auto``.)"""
     own = [(admin.listen, "admin address")]
     if admin.probe_listen is not None:
         own.append((admin.probe_listen, "probe address"))

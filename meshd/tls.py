@@ -4,7 +4,7 @@ One function builds it and is used twice: ``meshd.config`` builds one with the s
 library's class when a config is loaded (``meshd check``, start, reload), so a file
 that cannot be read or a certificate that does not load is a config error naming its
 key; a worker builds its cooperative one (gevent's class) once per service, on first use
-(``meshd.worker.upstream_tls``). No gevent here: the master imports this module.
+(``meshd.worker.upstream.tls``). No gevent here: the master imports this module.
 
 ALPN: a service with ``protocol = "h2"`` offers only "h2"; any other offers "h2" and
 "http/1.1" and the endpoint chooses.

@@ -72,7 +72,7 @@ def test_target_expectations(data):
 def test_empty_cookie_crumb_is_left_out_of_the_joined_cookie(conn, env):  # noqa: F811
     # Found by the fuzzer (translated fields differ from the HTTP/2 ones): crumbs "a=1"
     # and "" were joined to "a=1; ", a value ending with a space, which an HTTP/1.1
-    # parser reads as "a=1;". Fixed in meshd.worker.h2_stream._join_cookies.
+    # parser reads as "a=1;". Fixed in meshd.proto.translate.join_cookies.
     _run("h2_headers", b"\x00:method\xfeGET\xff:scheme\xfehttps\xff:path\xfe/a?b=c\xff"
                        b":authority\xfeweb\xffcookie\xfea=1\xffcookie\xfe")
     # And through a real meshd: what the HTTP/1.1 upstream receives.

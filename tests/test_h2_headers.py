@@ -19,8 +19,8 @@ from meshd.proto.h2_headers import (
     trailers_problem,
 )
 from meshd.proto.http1 import parse_request_head
-from meshd.worker.h1_to_h2 import request_head
-from meshd.worker.h2_stream import H2ToHttp1, Stream, _join_cookies
+from meshd.proto.translate import h2_request as request_head
+from meshd.proto.translate import http1_request, join_cookies
 
 REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False,
                                              is_response_header=False, is_push_promise=False)
@@ -109,7 +109,7 @@ def test_reasons(headers, reason):
 
 
 # The HTTP/2 head meshd builds from an HTTP/1.1 request its strict parser accepted skips
-# the pool's check (meshd.worker.h1_to_h2.request_head): it must be valid by construction.
+# the pool's check (meshd.proto.translate.h2_request): it must be valid by construction.
 
 def _check_translated(head: bytes, https: bool, meshed: bool) -> bool:
     """The translation of ``head`` is valid HTTP/2; False when the parser refused the
@@ -151,7 +151,7 @@ def test_mutated_heads_translated_from_http1_are_valid_http2(head: bytes, edits,
         reject()
 
 
-# An HTTP/2 request translated to HTTP/1.1 (meshd.worker.h2_stream) is held first to what
+# An HTTP/2 request translated to HTTP/1.1 (meshd.proto.translate.http1_request) is held first to what
 # the HTTP/1.1 parser accepts (http1_problem): then the translation parses back, with the
 # parser meshd applies to its own clients, as the same request, never as another one.
 
@@ -204,14 +204,14 @@ def test_request_length(headers, length):
 
 
 def _translated(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The HTTP/1.1 head meshd sends upstream for an HTTP/2 request (as H2ToHttp1.run
-    builds it, bodiless)."""
-    translator = H2ToHttp1.__new__(H2ToHttp1)
-    translator.stream = Stream(1, headers, True, request_length(headers))
+    """The HTTP/1.1 head meshd sends upstream for an HTTP/2 request (as
+    H2ToHttp1.http1_exchange builds it, bodiless)."""
     pseudo = {k: v for k, v in headers if k.startswith(b":")}
-    fields = _join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
+    fields = join_cookies([(k, v) for k, v in headers if not k.startswith(b":")])
     authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
-    return translator._upstream_head(pseudo[b":method"], pseudo[b":path"], authority, fields)
+    head, _ = http1_request(pseudo[b":method"], pseudo[b":path"], authority, fields,
+                            request_length(headers), True)
+    return head
 
 
 requests = st.builds(

@@ -210,7 +210,7 @@ def test_a_request_body_cut_short_never_returns_its_connection_to_the_pool():
     """Pool.release: a connection whose request was not sent in full (here: no body
     byte of the Content-Length announced) is closed, not kept for the next request."""
     from meshd.discovery.api import Endpoint
-    from meshd.worker.upstream import Pool, UpstreamConn
+    from meshd.worker.upstream.http1 import Pool, UpstreamConn
 
     pool = Pool()
     ep = Endpoint("127.0.0.1", 9)

@@ -1,4 +1,4 @@
-"""meshd.worker.h2_upstream against a scripted h2 server and a real grpcio server.
+"""meshd.worker.upstream.h2 against a scripted h2 server and a real grpcio server.
 
 How this runs in the shared pytest process: the module under test uses gevent's own
 sockets (``gevent.socket``), never the patched stdlib, so it is cooperative without
@@ -45,9 +45,9 @@ from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
 from meshd.testing.certs import TestCA
 from meshd.testing.harness import free_port
 from meshd.testing.tcp_server import TcpServer
-from meshd.worker.h2_pool import H2Pool
-from meshd.worker.h2_upstream import STREAM_WINDOW, H2Upstream, StreamNotOpened
-from meshd.worker.upstream_tls import TlsTarget
+from meshd.worker.upstream.h2 import STREAM_WINDOW, H2Upstream, StreamNotOpened
+from meshd.worker.upstream.h2_pool import H2Pool
+from meshd.worker.upstream.tls import TlsTarget
 
 MB = 1 << 20
 EARLY = ("/rst-now", "/goaway-now", "/early")  # answered at the request head, not its end
@@ -350,7 +350,7 @@ def test_answers_ping_and_settings(server: H2Server, up: H2Upstream) -> None:
 
 
 def test_idle_connection_closes(server: H2Server, monkeypatch: Any) -> None:
-    monkeypatch.setattr("meshd.worker.h2_upstream.WRITE_TIMEOUT", 0.05)
+    monkeypatch.setattr("meshd.worker.upstream.h2.WRITE_TIMEOUT", 0.05)
     up = H2Upstream.connect(server.address, 5)
     up.idle_timeout = 0.2
     s = up.open_stream(req(server, "/?delay=0.3"), end_stream=True)

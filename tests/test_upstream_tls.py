@@ -587,7 +587,7 @@ def test_one_context_per_service_per_worker(pki):
     service, shared by its connections; services without a tls table get none."""
     import gevent.ssl
 
-    from meshd.worker.upstream_tls import UpstreamTls
+    from meshd.worker.upstream.tls import UpstreamTls
 
     cfg = parse(dict(BASE, service={"web": {"tls": {"ca_file": pki["ca"].cert_file}},
                                     "grpc": {"protocol": "h2", "tls": {}},

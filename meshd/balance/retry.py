@@ -14,6 +14,13 @@ Whether a retry then goes is also up to the budget (``budget``) and the retry li
 by default, as Linkerd's). Method names are case-sensitive (RFC 9110 section 9.1): "get"
 is not GET.
 
+``attempt_refusal`` is the rule the worker's attempt loop asks
+(``meshd.worker.call.may_retry``, then the deadline and the shared budget): it speaks the
+data path's failure kinds (connect, reset, timeout, 5xx, 4xx; a service's ``failure_on``
+says which count) and adds one case the request-level rule cannot see: an attempt whose
+bytes never left meshd (its connection failed) may go elsewhere whatever its method and
+body.
+
 What counts as a failure, for failure accrual and retries alike (the issue's default):
 no response (connect error, reset, timeout) or a 5xx status; a service may configure its
 own set of failing statuses.
@@ -33,6 +40,8 @@ MAX_RETRIES = 1               # retries per request (DESIGN section 6)
 class Refusal(enum.Enum):
     """Why a request may not be retried (for logs and metrics labels)."""
 
+    NO_ATTEMPTS_LEFT = "no_attempts_left"
+    NOT_A_FAILURE = "not_a_failure"
     NOT_IDEMPOTENT = "not_idempotent"
     BODY_TOO_LARGE = "body_too_large"
     BODY_NOT_BUFFERED = "body_not_buffered"
@@ -52,6 +61,25 @@ def refusal(method: str, route_marked: bool, body_len: int, body_complete: bool,
     if body_len > max_body:
         return Refusal.BODY_TOO_LARGE
     if not body_complete:
+        return Refusal.BODY_NOT_BUFFERED
+    return None
+
+
+def attempt_refusal(kind: str, failure_on: Collection[str], attempts_left: bool,
+                    replay: bool, body_replayable: bool) -> Refusal | None:
+    """None when an attempt that failed with ``kind`` (before any response byte reached
+    the client) may be sent to another endpoint, else why not. ``replay``: the method is
+    idempotent or the route marks the request retryable; ``body_replayable``: the body
+    (if any) can still be sent again in full (kept, or not read yet)."""
+    if not attempts_left:
+        return Refusal.NO_ATTEMPTS_LEFT
+    if kind not in failure_on:
+        return Refusal.NOT_A_FAILURE
+    if kind == "connect":
+        return None  # nothing of the request left meshd
+    if not replay:
+        return Refusal.NOT_IDEMPOTENT
+    if not body_replayable:
         return Refusal.BODY_NOT_BUFFERED
     return None
 

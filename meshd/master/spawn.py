@@ -92,7 +92,7 @@ def _entry_point(kind: int) -> Callable[[ProcessContext], int] | None:
     respawn, so the master is told with EXIT_BOOT_ERROR instead)."""
     try:
         if kind == KIND_WORKER:
-            from meshd.worker.process import main
+            from meshd.worker.entry import main
         else:
             from meshd.control.process import main
     except Exception as e:

@@ -7,7 +7,7 @@
   HTTP/1.1 parser passed, with names lower-cased and connection-specific fields dropped.
 - On the server side, h2's own content-length check off: it raises a connection error
   for DATA beyond the length, misses END_STREAM on HEADERS and forgets the length when
-  trailers arrive. ``meshd.worker.h2_server`` keeps the count itself and resets the one
+  trailers arrive. ``meshd.worker.client.h2_server`` keeps the count itself and resets the one
   stream (RFC 9113 §8.1.1).
 - ``_receive_frame`` without the ``repr(frame)`` h2 builds for a trace log on every frame
   received, whether or not anything logs it (about 5 µs a frame). The rest of the method

@@ -1,5 +1,5 @@
-"""A worker process: gevent-patched first, then accept loops on the shared listening
-sockets, one greenlet per connection, a heartbeat into shared memory, and the endpoint
+"""The worker class (``meshd.worker.entry`` patches gevent, then runs ``main``): accept
+loops on the shared listening sockets, one greenlet per connection (``meshd.worker.serve``), a heartbeat into shared memory, and the endpoint
 snapshot reloaded when the control process rewrites it.
 
 Stopping: TERM closes the listening sockets at once (the other generation's workers, or
@@ -10,27 +10,23 @@ connections that stay idle for IDLE_CLOSE_GRACE. INT/QUIT exit at once.
 
 from __future__ import annotations
 
-from gevent import monkey
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING
 
-monkey.patch_all()
+import gevent
+import gevent.event
+import gevent.lock
 
-import errno  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-import gevent.lock  # noqa: E402
-
-from meshd.config import Config, ListenerConfig  # noqa: E402
-from meshd.discovery.api import Endpoint  # noqa: E402
-from meshd.master.sockets import address_key  # noqa: E402
-from meshd.ratelog import Throttle  # noqa: E402
-from meshd.shm import (  # noqa: E402
+from meshd.config import Config, ListenerConfig
+from meshd.discovery.api import Endpoint
+from meshd.master.sockets import address_key
+from meshd.ratelog import Throttle
+from meshd.shm import (
     F_TCP_CLOSE_TOTAL,
     F_TCP_OPEN,
     F_TCP_OPEN_TOTAL,
@@ -39,20 +35,19 @@ from meshd.shm import (  # noqa: E402
     STATE_SERVING,
     Stripe,
 )
-from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
-from meshd.snapshot import read as read_snapshot  # noqa: E402
-from meshd.worker.balancer import SharedBalancer  # noqa: E402
-from meshd.worker.detect_conn import serve_auto  # noqa: E402
-from meshd.worker.http_proxy import HttpConnection  # noqa: E402
-from meshd.worker.retries import RetryBudgets  # noqa: E402
-from meshd.worker.routing import Router  # noqa: E402
-from meshd.worker.tcp_proxy import serve_tcp  # noqa: E402
-from meshd.worker.upstream import Pool  # noqa: E402
-from meshd.worker.upstream_tls import UpstreamTls  # noqa: E402
+from meshd.snapshot import Snapshot, control_socket_path
+from meshd.snapshot import read as read_snapshot
+from meshd.worker.balancer import SharedBalancer
+from meshd.worker.retries import RetryBudgets
+from meshd.worker.routing import Router
+from meshd.worker.serve import serve_connection
+from meshd.worker.upstream.http1 import Pool
+from meshd.worker.upstream.tls import UpstreamTls
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
-    from meshd.worker.h2_pool import H2Pool
+    from meshd.worker.context import Idler
+    from meshd.worker.upstream.h2_pool import H2Pool
 
 log = logging.getLogger("meshd.worker")
 
@@ -93,7 +88,7 @@ class Worker:
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
-        self.connections: dict[gevent.Greenlet, HttpConnection | None] = {}
+        self.connections: dict[gevent.Greenlet, Idler | None] = {}
         self._asked: dict[str, float] = {}
         self._ask_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._ask_sock.setblocking(False)
@@ -149,7 +144,7 @@ class Worker:
         """HTTP/2 connections to upstreams (h2 is imported on first use: worker boot
         stays light for meshes that never speak HTTP/2)."""
         if self._h2pool is None:
-            from meshd.worker.h2_pool import H2Pool
+            from meshd.worker.upstream.h2_pool import H2Pool
             self._h2pool = H2Pool()
         return self._h2pool
 
@@ -261,14 +256,7 @@ class Worker:
         me = gevent.getcurrent()
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if lst.protocol == "tcp":
-                serve_tcp(self, lst, client)
-            elif lst.protocol == "auto":
-                serve_auto(self, lst, client)
-            else:
-                conn = HttpConnection(self, lst, client)
-                self.connections[me] = conn
-                conn.serve()
+            serve_connection(self, lst, client)
         except gevent.GreenletExit:
             pass
         except Exception:

@@ -1,8 +1,8 @@
 """Byte tunnels: both directions of a connection pair copied until both have ended.
 
-Used by opaque TCP (``meshd.worker.tcp_proxy``: tcp listeners, auto-detected opaque and
+Used by opaque TCP (``meshd.worker.client.tcp``: tcp listeners, auto-detected opaque and
 TLS connections, meshd-to-meshd tunnels) and by the tunnels after an HTTP/1.1 upgrade
-(101) or a CONNECT (200). Each direction is a ``pump`` (below): where the platform has
+(101) or a CONNECT (200). Each direction is a ``meshd.worker.sockio.pump``: where the platform has
 ``os.splice`` the bytes go socket -> pipe -> socket inside the kernel and never enter
 Python; an upstream over TLS is read and written through its TLS socket instead.
 
@@ -24,20 +24,13 @@ pumps only stamp the time, and the waiting greenlet looks at the stamp when its 
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 import time
 from collections.abc import Callable
 
 import gevent
-from gevent.socket import wait_read, wait_write
 
-from meshd.worker.sockio import is_tls, sendall, shutdown
-
-HAS_SPLICE = hasattr(os, "splice")
-CHUNK = 1 << 16
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+from meshd.worker.sockio import pump, sendall
 
 
 def _no_count(n: int) -> None:
@@ -91,55 +84,3 @@ class Tunnel:
         self.last_activity = time.monotonic()
         self.bytes_down += n
         self.count_down(n)
-
-
-def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
-         write_timeout: float | None = None) -> None:
-    """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
-    dst so the peer sees the end too; a reset on either side, or a dst that accepts no
-    byte for ``write_timeout``, shuts both down at once.
-
-    A TLS socket (an upstream over TLS) is read and written through its own
-    recv/sendall, never spliced, and shut down beneath its TLS layer
-    (``sockio.shutdown``), so the other direction still reads it."""
-    try:
-        if HAS_SPLICE and not (is_tls(src) or is_tls(dst)):
-            _splice(src, dst, count, write_timeout)
-        else:
-            while data := src.recv(CHUNK):
-                sendall(dst, data, write_timeout)
-                count(len(data))
-    except OSError:  # TimeoutError (write_timeout) included
-        for s in (src, dst):
-            shutdown(s, socket.SHUT_RDWR)
-        return
-    shutdown(dst, socket.SHUT_WR)
-
-
-def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
-            write_timeout: float | None) -> None:
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    sfd, dfd = src.fileno(), dst.fileno()
-    try:
-        while True:
-            try:
-                n = os.splice(sfd, wfd, CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                wait_read(sfd)
-                continue
-            if n == 0:
-                return
-            count(n)
-            while n:
-                try:
-                    n -= os.splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    wait_write(dfd, write_timeout)
-                except OSError as e:
-                    if e.errno == errno.EAGAIN:
-                        wait_write(dfd, write_timeout)
-                    else:
-                        raise
-    finally:
-        os.close(rfd)
-        os.close(wfd)

@@ -31,7 +31,7 @@ from meshd.proto import http1
 from meshd.worker.sockio import recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
-    from meshd.worker.upstream_tls import TlsTarget
+    from meshd.worker.upstream.tls import TlsTarget
 
 MAX_IDLE_PER_ENDPOINT = 128
 READ_SIZE = 262144

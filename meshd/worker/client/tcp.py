@@ -14,7 +14,7 @@ the meshd in front of it: the connection goes to that inbound port, and one line
 ``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
 before the client's bytes; the peer's auto inbound listener reads it and tunnels the
 rest to that port of its ``forward`` host, when its ``tunnel_ports`` lists the port
-(``meshd.worker.detect_conn``). (The line is where mTLS identity will be checked;
+(``meshd.worker.client.auto``). (The line is where mTLS identity will be checked;
 nothing else may be named: the host is always the peer's own.)
 """
 
@@ -35,8 +35,8 @@ from meshd.worker.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
-    from meshd.worker.process import Worker
-    from meshd.worker.upstream import UpstreamConn
+    from meshd.worker.context import Context
+    from meshd.worker.upstream.http1 import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
 # Any client can open connections that fail (no destination, unknown service, refused
@@ -48,12 +48,7 @@ quiet = Throttle(log)
 SO_ORIGINAL_DST = 80
 
 
-def serve_tcp(worker: Worker, listener: ListenerConfig, client: socket.socket) -> None:
-    """A ``protocol = "tcp"`` listener: every connection is opaque."""
-    serve_opaque(worker, listener, client)
-
-
-def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket,
+def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socket,
                  initial: bytes = b"", original_dst: tuple[str, int] | None = None,
                  target: Endpoint | None = None) -> None:
     """Tunnel ``client`` to the listener's destination (see the module docstring),
@@ -78,7 +73,7 @@ def serve_opaque(worker: Worker, listener: ListenerConfig, client: socket.socket
         upstream.close()
 
 
-def _connect(worker: Worker, listener: ListenerConfig, client: socket.socket,
+def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
              original_dst: tuple[str, int] | None, target: Endpoint | None = None,
              ) -> tuple[UpstreamConn, int, bytes] | None:
     """The upstream connection, the metric row of its bytes and a header to send first

@@ -1,10 +1,10 @@
-"""A worker's pool of HTTP/2 upstream connections (``meshd.worker.h2_upstream``): one
+"""A worker's pool of HTTP/2 upstream connections (``meshd.worker.upstream.h2``): one
 connection per endpoint while it has room for another stream, up to
 ``max_connections_per_endpoint``; beyond that ``EndpointsBusy`` (503) rather than a
 queue. Connections that received GOAWAY or are draining leave the pool and finish
 their streams on their own.
 
-A service with ``[service.NAME.tls]`` passes its ``TlsTarget`` (``meshd.worker.upstream_tls``):
+A service with ``[service.NAME.tls]`` passes its ``TlsTarget`` (``meshd.worker.upstream.tls``):
 its connections are TLS with ALPN "h2" and pooled apart from plaintext ones to the same
 address. ``adopt`` takes a TLS connection the HTTP/1.1 pool opened on which the endpoint
 selected "h2".
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gevent.lock
 
 from meshd.errors import EndpointsBusy, UpstreamTimeout
-from meshd.worker.h2_upstream import (
+from meshd.worker.upstream.h2 import (
     CONNECTION_WINDOW,
     STREAM_WINDOW,
     H2Stream,
@@ -29,7 +29,7 @@ from meshd.worker.h2_upstream import (
 )
 
 if TYPE_CHECKING:
-    from meshd.worker.upstream_tls import TlsTarget
+    from meshd.worker.upstream.tls import TlsTarget
 
 Key = tuple[str, int] | tuple[str, int, str]  # an address; with a TLS target's service too
 

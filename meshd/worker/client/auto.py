@@ -1,4 +1,5 @@
-"""A connection on a ``protocol = "auto"`` listener: detect its protocol, then hand it over.
+"""A connection on a ``protocol = "auto"`` listener: detect its protocol
+(``meshd.worker.serve.serve_connection`` then hands it over).
 
 The connection's original destination port (SO_ORIGINAL_DST when iptables redirected
 it, else the listener's own port) is looked up first: a port in the listener's
@@ -7,9 +8,9 @@ it, else the listener's own port) is looked up first: a port in the listener's
 ``[limits] detect_timeout``, until ``meshd.proto.detect`` decides:
 
 - HTTP/1: the HTTP/1 proxy, with the bytes read so far as its initial buffer;
-- TLS or anything else: opaque TCP (``meshd.worker.tcp_proxy.serve_opaque``), the bytes
+- TLS or anything else: opaque TCP (``meshd.worker.client.tcp.serve_opaque``), the bytes
   read so far sent upstream first;
-- the HTTP/2 preface: the HTTP/2 server (``meshd.worker.h2_server.serve_h2``), with the
+- the HTTP/2 preface: the HTTP/2 server (``meshd.worker.client.h2_server.serve_h2``), with the
   bytes read so far (the preface) as its initial input;
 - the deadline passes without a decision (a client that waits for the server to speak
   first: SMTP, MySQL...): opaque TCP too, counted as ``timeout``. A partial request
@@ -33,19 +34,16 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-import gevent
-
 from meshd.config import Address, may_reach
 from meshd.discovery.api import Endpoint
 from meshd.proto.detect import PEEK_LIMIT, Detection, detect, parse_tunnel
 from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, ROW_OVERFLOW
-from meshd.worker.http_proxy import HttpConnection
-from meshd.worker.tcp_proxy import original_destination, peer_name, serve_opaque
+from meshd.worker.client.tcp import original_destination, peer_name, serve_opaque
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
-    from meshd.worker.process import Worker
+    from meshd.worker.context import Context
 
 log = logging.getLogger("meshd.worker")
 # Refused tunnels are a client's to trigger at will: their log lines are throttled per
@@ -53,36 +51,26 @@ log = logging.getLogger("meshd.worker")
 _refusals = Throttle(log)
 
 
-def serve_auto(worker: Worker, listener: ListenerConfig, client: socket.socket) -> None:
-    """Serve one connection of an auto listener (in its own greenlet; the caller closes
-    ``client`` afterwards)."""
+def detect_connection(ctx: Context, listener: ListenerConfig, client: socket.socket,
+                      ) -> tuple[Detection | None, bytes, tuple[str, int] | None]:
+    """(what the connection speaks, the bytes read to tell, its original destination when
+    asked): ``meshd.worker.serve.serve_connection`` hands it on. None: the client reset
+    the connection. A port in ``opaque_ports`` is OPAQUE without a byte read."""
     dst = original_destination(client)
     if dst is not None and dst[1] in listener.opaque_ports:
-        _count(worker, listener, "skipped")
-        serve_opaque(worker, listener, client, b"", dst)
-        return
-    prefix, result, timed_out = read_prefix(client, worker.config.limits.detect_timeout)
+        _count(ctx, listener, "skipped")
+        return Detection.OPAQUE, b"", dst
+    prefix, result, timed_out = read_prefix(client, ctx.config.limits.detect_timeout)
     if result is None:  # the client reset the connection
-        return
+        return None, prefix, dst
     if timed_out and result is Detection.OPAQUE:
-        _count(worker, listener, "timeout")
-    elif result is not Detection.TUNNEL:  # counted by _serve_tunnel: honoured or refused
-        _count(worker, listener, result.value)
-    if result is Detection.HTTP1:
-        conn = HttpConnection(worker, listener, client)
-        conn.buf += prefix
-        worker.connections[gevent.getcurrent()] = conn  # drain closes it when idle
-        conn.serve()
-    elif result is Detection.HTTP2:
-        from meshd.worker.h2_server import serve_h2  # h2 loads on first use
-        serve_h2(worker, listener, client, prefix)
-    elif result is Detection.TUNNEL:
-        _serve_tunnel(worker, listener, client, prefix)
-    else:  # TLS (tunneled: meshd does not terminate the application's TLS) or opaque
-        serve_opaque(worker, listener, client, prefix, dst)
+        _count(ctx, listener, "timeout")
+    elif result is not Detection.TUNNEL:  # counted by serve_tunnel: honoured or refused
+        _count(ctx, listener, result.value)
+    return result, prefix, dst
 
 
-def _serve_tunnel(worker: Worker, listener: ListenerConfig, client: socket.socket,
+def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
                   prefix: bytes) -> None:
     """A peer meshd's opaque tunnel: the header names a port on this host; the bytes go
     to that port of the inbound listener's ``forward`` host (never elsewhere: a peer
@@ -90,21 +78,21 @@ def _serve_tunnel(worker: Worker, listener: ListenerConfig, client: socket.socke
     port in ``tunnel_ports`` and it is none of meshd's own. Anything else is refused:
     closed without connecting anywhere, counted and logged (throttled)."""
     parsed = parse_tunnel(prefix)
-    why = tunnel_refusal(worker, listener, parsed)
+    why = tunnel_refusal(ctx, listener, parsed)
     if why:
-        _count(worker, listener, "tunnel_refused")
+        _count(ctx, listener, "tunnel_refused")
         _refusals.info(f"{listener.name}: tunnel refused",
                        "%s: refused a meshd tunnel from %s: %s", listener.name,
                        peer_name(client), why)
         return
     assert parsed is not None and listener.forward is not None
-    _count(worker, listener, "tunnel")
+    _count(ctx, listener, "tunnel")
     port, rest = parsed
-    serve_opaque(worker, listener, client, rest, None,
+    serve_opaque(ctx, listener, client, rest, None,
                  target=Endpoint(listener.forward.host, port))
 
 
-def tunnel_refusal(worker: Worker, listener: ListenerConfig,
+def tunnel_refusal(ctx: Context, listener: ListenerConfig,
                    parsed: tuple[int, bytes] | None) -> str:
     """Why a tunnel header is refused ("" when it is honoured)."""
     if parsed is None:
@@ -116,10 +104,10 @@ def tunnel_refusal(worker: Worker, listener: ListenerConfig,
         return f"port {port} is not in the listener's tunnel_ports"
     # config.parse refused meshd's own ports already, save those the kernel picked (port 0)
     forward = listener.forward.host
-    for admin in (worker.config.admin.listen, worker.config.admin.probe_listen):
+    for admin in (ctx.config.admin.listen, ctx.config.admin.probe_listen):
         if admin is not None and admin.port == port and may_reach(forward, admin):
             return f"port {port} is meshd's admin or probe port"
-    for lst, sock in worker.listeners:
+    for lst, sock in ctx.listeners:
         try:
             host, bound = sock.getsockname()[:2]
         except OSError:  # closed by a drain
@@ -160,7 +148,7 @@ def read_prefix(sock: socket.socket, timeout: float) -> tuple[bytes, Detection |
             pass
 
 
-def _count(worker: Worker, listener: ListenerConfig, result: str) -> None:
-    row = worker.snapshot.row(listener.name, "")
-    worker.stripe.add(ROW_OVERFLOW if row is None else row,
+def _count(ctx: Context, listener: ListenerConfig, result: str) -> None:
+    row = ctx.snapshot.row(listener.name, "")
+    ctx.stripe.add(ROW_OVERFLOW if row is None else row,
                       F_DETECT + DETECT_RESULTS.index(result))

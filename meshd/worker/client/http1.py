@@ -2,23 +2,28 @@
 
 For each request on a keep-alive connection: read and parse the head (bounded size,
 deadline), route it (outbound: Host -> service -> endpoint; inbound: the listener's
-``forward`` address), send it upstream over a pooled connection with hop-by-hop headers
-removed and our own framing, stream the body both ways without holding it whole (a
-separate greenlet sends the request body so an upstream that answers while it reads
-never deadlocks us), and count the outcome in this worker's shared-memory stripe.
+``forward`` address), and hand it to its call (``meshd.worker.call``) as its client
+side, ``Http1Side``: an attempt over HTTP/1.1 sends the request with hop-by-hop headers
+removed and our own framing; one to an HTTP/2 upstream (a service with ``protocol =
+"h2"``, a peer meshd's inbound listener, which also gets ``meshd-orig-proto``) sends it
+translated (``meshd.proto.translate.h2_request``: pseudo-headers, the body as DATA, its
+trailers as HEADERS). The body streams both ways without being held whole (a separate
+greenlet sends the request body so an upstream that answers while it reads never
+deadlocks us); the response goes back framed by ``response_framing`` whatever the
+upstream spoke, and the outcome is counted in this worker's shared-memory stripe.
 Errors before the response head answers the client with the error's status and a
 one-line reason; after it, the connection is closed.
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import gevent
 from gevent import Timeout
 
 from meshd.discovery.api import Endpoint
@@ -31,34 +36,29 @@ from meshd.errors import (
     UriTooLong,
 )
 from meshd.proto import forwarded, http1
-from meshd.ratelog import Throttle
-from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
-from meshd.worker.body import ClientGone, RequestBody
-from meshd.worker.dispatch import (
-    Call,
-    RetryNow,
-    error_kind,
-    may_retry,
-    public_reason,
-    require_endpoints,
-    route,
-    status_kind,
+from meshd.proto.translate import (
+    H1_TO_H2_DROP,
+    h2_request,
+    http1_response_fields,
+    response_framing,
     strip_meshd_error,
 )
+from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
+from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route
+from meshd.worker.client.body import ClientGone, RequestBody
+from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
-from meshd.worker.tcp_proxy import redirected_destination
 from meshd.worker.tunnel import Tunnel
-from meshd.worker.upstream import UpstreamConn, read_response_head
+from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
+from meshd.worker.upstream.http1 import UpstreamConn
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
-    from meshd.worker.process import Worker
+    from meshd.worker.context import Context
+    from meshd.worker.upstream.h2 import H2Stream
 
 log = logging.getLogger("meshd.worker")
-# A client triggers error answers at will (malformed heads, unknown services): their log
-# lines go through this, keyed by listener name and error kind.
-quiet = Throttle(log)
 
 READ_SIZE = 262144
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -72,7 +72,7 @@ class Idle(Exception):
 
 
 class HttpConnection:
-    def __init__(self, worker: Worker, listener: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket) -> None:
         self.worker = worker
         self.listener = listener
         self.sock = sock
@@ -82,22 +82,22 @@ class HttpConnection:
 
     # -- the request loop ---------------------------------------------------------------
 
-    def serve(self) -> None:
+    def serve(self) -> bytes | None:
+        """Requests until the connection ends. Returns what was read when the first head
+        is the HTTP/2 preface (``meshd.worker.serve`` goes on with HTTP/2), else None."""
         first = True
         while True:
             try:
                 head = self._read_head(first)
             except Idle:
-                return
+                return None
             except ProxyError as e:
                 self._answer_error(e, close=True)
-                return
+                return None
             if first and head == H2_PRI:  # HTTP/2 with prior knowledge (RFC 9113 §3.3)
-                from meshd.worker.h2_server import serve_h2  # h2 loads on first use
                 initial = head + bytes(self.buf)
                 self.buf.clear()
-                serve_h2(self.worker, self.listener, self.sock, initial)
-                return
+                return initial
             first = False
             started = time.monotonic()
             try:
@@ -110,13 +110,13 @@ class HttpConnection:
                     req.headers.append((b"Host", absolute[0]))
             except ProxyError as e:
                 self._answer_error(e, close=True)
-                return
+                return None
             try:
                 keep = self._proxy(req, started)
             except ClientGone:
-                return
+                return None
             if not keep:
-                return
+                return None
             # Draining: a response that already went out with keep-alive promised the
             # client one more request; it gets answered (with Connection: close), or the
             # connection is closed once it has been idle for a grace period.
@@ -205,11 +205,11 @@ class HttpConnection:
                 return False
             if req.expect_continue and req.has_body:
                 self._send(CONTINUE)
-            call = _Call(worker, req, self._upstream_head(req), service, endpoints, policy,
-                         started + policy.timeout, row, self._peer_address)
+            call = _Call(worker, req, service, endpoints, policy, started + policy.timeout, row,
+                         self._peer_address)
             if req.has_body:
                 body = call.body = RequestBody(self, req, call.replay)
-            status, keep = call.run(worker, lambda more: self._exchange(call, more))
+            status, keep = call.run(worker, Http1Side(self, req, body))
             return keep
         except ProxyError as e:
             status = e.status
@@ -252,76 +252,6 @@ class HttpConnection:
             framing.append((b"Content-Length", b"%d" % req.content_length))
         return http1.serialize_request_head(req.method, req.target, headers, framing)
 
-    def _exchange(self, call: _Call, attempts_left: bool) -> tuple[int, bool]:
-        worker = self.worker
-        req, body, policy = call.req, call.body, call.policy
-        balancer = worker.balancer
-        ep, ep_row, sent_at, try_deadline = call.start_attempt(worker)
-        proto, address, tls = call.protocol(worker, ep, ep_row, False, attempts_left)
-        conn = None
-        if proto == "http1":
-            conn = call.acquire(worker, ep, ep_row, sent_at, body is not None, tls, attempts_left)
-        if conn is None:  # HTTP/2: a meshed peer, protocol = "h2", or ALPN chose h2
-            from meshd.worker.h1_to_h2 import exchange_h2
-            return exchange_h2(self, call, attempts_left, ep_row, address, proto == "meshed",
-                               sent_at, try_deadline, tls)
-        rtt: float | None = None
-        failed = True
-        sender = None
-        try:
-            if body is not None:
-                sender = gevent.spawn(body.send, conn, call.head)
-                resp = self._read_response_head(conn, try_deadline, call.deadline)
-            else:
-                conn, resp = worker.pool.exchange_bodiless(
-                    conn, call.head, policy.connect_timeout,
-                    lambda c: self._read_response_head(c, try_deadline, call.deadline))
-            rtt = time.monotonic() - sent_at
-            if resp.status == 101:
-                failed = False
-                try:
-                    self._switch_protocols(req, resp, conn, policy.idle_timeout)
-                finally:
-                    conn.close()
-                return 101, False
-            kind = status_kind(resp.status)
-            failed = kind in policy.failure_on
-            if failed and may_retry(worker, call, kind, attempts_left):
-                raise RetryNow()
-            keep = self._relay_response(req, resp, conn)
-            if sender is not None:
-                sender.join()
-                if not sender.successful() or sender.value is not True:
-                    conn.close()
-                    return resp.status, False
-            if resp.keep_alive and self._upstream_clean:
-                worker.pool.release(conn)
-            else:
-                conn.close()
-            return resp.status, keep
-        except BaseException as e:
-            if sender is not None:
-                sender.kill()  # waits: the next attempt's sender reads the same client socket
-            conn.close()  # the upstream sees the request cancelled
-            if isinstance(e, RetryNow):
-                raise
-            body_error = self._body_error
-            if body_error is not None and not self.response_started:
-                failed = False  # the client's fault, not the endpoint's
-                if isinstance(body_error, ProxyError):
-                    raise body_error from None
-                raise ClientGone() from None
-            if isinstance(e, (OSError, ProxyError)) and not self.response_started:
-                kind = error_kind(e)
-                failed = kind in policy.failure_on
-                if may_retry(worker, call, kind, attempts_left):
-                    raise RetryNow() from None
-            if isinstance(e, OSError) and not self.response_started:
-                raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-            raise
-        finally:
-            balancer.finished(ep_row, rtt, failed, call.svc)
-
     def _recv_body(self, size: int = READ_SIZE) -> bytes:
         try:
             with Timeout(self._idle_timeout, RequestTimeout("request body read timed out")):
@@ -332,97 +262,39 @@ class HttpConnection:
             raise ClientGone()
         return data
 
-    def _read_response_head(self, conn: UpstreamConn, try_deadline: float,
-                            deadline: float) -> http1.ResponseHead:
-        """The final response head; informational ones other than 100 (our own 100
-        Continue went to the client already, if it asked) are passed on."""
-        limits = self.limits
-        while True:
-            resp = read_response_head(conn, try_deadline, deadline, limits.header_bytes,
-                                      limits.header_count)
-            if not 100 <= resp.status < 200 or resp.status == 101:
-                return resp
-            if resp.status != 100:
-                self._send(http1.serialize_response_head(resp.status, resp.reason,
-                                                         strip_meshd_error(resp.headers)))
+    def _informational(self, resp: http1.ResponseHead) -> None:
+        """A 1xx head other than 100 goes to the client as it is (our own 100 Continue
+        went already, if it asked)."""
+        self._send(http1.serialize_response_head(resp.status, resp.reason,
+                                                 strip_meshd_error(resp.headers)))
 
-    def _relay_response(self, req: http1.RequestHead, resp: http1.ResponseHead,
-                        conn: UpstreamConn) -> bool:
-        """Send the response to the client. Returns whether the client connection stays."""
-        keep = req.keep_alive and not self.worker.draining
-        headers = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
-        extra: list[tuple[bytes, bytes]] = []
-        has_body = http1.response_has_body(req.method, resp.status)
-        close_delimited = has_body and not resp.chunked and resp.content_length is None
-        chunk_out = resp.chunked or (close_delimited and req.version == b"HTTP/1.1")
-        if close_delimited and not chunk_out:
-            keep = False
-        if not has_body:
-            if resp.content_length is not None and resp.status != 204:
-                extra.append((b"Content-Length", b"%d" % resp.content_length))
-        elif chunk_out:
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        elif resp.content_length is not None:
-            extra.append((b"Content-Length", b"%d" % resp.content_length))
-        if not keep:
-            extra.append((b"Connection", b"close"))
-        elif req.version == b"HTTP/1.0":
-            extra.append((b"Connection", b"keep-alive"))
-        head = http1.serialize_response_head(resp.status, resp.reason, headers, extra)
-        self._upstream_clean = not close_delimited
+    def _relay_response(self, req: http1.RequestHead, ex: UpstreamExchange, status: int,
+                        reason: bytes, fields: list[tuple[bytes, bytes]],
+                        length: bytes | None, chunked: bool,
+                        trailers: Callable[[list[tuple[bytes, bytes]]],
+                                           list[tuple[bytes, bytes]]]) -> bool:
+        """Send the response to the client, framed by ``response_framing`` whatever the
+        upstream spoke (``length``, ``chunked``: the upstream's framing); ``trailers``
+        picks what of the upstream's trailers goes on. Returns whether the client
+        connection stays."""
+        extra, chunk_out, keep = response_framing(req.method, status, req.version,
+                                                  req.keep_alive and not self.worker.draining,
+                                                  length, chunked)
+        out = [http1.serialize_response_head(status, reason, fields, extra)]
         self.response_started = True
-        if not has_body:
-            self._send(head)
-        elif resp.chunked:
-            self._relay_chunked(head, conn)
-        elif resp.content_length is not None:
-            self._relay_exact(head, conn, resp.content_length)
-        else:
-            self._relay_until_close(head, conn, chunk_out)
-        return keep
-
-    def _relay_exact(self, head: bytes, conn: UpstreamConn, n: int) -> None:
-        take = min(len(conn.buf), n)
-        first = head + bytes(conn.buf[:take])
-        del conn.buf[:take]
-        n -= take
-        self._send(first)
-        while n > 0:
-            data = conn.read_body(self._idle_timeout)
-            if len(data) > n:
-                conn.buf += data[n:]
-                data = data[:n]
-            n -= len(data)
-            self._send(data)
-
-    def _relay_chunked(self, head: bytes, conn: UpstreamConn) -> None:
-        decoder = http1.ChunkedDecoder()
-        out = [head]
-        while True:
-            try:
-                pieces = decoder.feed(conn.read_body(self._idle_timeout))
-            except BadRequest as e:
-                raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
-            out.extend(http1.encode_chunk(p) for p in pieces if p)
-            if decoder.done:
-                kept = strip_meshd_error(http1.forwardable_trailers(decoder.trailers))
+        if http1.response_has_body(req.method, status):
+            idle = self._idle_timeout
+            while (data := ex.read(idle)) is not None:
+                out.append(http1.encode_chunk(data) if chunk_out else data)
+                if not ex.complete:
+                    self._send(b"".join(out))
+                    out = []
+            if chunk_out:
+                kept = trailers(ex.trailers)
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
-                self._send(b"".join(out))
-                conn.buf += decoder.unconsumed
-                return
-            if out:
-                self._send(b"".join(out))
-                out = []
-
-    def _relay_until_close(self, head: bytes, conn: UpstreamConn, chunk_out: bool) -> None:
-        self._send(head)
-        while True:
-            data = conn.read_body(self._idle_timeout, False)
-            if not data:
-                if chunk_out:
-                    self._send(http1.LAST_CHUNK)
-                return
-            self._send(http1.encode_chunk(data) if chunk_out else data)
+        if out:
+            self._send(b"".join(out))
+        return keep
 
     # -- tunnels ------------------------------------------------------------------------
 
@@ -490,18 +362,8 @@ class HttpConnection:
 
     def _answer_error(self, err: ProxyError, close: bool) -> bool:
         """Answer with the error's status and reason. Returns whether to keep the connection."""
-        level = logging.INFO if err.status < 500 else logging.WARNING
-        name = self.listener.name
-        quiet.log(level, f"{name}: {type(err).__name__}", "%s %s: %s", name, err.status,
-                  err.reason)
-        reason = public_reason(err, self.listener)
-        body = reason.encode("utf-8", "replace") + b"\n"
+        extra, body = error_answer(err, self.listener)
         close = close or self.worker.draining
-        extra = [
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"meshd-error", reason.encode("ascii", "replace")[:200]),
-        ]
         if close:
             extra.append((b"Connection", b"close"))
         try:
@@ -510,7 +372,6 @@ class HttpConnection:
             return False
         return not close
 
-    _upstream_clean = True
     _body_error: BaseException | None = None
     _idle_timeout = BODY_IDLE_TIMEOUT
     _peer: bytes | None = None
@@ -520,22 +381,107 @@ class HttpConnection:
 
 
 class _Call(Call):
-    """An HTTP/1.1 request across its attempts: its head as sent upstream, its body."""
+    """An HTTP/1.1 request across its attempts, and its body."""
 
-    __slots__ = ("req", "head", "body")
+    __slots__ = ("body",)
 
-    def __init__(self, worker: Worker, req: http1.RequestHead, head: bytes, service: str,
+    def __init__(self, worker: Context, req: http1.RequestHead, service: str,
                  endpoints: tuple[Endpoint, ...], policy: Policy, deadline: float, row: int,
                  peer: Callable[[], bytes]) -> None:
         super().__init__(worker, service, endpoints, policy, deadline, row, req.method,
                          req.headers, peer)
-        self.req = req
-        self.head = head
         self.body: RequestBody | None = None
 
     def body_replayable(self) -> bool:
         body = self.body
         return body is None or body.replayable or not body.started
+
+
+class Http1Side:
+    """The HTTP/1.1 client side of one call (``meshd.worker.call.ClientSide``): the
+    request goes out as an HTTP/1.1 head (built for the first attempt that goes
+    HTTP/1.1) or translated to HTTP/2 (``http1_to_h2``), the body from ``RequestBody``;
+    the response comes back in HTTP/1.1 framing, or a 101 starts a tunnel."""
+
+    grpc = False
+
+    def __init__(self, conn: HttpConnection, req: http1.RequestHead,
+                 body: RequestBody | None) -> None:
+        self.conn = conn
+        self.req = req
+        self.body = body
+        self.has_body = body is not None
+        self.meshed = False
+        self._head: bytes | None = None
+
+    @property
+    def response_started(self) -> bool:
+        return self.conn.response_started
+
+    def http1_exchange(self, call: Call, conn: UpstreamConn) -> Http1Exchange:
+        if self._head is None:
+            self._head = self.conn._upstream_head(self.req)
+        limits = self.conn.limits
+        return Http1Exchange(self.conn.worker.pool, conn, self._head, self.req.method,
+                             self.body.send if self.body is not None else None,
+                             call.policy.connect_timeout, limits.header_bytes,
+                             limits.header_count, self.conn._informational, upgrade=True)
+
+    def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
+        return h2_request(self.req, https, meshed), True
+
+    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
+        self.meshed = meshed
+        body, idle = self.body, call.policy.idle_timeout
+        return H2Exchange(stream, (lambda s: body.send_h2(s, idle)) if body is not None else None)
+
+    def respond(self, call: Call, ex: UpstreamExchange, status: int) -> tuple[int, bool]:
+        conn = self.conn
+        if isinstance(ex, Http1Exchange):
+            if status == 101:
+                assert ex.resp is not None
+                try:
+                    conn._switch_protocols(self.req, ex.resp, ex.conn, call.policy.idle_timeout)
+                finally:
+                    ex.conn.close()
+                return 101, False
+            resp = ex.resp
+            assert resp is not None
+            fields = strip_meshd_error(http1.strip_hop_by_hop(resp.headers,
+                                                              resp.connection_tokens))
+            length = None if resp.content_length is None else b"%d" % resp.content_length
+            keep = conn._relay_response(self.req, ex, status, resp.reason, fields, length,
+                                        resp.chunked, strip_meshd_error)
+        else:
+            assert isinstance(ex, H2Exchange)
+            meshed = self.meshed  # a peer meshd's meshd-error is its own; an application's not
+            fields, length = http1_response_fields(ex.head if meshed
+                                                   else strip_meshd_error(ex.head))
+            if not http1.response_has_body(self.req.method, status):
+                ex.stream.reset()  # HEAD, 204, 304: a body it might still send is not wanted
+
+            def trailers(kept: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+                kept = [(k, v) for k, v in kept if k not in H1_TO_H2_DROP]
+                return kept if meshed else strip_meshd_error(kept)
+
+            keep = conn._relay_response(self.req, ex, status, _phrase(status), fields, length,
+                                        False, trailers)
+        if not ex.finish():
+            return status, False  # the client's body was not all read
+        return status, keep
+
+    def client_fault(self, e: BaseException) -> BaseException | None:
+        body_error = self.conn._body_error
+        if body_error is None or self.conn.response_started:
+            return None
+        return body_error if isinstance(body_error, ProxyError) else ClientGone()
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _upgrade_protocols(req: http1.RequestHead, h2c: bool = False) -> bytes:

@@ -1,8 +1,8 @@
 """HTTP/2 toward upstreams: one connection to one endpoint carries many streams.
 
 ``H2Upstream`` owns one connection (h2c with prior knowledge, RFC 9113 §3.3; or a TLS
-socket on which ALPN selected "h2", ``meshd.worker.upstream_tls``), ``H2Stream`` one
-request/response exchange on it, and ``meshd.worker.h2_pool`` keeps a worker's
+socket on which ALPN selected "h2", ``meshd.worker.upstream.tls``), ``H2Stream`` one
+request/response exchange on it, and ``meshd.worker.upstream.h2_pool`` keeps a worker's
 connections, reusing one per endpoint while it has room.
 
 Use: ``pool.stream(address, head, end_stream, connect_timeout)``, then ``send_data`` /

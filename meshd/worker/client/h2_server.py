@@ -1,7 +1,7 @@
 """HTTP/2 from clients (prior knowledge, RFC 9113 §3.3), on the ``h2`` library.
 
 One greenlet reads the connection and feeds ``h2``; each request stream is a task on a
-reused greenlet (``meshd.worker.tasks``), which proxies it (``meshd.worker.h2_stream``).
+reused greenlet (``meshd.worker.tasks``), which proxies it (``meshd.worker.client.h2_stream``).
 This module owns the connection: its settings and limits, writing frames for the streams
 (flow control included), resets and GOAWAY.
 
@@ -60,13 +60,13 @@ from meshd.proto.h2_headers import (
 )
 from meshd.ratelog import Throttle
 from meshd.worker import tasks
-from meshd.worker.h2_stream import H2ToHttp1, Stream, StreamGone
+from meshd.worker.client.h2_stream import H2ToHttp1, Stream, StreamGone
+from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall, shutdown
-from meshd.worker.tcp_proxy import redirected_destination
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
-    from meshd.worker.process import Worker
+    from meshd.worker.context import Context
 
 log = logging.getLogger("meshd.worker")
 throttled = Throttle(log)  # for lines a client can cause at will (one per worker)
@@ -87,7 +87,7 @@ MAX_CONTROL_QUEUED = 10000
 
 
 class H2ServerConnection:
-    def __init__(self, worker: Worker, listener: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket) -> None:
         self.worker = worker
         self.listener = listener
         self.sock = sock
@@ -603,7 +603,7 @@ def _error_code(e: h2.exceptions.ProtocolError) -> int:
     return int(getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
 
 
-def serve_h2(worker: Worker, listener: ListenerConfig, sock: socket.socket, initial: bytes) -> None:
+def serve_h2(worker: Context, listener: ListenerConfig, sock: socket.socket, initial: bytes) -> None:
     """Serve a connection that opened with the HTTP/2 preface (``initial`` holds what was
     read already, the preface included)."""
     H2ServerConnection(worker, listener, sock).serve(initial)

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from meshd.balance.retry import MAX_REPLAY_BODY
 from meshd.errors import ProxyError
 from meshd.proto import http1
 
 if TYPE_CHECKING:
-    from meshd.worker.h2_upstream import H2Stream
-    from meshd.worker.upstream import UpstreamConn
+    from meshd.worker.upstream.h2 import H2Stream
+    from meshd.worker.upstream.http1 import UpstreamConn
 
-REPLAY_LIMIT = 65536  # request bodies up to this size are kept for a retry
+REPLAY_LIMIT = MAX_REPLAY_BODY  # request bodies up to this size are kept for a retry
 READ_SIZE = 262144
 
 

@@ -2,26 +2,41 @@
 service through the routing rules and failover, its endpoints and metric row, its
 consistent-hash key, and whether a failed attempt may be sent again.
 
-``Call`` is one client request across its attempts; the protocol modules keep their
-own framing state beside it. ``Call.start_attempt`` picks the endpoint of the next
-attempt and its deadlines, ``connect_failed`` and ``may_retry`` decide whether a failed
-attempt is sent again (the protocol module then raises ``RetryNow``).
-``meshd-error`` is meshd's alone: ``strip_meshd_error`` removes an upstream's, and
-``public_reason`` is what meshd's own error answer says (nothing internal on inbound
-listeners).
+``Call`` is one client request across its attempts, and ``Call.run`` its one attempt
+loop, whatever the client and the upstream speak: ``start_attempt`` picks the endpoint
+and the attempt's deadlines, an ``UpstreamExchange`` (``meshd.worker.upstream.exchange``)
+goes over HTTP/1.1 or an HTTP/2 stream, the balancer is told how each attempt went, and
+``connect_failed`` and ``may_retry`` classify a failure and decide whether the request is
+sent again (``RetryNow``: the rule is ``meshd.balance.retry.attempt_refusal``'s, then the
+deadline and the shared budget). The client side (``ClientSide``: an HTTP/1.1 connection's
+request, an HTTP/2 stream) only translates the request in and the response out.
+``meshd-error`` is meshd's alone: ``meshd.proto.translate.strip_meshd_error`` removes an
+upstream's; ``error_answer`` is meshd's own answer for either client side, and
+``public_reason`` what it says (nothing internal on inbound listeners).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import gevent
 
+from meshd.balance.retry import attempt_refusal
 from meshd.discovery.api import Endpoint
-from meshd.errors import NoEndpoints, NoService, ProtocolUnavailable, ProxyError, UpstreamTimeout
+from meshd.errors import (
+    NoEndpoints,
+    NoService,
+    ProtocolUnavailable,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from meshd.proto.translate import MESHD_ERROR, ORIG_PROTO, strip_meshd_error
+from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -29,18 +44,56 @@ from meshd.worker.routing import Policy
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
     from meshd.snapshot import Snapshot
-    from meshd.worker.h2_upstream import H2Stream
-    from meshd.worker.process import Worker
-    from meshd.worker.upstream import UpstreamConn
-    from meshd.worker.upstream_tls import TlsTarget
+    from meshd.worker.context import Context
+    from meshd.worker.upstream.exchange import UpstreamExchange
+    from meshd.worker.upstream.h2 import H2Stream
+    from meshd.worker.upstream.http1 import UpstreamConn
+    from meshd.worker.upstream.tls import TlsTarget
+
+log = logging.getLogger("meshd.worker")
+# A client triggers error answers at will (malformed heads, unknown services): their log
+# lines go through this, keyed by listener name and error kind.
+quiet = Throttle(log)
 
 Headers = Sequence[tuple[bytes, bytes]]
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+__all__ = ["MESHD_ERROR", "ORIG_PROTO", "strip_meshd_error"]  # re-exported for older imports
 
 
 class RetryNow(Exception):
     """This attempt failed in a way another endpoint may not, and the retry rules allow
     another: the protocol module's request loop sends the request again."""
+
+
+class ClientSide(Protocol[T_co]):
+    """What a client side (HTTP/1.1 connection, HTTP/2 stream) does for an attempt: it
+    translates the request in (an exchange over HTTP/1.1 or an HTTP/2 stream, its
+    sender reading the client's body) and the response out (``respond``)."""
+
+    @property
+    def grpc(self) -> bool: ...               # the request needs HTTP/2 upstream (gRPC)
+    @property
+    def has_body(self) -> bool: ...
+    @property
+    def response_started(self) -> bool: ...   # a byte of the response reached the client
+
+    def http1_exchange(self, call: Call, conn: UpstreamConn) -> UpstreamExchange: ...
+
+    def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The HTTP/2 request head, and whether it is valid by construction."""
+        ...
+
+    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> UpstreamExchange: ...
+
+    def respond(self, call: Call, ex: UpstreamExchange, status: int) -> T_co:
+        """Relay the response (its head received, not a failure to retry)."""
+        ...
+
+    def client_fault(self, e: BaseException) -> BaseException | None:
+        """What to raise instead when the attempt failed through the client's fault (its
+        body broke, it went away), else None."""
+        ...
 
 
 class Call:
@@ -49,7 +102,7 @@ class Call:
     __slots__ = ("service", "svc", "endpoints", "policy", "deadline", "row", "replay",
                  "hash_key", "tried")
 
-    def __init__(self, worker: Worker, service: str, endpoints: tuple[Endpoint, ...],
+    def __init__(self, worker: Context, service: str, endpoints: tuple[Endpoint, ...],
                  policy: Policy, deadline: float, row: int, method: bytes, headers: Headers,
                  peer: Callable[[], bytes]) -> None:
         self.service = service
@@ -68,7 +121,7 @@ class Call:
         for replay override this."""
         return True
 
-    def start_attempt(self, worker: Worker) -> tuple[Endpoint, int, float, float]:
+    def start_attempt(self, worker: Context) -> tuple[Endpoint, int, float, float]:
         """(endpoint, its shm row, when the attempt starts, its deadline) of the next
         attempt, counted in flight. A retry goes to an endpoint not tried yet, when there
         is one; the attempt's deadline is the sooner of ``try_timeout`` and the call's."""
@@ -89,20 +142,75 @@ class Call:
         """The connect timeout, cut short by what is left of the call's deadline."""
         return min(self.policy.connect_timeout, max(self.deadline - now, 0.001))
 
-    def run(self, worker: Worker, exchange: Callable[[bool], T]) -> T:
+    def run(self, worker: Context, side: ClientSide[T]) -> T:
         """Attempts until one ends without ``RetryNow``, each told whether another may
         follow, a backoff pause between them (within the call's deadline)."""
         attempt = 0
         while True:
             try:
-                return exchange(attempt < self.policy.retries)
+                return self.attempt(worker, side, attempt < self.policy.retries)
             except RetryNow:
                 attempt += 1
                 pause = min(worker.retries.backoff(attempt), self.deadline - time.monotonic())
                 if pause > 0:
                     gevent.sleep(pause)
 
-    def protocol(self, worker: Worker, ep: Endpoint, row: int, grpc: bool,
+    def attempt(self, worker: Context, side: ClientSide[T], attempts_left: bool) -> T:
+        """One attempt, whatever the client and the upstream speak: the endpoint picked
+        and counted in flight, an exchange opened over HTTP/1.1 or an HTTP/2 stream (a
+        failure to open one is a connect failure), the response head awaited and
+        classified, then handed to the client side; the balancer told how it went.
+        Raises ``RetryNow`` when the attempt failed before any response byte reached
+        the client and the retry rules allow another."""
+        ep, row, sent_at, try_deadline = self.start_attempt(worker)
+        proto, address, tls = self.protocol(worker, ep, row, side.grpc, attempts_left)
+        conn = None
+        if proto == "http1":
+            conn = self.acquire(worker, ep, row, sent_at, side.has_body, tls, attempts_left)
+        ex: UpstreamExchange
+        if conn is not None:
+            ex = side.http1_exchange(self, conn)
+        else:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
+            meshed = proto == "meshed"
+            head, checked = side.h2_head(tls is not None, meshed)
+            stream = self.open_h2(worker, address, head, not side.has_body, sent_at, tls, row,
+                                  attempts_left, checked)
+            ex = side.h2_exchange(self, stream, meshed)
+        policy = self.policy
+        failed = True
+        rtt: float | None = None
+        try:
+            ex.start()
+            status = ex.response(try_deadline, self.deadline)
+            rtt = time.monotonic() - sent_at
+            kind = status_kind(status)
+            failed = kind in policy.failure_on
+            if failed and may_retry(worker, self, kind, attempts_left):
+                raise RetryNow()
+            return side.respond(self, ex, status)
+        except BaseException as e:
+            ex.abort()
+            if isinstance(e, RetryNow):
+                raise
+            fault = side.client_fault(e)
+            if fault is not None:  # the client's fault, not the endpoint's
+                failed = False
+                if fault is e:
+                    raise
+                raise fault from None
+            if isinstance(e, (OSError, ProxyError)) and not side.response_started:
+                kind = error_kind(e)
+                failed = kind in policy.failure_on
+                if may_retry(worker, self, kind, attempts_left):
+                    raise RetryNow() from None
+                if isinstance(e, OSError):
+                    raise UpstreamError(f"connection to {ex.endpoint} failed: "
+                                        f"{e.strerror or e}") from None
+            raise
+        finally:
+            worker.balancer.finished(row, rtt, failed, self.svc)
+
+    def protocol(self, worker: Context, ep: Endpoint, row: int, grpc: bool,
                  attempts_left: bool) -> tuple[str, tuple[str, int], TlsTarget | None]:
         """``upstream_protocol`` for this attempt; a failure is a connect failure."""
         try:
@@ -111,7 +219,7 @@ class Call:
             connect_failed(worker, self, row, e, attempts_left)
             raise
 
-    def acquire(self, worker: Worker, ep: Endpoint, row: int, sent_at: float, check: bool,
+    def acquire(self, worker: Context, ep: Endpoint, row: int, sent_at: float, check: bool,
                 tls: TlsTarget | None, attempts_left: bool) -> UpstreamConn | None:
         """A pooled or new HTTP/1.1 connection for this attempt (a failure is a connect
         failure), or None when it was a new TLS connection on which the endpoint selected
@@ -130,7 +238,7 @@ class Call:
             connect_failed(worker, self, row, e, attempts_left)
             raise
 
-    def open_h2(self, worker: Worker, address: tuple[str, int],
+    def open_h2(self, worker: Context, address: tuple[str, int],
                 headers: list[tuple[bytes, bytes]], end_stream: bool, sent_at: float,
                 tls: TlsTarget | None, row: int, attempts_left: bool,
                 checked: bool = False) -> H2Stream:
@@ -158,7 +266,7 @@ def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
     return endpoints
 
 
-def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: bytes | None,
+def route(worker: Context, listener: ListenerConfig, method: bytes, authority: bytes | None,
           target: bytes, headers: Headers,
           redirected: Callable[[], tuple[str, int] | None] | None = None,
           ) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
@@ -203,7 +311,7 @@ def route(worker: Worker, listener: ListenerConfig, method: bytes, authority: by
     return service, endpoints, ROW_OVERFLOW if row is None else row, policy
 
 
-def _original_destination(worker: Worker, listener: ListenerConfig, dst: tuple[str, int],
+def _original_destination(worker: Context, listener: ListenerConfig, dst: tuple[str, int],
                           ) -> tuple[str, tuple[Endpoint, ...], int, Policy]:
     """The route of a redirected request no source knows: its original destination,
     with the default service settings, counted on the listener's row. The service is ""
@@ -246,7 +354,7 @@ def error_kind(e: BaseException) -> str:
     return "timeout" if isinstance(e, UpstreamTimeout) else "reset"
 
 
-def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
+def connect_failed(worker: Context, call: Call, row: int, e: BaseException,
                    attempts_left: bool) -> None:
     """The attempt's connection could not be made: count it for the endpoint, and raise
     ``RetryNow`` when the request may go elsewhere (nothing of it was sent)."""
@@ -258,15 +366,14 @@ def connect_failed(worker: Worker, call: Call, row: int, e: BaseException,
         raise RetryNow() from None
 
 
-def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> bool:
+def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bool:
     """An attempt failed (``kind``: connect, reset, timeout, 5xx, 4xx) before any response
     byte reached the client: may the request go to another endpoint? One whose bytes
     never left meshd (connect failed) may, whatever its method; one that reached an
     upstream only when it is replayable (idempotent or marked retryable, body kept).
     The shared budget is spent when it may."""
-    if not attempts_left or kind not in call.policy.failure_on:
-        return False
-    if kind != "connect" and not (call.replay and call.body_replayable()):
+    if attempt_refusal(kind, call.policy.failure_on, attempts_left, call.replay,
+                       call.body_replayable()) is not None:
         return False
     now = time.monotonic()
     if now >= call.deadline:
@@ -274,15 +381,20 @@ def may_retry(worker: Worker, call: Call, kind: str, attempts_left: bool) -> boo
     return worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now)
 
 
-ORIG_PROTO = b"meshd-orig-proto"  # on meshd-to-meshd HTTP/2: the client's own protocol
-MESHD_ERROR = b"meshd-error"  # on meshd's own error answers: the reason
-
-
-def strip_meshd_error(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """A response's (or its trailers') fields without ``meshd-error``: only meshd says
-    that an answer is its own error. (An upstream that is a peer meshd keeps it: the peer
-    removed its application's.)"""
-    return [(k, v) for k, v in headers if k.lower() != MESHD_ERROR]
+def error_answer(err: ProxyError, listener: ListenerConfig, protocol: str = "",
+                 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """meshd's own answer to a request it could not proxy: (its fields, with
+    ``meshd-error``; its body, the public reason on one line), logged through the
+    throttle (a client causes these at will). ``protocol``: for the log line."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    name = listener.name
+    quiet.log(level, f"{name}: {type(err).__name__}", "%s %s%s: %s", name, err.status,
+              protocol and f" ({protocol})", err.reason)
+    reason = public_reason(err, listener)
+    body = reason.encode("utf-8", "replace") + b"\n"
+    return [(b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+            (MESHD_ERROR, reason.encode("ascii", "replace")[:200])], body
 
 
 def public_reason(err: ProxyError, listener: ListenerConfig) -> str:
@@ -295,7 +407,7 @@ def public_reason(err: ProxyError, listener: ListenerConfig) -> str:
     return err.reason
 
 
-def upstream_protocol(worker: Worker, call: Call, ep: Endpoint, grpc: bool,
+def upstream_protocol(worker: Context, call: Call, ep: Endpoint, grpc: bool,
                       ) -> tuple[str, tuple[str, int], TlsTarget | None]:
     """("http1" | "h2" | "meshed", address, TLS target or None) for a request to ``ep``.
 

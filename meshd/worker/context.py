@@ -1,0 +1,58 @@
+"""What the data path needs of its worker, as a ``Protocol``: the handlers (client side,
+upstream side, the call) take a ``Context`` rather than the worker class, so none of them
+imports ``meshd.worker.process`` (nor ``meshd.worker.entry``, which monkey-patches on import) and each
+can be driven in-process by a test with a small stand-in.
+
+``meshd.worker.process.Worker`` is the one implementation; ``tests/test_worker_layout.py``
+holds the data path to importing this protocol only.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from meshd.config import Config, ListenerConfig
+    from meshd.discovery.api import Endpoint
+    from meshd.shm import Stripe
+    from meshd.snapshot import Snapshot
+    from meshd.worker.balancer import SharedBalancer
+    from meshd.worker.retries import RetryBudgets
+    from meshd.worker.routing import Router
+    from meshd.worker.upstream.h2_pool import H2Pool
+    from meshd.worker.upstream.http1 import Pool
+    from meshd.worker.upstream.tls import UpstreamTls
+
+
+class Idler(Protocol):
+    """A client connection the drain may close between requests."""
+
+    idle_since: float  # > 0 while it waits for the next request
+
+
+class Context(Protocol):
+    """A worker as its data path sees it (attributes read per request: a reload makes a
+    new worker, never changes these under a request, except ``snapshot``, which the
+    worker swaps whole, and ``draining``)."""
+
+    config: Config
+    snapshot: Snapshot
+    stripe: Stripe                   # this worker's metric counters in shared memory
+    balancer: SharedBalancer
+    retries: RetryBudgets
+    router: Router
+    pool: Pool                       # HTTP/1.1 upstream connections
+    tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
+    draining: bool
+    listeners: list[tuple[ListenerConfig, socket.socket]]
+
+    @property
+    def connections(self) -> MutableMapping[Any, Idler | None]: ...
+    # client connections being served, by greenlet: the drain closes the idle ones
+
+    @property
+    def h2pool(self) -> H2Pool: ...  # HTTP/2 upstream connections (made on first use)
+
+    def resolve(self, service: str) -> tuple[Endpoint, ...] | None: ...
