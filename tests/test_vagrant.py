@@ -87,14 +87,18 @@ def _lab_vm(root: Path, name: str, consul: ConsulServer, tmp_path: Path) -> tupl
     app = Backend(name).start()
     ports = {"outbound": free_port(), "inbound": free_port(), "admin": free_port()}
     text = (root / "etc/meshd/meshd.toml").read_text()
-    for old, new in (("127.0.0.1:4140", f"127.0.0.1:{ports['outbound']}"),
-                     ("0.0.0.0:4143", f"127.0.0.1:{ports['inbound']}"),
-                     ("127.0.0.1:4191", f"127.0.0.1:{ports['admin']}"),
-                     ("http://127.0.0.1:8500", consul.url),
-                     ("127.0.0.1:8080", app.address),
-                     ("workers = 2", "workers = 1")):
+    moves = {"127.0.0.1:4140": f"127.0.0.1:{ports['outbound']}",
+             "0.0.0.0:4143": f"127.0.0.1:{ports['inbound']}",
+             "127.0.0.1:4191": f"127.0.0.1:{ports['admin']}",
+             "http://127.0.0.1:8500": consul.url,
+             "127.0.0.1:8080": app.address,
+             "workers = 2": "workers = 1"}
+    for old in moves:
         assert old in text
-        text = text.replace(old, new)
+    # One pass: a port put in by one move (41911) must not be rewritten by a later one
+    # (127.0.0.1:4191 -> a port and a stray "1").
+    text = re.sub("|".join(re.escape(old) + r"(?!\d)" for old in moves),
+                  lambda m: moves[m.group(0)], text)
     instance = f"lab-{name}-{tmp_path.name[-16:]}"
     config = tmp_path / f"{name}.toml"
     config.write_text(f'state_dir = "{tmp_path}/{name}-state"\ninstance = "{instance}"\n' + text)
