@@ -35,7 +35,7 @@ from meshd.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from meshd.proto.translate import MESHD_ERROR, ORIG_PROTO, strip_meshd_error
+from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
@@ -58,7 +58,6 @@ quiet = Throttle(log)
 Headers = Sequence[tuple[bytes, bytes]]
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
-__all__ = ["MESHD_ERROR", "ORIG_PROTO", "strip_meshd_error"]  # re-exported for older imports
 
 
 class RetryNow(Exception):
@@ -288,8 +287,8 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
         host = listener.service or strip_port((authority or b"").decode("latin-1"))
         service, matched = worker.router.match(listener.name, host, method, target, headers)
         policy = worker.router.policy(service, matched)
-        if (redirected is not None and not listener.service and _ip_literal(service)
-                and service not in worker.snapshot.services):
+        if (redirected is not None and not listener.service
+                and service not in worker.snapshot.services and _ip_literal(service)):
             # An address, not a name: no source is asked for it (an on-demand watch per
             # address the application calls would be waited for and then refused).
             endpoints = None
