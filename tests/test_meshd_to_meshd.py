@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import threading
 from collections import Counter
 
 from conftest import MeshFactory
 
-from meshd.testing.harness import Meshd, free_port
+from meshd.testing.harness import Meshd, free_port, tcp_sockets
 from meshd.testing.tcp_server import TcpServer
 
 INBOUND = """
@@ -29,23 +28,7 @@ tunnel_ports = [{tunnel_ports}]
 
 def _peer_connections(pid: int, port: int) -> int:
     """Established TCP connections from process ``pid`` to 127.0.0.1:``port``."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            remote, state, inode = parts[2], parts[3], parts[9]
-            if state == "01" and inode in inodes and int(remote.split(":")[1], 16) == port:
-                count += 1
-    return count
+    return sum(1 for _, remote, state in tcp_sockets(pid) if state == "01" and remote == port)
 
 
 def _two_meshds(mesh: MeshFactory, service: str, app: str, *, forward: str | None = None,

@@ -5,7 +5,6 @@ ports; a refused tunnel is closed without connecting anywhere, counted as
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -14,17 +13,8 @@ import sys
 from conftest import MeshFactory
 
 from meshd.ratelog import BURST
-from meshd.testing.harness import Meshd, free_port, wait_for
-from meshd.testing.tcp_server import TcpServer
-
-
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        try:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-        except OSError:
-            pass
+from meshd.testing.harness import Meshd, free_port, tcp_sockets, wait_for
+from meshd.testing.tcp_server import TcpServer, echo
 
 
 def _inbound(port: int, forward: str, tunnel_ports: list[int]) -> str:
@@ -63,7 +53,7 @@ def _refused(m: Meshd) -> float:
 
 
 def test_tunnel_reaches_a_listed_port_and_never_an_unlisted_one(mesh):
-    with TcpServer(_echo) as listed, TcpServer(_echo) as database:
+    with TcpServer(echo) as listed, TcpServer(echo) as database:
         m, port = _start(mesh, [listed.port])
         # a database bound to 127.0.0.1: not listed, so not reachable through the tunnel
         assert _tunnel(port, database.port, b"SELECT 1;") == b""
@@ -119,7 +109,7 @@ def test_tunnel_ports_naming_meshd_own_ports_are_a_config_error(mesh, tmp_path):
 
 
 def test_refused_tunnels_do_not_flood_the_log(mesh):
-    with TcpServer(_echo) as database:
+    with TcpServer(echo) as database:
         m, port = _start(mesh, [])
         for _ in range(1000):
             with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
@@ -141,19 +131,4 @@ def test_refused_tunnels_do_not_flood_the_log(mesh):
 
 def _listening_ports(pid: int) -> set[int]:
     """Ports of the TCP sockets process ``pid`` listens on (IPv4)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if parts[3] == "0A" and parts[9] in inodes:
-                ports.add(int(parts[1].split(":")[1], 16))
-    return ports
+    return {local for local, _, state in tcp_sockets(pid) if state == "0A"}

@@ -12,7 +12,7 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
 from meshd.testing.harness import free_port, read_head, wait_for
-from meshd.testing.tcp_server import TcpServer
+from meshd.testing.tcp_server import TcpServer, echo
 
 WS_LISTENER = """
 [[listener]]
@@ -84,14 +84,8 @@ def test_h2c_upgrade_is_not_passed_upstream(mesh, backends):
     assert "upgrade" not in seen and "http2-settings" not in seen, seen
 
 
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
-
 def test_connect_tunnels_to_an_endpoint_of_the_named_service(mesh):
-    with TcpServer(_echo) as srv:
+    with TcpServer(echo) as srv:
         m = mesh.run({"echo": [srv.address]})
         with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as s:
             s.sendall(b"CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n\r\nearly bytes|")

@@ -88,6 +88,28 @@ def read_head(sock: socket.socket, until: bytes = b"\r\n\r\n") -> bytes:
     return data
 
 
+def tcp_sockets(pid: int) -> list[tuple[int, int, str]]:
+    """The IPv4 TCP sockets process ``pid`` holds: (local port, remote port, state as
+    /proc/net/tcp writes it: "0A" listening, "01" established)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[9] in inodes:
+                found.append((int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16),
+                              parts[3]))
+    return found
+
+
 def process_usage(pid: int) -> tuple[float, float]:
     """(resident MiB, CPU seconds used so far) of a process, from /proc."""
     with open(f"/proc/{pid}/status") as f:

@@ -70,3 +70,13 @@ class TcpServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def echo(conn: socket.socket) -> None:
+    """A handler that sends back what it reads until the peer ends (or breaks) its side."""
+    with conn:
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
