@@ -290,7 +290,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     """Validate an already-read TOML document; raise ``ConfigError`` with every problem.
 
     ``check_files=False`` skips loading ``[service.NAME.tls]`` files through ssl: the
-    master parses so, after ``meshd.cli.common.load_checked`` had them checked in a
+    master parses so, after ``meshd.validate.load_checked`` had them checked in a
     child, because a process that forks gevent workers must not import ssl itself."""
     env = os.environ if environ is None else environ
     problems: Problems = []

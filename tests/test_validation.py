@@ -1,6 +1,6 @@
 """One validation for `meshd run`, `meshd check` and a reload (HUP), and a master that
 never imports ssl: plugins and TLS files are checked in a short-lived child the master
-forks (``meshd.cli.common.load_checked(isolated=True)``), so the gevent children patch
+forks (``meshd.validate.load_checked(isolated=True)``), so the gevent children patch
 the standard library before anything in their memory imported ssl."""
 
 from __future__ import annotations

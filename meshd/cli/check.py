@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from meshd.cli.common import fail_config, load_checked
+from meshd.cli.common import fail_config
 from meshd.errors import ConfigError
+from meshd.validate import load_checked
 
 
 @click.command()

@@ -7,8 +7,9 @@ import sys
 import click
 
 from meshd import logs
-from meshd.cli.common import fail_config, load_checked
+from meshd.cli.common import fail_config
 from meshd.errors import ConfigError
+from meshd.validate import load_checked
 
 
 @click.command()

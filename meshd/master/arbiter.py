@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 from meshd import logs
-from meshd.cli.common import load_checked
 from meshd.config import Address, Config
 from meshd.errors import ConfigError, MeshdError
 from meshd.master.notify import Notifier, scrub_env
@@ -44,6 +43,7 @@ from meshd.shm import (
     slot_count_for,
 )
 from meshd.snapshot import control_socket_path, snapshot_path
+from meshd.validate import load_checked
 
 log = logging.getLogger("meshd.master")
 
