@@ -24,12 +24,25 @@ from typing import IO, Any
 from meshd import config as config_mod
 from meshd.shm import KIND_CONTROL, KIND_WORKER, STATE_SERVING, Region, SlotRecord, region_path
 
+# Ports free_port handed out lately (a test asks for several before binding any: the
+# kernel may give the same free port twice). One set per test process, bounded.
+_GIVEN: dict[int, None] = {}
+_GIVEN_MAX = 4096
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now on ``host``, never one this process was given lately."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            break
+    _GIVEN[port] = None
+    if len(_GIVEN) > _GIVEN_MAX:
+        del _GIVEN[next(iter(_GIVEN))]
+    return port
 
 
 def require_tool(name: str) -> str:
