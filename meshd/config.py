@@ -19,13 +19,38 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from meshd.balance.ewma import DECAY, DEFAULT_RTT
 from meshd.config_env import expand_env
+from meshd.config_identity import (
+    AuthorizationConfig,
+    IdentityConfig,
+    ListenerTlsConfig,
+    authorizations,
+    check_authorizations,
+    identity,
+    listener_mtls,
+    listener_tls,
+    resolve_listeners,
+)
+from meshd.config_table import (
+    Problems,
+    Table,
+    array,
+    boolean,
+    choice,
+    default,
+    duration,
+    integer,
+    show,
+    string,
+    string_list,
+)
+from meshd.config_table import parse_duration as parse_duration  # plugins use meshd.config's
 from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
 from meshd.private_files import default_shm_dir
@@ -33,14 +58,11 @@ from meshd.proto.detect import DEFAULT_OPAQUE_PORTS
 
 log = logging.getLogger("meshd.config")
 T = TypeVar("T")
-Problems = list[tuple[str, str]]
 
 MAX_WORKERS = 128
 DEFAULT_MAX_WATCHES = 100  # per discovery source
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _METHOD = re.compile(r"[A-Z]+")
@@ -102,6 +124,10 @@ class ListenerConfig:
     # auto inbound listeners: the ports of the forward host a peer meshd may open with
     # MESHD-TUNNEL (meshd-to-meshd opaque TCP); any other port is refused. Empty: none.
     tunnel_ports: frozenset[int] = frozenset()
+    # inbound: "off" | "permissive" (mTLS from peers, plaintext still served and counted)
+    # | "strict" (mTLS only); meshd.config_identity decides the default
+    mtls: str = "off"
+    tls: ListenerTlsConfig | None = None  # [listener.tls]: TLS for ordinary clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +250,8 @@ class Config:
     # An on-demand watch that found no such service, or only failed, is dropped this long
     # after it started (a negative cache): made-up names must not hold watches.
     discovery_negative_ttl: float = 5.0
+    identity: IdentityConfig | None = None        # [identity]
+    authorization: tuple[AuthorizationConfig, ...] = ()
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -236,20 +264,9 @@ class Config:
         return list(names)
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from "250ms", "10s", "1.5s", "5m" or "1h"; a unit is required."""
-    if not isinstance(value, str):
-        raise ValueError(f'expected a duration string with a unit like "10s" or "250ms", '
-                         f"got {_show(value)}")
-    match = _DURATION.fullmatch(value)
-    if match is None:
-        raise ValueError(f'expected a duration with a unit (ms, s, m, h) like "10s", got {value!r}')
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
-
-
 def parse_address(value: object) -> Address:
     """An ``Address`` from "host:port" or "[ipv6]:port"; port 0 means any free port."""
-    expected = f'expected "host:port" (IPv6 as "[::1]:port"), got {_show(value)}'
+    expected = f'expected "host:port" (IPv6 as "[::1]:port"), got {show(value)}'
     if not isinstance(value, str):
         raise ValueError(expected)
     host, sep, port = value.rpartition(":")
@@ -297,33 +314,37 @@ def parse(data: Mapping[str, Any], path: str = "",
     data = expand_env(data, problems, env)
     env_problems = len(problems)
     unexpanded = {key for key, _ in problems}  # their values' own checks would only echo
-    top = _Table(data, "", problems)
+    top = Table(data, "", problems)
     workers = top.take("workers", _workers, _workers("auto"))
-    drain_timeout = top.field(Config, "drain_timeout", _duration(0.0))
-    shutdown_delay = top.field(Config, "shutdown_delay", _duration(0.0))
-    worker_timeout = top.field(Config, "worker_timeout", _duration(1.0))
-    state_dir = top.field(Config, "state_dir", _string())
+    drain_timeout = top.field(Config, "drain_timeout", duration(0.0))
+    shutdown_delay = top.field(Config, "shutdown_delay", duration(0.0))
+    worker_timeout = top.field(Config, "worker_timeout", duration(1.0))
+    state_dir = top.field(Config, "state_dir", string())
     # No safe default (non-root without $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR) is "":
     # `meshd run` then asks for shm_dir (meshd.private_files.prepare_dir).
-    shm_dir = top.take("shm_dir", _string(), default_shm_dir(env, os.geteuid()))
-    instance = top.field(Config, "instance", _string(_NAME))
-    metric_rows = top.field(Config, "metric_rows", _integer(16, 1_000_000))
-    endpoint_rows = top.field(Config, "endpoint_rows", _integer(16, 1_000_000))
-    discovery_wait = top.field(Config, "discovery_wait", _duration(0.0))
-    service_idle_expiry = top.field(Config, "service_idle_expiry", _duration(1.0))
-    log_level = top.field(Config, "log_level", _choice("debug", "info", "warning", "error"))
-    discovery_negative_ttl = top.field(Config, "discovery_negative_ttl", _duration(0.1))
-    admin = _admin(_Table(top.raw("admin"), "admin", problems))
-    discovery = tuple(_discovery(t) for t in _array(top, "discovery", required=False))
-    listeners = tuple(_listener(t) for t in _array(top, "listener", required=True))
+    shm_dir = top.take("shm_dir", string(), default_shm_dir(env, os.geteuid()))
+    instance = top.field(Config, "instance", string(_NAME))
+    metric_rows = top.field(Config, "metric_rows", integer(16, 1_000_000))
+    endpoint_rows = top.field(Config, "endpoint_rows", integer(16, 1_000_000))
+    discovery_wait = top.field(Config, "discovery_wait", duration(0.0))
+    service_idle_expiry = top.field(Config, "service_idle_expiry", duration(1.0))
+    log_level = top.field(Config, "log_level", choice("debug", "info", "warning", "error"))
+    discovery_negative_ttl = top.field(Config, "discovery_negative_ttl", duration(0.1))
+    admin = _admin(Table(top.raw("admin"), "admin", problems))
+    discovery = tuple(_discovery(t) for t in array(top, "discovery", required=False))
+    ident = identity(top.raw("identity", None), problems)
+    read = [_listener(t) for t in array(top, "listener", required=True)]
+    listeners = resolve_listeners(tuple(lst for lst, _ in read), [m for _, m in read], ident,
+                                  problems)
     services = _services(top.raw("service"), problems, check_files)
-    routes = tuple(_route(t, i) for i, t in enumerate(_array(top, "route", required=False)))
-    limits = _limits(_Table(top.raw("limits"), "limits", problems))
-    bt = _Table(top.raw("balancer"), "balancer", problems)
+    routes = tuple(_route(t, i) for i, t in enumerate(array(top, "route", required=False)))
+    limits = _limits(Table(top.raw("limits"), "limits", problems))
+    bt = Table(top.raw("balancer"), "balancer", problems)
     balancer = BalancerConfig(
-        ewma_decay=bt.field(BalancerConfig, "ewma_decay", _duration()),
-        default_rtt=bt.field(BalancerConfig, "default_rtt", _duration()))
+        ewma_decay=bt.field(BalancerConfig, "ewma_decay", duration()),
+        default_rtt=bt.field(BalancerConfig, "default_rtt", duration()))
     bt.finish()
+    policies = authorizations(top)
     top.finish()
 
     _check_unique("discovery", [d.name for d in discovery], problems)
@@ -335,6 +356,7 @@ def parse(data: Mapping[str, Any], path: str = "",
             problems.append((f"route[{i}].listener", f"no [[listener]] is named {route.listener!r}"))
     _check_addresses(admin, listeners, problems)
     _check_tunnel_ports(admin, listeners, problems)
+    check_authorizations(policies, listeners, routes, problems)
     sources = {d.name for d in discovery}
     for service in services.values():
         for i, share in enumerate(service.sources):
@@ -351,12 +373,13 @@ def parse(data: Mapping[str, Any], path: str = "",
                   discovery_wait=discovery_wait, service_idle_expiry=service_idle_expiry,
                   admin=admin, discovery=discovery, listeners=listeners, services=services,
                   limits=limits, balancer=balancer, routes=routes, shutdown_delay=shutdown_delay,
-                  log_level=log_level, discovery_negative_ttl=discovery_negative_ttl)
+                  log_level=log_level, discovery_negative_ttl=discovery_negative_ttl,
+                  identity=ident, authorization=policies)
 
 
 # -- sections -------------------------------------------------------------------------------
 
-def _admin(t: _Table) -> AdminConfig:
+def _admin(t: Table) -> AdminConfig:
     admin = AdminConfig(
         listen=t.field(AdminConfig, "listen", parse_address),
         probe_listen=t.field(AdminConfig, "probe_listen", parse_address))
@@ -364,18 +387,19 @@ def _admin(t: _Table) -> AdminConfig:
     return admin
 
 
-def _discovery(t: _Table) -> DiscoveryConfig:
-    name = t.take("name", _string(_NAME), "", required=True)
-    plugin = t.take("plugin", _string(), "", required=True)
-    max_watches = t.field(DiscoveryConfig, "max_watches", _integer(1, 100_000))
+def _discovery(t: Table) -> DiscoveryConfig:
+    name = t.take("name", string(_NAME), "", required=True)
+    plugin = t.take("plugin", string(), "", required=True)
+    max_watches = t.field(DiscoveryConfig, "max_watches", integer(1, 100_000))
     return DiscoveryConfig(name=name, plugin=plugin, options=MappingProxyType(t.rest()),
                            max_watches=max_watches)
 
 
-def _listener(t: _Table) -> ListenerConfig:
+def _listener(t: Table) -> tuple[ListenerConfig, str | None]:
+    """The listener, and its ``mtls`` as written (``resolve_listeners`` decides it)."""
     def ports(value: object) -> frozenset[int]:
         if not isinstance(value, list):
-            raise ValueError(f"expected a list of ports (integers 1..65535), got {_show(value)}")
+            raise ValueError(f"expected a list of ports (integers 1..65535), got {show(value)}")
         for i, port in enumerate(value):
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 raise ValueError(f"expected a list of ports (integers 1..65535), got {port!r} "
@@ -384,33 +408,35 @@ def _listener(t: _Table) -> ListenerConfig:
                 raise ValueError(f"port {port} is listed twice")
         return frozenset(value)
 
-    name = t.take("name", _string(_NAME), "", required=True)
+    name = t.take("name", string(_NAME), "", required=True)
     listen = t.take("listen", parse_address, Address("", 0), required=True)
-    direction = t.field(ListenerConfig, "direction", _choice("outbound", "inbound"))
+    direction = t.field(ListenerConfig, "direction", choice("outbound", "inbound"))
     listener = ListenerConfig(
         name=name,
         listen=listen,
         direction=direction,
-        protocol=t.field(ListenerConfig, "protocol", _choice("auto", "http", "tcp")),
-        service=t.field(ListenerConfig, "service", _string(_SERVICE_NAME)),
+        protocol=t.field(ListenerConfig, "protocol", choice("auto", "http", "tcp")),
+        service=t.field(ListenerConfig, "service", string(_SERVICE_NAME)),
         forward=t.field(ListenerConfig, "forward", parse_address),
-        backlog=t.field(ListenerConfig, "backlog", _integer(1, 65535)),
-        max_connections=t.field(ListenerConfig, "max_connections", _integer(1)),
-        h2c_upgrade=t.field(ListenerConfig, "h2c_upgrade", _boolean),
-        opaque_ports=(_default(ListenerConfig, "opaque_ports")
+        backlog=t.field(ListenerConfig, "backlog", integer(1, 65535)),
+        max_connections=t.field(ListenerConfig, "max_connections", integer(1)),
+        h2c_upgrade=t.field(ListenerConfig, "h2c_upgrade", boolean),
+        opaque_ports=(default(ListenerConfig, "opaque_ports")
                       if (given := t.take("opaque_ports", ports, None)) is None else given),
-        forwarded=t.take("forwarded", _choice("replace", "append", "keep"),
+        forwarded=t.take("forwarded", choice("replace", "append", "keep"),
                          "replace" if direction == "inbound"
-                         else _default(ListenerConfig, "forwarded")),
-        tunnel_ports=(_default(ListenerConfig, "tunnel_ports")
+                         else default(ListenerConfig, "forwarded")),
+        tunnel_ports=(default(ListenerConfig, "tunnel_ports")
                       if (tunnels := t.take("tunnel_ports", ports, None)) is None else tunnels),
+        tls=listener_tls(t),
     )
+    mtls = listener_mtls(t)
     t.finish()
     if given is not None and listener.protocol != "auto" and "protocol" not in t.bad:
         t.problem("opaque_ports", f'only a protocol = "auto" listener detects protocols; this '
                                   f'one is "{listener.protocol}" and never looks at ports')
     if "direction" in t.bad:
-        return listener  # the rules below would only echo the bad direction
+        return listener, mtls  # the rules below would only echo the bad direction
     if tunnels is not None and listener.direction == "outbound":
         t.problem("tunnel_ports", "only an inbound listener accepts meshd tunnels (to ports "
                                   "of its forward host); an outbound one never does")
@@ -425,33 +451,33 @@ def _listener(t: _Table) -> ListenerConfig:
     if (listener.direction == "outbound" and listener.protocol == "tcp"
             and listener.service is None and "service" not in t.bad):
         t.problem("service", "required for an outbound tcp listener (the destination service)")
-    return listener
+    return listener, mtls
 
 
 def _services(raw: object, problems: Problems,
               check_files: bool = True) -> Mapping[str, ServiceConfig]:
     services: dict[str, ServiceConfig] = {}
-    table = _Table(raw, "service", problems)
+    table = Table(raw, "service", problems)
     for name, value in table.rest().items():
-        t = _Table(value, f"service.{name}", problems)
+        t = Table(value, f"service.{name}", problems)
         if not _SERVICE_NAME.fullmatch(name):
             problems.append((f"service.{name}",
                              f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}"))
-        timeout = t.field(ServiceConfig, "timeout", _duration())
-        connect_timeout = t.field(ServiceConfig, "connect_timeout", _duration())
-        idle_timeout = t.field(ServiceConfig, "idle_timeout", _duration())
+        timeout = t.field(ServiceConfig, "timeout", duration())
+        connect_timeout = t.field(ServiceConfig, "connect_timeout", duration())
+        idle_timeout = t.field(ServiceConfig, "idle_timeout", duration())
         shares = _source_shares(t, f"service.{name}.discovery")
         balancer = t.field(ServiceConfig, "balancer",
-                           _choice("p2c", "round_robin", "consistent_hash"))
-        failure_accrual = t.field(ServiceConfig, "failure_accrual", _integer(0, 1000))
-        retries = t.field(ServiceConfig, "retries", _integer(0, 10))
-        try_timeout = t.field(ServiceConfig, "try_timeout", _duration())
+                           choice("p2c", "round_robin", "consistent_hash"))
+        failure_accrual = t.field(ServiceConfig, "failure_accrual", integer(0, 1000))
+        retries = t.field(ServiceConfig, "retries", integer(0, 10))
+        try_timeout = t.field(ServiceConfig, "try_timeout", duration())
         failure_on = t.field(ServiceConfig, "failure_on", _failure_kinds)
         failover: tuple[str, ...] = t.field(ServiceConfig, "failover", _service_list)
         hash_on = t.field(ServiceConfig, "hash_on", _hash_on)
-        max_pending = t.field(ServiceConfig, "max_pending", _integer(0))
-        max_connections = t.field(ServiceConfig, "max_connections", _integer(0))
-        protocol = t.field(ServiceConfig, "protocol", _choice("http1", "h2"))
+        max_pending = t.field(ServiceConfig, "max_pending", integer(0))
+        max_connections = t.field(ServiceConfig, "max_connections", integer(0))
+        protocol = t.field(ServiceConfig, "protocol", choice("http1", "h2"))
         tls = _service_tls(t, name, protocol, check_files)
         t.finish()
         if name in failover:
@@ -467,21 +493,21 @@ def _services(raw: object, problems: Problems,
     return MappingProxyType(services)
 
 
-def _service_tls(service: _Table, name: str, protocol: str,
+def _service_tls(service: Table, name: str, protocol: str,
                  check_files: bool = True) -> TlsConfig | None:
     """`[service.NAME.tls]`: None when absent or `enabled = false`. Its files are loaded
     here (``meshd.tls``, the standard ssl module) so that a bad one is a config error."""
     raw = service.raw("tls", None)
     if raw is None:
         return None
-    t = _Table(raw, f"{service.path}.tls", service.problems)
+    t = Table(raw, f"{service.path}.tls", service.problems)
     before = len(t.problems)
-    enabled = t.take("enabled", _boolean, True)
-    tls = TlsConfig(ca_file=t.field(TlsConfig, "ca_file", _string()),
+    enabled = t.take("enabled", boolean, True)
+    tls = TlsConfig(ca_file=t.field(TlsConfig, "ca_file", string()),
                     server_name=t.field(TlsConfig, "server_name", _server_name),
-                    verify=t.field(TlsConfig, "verify", _boolean),
-                    cert_file=t.field(TlsConfig, "cert_file", _string()),
-                    key_file=t.field(TlsConfig, "key_file", _string()))
+                    verify=t.field(TlsConfig, "verify", boolean),
+                    cert_file=t.field(TlsConfig, "cert_file", string()),
+                    key_file=t.field(TlsConfig, "key_file", string()))
     t.finish()
     if (tls.cert_file is None) != (tls.key_file is None):
         given, missing = ("cert_file", "key_file") if tls.key_file is None else ("key_file",
@@ -507,7 +533,7 @@ def _service_tls(service: _Table, name: str, protocol: str,
 
 def _server_name(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a host name or IP address, got {_show(value)}")
+        raise ValueError(f"expected a host name or IP address, got {show(value)}")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -518,22 +544,22 @@ def _server_name(value: object) -> str:
     return value
 
 
-def _route(t: _Table, i: int) -> RouteConfig:
-    name = t.take("name", _string(_NAME), f"route{i}")
-    host = t.take("host", _string(_SERVICE_NAME), "", required=True)
-    listener = t.field(RouteConfig, "listener", _string(_NAME))
+def _route(t: Table, i: int) -> RouteConfig:
+    name = t.take("name", string(_NAME), f"route{i}")
+    host = t.take("host", string(_SERVICE_NAME), "", required=True)
+    listener = t.field(RouteConfig, "listener", string(_NAME))
     path_prefix = t.field(RouteConfig, "path_prefix", _path_prefix)
     path_regex = t.field(RouteConfig, "path_regex", _regex)
     methods: frozenset[str] = t.field(RouteConfig, "methods", _methods)
     headers: tuple[tuple[str, str], ...] = t.field(RouteConfig, "headers", _header_matches)
     backends = _backends(t)
     failover = t.field(RouteConfig, "failover", _service_list)
-    timeout = t.field(RouteConfig, "timeout", _duration())
-    try_timeout = t.field(RouteConfig, "try_timeout", _duration())
-    connect_timeout = t.field(RouteConfig, "connect_timeout", _duration())
-    idle_timeout = t.field(RouteConfig, "idle_timeout", _duration())
-    retries = t.field(RouteConfig, "retries", _integer(0, 10))
-    retryable = t.field(RouteConfig, "retryable", _boolean)
+    timeout = t.field(RouteConfig, "timeout", duration())
+    try_timeout = t.field(RouteConfig, "try_timeout", duration())
+    connect_timeout = t.field(RouteConfig, "connect_timeout", duration())
+    idle_timeout = t.field(RouteConfig, "idle_timeout", duration())
+    retries = t.field(RouteConfig, "retries", integer(0, 10))
+    retryable = t.field(RouteConfig, "retryable", boolean)
     t.finish()
     return RouteConfig(name=name, host=host, listener=listener, path_prefix=path_prefix,
                        path_regex=path_regex, methods=methods, headers=headers,
@@ -542,9 +568,9 @@ def _route(t: _Table, i: int) -> RouteConfig:
                        idle_timeout=idle_timeout, retries=retries, retryable=retryable)
 
 
-def _backends(t: _Table) -> tuple[Backend, ...]:
+def _backends(t: Table) -> tuple[Backend, ...]:
     """`service = "name"` (one backend), or `backends = [{ service, weight }, ...]`."""
-    single = t.take("service", _string(_SERVICE_NAME), None)
+    single = t.take("service", string(_SERVICE_NAME), None)
     raw = t.raw("backends", None)
     if raw is None:
         return (Backend(single, 1),) if single else ()
@@ -555,9 +581,9 @@ def _backends(t: _Table) -> tuple[Backend, ...]:
         return ()
     backends = []
     for j, item in enumerate(raw):
-        bt = _Table(item, f"{t.path}.backends[{j}]", t.problems)
-        service = bt.take("service", _string(_SERVICE_NAME), "", required=True)
-        weight = bt.field(Backend, "weight", _integer(0, 1_000_000))
+        bt = Table(item, f"{t.path}.backends[{j}]", t.problems)
+        service = bt.take("service", string(_SERVICE_NAME), "", required=True)
+        weight = bt.field(Backend, "weight", integer(0, 1_000_000))
         bt.finish()
         if service:
             backends.append(Backend(service, weight))
@@ -568,7 +594,7 @@ def _backends(t: _Table) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
-def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
+def _source_shares(t: Table, path: str) -> tuple[SourceShare, ...]:
     """`discovery = "name"`, or `discovery = [{ source = "a", share = 90 }, ...]` with
     shares in percent adding up to 100."""
     raw = t.raw("discovery", None)
@@ -584,9 +610,9 @@ def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
         return ()
     shares = []
     for i, item in enumerate(raw):
-        item_table = _Table(item, f"{path}[{i}]", t.problems)
-        source = item_table.take("source", _string(_NAME), "", required=True)
-        share = item_table.take("share", _integer(1, 100), 0, required=True)
+        item_table = Table(item, f"{path}[{i}]", t.problems)
+        source = item_table.take("source", string(_NAME), "", required=True)
+        share = item_table.take("share", integer(1, 100), 0, required=True)
         item_table.finish()
         if source and share:
             shares.append(SourceShare(source, share))
@@ -597,46 +623,22 @@ def _source_shares(t: _Table, path: str) -> tuple[SourceShare, ...]:
     return tuple(shares)
 
 
-def _limits(t: _Table) -> LimitsConfig:
+def _limits(t: Table) -> LimitsConfig:
     limits = LimitsConfig(
-        header_bytes=t.field(LimitsConfig, "header_bytes", _integer(1024)),
-        request_line_bytes=t.field(LimitsConfig, "request_line_bytes", _integer(256)),
-        header_count=t.field(LimitsConfig, "header_count", _integer(1)),
-        header_read_timeout=t.field(LimitsConfig, "header_read_timeout", _duration()),
-        client_idle_timeout=t.field(LimitsConfig, "client_idle_timeout", _duration()),
-        detect_timeout=t.field(LimitsConfig, "detect_timeout", _duration()),
+        header_bytes=t.field(LimitsConfig, "header_bytes", integer(1024)),
+        request_line_bytes=t.field(LimitsConfig, "request_line_bytes", integer(256)),
+        header_count=t.field(LimitsConfig, "header_count", integer(1)),
+        header_read_timeout=t.field(LimitsConfig, "header_read_timeout", duration()),
+        client_idle_timeout=t.field(LimitsConfig, "client_idle_timeout", duration()),
+        detect_timeout=t.field(LimitsConfig, "detect_timeout", duration()),
         h2_max_concurrent_streams=t.field(LimitsConfig, "h2_max_concurrent_streams",
-                                          _integer(1, 10000)),
-        h2_max_resets=t.field(LimitsConfig, "h2_max_resets", _integer(1)),
-        tcp_idle_timeout=t.field(LimitsConfig, "tcp_idle_timeout", _duration()),
-        write_timeout=t.field(LimitsConfig, "write_timeout", _duration()),
+                                          integer(1, 10000)),
+        h2_max_resets=t.field(LimitsConfig, "h2_max_resets", integer(1)),
+        tcp_idle_timeout=t.field(LimitsConfig, "tcp_idle_timeout", duration()),
+        write_timeout=t.field(LimitsConfig, "write_timeout", duration()),
     )
     t.finish()
     return limits
-
-
-def _default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of config dataclass ``cls``: each default is written
-    once, on the dataclass, and ``parse`` takes it from there."""
-    for f in fields(cls):
-        if f.name == name:
-            if f.default is not MISSING:
-                return f.default
-            if f.default_factory is not MISSING:
-                return f.default_factory()
-            break
-    raise KeyError(f"{cls.__name__}.{name} has no default")
-
-
-def _array(top: _Table, key: str, required: bool) -> list[_Table]:
-    """The tables of an array of tables (``[[key]]``), each reading under ``key[i]``."""
-    raw = top.raw(key, [])
-    if not isinstance(raw, list):
-        top.problem(key, f"expected an array of tables ([[{key}]]), got {_show(raw)}")
-        return []
-    if required and not raw:
-        top.problem(key, f"at least one [[{key}]] is required")
-    return [_Table(item, f"{key}[{i}]", top.problems) for i, item in enumerate(raw)]
 
 
 # -- cross-checks ---------------------------------------------------------------------------
@@ -728,78 +730,8 @@ def _overlap(a: Address, b: Address) -> bool:
 
 # -- the table reader and its converters ----------------------------------------------------
 
-class _Table:
-    """One TOML table being read: each known key is taken once, what is left is unknown.
-
-    A value that fails its converter is reported under its key path and replaced by the
-    default, so reading goes on and every problem of the file is collected in one pass.
-    """
-
-    def __init__(self, data: object, path: str, problems: Problems) -> None:
-        self.path = path
-        self.problems = problems
-        self.bad: set[str] = set()  # keys that were missing or invalid
-        self.ok = isinstance(data, Mapping)
-        self._left: dict[str, Any] = dict(data) if isinstance(data, Mapping) else {}
-        if not self.ok:
-            problems.append((path, f"expected a table, got {_show(data)}"))
-
-    def take(self, key: str, convert: Callable[[object], T], default: T,
-             required: bool = False) -> T:
-        if key not in self._left:
-            if required and self.ok:
-                self.problem(key, "required")
-            return default
-        try:
-            return convert(self._left.pop(key))
-        except ValueError as e:
-            self.problem(key, str(e))
-            return default
-
-    def field(self, cls: type, key: str, convert: Callable[[object], T]) -> T:
-        """``take`` with the default of ``cls``'s dataclass field named ``key``."""
-        return self.take(key, convert, _default(cls, key))
-
-    def raw(self, key: str, default: object = MappingProxyType({})) -> object:
-        """Take a value as it is (a sub-table, read by its own ``_Table``)."""
-        return self._left.pop(key, default)
-
-    def problem(self, key: str, message: str) -> None:
-        self.bad.add(key)
-        self.problems.append((f"{self.path}.{key}" if self.path else key, message))
-
-    def rest(self) -> dict[str, Any]:
-        """Hand over the keys not taken (for tables whose other keys belong to someone else)."""
-        left, self._left = self._left, {}
-        return left
-
-    def finish(self) -> None:
-        for key in self.rest():
-            self.problem(key, "unknown key")
-
-
-def _show(value: object) -> str:
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _string_list(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"expected a list of {what}, got {_show(value)}")
-    return value
-
-
 def _service_list(value: object) -> tuple[str, ...]:
-    names = _string_list(value, "service names")
+    names = string_list(value, "service names")
     for name in names:
         if not _SERVICE_NAME.fullmatch(name):
             raise ValueError(f"a service name must match {_SERVICE_NAME.pattern}, got {name!r}")
@@ -809,7 +741,7 @@ def _service_list(value: object) -> tuple[str, ...]:
 
 
 def _failure_kinds(value: object) -> frozenset[str]:
-    kinds = _string_list(value, "failure kinds")
+    kinds = string_list(value, "failure kinds")
     for kind in kinds:
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected some of "
@@ -822,18 +754,18 @@ def _hash_on(value: object) -> str:
         return value
     if isinstance(value, str) and value.startswith("header:") and _HEADER_NAME.fullmatch(value[7:]):
         return "header:" + value[7:].lower()
-    raise ValueError(f'expected "client_address" or "header:NAME", got {_show(value)}')
+    raise ValueError(f'expected "client_address" or "header:NAME", got {show(value)}')
 
 
 def _path_prefix(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f'expected a path starting with "/", got {_show(value)}')
+        raise ValueError(f'expected a path starting with "/", got {show(value)}')
     return value
 
 
 def _regex(value: object) -> re.Pattern[str]:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a regular expression string, got {_show(value)}")
+        raise ValueError(f"expected a regular expression string, got {show(value)}")
     try:
         return re.compile(value)
     except re.error as e:
@@ -841,7 +773,7 @@ def _regex(value: object) -> re.Pattern[str]:
 
 
 def _methods(value: object) -> frozenset[str]:
-    methods = _string_list(value, "methods")
+    methods = string_list(value, "methods")
     for m in methods:
         if not _METHOD.fullmatch(m):
             raise ValueError(f"a method is upper-case letters, got {m!r}")
@@ -850,13 +782,13 @@ def _methods(value: object) -> frozenset[str]:
 
 def _header_matches(value: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, Mapping):
-        raise ValueError(f'expected a table like {{ "x-canary" = "1" }}, got {_show(value)}')
+        raise ValueError(f'expected a table like {{ "x-canary" = "1" }}, got {show(value)}')
     out = []
     for name, v in value.items():
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"invalid header name {name!r}")
         if not isinstance(v, str):
-            raise ValueError(f"header {name}: expected a string value, got {_show(v)}")
+            raise ValueError(f"header {name}: expected a string value, got {show(v)}")
         out.append((name.lower(), v))
     return tuple(out)
 
@@ -865,51 +797,8 @@ def _workers(value: object) -> int:
     if value == "auto":
         return min(usable_cpus(), MAX_WORKERS)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f'expected an integer or "auto", got {_show(value)}')
+        raise ValueError(f'expected an integer or "auto", got {show(value)}')
     if not 1 <= value <= MAX_WORKERS:
         raise ValueError(f"must be between 1 and {MAX_WORKERS}, got {value}")
     return value
 
-
-def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
-    def convert(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):  # True is not 1 here
-            raise ValueError(f"expected an integer, got {_show(value)}")
-        if high is None and value < low:
-            raise ValueError(f"must be at least {low}, got {value}")
-        if high is not None and not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-    return convert
-
-
-def _duration(minimum: float = 0.001) -> Callable[[object], float]:
-    def convert(value: object) -> float:
-        seconds = parse_duration(value)
-        if seconds < minimum:
-            shown = f"{minimum:g}s" if minimum >= 1 or minimum == 0 else f"{minimum * 1000:g}ms"
-            raise ValueError(f"must be at least {shown}, got {value!r}")
-        return seconds
-    return convert
-
-
-def _string(pattern: re.Pattern[str] | None = None) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {_show(value)}")
-        if not value:
-            raise ValueError("must not be empty")
-        if pattern is not None and not pattern.fullmatch(value):
-            raise ValueError(f"must match {pattern.pattern}, got {value!r}")
-        return value
-    return convert
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        for option in options:
-            if value == option:
-                return option
-        shown = ", ".join(f'"{o}"' for o in options)
-        raise ValueError(f"expected one of {shown}, got {_show(value)}")
-    return convert

@@ -230,9 +230,9 @@ def test_unknown_keys_everywhere() -> None:
     data = minimal(bogus=1, admin={"listen": "127.0.0.1:4191", "port": 1},
                    service={"web": {"timeout": "1s", "retry_count": 3}},
                    limits={"header_bytes": 2048, "body_bytes": 1})
-    data["listener"][0]["tls"] = True
+    data["listener"][0]["ssl"] = True
     assert sorted(keys(data)) == sorted([
-        "bogus", "admin.port", "listener[0].tls", "service.web.retry_count", "limits.body_bytes",
+        "bogus", "admin.port", "listener[0].ssl", "service.web.retry_count", "limits.body_bytes",
     ])
     assert all(message == "unknown key" for _, message in problems(data))
 

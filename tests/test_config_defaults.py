@@ -19,8 +19,8 @@ from meshd.config import (
     RouteConfig,
     ServiceConfig,
     TlsConfig,
-    _default,
 )
+from meshd.config_table import default as _default
 from meshd.proto.detect import DEFAULT_OPAQUE_PORTS
 
 MINIMAL = {
