@@ -32,6 +32,20 @@ class Idler(Protocol):
     idle_since: float  # > 0 while it waits for the next request
 
 
+class Identity(Protocol):
+    """This worker's workload identity (``[identity]``): the TLS contexts of mTLS between
+    meshds, rebuilt when the published material changes (``meshd.worker.identity``)."""
+
+    local_id: str  # our SPIFFE ID ("" before the material is loaded)
+
+    def ready(self) -> bool: ...
+    def refresh(self) -> None: ...  # stat the published files (at most every 0.5 s)
+    def server_context(self, mode: str) -> Any: ...  # "permissive" | "strict"
+    def client_context(self) -> Any: ...
+    @staticmethod
+    def peer_id(tls_sock: Any) -> str: ...
+
+
 class Context(Protocol):
     """A worker as its data path sees it (attributes read per request: a reload makes a
     new worker, never changes these under a request, except ``snapshot``, which the
@@ -45,6 +59,7 @@ class Context(Protocol):
     router: Router
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
+    identity: Identity | None        # [identity]: mTLS to and from peer meshds; None: off
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

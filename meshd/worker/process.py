@@ -46,7 +46,7 @@ from meshd.worker.upstream.tls import UpstreamTls
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
-    from meshd.worker.context import Idler
+    from meshd.worker.context import Identity, Idler
     from meshd.worker.upstream.h2_pool import H2Pool
 
 log = logging.getLogger("meshd.worker")
@@ -81,6 +81,7 @@ class Worker:
                          connections=self.balancer.connections)
         self.router = Router(ctx.config)
         self.tls = UpstreamTls(ctx.config)  # contexts of services with [service.X.tls]
+        self.identity: Identity | None = None  # [identity]: meshd.worker.identity's loader
         self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
