@@ -478,3 +478,29 @@ def test_sslscan_finds_only_tls12_and_up_and_no_weak_cipher(mesh, backends, tmp_
     # certificate before a TLS 1.2 handshake gets that far)
     assert any(v == "TLSv1.2" for v, _, _ in ciphers)
     assert m.metric("meshd_tls_handshake_total", 'listener="strict"') > 0
+
+
+def test_plaintext_and_mtls_connections_to_one_peer_are_never_shared(mesh, backends, tmp_path,
+                                                                     authority):
+    """Two services meshed behind the same permissive inbound port, one with an identity
+    and one without (a migration under way): each gets its own HTTP/2 connection, the
+    plaintext one is never reused for the endpoint that must be mTLS (pool keys hold the
+    TLS identity)."""
+    app = backends("app")
+    p = _pair(mesh, tmp_path, app.address, authority, mode="permissive", service="secure")
+    text = p.a.config_path.read_text()
+    plain = f'plain = [{{ address = "{app.address}", meshed = true, inbound_port = {p.inbound_port} }}]\n'
+    assert "secure = [" in text
+    text = text.replace("secure = [", plain + "secure = [", 1)
+    p.a.stop()
+    a = mesh.start(text, p.a.ports)
+    assert _get(a, "/one", host="plain") == (200, b"app /one\n")
+    assert _wait_handshakes(p.b, "inbound", "plaintext_permitted") == 1
+    assert _get(a, "/two", host="secure") == (200, b"app /two\n")
+    assert _wait_handshakes(p.b, "inbound", "ok") == 1
+    assert _wait_handshakes(a, "outbound", "ok", direction="outbound") == 1
+    for i in range(5):  # each on its own pooled connection from now on
+        assert _get(a, f"/p{i}", host="plain")[0] == 200
+        assert _get(a, f"/s{i}", host="secure")[0] == 200
+    assert _handshakes(p.b, "inbound", "ok") == 1
+    assert _handshakes(p.b, "inbound", "plaintext_permitted") == 1
