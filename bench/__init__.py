@@ -44,8 +44,16 @@ Five scenarios, each selectable with ``--only`` (default: all of them):
     ``one-hop`` through meshd A (service ``bench``: the plain endpoint) and ``two-hop``
     through A and B (service ``web``: the same endpoint marked meshed, so A carries the
     requests over one multiplexed HTTP/2 connection to B's inbound listener, which gives
-    the application HTTP/1.1). ``--hop-workers`` workers each (default 1). Medians over
-    the rounds of each percentile; added = hop - direct.
+    the application HTTP/1.1). ``two-hop-mtls``: the same two hops through a second pair
+    of meshds with ``[identity]`` (the files provider, certificates from
+    ``meshd.identity.ca``; B's inbound listener ``mtls = "strict"``, A's endpoint given
+    B's identity), so the hop is mTLS (TLS 1.3), measured in the same rounds: the mTLS
+    added latency and the ratio of the meshds' CPU per request (mTLS / plaintext). Then
+    ``openssl s_time -new -tls1_3`` with a client certificate against B's port for
+    ``--rate-duration`` s: fresh mTLS connections with one GET each; reported are the
+    rate the one client reached and B's CPU per connection (its inverse: the connections
+    one fully busy worker sustains). ``--hop-workers`` workers each (default 1). Medians
+    over the rounds of each percentile; added = hop - direct.
 
 Rounds go round-robin over a scenario's targets (each after a 1 s warm-up) so that drift
 of a noisy machine hits them alike; the round with the median req/s is reported (median
@@ -63,7 +71,7 @@ BENCH_KEEP=1 keeps the temporary directory (configs, nginx logs) for a look afte
 Run it as ``python -m bench`` from the repository root (``make bench`` does;
 ``scripts/bench.py`` is the same entry point). The modules, one concern each:
 ``common`` (constants, ``Round``, ``BenchError``), ``procs`` (the processes under test
-and their CPU from /proc), ``load`` (wrk, h2load and the open-loop generator, with their
+and their CPU from /proc), ``mtls`` (two-hop's mTLS pair and new-connection rate), ``load`` (wrk, h2load and the open-loop generator, with their
 parsers), ``report`` (rounds, medians, ratios, tables, JSON), ``scenarios`` (the five
 above) and ``cli`` (options, then the selected scenarios).
 """

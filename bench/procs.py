@@ -157,12 +157,12 @@ def balancing_nginx(name: str, workdir: Path, port: int, backend_ports: list[int
 
 def start_meshd(workdir: Path, workers: int, port: int, backend_ports: int | list[int],
                 name: str | None = None, policy: str = "", services: str = "",
-                listeners: str | None = None) -> Meshd:
+                listeners: str | None = None, extra: str = "") -> Meshd:
     """meshd with ``workers`` workers, one outbound HTTP listener on ``port`` and service
     ``bench`` on ``backend_ports`` (static discovery) with ``policy`` lines added to its
     [service.bench] table; its log is bench-results/meshd-NAME.log (NAME: e.g. ``2w``).
     ``services``: more lines for [discovery.services]; ``listeners``: [[listener]] tables
-    that replace the outbound one."""
+    that replace the outbound one; ``extra``: more tables (e.g. [identity])."""
     name = name or f"{workers}w"
     ports = [backend_ports] if isinstance(backend_ports, int) else backend_ports
     endpoints = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
@@ -178,7 +178,7 @@ def start_meshd(workdir: Path, workers: int, port: int, backend_ports: int | lis
         + (listeners if listeners is not None else
            f'[[listener]]\nname = "outbound"\nlisten = "127.0.0.1:{port}"\n'
            f'direction = "outbound"\nprotocol = "http"\n\n') +
-        f'[service.bench]\ntimeout = "5s"\n{policy}')
+        f'[service.bench]\ntimeout = "5s"\n{policy}\n{extra}')
     RESULTS.mkdir(exist_ok=True)
     log = RESULTS / f"meshd-{name}.log"
     log.unlink(missing_ok=True)

@@ -16,12 +16,16 @@ from bench.common import (
     BALANCING_AIM,
     H2_AIM,
     HOP_AIM_MS,
+    MTLS_AIM_CPU,
+    MTLS_AIM_P50_MS,
+    MTLS_AIM_P99_MS,
     POLICIES,
     SLOW_MS,
     SLOW_VARIANTS,
     Round,
 )
 from bench.load import RateRound, check_h2, measure_h2, measure_rate, shown_command, shown_h2load
+from bench.mtls import new_connections, start_pair
 from bench.procs import (
     Nginx,
     SlowBackend,
@@ -268,10 +272,13 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
         f'web = [{{ address = "127.0.0.1:{backend_port}", meshed = true, '
         f'inbound_port = {b_port} }}]\n'))
     stack.callback(a.stop)
+    # the same two hops over mTLS: another pair with [identity] (B strict), in this run
+    pair = start_pair(workdir, workers, backend_port, stack)
     targets: dict[str, tuple[int, str, list[int]]] = {
         "direct": (backend_port, "bench", []),
         "one-hop": (a_port, "bench", [a.pid]),
         "two-hop": (a_port, "web", [a.pid, b.pid]),
+        "two-hop-mtls": (pair.a_port, "web", [pair.a.pid, pair.b.pid]),
     }
     rounds = run_rounds("two-hop: ", targets, args,
                         lambda name, t: check_answers(name, t[0], t[1]),
@@ -285,7 +292,8 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
                f"keep-alive HTTP/1.1 connections, {args.rate_duration:g} s per round after a "
                f"1 s warm-up, latency from the scheduled send time")
     _header(f"Added latency of meshd hops at a fixed {args.rate:,.0f} requests/s: direct to "
-            f"the app, one hop (A), two hops (A -> HTTP/2 -> B -> app), {workers} worker(s) "
+            f"the app, one hop (A), two hops (A -> HTTP/2 -> B -> app), the same over mTLS "
+            f"(two-hop-mtls: TLS 1.3 on the hop, B strict), {workers} worker(s) "
             f"each", command, "medians over", args.rounds, args.rate_duration, load, prompt="")
     _table(["path", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
             "added p50 ms", "added p99 ms", "meshd CPU µs/req (A / B)", "client CPU µs/req"],
@@ -305,11 +313,29 @@ def scenario_two_hop(backend_port: int, workdir: Path, args: argparse.Namespace,
           + f" ms\naim: two hops add under {HOP_AIM_MS:g} ms median: "
           f"{'met' if added_p50 < HOP_AIM_MS else 'not met'} ({added_p50:+.3f} ms, the median "
           f"of the per-round figures)")
+    cpu = {n: med(n, lambda r: r.cpu_us_per_req or 0.0) for n in ("two-hop", "two-hop-mtls")}
+    cpu_ratio = cpu["two-hop-mtls"] / cpu["two-hop"] if cpu["two-hop"] else float("nan")
+    added_mtls = (p50["two-hop-mtls"] - p50["direct"], p99["two-hop-mtls"] - p99["direct"])
+    fresh = new_connections(pair, args.rate_duration)
+    print(f"\nmTLS on the hop (two-hop-mtls vs two-hop, same run): added p50 "
+          f"{added_mtls[0]:+.3f} ms (aim < {MTLS_AIM_P50_MS:g}), added p99 "
+          f"{added_mtls[1]:+.3f} ms (aim < {MTLS_AIM_P99_MS:g}); meshd CPU per request "
+          f"{cpu['two-hop-mtls']:.0f} / {cpu['two-hop']:.0f} µs = {cpu_ratio:.2f}x "
+          f"(aim <= {MTLS_AIM_CPU:g}x)\n"
+          f"new mTLS connections to B ({workers} worker(s)), one GET each: "
+          f"{fresh.per_second:,.0f}/s achieved by one openssl s_time client, B's CPU "
+          f"{fresh.worker_cpu_us_per_conn:,.0f} µs per connection = "
+          f"{fresh.one_worker_ceiling:,.0f}/s per fully busy worker\n  ({fresh.command})")
     _warnings(rounds, rate_problems)
     _save("two-hop.json", command, args,
+          mtls={"added_p50_ms": added_mtls[0], "added_p99_ms": added_mtls[1],
+                "cpu_us_per_req": cpu, "cpu_ratio": cpu_ratio,
+                "aim": {"p50_ms": MTLS_AIM_P50_MS, "p99_ms": MTLS_AIM_P99_MS,
+                        "cpu_ratio": MTLS_AIM_CPU},
+                "new_connections": asdict(fresh) | {"command": fresh.command}},
           workers=workers, rate=args.rate, connections=args.rate_connections,
           medians={n: {"p50_ms": p50[n], "p99_ms": p99[n]} for n in targets},
           added_ms={n: {"p50": p50[n] - p50["direct"], "p99": p99[n] - p99["direct"]}
-                    for n in ("one-hop", "two-hop")},
+                    for n in ("one-hop", "two-hop", "two-hop-mtls")},
           all_rounds=_rounds_json(rounds),
           aim={"added_p50_ms": HOP_AIM_MS, "met": added_p50 < HOP_AIM_MS})
