@@ -168,7 +168,7 @@ def _pair(mesh: MeshFactory, tmp_path: Path, app: str, authority: ca.Issued, *,
           mode: str = "strict", expect: str = WEB, b_id: str = WEB,
           b_authority: ca.Issued | None = None, tunnel_ports: tuple[int, ...] = (),
           forward: str | None = None, listeners_a: str = "", service: str = "web",
-          workers: int = 1) -> Pair:
+          workers: int = 1, extra_b: str = "") -> Pair:
     """meshd A (client side) -> meshd B (inbound, ``mode``) -> ``app``; A's discovery says
     ``service`` is meshed behind B and must present ``expect``; B presents ``b_id``
     issued by ``b_authority`` (the shared CA unless given)."""
@@ -180,7 +180,8 @@ def _pair(mesh: MeshFactory, tmp_path: Path, app: str, authority: ca.Issued, *,
     inbound_port = free_port()
     text_b, ports_b = mesh.config({}, workers=workers, listeners=INBOUND.format(
         port=inbound_port, forward=forward or app, mode=mode,
-        tunnel_ports=", ".join(map(str, tunnel_ports))), extra=identity_toml(folder_b))
+        tunnel_ports=", ".join(map(str, tunnel_ports))),
+        extra=identity_toml(folder_b) + extra_b)
     ports_b["inbound"] = inbound_port
     b = mesh.start(text_b, ports_b)
     meshed = (f'{{ address = "{app}", meshed = true, inbound_port = {inbound_port}, '
@@ -504,3 +505,16 @@ def test_plaintext_and_mtls_connections_to_one_peer_are_never_shared(mesh, backe
         assert _get(a, f"/s{i}", host="secure")[0] == 200
     assert _handshakes(p.b, "inbound", "ok") == 1
     assert _handshakes(p.b, "inbound", "plaintext_permitted") == 1
+
+
+def test_a_handshake_that_stalls_is_cut_at_header_read_timeout(mesh, backends, tmp_path,
+                                                               authority):
+    app = backends("app")
+    p = _pair(mesh, tmp_path, app.address, authority,
+              extra_b='[limits]\nheader_read_timeout = "1s"\n')
+    with socket.create_connection(("127.0.0.1", p.inbound_port), timeout=20) as s:
+        s.sendall(b"\x16\x03\x01")  # a TLS record begins, and nothing more comes
+        assert s.recv(65536) == b""  # closed by meshd
+    assert _wait_handshakes(p.b, "inbound", "timeout") == 1
+    _log_line(p.b, "inbound: TLS handshake from 127.0.0.1:", "refused (timeout): not done "
+              "within 1s (header_read_timeout)")
