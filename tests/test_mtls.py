@@ -112,6 +112,24 @@ def test_listener_tls_serves_curl_over_h2_and_http1_and_plaintext_too(mesh, back
     assert _wait_handshakes(m, "edge", "plaintext_permitted") == 1
 
 
+def test_listener_tls_on_an_outbound_http_listener(mesh, backends, tmp_path):
+    """An application speaks HTTPS to its outbound listener: Host routes as before."""
+    app = backends("app")
+    ca_ = TestCA.create(tmp_path / "pki", "out-ca")
+    server = ca_.issue("out", ips=["127.0.0.1"])
+    port = free_port()
+    listener = (f'\n[[listener]]\nname = "secure-out"\nlisten = "127.0.0.1:{port}"\n'
+                f'direction = "outbound"\nprotocol = "http"\n[listener.tls]\n'
+                f'cert_file = "{server.cert}"\nkey_file = "{server.key}"\n')
+    text, ports = mesh.config({"web": [app.address]}, workers=1, listeners=listener)
+    m = mesh.start(text, ports)
+    for flag, version in (("--http2", "2"), ("--http1.1", "1.1")):
+        written, body = _curl("--cacert", ca_.cert_file, flag, "-H", "Host: web",
+                              "-w", "\n@@%{http_version}", f"https://127.0.0.1:{port}/out")
+        assert (written, body) == (version, "app /out\n")
+    assert _wait_handshakes(m, "secure-out", "ok", 2) == 2
+
+
 def test_listener_tls_refuses_what_is_not_tls_after_a_clienthello(mesh, backends, tmp_path):
     """A client that does not trust the certificate: the handshake fails on both ends;
     meshd counts it as an error and logs the reason, without the key."""
