@@ -130,6 +130,48 @@ def test_listener_tls_on_an_outbound_http_listener(mesh, backends, tmp_path):
     assert _wait_handshakes(m, "secure-out", "ok", 2) == 2
 
 
+def test_an_h2_client_over_tls_that_stops_reading_is_dropped(mesh, backends, tmp_path):
+    """HTTP/2 over a terminated TLS connection writes through the TLS socket; a client
+    that accepts no byte for write_timeout is dropped there too."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    app = backends("big")
+    ca_ = TestCA.create(tmp_path / "pki", "edge-ca")
+    server = ca_.issue("edge", ips=["127.0.0.1"])
+    port = free_port()
+    text, ports = mesh.config({}, workers=1, listeners=TLS_LISTENER.format(
+        port=port, app=app.address, cert=server.cert, key=server.key),
+        extra='[limits]\nwrite_timeout = "1s"\n')
+    m = mesh.start(text, ports)
+    context = ssl.create_default_context(cafile=ca_.cert_file)
+    context.set_alpn_protocols(["h2"])
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", port))
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        conn.initiate_connection()
+        conn.increment_flow_control_window(2**31 - 1 - 65535)
+        big = 200_000_000
+        conn.send_headers(1, [(":method", "GET"), (":path", f"/bytes?n={big}&cl=1"),
+                              (":scheme", "https"), (":authority", "web")], end_stream=True)
+        tls.sendall(conn.data_to_send())
+        _log_line(m, "edge: dropped an HTTP/2 client that accepted no bytes for 1s")
+        got = 0
+        try:
+            while chunk := tls.recv(1 << 20):
+                got += len(chunk)
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        assert got < big  # dropped, not served from memory
+
+
 def test_listener_tls_refuses_what_is_not_tls_after_a_clienthello(mesh, backends, tmp_path):
     """A client that does not trust the certificate: the handshake fails on both ends;
     meshd counts it as an error and logs the reason, without the key."""

@@ -454,9 +454,10 @@ class H2ServerConnection:
         reader's TICK: a write that waited that long is tried again (OpenSSL wants the
         same bytes again), until no byte went for ``write_timeout``."""
         progress = time.monotonic()
+        piece = b""
         try:
             while self.out:
-                piece = bytes(self.out[:TLS_PIECE])
+                piece = piece or bytes(self.out[:TLS_PIECE])  # after a timeout: the same
                 try:
                     sent = self.sock.send(piece)
                 except TimeoutError:
@@ -465,6 +466,7 @@ class H2ServerConnection:
                         return
                     continue
                 progress = time.monotonic()
+                piece = b""
                 del self.out[:sent]
                 if len(self.out) <= OUT_LIMIT:
                     self._room.set()
