@@ -53,7 +53,6 @@ from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import (
     http1_fields_problem,
-    http1_problem,
     request_length,
     request_problem,
     trailers_problem,
@@ -288,7 +287,7 @@ class H2ServerConnection:
             return True
         headers = event.headers
         bodiless = event.stream_ended is not None
-        problem = request_problem(headers) or http1_problem(headers)
+        problem = request_problem(headers, http1_rules=True)
         length = None
         if not problem:
             try:
