@@ -79,6 +79,21 @@ def sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> N
         view = view[sent:]
 
 
+def raw_socket(sock: socket.socket) -> socket.socket:
+    """The real non-blocking socket beneath a gevent (plain) socket: its ``send`` never
+    waits (BlockingIOError when the kernel buffer is full)."""
+    g: Any = sock
+    raw: socket.socket = g._sock
+    return raw
+
+
+def wait_writable(sock: socket.socket, timeout: float) -> None:
+    """Wait on the socket's own write watcher until the kernel buffer has room
+    (TimeoutError after ``timeout``, whatever the socket's own timeout says)."""
+    g: Any = sock
+    gevent.socket.wait(g._write_event, timeout)
+
+
 def recv(sock: socket.socket, size: int) -> bytes:
     """``recv`` with the raw non-blocking call first, waiting on the socket's own read
     watcher (within the socket's timeout, TimeoutError after it) only when nothing is
