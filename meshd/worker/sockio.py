@@ -7,8 +7,9 @@ socket's own write watcher only when the kernel buffer is full, so a typical req
 costs one system call per write (PERF.md: the biggest single lever is fewer calls).
 
 This relies on two long-stable attributes of gevent's socket (``_sock``, the real
-non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher); the test
-suite exercises them on every request. A TLS socket (an upstream over
+non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher), here alone:
+the HTTP/2 server's own writer gets them through ``raw_socket`` and ``wait_writable``.
+The test suite exercises them on every request. A TLS socket (an upstream over
 ``[service.X.tls]``) goes through its own ``sendall``/``recv`` instead: its ``_sock``
 carries the encrypted records.
 
