@@ -175,7 +175,11 @@ class IdentityRunner:
         failures = 0
         while True:
             try:
-                if not self._published_already(pem, material.roots_pem):
+                if self._published_already(pem, material.roots_pem):
+                    if self.current == checked:   # a restarted watch yields what it had
+                        self.error = None
+                        return
+                else:
                     write_atomic(self.paths.roots, material.roots_pem)   # roots first: paths()
                     write_atomic(self.paths.pem, pem)
                 break
