@@ -162,6 +162,12 @@ class IdentityRunner:
             log.error("identity: refused material from %s: %s; %s%s", self.describe_provider(),
                       e, self._keeping(), retry)
             return False
+        except Exception as e:   # a provider's odd values (str for bytes...) are refusals too
+            self.refused_total += 1
+            self.error = f"refused: cannot check it: {type(e).__name__}: {e}"
+            log.error("identity: refused material from %s: %s; %s", self.describe_provider(),
+                      self.error, self._keeping())
+            return False
         self._publish(material, checked)
         return True
 
