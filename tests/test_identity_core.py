@@ -31,6 +31,7 @@ from meshd.testing.identity_files import (
     WEB,
     expired,
     files,
+    handshake,
     leaf,
     replace_files,
     secret_volume,
@@ -205,34 +206,6 @@ def publish(ident: WorkerIdentity, issued: ca.Issued, roots: bytes) -> None:
     """As the control process does: roots, then chain and key, each by rename."""
     write_atomic(ident.paths.roots, roots)
     write_atomic(ident.paths.pem, issued.cert_pem + issued.key_pem)
-
-
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext | None
-              ) -> tuple[object, object]:
-    """A real handshake over a socket pair, both ends in greenlets: (server, client)
-    TLS sockets, or the exception each end raised."""
-    a, b = gevent.socket.socketpair()
-
-    def serve() -> object:
-        try:
-            return server_ctx.wrap_socket(a, server_side=True)
-        except (OSError, ssl.SSLError) as e:
-            a.close()
-            return e
-
-    def connect() -> object:
-        try:
-            if client_ctx is None:   # a client without a certificate
-                ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-                return ctx.wrap_socket(b)
-            return client_ctx.wrap_socket(b)
-        except (OSError, ssl.SSLError) as e:
-            b.close()
-            return e
-    s, c = gevent.spawn(serve), gevent.spawn(connect)
-    gevent.joinall([s, c], timeout=10, raise_error=True)
-    return s.value, c.value
 
 
 def test_worker_identity_loads_the_published_files_and_handshakes(
