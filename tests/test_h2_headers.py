@@ -246,3 +246,18 @@ def test_translated_heads_parse_back_as_the_same_request(headers):
     assert all(field in req.headers for field in regular), (headers, head)
     assert len(req.headers) == len(regular) + 1 + any(k == b"cookie" for k, _ in headers)
     assert req.host == (pseudo.get(b":authority") or dict(headers).get(b"host") or b"")
+
+
+# The server checks a client's request with both rule sets in one pass
+# (request_problem(headers, http1_rules=True)): the same verdict as the two checks one
+# after the other, on any list (pseudo-headers, upper case, connection-specific fields,
+# bad bytes) and on mutated valid heads.
+
+@settings(max_examples=3000, deadline=None)
+@given(header_lists | mutated(GOOD) | requests)
+def test_one_pass_request_check_agrees_with_both_checks(headers):
+    combined = request_problem(headers) or http1_problem(headers)
+    one_pass = request_problem(headers, http1_rules=True)
+    assert (one_pass is None) == (combined is None), (headers, one_pass, combined)
+    if request_problem(headers) is None and combined is not None:
+        assert one_pass == combined  # an HTTP/1.1 rule: its reason as http1_problem says

@@ -964,6 +964,23 @@ def test_8_1_trailers_reach_an_http1_upstream(env, conn):
     usable(conn)
 
 
+@pytest.mark.parametrize("path", ["/bytes?n=0&cl=1", "/bytes?n=0", "/bytes?n=5&cl=1"])
+def test_8_1_end_stream_rides_on_the_last_frame(env, conn, path):
+    """One relay for every upstream: END_STREAM goes with the head of a response without
+    a body (Content-Length: 0, an empty chunked one: no empty DATA after it) and with the
+    last DATA of a complete one without trailers."""
+    sid = conn.sid()
+    conn.send(conn.headers_frame(sid, conn.req(path)))
+    assert conn.read(lambda: conn.ended(sid)), conn.frames
+    frames = [f for f in conn.frames
+              if f.stream_id == sid and isinstance(f, (HeadersFrame, DataFrame))]
+    assert conn.status(sid) == b"200", conn.frames
+    n = 5 if "n=5" in path else 0
+    assert conn.body(sid) == b"x" * n
+    assert "END_STREAM" in frames[-1].flags and len(frames) == (2 if n else 1), frames
+    assert all("END_STREAM" not in f.flags for f in frames[:-1]), frames
+
+
 def test_8_1_second_headers_without_end_stream(env, conn):
     mark = marker()
     sid = conn.sid()

@@ -90,8 +90,11 @@ class Recorder:
 
 
 def _unread(sock: socket.socket) -> int:
+    fd = sock.fileno()  # -1 once `with conn` closed it, before the reader's finally drops it
+    if fd < 0:
+        return 0
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return 0  # closed meanwhile
 

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from meshd.identity import ca
 from meshd.identity import paths as identity_paths
@@ -23,12 +24,14 @@ from meshd.testing.identity_files import (
     WEB,
     expired,
     files,
+    handshake,
     identity_toml,
     key_lines,
     leaf,
     replace_files,
     secret_volume,
 )
+from meshd.worker.identity import WorkerIdentity
 
 
 def admin_json(m: Meshd, path: str) -> dict:
@@ -98,12 +101,10 @@ def test_a_meshd_publishes_its_files_identity_and_workers_load_it(
 
 
 def x509_serial(issued: ca.Issued) -> int:
-    from cryptography import x509
     return x509.load_pem_x509_certificate(issued.cert_pem).serial_number
 
 
 def x509_not_after(issued: ca.Issued) -> float:
-    from cryptography import x509
     return x509.load_pem_x509_certificate(issued.cert_pem).not_valid_after_utc.timestamp()
 
 
@@ -164,6 +165,16 @@ def test_rotation_reaches_every_worker_and_bad_material_is_refused(
     layout(folder, files(third.cert_pem, third.key_pem, authority.cert_pem))
     wait_for(lambda: loaded_by_all(third), what="every worker loaded the leaf after the bad ones")
     assert admin_json(m, "/identity")["last_error"] is None
+    # What the workers loaded, as a worker loads it: a TLS server and client from the
+    # published files shake hands, presenting the third leaf.
+    ident = WorkerIdentity(p, TD)
+    ident.refresh(force=True)
+    server, client = handshake(ident.server_context("strict"), ident.client_context())
+    assert WorkerIdentity.peer_id(client) == WEB == WorkerIdentity.peer_id(server)
+    presented = x509.load_der_x509_certificate(client.getpeercert(binary_form=True))
+    assert presented.serial_number == x509_serial(third)
+    server.close()
+    client.close()
     assert_no_key_logged(m, first, second, wrong_td, mismatched, stale, third)
 
 
@@ -189,3 +200,24 @@ def test_workers_wait_for_an_identity_before_they_serve(
     m.wait_ready()
     assert admin_json(m, "/identity")["local_id"] == WEB
     assert http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": "web"})[0] == 200
+
+
+def test_a_leaf_not_valid_yet_is_published_once_it_is(
+        mesh, backends, authority: ca.Issued, tmp_path: Path) -> None:
+    """A leaf from an issuer whose clock is ahead of ours is refused, and offered again
+    when it becomes valid: the files provider yields on change only, and nothing changes."""
+    import datetime
+    folder = tmp_path / "identity"
+    first = leaf(authority)
+    secret_volume(folder, files(first.cert_pem, first.key_pem, authority.cert_pem))
+    m = start(mesh, backends, folder)
+    ahead = ca.issue(authority, WEB, not_before=datetime.datetime.now(datetime.UTC)
+                     + datetime.timedelta(seconds=3))
+    secret_volume(folder, files(ahead.cert_pem, ahead.key_pem, authority.cert_pem))
+    wait_for(lambda: re.search(r"identity: refused material from provider files [^\n]* is not "
+                               r"valid before [^\n]*; offered again in \d+\.\ds", m.log()),
+             what="the early leaf refused, with a retry")
+    serial = f"{x509_serial(ahead):x}"
+    wait_for(lambda: admin_json(m, "/identity")["serial"] == serial, timeout=30,
+             what="the leaf published once valid")
+    assert f"identity: published {WEB} (expires" in m.log()

@@ -36,7 +36,10 @@ def test_routes_by_host_and_keeps_alive(mesh, backends):
     assert conn.sock is not None
     conn.close()
     assert sorted(set(seen)) == ["a", "b"]
-    assert seen.count("a") == 3
+    # Round robin alternates; a request retried on the other endpoint (a pooled connection
+    # the backend closed meanwhile, on a loaded machine) moves one pick, and is counted.
+    retries = m.metric("retry_total", 'service="web"')
+    assert abs(seen.count("a") - 3) <= retries, (seen, retries, m.log())
 
 
 def test_unknown_service_is_503_with_reason(mesh, backends):

@@ -8,10 +8,11 @@ leaves the other streams of the connection alone.
 
 Each ``*_problem`` function returns None for a valid list, else the reason, for the log.
 
-Beyond HTTP/2's own rules, a request is held to what meshd's HTTP/1.1 parser accepts
-(``http1_problem``, with the parser's own patterns from ``meshd.proto.http1``) before it
-is routed or translated: HTTP/2 lets through a :method with a space, a :path in
-absolute-form or with a space, an :authority with userinfo and control bytes other than
+Beyond HTTP/2's own rules, a client's request is held to what meshd's HTTP/1.1 parser
+accepts (``request_problem(headers, http1_rules=True)``: both rule sets in one pass;
+``http1_problem``: those rules alone; the parser's own patterns from
+``meshd.proto.http1``) before it is routed or translated: HTTP/2 lets through a :method
+with a space, a :path in absolute-form or with a space, an :authority with userinfo and control bytes other than
 NUL, CR and LF, each of which would make a different HTTP/1.1 request upstream. And the
 declared content-length is read here (``request_length``) for the server to hold the
 DATA total to it (RFC 9113 §8.1.1).
@@ -34,6 +35,10 @@ _WS = (b" ", b"\t")
 CONNECTION_SPECIFIC = frozenset([b"connection", b"keep-alive", b"proxy-connection",
                                  b"transfer-encoding", b"upgrade"])
 _REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":authority", b":path", b":protocol"])
+# Token bytes (RFC 9110 §5.6.2) as h2 names have them (lower case), and ":" for the
+# pseudo-header names: what ``request_problem`` allows in names under HTTP/1.1's rules.
+_H1_NAME_OK = bytes(c for c in range(0x21, 0x7f)
+                    if http1.TOKEN.fullmatch(bytes([c])) and not 0x41 <= c <= 0x5a) + b":"
 
 
 def _fields_problem(headers: Headers) -> str | None:
@@ -65,15 +70,29 @@ def _regular_problem(name: bytes, value: bytes) -> str | None:
     return None
 
 
-def request_problem(headers: Headers) -> str | None:
-    """What makes a request head malformed (§8.2, §8.3.1), or None."""
+def request_problem(headers: Headers, http1_rules: bool = False) -> str | None:
+    """What makes a request head malformed (§8.2, §8.3.1), or None. With ``http1_rules``
+    (a client's request, which may go upstream as HTTP/1.1) also what meshd's HTTP/1.1
+    parser would refuse (``http1_problem``'s rules), in the same pass: byte checks over
+    the joined names and values, then one loop over the fields."""
+    names = b"".join([n for n, _ in headers])
+    values = b"".join([v for _, v in headers])
+    if names.translate(None, _NAME_OK) or b"\0" in values or b"\r" in values \
+            or b"\n" in values:
+        return _fields_problem(headers)
+    if http1_rules:
+        # Every name byte a token byte, or a colon: regular names hold no colon (below)
+        # and pseudo-header names are only the allowed ones, all token bytes after ":".
+        if names.translate(None, _H1_NAME_OK):
+            return "a field name HTTP/1.1 does not allow"
+        if http1.CTL.search(values) is not None:
+            return "a control character in a field value"
     seen: set[bytes] = set()
     regular = False
     method = path = authority = host = None
-    problem = _fields_problem(headers)
-    if problem:
-        return problem
     for name, value in headers:
+        if not name or name.find(b":", 1) != -1 or value[:1] in _WS or value[-1:] in _WS:
+            return _fields_problem(headers)
         if name[0] == 0x3a:  # ":"
             if regular:
                 return f"pseudo-header {name!r} after a regular field"
@@ -116,6 +135,25 @@ def request_problem(headers: Headers) -> str | None:
         return "neither :authority nor Host"
     if authority is not None and host is not None and authority != host:
         return ":authority and Host differ"
+    if http1_rules:
+        return _http1_pseudo_problem(method, path, authority, host)
+    return None
+
+
+def _http1_pseudo_problem(method: bytes, path: bytes | None, authority: bytes | None,
+                          host: bytes | None) -> str | None:
+    """The HTTP/1.1 rules for the request line and Host (see ``http1_problem``)."""
+    if http1.TOKEN.fullmatch(method) is None:
+        return f"invalid :method {method[:64]!r}"
+    if path is not None:
+        if path == b"*":
+            if method != b"OPTIONS":
+                return ":path \"*\" outside OPTIONS"
+        elif path[:1] != b"/" or http1.TARGET.fullmatch(path) is None:
+            return f"invalid :path {path[:64]!r}"
+    for name, value in ((":authority", authority), ("host", host)):
+        if value is not None and http1.HOST.fullmatch(value) is None:
+            return f"invalid {name} {value[:64]!r}"
     return None
 
 
@@ -134,8 +172,8 @@ def trailers_problem(headers: Headers) -> str | None:
 
 
 def http1_problem(headers: Headers) -> str | None:
-    """What meshd's HTTP/1.1 parser would refuse in a request head HTTP/2 accepted (call
-    after ``request_problem``): a method that is not a token, a :path neither
+    """What meshd's HTTP/1.1 parser would refuse in a request head HTTP/2 accepted
+    (``request_problem(headers, http1_rules=True)`` checks the same in its one pass): a method that is not a token, a :path neither
     origin-form (VCHAR only, starting with "/") nor "*" for OPTIONS, an :authority or
     Host outside the Host grammar (userinfo included), a field name that is not a
     token, a CTL other than HTAB in any value. None when it translates faithfully."""

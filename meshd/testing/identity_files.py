@@ -9,7 +9,13 @@ import datetime
 import itertools
 import os
 import shutil
+import ssl
 from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.socket
+import gevent.ssl
 
 from meshd.identity import ca
 
@@ -69,3 +75,31 @@ def identity_toml(folder: Path, poll: str = "100ms", trust_domain: str = TD) -> 
 def key_lines(key_pem: bytes) -> list[str]:
     """The base64 lines of a PEM key: none of them may appear in a log."""
     return [line for line in key_pem.decode().splitlines() if line and not line.startswith("-----")]
+
+
+def handshake(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
+    """A real handshake over a socket pair, both ends in greenlets: (server, client)
+    TLS sockets, or the exception each end raised. ``client_ctx`` None: a client
+    without a certificate that verifies nothing."""
+    a, b = gevent.socket.socketpair()
+
+    def serve() -> Any:
+        try:
+            return server_ctx.wrap_socket(a, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            a.close()
+            return e
+
+    def connect() -> Any:
+        try:
+            if client_ctx is None:   # a client without a certificate
+                ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                return ctx.wrap_socket(b)
+            return client_ctx.wrap_socket(b)
+        except (OSError, ssl.SSLError) as e:
+            b.close()
+            return e
+    s, c = gevent.spawn(serve), gevent.spawn(connect)
+    gevent.joinall([s, c], timeout=10, raise_error=True)
+    return s.value, c.value

@@ -10,7 +10,9 @@ routed (``routing``), balanced (``balancer``), and attempted until one attempt e
 the retry rules (``retries``, ``meshd.balance.retry``) stop it; each attempt is an
 ``upstream.exchange.UpstreamExchange`` over a pooled connection of the upstream side
 (``upstream.http1`` for HTTP/1.1, ``upstream.h2`` and ``upstream.h2_pool`` for HTTP/2
-streams, ``upstream.tls`` for TLS toward services). ``tunnel`` copies bytes after an
+streams, ``upstream.tls`` for TLS toward services); the client side sends the request
+body and relays the response through the exchange, whatever the upstream speaks (the
+exchange frames the one and translates the other). ``tunnel`` copies bytes after an
 upgrade or CONNECT and for opaque TCP; ``sockio`` holds the socket helpers.
 
 The handlers see the worker as a ``context.Context``; only ``entry`` (what the

@@ -40,6 +40,7 @@ from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
+from meshd.worker.upstream.exchange import H2Exchange
 from meshd.worker.upstream.mesh_tls import mesh_target
 
 if TYPE_CHECKING:
@@ -68,8 +69,10 @@ class RetryNow(Exception):
 
 class ClientSide(Protocol[T_co]):
     """What a client side (HTTP/1.1 connection, HTTP/2 stream) does for an attempt: it
-    translates the request in (an exchange over HTTP/1.1 or an HTTP/2 stream, its
-    sender reading the client's body) and the response out (``respond``)."""
+    translates the request in (an HTTP/1.1 exchange with the head it built, or the head
+    of an HTTP/2 stream), sends the client's body through the exchange whatever it goes
+    over (``send_body``), and relays the response out (``respond``), reading it through
+    the exchange too."""
 
     @property
     def grpc(self) -> bool: ...               # the request needs HTTP/2 upstream (gRPC)
@@ -84,7 +87,10 @@ class ClientSide(Protocol[T_co]):
         """The HTTP/2 request head, and whether it is valid by construction."""
         ...
 
-    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> UpstreamExchange: ...
+    def send_body(self, ex: UpstreamExchange) -> bool:
+        """The client's body through ``ex.send_body`` (in the attempt's sender greenlet):
+        True when all of it went."""
+        ...
 
     def respond(self, call: Call, ex: UpstreamExchange, status: int) -> T_co:
         """Relay the response (its head received, not a failure to retry)."""
@@ -176,7 +182,8 @@ class Call:
             head, checked = side.h2_head(tls is not None and not meshed, meshed)
             stream = self.open_h2(worker, address, head, not side.has_body, sent_at, tls, row,
                                   attempts_left, checked)
-            ex = side.h2_exchange(self, stream, meshed)
+            ex = H2Exchange(stream, side.send_body if side.has_body else None,
+                            self.policy.idle_timeout, meshed)
         policy = self.policy
         failed = True
         rtt: float | None = None

@@ -7,8 +7,9 @@ socket's own write watcher only when the kernel buffer is full, so a typical req
 costs one system call per write (PERF.md: the biggest single lever is fewer calls).
 
 This relies on two long-stable attributes of gevent's socket (``_sock``, the real
-non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher); the test
-suite exercises them on every request. A TLS socket (an upstream over
+non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher), here alone:
+the HTTP/2 server's own writer gets them through ``raw_socket`` and ``wait_writable``.
+The test suite exercises them on every request. A TLS socket (an upstream over
 ``[service.X.tls]``) goes through its own ``sendall``/``recv`` instead: its ``_sock``
 carries the encrypted records.
 
@@ -77,6 +78,21 @@ def sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> N
         except BlockingIOError:
             continue
         view = view[sent:]
+
+
+def raw_socket(sock: socket.socket) -> socket.socket:
+    """The real non-blocking socket beneath a gevent (plain) socket: its ``send`` never
+    waits (BlockingIOError when the kernel buffer is full)."""
+    g: Any = sock
+    raw: socket.socket = g._sock
+    return raw
+
+
+def wait_writable(sock: socket.socket, timeout: float) -> None:
+    """Wait on the socket's own write watcher until the kernel buffer has room
+    (TimeoutError after ``timeout``, whatever the socket's own timeout says)."""
+    g: Any = sock
+    gevent.socket.wait(g._write_event, timeout)
 
 
 def recv(sock: socket.socket, size: int) -> bytes:

@@ -1,14 +1,16 @@
 """A client's HTTP/1.1 request body on its way upstream, kept for replay while small.
 
-The body is read from the client only as the upstream takes it. Pieces are kept
-decoded (chunked framing removed) and framed again for each attempt's upstream, so a
-retry may go to an HTTP/1.1 endpoint (Content-Length or chunked again, trailers
+The body is read from the client (a ``BodySource``: the connection's buffer, then its
+``recv_body``) only as the upstream takes it. Pieces are kept decoded (chunked framing
+removed) and framed again by each attempt's exchange (``UpstreamExchange.send_body``),
+so a retry may go to an HTTP/1.1 endpoint (Content-Length or chunked again, trailers
 included) or an HTTP/2 one (DATA frames, trailers as HEADERS). Each attempt's sender
-greenlet sends what earlier attempts already read from ``kept``, then goes on reading
+greenlet (``send``) sends what earlier attempts already read from ``kept``, then goes on reading
 from the client. Bodies of a replayable request are kept up to ``REPLAY_LIMIT`` bytes;
 past that the body is no longer replayable and nothing more is kept. A piece is kept
 before it is sent, and a sender is only killed while it waits in recv or send, so
-killing one for a retry loses no byte.
+killing one for a retry loses no byte. A failure to read the body is kept in ``error``
+for the proxy's answer.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from meshd.balance.retry import MAX_REPLAY_BODY
-from meshd.errors import ProxyError
+from meshd.errors import ProxyError, UpstreamError
 from meshd.proto import http1
 
 if TYPE_CHECKING:
-    from meshd.worker.upstream.h2 import H2Stream
-    from meshd.worker.upstream.http1 import UpstreamConn
+    from meshd.worker.upstream.exchange import UpstreamExchange
 
 REPLAY_LIMIT = MAX_REPLAY_BODY  # request bodies up to this size are kept for a retry
 READ_SIZE = 262144
@@ -34,15 +35,17 @@ class ClientGone(Exception):
 class BodySource(Protocol):
     """The client connection the body is read from."""
 
-    buf: bytearray                       # bytes read past the request head
-    _body_error: BaseException | None    # set when reading the body failed
+    buf: bytearray  # bytes read past the request head, taken first
 
-    def _recv_body(self, size: int = READ_SIZE) -> bytes: ...
+    def recv_body(self, size: int) -> bytes:
+        """Body bytes from the client (at most ``size``); ClientGone when it left,
+        a ProxyError (RequestTimeout) when it sent nothing in time."""
+        ...
 
 
 class RequestBody:
     __slots__ = ("source", "kept", "kept_bytes", "replayable", "started", "done", "decoder",
-                 "remaining", "trailers")
+                 "remaining", "trailers", "error")
 
     def __init__(self, source: BodySource, req: http1.RequestHead, replay: bool) -> None:
         self.source = source
@@ -54,60 +57,29 @@ class RequestBody:
         self.decoder = http1.ChunkedDecoder() if req.chunked else None
         self.remaining = req.content_length or 0
         self.trailers: list[tuple[bytes, bytes]] = []  # forwardable ones, when chunked
+        # Why reading it from the client failed (gone, too slow, bad chunking), for the
+        # proxy's answer; None while it has not.
+        self.error: BaseException | None = None
 
-    # -- to an HTTP/1.1 upstream ---------------------------------------------------------
-
-    def send(self, up: UpstreamConn, head: bytes) -> bool:
-        """Send head and body upstream in HTTP/1.1 framing (the request's own: chunked
-        stays chunked). True when all of it was sent; on a client error (gone, too slow,
-        bad chunking) the upstream socket is shut down so the response wait ends, and
-        the error is left for the proxy in ``_body_error``."""
-        out = [head, *map(self._frame, self.kept)]
+    def send(self, ex: UpstreamExchange) -> bool:
+        """The body upstream through the exchange (an attempt's sender): what earlier
+        attempts kept, then on from the client. True when all of it was sent; on a
+        client error the exchange is told to stop (the response wait ends) and the error
+        is kept in ``error``."""
         try:
-            if self.source.buf and not self.done:
-                out.append(self._frame(self._next()))
+            pieces = list(self.kept)
+            if self.source.buf and not self.done:  # goes with the head, in one write
+                pieces.append(self._next())
             while True:
-                if self.done and self.decoder is not None:
-                    kept = self.trailers
-                    out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
-                try:
-                    up.sendall(b"".join(out))
-                except OSError:
-                    return False  # the upstream stopped reading: its response tells why
+                ex.send_body(pieces, self.done, self.trailers)
                 if self.done:
-                    up.request_sent = True
                     return True
-                out = [self._frame(self._next())]
+                pieces = [self._next()]
+        except UpstreamError:
+            return False  # the upstream stopped reading: its response tells why
         except (ClientGone, ProxyError) as e:
-            self.source._body_error = e
-            up.shutdown()
-            return False
-
-    def _frame(self, piece: bytes) -> bytes:
-        return http1.encode_chunk(piece) if self.decoder is not None and piece else piece
-
-    # -- to an HTTP/2 upstream -----------------------------------------------------------
-
-    def send_h2(self, stream: H2Stream, idle_timeout: float) -> bool:
-        """The body as DATA frames, then trailers (or an empty END_STREAM)."""
-        from meshd.errors import UpstreamError
-        try:
-            for piece in self.kept:
-                stream.send_data(piece, timeout=idle_timeout)
-            while not self.done:
-                piece = self._next()
-                if piece:
-                    stream.send_data(piece, timeout=idle_timeout)
-            if self.trailers:
-                stream.send_trailers([(k.lower(), v) for k, v in self.trailers])
-            else:
-                stream.end()
-            return True
-        except (ClientGone, ProxyError) as e:
-            if isinstance(e, UpstreamError):
-                return False  # the upstream side failed: its response (or reset) tells why
-            self.source._body_error = e
-            stream.reset()
+            self.error = e
+            ex.stop_body()
             return False
 
     # -- from the client -----------------------------------------------------------------
@@ -123,7 +95,7 @@ class RequestBody:
                 data = bytes(source.buf[:take])
                 del source.buf[:take]
             else:
-                data = source._recv_body(min(self.remaining, READ_SIZE))
+                data = source.recv_body(min(self.remaining, READ_SIZE))
             self.remaining -= len(data)
             self.done = self.remaining <= 0
         else:
@@ -132,7 +104,7 @@ class RequestBody:
                 raw = bytes(source.buf)
                 source.buf.clear()
             else:
-                raw = source._recv_body()
+                raw = source.recv_body(READ_SIZE)
             data = b"".join(decoder.feed(raw))
             if decoder.done:
                 self.trailers = http1.forwardable_trailers(decoder.trailers)

@@ -35,12 +35,11 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
 import gevent.queue
-import gevent.socket
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -53,7 +52,6 @@ from meshd.errors import UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import (
     http1_fields_problem,
-    http1_problem,
     request_length,
     request_problem,
     trailers_problem,
@@ -66,10 +64,12 @@ from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import (
     is_tls,
     peer_address,
+    raw_socket,
     recv,
     recv_after_wait,
     sendall,
     shutdown,
+    wait_writable,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class H2ServerConnection:
         self._redirected: list[tuple[str, int] | None] = []  # empty: not asked yet
         self.out = bytearray()        # frames not yet written (see _queue)
         self.sock_gone = False
-        self._raw = sock._sock  # type: ignore[attr-defined]  # gevent's real socket
+        self._raw = raw_socket(sock)
         self._tls = is_tls(sock)  # its bytes go through the TLS socket, never _raw
         self._loop = gevent.get_hub().loop
         self._send_scheduled = False
@@ -205,7 +205,7 @@ class H2ServerConnection:
                     continue
                 stream.body.put(event.data)
                 if event.flow_controlled_length > len(event.data):  # padding
-                    self._ack(stream, event.flow_controlled_length - len(event.data))
+                    self.acknowledge(stream, event.flow_controlled_length - len(event.data))
             elif isinstance(event, h2.events.TrailersReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -300,7 +300,7 @@ class H2ServerConnection:
             return True
         headers = event.headers
         bodiless = event.stream_ended is not None
-        problem = request_problem(headers) or http1_problem(headers)
+        problem = request_problem(headers, http1_rules=True)
         length = None
         if not problem:
             try:
@@ -421,7 +421,6 @@ class H2ServerConnection:
         """The kernel buffer was full: wait for the socket, write the rest. A client that
         accepts no byte for ``write_timeout`` is dropped (its streams end, and with them
         their upstream connections)."""
-        g: Any = self.sock
         progress = time.monotonic()
         try:
             while self.out:
@@ -430,7 +429,7 @@ class H2ServerConnection:
                     self._too_slow()
                     return
                 try:  # an explicit wait: the reader's socket timeout (TICK) is not ours
-                    gevent.socket.wait(g._write_event, left)
+                    wait_writable(self.sock, left)
                 except TimeoutError:
                     continue
                 try:
@@ -517,7 +516,9 @@ class H2ServerConnection:
         if stream.window is not None:
             stream.window.set()
 
-    def _ack(self, stream: Stream, n: int) -> None:
+    def acknowledge(self, stream: Stream, n: int) -> None:
+        """``n`` bytes of the stream's DATA were consumed (taken by the upstream, or
+        padding): the client gets that much flow-control window back."""
         if n <= 0 or self.closed:
             return
         try:

@@ -2,13 +2,15 @@
 connection and hands each stream here in its own greenlet).
 
 ``H2ToHttp1`` is the stream's side of its call (``meshd.worker.call.ClientSide``): it
-routes the stream like an HTTP/1.1 request, and for an attempt over HTTP/1.1
-translates both ways: pseudo headers to a
-request line and Host, split cookies joined (RFC 9113 §8.2.3), the body streamed with
-Content-Length when the client gave one and chunked otherwise, the response's
-hop-by-hop fields dropped and its chunked trailers sent as HTTP/2 trailers. gRPC, a
-service with ``protocol = "h2"`` and meshed endpoints go to an HTTP/2 upstream instead
-(``h2_exchange``, ``_relay_h2``): headers, DATA, trailers and resets pass as they are.
+routes the stream like an HTTP/1.1 request and gives the attempt its request head: for
+an attempt over HTTP/1.1 translated (pseudo headers to a request line and Host, split
+cookies joined, RFC 9113 §8.2.3; Content-Length when the client gave one, else
+chunked), for one over HTTP/2 (gRPC, a service with ``protocol = "h2"``, meshed
+endpoints) as it is. Whatever the upstream speaks, one sender (``send_body``) writes the
+stream's DATA and trailers through the exchange, and one relay (``respond``) sends the
+response back as the exchange translates it (an HTTP/1.1 response's hop-by-hop fields
+dropped, its chunked trailers as HTTP/2 trailers; an HTTP/2 upstream's headers, DATA,
+trailers and reset code as they are).
 """
 
 from __future__ import annotations
@@ -23,15 +25,8 @@ import gevent.queue
 import h2.errors
 
 from meshd.errors import HeadersTooLarge, ProxyError
-from meshd.proto import forwarded, http1
-from meshd.proto.translate import (
-    MESHD_ERROR,
-    ORIG_PROTO,
-    h2_forward,
-    h2_response,
-    http1_request,
-    join_cookies,
-)
+from meshd.proto import forwarded
+from meshd.proto.translate import ORIG_PROTO, h2_forward, http1_request, join_cookies
 from meshd.shm import F_REQUESTS
 from meshd.worker.call import (
     Call,
@@ -40,12 +35,11 @@ from meshd.worker.call import (
     require_endpoints,
     route,
 )
-from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
+from meshd.worker.upstream.exchange import Http1Exchange, UpstreamExchange
 
 if TYPE_CHECKING:
     from meshd.worker.client.h2_server import H2ServerConnection
     from meshd.worker.tasks import Task
-    from meshd.worker.upstream.h2 import H2Stream
     from meshd.worker.upstream.http1 import UpstreamConn
 
 log = logging.getLogger("meshd.worker")
@@ -107,6 +101,7 @@ class H2ToHttp1:
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
                                                 target, fields, server.redirected)
         worker.stripe.add(row, F_REQUESTS)
+        self._idle_timeout = policy.idle_timeout
         try:
             # [limits] header_count holds for HTTP/2 requests as for HTTP/1.1 ones: within
             # header_bytes, empty fields would be a few thousand (found by make fuzz).
@@ -145,18 +140,14 @@ class H2ToHttp1:
     def http1_exchange(self, call: Call, conn: UpstreamConn) -> Http1Exchange:
         method, target, authority, fields = self._request
         stream = self.stream
-        head, self.chunked = http1_request(method, target, authority, fields, stream.length,
-                                           stream.bodiless)
-        idle = call.policy.idle_timeout
+        head, chunked = http1_request(method, target, authority, fields, stream.length,
+                                      stream.bodiless)
         limits = self.server.limits
-        sender = None
-        if self.has_body:
-            chunked = self.chunked
-            sender = lambda c, h: self._send_body(c, h, chunked, idle)  # noqa: E731
-        ex = Http1Exchange(self.worker.pool, conn, head, method, sender,
+        ex = Http1Exchange(self.worker.pool, conn, head, method,
+                           self.send_body if self.has_body else None,
                            call.policy.connect_timeout, limits.header_bytes,
-                           limits.header_count)
-        self._ex = ex
+                           limits.header_count, chunked=chunked,
+                           length=None if chunked else stream.length)
         return ex
 
     def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -167,139 +158,60 @@ class H2ToHttp1:
             headers.append((ORIG_PROTO, b"HTTP/2"))
         return headers, False
 
-    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
-        self.meshed = meshed
-        idle = call.policy.idle_timeout
-        ex = H2Exchange(stream, (lambda s: self._send_body_h2(s, idle)) if self.has_body
-                        else None)
-        self._ex = ex
-        return ex
+    def send_body(self, ex: UpstreamExchange) -> bool:
+        """The stream's DATA through the exchange, its trailers at the end; each piece's
+        window goes back to the client once the upstream took it. A client that sends
+        nothing for the idle timeout: the exchange is told to stop."""
+        stream, server = self.stream, self.server
+        idle = self._idle_timeout
+        try:
+            if stream.body.empty():  # the head goes at once; the body follows as it comes
+                ex.send_body(())
+            while True:
+                try:
+                    data = stream.body.get(timeout=idle)
+                except gevent.queue.Empty:
+                    ex.stop_body()
+                    return False
+                if data is None:
+                    ex.send_body((), end=True, trailers=stream.trailers)
+                    return True
+                ex.send_body((data,))
+                server.acknowledge(stream, len(data))
+        except ProxyError:
+            return False
 
     def respond(self, call: Call, ex: UpstreamExchange, status: int) -> int:
+        """The response, whatever the upstream spoke: its head as HTTP/2 fields, its
+        body as DATA, its trailers as HEADERS. END_STREAM goes with the last frame: the
+        head's when there is no body, the last DATA's when the body is complete without
+        trailers (gRPC's trailers-only answer is one HEADERS frame)."""
+        server, stream = self.server, self.stream
         idle = call.policy.idle_timeout
-        if isinstance(ex, Http1Exchange):
-            self._relay_response(ex, idle, self.stream.headers)
+        self._ex = ex  # its reset code, should the relay fail
+        headers = ex.h2_head()
+        self.response_started = True
+        data = ex.read(idle)
+        if data is None and not ex.trailers:
+            server.send_headers(stream, headers, end=True)
         else:
-            assert isinstance(ex, H2Exchange)
-            self._relay_h2(ex, status, idle)
+            server.send_headers(stream, headers, flush=False)
+            last = False
+            while data is not None:
+                last = ex.complete and not ex.trailers
+                server.send_data(stream, data, idle, end=last)
+                data = None if last else ex.read(idle)
+            if not last:
+                server.end_stream(stream, ex.h2_trailers() or None)
         ex.finish()
         return status
 
     def client_fault(self, e: BaseException) -> BaseException | None:
         return e if isinstance(e, StreamGone) else None
 
-    def _relay_h2(self, ex: H2Exchange, status: int, idle_timeout: float) -> None:
-        """The response of an HTTP/2 upstream: headers, DATA and trailers as they are."""
-        server, stream = self.server, self.stream
-        meshed = self.meshed  # a peer meshd's meshd-error stays
-        out = h2_forward(ex.head, meshed)
-        self.response_started = True
-        data = ex.read(idle_timeout)
-        if data is None and not ex.trailers:
-            # A head that ended the stream (gRPC's trailers-only answer): one HEADERS
-            # frame with END_STREAM, not an empty DATA after it.
-            server.send_headers(stream, out, end=True)
-            return
-        server.send_headers(stream, out, flush=False)
-        while data is not None:
-            server.send_data(stream, data, idle_timeout)
-            data = ex.read(idle_timeout)
-        server.end_stream(stream, h2_forward(ex.trailers, meshed) or None)
-
-    def _send_body_h2(self, up: H2Stream, idle_timeout: float) -> bool:
-        stream = self.stream
-        try:
-            while True:
-                try:
-                    data = stream.body.get(timeout=idle_timeout)
-                except gevent.queue.Empty:
-                    up.reset()
-                    return False
-                if data is None:
-                    trailers = h2_forward(stream.trailers)
-                    if trailers:
-                        up.send_trailers(trailers)
-                    else:
-                        up.end()
-                    return True
-                up.send_data(data, timeout=idle_timeout)
-                self.server._ack(stream, len(data))
-        except ProxyError:
-            return False
-
-    def _send_body(self, conn: UpstreamConn, head: bytes, chunked: bool, idle_timeout: float) -> bool:
-        """The stream's DATA to the upstream; each piece's window goes back to the client
-        once the upstream took it."""
-        stream = self.stream
-        out = head
-        left = stream.length  # bytes the head announced (None: chunked)
-        try:
-            if stream.body.empty():  # the head goes at once; the body follows as it comes
-                conn.sendall(head)
-                out = b""
-            while True:
-                try:
-                    data = stream.body.get(timeout=idle_timeout)
-                except gevent.queue.Empty:
-                    return False
-                if data is None:
-                    if left:  # short of the length announced (the server resets such a
-                        return False  # stream first): the connection is closed, not reused
-                    if chunked:
-                        kept = http1.forwardable_trailers(stream.trailers)
-                        out += http1.encode_trailers(kept) if kept else http1.LAST_CHUNK
-                    conn.sendall(out)
-                    conn.request_sent = True
-                    return True
-                if left is not None:
-                    if len(data) > left:  # never more than announced
-                        return False
-                    left -= len(data)
-                out += http1.encode_chunk(data) if chunked else data
-                conn.sendall(out)
-                out = b""
-                self.server._ack(stream, len(data))
-        except OSError:
-            return False
-
-    def _relay_response(self, ex: Http1Exchange, idle_timeout: float,
-                        request: list[tuple[bytes, bytes]]) -> None:
-        """The response of an HTTP/1.1 upstream, translated: fields lower-cased without
-        the connection-specific ones, the body as DATA, chunked trailers as trailers."""
-        server, stream = self.server, self.stream
-        resp = ex.resp
-        assert resp is not None
-        method = next((v for k, v in request if k == b":method"), b"GET")
-        has_body = http1.response_has_body(method, resp.status)
-        headers = h2_response(resp)
-        self.response_started = True
-        if not has_body:
-            server.send_headers(stream, headers, end=True)
-            return
-        server.send_headers(stream, headers, flush=False)
-        if resp.chunked:
-            while (data := ex.read(idle_timeout)) is not None:
-                server.send_data(stream, data, idle_timeout)
-            server.end_stream(stream, [(k.lower(), v) for k, v in ex.trailers
-                                       if k.lower() != MESHD_ERROR] or None)
-        elif resp.content_length is not None:
-            while True:
-                data = ex.read(idle_timeout)
-                if data is None:  # Content-Length: 0
-                    server.send_data(stream, b"", idle_timeout, end=True)
-                    return
-                server.send_data(stream, data, idle_timeout, end=ex.complete)
-                if ex.complete:
-                    return
-        else:
-            while (data := ex.read(idle_timeout)) is not None:
-                server.send_data(stream, data, idle_timeout)
-            server.end_stream(stream)
-
-    chunked = False
-    meshed = False
     grpc = False
     _ex: UpstreamExchange | None = None  # the last attempt's
+    _idle_timeout = 60.0
 
     def _answer_error(self, err: ProxyError) -> None:
         fields, body = error_answer(err, self.server.listener, "HTTP/2")

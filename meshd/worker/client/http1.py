@@ -17,7 +17,6 @@ one-line reason; after it, the connection is closed.
 
 from __future__ import annotations
 
-import http
 import logging
 import socket
 import time
@@ -36,13 +35,7 @@ from meshd.errors import (
     UriTooLong,
 )
 from meshd.proto import forwarded, http1
-from meshd.proto.translate import (
-    H1_TO_H2_DROP,
-    h2_request,
-    http1_response_fields,
-    response_framing,
-    strip_meshd_error,
-)
+from meshd.proto.translate import h2_request, response_framing, strip_meshd_error
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route
 from meshd.worker.client.body import ClientGone, RequestBody
@@ -51,13 +44,12 @@ from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
 from meshd.worker.tunnel import Tunnel
-from meshd.worker.upstream.exchange import H2Exchange, Http1Exchange, UpstreamExchange
+from meshd.worker.upstream.exchange import Http1Exchange, UpstreamExchange
 from meshd.worker.upstream.http1 import UpstreamConn
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
     from meshd.worker.context import Context
-    from meshd.worker.upstream.h2 import H2Stream
 
 log = logging.getLogger("meshd.worker")
 
@@ -197,7 +189,6 @@ class HttpConnection:
         self._row = row
         stripe.add(row, F_REQUESTS)
         self.response_started = False
-        self._body_error = None
         self._idle_timeout = policy.idle_timeout
         body: RequestBody | None = None
         status = 502
@@ -255,7 +246,9 @@ class HttpConnection:
             framing.append((b"Content-Length", b"%d" % req.content_length))
         return http1.serialize_request_head(req.method, req.target, headers, framing)
 
-    def _recv_body(self, size: int = READ_SIZE) -> bytes:
+    def recv_body(self, size: int) -> bytes:
+        """Request body bytes (``meshd.worker.client.body.BodySource``), each read
+        within the route's idle timeout."""
         try:
             with Timeout(self._idle_timeout, RequestTimeout("request body read timed out")):
                 data = self.sock.recv(size)
@@ -271,21 +264,21 @@ class HttpConnection:
         self._send(http1.serialize_response_head(resp.status, resp.reason,
                                                  strip_meshd_error(resp.headers)))
 
-    def _relay_response(self, req: http1.RequestHead, ex: UpstreamExchange, status: int,
-                        reason: bytes, fields: list[tuple[bytes, bytes]],
-                        length: bytes | None, chunked: bool,
-                        trailers: Callable[[list[tuple[bytes, bytes]]],
-                                           list[tuple[bytes, bytes]]]) -> bool:
-        """Send the response to the client, framed by ``response_framing`` whatever the
-        upstream spoke (``length``, ``chunked``: the upstream's framing); ``trailers``
-        picks what of the upstream's trailers goes on. Returns whether the client
-        connection stays."""
+    def _relay_response(self, req: http1.RequestHead, ex: UpstreamExchange,
+                        status: int) -> bool:
+        """Send the response to the client, whatever the upstream spoke: its head and
+        trailers as the exchange translates them, framed by ``response_framing``.
+        Returns whether the client connection stays."""
+        reason, fields, length, chunked = ex.http1_head()
         extra, chunk_out, keep = response_framing(req.method, status, req.version,
                                                   req.keep_alive and not self.worker.draining,
                                                   length, chunked)
+        has_body = http1.response_has_body(req.method, status)
+        if not has_body:
+            ex.skip_body()  # HEAD, 204, 304
         out = [http1.serialize_response_head(status, reason, fields, extra)]
         self.response_started = True
-        if http1.response_has_body(req.method, status):
+        if has_body:
             idle = self._idle_timeout
             while (data := ex.read(idle)) is not None:
                 out.append(http1.encode_chunk(data) if chunk_out else data)
@@ -293,7 +286,7 @@ class HttpConnection:
                     self._send(b"".join(out))
                     out = []
             if chunk_out:
-                kept = trailers(ex.trailers)
+                kept = ex.http1_trailers()
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
         if out:
             self._send(b"".join(out))
@@ -375,7 +368,6 @@ class HttpConnection:
             return False
         return not close
 
-    _body_error: BaseException | None = None
     _idle_timeout = BODY_IDLE_TIMEOUT
     _peer: bytes | None = None
     _redirected_to: list[tuple[str, int] | None] | None = None  # None: not asked yet
@@ -403,8 +395,9 @@ class _Call(Call):
 class Http1Side:
     """The HTTP/1.1 client side of one call (``meshd.worker.call.ClientSide``): the
     request goes out as an HTTP/1.1 head (built for the first attempt that goes
-    HTTP/1.1) or translated to HTTP/2 (``http1_to_h2``), the body from ``RequestBody``;
-    the response comes back in HTTP/1.1 framing, or a 101 starts a tunnel."""
+    HTTP/1.1) or translated to HTTP/2 (``h2_request``), the body from ``RequestBody``
+    whatever the upstream speaks; the response comes back in HTTP/1.1 framing, or a 101
+    starts a tunnel."""
 
     grpc = False
 
@@ -414,7 +407,6 @@ class Http1Side:
         self.req = req
         self.body = body
         self.has_body = body is not None
-        self.meshed = False
         self._head: bytes | None = None
 
     @property
@@ -425,66 +417,39 @@ class Http1Side:
         if self._head is None:
             self._head = self.conn._upstream_head(self.req)
         limits = self.conn.limits
-        return Http1Exchange(self.conn.worker.pool, conn, self._head, self.req.method,
-                             self.body.send if self.body is not None else None,
+        req = self.req
+        return Http1Exchange(self.conn.worker.pool, conn, self._head, req.method,
+                             self.send_body if self.has_body else None,
                              call.policy.connect_timeout, limits.header_bytes,
-                             limits.header_count, self.conn._informational, upgrade=True)
+                             limits.header_count, self.conn._informational, upgrade=True,
+                             chunked=req.chunked, length=req.content_length)
 
     def h2_head(self, https: bool, meshed: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
         return h2_request(self.req, https, meshed), True
 
-    def h2_exchange(self, call: Call, stream: H2Stream, meshed: bool) -> H2Exchange:
-        self.meshed = meshed
-        body, idle = self.body, call.policy.idle_timeout
-        return H2Exchange(stream, (lambda s: body.send_h2(s, idle)) if body is not None else None)
+    def send_body(self, ex: UpstreamExchange) -> bool:
+        assert self.body is not None
+        return self.body.send(ex)
 
     def respond(self, call: Call, ex: UpstreamExchange, status: int) -> tuple[int, bool]:
         conn = self.conn
-        if isinstance(ex, Http1Exchange):
-            if status == 101:
-                assert ex.resp is not None
-                try:
-                    conn._switch_protocols(self.req, ex.resp, ex.conn, call.policy.idle_timeout)
-                finally:
-                    ex.conn.close()
-                return 101, False
-            resp = ex.resp
-            assert resp is not None
-            fields = strip_meshd_error(http1.strip_hop_by_hop(resp.headers,
-                                                              resp.connection_tokens))
-            length = None if resp.content_length is None else b"%d" % resp.content_length
-            keep = conn._relay_response(self.req, ex, status, resp.reason, fields, length,
-                                        resp.chunked, strip_meshd_error)
-        else:
-            assert isinstance(ex, H2Exchange)
-            meshed = self.meshed  # a peer meshd's meshd-error is its own; an application's not
-            fields, length = http1_response_fields(ex.head if meshed
-                                                   else strip_meshd_error(ex.head))
-            if not http1.response_has_body(self.req.method, status):
-                ex.stream.reset()  # HEAD, 204, 304: a body it might still send is not wanted
-
-            def trailers(kept: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-                kept = [(k, v) for k, v in kept if k not in H1_TO_H2_DROP]
-                return kept if meshed else strip_meshd_error(kept)
-
-            keep = conn._relay_response(self.req, ex, status, _phrase(status), fields, length,
-                                        False, trailers)
+        if status == 101:  # only an HTTP/1.1 exchange made with upgrade=True has one
+            assert isinstance(ex, Http1Exchange) and ex.resp is not None
+            try:
+                conn._switch_protocols(self.req, ex.resp, ex.conn, call.policy.idle_timeout)
+            finally:
+                ex.conn.close()
+            return 101, False
+        keep = conn._relay_response(self.req, ex, status)
         if not ex.finish():
             return status, False  # the client's body was not all read
         return status, keep
 
     def client_fault(self, e: BaseException) -> BaseException | None:
-        body_error = self.conn._body_error
-        if body_error is None or self.conn.response_started:
+        error = self.body.error if self.body is not None else None
+        if error is None or self.conn.response_started:
             return None
-        return body_error if isinstance(body_error, ProxyError) else ClientGone()
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+        return error if isinstance(error, ProxyError) else ClientGone()
 
 
 def _upgrade_protocols(req: http1.RequestHead, h2c: bool = False) -> bytes:

@@ -11,18 +11,33 @@ a pooled HTTP/1.1 connection (``meshd.worker.upstream.http1``), ``H2Exchange`` o
 stream of a pooled HTTP/2 connection (``meshd.worker.upstream.h2``).
 
 The client side supplies the sender (it knows where the body comes from) and, for
-HTTP/1.1, the request head, built only for an attempt that goes HTTP/1.1.
+HTTP/1.1, the request head, built only for an attempt that goes HTTP/1.1. The sender
+writes the body through the exchange whatever the upstream speaks (``send_body``:
+decoded pieces, the end and trailers; the exchange frames them: Content-Length or
+chunked, or DATA and HEADERS), and the client side relays the response through it the
+same way: the head and trailers translated for the client's protocol
+(``http1_head``/``http1_trailers``, ``h2_head``/``h2_trailers``, pure functions of
+``meshd.proto.translate``), the body from ``read``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+import http
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import gevent
 
 from meshd.errors import BadRequest, UpstreamError
 from meshd.proto import http1
+from meshd.proto.translate import (
+    H1_TO_H2_DROP,
+    MESHD_ERROR,
+    h2_forward,
+    h2_response,
+    http1_response_fields,
+    strip_meshd_error,
+)
 from meshd.worker.upstream.http1 import Pool, UpstreamConn, read_response_head
 
 if TYPE_CHECKING:
@@ -30,6 +45,17 @@ if TYPE_CHECKING:
 
 Fields = list[tuple[bytes, bytes]]
 Informational = Callable[[http1.ResponseHead], None]
+# The client side's body sender, run in its own greenlet: True when all of the body went.
+Sender = Callable[["UpstreamExchange"], bool]
+
+
+class Http1Head(NamedTuple):
+    """A response head as an HTTP/1.1 client gets it, before ``response_framing``."""
+
+    reason: bytes
+    fields: Fields                # without hop-by-hop fields and the framing ones
+    content_length: bytes | None  # the upstream's
+    chunked: bool                 # the upstream sent it chunked
 
 
 class UpstreamExchange(Protocol):
@@ -50,24 +76,44 @@ class UpstreamExchange(Protocol):
     def finish(self) -> bool: ...
     def abort(self) -> None: ...
 
+    # The request body, from the sender greenlet. ``send_body`` raises UpstreamError
+    # when the upstream takes no more (its response, or the attempt's failure, tells
+    # why), UpstreamTimeout when an HTTP/2 upstream opens no window in time.
+    def send_body(self, pieces: Sequence[bytes], end: bool = False,
+                  trailers: Sequence[tuple[bytes, bytes]] = ()) -> None: ...
+    def stop_body(self) -> None: ...          # the client's body broke: the upstream stops
+
+    # The response translated for the client's protocol (after ``response``).
+    def http1_head(self) -> Http1Head: ...
+    def http1_trailers(self) -> Fields: ...
+    def h2_head(self) -> Fields: ...
+    def h2_trailers(self) -> Fields: ...
+    def skip_body(self) -> None: ...          # the client side will not read the body
+
 
 class Http1Exchange:
-    """An attempt over an HTTP/1.1 connection. ``sender(conn, head)`` sends head and
-    body and returns whether all of it went; without one the request is bodiless (sent
-    by ``response``, again on a new connection when a reused one turns out closed)."""
+    """An attempt over an HTTP/1.1 connection. ``sender(exchange)`` sends the body
+    through ``send_body`` (the head goes with its first bytes) and returns whether all
+    of it went; without one the request is bodiless (sent by ``response``, again on a
+    new connection when a reused one turns out closed). ``chunked``, ``length``: the
+    body's framing, as the head announces it."""
 
     protocol = "http1"
     reset_code: int | None = None
 
     def __init__(self, pool: Pool, conn: UpstreamConn, head: bytes, method: bytes,
-                 sender: Callable[[UpstreamConn, bytes], bool] | None, connect_timeout: float,
+                 sender: Sender | None, connect_timeout: float,
                  header_bytes: int, header_count: int,
-                 informational: Informational | None = None, upgrade: bool = False) -> None:
+                 informational: Informational | None = None, upgrade: bool = False,
+                 chunked: bool = False, length: int | None = None) -> None:
         self.pool = pool
         self.method = method
         self.conn = conn
         self.head = head
         self.sender = sender
+        self.chunked = chunked
+        self.unsent = length          # body bytes the head announced and not yet sent
+        self.head_sent = False
         self.connect_timeout = connect_timeout
         self.header_bytes = header_bytes
         self.header_count = header_count
@@ -87,7 +133,40 @@ class Http1Exchange:
 
     def start(self) -> None:
         if self.sender is not None:
-            self._greenlet = gevent.spawn(self.sender, self.conn, self.head)
+            self._greenlet = gevent.spawn(self.sender, self)
+
+    def send_body(self, pieces: Sequence[bytes], end: bool = False,
+                  trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Pieces of the body in the head's framing, in one write with the head when it
+        has not gone yet (with no pieces: the head alone, now); ``end`` adds the last
+        chunk and the forwardable ``trailers`` to a chunked body. BadRequest for a body
+        that would not match the Content-Length announced."""
+        out = [] if self.head_sent else [self.head]
+        self.head_sent = True
+        for piece in pieces:
+            if self.unsent is not None:
+                if len(piece) > self.unsent:
+                    raise BadRequest("request body longer than its Content-Length")
+                self.unsent -= len(piece)
+            if piece:
+                out.append(http1.encode_chunk(piece) if self.chunked else piece)
+        if end:
+            if self.unsent:
+                raise BadRequest("request body shorter than its Content-Length")
+            if self.chunked:
+                kept = http1.forwardable_trailers(trailers)
+                out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
+        try:
+            if out:
+                self.conn.sendall(b"".join(out))
+        except OSError as e:
+            raise UpstreamError(f"{self.conn.endpoint} took no more of the request: "
+                                f"{e.strerror or e}") from None
+        if end:
+            self.conn.request_sent = True
+
+    def stop_body(self) -> None:
+        self.conn.shutdown()  # the response wait ends
 
     def response(self, try_deadline: float, deadline: float) -> int:
         def read(conn: UpstreamConn) -> http1.ResponseHead:
@@ -164,6 +243,26 @@ class Http1Exchange:
     def trailers(self) -> Fields:
         return self._trailers
 
+    def http1_head(self) -> Http1Head:
+        resp = self.resp
+        assert resp is not None
+        fields = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
+        length = None if resp.content_length is None else b"%d" % resp.content_length
+        return Http1Head(resp.reason, fields, length, resp.chunked)
+
+    def http1_trailers(self) -> Fields:
+        return strip_meshd_error(self._trailers)
+
+    def h2_head(self) -> Fields:
+        assert self.resp is not None
+        return h2_response(self.resp)
+
+    def h2_trailers(self) -> Fields:
+        return [(k.lower(), v) for k, v in self._trailers if k.lower() != MESHD_ERROR]
+
+    def skip_body(self) -> None:
+        pass  # ``read`` gives None already: the method or status says there is no body
+
     def finish(self) -> bool:
         """Whether the whole request was sent; the connection goes back to the pool when
         it can carry another request, else it is closed."""
@@ -188,15 +287,21 @@ class Http1Exchange:
 
 
 class H2Exchange:
-    """An attempt over a stream of an HTTP/2 connection; ``sender(stream)`` sends the
-    body (None: the head ended the stream)."""
+    """An attempt over a stream of an HTTP/2 connection; ``sender(exchange)`` sends the
+    body (None: the head ended the stream), each wait for a window bounded by
+    ``idle_timeout``. ``meshed``: the upstream is a peer meshd, whose ``meshd-error`` is
+    its own and passes on (an application's does not)."""
 
     protocol = "h2"
 
-    def __init__(self, stream: H2Stream, sender: Callable[[H2Stream], bool] | None) -> None:
+    def __init__(self, stream: H2Stream, sender: Sender | None, idle_timeout: float,
+                 meshed: bool = False) -> None:
         self.stream = stream
         self.sender = sender
+        self.idle_timeout = idle_timeout
+        self.meshed = meshed
         self.head: Fields = []
+        self.status = 502
         self.reset_code: int | None = None
         self._greenlet: gevent.Greenlet | None = None
 
@@ -206,11 +311,30 @@ class H2Exchange:
 
     def start(self) -> None:
         if self.sender is not None:
-            self._greenlet = gevent.spawn(self.sender, self.stream)
+            self._greenlet = gevent.spawn(self.sender, self)
+
+    def send_body(self, pieces: Sequence[bytes], end: bool = False,
+                  trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Pieces as DATA; ``end`` sends the trailers (names lower-cased, the
+        connection-specific ones left out) or an empty END_STREAM."""
+        stream = self.stream
+        for piece in pieces:
+            if piece:
+                stream.send_data(piece, timeout=self.idle_timeout)
+        if end:
+            kept = h2_forward([(k.lower(), v) for k, v in trailers])
+            if kept:
+                stream.send_trailers(kept)
+            else:
+                stream.end()
+
+    def stop_body(self) -> None:
+        self.stream.reset()
 
     def response(self, try_deadline: float, deadline: float) -> int:
         self.head = self.stream.response(try_deadline)
-        return int(dict(self.head).get(b":status", b"502"))
+        self.status = int(dict(self.head).get(b":status", b"502"))
+        return self.status
 
     def read(self, idle_timeout: float) -> bytes | None:
         return self.stream.read(idle_timeout)
@@ -222,6 +346,24 @@ class H2Exchange:
     @property
     def trailers(self) -> Fields:
         return self.stream.trailers or []
+
+    def http1_head(self) -> Http1Head:
+        fields, length = http1_response_fields(self.head if self.meshed
+                                               else strip_meshd_error(self.head))
+        return Http1Head(_phrase(self.status), fields, length, False)
+
+    def http1_trailers(self) -> Fields:
+        kept = [(k, v) for k, v in self.trailers if k not in H1_TO_H2_DROP]
+        return kept if self.meshed else strip_meshd_error(kept)
+
+    def h2_head(self) -> Fields:
+        return h2_forward(self.head, self.meshed)
+
+    def h2_trailers(self) -> Fields:
+        return h2_forward(self.trailers, self.meshed)
+
+    def skip_body(self) -> None:
+        self.stream.reset()  # a body it might still send is not wanted: free the stream
 
     def finish(self) -> bool:
         g = self._greenlet
@@ -235,3 +377,10 @@ class H2Exchange:
             self._greenlet.kill()
         self.reset_code = self.stream.reset_code
         self.stream.reset()  # the upstream sees the cancellation (a client's reset, a timeout)
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
