@@ -40,8 +40,9 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 
 
 def is_tls(sock: socket.socket) -> bool:
-    """A TLS socket (an upstream over ``[service.X.tls]``): its bytes go through its own
-    recv/sendall, never the raw socket beneath it, nor splice."""
+    """A TLS socket (an upstream over ``[service.X.tls]`` or mTLS, a client connection
+    ``client.inbound_tls`` terminated): its bytes go through its own recv/sendall, never
+    the raw socket beneath it, nor splice."""
     return isinstance(sock, _SSLSocket)
 
 
