@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshd.errors import ConfigError
 from meshd.identity import ca as ca_mod
-from meshd.identity import ca_dir
+from meshd.identity import ca_dir, material
 from meshd.identity.api import Material, Settings
 from meshd.identity.meshd_ca import CaExpired, MeshdCaProvider
 
@@ -74,8 +74,9 @@ def leaf_of(m: Material) -> x509.Certificate:
 
 
 def check(m: Material, identity: str = WEB) -> x509.Certificate:
-    """What meshd checks before publishing: the key is the leaf's, one SPIFFE URI SAN,
-    valid now, signed by one of the roots."""
+    """What meshd checks before publishing (material.check: the key is the leaf's, one
+    SPIFFE URI SAN in the trust domain, valid now, a path to a root), and the same by hand."""
+    assert material.check(m, TD, now=clock_now(m)).spiffe_id == identity
     leaf = leaf_of(m)
     key = serialization.load_pem_private_key(m.key_pem, password=None)
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -85,6 +86,11 @@ def check(m: Material, identity: str = WEB) -> x509.Certificate:
     _signer(leaf, x509.load_pem_x509_certificates(m.roots_pem))
     assert m.trust_domain == TD
     return leaf
+
+
+def clock_now(m: Material) -> datetime.datetime:
+    # a time inside the leaf's life (tests move an injected clock far ahead of real time)
+    return leaf_of(m).not_valid_before_utc + datetime.timedelta(minutes=2)
 
 
 def _signer(leaf: x509.Certificate, roots: list[x509.Certificate]) -> x509.Certificate:
