@@ -278,3 +278,40 @@ def test_inspect_says_expired_and_broken_chains_and_refuses_other_files(ca: Path
     assert refused.returncode == 2 and "holds no certificate or private key" in refused.stderr
     missing = meshd("ca", "inspect", str(tmp_path / "nope.crt"))
     assert missing.returncode == 2 and "No such file" in missing.stderr
+
+
+def test_inspect_of_damaged_certificates_and_keys_raises_only_inspect_error() -> None:
+    """cryptography parses lazily: a damaged field raises when read. inspect shows it as
+    unreadable, or refuses the file, and never fails otherwise (a fixed seed: repeatable)."""
+    import base64
+    import random
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from meshd.identity import inspect
+
+    authority = ca_mod.new_ca(TD)
+    leaf = ca_mod.issue(authority, WEB)
+    cert_der = x509.load_pem_x509_certificate(leaf.cert_pem).public_bytes(
+        serialization.Encoding.DER)
+    key_der = serialization.load_pem_private_key(leaf.key_pem, None).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    rng = random.Random(14)
+    shown = 0
+    for i in range(3000):
+        label, src = (b"CERTIFICATE", cert_der) if i % 2 else (b"PRIVATE KEY", key_der)
+        damaged = bytearray(src)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        pem = (b"-----BEGIN " + label + b"-----\n" + base64.encodebytes(bytes(damaged))
+               + b"-----END " + label + b"-----\n")
+        for data in (pem, bytes(damaged)):
+            try:
+                lines = inspect.describe(data)
+            except inspect.InspectError:
+                continue
+            shown += 1
+            assert lines and all(isinstance(line, str) for line in lines)
+    assert shown > 100       # most damage leaves something to show

@@ -25,6 +25,7 @@ import stat
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -127,19 +128,22 @@ def load(path: str) -> CaDir:
         raise CaDirError(f"{key_path} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CaDirError(f"{key_path} is not an ECDSA key (meshd ca signs with ECDSA P-256)")
-    public = _spki(key.public_key())
-    signing = next((c for c in certs if _spki(c.public_key()) == public), None)
-    if signing is None:
-        raise CaDirError(f"no certificate in {cert_path} belongs to the key in {key_path} "
-                         f"(mid-rotation? the new root goes into {CERT_NAME} with its key "
-                         f"in {KEY_NAME})")
-    if not is_ca(signing):
-        raise CaDirError(f"the certificate of {key_path} in {cert_path} is not a CA "
-                         f"certificate (basicConstraints CA:TRUE)")
-    domain = ca_trust_domain(signing)
-    if not domain:
-        raise CaDirError(f"the signing certificate in {cert_path} has no spiffe://TRUST-DOMAIN "
-                         f"URI SAN (meshd ca init gives it one)")
+    try:
+        public = _spki(key.public_key())
+        signing = next((c for c in certs if _spki(c.public_key()) == public), None)
+        if signing is None:
+            raise CaDirError(f"no certificate in {cert_path} belongs to the key in {key_path} "
+                             f"(mid-rotation? the new root goes into {CERT_NAME} with its key "
+                             f"in {KEY_NAME})")
+        if not is_ca(signing):
+            raise CaDirError(f"the certificate of {key_path} in {cert_path} is not a CA "
+                             f"certificate (basicConstraints CA:TRUE)")
+        domain = ca_trust_domain(signing)
+        if not domain:
+            raise CaDirError(f"the signing certificate in {cert_path} has no "
+                             f"spiffe://TRUST-DOMAIN URI SAN (meshd ca init gives it one)")
+    except (ValueError, UnsupportedAlgorithm) as e:   # a damaged field (parsed lazily)
+        raise CaDirError(f"{cert_path}: a certificate does not parse: {str(e)[:80]}") from None
     roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     signing_pem = signing.public_bytes(serialization.Encoding.PEM)
     return CaDir(path=path, trust_domain=domain,
@@ -182,7 +186,7 @@ def parse_certificates(data: bytes, where: str) -> list[x509.Certificate]:
         raise CaDirError(f"{where} holds more than {MAX_CERTS} certificates")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise CaDirError(f"{where} holds no readable PEM certificate") from None
     return certs
 

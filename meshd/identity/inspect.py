@@ -16,12 +16,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from meshd.identity.ca_dir import is_ca
 
@@ -30,6 +33,7 @@ MAX_BLOCKS = 64
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 _KEY_BLOCKS = (b"PRIVATE KEY", b"EC PRIVATE KEY", b"RSA PRIVATE KEY", b"DSA PRIVATE KEY",
                b"ENCRYPTED PRIVATE KEY")
+_UNREADABLE = (ValueError, TypeError, OverflowError, UnsupportedAlgorithm)
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
@@ -45,6 +49,12 @@ class _Key:
 
 def describe(data: bytes, now: datetime.datetime | None = None) -> list[str]:
     """The lines describing ``data`` (PEM certificates and keys, or one DER certificate)."""
+    with warnings.catch_warnings():   # e.g. "a serial that is not positive": shown as it is
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return _describe(data, now)
+
+
+def _describe(data: bytes, now: datetime.datetime | None) -> list[str]:
     now = now or datetime.datetime.now(datetime.UTC)
     if len(data) > MAX_BYTES:
         raise InspectError(f"larger than {MAX_BYTES} bytes: not a certificate or key file")
@@ -60,7 +70,7 @@ def describe(data: bytes, now: datetime.datetime | None = None) -> list[str]:
         if label == b"CERTIFICATE":
             try:
                 certs.append(x509.load_pem_x509_certificate(whole))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):
                 others.append("a CERTIFICATE block that does not parse")
         elif label in _KEY_BLOCKS:
             keys.append(_load_key(whole, pem=True))
@@ -119,50 +129,62 @@ def _certificate(cert: x509.Certificate, i: int, n: int, nxt: x509.Certificate |
     head = f"certificate {i + 1} of {n}" if n > 1 else "certificate"
     out = [f"{head}:"]
 
-    def add(name: str, value: str) -> None:
-        out.append(f"  {name + ':':<20}{value}")
+    def add(name: str, value: Callable[[], str | list[str]]) -> None:
+        # cryptography parses lazily: a damaged field raises when read, not when loaded.
+        try:
+            got = value()
+        except _UNREADABLE as e:
+            got = f"(unreadable: {str(e)[:80]})"
+        for v in [got] if isinstance(got, str) else got:
+            out.append(f"  {name + ':':<20}{v}")
 
-    add("subject", cert.subject.rfc4514_string() or "(empty)")
-    add("issuer", cert.issuer.rfc4514_string() or "(empty)")
-    names = _names(cert)
-    spiffe_ids = [v for k, v in names if k == "uri" and v.startswith("spiffe://")]
-    for sid in spiffe_ids:
-        add("spiffe id", sid)
-    if not spiffe_ids:
-        add("spiffe id", "none")
-    for kind, value in names:
-        if not (kind == "uri" and value.startswith("spiffe://")):
-            add(kind, value)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    add("not before", _when(start))
-    add("not after", _when(end))
-    if now < start:
-        state = f"not yet valid (starts in {span((start - now).total_seconds())})"
-    elif now > end:
-        state = f"EXPIRED {span((now - end).total_seconds())} ago"
-    else:
-        state = f"valid, {span((end - now).total_seconds())} left"
-    add("validity", state)
-    add("serial", _serial(cert.serial_number))
-    add("sha256", fingerprint(cert.public_bytes(serialization.Encoding.DER)))
-    try:
-        public = cert.public_key()
-        add("key", key_kind(public))
-        add("public key sha256", fingerprint(public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)))
-    except (ValueError, UnsupportedAlgorithm):
-        add("key", "(a key type this build cannot read)")
-    if is_ca(cert):
-        path_len = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
-        add("ca", f"yes, path length {'unlimited' if path_len is None else path_len}")
-    else:
-        add("ca", "no")
-    if cert.issuer == cert.subject and _signed_by(cert, cert):
-        add("signed by", "itself (self-signed root)")
+    add("subject", lambda: cert.subject.rfc4514_string() or "(empty)")
+    add("issuer", lambda: cert.issuer.rfc4514_string() or "(empty)")
+    add("spiffe id", lambda: [v for k, v in _names(cert) if k == "spiffe id"] or "none")
+    for kind in ("uri", "dns", "ip"):
+        add(kind, lambda kind=kind: [v for k, v in _names(cert) if k == kind])   # type: ignore[misc]
+    add("not before", lambda: _when(cert.not_valid_before_utc))
+    add("not after", lambda: _when(cert.not_valid_after_utc))
+    add("validity", lambda: _validity(cert, now))
+    add("serial", lambda: _serial(cert.serial_number))
+    add("sha256", lambda: fingerprint(cert.public_bytes(serialization.Encoding.DER)))
+    add("key", lambda: key_kind(cert.public_key()))
+    add("public key sha256", lambda: fingerprint(_spki(cert)))
+    add("ca", lambda: _ca(cert))
+    if _self_signed(cert):
+        add("signed by", lambda: "itself (self-signed root)")
     elif nxt is not None:
-        add("signed by", f"certificate {i + 2}" if _signed_by(cert, nxt)
+        add("signed by", lambda: f"certificate {i + 2}" if _signed_by(cert, nxt)
             else f"NOT certificate {i + 2} (the chain is out of order or broken here)")
     return out
+
+
+def _validity(cert: x509.Certificate, now: datetime.datetime) -> str:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        return f"not yet valid (starts in {span((start - now).total_seconds())})"
+    if now > end:
+        return f"EXPIRED {span((now - end).total_seconds())} ago"
+    return f"valid, {span((end - now).total_seconds())} left"
+
+
+def _ca(cert: x509.Certificate) -> str:
+    if not is_ca(cert):
+        return "no"
+    path_len = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    return f"yes, path length {'unlimited' if path_len is None else path_len}"
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    try:
+        return cert.issuer == cert.subject and _signed_by(cert, cert)
+    except _UNREADABLE:
+        return False
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _key_lines(key: _Key, certs: list[x509.Certificate]) -> list[str]:
@@ -173,9 +195,8 @@ def _key_lines(key: _Key, certs: list[x509.Certificate]) -> list[str]:
            f"  {'public key sha256:':<20}{key.public_sha256}"]
     for i, cert in enumerate(certs):
         try:
-            spki = cert.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        except (ValueError, UnsupportedAlgorithm):
+            spki = _spki(cert)
+        except _UNREADABLE:
             continue
         if fingerprint(spki) == key.public_sha256:
             which = f"certificate {i + 1}" if len(certs) > 1 else "the certificate"
@@ -203,7 +224,7 @@ def _load_key(data: bytes, pem: bool) -> _Key:
 def _der(data: bytes) -> tuple[list[x509.Certificate], list[_Key]]:
     try:
         return [x509.load_der_x509_certificate(data)], []
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         pass
     try:
         return [], [_load_key(data, pem=False)]
@@ -214,10 +235,11 @@ def _der(data: bytes) -> tuple[list[x509.Certificate], list[_Key]]:
 def _names(cert: x509.Certificate) -> list[tuple[str, str]]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
         return []
     out: list[tuple[str, str]] = []
-    out += [("uri", str(v)) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    out += [("spiffe id" if str(v).startswith("spiffe://") else "uri", str(v))
+            for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
     out += [("dns", str(v)) for v in san.get_values_for_type(x509.DNSName)]
     out += [("ip", str(v)) for v in san.get_values_for_type(x509.IPAddress)]
     return out
@@ -232,7 +254,8 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _serial(n: int) -> str:
-    return _colon_hex(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
+    sign, n = ("-", -n) if n < 0 else ("", n)   # RFC 5280 forbids it; old certificates have it
+    return sign + _colon_hex(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
 
 
 def _colon_hex(b: bytes) -> str:
