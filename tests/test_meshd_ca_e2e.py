@@ -99,3 +99,31 @@ def test_a_meshd_publishes_renews_and_rotates_a_meshd_ca_identity(mesh, backends
     for d in (ca, new):
         for line in key_lines((d / "ca.key").read_bytes()):
             assert line not in log
+
+
+def test_meshd_check_names_the_identity_keys_of_a_bad_meshd_ca_setup(mesh, backends,
+                                                                     tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    cli("ca", "init", "--dir", str(ca), "--trust-domain", "other.example")
+    (ca / "ca.key").chmod(0o640)
+    a = backends("a")
+    text, _ = mesh.config({"web": [a.address]}, workers=1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text + toml(ca, ttl='"10s"').replace('service = "web"\n', ""))
+    out = subprocess.run([MESHD, "check", "-c", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"{path}: identity.ttl: must be at least 60s, got '10s'",
+        f"{path}: identity.dir: {ca / 'ca.key'} is mode 0640; a private key must be 0600 "
+        f"(chmod 600 {ca / 'ca.key'})",
+        f"{path}: identity.service: required outside Kubernetes (or give identity): the "
+        f"identity is spiffe://{TD}/service/NAME"]
+    (ca / "ca.key").chmod(0o600)
+    path.write_text(text + toml(ca))
+    out = subprocess.run([MESHD, "check", "-c", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"{path}: identity.dir: the CA in {ca} is for trust domain 'other.example', "
+        f"[identity] trust_domain is '{TD}'"]
