@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 ALPN_H2 = "h2"
 ALPN_HTTP1 = "http/1.1"
+# The server side of meshd's TLS (mTLS from peers, [listener.tls]): TLS 1.2 at least, and
+# for TLS 1.2 only forward-secret AEAD suites (TLS 1.3 suites are all AEAD and are not
+# set by this string). No RSA key exchange, CBC, SHA-1 MACs, RC4, 3DES, NULL or EXPORT.
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+SERVER_ALPN = [ALPN_H2, ALPN_HTTP1]
 
 
 class TlsSetupError(ValueError):
@@ -67,13 +72,22 @@ def client_context(tls: TlsConfig, protocol: str, context_class: Any = ssl.SSLCo
     return ctx
 
 
+def harden_server(ctx: Any) -> Any:
+    """``ctx`` (a server context) limited to TLS >= 1.2 and SERVER_CIPHERS, offering
+    ALPN h2 and http/1.1; returned for chaining."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(SERVER_CIPHERS)
+    ctx.set_alpn_protocols(SERVER_ALPN)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
 def server_context(tls: ListenerTlsConfig, context_class: Any = ssl.SSLContext) -> Any:
     """The server SSL context of a listener's ``[listener.tls]`` (TLS for ordinary
-    clients): its certificate and key, TLS 1.2 at least, no client certificate asked
-    for, ALPN "h2" and "http/1.1". Raises ``TlsSetupError`` ("cert_file", "key_file")
-    when a file cannot be read or the pair does not load."""
-    ctx = context_class(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    clients): its certificate and key, TLS 1.2 at least (``harden_server``), no client
+    certificate asked for, ALPN "h2" and "http/1.1". Raises ``TlsSetupError``
+    ("cert_file", "key_file") when a file cannot be read or the pair does not load."""
+    ctx = harden_server(context_class(ssl.PROTOCOL_TLS_SERVER))
     _readable("cert_file", tls.cert_file)
     _readable("key_file", tls.key_file)
     try:
@@ -81,7 +95,6 @@ def server_context(tls: ListenerTlsConfig, context_class: Any = ssl.SSLContext) 
     except ssl.SSLError as e:
         raise TlsSetupError("cert_file", f"cannot load the certificate {tls.cert_file} with the "
                                          f"key {tls.key_file}: {_ssl_reason(e)}") from None
-    ctx.set_alpn_protocols([ALPN_H2, ALPN_HTTP1])
     return ctx
 
 
