@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 from meshd.identity import ca_dir
 from meshd.identity import paths as identity_paths
-from meshd.testing.harness import Meshd, http_get, require_tool, wait_for
+from meshd.testing.harness import Meshd, free_port, http_get, read_head, require_tool, wait_for
 from meshd.testing.identity_files import key_lines
 
 MESHD = str(Path(sys.executable).with_name("meshd"))
@@ -127,3 +129,63 @@ def test_meshd_check_names_the_identity_keys_of_a_bad_meshd_ca_setup(mesh, backe
     assert out.stderr.splitlines() == [
         f"{path}: identity.dir: the CA in {ca} is for trust domain 'other.example', "
         f"[identity] trust_domain is '{TD}'"]
+
+
+STRICT_INBOUND = """
+[[listener]]
+name = "in"
+listen = "127.0.0.1:{port}"
+direction = "inbound"
+forward = "{app}"
+mtls = "strict"
+"""
+
+
+def mtls_get(port: int, ca_file: Path, cert: Path, key: Path) -> tuple[bytes, dict[str, Any]]:
+    """GET / over TLS with a client certificate, the server's chain verified against
+    ``ca_file`` (no host name: a SPIFFE leaf names a workload, not a host)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(str(ca_file))
+    context.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        tls.sendall(b"GET /hello HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        head = read_head(tls)
+        return head, tls.getpeercert()
+
+
+def test_meshd_ca_certificates_on_both_ends_of_an_mtls_handshake(mesh, backends,
+                                                                 tmp_path: Path) -> None:
+    """The server's certificate from the provider, the client's from `meshd ca issue`:
+    a strict inbound listener serves the client; a client of another CA with the same
+    root name is refused (the key, not the name, decides)."""
+    ca = tmp_path / "ca"
+    cli("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+    cli("ca", "issue", "--dir", str(ca), "--identity", WEB, "--out", str(tmp_path / "web"))
+    app, port = backends("app"), free_port()
+    text, ports = mesh.config({}, workers=1, listeners=STRICT_INBOUND.format(
+        port=port, app=app.address), extra=toml(ca).replace('"web"', '"api"'))
+    m = mesh.start(text, ports)
+    head, server = mtls_get(port, ca / "ca.crt", tmp_path / "web.crt", tmp_path / "web.key")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert server["subjectAltName"] == (("URI", f"spiffe://{TD}/service/api"),)
+    m.wait_metric("meshd_tls_handshake_total",
+                  'listener="in",direction="inbound",result="ok"', 1)
+
+    other = tmp_path / "other"
+    cli("ca", "init", "--dir", str(other), "--trust-domain", TD)   # same name, another key
+    cli("ca", "issue", "--dir", str(other), "--identity", WEB, "--out", str(tmp_path / "x"))
+    try:   # TLS 1.3: the server's verdict on the client comes after the client's handshake
+        head, _ = mtls_get(port, ca / "ca.crt", tmp_path / "x.crt", tmp_path / "x.key")
+    except (ssl.SSLError, ConnectionError):
+        head = b""
+    assert head == b"", "a client of another CA was served"
+    m.wait_metric("meshd_tls_handshake_total",
+                  'listener="in",direction="inbound",result="verify_failed"', 1)
+    # and the client refuses a server of another CA
+    try:
+        mtls_get(port, other / "ca.crt", tmp_path / "x.crt", tmp_path / "x.key")
+        raise AssertionError("the client accepted a server of another CA")
+    except ssl.SSLCertVerificationError:
+        pass
