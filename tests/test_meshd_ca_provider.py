@@ -156,8 +156,13 @@ def test_kubernetes_identity_from_the_service_account(ca: Path, tmp_path: Path) 
         f"spiffe://{TD}/ns/prod/sa/api"
     assert problems(ca, env={"KUBERNETES_SERVICE_HOST": "10.96.0.1"},
                     namespace_file=str(ns)) == {
-        "service_account": "required in Kubernetes (or the env MESHD_SERVICE_ACCOUNT): the "
-                           f"identity is spiffe://{TD}/ns/prod/sa/SERVICE-ACCOUNT"}
+        "service_account": "required in Kubernetes (or the env MESHD_SERVICE_ACCOUNT or "
+                           "POD_SERVICE_ACCOUNT): the identity is "
+                           f"spiffe://{TD}/ns/prod/sa/SERVICE-ACCOUNT"}
+    # what `meshd inject` puts in the sidecar's environment is enough
+    injected = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_SERVICE_ACCOUNT": "pod-sa"}
+    assert provider(ca, env=injected, namespace_file=str(ns)).identity == \
+        f"spiffe://{TD}/ns/prod/sa/pod-sa"
     # the host variable without a readable namespace file is not Kubernetes
     assert provider(ca, env=k8s, namespace_file=str(tmp_path / "no"), service="web"
                     ).identity == WEB

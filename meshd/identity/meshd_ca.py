@@ -8,7 +8,8 @@ trust_domain = "lab.example"
 dir = "/etc/meshd/ca"          # made by `meshd ca init --dir ... --trust-domain lab.example`
 service = "web"                # outside Kubernetes: spiffe://lab.example/service/web
 # identity = "spiffe://lab.example/service/web"   # or the SPIFFE ID itself
-# service_account = "web"      # in Kubernetes (else env MESHD_SERVICE_ACCOUNT):
+# service_account = "web"      # in Kubernetes (else env MESHD_SERVICE_ACCOUNT, then
+#                              # POD_SERVICE_ACCOUNT, which `meshd inject` sets):
 #                              # spiffe://TD/ns/<pod namespace>/sa/web
 ttl = "24h"                    # each leaf's lifetime (at least 1m)
 renew_at = 0.6667              # issue the next leaf after this fraction of a lifetime
@@ -16,7 +17,8 @@ renew_at = 0.6667              # issue the next leaf after this fraction of a li
 
 Which identity: ``identity`` when given; else in Kubernetes (``KUBERNETES_SERVICE_HOST``
 set and the service-account namespace file readable) ``spiffe://TD/ns/NS/sa/SA``, SA from
-``service_account`` or ``MESHD_SERVICE_ACCOUNT``; elsewhere ``spiffe://TD/service/NAME``
+``service_account``, else ``MESHD_SERVICE_ACCOUNT``, else ``POD_SERVICE_ACCOUNT`` (set by
+``meshd inject``); elsewhere ``spiffe://TD/service/NAME``
 from ``service``. The CA directory is checked at construction (``meshd check``, start,
 reload): ``ca.key`` 0600 and this uid's, ``ca.crt`` holding the certificate of that key,
 a CA for ``[identity] trust_domain``. Errors carry key paths relative to ``[identity]``.
@@ -117,10 +119,12 @@ class MeshdCaProvider(Provider):
             return ""
         namespace = _namespace(environ, namespace_file)
         if namespace:
-            account = account or environ.get("MESHD_SERVICE_ACCOUNT", "")
+            # POD_SERVICE_ACCOUNT: what `meshd inject` sets from the downward API
+            account = (account or environ.get("MESHD_SERVICE_ACCOUNT", "")
+                       or environ.get("POD_SERVICE_ACCOUNT", ""))
             if not account:
                 problems.append(("service_account", "required in Kubernetes (or the env "
-                                 "MESHD_SERVICE_ACCOUNT): the identity is "
+                                 "MESHD_SERVICE_ACCOUNT or POD_SERVICE_ACCOUNT): the identity is "
                                  f"spiffe://{td}/ns/{namespace}/sa/SERVICE-ACCOUNT"))
                 return ""
             value = spiffe.for_service_account(td, namespace, account)
