@@ -51,7 +51,7 @@ consul_unit
 # 16 h) from one lab CA. The first VM provisioned makes it (mkdir is the lock: vagrant-
 # libvirt provisions VMs in parallel) and the others take it from the synced folder.
 # A lab CA: its key lies in the clear in the checkout's .lab-ca/ (git-ignored).
-if mkdir "$LAB_CA" 2>/dev/null; then
+if mkdir -m 0700 "$LAB_CA" 2>/dev/null; then
   made=$(mktemp -d)
   $MESHD ca init --dir "$made/ca" --trust-domain "$TRUST_DOMAIN" >/dev/null  # $MESHD: words
   cp "$made/ca/ca.crt" "$LAB_CA/ca.crt"
