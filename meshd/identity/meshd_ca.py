@@ -142,8 +142,8 @@ class MeshdCaProvider(Provider):
         return value
 
     def watch(self) -> Iterator[Material]:
+        seen = ca_dir.stamp(self.dir)    # before reading: a change meanwhile is seen next
         authority = self._load()
-        seen = ca_dir.stamp(self.dir)
         while True:
             now = self._now()
             if not authority.not_before <= now < authority.not_after:
