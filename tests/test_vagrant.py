@@ -2,7 +2,8 @@
 provisioning scripts run against temporary roots, and what they write run for real on
 loopback: two "VMs" (meshd with the lab config and its identity from the shared lab CA,
 the demo app, the service registered as the VM's Consul agent registers it) against a
-Consul API test server; traffic between them moves to app1 when app2 goes away."""
+Consul API test server; traffic between them is mTLS and moves to app1 when app2 goes
+away."""
 
 from __future__ import annotations
 
@@ -154,10 +155,16 @@ def test_lab_traffic_moves_when_an_app_vm_stops(tmp_path: Path) -> None:
             return seen >= {"app1", "app2"}
         wait_for(both, timeout=20, what="answers from both app VMs")
         assert m2.metric("request_total", 'direction="inbound"') >= 1
-        # Both meshds carry the lab identity, from the one lab CA.
+        # Both meshds carry the lab identity, from the one lab CA, and the hop between
+        # them is mTLS: the endpoints' identity comes from the Consul meta.
         for ports in (ports1, ports2):
             status, _, body = http_get("127.0.0.1", ports["admin"], "/identity")
             assert status == 200 and json.loads(body)["local_id"] == LAB_IDENTITY, body
+        tls = 'listener="{}",direction="{}",result="{}"'.format
+        assert m1.metric("meshd_tls_handshake_total", tls("outbound", "outbound", "ok")) >= 1
+        assert m2.metric("meshd_tls_handshake_total", tls("inbound", "inbound", "ok")) >= 1
+        assert m2.metric("meshd_tls_handshake_total",
+                         tls("inbound", "inbound", "plaintext_permitted")) == 0
 
         # `vagrant halt app2`: its agent leaves Consul, its meshd and app stop.
         consul.deregister("demo-app2")
