@@ -1,14 +1,16 @@
 """The Vagrant lab without VMs: `vagrant validate --ignore-provider` on the Vagrantfile, the
 provisioning scripts run against temporary roots, and what they write run for real on
-loopback: two "VMs" (meshd with the lab config, the demo app, the service registered as
-the VM's Consul agent registers it) against a Consul API test server; traffic between
-them moves to app1 when app2 goes away."""
+loopback: two "VMs" (meshd with the lab config and its identity from the shared lab CA,
+the demo app, the service registered as the VM's Consul agent registers it) against a
+Consul API test server; traffic between them is mTLS and moves to app1 when app2 goes
+away."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tomllib
@@ -23,12 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "deploy" / "vagrant"
 CONSUL_IP = "192.168.56.10"
 APPS = {"app1": "192.168.56.11", "app2": "192.168.56.12"}
+LAB_IDENTITY = "spiffe://lab.meshd/service/demo"
 
 
 def provision(script: str, root: Path, *args: str) -> None:
+    """Run a provisioning script; the app VMs of one test share one lab CA (beside
+    their roots), made with this checkout's meshd."""
+    env = dict(os.environ, LAB_CA=str(root.parent / "lab-ca"), MESHD=f"{sys.executable} -m meshd")
     out = subprocess.run(["sh", str(LAB / script), str(root), *args], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def lab_ca_here(text: str, root: Path) -> str:
+    """The lab config with the CA directory of the VM's root instead of /etc/meshd/ca."""
+    assert 'dir = "/etc/meshd/ca"' in text
+    return text.replace('dir = "/etc/meshd/ca"', f'dir = "{root}/etc/meshd/ca"')
 
 
 @pytest.mark.usefixtures("needs_vagrant")
@@ -53,15 +65,26 @@ def test_provisioning_writes_checked_config_and_units(tmp_path: Path) -> None:
     app = tmp_path / "app1"
     assert f'retry_join = ["{CONSUL_IP}"]' in (app / "etc/consul.d/consul.hcl").read_text()
 
-    # meshd accepts its config (the consul plugin validating its keys)...
+    # meshd accepts its config (the consul plugin validating its keys, the meshd-ca
+    # provider its CA directory: 0700, the key 0600, the same lab CA on every VM)...
     config = app / "etc/meshd/meshd.toml"
-    out = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(config)],
+    here = tmp_path / "app1.toml"
+    here.write_text(lab_ca_here(config.read_text(), app))
+    out = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(here)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    ca = app / "etc/meshd/ca"
+    assert [(p.name, stat.S_IMODE(p.stat().st_mode)) for p in (ca, *sorted(ca.iterdir()))] == [
+        ("ca", 0o700), ("ca.crt", 0o644), ("ca.key", 0o600)]
+    provision("app.sh", tmp_path / "app2", "app2", APPS["app2"], CONSUL_IP)
+    assert (tmp_path / "app2/etc/meshd/ca/ca.key").read_bytes() == (ca / "ca.key").read_bytes()
+    dropin = (app / "etc/systemd/system/meshd.service.d/lab-identity.conf").read_text()
+    assert "DynamicUser=no" in dropin and "User=meshd" in dropin
     # ...and the service Consul registers points peers at its inbound listener.
     svc = json.loads((app / "etc/consul.d/demo.json").read_text())["service"]
     listeners = {lst["name"]: lst for lst in tomllib.loads(config.read_text())["listener"]}
     assert (svc["name"], svc["address"]) == ("demo", APPS["app1"])
+    assert svc["meta"]["meshd-identity"] == LAB_IDENTITY
     assert listeners["inbound"]["listen"] == f"0.0.0.0:{svc['meta']['meshd-inbound-port']}"
     assert listeners["inbound"]["forward"] == f"127.0.0.1:{svc['port']}"
     assert svc["check"]["http"] == f"http://127.0.0.1:{svc['port']}/health"
@@ -99,12 +122,13 @@ def _lab_vm(root: Path, name: str, consul: ConsulServer, tmp_path: Path) -> tupl
     # (127.0.0.1:4191 -> a port and a stray "1").
     text = re.sub("|".join(re.escape(old) + r"(?!\d)" for old in moves),
                   lambda m: moves[m.group(0)], text)
+    text = lab_ca_here(text, root)
     instance = f"lab-{name}-{tmp_path.name[-16:]}"
     config = tmp_path / f"{name}.toml"
     config.write_text(f'state_dir = "{tmp_path}/{name}-state"\ninstance = "{instance}"\n' + text)
     svc = json.loads((root / "etc/consul.d/demo.json").read_text())["service"]
     consul.register(svc["name"], app.port, id=svc["id"], address="127.0.0.1", node=name,
-                    meta={"meshd-inbound-port": str(ports["inbound"])})
+                    meta={**svc["meta"], "meshd-inbound-port": str(ports["inbound"])})
     m = Meshd(config, tmp_path / f"{name}.log", admin=f"127.0.0.1:{ports['admin']}",
               instance=instance).start()
     return m, app, ports
@@ -116,7 +140,7 @@ def test_lab_traffic_moves_when_an_app_vm_stops(tmp_path: Path) -> None:
     try:
         m1, app1, ports1 = _lab_vm(tmp_path / "app1", "app1", consul, tmp_path)
         started += [m1, app1]
-        m2, app2, _ = _lab_vm(tmp_path / "app2", "app2", consul, tmp_path)
+        m2, app2, ports2 = _lab_vm(tmp_path / "app2", "app2", consul, tmp_path)
         started += [m2, app2]
 
         def call() -> tuple[int, str | None]:
@@ -131,6 +155,16 @@ def test_lab_traffic_moves_when_an_app_vm_stops(tmp_path: Path) -> None:
             return seen >= {"app1", "app2"}
         wait_for(both, timeout=20, what="answers from both app VMs")
         assert m2.metric("request_total", 'direction="inbound"') >= 1
+        # Both meshds carry the lab identity, from the one lab CA, and the hop between
+        # them is mTLS: the endpoints' identity comes from the Consul meta.
+        for ports in (ports1, ports2):
+            status, _, body = http_get("127.0.0.1", ports["admin"], "/identity")
+            assert status == 200 and json.loads(body)["local_id"] == LAB_IDENTITY, body
+        tls = 'listener="{}",direction="{}",result="{}"'.format
+        assert m1.metric("meshd_tls_handshake_total", tls("outbound", "outbound", "ok")) >= 1
+        assert m2.metric("meshd_tls_handshake_total", tls("inbound", "inbound", "ok")) >= 1
+        assert m2.metric("meshd_tls_handshake_total",
+                         tls("inbound", "inbound", "plaintext_permitted")) == 0
 
         # `vagrant halt app2`: its agent leaves Consul, its meshd and app stop.
         consul.deregister("demo-app2")

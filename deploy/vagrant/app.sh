@@ -1,9 +1,16 @@
 #!/bin/sh
 # A lab application VM: the demo app, a Consul agent registering it as service "demo",
-# meshd (make install from the checkout, config for Consul discovery), a traffic loop.
+# meshd (make install from the checkout, config for Consul discovery, an identity from
+# the lab CA), a traffic loop.
 # Usage: app.sh ROOT NAME BIND_IP CONSUL_SERVER_IP   (ROOT "/" on the VM)
+# LAB_CA: the lab CA shared by the VMs (default: .lab-ca in the synced checkout);
+# MESHD: the meshd command that makes it (tests give "python -m meshd").
 ROOT=$1 NAME=$2 IP=$3 CONSUL_SERVER=$4
 MESHD_SRC=${MESHD_SRC:-/vagrant}
+LAB_CA=${LAB_CA:-$MESHD_SRC/.lab-ca}
+MESHD=${MESHD:-/usr/local/bin/meshd}
+TRUST_DOMAIN=lab.meshd
+IDENTITY=spiffe://$TRUST_DOMAIN/service/demo
 . "$(dirname "$0")/lib.sh"
 
 apt_install curl unzip ca-certificates make python3-venv
@@ -23,7 +30,8 @@ retry_join = ["$CONSUL_SERVER"]
 leave_on_terminate = true
 EOF_HCL
 # The demo app as a meshed instance: peers' meshd reach it over HTTP/2 on this VM's
-# inbound port 4143 (meta meshd-inbound-port); the app itself listens on loopback only.
+# inbound port 4143 (meta meshd-inbound-port), expecting the identity its meshd presents
+# (meta meshd-identity); the app itself listens on loopback only.
 put /etc/consul.d/demo.json 0644 <<EOF_JSON
 {
   "service": {
@@ -31,13 +39,51 @@ put /etc/consul.d/demo.json 0644 <<EOF_JSON
     "name": "demo",
     "address": "$IP",
     "port": 8080,
-    "meta": { "meshd-inbound-port": "4143" },
+    "meta": { "meshd-inbound-port": "4143", "meshd-identity": "$IDENTITY" },
     "check": { "http": "http://127.0.0.1:8080/health", "interval": "2s", "timeout": "1s",
                "deregister_critical_service_after": "1m" }
   }
 }
 EOF_JSON
 consul_unit
+
+# Identity: each VM's meshd issues its own certificate for $IDENTITY (renewed every
+# 16 h) from one lab CA. The first VM provisioned makes it (mkdir is the lock: vagrant-
+# libvirt provisions VMs in parallel) and the others take it from the synced folder.
+# A lab CA: its key lies in the clear in the checkout's .lab-ca/ (git-ignored).
+if mkdir -m 0700 "$LAB_CA" 2>/dev/null; then
+  made=$(mktemp -d)
+  $MESHD ca init --dir "$made/ca" --trust-domain "$TRUST_DOMAIN" >/dev/null  # $MESHD: words
+  cp "$made/ca/ca.crt" "$LAB_CA/ca.crt"
+  cp "$made/ca/ca.key" "$LAB_CA/.ca.key.tmp"
+  mv "$LAB_CA/.ca.key.tmp" "$LAB_CA/ca.key"          # last: its presence means "ready"
+  rm -rf "$made"
+fi
+waited=0
+while [ ! -f "$LAB_CA/ca.key" ]; do
+  waited=$((waited + 1))
+  if [ "$waited" -gt 120 ]; then
+    echo "no lab CA in $LAB_CA after 120 s (a provisioning that died? remove it)" >&2
+    exit 1
+  fi
+  sleep 1
+done
+# meshd checks that the CA directory and key are its own (0700, 0600): in the lab it runs
+# as the system user meshd rather than systemd's dynamic user, which cannot own them.
+install -d -m 0700 "$ROOT/etc/meshd/ca"
+install -m 0600 "$LAB_CA/ca.key" "$ROOT/etc/meshd/ca/ca.key"
+install -m 0644 "$LAB_CA/ca.crt" "$ROOT/etc/meshd/ca/ca.crt"
+if on_vm; then
+  id meshd >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin meshd
+  chown -R meshd:meshd /etc/meshd/ca
+fi
+put /etc/systemd/system/meshd.service.d/lab-identity.conf 0644 <<UNIT
+[Service]
+# The lab CA in /etc/meshd/ca must belong to the user meshd runs as.
+DynamicUser=no
+User=meshd
+Group=meshd
+UNIT
 
 # meshd's config for the lab (make install wrote the example only when there was none).
 put /etc/meshd/meshd.toml 0644 <<EOF_TOML
@@ -59,10 +105,16 @@ listen = "127.0.0.1:4140"
 protocol = "http"
 
 [[listener]]                     # peers' meshd reach this VM's demo app here
-name = "inbound"
-listen = "0.0.0.0:4143"
+name = "inbound"                 # mtls = "permissive" (the default with [identity]):
+listen = "0.0.0.0:4143"          # mTLS from peers, plaintext still served and counted
 direction = "inbound"
 forward = "127.0.0.1:8080"
+
+[identity]                       # a certificate from the lab CA (meshd ca), in memory
+provider = "meshd-ca"
+trust_domain = "$TRUST_DOMAIN"
+dir = "/etc/meshd/ca"
+service = "demo"                 # -> $IDENTITY
 
 [service.demo]
 timeout = "5s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from meshd import __version__
+from meshd.cli.ca import ca
 from meshd.cli.check import check
 from meshd.cli.endpoints import endpoints
 from meshd.cli.inject import inject
@@ -32,6 +33,7 @@ cli.add_command(endpoints)
 cli.add_command(plugins)
 cli.add_command(iptables)
 cli.add_command(inject)
+cli.add_command(ca)
 
 
 def main() -> None:

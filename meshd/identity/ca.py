@@ -74,7 +74,8 @@ def issue(ca: Issued, spiffe_id: str, ttl: float = DEFAULT_LEAF_TTL,
           now: datetime.datetime | None = None,
           not_before: datetime.datetime | None = None) -> Issued:
     """A leaf certificate for ``spiffe_id`` signed by ``ca``, with a fresh key.
-    ``not_before`` overrides the start (tests make expired or not-yet-valid ones)."""
+    ``not_before`` overrides the start (tests make expired or not-yet-valid ones). A leaf
+    never outlives a CA that is valid at its start: no peer would accept it after that."""
     now = now or datetime.datetime.now(datetime.UTC)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
@@ -82,13 +83,16 @@ def issue(ca: Issued, spiffe_id: str, ttl: float = DEFAULT_LEAF_TTL,
         raise ValueError("the CA key is not an ECDSA key")
     key = new_key()
     start = not_before if not_before is not None else now - SKEW
+    end = start + SKEW + datetime.timedelta(seconds=ttl)
+    if start < ca_cert.not_valid_after_utc < end:
+        end = ca_cert.not_valid_after_utc
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([]))
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + SKEW + datetime.timedelta(seconds=ttl))
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
                                          key_cert_sign=False, crl_sign=False,
