@@ -1,6 +1,7 @@
-"""Client TLS toward a service's endpoints: the SSL context of ``[service.NAME.tls]``.
+"""Client TLS toward a service's endpoints: the SSL context of ``[service.NAME.tls]``;
+server TLS for ordinary clients of a listener: the SSL context of ``[listener.tls]``.
 
-One function builds it and is used twice: ``meshd.config`` builds one with the standard
+Each function builds its context and is used twice: ``meshd.config`` builds one with the standard
 library's class when a config is loaded (``meshd check``, start, reload), so a file
 that cannot be read or a certificate that does not load is a config error naming its
 key; a worker builds its cooperative one (gevent's class) once per service, on first use
@@ -17,9 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshd.config import TlsConfig
+    from meshd.config_identity import ListenerTlsConfig
 
 ALPN_H2 = "h2"
 ALPN_HTTP1 = "http/1.1"
+# The server side of meshd's TLS (mTLS from peers, [listener.tls]): TLS 1.2 at least, and
+# for TLS 1.2 only forward-secret AEAD suites (TLS 1.3 suites are all AEAD and are not
+# set by this string). No RSA key exchange, CBC, SHA-1 MACs, RC4, 3DES, NULL or EXPORT.
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+SERVER_ALPN = [ALPN_H2, ALPN_HTTP1]
 
 
 class TlsSetupError(ValueError):
@@ -62,6 +69,32 @@ def client_context(tls: TlsConfig, protocol: str, context_class: Any = ssl.SSLCo
             raise TlsSetupError("cert_file", f"cannot load the client certificate {tls.cert_file} "
                                              f"with the key {tls.key_file}: {_ssl_reason(e)}") from None
     ctx.set_alpn_protocols(alpn_offer(protocol))
+    return ctx
+
+
+def harden_server(ctx: Any) -> Any:
+    """``ctx`` (a server context) limited to TLS >= 1.2 and SERVER_CIPHERS, offering
+    ALPN h2 and http/1.1; returned for chaining."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(SERVER_CIPHERS)
+    ctx.set_alpn_protocols(SERVER_ALPN)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+def server_context(tls: ListenerTlsConfig, context_class: Any = ssl.SSLContext) -> Any:
+    """The server SSL context of a listener's ``[listener.tls]`` (TLS for ordinary
+    clients): its certificate and key, TLS 1.2 at least (``harden_server``), no client
+    certificate asked for, ALPN "h2" and "http/1.1". Raises ``TlsSetupError``
+    ("cert_file", "key_file") when a file cannot be read or the pair does not load."""
+    ctx = harden_server(context_class(ssl.PROTOCOL_TLS_SERVER))
+    _readable("cert_file", tls.cert_file)
+    _readable("key_file", tls.key_file)
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_encrypted_key(tls.key_file))
+    except ssl.SSLError as e:
+        raise TlsSetupError("cert_file", f"cannot load the certificate {tls.cert_file} with the "
+                                         f"key {tls.key_file}: {_ssl_reason(e)}") from None
     return ctx
 
 

@@ -23,8 +23,9 @@ Each result is counted on the listener's own row (see ``meshd.shm``, F_DETECT).
 
 A ``MESHD-TUNNEL <port>`` line (a peer meshd's opaque TCP) is honoured only on an
 inbound listener whose ``tunnel_ports`` lists the port, and never to one of meshd's own
-ports; else the connection is closed without connecting anywhere, counted as
-``tunnel_refused`` and logged (``meshd.ratelog``: a burst per listener, then a count).
+ports, and once ``[identity]`` is set only from a peer authenticated by mTLS; else the
+connection is closed without connecting anywhere, counted as ``tunnel_refused`` and
+logged (``meshd.ratelog``: a burst per listener, then a count).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from meshd.proto.detect import PEEK_LIMIT, Detection, detect, parse_tunnel
 from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, ROW_OVERFLOW
 from meshd.worker.client.tcp import original_destination, peer_name, serve_opaque
+from meshd.worker.peer import PLAINTEXT, Peer
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -71,7 +73,7 @@ def detect_connection(ctx: Context, listener: ListenerConfig, client: socket.soc
 
 
 def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
-                  prefix: bytes) -> None:
+                 prefix: bytes, peer: Peer = PLAINTEXT) -> None:
     """A peer meshd's opaque tunnel: the header names a port on this host; the bytes go
     to that port of the inbound listener's ``forward`` host (never elsewhere: a peer
     cannot use the tunnel to reach other hosts), and only when the listener lists the
@@ -79,6 +81,9 @@ def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
     closed without connecting anywhere, counted and logged (throttled)."""
     parsed = parse_tunnel(prefix)
     why = tunnel_refusal(ctx, listener, parsed)
+    if not why and ctx.config.identity is not None and not peer.authenticated:
+        why = "the peer is not authenticated (mTLS with a client certificate is required " \
+              "once [identity] is set)"
     if why:
         _count(ctx, listener, "tunnel_refused")
         _refusals.info(f"{listener.name}: tunnel refused",
@@ -89,7 +94,7 @@ def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
     _count(ctx, listener, "tunnel")
     port, rest = parsed
     serve_opaque(ctx, listener, client, rest, None,
-                 target=Endpoint(listener.forward.host, port))
+                 target=Endpoint(listener.forward.host, port), peer=peer)
 
 
 def tunnel_refusal(ctx: Context, listener: ListenerConfig,

@@ -14,8 +14,11 @@ the meshd in front of it: the connection goes to that inbound port, and one line
 ``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
 before the client's bytes; the peer's auto inbound listener reads it and tunnels the
 rest to that port of its ``forward`` host, when its ``tunnel_ports`` lists the port
-(``meshd.worker.client.auto``). (The line is where mTLS identity will be checked;
-nothing else may be named: the host is always the peer's own.)
+(``meshd.worker.client.auto``); nothing else may be named: the host is always the
+peer's own. When this meshd has ``[identity]`` and discovery gives the endpoint an
+identity, the connection is mTLS first (``meshd.worker.upstream.mesh_tls``, the server's
+identity checked) and the line goes inside it; the peer honours tunnels only from an
+authenticated peer once it has ``[identity]``.
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
+from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import address_name
 from meshd.worker.tunnel import Tunnel
+from meshd.worker.upstream.mesh_tls import mesh_target
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
+    from meshd.snapshot import Snapshot
     from meshd.worker.context import Context
     from meshd.worker.upstream.http1 import UpstreamConn
+    from meshd.worker.upstream.tls import TlsTarget
 
 log = logging.getLogger("meshd.worker")
 # Any client can open connections that fail (no destination, unknown service, refused
@@ -50,11 +57,12 @@ SO_ORIGINAL_DST = 80
 
 def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socket,
                  initial: bytes = b"", original_dst: tuple[str, int] | None = None,
-                 target: Endpoint | None = None) -> None:
+                 target: Endpoint | None = None, peer: Peer = PLAINTEXT) -> None:
     """Tunnel ``client`` to the listener's destination (see the module docstring),
     ``initial`` (bytes already read from the client) sent first. ``original_dst``: the
     connection's original destination if the caller already asked for it; ``target``:
-    a destination decided by the caller (a peer meshd's tunnel header)."""
+    a destination decided by the caller (a peer meshd's tunnel header); ``peer``: who
+    the client is (mTLS), for authorization."""
     connected = _connect(worker, listener, client, original_dst, target)
     if connected is None:
         return
@@ -83,6 +91,7 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     snap = worker.snapshot
     timeout = DEFAULT_SERVICE.connect_timeout  # a listener's fixed forward has no service
     header = b""
+    tls: TlsTarget | None = None  # mTLS to a meshed endpoint's meshd
     try:
         if target is not None:
             assert listener.forward is not None
@@ -106,6 +115,7 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
                 timeout = svc.connect_timeout
             if ep.meshed and ep.inbound_port:
                 header = tunnel_header(ep.port)
+                tls = mesh_target(worker, ep, _metric_row(snap, listener.name, service))
                 ep = Endpoint(ep.host, ep.inbound_port)
         else:
             service = ""
@@ -118,14 +128,20 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
                            listener.name, peer_name(client))
                 return None
             ep = Endpoint(dst[0], dst[1])
-        upstream = worker.pool.connect(ep, timeout)
+        upstream = worker.pool.connect(ep, timeout, tls=tls)
     except ProxyError as e:
         quiet.warning(f"{listener.name}: {type(e).__name__}", "%s: %s", listener.name, e.reason)
         return None
-    row = snap.row(listener.name, service)
+    return upstream, _metric_row(snap, listener.name, service), header
+
+
+def _metric_row(snap: Snapshot, listener: str, service: str) -> int:
+    """The metric row of an opaque connection: its (listener, service), else the
+    listener's own."""
+    row = snap.row(listener, service)
     if row is None:
-        row = snap.row(listener.name, "")
-    return upstream, ROW_OVERFLOW if row is None else row, header
+        row = snap.row(listener, "")
+    return ROW_OVERFLOW if row is None else row
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int] | None:
