@@ -21,6 +21,7 @@ from meshd_consul.identity import ROOTS, ConsulIdentity
 
 from meshd.errors import ConfigError
 from meshd.identity.api import Material, Settings
+from meshd.identity.material import check
 from meshd.testing.consul_server import ConsulServer
 
 SETTINGS = Settings(trust_domain="consul", instance="test", state_dir="/nonexistent")
@@ -148,6 +149,8 @@ def test_first_material(servers, watch) -> None:
     assert [c.fingerprint(c.signature_hash_algorithm) for c in certs(m.roots_pem)] == [  # type: ignore[arg-type]
         active_root(server).fingerprint(active_root(server).signature_hash_algorithm)]  # type: ignore[arg-type]
     assert signed_by(leaf, active_root(server)) and key_matches(m)
+    # what meshd's control process checks before it publishes (trust domain: Consul's)
+    assert check(m, SETTINGS.trust_domain).spiffe_id == server.connect.uri("web")
     assert "key=<hidden>" in repr(m) and b"PRIVATE KEY" not in repr(m).encode()
 
 
@@ -191,6 +194,8 @@ def test_ca_rotation_roots_first_then_leaf(servers, watch) -> None:
     assert signed_by(leaf, new_root) and not signed_by(leaf, old_root)
     assert {c.subject for c in certs(after.roots_pem)} == {old_root.subject, new_root.subject}
     assert key_matches(after)
+    for m in (both, after):
+        check(m, SETTINGS.trust_domain)
     server.prune_roots()
     pruned = rec.count(4)
     assert [c.subject for c in certs(pruned.roots_pem)] == [new_root.subject]
