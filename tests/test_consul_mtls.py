@@ -221,3 +221,41 @@ def test_ca_rotation_under_keep_alive_load_drops_nothing(mesh, backends, consul_
         return status == 200 and _handshakes(p.a, "outbound", "outbound") > before
     wait_for(fresh_handshake, timeout=20, interval=0.5, what="a new A -> B handshake")
     assert _handshakes(p.a, "outbound", "outbound", "verify_failed") == 0
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("allow-intention", 200),     # default deny, an allow intention for client -> web
+    ("deny-intention", 403),      # default allow, a deny intention
+    ("default-deny", 403),        # no intention, Consul's ACL default policy deny
+    ("agent-error-closed", 403),  # the agent cannot answer: fail closed
+    ("agent-error-open", 200),    # ... or open, when intentions_fail = "open"
+])
+def test_intentions_through_the_agent(mesh, backends, case, expect) -> None:
+    """B asks its agent (``intentions = true``) whether A's identity may call it; the
+    answer comes from the test server's intentions and default policy."""
+    pytest.importorskip("meshd.worker.authorize",
+                        reason="the worker's authorization gate (w-authz) is not merged here")
+    server = ConsulServer(default_policy="deny" if case != "deny-intention" else "allow")
+    server.start()
+    try:
+        if case == "allow-intention":
+            server.set_intention("client", "web", "allow")
+        elif case == "deny-intention":
+            server.set_intention("client", "web", "deny")
+        elif case.startswith("agent-error"):
+            server.set_intention("client", "web", "allow")
+            server.set_fault("error", prefix="/v1/agent/connect/authorize")
+        extra: dict[str, object] = {"intentions": True}
+        if case == "agent-error-open":
+            extra["intentions_fail"] = "open"
+        app = backends("app")
+        p = _pair(mesh, server, app.address, b_identity=extra)
+        status, _, body = http_get("127.0.0.1", p.a.ports["outbound"], "/who", {"Host": "web"})
+        assert status == expect, body
+        [asked, *_] = server.requests_to("/v1/agent/connect/authorize")
+        assert asked.method == "POST"
+        if expect == 403:
+            assert p.b.wait_metric("meshd_authz_denied_total",
+                                   'listener="inbound",mode="enforce",protocol="http"') == 1
+    finally:
+        server.stop()
