@@ -5,6 +5,7 @@ yields."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -395,6 +396,8 @@ def test_authorize_default_allow_then_intentions(servers) -> None:
     assert p.authorize(db) is True
     [req, *_] = server.requests_to("/v1/agent/connect/authorize")
     assert req.method == "POST"
+    assert json.loads(req.body) == {"Target": "web", "ClientCertURI": api,
+                                    "ClientCertSerial": ""}
 
 
 def test_authorize_default_deny(servers) -> None:
@@ -440,7 +443,6 @@ def test_authorize_errors_raise(servers, tmp_path: Path) -> None:
 
 
 def test_intentions_api_exact(servers) -> None:
-    import json
     import urllib.request
     server = servers()
     url = f"{server.url}/v1/connect/intentions/exact?source=api&destination=web"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -221,6 +223,51 @@ def test_ca_rotation_under_keep_alive_load_drops_nothing(mesh, backends, consul_
         return status == 200 and _handshakes(p.a, "outbound", "outbound") > before
     wait_for(fresh_handshake, timeout=20, interval=0.5, what="a new A -> B handshake")
     assert _handshakes(p.a, "outbound", "outbound", "verify_failed") == 0
+
+
+def test_agent_outage_keeps_the_last_material_then_follows_a_rotation(mesh, backends,
+                                                                      consul_ca) -> None:
+    """The agent goes away: meshd logs the failed watch, keeps serving mTLS with the last
+    material (fail static) and, once the agent is back, picks up a rotation made there."""
+    app = backends("app")
+    p = _pair(mesh, consul_ca, app.address)
+    assert http_get("127.0.0.1", p.a.ports["outbound"], "/1", {"Host": "web"})[0] == 200
+    serial = _published(p.b)["serial"]
+    consul_ca.stop()
+    needle = f"watch failed: ConsulError: consul 127.0.0.1:{consul_ca.port}: unreachable"
+    for m in (p.a, p.b):
+        wait_for(lambda m=m: needle in m.log(), timeout=20, what="the failed watch logged")
+    assert http_get("127.0.0.1", p.a.ports["outbound"], "/2", {"Host": "web"})[0] == 200
+    assert _published(p.b)["serial"] == serial
+    consul_ca.restart()
+    consul_ca.rotate_ca()
+    for m, s in ((p.a, "client"), (p.b, "web")):
+        wait_for(lambda m=m, s=s: _published(m)["serial"] == _serial(consul_ca, s)
+                 and len(_published(m)["roots"]) == 2, timeout=60,
+                 what=f"the rotated leaf of {s} published after the outage")
+    assert http_get("127.0.0.1", p.a.ports["outbound"], "/3", {"Host": "web"})[0] == 200
+
+
+def test_meshd_check_constructs_the_provider_without_an_agent(mesh, tmp_path) -> None:
+    """`meshd check` builds the provider (no network: no agent listens here) and names
+    each bad option under identity.*."""
+    base = mesh.config({"web": ["127.0.0.1:1"]})[0]
+    agent = f"http://127.0.0.1:{free_port()}"
+    good = tmp_path / "good.toml"
+    good.write_text(base + '\n[identity]\nprovider = "consul"\ntrust_domain = "consul"\n'
+                    f'address = "{agent}"\nservice = "web"\nintentions = true\n')
+    out = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(good)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + '\n[identity]\nprovider = "consul"\ntrust_domain = "consul"\n'
+                   'intentions_fail = "ajar"\npassing_only = true\n')
+    out = subprocess.run([sys.executable, "-m", "meshd", "check", "-c", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    for line in ("identity.service: required", 'identity.intentions_fail: expected "closed" '
+                 'or "open", got \'ajar\'', "identity.passing_only: unknown key"):
+        assert f"{bad}: {line}" in out.stderr, (line, out.stderr)
 
 
 @pytest.mark.parametrize(("case", "expect"), [

@@ -40,7 +40,7 @@ ACL (``acl={"token": "read" | "write" | "deny"}``): the token comes from
 "Permission denied", and ``catalog/services`` lists only the matching ones (filtered).
 
 Every request is recorded in ``requests`` for assertions (method, path, query params,
-token); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
+token, body); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
 once, ``connections`` / ``max_connections`` the client connections open (what an agent's
 ``limits.http_max_conns_per_client`` would count). Fault knobs: ``fail_next(n, status, body)``, ``set_index(n)``, ``stop()`` /
 ``restart()`` (connections in flight are cut, state is kept).
@@ -127,6 +127,7 @@ class Request:
     params: dict[str, list[str]]
     token: str | None
     at: float
+    body: bytes = b""
 
     def param(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -489,7 +490,8 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                      or params.get("token", [None])[-1])
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            failure = server._record(Request(method, url.path, params, token, time.monotonic()))
+            failure = server._record(Request(method, url.path, params, token, time.monotonic(),
+                                             body))
             if failure is None:
                 failure = server._faulted(url.path, self.connection)
             if failure is not None:
