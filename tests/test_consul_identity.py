@@ -191,8 +191,9 @@ def test_ca_rotation_roots_first_then_leaf(servers, watch) -> None:
     assert both.chain_pem == first.chain_pem and both.key_pem == first.key_pem
     server.reissue_leaves()
     after = rec.count(3)
-    leaf = certs(after.chain_pem)[0]
+    leaf, cross = certs(after.chain_pem)     # Consul's CertPEM: the leaf, the cross-signed root
     assert signed_by(leaf, new_root) and not signed_by(leaf, old_root)
+    assert cross.subject == new_root.subject and signed_by(cross, old_root)
     assert {c.subject for c in certs(after.roots_pem)} == {old_root.subject, new_root.subject}
     assert key_matches(after)
     for m in (both, after):
@@ -356,7 +357,7 @@ def test_two_services_handshake_through_a_rotation(servers, tmp_path: Path) -> N
         w, a = web.count(1), api.count(1)
         assert handshake(w, a, tmp_path / "1") == (server.connect.uri("web"),
                                                    server.connect.uri("api"))
-        server.rotate_ca(reissue=False)
+        server.rotate_ca(reissue=False, cross_sign=False)
         w, a = web.count(2), api.count(2)
         server.reissue_leaves(["web"])           # web under the new root, api not yet
         w = web.count(3)
@@ -372,6 +373,53 @@ def test_two_services_handshake_through_a_rotation(servers, tmp_path: Path) -> N
     finally:
         web.close()
         api.close()
+
+
+def test_cross_signed_rotation_at_once_keeps_stale_peers_working(servers,
+                                                                tmp_path: Path) -> None:
+    """Leaves re-signed at the moment of the rotation (no ordering): a peer still holding
+    only the old root accepts the new leaf through the cross-signed intermediate that
+    Consul sends after it, and the other way round."""
+    server = servers()
+    web = Recorder(ConsulIdentity({"address": server.url, "service": "web"}, SETTINGS))
+    api = Recorder(ConsulIdentity({"address": server.url, "service": "api"}, SETTINGS))
+    try:
+        stale = web.count(1)
+        api.count(1)
+        server.rotate_ca()
+        new_root = active_root(server)
+        a = api.wait(lambda ms: signed_by(certs(ms[-1].chain_pem)[0], new_root))
+        assert len(certs(a.chain_pem)) == 2
+        assert handshake(stale, a, tmp_path / "1") == (server.connect.uri("web"),
+                                                       server.connect.uri("api"))
+        handshake(a, stale, tmp_path / "2")
+        check(a, SETTINGS.trust_domain)
+    finally:
+        web.close()
+        api.close()
+
+
+def test_material_chain_continues_with_the_right_intermediates() -> None:
+    """Intermediates of the active root follow the leaf when they continue its chain (by
+    issuer name), once; a leaf of another root gets none of them."""
+    from meshd_consul.identity import _Leaf, _material, _Roots
+
+    from meshd.identity import ca
+    from meshd.testing.consul_connect import Connect
+    connect = Connect("dc1", iter(range(1, 100)).__next__)
+    old_leaf = connect.leaf("web")
+    connect.rotate(reissue=True)
+    [cross] = connect.active.intermediates
+    new_leaf = connect.leaves["web"]
+    roots = _Roots(connect.trust_domain, b"".join(r.issued.cert_pem for r in connect.roots),
+                   cross)
+    bare = new_leaf.issued.cert_pem.replace(cross, b"")
+    assert _material(roots, _Leaf(bare, b"k")).chain_pem == bare + cross
+    assert _material(roots, _Leaf(new_leaf.issued.cert_pem, b"k")).chain_pem == bare + cross
+    assert _material(roots, _Leaf(old_leaf.issued.cert_pem, b"k")).chain_pem == (
+        old_leaf.issued.cert_pem)
+    other = ca.issue(ca.new_ca("y"), connect.uri("web"))
+    assert _material(roots, _Leaf(other.cert_pem, b"k")).chain_pem == other.cert_pem
 
 
 # -- intentions --------------------------------------------------------------------------

@@ -14,11 +14,14 @@ its handler threads and its test controls; nothing here does I/O):
   ``ValidBefore``, ``CreateIndex``, ``ModifyIndex``. As the agent's leaf cache does, a
   leaf is renewed at a random point between 60 % and 90 % of its lifetime, and re-issued
   when the active root changes.
-- ``rotate(reissue)``: a CA rotation, simplified: a new root becomes active, the old one
+- ``rotate(reissue, cross_sign)``: a CA rotation: a new root becomes active, the old one
   stays in ``Roots`` (inactive) and leaves are re-issued under the new one, at once or
-  (``reissue=False``) when the test calls ``reissue()`` — Consul spreads the re-signing
-  after a rotation over a jitter window and bridges it with a cross-signed intermediate;
-  here the test orders the steps instead (roots first, leaves later).
+  (``reissue=False``) when the test calls ``reissue()``. As Consul's built-in CA does,
+  the old root's key cross-signs the new root (``cross_sign``): that certificate is the
+  new root's ``IntermediateCerts`` and follows each new leaf in ``CertPEM``, so a peer
+  that trusts only the old root still accepts a new leaf. Consul also spreads the
+  re-signing over a jitter window; a test can order the steps instead (roots first,
+  leaves later) and turn cross-signing off to see that the order alone suffices.
 - ``authorize(body, ...)``: ``POST /v1/agent/connect/authorize``, ``{"Authorized",
   "Reason"}``: the client's service from its ``ClientCertURI`` against the intentions of
   ``Target`` (exact names before ``*``), else the default (Consul's ACL default policy;
@@ -42,6 +45,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshd.identity import ca
@@ -70,12 +74,14 @@ class Root:
     active: bool
     create_index: int
     modify_index: int
+    intermediates: list[bytes]       # the cross-signed certificate after a rotation
 
     def json(self, trust_domain: str) -> dict[str, Any]:
         return {"ID": self.id, "Name": self.name, "SerialNumber": self.serial,
                 "SigningKeyID": self.signing_key_id, "ExternalTrustDomain": trust_domain,
                 "NotBefore": _rfc3339(self.not_before), "NotAfter": _rfc3339(self.not_after),
-                "RootCert": self.issued.cert_pem.decode(), "IntermediateCerts": None,
+                "RootCert": self.issued.cert_pem.decode(),
+                "IntermediateCerts": [c.decode() for c in self.intermediates] or None,
                 "Active": self.active, "PrivateKeyType": "ec", "PrivateKeyBits": 256,
                 "CreateIndex": self.create_index, "ModifyIndex": self.modify_index}
 
@@ -151,10 +157,11 @@ class Connect:
         return {"ActiveRootID": self.active.id, "TrustDomain": self.trust_domain,
                 "Roots": [r.json(self.trust_domain) for r in self.roots]}
 
-    def rotate(self, reissue: bool = True) -> Root:
+    def rotate(self, reissue: bool = True, cross_sign: bool = True) -> Root:
         """A new active root; the old ones stay listed, inactive. ``reissue``: every leaf
-        is signed again under the new root now (else at ``reissue()`` or its renewal)."""
-        root = self._new_root()
+        is signed again under the new root now (else at ``reissue()`` or its renewal).
+        ``cross_sign``: the old root's key signs the new root too (an intermediate)."""
+        root = self._new_root(cross_sign)
         if reissue:
             self.reissue()
         return root
@@ -183,18 +190,19 @@ class Connect:
     def uri(self, service: str) -> str:
         return f"spiffe://{self.trust_domain}/ns/default/dc/{self.datacenter}/svc/{service}"
 
-    def _new_root(self) -> Root:
+    def _new_root(self, cross_sign: bool = False) -> Root:
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         serial = len(self.roots) + 1
         issued, cert = _root_cert(self.trust_domain, self.cluster_id, now)
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        cross = [_cross_sign(cert, self.active.issued)] if cross_sign and self.roots else []
         index = self._bump()
         for r in self.roots:
             if r.active:
                 r.active, r.modify_index = False, index
         root = Root(_colon_hex(cert.fingerprint(hashes.SHA1())), "Consul CA Primary Cert",
                     serial, _colon_hex(ski), now - ca.SKEW, now + datetime.timedelta(
-                        seconds=ROOT_TTL), issued, True, index, index)
+                        seconds=ROOT_TTL), issued, True, index, index, cross)
         self.roots.append(root)
         self.roots_index = index
         return root
@@ -204,6 +212,8 @@ class Connect:
         issued_at = time.time()
         issued = ca.issue(root.issued, self.uri(service), ttl=self.leaf_ttl)
         cert = x509.load_pem_x509_certificate(issued.cert_pem)
+        # Consul appends the intermediates of the signing root to CertPEM
+        issued = ca.Issued(issued.cert_pem + b"".join(root.intermediates), issued.key_pem)
         old = self.leaves.get(service)
         index = self._bump()
         self.issued += 1
@@ -279,6 +289,26 @@ def _root_cert(trust_domain: str, cluster_id: str,
                 [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
             .sign(key, hashes.SHA256()))
     return ca.Issued(cert.public_bytes(serialization.Encoding.PEM), ca.key_pem(key)), cert
+
+
+def _cross_sign(new: x509.Certificate, old: ca.Issued) -> bytes:
+    """The new root's subject and key, signed by the old root's key: a chain from a new
+    leaf up to the old root, for peers that do not trust the new root yet."""
+    old_cert = x509.load_pem_x509_certificate(old.cert_pem)
+    old_key = serialization.load_pem_private_key(old.key_pem, password=None)
+    assert isinstance(old_key, ec.EllipticCurvePrivateKey)
+    builder = (x509.CertificateBuilder()
+               .subject_name(new.subject).issuer_name(old_cert.subject)
+               .public_key(new.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(new.not_valid_before_utc)
+               .not_valid_after(min(new.not_valid_after_utc, old_cert.not_valid_after_utc)))
+    for ext in new.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(old_key.public_key()),
+        critical=False)
+    return builder.sign(old_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def _serial_bytes(serial: int) -> bytes:

@@ -16,7 +16,8 @@ repeatable, ``dc``, ``index`` + ``wait`` blocking queries), ``GET /v1/catalog/se
 Connect (``meshd.testing.consul_connect`` holds its state): ``GET
 /v1/agent/connect/ca/roots`` and ``GET /v1/agent/connect/ca/leaf/<service>`` (both
 blocking), ``POST /v1/agent/connect/authorize``, ``PUT|GET|DELETE
-/v1/connect/intentions/exact?source=&destination=``. Controls: ``rotate_ca(reissue=)``,
+/v1/connect/intentions/exact?source=&destination=``. Controls: ``rotate_ca(reissue=,
+cross_sign=)``,
 ``reissue_leaves()``, ``prune_roots()``, ``set_intention(src, dst, action)``,
 ``delete_intention``, ``default_policy`` ("allow" | "deny" | None: allow unless ACLs are
 on, Consul's ACL default policy) and ``set_fault("error" | "hang" | None, prefix=)`` for
@@ -290,11 +291,12 @@ class ConsulServer:
     def trust_domain(self) -> str:
         return self.connect.trust_domain
 
-    def rotate_ca(self, reissue: bool = True) -> str:
-        """A CA rotation: a new active root (the old stays listed); leaves are re-issued
-        under it now, or with ``reissue=False`` at ``reissue_leaves()``. Its root ID."""
+    def rotate_ca(self, reissue: bool = True, cross_sign: bool = True) -> str:
+        """A CA rotation: a new active root (the old stays listed), cross-signed by the
+        old one unless ``cross_sign`` is False; leaves are re-issued under it now, or with
+        ``reissue=False`` at ``reissue_leaves()``. Its root ID."""
         with self._cond:
-            return self.connect.rotate(reissue).id
+            return self.connect.rotate(reissue, cross_sign).id
 
     def reissue_leaves(self, services: list[str] | None = None) -> None:
         with self._cond:

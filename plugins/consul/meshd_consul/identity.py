@@ -57,6 +57,8 @@ import consul
 import requests
 from consul.callback import CB
 from consul.exceptions import BadRequest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from requests.adapters import HTTPAdapter
 
 from meshd.config import parse_duration
@@ -361,13 +363,25 @@ def _roots(data: Any) -> _Roots:
 
 
 def _material(roots: _Roots, leaf: _Leaf) -> Material:
-    """The leaf's CertPEM (Consul puts the intermediates it needs after the leaf), then any
-    intermediate of the active root not already there."""
+    """The leaf's CertPEM (Consul puts the intermediates it needs after the leaf), then
+    those of the active root's intermediates that continue it: each one whose subject is
+    the issuer of the last certificate so far (a leaf still signed by the old root during
+    a rotation gets none of the new root's)."""
     chain = leaf.cert_pem
-    have = {m.group(0) for m in _PEM_CERT.finditer(chain)}
-    for m in _PEM_CERT.finditer(roots.intermediates_pem):
-        if m.group(0) not in have:
-            chain += m.group(0) + b"\n"
+    try:
+        have = x509.load_pem_x509_certificates(chain)
+        pool = (x509.load_pem_x509_certificates(roots.intermediates_pem)
+                if roots.intermediates_pem else [])
+    except ValueError:
+        pool = []       # a damaged leaf: meshd's material check refuses it with the reason
+    while pool:
+        issuer = have[-1].issuer
+        found = next((c for c in pool if c.subject == issuer and c not in have), None)
+        if found is None:
+            break
+        pool.remove(found)
+        have.append(found)
+        chain += found.public_bytes(serialization.Encoding.PEM)
     return Material(chain, leaf.key_pem, roots.roots_pem, roots.trust_domain)
 
 
