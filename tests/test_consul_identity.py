@@ -530,3 +530,21 @@ def test_entry_point() -> None:
     from importlib.metadata import entry_points
     [ep] = [e for e in entry_points(group="meshd.identity") if e.name == "consul"]
     assert ep.load() is ConsulIdentity
+
+
+def test_malformed_answers_are_errors_naming_the_agent() -> None:
+    from meshd_consul.identity import _roots
+    where = "consul 127.0.0.1:8500: connect/ca/roots"
+    for data, why in (([], "Roots list"), ({"Roots": []}, "no TrustDomain"),
+                      ({"Roots": [], "TrustDomain": "x.consul"}, "no roots"),
+                      ({"Roots": [{"RootCert": "nope"}], "TrustDomain": "x.consul"},
+                       "without a RootCert")):
+        with pytest.raises(ConsulError, match=why) as e:
+            _roots(data, where)
+        assert str(e.value).startswith(where)
+    p = ConsulIdentity({"service": "web"}, SETTINGS)
+    for leaf, why in (("x", "JSON object"), ({"CertPEM": "x"}, "no certificate"),
+                      ({"CertPEM": "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----",
+                        "PrivateKeyPEM": ""}, "no private key")):
+        with pytest.raises(ConsulError, match=why):
+            p._leaf(leaf)

@@ -142,7 +142,7 @@ class ConsulIdentity(Provider):
 
     def watch(self) -> Iterator[Material]:
         feed = _Feed()
-        loops = [threading.Thread(target=self._poll, args=(feed, "roots", ROOTS, _roots),
+        loops = [threading.Thread(target=self._poll, args=(feed, "roots", ROOTS, self._roots),
                                   name="consul-identity-roots", daemon=True),
                  threading.Thread(target=self._poll,
                                   args=(feed, "leaf", LEAF + self.opts.service, self._leaf),
@@ -205,6 +205,9 @@ class ConsulIdentity(Provider):
         except (TypeError, ValueError):
             raise ConsulError(f"consul {self.opts.agent.agent}: bad X-Consul-Index "
                               f"{returned!r} for {what}") from None
+
+    def _roots(self, data: Any) -> _Roots:
+        return _roots(data, f"consul {self.opts.agent.agent}: connect/ca/roots")
 
     def _leaf(self, data: Any) -> _Leaf:
         where = f"consul {self.opts.agent.agent}: connect/ca/leaf/{self.opts.service}"
@@ -339,26 +342,25 @@ class _Leaf:
         return f"_Leaf(cert={len(self.cert_pem)} bytes, key=<hidden>)"
 
 
-def _roots(data: Any) -> _Roots:
-    where = "connect/ca/roots"
+def _roots(data: Any, where: str) -> _Roots:
     if not isinstance(data, dict) or not isinstance(data.get("Roots"), list):
-        raise ConsulError(f"consul: {where}: expected an object with a Roots list")
+        raise ConsulError(f"{where}: expected an object with a Roots list")
     trust_domain = data.get("TrustDomain")
     if not isinstance(trust_domain, str) or not trust_domain:
-        raise ConsulError(f"consul: {where}: no TrustDomain (is Connect enabled on the agent?)")
+        raise ConsulError(f"{where}: no TrustDomain (is Connect enabled on the agent?)")
     active = data.get("ActiveRootID")
     roots: list[bytes] = []
     intermediates: list[bytes] = []
     for root in data["Roots"]:
         cert = root.get("RootCert") if isinstance(root, dict) else None
         if not isinstance(cert, str) or not _PEM_CERT.search(cert.encode()):
-            raise ConsulError(f"consul: {where}: a root without a RootCert certificate")
+            raise ConsulError(f"{where}: a root without a RootCert certificate")
         roots.append(_pem(cert))
         if root.get("ID") == active or (not active and root.get("Active") is True):
             intermediates = [_pem(c) for c in root.get("IntermediateCerts") or []
                              if isinstance(c, str)]
     if not roots:
-        raise ConsulError(f"consul: {where}: no roots (is Connect enabled on the agent?)")
+        raise ConsulError(f"{where}: no roots (is Connect enabled on the agent?)")
     return _Roots(trust_domain, b"".join(roots), b"".join(intermediates))
 
 
