@@ -16,12 +16,12 @@ repeatable, ``dc``, ``index`` + ``wait`` blocking queries), ``GET /v1/catalog/se
 Connect (``meshd.testing.consul_connect`` holds its state): ``GET
 /v1/agent/connect/ca/roots`` and ``GET /v1/agent/connect/ca/leaf/<service>`` (both
 blocking), ``POST /v1/agent/connect/authorize``, ``PUT|GET|DELETE
-/v1/connect/intentions/exact?source=&destination=``. Controls: ``rotate_ca(reissue=,
-cross_sign=)``,
-``reissue_leaves()``, ``prune_roots()``, ``set_intention(src, dst, action)``,
-``delete_intention``, ``default_policy`` ("allow" | "deny" | None: allow unless ACLs are
-on, Consul's ACL default policy) and ``set_fault("error" | "hang" | None, prefix=)`` for
-the agent failing (500) or hanging on the Connect endpoints. The leaf needs
+/v1/connect/intentions/exact?source=&destination=``. Controls:
+``rotate_ca(reissue=, cross_sign=)``, ``reissue_leaves()``, ``prune_roots()``,
+``set_intention(src, dst, action)``, ``delete_intention``, ``default_policy`` ("allow" |
+"deny" | None: allow unless ACLs are on; Consul's ACL default policy) and
+``set_fault("error" | "hang" | None, prefix=)`` for the agent failing (500) or hanging on
+the Connect endpoints (``hanging`` counts the requests held). The leaf needs
 ``service:write`` (a ``"write"`` token), as authorize does; roots need no token.
 
 The index model: one raft index; every mutation bumps it and stamps the service it
