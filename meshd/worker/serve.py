@@ -19,6 +19,7 @@ from meshd.proto.detect import Detection
 from meshd.worker.client.auto import detect_connection, serve_tunnel
 from meshd.worker.client.http1 import HttpConnection
 from meshd.worker.client.tcp import serve_opaque
+from meshd.worker.peer import PLAINTEXT, Peer
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -27,35 +28,41 @@ if TYPE_CHECKING:
 
 def serve_connection(ctx: Context, listener: ListenerConfig, client: socket.socket) -> None:
     """Serve ``client`` until it is done (in its own greenlet; the caller closes it)."""
+    serve_detected(ctx, listener, client, PLAINTEXT)
+
+
+def serve_detected(ctx: Context, listener: ListenerConfig, client: socket.socket,
+                   peer: Peer) -> None:
+    """Serve ``client`` as its listener's protocol says; every handler gets ``peer``."""
     prefix = b""
     if listener.protocol == "tcp":
-        serve_opaque(ctx, listener, client)
+        serve_opaque(ctx, listener, client, peer=peer)
         return
     if listener.protocol == "auto":
         result, prefix, dst = detect_connection(ctx, listener, client)
         if result is None:  # the client reset the connection
             return
         if result is Detection.HTTP2:
-            _serve_h2(ctx, listener, client, prefix)
+            _serve_h2(ctx, listener, client, prefix, peer)
             return
         if result is Detection.TUNNEL:
-            serve_tunnel(ctx, listener, client, prefix)
+            serve_tunnel(ctx, listener, client, prefix, peer=peer)
             return
         if result is not Detection.HTTP1:
             # TLS (tunneled: meshd does not terminate the application's TLS) or opaque
-            serve_opaque(ctx, listener, client, prefix, dst)
+            serve_opaque(ctx, listener, client, prefix, dst, peer=peer)
             return
-    conn = HttpConnection(ctx, listener, client)
+    conn = HttpConnection(ctx, listener, client, peer=peer)
     conn.buf += prefix
     me = gevent.getcurrent()
     ctx.connections[me] = conn  # the drain closes it while idle
     preface = conn.serve()
     if preface is not None:  # HTTP/2 with prior knowledge on an http listener
         ctx.connections[me] = None
-        _serve_h2(ctx, listener, client, preface)
+        _serve_h2(ctx, listener, client, preface, peer)
 
 
 def _serve_h2(ctx: Context, listener: ListenerConfig, client: socket.socket,
-              initial: bytes) -> None:
+              initial: bytes, peer: Peer) -> None:
     from meshd.worker.client.h2_server import serve_h2  # h2 loads on first use
-    serve_h2(ctx, listener, client, initial)
+    serve_h2(ctx, listener, client, initial, peer=peer)

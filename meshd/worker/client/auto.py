@@ -40,6 +40,7 @@ from meshd.proto.detect import PEEK_LIMIT, Detection, detect, parse_tunnel
 from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, ROW_OVERFLOW
 from meshd.worker.client.tcp import original_destination, peer_name, serve_opaque
+from meshd.worker.peer import PLAINTEXT, Peer
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -71,7 +72,7 @@ def detect_connection(ctx: Context, listener: ListenerConfig, client: socket.soc
 
 
 def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
-                  prefix: bytes) -> None:
+                 prefix: bytes, peer: Peer = PLAINTEXT) -> None:
     """A peer meshd's opaque tunnel: the header names a port on this host; the bytes go
     to that port of the inbound listener's ``forward`` host (never elsewhere: a peer
     cannot use the tunnel to reach other hosts), and only when the listener lists the
@@ -89,7 +90,7 @@ def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
     _count(ctx, listener, "tunnel")
     port, rest = parsed
     serve_opaque(ctx, listener, client, rest, None,
-                 target=Endpoint(listener.forward.host, port))
+                 target=Endpoint(listener.forward.host, port), peer=peer)
 
 
 def tunnel_refusal(ctx: Context, listener: ListenerConfig,

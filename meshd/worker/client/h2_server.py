@@ -62,6 +62,7 @@ from meshd.ratelog import Throttle
 from meshd.worker import tasks
 from meshd.worker.client.h2_stream import H2ToHttp1, Stream, StreamGone
 from meshd.worker.client.tcp import redirected_destination
+from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
@@ -87,10 +88,12 @@ MAX_CONTROL_QUEUED = 10000
 
 
 class H2ServerConnection:
-    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket,
+                 peer: Peer = PLAINTEXT) -> None:
         self.worker = worker
         self.listener = listener
         self.sock = sock
+        self.peer = peer          # who the client is (mTLS), for authorization and labels
         limits = worker.config.limits
         self.limits = limits
         self.conn = H2Connection(client_side=False, max_header_list_size=limits.header_bytes)
@@ -577,7 +580,8 @@ class H2ServerConnection:
                     pass
                 self._flush()
 
-    def peer(self) -> bytes:
+    def client_address(self) -> bytes:
+        """The client's address as header bytes (asked once; ``peer`` is its identity)."""
         if self._peer is None:
             self._peer = peer_address(self.sock)
         return self._peer
@@ -603,7 +607,8 @@ def _error_code(e: h2.exceptions.ProtocolError) -> int:
     return int(getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
 
 
-def serve_h2(worker: Context, listener: ListenerConfig, sock: socket.socket, initial: bytes) -> None:
+def serve_h2(worker: Context, listener: ListenerConfig, sock: socket.socket, initial: bytes,
+             peer: Peer = PLAINTEXT) -> None:
     """Serve a connection that opened with the HTTP/2 preface (``initial`` holds what was
     read already, the preface included)."""
-    H2ServerConnection(worker, listener, sock).serve(initial)
+    H2ServerConnection(worker, listener, sock, peer=peer).serve(initial)

@@ -96,7 +96,7 @@ class H2ToHttp1:
         started = time.monotonic()
         mode = server.listener.forwarded
         if mode != "keep":
-            self.stream.headers = forwarded.apply(self.stream.headers, mode, server.peer(), h2=True)
+            self.stream.headers = forwarded.apply(self.stream.headers, mode, server.client_address(), h2=True)
         pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
@@ -116,7 +116,7 @@ class H2ToHttp1:
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
-                        method, fields, server.peer)
+                        method, fields, server.client_address)
             if self.has_body:
                 call.replay = False  # the body is not kept: no retry once it is sent
             self._request = (method, target, authority, fields)

@@ -47,6 +47,7 @@ from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route
 from meshd.worker.client.body import ClientGone, RequestBody
 from meshd.worker.client.tcp import redirected_destination
+from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.routing import Policy
 from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall
 from meshd.worker.tunnel import Tunnel
@@ -72,10 +73,12 @@ class Idle(Exception):
 
 
 class HttpConnection:
-    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, worker: Context, listener: ListenerConfig, sock: socket.socket,
+                 peer: Peer = PLAINTEXT) -> None:
         self.worker = worker
         self.listener = listener
         self.sock = sock
+        self.peer = peer               # who the client is (mTLS), for authorization and labels
         self.buf = bytearray()
         self.limits = worker.config.limits
         self.idle_since = 0.0          # > 0 while waiting for the next request

@@ -30,6 +30,7 @@ from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
+from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import address_name
 from meshd.worker.tunnel import Tunnel
 
@@ -50,11 +51,12 @@ SO_ORIGINAL_DST = 80
 
 def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socket,
                  initial: bytes = b"", original_dst: tuple[str, int] | None = None,
-                 target: Endpoint | None = None) -> None:
+                 target: Endpoint | None = None, peer: Peer = PLAINTEXT) -> None:
     """Tunnel ``client`` to the listener's destination (see the module docstring),
     ``initial`` (bytes already read from the client) sent first. ``original_dst``: the
     connection's original destination if the caller already asked for it; ``target``:
-    a destination decided by the caller (a peer meshd's tunnel header)."""
+    a destination decided by the caller (a peer meshd's tunnel header); ``peer``: who
+    the client is (mTLS), for authorization."""
     connected = _connect(worker, listener, client, original_dst, target)
     if connected is None:
         return
