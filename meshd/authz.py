@@ -44,11 +44,12 @@ from dataclasses import dataclass
 
 from meshd.config import RouteConfig
 from meshd.config_identity import AuthorizationConfig
+from meshd.errors import Forbidden
 from meshd.identity import spiffe
 from meshd.worker.peer import Peer
 from meshd.worker.routing import route_matcher
 
-PUBLIC_REASON = "forbidden: client identity not allowed"
+PUBLIC_REASON = Forbidden.reason
 CACHE_SIZE = 1024
 CACHE_TTL = 10.0
 ERROR_TTL = 1.0

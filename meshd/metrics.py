@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from meshd.config import Config
 from meshd.shm import (
+    AUTHZ_DENIED,
     DETECT_RESULTS,
+    F_AUTHZ_DENIED,
     F_BUDGET_EXHAUSTED,
     F_CLASS,
     F_DETECT,
@@ -141,6 +143,21 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
         for result, n in zip(DETECT_RESULTS, by_result, strict=True):
             out.append(f'meshd_protocol_detect_total{{listener="{_escape(listener)}",'
                        f'result="{result}"}} {n}')
+    family("meshd_authz_denied_total", "counter",
+           "Requests (protocol=\"http\") and connections (\"tcp\": opaque, tunnels) an "
+           "[[authorization]] policy or the identity provider refused (mode=\"enforce\": "
+           "answered 403 or closed; \"audit\": let through).")
+    denied: dict[str, list[int]] = {}
+    for row, t in totals.items():  # only a listener's own row (service "") counts them
+        counts = t[F_AUTHZ_DENIED:F_AUTHZ_DENIED + len(AUTHZ_DENIED)]
+        if any(counts):
+            seen = denied.get(keys[row].listener, [0] * len(AUTHZ_DENIED))
+            denied[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
+    for listener, by_kind in denied.items():
+        for kind, n in zip(AUTHZ_DENIED, by_kind, strict=True):
+            protocol, mode = kind.split("_")
+            out.append(f'meshd_authz_denied_total{{listener="{_escape(listener)}",'
+                       f'mode="{mode}",protocol="{protocol}"}} {n}')
     family("meshd_workers", "gauge", "Worker processes serving now.")
     out.append(f"meshd_workers {serving_workers(region)}")
     family("meshd_worker_restarts_total", "counter", "Workers replaced after dying or hanging.")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from meshd.discovery.api import Endpoint
     from meshd.shm import Stripe
     from meshd.snapshot import Snapshot
+    from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
@@ -43,6 +44,7 @@ class Context(Protocol):
     balancer: SharedBalancer
     retries: RetryBudgets
     router: Router
+    authz: Gate                      # [[authorization]] and the provider's authorize()
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
     draining: bool

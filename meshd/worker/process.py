@@ -37,6 +37,7 @@ from meshd.shm import (
 )
 from meshd.snapshot import Snapshot, control_socket_path
 from meshd.snapshot import read as read_snapshot
+from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
@@ -80,6 +81,7 @@ class Worker:
         self.pool = Pool(counter=self.balancer.connection_delta,
                          connections=self.balancer.connections)
         self.router = Router(ctx.config)
+        self.authz = Gate(ctx.config, load_provider(ctx.config))
         self.tls = UpstreamTls(ctx.config)  # contexts of services with [service.X.tls]
         self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot

@@ -112,6 +112,9 @@ class H2ToHttp1:
             # header_bytes, empty fields would be a few thousand (found by make fuzz).
             if len(fields) > server.limits.header_count:
                 raise HeadersTooLarge(f"more than {server.limits.header_count} header fields")
+            gate = worker.authz
+            if gate.covers(server.listener):  # before anything reaches the application
+                gate.http(worker, server.listener, server.peer, method, target, fields)
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)

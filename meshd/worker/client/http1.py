@@ -202,6 +202,9 @@ class HttpConnection:
         body: RequestBody | None = None
         status = 502
         try:
+            gate = worker.authz
+            if gate.covers(self.listener):  # before anything reaches the application
+                gate.http(worker, self.listener, self.peer, req.method, req.target, req.headers)
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             if req.method == b"CONNECT":
                 status = self._connect(service, endpoints, policy)
@@ -221,7 +224,8 @@ class HttpConnection:
                 quiet.warning(f"{name}: {type(e).__name__} mid-response",
                               "%s: %s after the response started; closing", name, e.reason)
                 return False
-            return self._answer_error(e, close=body is not None and not body.done)
+            # A body not read (the request refused before it) cannot stay in the stream.
+            return self._answer_error(e, close=req.has_body and (body is None or not body.done))
         finally:
             stripe.record_response(row, status, time.monotonic() - started, status >= 500)
 

@@ -56,7 +56,10 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
     ``initial`` (bytes already read from the client) sent first. ``original_dst``: the
     connection's original destination if the caller already asked for it; ``target``:
     a destination decided by the caller (a peer meshd's tunnel header); ``peer``: who
-    the client is (mTLS), for authorization."""
+    the client is (mTLS), for authorization: a refused peer is closed unconnected."""
+    gate = worker.authz
+    if gate.covers(listener) and not gate.tcp(worker, listener, peer):
+        return
     connected = _connect(worker, listener, client, original_dst, target)
     if connected is None:
         return
