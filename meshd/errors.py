@@ -35,11 +35,12 @@ class ConfigError(MeshdError):
 
 
 class PluginError(MeshdError):
-    """A discovery plugin could not be found, imported or configured."""
+    """A plugin (discovery backend, identity provider) could not be found, imported or
+    configured."""
 
 
 class PluginImportError(PluginError):
-    """A discovery plugin is installed but raises when imported: `meshd check`, `meshd run`
+    """A plugin is installed but raises when imported: `meshd check`, `meshd run`
     and a reload (HUP) all refuse the config (exit 2, or the old config keeps serving)."""
 
 

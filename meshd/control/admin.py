@@ -2,7 +2,8 @@
 bounds of its server.
 
 ``/live``, ``/ready``, ``/metrics`` (Prometheus text summed over workers), ``/stats``
-(JSON: what `meshd stat` prints) and ``/endpoints`` (JSON: services and endpoints).
+(JSON: what `meshd stat` prints), ``/endpoints`` (JSON: services and endpoints) and
+``/identity`` (JSON: the published workload identity, with ``[identity]``).
 The probe listener (``[admin] probe_listen``) serves only ``/live`` and ``/ready``.
 
 The server (:class:`AdminServer`) holds at most MAX_CONNECTIONS connections. A connection
@@ -158,6 +159,7 @@ class AdminApp:
             "/metrics": self.metrics,
             "/stats": self.stats,
             "/endpoints": self.endpoints,
+            "/identity": self.identity,
         }
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
@@ -198,9 +200,16 @@ class AdminApp:
                   and (target is None or s.snapshot_seq < target)]
         if not pending and published and target is None:
             c.discovery.dirty.set()  # the last first answer came in after the last publish
-        if serving >= desired and not pending and published and not behind:
+        identity = c.identity
+        no_identity = identity is not None and not identity.published.is_set()
+        if serving >= desired and not pending and published and not behind and not no_identity:
             return "200 OK", "text/plain", b"ready\n"
         waiting = []
+        if identity is not None and no_identity:
+            # Workers serve only once they loaded an identity: say why there is none.
+            why = identity.error or getattr(identity.provider, "error", None) or "none yielded yet"
+            waiting.append(f"identity: no material published by {identity.describe_provider()} "
+                           f"({why})")
         if serving < desired:
             waiting.append(f"workers: {serving} of {desired} serving")
         if pending:
@@ -220,7 +229,8 @@ class AdminApp:
     def metrics(self) -> tuple[str, str, bytes]:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
-        lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ())]
+        lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
+                 *(c.identity.prometheus() if c.identity else ())]
         text = render_prometheus(c.region, keys) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
@@ -229,6 +239,13 @@ class AdminApp:
         keys = row_keys(c.config, c.discovery.rows.rows)
         c.sample_stats()
         body = {"generation": c.ctx.generation, "rows": c.stat_window.figures(keys)}
+        return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
+
+    def identity(self) -> tuple[str, str, bytes]:
+        runner = self.control.identity
+        if runner is None:
+            return "404 Not Found", "text/plain", b"no [identity] in the config\n"
+        body = runner.describe()
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
 
     def endpoints(self) -> tuple[str, str, bytes]:

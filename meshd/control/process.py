@@ -1,5 +1,6 @@
-"""The control process's life: gevent-patched first, then discovery, the snapshot file
-workers read, the admin server and a heartbeat. TERM or INT end it (the master starts
+"""The control process's life: gevent-patched first, then the identity provider (with
+``[identity]``: ``meshd.control.identity`` publishes the workload certificate workers
+read), discovery, the snapshot file workers read, the admin server and a heartbeat. TERM or INT end it (the master starts
 the next generation's control process before it stops this one)."""
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import gevent.event  # noqa: E402
 
 from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
+from meshd.control.identity import IdentityRunner  # noqa: E402
+from meshd.identity import paths as identity_paths  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
 from meshd.shm import STATE_SERVING  # noqa: E402
@@ -53,6 +56,10 @@ class Control:
                 log.warning("previous snapshot unreadable (%s); shm rows start afresh", e)
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
+        self.identity: IdentityRunner | None = None
+        if ctx.config.identity is not None:
+            self.identity = IdentityRunner(ctx.config, identity_paths(
+                ctx.config.shm_dir, ctx.config.instance, ctx.master_pid))
         self.server: AdminServer | None = None
         self.probe_server: AdminServer | None = None
         self.control_path = ""
@@ -63,6 +70,8 @@ class Control:
         gevent.signal_handler(signal.SIGTERM, self.stopped.set)
         gevent.signal_handler(signal.SIGINT, self.stopped.set)
         gevent.signal_handler(signal.SIGQUIT, self.stopped.set)
+        if self.identity is not None:
+            self.identity.start()
         self.discovery.start()
         self._bind_control_socket()
         raw = self.ctx.sockets[address_key(self.config.admin.listen)]
@@ -140,6 +149,8 @@ class Control:
             except FileNotFoundError:
                 pass
         self.discovery.close()
+        if self.identity is not None:
+            self.identity.close()
         return 0
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from meshd import logs
 from meshd.config import Address, Config
 from meshd.errors import ConfigError, MeshdError
+from meshd.identity import paths as identity_paths
 from meshd.master.notify import Notifier, scrub_env
 from meshd.master.regions import RegionSet
 from meshd.master.sockets import UPGRADE_ENV, SocketSet, address_key, inherited
@@ -180,6 +181,9 @@ class Arbiter:
         for gen in range(1, self.generation + 1):
             _unlink(self._snapshot_path(gen))
             _unlink(control_socket_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen))
+        published = identity_paths(self.cfg.shm_dir, self.cfg.instance, os.getpid())
+        _unlink(published.pem)    # a key in tmpfs outlives nothing of meshd
+        _unlink(published.roots)
 
     # -- signals ------------------------------------------------------------------------
 

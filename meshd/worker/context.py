@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from meshd.snapshot import Snapshot
     from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
+    from meshd.worker.identity import WorkerIdentity
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
     from meshd.worker.upstream.h2_pool import H2Pool
@@ -47,6 +48,7 @@ class Context(Protocol):
     authz: Gate                      # [[authorization]] and the provider's authorize()
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
+    identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

@@ -1,6 +1,8 @@
 """The worker class (``meshd.worker.entry`` patches gevent, then runs ``main``): accept
 loops on the shared listening sockets, one greenlet per connection (``meshd.worker.serve``), a heartbeat into shared memory, and the endpoint
-snapshot reloaded when the control process rewrites it.
+snapshot reloaded when the control process rewrites it. With ``[identity]``, the workload
+identity the control process publishes (``meshd.worker.identity``): a worker serves
+only once it loaded both the first snapshot and an identity.
 
 Stopping: TERM closes the listening sockets at once (the other generation's workers, or
 nobody, take new connections), lets in-flight requests finish up to ``drain_timeout``,
@@ -24,6 +26,7 @@ import gevent.lock
 
 from meshd.config import Config, ListenerConfig
 from meshd.discovery.api import Endpoint
+from meshd.identity import paths as identity_paths
 from meshd.master.sockets import address_key
 from meshd.ratelog import Throttle
 from meshd.shm import (
@@ -39,6 +42,7 @@ from meshd.snapshot import Snapshot, control_socket_path
 from meshd.snapshot import read as read_snapshot
 from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
+from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
@@ -55,6 +59,9 @@ log = logging.getLogger("meshd.worker")
 HEARTBEAT_INTERVAL = 1.0
 SNAPSHOT_POLL = 0.1         # a stat() of the snapshot file; discovery changes reach traffic this fast
 SNAPSHOT_BOOT_WAIT = 30.0
+# From boot: the master gives a generation BOOT_TIMEOUT (60 s) to serve; a worker that
+# has no identity by then says so in its own line before the master gives up.
+IDENTITY_BOOT_WAIT = 50.0
 ASK_POLL = 0.02              # while a request waits for a service to be discovered
 ASK_INTERVAL = 1.0          # a worker asks for the same unknown service at most this often
 IDLE_CLOSE_GRACE = 1.0        # while draining, a keep-alive connection idle this long is closed
@@ -83,6 +90,11 @@ class Worker:
         self.router = Router(ctx.config)
         self.authz = Gate(ctx.config, load_provider(ctx.config))
         self.tls = UpstreamTls(ctx.config)  # contexts of services with [service.X.tls]
+        self.identity: WorkerIdentity | None = None
+        if ctx.config.identity is not None:
+            self.identity = WorkerIdentity(
+                identity_paths(ctx.config.shm_dir, ctx.config.instance, ctx.master_pid),
+                ctx.config.identity.trust_domain)
         self._h2pool: H2Pool | None = None
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
@@ -102,7 +114,9 @@ class Worker:
     def boot(self) -> None:
         self.region.heartbeat(self.slot)
         gevent.spawn(self._heartbeat_loop)
+        started = time.monotonic()
         self._wait_snapshot()
+        self._wait_identity(started)
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -123,6 +137,24 @@ class Worker:
                 raise RuntimeError(f"no endpoint snapshot at {self.ctx.snapshot_path} "
                                    f"after {SNAPSHOT_BOOT_WAIT:.0f}s (is the control process up?)")
             gevent.sleep(0.02)
+
+    def _wait_identity(self, started: float) -> None:
+        """With [identity]: wait until the control process published material and this
+        worker loaded it (inbound mTLS and meshed upstreams need it from the first
+        connection)."""
+        ident = self.identity
+        if ident is None:
+            return
+        deadline = started + IDENTITY_BOOT_WAIT
+        while True:
+            ident.refresh(force=True)
+            if ident.ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no workload identity loaded after {IDENTITY_BOOT_WAIT:.0f}s "
+                                   f"({ident.error or 'nothing published at ' + ident.paths.pem}; "
+                                   "see the control process's identity lines)")
+            gevent.sleep(0.05)
 
     def _load_snapshot(self) -> bool:
         try:
@@ -193,6 +225,8 @@ class Worker:
         while not self.stopped.is_set():
             gevent.sleep(SNAPSHOT_POLL)
             self._load_snapshot()
+            if self.identity is not None:
+                self.identity.refresh()   # a stat at most every 0.5 s; connections refresh too
 
     def _heartbeat_loop(self) -> None:
         while True:

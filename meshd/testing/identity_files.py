@@ -1,0 +1,71 @@
+"""Certificates and identity files for tests: a CA, leaves (good, expired,
+of another pair), and the two layouts a ``files`` provider reads: plain files replaced by
+rename, and a Kubernetes Secret volume (files are symbolic links through ``..data``,
+swapped atomically as the kubelet does)."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+from meshd.identity import ca
+
+TD = "cluster.local"
+WEB = f"spiffe://{TD}/ns/default/sa/web"
+NAMES = ("tls.crt", "tls.key", "ca.crt")
+_swaps = itertools.count(1)
+
+
+def leaf(authority: ca.Issued, spiffe_id: str = WEB, **kwargs: object) -> ca.Issued:
+    return ca.issue(authority, spiffe_id, **kwargs)  # type: ignore[arg-type]
+
+
+def expired(authority: ca.Issued, spiffe_id: str = WEB) -> ca.Issued:
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
+    return ca.issue(authority, spiffe_id, ttl=3600, not_before=start)
+
+
+def files(cert: bytes, key: bytes, roots: bytes) -> dict[str, bytes]:
+    return dict(zip(NAMES, (cert, key, roots), strict=True))
+
+
+def replace_files(folder: Path, contents: dict[str, bytes]) -> None:
+    """Each file written beside and renamed over (as most writers do), one after the other."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.rename(tmp, folder / name)
+
+
+def secret_volume(folder: Path, contents: dict[str, bytes]) -> None:
+    """What the kubelet does to a Secret volume: the files in a new timestamped
+    directory, ``..data_tmp`` pointing to it renamed over ``..data``, the user-visible
+    names links through ``..data``, the old directory removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
+    stamp = folder / f"..2026_12_07_15_00_00.{next(_swaps):09d}"
+    stamp.mkdir()
+    for name, data in contents.items():
+        (stamp / name).write_bytes(data)
+    os.symlink(stamp.name, folder / "..data_tmp")
+    os.rename(folder / "..data_tmp", folder / "..data")
+    for name in contents:
+        if not (folder / name).is_symlink():
+            os.symlink(f"..data/{name}", folder / name)
+    if old is not None:
+        shutil.rmtree(folder / old)
+
+
+def identity_toml(folder: Path, poll: str = "100ms", trust_domain: str = TD) -> str:
+    return (f'[identity]\nprovider = "files"\ntrust_domain = "{trust_domain}"\n'
+            f'cert_file = "{folder}/tls.crt"\nkey_file = "{folder}/tls.key"\n'
+            f'ca_file = "{folder}/ca.crt"\npoll = "{poll}"\n')
+
+
+def key_lines(key_pem: bytes) -> list[str]:
+    """The base64 lines of a PEM key: none of them may appear in a log."""
+    return [line for line in key_pem.decode().splitlines() if line and not line.startswith("-----")]
