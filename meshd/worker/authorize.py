@@ -184,11 +184,8 @@ def load_provider(config: Config) -> Any:
     ident = config.identity
     if ident is None:
         return None
+    from meshd.identity import registry
     from meshd.identity.api import Provider, Settings
-    try:
-        from meshd.identity import registry  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # no provider registry in this build: nothing to ask
-        return None
     try:
         cls, _info = registry.load(ident.provider)
         if getattr(cls, "authorizes", Provider.authorizes) is Provider.authorizes:
