@@ -29,6 +29,8 @@ from meshd.shm import (
     F_TCP_CLOSE_TOTAL,
     F_TCP_OPEN,
     F_TCP_OPEN_TOTAL,
+    F_TLS_IN,
+    F_TLS_OUT,
     F_WRITE_BYTES,
     KIND_WORKER,
     LATENCY_BUCKETS_MS,
@@ -41,6 +43,7 @@ from meshd.shm import (
     STATE_SERVING,
     STATUS_CLASSES,
     STATUS_CODES,
+    TLS_RESULTS,
     Region,
 )
 
@@ -143,6 +146,22 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
         for result, n in zip(DETECT_RESULTS, by_result, strict=True):
             out.append(f'meshd_protocol_detect_total{{listener="{_escape(listener)}",'
                        f'result="{result}"}} {n}')
+    family("meshd_tls_handshake_total", "counter",
+           "TLS handshakes, by listener, direction and result (inbound: mTLS from peer "
+           "meshds and [listener.tls]; plaintext_refused / plaintext_permitted: plaintext "
+           "connections to an mTLS listener; outbound: mTLS to meshed endpoints).")
+    for direction, first in (("inbound", F_TLS_IN), ("outbound", F_TLS_OUT)):
+        by_listener: dict[str, list[int]] = {}
+        for row, t in totals.items():
+            counts = t[first:first + len(TLS_RESULTS)]
+            if any(counts):
+                seen = by_listener.get(keys[row].listener, [0] * len(TLS_RESULTS))
+                by_listener[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
+        for listener, by_result in by_listener.items():
+            for result, n in zip(TLS_RESULTS, by_result, strict=True):
+                if n:
+                    out.append(f'meshd_tls_handshake_total{{listener="{_escape(listener)}",'
+                               f'direction="{direction}",result="{result}"}} {n}')
     family("meshd_authz_denied_total", "counter",
            "Requests (protocol=\"http\") and connections (\"tcp\": opaque, tunnels) an "
            "[[authorization]] policy or the identity provider refused (mode=\"enforce\": "

@@ -97,9 +97,11 @@ the control process assigns to every listener at start; the fields stay zero in 
 other row. Detection happens before any service is known, so there is nothing finer to
 count it by, and extra fields in the existing stripe need no new section or index.
 Adding them took FIELDS from 72 to 80: a region of the old size is refused on attach
-("sections do not add up"), so it is never misread. Authorization denials
-(``meshd_authz_denied_total``) are counted the same way, in the F_AUTHZ_DENIED fields of
-the listener's own row, one per entry of AUTHZ_DENIED (protocol and mode; VERSION 5).
+("sections do not add up"), so it is never misread. TLS handshakes are counted the same
+way, by result (TLS_RESULTS), inbound (F_TLS_IN, on the listener's own row) and outbound
+(F_TLS_OUT, on the row of the request's listener and service); they took FIELDS to 104.
+Authorization denials (``meshd_authz_denied_total``) are counted in the F_AUTHZ_DENIED
+fields of the listener's own row, one per entry of AUTHZ_DENIED (protocol and mode).
 
 Layout discipline. ``VERSION`` names the layout, and ``LAYOUT_FINGERPRINT`` (the first
 8 bytes of a SHA-256 over ``LAYOUT``: every struct format, offset, field index and
@@ -163,7 +165,8 @@ from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
 VERSION = 5  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
-             # 4: the worker slot's snapshot_seq; 5: authorization denial counters
+             # 4: the worker slot's snapshot_seq; 5: TLS handshake and authorization
+             # denial counters, FIELDS 104
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
@@ -240,10 +243,16 @@ F_BUDGET_EXHAUSTED = F_RETRIES + 1             # retries the budget refused
 DETECT_RESULTS = ("http1", "h2", "tls", "opaque", "timeout", "skipped", "tunnel",
                   "tunnel_refused")
 F_DETECT = F_BUDGET_EXHAUSTED + 1              # len(DETECT_RESULTS) fields
+# TLS handshakes (mTLS between meshds, [listener.tls]), one counter per result: inbound
+# on the listener's own row, outbound on the row of the call's (listener, service).
+TLS_RESULTS = ("ok", "no_client_cert", "verify_failed", "bad_san", "error", "timeout",
+               "plaintext_refused", "plaintext_permitted")
+F_TLS_IN = F_DETECT + len(DETECT_RESULTS)      # len(TLS_RESULTS) fields
+F_TLS_OUT = F_TLS_IN + len(TLS_RESULTS)        # len(TLS_RESULTS) fields
 # Authorization denials (meshd.authz) on the listener's own row, by protocol and mode.
 AUTHZ_DENIED = ("http_enforce", "http_audit", "tcp_enforce", "tcp_audit")
-F_AUTHZ_DENIED = F_DETECT + len(DETECT_RESULTS)  # len(AUTHZ_DENIED) fields
-FIELDS = 80                                    # 1 spare for later counters
+F_AUTHZ_DENIED = F_TLS_OUT + len(TLS_RESULTS)  # len(AUTHZ_DENIED) fields
+FIELDS = 104                                   # 9 spare for later counters
 assert F_AUTHZ_DENIED + len(AUTHZ_DENIED) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
@@ -287,7 +296,7 @@ LAYOUT: tuple[object, ...] = (
         (k, v) for k, v in globals().items() if k.startswith("OFF_")))),
     ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
         (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
-    ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS,
+    ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS, TLS_RESULTS,
      AUTHZ_DENIED,
      tuple(sorted((k, v) for k, v in globals().items()
                   if k.startswith("F_") and isinstance(v, int)))),

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 ALPN_H2 = "h2"
 ALPN_HTTP1 = "http/1.1"
+# The server side of meshd's TLS (mTLS from peers, [listener.tls]): TLS 1.2 at least, and
+# for TLS 1.2 only forward-secret AEAD suites (TLS 1.3 suites are all AEAD and are not
+# set by this string). No RSA key exchange, CBC, SHA-1 MACs, RC4, 3DES, NULL or EXPORT.
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+SERVER_ALPN = [ALPN_H2, ALPN_HTTP1]
 
 
 class TlsSetupError(ValueError):
@@ -62,6 +67,31 @@ def client_context(tls: TlsConfig, protocol: str, context_class: Any = ssl.SSLCo
             raise TlsSetupError("cert_file", f"cannot load the client certificate {tls.cert_file} "
                                              f"with the key {tls.key_file}: {_ssl_reason(e)}") from None
     ctx.set_alpn_protocols(alpn_offer(protocol))
+    return ctx
+
+
+def harden_server(ctx: Any) -> Any:
+    """``ctx`` (a server context) limited to TLS >= 1.2 and SERVER_CIPHERS, offering
+    ALPN h2 and http/1.1; returned for chaining."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(SERVER_CIPHERS)
+    ctx.set_alpn_protocols(SERVER_ALPN)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+def listener_context(cert_file: str, key_file: str, context_class: Any = ssl.SSLContext) -> Any:
+    """The server context of a ``[listener.tls]`` (ordinary clients: no client
+    certificate asked). Raises ``TlsSetupError`` (key "cert_file" or "key_file") when a
+    file cannot be read or the pair does not load."""
+    ctx = harden_server(context_class(ssl.PROTOCOL_TLS_SERVER))
+    _readable("cert_file", cert_file)
+    _readable("key_file", key_file)
+    try:
+        ctx.load_cert_chain(cert_file, key_file, password=_encrypted_key(key_file))
+    except ssl.SSLError as e:
+        raise TlsSetupError("cert_file", f"cannot load the certificate {cert_file} with the "
+                                         f"key {key_file}: {_ssl_reason(e)}") from None
     return ctx
 
 

@@ -5,7 +5,9 @@ listener tunnels every connection (``client.tcp``); an ``auto`` listener reads t
 bytes (``client.auto.detect_connection``) and hands the connection to HTTP/1.1, HTTP/2,
 a peer meshd's tunnel or opaque TCP; an ``http`` listener serves HTTP/1.1, and a
 connection whose first request head is the HTTP/2 preface (prior knowledge, RFC 9113
-§3.3) goes on as HTTP/2. The HTTP/2 modules (and the ``h2`` library) load on first use.
+§3.3) goes on as HTTP/2. A listener that terminates TLS (``mtls`` other than "off", or
+``[listener.tls]``) first goes through ``client.inbound_tls``, which hands the decrypted
+stream (or the plaintext it lets through) to the same switch with the client's ``Peer``. The HTTP/2 modules (and the ``h2`` library) load on first use.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gevent
 from meshd.proto.detect import Detection
 from meshd.worker.client.auto import detect_connection, serve_tunnel
 from meshd.worker.client.http1 import HttpConnection
+from meshd.worker.client.inbound_tls import serve_tls_listener, terminates
 from meshd.worker.client.tcp import serve_opaque
 from meshd.worker.peer import PLAINTEXT, Peer
 
@@ -28,6 +31,9 @@ if TYPE_CHECKING:
 
 def serve_connection(ctx: Context, listener: ListenerConfig, client: socket.socket) -> None:
     """Serve ``client`` until it is done (in its own greenlet; the caller closes it)."""
+    if terminates(listener):  # mTLS or [listener.tls]: TLS first, then the same switch
+        serve_tls_listener(ctx, listener, client)
+        return
     serve_detected(ctx, listener, client, PLAINTEXT)
 
 

@@ -23,8 +23,9 @@ Each result is counted on the listener's own row (see ``meshd.shm``, F_DETECT).
 
 A ``MESHD-TUNNEL <port>`` line (a peer meshd's opaque TCP) is honoured only on an
 inbound listener whose ``tunnel_ports`` lists the port, and never to one of meshd's own
-ports; else the connection is closed without connecting anywhere, counted as
-``tunnel_refused`` and logged (``meshd.ratelog``: a burst per listener, then a count).
+ports, and once ``[identity]`` is set only from a peer authenticated by mTLS; else the
+connection is closed without connecting anywhere, counted as ``tunnel_refused`` and
+logged (``meshd.ratelog``: a burst per listener, then a count).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def serve_tunnel(ctx: Context, listener: ListenerConfig, client: socket.socket,
     closed without connecting anywhere, counted and logged (throttled)."""
     parsed = parse_tunnel(prefix)
     why = tunnel_refusal(ctx, listener, parsed)
+    if not why and ctx.config.identity is not None and not peer.authenticated:
+        why = "the peer is not authenticated (mTLS with a client certificate is required " \
+              "once [identity] is set)"
     if why:
         _count(ctx, listener, "tunnel_refused")
         _refusals.info(f"{listener.name}: tunnel refused",

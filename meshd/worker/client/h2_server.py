@@ -63,7 +63,14 @@ from meshd.worker import tasks
 from meshd.worker.client.h2_stream import H2ToHttp1, Stream, StreamGone
 from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.peer import PLAINTEXT, Peer
-from meshd.worker.sockio import peer_address, recv, recv_after_wait, sendall, shutdown
+from meshd.worker.sockio import (
+    is_tls,
+    peer_address,
+    recv,
+    recv_after_wait,
+    sendall,
+    shutdown,
+)
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -78,6 +85,7 @@ CONNECTION_WINDOW = 1 << 22   # ... and on the whole connection
 RESET_WINDOW = 10.0
 TICK = 1.0                    # how often the reader looks at drain and idle state
 OUT_LIMIT = 1 << 18           # output queued per connection before streams wait
+TLS_PIECE = 1 << 16           # bytes per TLS write (its records are written whole)
 FINAL_WRITE_TIMEOUT = 2.0     # for the last frames (GOAWAY) when a connection ends
 # PINGs and SETTINGS received (each owes an ACK) since the output was last written out in
 # full: a client flooding them without reading gets GOAWAY ENHANCE_YOUR_CALM past this.
@@ -114,6 +122,7 @@ class H2ServerConnection:
         self.out = bytearray()        # frames not yet written (see _queue)
         self.sock_gone = False
         self._raw = sock._sock  # type: ignore[attr-defined]  # gevent's real socket
+        self._tls = is_tls(sock)  # its bytes go through the TLS socket, never _raw
         self._loop = gevent.get_hub().loop
         self._send_scheduled = False
         self._writer: gevent.Greenlet | None = None
@@ -379,6 +388,9 @@ class H2ServerConnection:
             # queue its whole response before the hub runs the send.
             self._room.clear()
         if not self._send_scheduled and self._writer is None:
+            if self._tls:  # a TLS write may wait (records are written whole): a greenlet
+                self._writer = gevent.spawn(self._write_tls)
+                return
             self._send_scheduled = True
             self._loop.run_callback(self._send_out)
 
@@ -424,6 +436,33 @@ class H2ServerConnection:
                 try:
                     sent = self._raw.send(self.out)
                 except BlockingIOError:
+                    continue
+                progress = time.monotonic()
+                del self.out[:sent]
+                if len(self.out) <= OUT_LIMIT:
+                    self._room.set()
+            self.control_queued = 0  # every ACK owed went out
+        except OSError:
+            self._lost()
+        finally:
+            self._writer = None
+            self._room.set()
+
+    def _write_tls(self) -> None:
+        """``_send_out`` and ``_write_rest`` over TLS (a connection ``client.inbound_tls``
+        terminated): through the TLS socket, a piece at a time. Its timeout is the
+        reader's TICK: a write that waited that long is tried again (OpenSSL wants the
+        same bytes again), until no byte went for ``write_timeout``."""
+        progress = time.monotonic()
+        try:
+            while self.out:
+                piece = bytes(self.out[:TLS_PIECE])
+                try:
+                    sent = self.sock.send(piece)
+                except TimeoutError:
+                    if time.monotonic() - progress > self.limits.write_timeout:
+                        self._too_slow()
+                        return
                     continue
                 progress = time.monotonic()
                 del self.out[:sent]
