@@ -5,16 +5,18 @@ and nothing reaches the application (each backend records what it received: chec
 after meshd_authz_denied_total counted the refusal). Audit mode lets it through, counted
 and logged; a listener no policy names stays open.
 
-The peers here are plaintext clients of a permissive listener: they have no verified
-identity (client_id ""), which no allow-list pattern matches. Peers with identities
-need mTLS to the inbound listener; the rules for them are in tests/test_authz_core.py
-and tests/test_authz_gate.py."""
+Most peers here are plaintext clients of a permissive listener: they have no verified
+identity (client_id ""), which no allow-list pattern matches. The test_mtls_* ones are
+peers with identities (client certificates from the meshd's CA, over mTLS to the inbound
+listener): the allowed identity passes, another is refused. The finer rules are in
+tests/test_authz_core.py and tests/test_authz_gate.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -35,9 +37,12 @@ SELF = f"spiffe://{TD}/ns/default/sa/api"
 WEB = f"spiffe://{TD}/ns/default/sa/web"
 
 
+AUTHORITY = ca.new_ca(TD)  # one CA for the module: certificates for meshd and its clients
+
+
 def identity_table(folder: Path) -> str:
     """An [identity] table of the files provider, with a CA and this meshd's leaf."""
-    authority = ca.new_ca(TD)
+    authority = AUTHORITY
     leaf = ca.issue(authority, SELF)
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in (("ca.crt", authority.cert_pem), ("tls.crt", leaf.cert_pem),
@@ -75,6 +80,29 @@ def start(mesh: MeshFactory, tmp_path: Path, forward: str, policies: str,
     text, ports = mesh.config({}, workers=1, listeners=listeners,
                               extra=identity_table(tmp_path / "id") + policies)
     return mesh.start(text, ports), port, open_port
+
+
+def client_cert(folder: Path, spiffe_id: str) -> tuple[str, str]:
+    """(certificate file, key file) of a peer with ``spiffe_id``, from the meshd's CA."""
+    leaf = ca.issue(AUTHORITY, spiffe_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = spiffe_id.rsplit("/", 1)[1]
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    cert.write_bytes(leaf.cert_pem)
+    key.write_bytes(leaf.key_pem)
+    key.chmod(0o600)
+    return str(cert), str(key)
+
+
+def curl_mtls(port: int, path: str, cert: tuple[str, str], *args: str) -> tuple[str, bytes]:
+    """("STATUS HTTP-VERSION", body) of curl over TLS with a client certificate."""
+    r = subprocess.run([require_tool("curl"), "-sS", "-k", "--max-time", "10",
+                        "--cert", cert[0], "--key", cert[1], *args, "-H", "Host: app",
+                        "-o", "-", "-w", "\n%{http_code} %{http_version}",
+                        f"https://127.0.0.1:{port}{path}"], capture_output=True, timeout=30)
+    body, _, tail = r.stdout.rpartition(b"\n")
+    assert r.returncode == 0, r.stderr
+    return tail.decode(), body
 
 
 def denied(m: Meshd, mode: str, protocol: str, listener: str = "inbound") -> float:
@@ -220,3 +248,52 @@ def test_route_scoped_policies_only_default_deny_the_rest(mesh, backends, tmp_pa
     log = m.log()
     assert "route=admin: no verified client identity; route 'admin' allows" in log
     assert "client_id=-: no policy of listener 'inbound' covers this request" in log
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_mtls_peers_allowed_identity_passes_others_get_403(mesh, backends, tmp_path, version):
+    """Peers with verified identities (mTLS to the inbound listener): the allowed one
+    reaches the application, another one is refused before it."""
+    b = backends("app")
+    m, port, _ = start(mesh, tmp_path, b.address, policy("inbound"))
+    web = client_cert(tmp_path / "peers", WEB)
+    other = client_cert(tmp_path / "peers", f"spiffe://{TD}/ns/default/sa/other")
+    http = "1.1" if version == "--http1.1" else "2"
+    assert curl_mtls(port, "/allowed", web, version) == (f"200 {http}", b"app /allowed\n")
+    status, body = curl_mtls(port, "/refused", other, version)
+    assert (status, body) == (f"403 {http}", Forbidden.reason.encode() + b"\n")
+    wait_for(lambda: denied(m, "enforce", "http") == 1, what="the refusal counted")
+    assert counts(b) == {"GET /allowed": 1}
+    assert f"denied http from client_id=spiffe://{TD}/ns/default/sa/other" in m.log()
+
+
+def tls_opaque(port: int, cert: tuple[str, str], payload: bytes) -> bytes:
+    """Opaque bytes over mTLS to the inbound listener; what came back until it closed
+    (or as many bytes as were sent)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(*cert)
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw, \
+            ctx.wrap_socket(raw) as s:
+        s.sendall(payload)
+        got = b""
+        try:
+            while len(got) < len(payload) and (data := s.recv(65536)):
+                got += data
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        return got
+
+
+def test_mtls_tcp_allowed_identity_tunnels_others_are_closed(mesh, tmp_path):
+    with TcpServer(echo) as app:
+        m, port, _ = start(mesh, tmp_path, app.address, policy("inbound"))
+        web = client_cert(tmp_path / "peers", WEB)
+        other = client_cert(tmp_path / "peers", f"spiffe://{TD}/ns/default/sa/other")
+        payload = b"\x00\x01opaque bytes\r\n\r\n"
+        assert tls_opaque(port, other, payload) == b""
+        wait_for(lambda: denied(m, "enforce", "tcp") == 1, what="the refusal counted")
+        assert app.accepted == 0
+        assert tls_opaque(port, web, payload) == payload
+        assert app.accepted == 1
