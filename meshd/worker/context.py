@@ -75,3 +75,6 @@ class Context(Protocol):
     def h2pool(self) -> H2Pool: ...  # HTTP/2 upstream connections (made on first use)
 
     def resolve(self, service: str) -> tuple[Endpoint, ...] | None: ...
+
+    def ask_row(self, listener: str, client_id: str) -> None: ...
+    # a client identity without metric rows: the control process assigns them (rowkeys)

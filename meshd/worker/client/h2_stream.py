@@ -105,7 +105,7 @@ class H2ToHttp1:
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
-                                                target, fields, server.redirected)
+                                                target, fields, server.redirected, server.peer)
         worker.stripe.add(row, F_REQUESTS)
         try:
             # [limits] header_count holds for HTTP/2 requests as for HTTP/1.1 ones: within

@@ -193,7 +193,8 @@ class HttpConnection:
         # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
         authority = req.target if req.method == b"CONNECT" else req.host
         service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
-                                                req.target, req.headers, self._redirected)
+                                                req.target, req.headers, self._redirected,
+                                                self.peer)
         self._row = row
         stripe.add(row, F_REQUESTS)
         self.response_started = False

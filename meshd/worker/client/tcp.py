@@ -24,12 +24,14 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from meshd import rowkeys
 from meshd.config import DEFAULT_SERVICE
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
+from meshd.worker.call import inbound_row
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import address_name
 from meshd.worker.tunnel import Tunnel
@@ -60,7 +62,7 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
     gate = worker.authz
     if gate.covers(listener) and not gate.tcp(worker, listener, peer):
         return
-    connected = _connect(worker, listener, client, original_dst, target)
+    connected = _connect(worker, listener, client, original_dst, target, peer)
     if connected is None:
         return
     upstream, row, header = connected
@@ -80,7 +82,7 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
 
 def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
              original_dst: tuple[str, int] | None, target: Endpoint | None = None,
-             ) -> tuple[UpstreamConn, int, bytes] | None:
+             peer: Peer = PLAINTEXT) -> tuple[UpstreamConn, int, bytes] | None:
     """The upstream connection, the metric row of its bytes and a header to send first
     (a meshed endpoint is reached through its meshd's inbound port, told the target
     port in one line); None (logged) when there is no destination or it cannot be
@@ -88,6 +90,7 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     snap = worker.snapshot
     timeout = DEFAULT_SERVICE.connect_timeout  # a listener's fixed forward has no service
     header = b""
+    row_key = None
     try:
         if target is not None:
             assert listener.forward is not None
@@ -105,6 +108,8 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
             if not endpoints:
                 raise NoEndpoints(f"service {service!r} has no endpoints")
             svc = worker.config.services.get(service)
+            row_key = rowkeys.outbound_key(worker.config.identity is not None, service,
+                                           endpoints)
             i, _row = worker.balancer.pick(service, endpoints, snap.endpoint_rows, svc)
             ep = endpoints[i]
             if svc is not None:
@@ -127,7 +132,9 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     except ProxyError as e:
         quiet.warning(f"{listener.name}: {type(e).__name__}", "%s: %s", listener.name, e.reason)
         return None
-    row = snap.row(listener.name, service)
+    if listener.direction == "inbound":  # by the peer too (meshd.rowkeys)
+        return upstream, inbound_row(worker, listener, service, peer), header
+    row = snap.row(listener.name, row_key or service)
     if row is None:
         row = snap.row(listener.name, "")
     return upstream, ROW_OVERFLOW if row is None else row, header
