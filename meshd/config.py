@@ -336,8 +336,6 @@ def parse(data: Mapping[str, Any], path: str = "",
     read = [_listener(t) for t in array(top, "listener", required=True)]
     listeners = resolve_listeners(tuple(lst for lst, _ in read), [m for _, m in read], ident,
                                   problems)
-    if check_files:
-        _check_listener_tls(listeners, problems)
     services = _services(top.raw("service"), problems, check_files)
     routes = tuple(_route(t, i) for i, t in enumerate(array(top, "route", required=False)))
     limits = _limits(Table(top.raw("limits"), "limits", problems))
@@ -531,20 +529,6 @@ def _service_tls(service: Table, name: str, protocol: str,
         log.warning("service.%s.tls.verify = false: the certificates of %s's endpoints are "
                     "not verified (anyone on the path can impersonate them)", name, name)
     return tls
-
-
-def _check_listener_tls(listeners: tuple[ListenerConfig, ...], problems: Problems) -> None:
-    """Each ``[listener.tls]``'s certificate and key load (as ``[service.NAME.tls]`` files
-    do, in the same checking child), reported under listener[i].tls.cert_file/key_file."""
-    from meshd.tls import TlsSetupError, listener_context  # ssl stays out of the sans-IO import
-    for i, lst in enumerate(listeners):
-        key = f"listener[{i}].tls"
-        if lst.tls is None or any(k.startswith(key) for k, _ in problems):
-            continue  # a key missing or wrong is reported already
-        try:
-            listener_context(lst.tls.cert_file, lst.tls.key_file)
-        except TlsSetupError as e:
-            problems.append((f"{key}.{e.key}", str(e)))
 
 
 def _server_name(value: object) -> str:

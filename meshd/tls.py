@@ -1,6 +1,7 @@
-"""Client TLS toward a service's endpoints: the SSL context of ``[service.NAME.tls]``.
+"""Client TLS toward a service's endpoints: the SSL context of ``[service.NAME.tls]``;
+server TLS for ordinary clients of a listener: the SSL context of ``[listener.tls]``.
 
-One function builds it and is used twice: ``meshd.config`` builds one with the standard
+Each function builds its context and is used twice: ``meshd.config`` builds one with the standard
 library's class when a config is loaded (``meshd check``, start, reload), so a file
 that cannot be read or a certificate that does not load is a config error naming its
 key; a worker builds its cooperative one (gevent's class) once per service, on first use
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshd.config import TlsConfig
+    from meshd.config_identity import ListenerTlsConfig
 
 ALPN_H2 = "h2"
 ALPN_HTTP1 = "http/1.1"
@@ -80,18 +82,19 @@ def harden_server(ctx: Any) -> Any:
     return ctx
 
 
-def listener_context(cert_file: str, key_file: str, context_class: Any = ssl.SSLContext) -> Any:
-    """The server context of a ``[listener.tls]`` (ordinary clients: no client
-    certificate asked). Raises ``TlsSetupError`` (key "cert_file" or "key_file") when a
-    file cannot be read or the pair does not load."""
+def server_context(tls: ListenerTlsConfig, context_class: Any = ssl.SSLContext) -> Any:
+    """The server SSL context of a listener's ``[listener.tls]`` (TLS for ordinary
+    clients): its certificate and key, TLS 1.2 at least (``harden_server``), no client
+    certificate asked for, ALPN "h2" and "http/1.1". Raises ``TlsSetupError``
+    ("cert_file", "key_file") when a file cannot be read or the pair does not load."""
     ctx = harden_server(context_class(ssl.PROTOCOL_TLS_SERVER))
-    _readable("cert_file", cert_file)
-    _readable("key_file", key_file)
+    _readable("cert_file", tls.cert_file)
+    _readable("key_file", tls.key_file)
     try:
-        ctx.load_cert_chain(cert_file, key_file, password=_encrypted_key(key_file))
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_encrypted_key(tls.key_file))
     except ssl.SSLError as e:
-        raise TlsSetupError("cert_file", f"cannot load the certificate {cert_file} with the "
-                                         f"key {key_file}: {_ssl_reason(e)}") from None
+        raise TlsSetupError("cert_file", f"cannot load the certificate {tls.cert_file} with the "
+                                         f"key {tls.key_file}: {_ssl_reason(e)}") from None
     return ctx
 
 

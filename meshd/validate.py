@@ -1,6 +1,7 @@
 """One validation for `meshd check`, `meshd run` and a reload (HUP): the config's own
-keys, every discovery source's keys as its plugin validates them, and the TLS files of
-``[service.NAME.tls]``. All three go through ``load_checked``, so they accept and refuse
+keys, every discovery source's keys as its plugin validates them, the ``[identity]``
+provider constructed with its options (keys under ``identity.``), and the TLS files of
+``[service.NAME.tls]`` and ``[listener.tls]``. All three go through ``load_checked``, so they accept and refuse
 the same configs with the same lines. ``run`` and HUP (``isolated``) make the plugin and
 TLS checks in a short-lived forked child: the master never imports a plugin or ssl.
 """
@@ -19,8 +20,13 @@ from typing import Any
 from meshd import config as config_mod
 from meshd.config import Config
 from meshd.config_env import expand_env
+from meshd.config_identity import IdentityConfig, ListenerTlsConfig
+from meshd.config_table import default
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, PluginError
+from meshd.identity import spiffe
+from meshd.identity.api import Settings
+from meshd.identity.registry import load as load_provider
 
 CHECK_TIMEOUT = 60.0   # seconds a forked check may take (plugin constructors do no I/O)
 
@@ -111,10 +117,16 @@ def _checked(path: str, text: bytes) -> Config:
     try:
         loaded = config_mod.load(path, text=text)
         sources = [(src.plugin, src.name, dict(src.options)) for src in loaded.discovery]
+        ident, settings = loaded.identity, _settings(loaded.identity, loaded.instance,
+                                                     loaded.state_dir)
+        listener_tls = [(i, lst.tls) for i, lst in enumerate(loaded.listeners) if lst.tls]
         cfg = loaded
     except ConfigError as e:
         problems = list(e.problems)
-        sources = _raw_sources(text)
+        data = _raw(text)
+        sources = _raw_sources(data)
+        ident, settings = _raw_identity(data)
+        listener_tls = _raw_listener_tls(data)
     for i, (plugin, name, options) in enumerate(sources):
         try:
             cls, _info = load_plugin(plugin)
@@ -124,19 +136,90 @@ def _checked(path: str, text: bytes) -> Config:
         except ConfigError as e:
             problems.extend((f"discovery[{i}].{k}" if k else f"discovery[{i}]", m)
                             for k, m in e.problems)
+    if ident is not None:
+        problems.extend(_identity_problems(ident, settings))
+    problems.extend(_listener_tls_problems(listener_tls))
     if problems or cfg is None:
         raise ConfigError(problems, path)
     return cfg
 
 
-def _raw_sources(text: bytes) -> list[tuple[str, str, dict[str, Any]]]:
-    """(plugin, name, options) of each well-formed [[discovery]] table of a config that
-    failed to load, so the plugins can still report their own problems."""
+def _settings(ident: IdentityConfig | None, instance: str, state_dir: str) -> Settings:
+    trust_domain = ident.trust_domain if ident is not None else default(IdentityConfig,
+                                                                         "trust_domain")
+    return Settings(trust_domain=trust_domain, instance=instance, state_dir=state_dir)
+
+
+def _identity_problems(ident: IdentityConfig, settings: Settings) -> list[tuple[str, str]]:
+    """The provider of ``[identity]`` imported and constructed with its options, as the
+    control process will: its own problems under ``identity.``."""
+    try:
+        cls, _info = load_provider(ident.provider)
+        cls(ident.options, settings)
+    except PluginError as e:
+        return [("identity.provider", str(e))]
+    except ConfigError as e:
+        return [(f"identity.{k}" if k else "identity", m) for k, m in e.problems]
+    return []
+
+
+def _listener_tls_problems(tables: list[tuple[int, ListenerTlsConfig]]) -> list[tuple[str, str]]:
+    from meshd.tls import TlsSetupError, server_context  # ssl: only in this child (or check)
+    problems = []
+    for i, tls in tables:
+        try:
+            server_context(tls)
+        except TlsSetupError as e:
+            problems.append((f"listener[{i}].tls.{e.key}", str(e)))
+    return problems
+
+
+def _raw(text: bytes) -> dict[str, Any]:
+    """The document of a config that failed to load, as load saw it (or {} when it is not
+    TOML), so plugins and TLS files can still report their own problems."""
     try:
         data = tomllib.loads(text.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    return expand_env(data, [])  # as load does (its problems are reported already)
+
+
+def _raw_identity(data: dict[str, Any]) -> tuple[IdentityConfig | None, Settings]:
+    """``[identity]`` of a config that failed to load, when its provider is named."""
+    table = data.get("identity")
+    instance = data.get("instance")
+    state_dir = data.get("state_dir")
+    settings = _settings(None, instance if isinstance(instance, str) else default(Config, "instance"),
+                         state_dir if isinstance(state_dir, str) else default(Config, "state_dir"))
+    if not isinstance(table, dict) or not isinstance(table.get("provider"), str) \
+            or not table["provider"]:
+        return None, settings
+    td = table.get("trust_domain")
+    if isinstance(td, str) and spiffe.trust_domain_problem(td) is None:
+        settings = Settings(trust_domain=td, instance=settings.instance,
+                            state_dir=settings.state_dir)
+    options = {k: v for k, v in table.items() if k not in ("provider", "trust_domain")}
+    return IdentityConfig(provider=table["provider"], trust_domain=settings.trust_domain,
+                          options=options), settings
+
+
+def _raw_listener_tls(data: dict[str, Any]) -> list[tuple[int, ListenerTlsConfig]]:
+    """Each well-formed ``[listener.tls]`` of a config that failed to load."""
+    listeners = data.get("listener")
+    if not isinstance(listeners, list):
         return []
-    data = expand_env(data, [])  # as load does (its problems are reported already)
+    out = []
+    for i, table in enumerate(listeners):
+        tls = table.get("tls") if isinstance(table, dict) else None
+        if isinstance(tls, dict) and all(isinstance(tls.get(k), str) and tls.get(k)
+                                         for k in ("cert_file", "key_file")):
+            out.append((i, ListenerTlsConfig(cert_file=tls["cert_file"], key_file=tls["key_file"])))
+    return out
+
+
+def _raw_sources(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(plugin, name, options) of each well-formed [[discovery]] table of a config that
+    failed to load, so the plugins can still report their own problems."""
     tables = data.get("discovery")
     if not isinstance(tables, list):
         return []

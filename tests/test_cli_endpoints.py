@@ -82,8 +82,8 @@ def test_table_json_and_service_filter(mesh, backends):
         ("hold", x.address), ("web", web[0]), ("web", web[1])]
     rows = {line.split()[1]: line.split() for line in lines}
     for address in (a.address, b.address):
-        _, _, state, inflight, ewma, success, rps, until, failures = rows[address]
-        assert (state, inflight, until, failures) == ("healthy", "0", "-", "0"), rows[address]
+        _, _, state, inflight, ewma, success, rps, until, failures, identity = rows[address]
+        assert (state, inflight, until, failures, identity) == ("healthy", "0", "-", "0", "-"), rows[address]
         assert ewma.endswith("ms") and float(ewma[:-2]) > 0
         assert success == "100.0%"
         assert float(rps) > 0

@@ -61,20 +61,8 @@ def test_strict_needs_identity_and_excludes_listener_tls() -> None:
 def test_listener_tls_alone_is_fine_on_any_listener() -> None:
     data = config()
     data["listener"][1]["tls"] = {"cert_file": "a.crt", "key_file": "a.key"}
-    cfg = parse(data, check_files=False)  # the files are loaded when check_files (below)
+    cfg = parse(data)
     assert cfg.listeners[1].tls is not None and cfg.listeners[1].tls.key_file == "a.key"
-
-
-def test_listener_tls_files_are_loaded_where_service_tls_files_are(tmp_path) -> None:
-    data = config()
-    data["listener"][1]["tls"] = {"cert_file": str(tmp_path / "a.crt"), "key_file": "a.key"}
-    assert problems(data) == {"listener[1].tls.cert_file":
-                              f"cannot read {tmp_path / 'a.crt'}: No such file or directory"}
-    (tmp_path / "a.crt").write_text("not a certificate")
-    (tmp_path / "a.key").write_text("not a key")
-    data["listener"][1]["tls"]["key_file"] = str(tmp_path / "a.key")
-    assert problems(data)["listener[1].tls.cert_file"].startswith(
-        f"cannot load the certificate {tmp_path / 'a.crt'} with the key")
 
 
 def test_authorization_rules() -> None:

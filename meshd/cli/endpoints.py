@@ -11,7 +11,7 @@ import click
 from meshd.cli.common import admin_address, admin_get, echo_table
 
 HEADER = ("SERVICE", "ENDPOINT", "STATE", "INFLIGHT", "EWMA", "SUCCESS(10s)", "RPS(10s)",
-          "EJECTED-UNTIL", "FAILURES")
+          "EJECTED-UNTIL", "FAILURES", "IDENTITY")
 
 
 def _ms(v: object) -> str:
@@ -38,6 +38,9 @@ def _row(service: str, e: Mapping[str, Any]) -> tuple[str, ...]:
         "-" if sr is None else f"{sr * 100:.1f}%",
         _show(e.get("rps_10s"), "{:.1f}"), _show(e.get("ejected_until")),
         _show(e.get("failures")),
+        # The SPIFFE ID a meshed endpoint must present (mTLS once [identity] is set);
+        # "-": not meshed, or meshed without an identity (plaintext h2c).
+        str(e.get("identity") or "-"),
     )
 
 
@@ -51,7 +54,8 @@ def _row(service: str, e: Mapping[str, Any]) -> tuple[str, ...]:
 def endpoints(admin: str | None, config_path: str | None, service: str | None,
               as_json: bool) -> None:
     """Each endpoint's balancing state: in-flight requests, latency EWMA, success rate and
-    requests/s over about the last 10 s, when an ejection ends (UTC), failures in total."""
+    requests/s over about the last 10 s, when an ejection ends (UTC), failures in total,
+    and the identity (SPIFFE ID) discovery expects a meshed endpoint to present."""
     data = admin_get(admin_address(admin, config_path), "/endpoints")
     services = data.get("services") if isinstance(data, dict) else None
     if not isinstance(services, dict):

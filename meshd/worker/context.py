@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from meshd.snapshot import Snapshot
     from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
+    from meshd.worker.identity import WorkerIdentity
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
     from meshd.worker.upstream.h2_pool import H2Pool
@@ -31,20 +32,6 @@ class Idler(Protocol):
     """A client connection the drain may close between requests."""
 
     idle_since: float  # > 0 while it waits for the next request
-
-
-class Identity(Protocol):
-    """This worker's workload identity (``[identity]``): the TLS contexts of mTLS between
-    meshds, rebuilt when the published material changes (``meshd.worker.identity``)."""
-
-    local_id: str  # our SPIFFE ID ("" before the material is loaded)
-
-    def ready(self) -> bool: ...
-    def refresh(self) -> None: ...  # stat the published files (at most every 0.5 s)
-    def server_context(self, mode: str) -> Any: ...  # "permissive" | "strict"
-    def client_context(self) -> Any: ...
-    @staticmethod
-    def peer_id(tls_sock: Any) -> str: ...
 
 
 class Context(Protocol):
@@ -61,15 +48,13 @@ class Context(Protocol):
     authz: Gate                      # [[authorization]] and the provider's authorize()
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
+    identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 
     @property
     def connections(self) -> MutableMapping[Any, Idler | None]: ...
     # client connections being served, by greenlet: the drain closes the idle ones
-
-    @property
-    def identity(self) -> Identity | None: ...  # [identity]: mTLS to and from peer meshds; None: off
 
     @property
     def h2pool(self) -> H2Pool: ...  # HTTP/2 upstream connections (made on first use)

@@ -41,8 +41,9 @@ import gevent.ssl
 
 from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, F_TLS_IN, ROW_OVERFLOW, TLS_RESULTS
-from meshd.tls import TlsSetupError, handshake_error, harden_server, listener_context
+from meshd.tls import TlsSetupError, handshake_error, harden_server, server_context
 from meshd.worker.client.tcp import original_destination, peer_name, serve_opaque
+from meshd.worker.identity import WorkerIdentity
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import shutdown
 
@@ -60,10 +61,9 @@ LINGER_SECONDS = 0.5
 LINGER_BYTES = 1 << 20
 
 # A worker's [listener.tls] contexts, by listener name (built on first use; a reload
-# starts new workers). The mTLS contexts are the identity's, whose ids are remembered
-# here once hardened (SERVER_CIPHERS, ALPN), so that is done once per context.
+# starts new workers). The mTLS contexts are the identity's (hardened here on first use:
+# meshd.tls.harden_server, SERVER_CIPHERS).
 _listener_contexts: dict[str, Any] = {}
-_hardened: set[int] = set()
 
 
 def terminates(listener: ListenerConfig) -> bool:
@@ -147,23 +147,15 @@ def _handshake(ctx: Context, listener: ListenerConfig, tls: Any, who: str) -> Pe
     if listener.mtls == "off":  # [listener.tls]: no client certificate asked
         count(ctx, listener, "ok")
         return Peer(tls=True)
-    cert = tls.getpeercert()
     client_id = ""
-    if cert:  # verified (an unverified one fails the handshake)
-        ids = spiffe_ids(cert)
-        if len(ids) != 1:
-            _refused(ctx, listener, "bad_san", who,
-                     f"the client certificate has {len(ids)} SPIFFE URI SANs, not one")
+    if tls.getpeercert():  # verified (an unverified one fails the handshake)
+        client_id = WorkerIdentity.peer_id(tls)
+        if not client_id:
+            _refused(ctx, listener, "bad_san", who, "the client certificate does not carry "
+                                                   "exactly one SPIFFE ID as its URI SAN")
             return None
-        client_id = ids[0]
     count(ctx, listener, "ok")
     return Peer(tls=True, client_id=client_id)
-
-
-def spiffe_ids(cert: dict[str, Any]) -> list[str]:
-    """The SPIFFE URI SANs of a verified peer certificate (``getpeercert()``'s dict)."""
-    return [value for kind, value in cert.get("subjectAltName", ())
-            if kind == "URI" and value.startswith("spiffe://")]
 
 
 def _failure_kind(e: OSError) -> str:
@@ -188,8 +180,7 @@ def _server_context(ctx: Context, listener: ListenerConfig) -> Any:
         found = _listener_contexts.get(listener.name)
         if found is None:
             try:
-                found = listener_context(listener.tls.cert_file, listener.tls.key_file,
-                                         gevent.ssl.SSLContext)
+                found = server_context(listener.tls, gevent.ssl.SSLContext)
             except (TlsSetupError, OSError) as e:
                 # the files were checked at load; removed or broken since: tried again next time
                 _quiet.warning(f"{listener.name}: tls setup", "%s: TLS cannot be set up: %s",
@@ -205,11 +196,9 @@ def _server_context(ctx: Context, listener: ListenerConfig) -> Any:
         return None
     identity.refresh()
     context = identity.server_context(listener.mtls)
-    if id(context) not in _hardened:
+    if not getattr(context, "meshd_hardened", False):  # once per context (a rotation: anew)
         harden_server(context)
-        if len(_hardened) > 64:  # old contexts' ids (rotations): bounded
-            _hardened.clear()
-        _hardened.add(id(context))
+        context.meshd_hardened = True
     return context
 
 

@@ -9,7 +9,8 @@ file = "/etc/meshd/endpoints.toml"   # optional: reread on change (TOML, or JSON
 interval = "1s"                      # how often the file is looked at
 [discovery.services]                 # optional: fixed endpoints
 web = ["127.0.0.1:8081", "127.0.0.1:8082"]
-api = [{ address = "10.0.0.5:80", weight = 3, zone = "a", meshed = true }]
+api = [{ address = "10.0.0.5:80", weight = 3, zone = "a", meshed = true,
+        identity = "spiffe://cluster.local/ns/default/sa/api" }]
 ```
 
 The file holds ``service = [entries]`` at its top level (JSON: one object), with the entry

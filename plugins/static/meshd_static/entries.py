@@ -1,8 +1,10 @@
 """Endpoint entries as the static plugin accepts them, inline or in an endpoints file.
 
 An entry is ``"host:port"`` or a table ``{ address = "host:port", weight = 3, zone = "a",
-meshed = true, inbound_port = 4143 }`` (``inbound_port``: where the meshd in front of a
-meshed endpoint listens, on the same host). Parsing collects every problem with its key path (``web[1]``) rather
+meshed = true, inbound_port = 4143, identity = "spiffe://cluster.local/ns/default/sa/web" }``
+(``inbound_port``: where the meshd in front of a meshed endpoint listens, on the same
+host; ``identity``: the SPIFFE ID that meshd must present, checked after the mTLS
+handshake once ``[identity]`` is set). Parsing collects every problem with its key path (``web[1]``) rather
 than stopping at the first, so a user fixes a file in one go.
 """
 
@@ -12,8 +14,9 @@ from collections.abc import Mapping
 
 from meshd.config import parse_address
 from meshd.discovery import Endpoint
+from meshd.identity import spiffe
 
-ENDPOINT_KEYS = frozenset({"address", "weight", "zone", "meshed", "inbound_port"})
+ENDPOINT_KEYS = frozenset({"address", "weight", "zone", "meshed", "inbound_port", "identity"})
 
 Services = dict[str, tuple[Endpoint, ...]]
 Problems = list[tuple[str, str]]
@@ -35,10 +38,20 @@ def parse_services(services: object, prefix: str, problems: Problems) -> Service
         for i, entry in enumerate(entries):
             try:
                 endpoints.append(parse_endpoint(entry))
+            except KeyedError as e:
+                problems.append((f"{path}[{i}].{e.key}", str(e)))
             except ValueError as e:
                 problems.append((f"{path}[{i}]", str(e)))
         out[str(service)] = tuple(endpoints)
     return out
+
+
+class KeyedError(ValueError):
+    """A bad value of one key of an entry table (its key path ends in ``key``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
 
 
 def parse_endpoint(entry: object) -> Endpoint:
@@ -63,5 +76,16 @@ def parse_endpoint(entry: object) -> Endpoint:
             raise ValueError(f"inbound_port: expected a port 0..65535, got {inbound_port!r}")
         if inbound_port and not meshed:
             raise ValueError("inbound_port is only used with meshed = true")
-        return Endpoint(addr.host, addr.port, weight, zone, meshed, inbound_port=inbound_port)
+        identity = entry.get("identity", "")
+        if not isinstance(identity, str):
+            raise KeyedError("identity", f"expected a SPIFFE ID string, got {identity!r}")
+        if identity:
+            why = spiffe.problem(identity)
+            if why:
+                raise KeyedError("identity", why)
+            if not meshed:
+                raise KeyedError("identity", "only used with meshed = true (the identity a "
+                                             "meshd in front of the endpoint presents)")
+        return Endpoint(addr.host, addr.port, weight, zone, meshed, inbound_port=inbound_port,
+                        identity=identity)
     raise ValueError(f'expected "host:port" or a table with address, got {entry!r}')
