@@ -297,3 +297,77 @@ def test_mtls_tcp_allowed_identity_tunnels_others_are_closed(mesh, tmp_path):
         assert app.accepted == 0
         assert tls_opaque(port, web, payload) == payload
         assert app.accepted == 1
+
+
+INTENTIONS = '''
+import json
+import os
+
+from meshd.identity.files import FilesProvider
+
+
+class Intentions(FilesProvider):
+    """The files provider, plus authorize() answering from a JSON file (Consul
+    intentions' stand-in); each call is appended to a log file the test reads."""
+
+    def __init__(self, options, settings):
+        options = dict(options)
+        self.answers_file = options.pop("answers_file")
+        super().__init__(options, settings)
+
+    def authorizes(self):
+        return True
+
+    def authorize(self, client_id):
+        with open(self.answers_file + ".asked", "a") as f:
+            f.write(client_id + "\\n")
+        with open(self.answers_file) as f:
+            answers = json.load(f)
+        if client_id not in answers:
+            raise ConnectionError("no answer for " + client_id)
+        return answers[client_id]
+'''
+
+
+def test_provider_authorize_allows_and_denies_through_the_cache(mesh, backends, tmp_path):
+    """An identity provider that authorizes (an installed plugin distribution of the
+    test's own standing in for Consul intentions) is asked about each authenticated peer
+    of an mTLS listener, no policy needed: its "no" is a 403 before the application, its
+    answers are cached, a provider that cannot tell refuses (fail closed), and plaintext
+    peers of the permissive listener are not subject to it."""
+    root = tmp_path / "plugin"
+    root.mkdir()
+    (root / "authz_intentions.py").write_text(INTENTIONS)
+    info = root / "authz_intentions-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: authz-intentions\n"
+                                   "Version: 0.0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[meshd.identity]\nintentions = authz_intentions:Intentions\n")
+    answers = tmp_path / "answers.json"
+    other_id = f"spiffe://{TD}/ns/default/sa/other"
+    answers.write_text(json.dumps({WEB: True, other_id: False}))
+    b = backends("app")
+    port = free_port()
+    ident = identity_table(tmp_path / "id").replace(
+        'provider = "files"', f'provider = "intentions"\nanswers_file = "{answers}"')
+    text, ports = mesh.config({}, workers=1, listeners=inbound("inbound", port, b.address),
+                              extra=ident)
+    m = mesh.start(text, ports, env={**os.environ, "PYTHONPATH": str(root)})
+    web = client_cert(tmp_path / "peers", WEB)
+    other = client_cert(tmp_path / "peers", other_id)
+    unknown_id = f"spiffe://{TD}/ns/default/sa/unknown"
+    unknown = client_cert(tmp_path / "peers", unknown_id)
+    for _ in range(3):
+        assert curl_mtls(port, "/allowed", web, "--http1.1") == ("200 1.1", b"app /allowed\n")
+    assert curl_mtls(port, "/refused", other, "--http2")[0] == "403 2"
+    assert curl_mtls(port, "/unknown", unknown, "--http1.1")[0] == "403 1.1"
+    assert http_get("127.0.0.1", port, "/plain", {"Host": "app"})[0] == 200
+    wait_for(lambda: denied(m, "enforce", "http") == 2, what="two refusals counted")
+    assert counts(b) == {"GET /allowed": 3, "GET /plain": 1}
+    asked = Path(f"{answers}.asked").read_text().splitlines()
+    assert sorted(asked) == sorted([WEB, other_id, unknown_id])  # once each: cached
+    log = m.log()
+    assert "the identity provider denies it (intentions)" in log
+    assert "could not authorize client_id=spiffe://cluster.local/ns/default/sa/unknown: " \
+           "ConnectionError" in log
