@@ -371,3 +371,26 @@ def test_provider_authorize_allows_and_denies_through_the_cache(mesh, backends, 
     assert "the identity provider denies it (intentions)" in log
     assert "could not authorize client_id=spiffe://cluster.local/ns/default/sa/unknown: " \
            "ConnectionError" in log
+
+
+def test_mtls_route_scoping(mesh, backends, tmp_path):
+    """Route "admin" is for one identity, the rest of the listener for another: each
+    identity reaches its own part only."""
+    b = backends("app")
+    admin_id = f"spiffe://{TD}/ns/ops/sa/admin"
+    route = ('\n[[route]]\nname = "admin"\nhost = "app"\npath_prefix = "/admin"\n'
+             'methods = ["POST", "GET"]\n')
+    policies = (route + policy("inbound")
+                + f'\n[[authorization]]\nlistener = "inbound"\nroute = "admin"\n'
+                  f'allow = ["spiffe://{TD}/ns/ops/sa/*"]\n')
+    m, port, _ = start(mesh, tmp_path, b.address, policies)
+    web = client_cert(tmp_path / "peers", WEB)
+    admin = client_cert(tmp_path / "peers", admin_id)
+    assert curl_mtls(port, "/admin/users", admin, "--http2")[0] == "200 2"
+    assert curl_mtls(port, "/admin/users", web, "--http2")[0] == "403 2"
+    assert curl_mtls(port, "/home", web, "--http1.1")[0] == "200 1.1"
+    assert curl_mtls(port, "/home", admin, "--http1.1")[0] == "403 1.1"
+    # a method the route does not list: not the route's request, the listener's policy
+    assert curl_mtls(port, "/admin/users", web, "--http1.1", "-X", "DELETE")[0] == "200 1.1"
+    wait_for(lambda: denied(m, "enforce", "http") == 2, what="both refusals counted")
+    assert counts(b) == {"GET /admin/users": 1, "GET /home": 1, "DELETE /admin/users": 1}
