@@ -6,6 +6,7 @@ loopback socket pairs (gevent, as in a worker)."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import queue
 import ssl
@@ -311,3 +312,37 @@ def test_worker_identity_a_client_of_another_ca_is_refused(
     server, client = handshake(ident.server_context("permissive"), stranger.client_context())
     assert isinstance(client, ssl.SSLCertVerificationError), client
     assert "certificate verify failed" in str(client)
+
+
+# -- the control process's runner ------------------------------------------------------------
+
+def test_the_runner_publishes_good_material_and_refuses_the_rest(
+        authority: ca.Issued, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from meshd.config_identity import IdentityConfig
+    from meshd.control.identity import IdentityRunner
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o700)
+    cfg = SimpleNamespace(identity=IdentityConfig("files", TD, {}), instance="t",
+                          state_dir=str(tmp_path))
+    runner = IdentityRunner(cfg, paths(str(shm), "t", 1))  # type: ignore[arg-type]
+    good = leaf(authority)
+    assert runner.offer(material(authority, good))
+    assert Path(runner.paths.pem).read_bytes() == good.cert_pem + good.key_pem
+    stamp = os.stat(runner.paths.pem).st_ino
+    odd = Material(good.cert_pem.decode(), good.key_pem, authority.cert_pem)  # type: ignore[arg-type]
+    assert not runner.offer(odd)
+    assert not runner.offer("not a material")  # type: ignore[arg-type]
+    assert not runner.offer(Material(good.cert_pem, leaf(authority).key_pem, authority.cert_pem))
+    assert runner.refused_total == 3 and runner.published_total == 1
+    assert "the key does not match" in (runner.error or "")
+    # The same material again: not rewritten (workers would reload it for nothing).
+    assert runner.offer(material(authority, good))
+    assert os.stat(runner.paths.pem).st_ino == stamp and runner.published_total == 1
+    text = caplog.text
+    assert "refused: cannot check it: TypeError" in text and "not a Material" in text
+    assert "PRIVATE KEY" not in text
+    info = runner.describe()
+    assert info["local_id"] == WEB and info["last_error"] is None
+    assert "PRIVATE KEY" not in json.dumps(info)

@@ -189,3 +189,24 @@ def test_workers_wait_for_an_identity_before_they_serve(
     m.wait_ready()
     assert admin_json(m, "/identity")["local_id"] == WEB
     assert http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": "web"})[0] == 200
+
+
+def test_a_leaf_not_valid_yet_is_published_once_it_is(
+        mesh, backends, authority: ca.Issued, tmp_path: Path) -> None:
+    """A leaf from an issuer whose clock is ahead of ours is refused, and offered again
+    when it becomes valid: the files provider yields on change only, and nothing changes."""
+    import datetime
+    folder = tmp_path / "identity"
+    first = leaf(authority)
+    secret_volume(folder, files(first.cert_pem, first.key_pem, authority.cert_pem))
+    m = start(mesh, backends, folder)
+    ahead = ca.issue(authority, WEB, not_before=datetime.datetime.now(datetime.UTC)
+                     + datetime.timedelta(seconds=3))
+    secret_volume(folder, files(ahead.cert_pem, ahead.key_pem, authority.cert_pem))
+    wait_for(lambda: re.search(r"identity: refused material from provider files [^\n]* is not "
+                               r"valid before [^\n]*; offered again in \d+\.\ds", m.log()),
+             what="the early leaf refused, with a retry")
+    serial = f"{x509_serial(ahead):x}"
+    wait_for(lambda: admin_json(m, "/identity")["serial"] == serial, timeout=30,
+             what="the leaf published once valid")
+    assert f"identity: published {WEB} (expires" in m.log()

@@ -42,6 +42,9 @@ log = logging.getLogger("meshd.control")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0       # a watch that failed, a publish that failed
 WAITING_LOG_INTERVAL = 10.0               # "waiting for material" while there is none
+NOT_YET_VALID_RETRY = 3600.0              # a leaf valid within this is offered again then
+EXPIRY_CHECK_INTERVAL = 60.0
+EXPIRY_WARN_FRACTION = 0.1                # warn when less than this much of its life is left
 
 
 def _when(ts: float) -> str:
@@ -66,6 +69,8 @@ class IdentityRunner:
         self.watch_failures_total = 0
         self.error: str | None = None             # the last refusal or failure, until a publish
         self._greenlet: gevent.Greenlet | None = None
+        self._offered = 0                         # materials offered: a retry of an older one
+                                                  # is dropped once a newer one came
 
     def describe_provider(self) -> str:
         info = self.info
@@ -90,6 +95,7 @@ class IdentityRunner:
             return
         self._greenlet = gevent.spawn(self._watch_loop)
         gevent.spawn(self._waiting_loop)
+        gevent.spawn(self._expiry_loop)
 
     def _watch_loop(self) -> None:
         failures = 0
@@ -116,8 +122,25 @@ class IdentityRunner:
             log.warning("identity: waiting for material from %s: %s", self.describe_provider(),
                         why)
 
+    def _expiry_loop(self) -> None:
+        """Warn while the published leaf nears its end and no newer one came (the
+        provider is stuck): peers refuse it once expired."""
+        while True:
+            gevent.sleep(EXPIRY_CHECK_INTERVAL)
+            c = self.current
+            if c is None:
+                continue
+            left = c.not_after - time.time()
+            if left < (c.not_after - c.not_before) * EXPIRY_WARN_FRACTION:
+                state = "expired" if left < 0 else f"expires in {left:.0f}s"
+                log.warning("identity: the published certificate %s %s (%s) and %s has given "
+                            "no newer one%s", c.spiffe_id, state, _when(c.not_after),
+                            self.describe_provider(),
+                            f" (last error: {self.error})" if self.error else "")
+
     def offer(self, material: Material) -> bool:
         """Check ``material`` and publish it; False when refused (logged, last good kept)."""
+        self._offered += 1
         if not isinstance(material, Material):
             self.refused_total += 1
             self.error = f"watch() yielded {type(material).__name__}, not a Material"
@@ -129,11 +152,28 @@ class IdentityRunner:
         except MaterialError as e:
             self.refused_total += 1
             self.error = f"refused: {e}"
-            log.error("identity: refused material from %s: %s; %s", self.describe_provider(), e,
-                      self._keeping())
+            retry = ""
+            if e.valid_from is not None and e.valid_from - time.time() < NOT_YET_VALID_RETRY:
+                # The provider yields on change only: without this, a leaf issued by a
+                # clock ahead of ours would wait for the next rotation.
+                delay = max(0.0, e.valid_from - time.time()) + 0.5
+                gevent.spawn_later(delay, self._retry, material, self._offered)
+                retry = f"; offered again in {delay:.1f}s"
+            log.error("identity: refused material from %s: %s; %s%s", self.describe_provider(),
+                      e, self._keeping(), retry)
+            return False
+        except Exception as e:   # a provider's odd values (str for bytes...) are refusals too
+            self.refused_total += 1
+            self.error = f"refused: cannot check it: {type(e).__name__}: {e}"
+            log.error("identity: refused material from %s: %s; %s", self.describe_provider(),
+                      self.error, self._keeping())
             return False
         self._publish(material, checked)
         return True
+
+    def _retry(self, material: Material, offered: int) -> None:
+        if self._offered == offered:   # nothing newer came meanwhile
+            self.offer(material)
 
     def _publish(self, material: Material, checked: Checked) -> None:
         chain = material.chain_pem if material.chain_pem.endswith(b"\n") else material.chain_pem + b"\n"
@@ -141,7 +181,11 @@ class IdentityRunner:
         failures = 0
         while True:
             try:
-                if not self._published_already(pem, material.roots_pem):
+                if self._published_already(pem, material.roots_pem):
+                    if self.current == checked:   # a restarted watch yields what it had
+                        self.error = None
+                        return
+                else:
                     write_atomic(self.paths.roots, material.roots_pem)   # roots first: paths()
                     write_atomic(self.paths.pem, pem)
                 break

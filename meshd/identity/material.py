@@ -32,7 +32,13 @@ MAX_CHAIN = 10   # certificates in a chain; a longer one is not a workload's
 
 
 class MaterialError(ValueError):
-    """Why a Material cannot be published."""
+    """Why a Material cannot be published. ``valid_from``: set (unix seconds) when the
+    only fault is a leaf not valid yet (a clock behind the issuer's): the same material
+    passes from then on."""
+
+    def __init__(self, message: str, valid_from: float | None = None) -> None:
+        super().__init__(message)
+        self.valid_from = valid_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +71,10 @@ def check(material: Material, trust_domain: str,
                             f"{domain!r}")
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now < start:
+        _check_path(chain, roots)   # anything else wrong is said first
         raise MaterialError(f"the leaf ({spiffe_id}) is not valid before "
-                            f"{start.isoformat()} (now {now.isoformat(timespec='seconds')})")
+                            f"{start.isoformat()} (now {now.isoformat(timespec='seconds')})",
+                            valid_from=start.timestamp())
     if now > end:
         raise MaterialError(f"the leaf ({spiffe_id}) expired at {end.isoformat()}")
     _check_path(chain, roots)

@@ -13,6 +13,16 @@ repeatable, ``dc``, ``index`` + ``wait`` blocking queries), ``GET /v1/catalog/se
 ``PUT /v1/agent/service/deregister/<id>``. Answers carry ``X-Consul-Index``,
 ``X-Consul-KnownLeader`` and ``X-Consul-LastContact``.
 
+Connect (``meshd.testing.consul_connect`` holds its state): ``GET
+/v1/agent/connect/ca/roots`` and ``GET /v1/agent/connect/ca/leaf/<service>`` (both
+blocking), ``POST /v1/agent/connect/authorize``, ``PUT|GET|DELETE
+/v1/connect/intentions/exact?source=&destination=``. Controls: ``rotate_ca(reissue=)``,
+``reissue_leaves()``, ``prune_roots()``, ``set_intention(src, dst, action)``,
+``delete_intention``, ``default_policy`` ("allow" | "deny" | None: allow unless ACLs are
+on, Consul's ACL default policy) and ``set_fault("error" | "hang" | None, prefix=)`` for
+the agent failing (500) or hanging on the Connect endpoints. The leaf needs
+``service:write`` (a ``"write"`` token), as authorize does; roots need no token.
+
 The index model: one raft index; every mutation bumps it and stamps the service it
 touched; a health query reports its service's index (the catalog index for a service
 never seen). A blocking query (``index`` > 0) returns once that index exceeds ``index``
@@ -30,7 +40,7 @@ ACL (``acl={"token": "read" | "write" | "deny"}``): the token comes from
 "Permission denied", and ``catalog/services`` lists only the matching ones (filtered).
 
 Every request is recorded in ``requests`` for assertions (method, path, query params,
-token); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
+token, body); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
 once, ``connections`` / ``max_connections`` the client connections open (what an agent's
 ``limits.http_max_conns_per_client`` would count). Fault knobs: ``fail_next(n, status, body)``, ``set_index(n)``, ``stop()`` /
 ``restart()`` (connections in flight are cut, state is kept).
@@ -53,9 +63,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from meshd.testing.consul_connect import DEFAULT_LEAF_TTL, Connect, ConnectError
+
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 HANGUP_CHECK = 0.2   # a blocked query looks for its client having hung up this often
+ROOTS = "/v1/agent/connect/ca/roots"
+LEAF = "/v1/agent/connect/ca/leaf/"
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -113,6 +127,7 @@ class Request:
     params: dict[str, list[str]]
     token: str | None
     at: float
+    body: bytes = b""
 
     def param(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -122,7 +137,8 @@ class Request:
 class ConsulServer:
     def __init__(self, port: int = 0, host: str = "127.0.0.1", datacenter: str = "dc1",
                  datacenters: Iterable[str] = ("dc1", "dc2"),
-                 acl: Mapping[str, str] | None = None) -> None:
+                 acl: Mapping[str, str] | None = None, leaf_ttl: float = DEFAULT_LEAF_TTL,
+                 default_policy: str | None = None, cluster_id: str = "") -> None:
         self.host = host
         self.port = port
         self.datacenter = datacenter
@@ -142,6 +158,11 @@ class ConsulServer:
         self.blocked = 0
         self.max_blocked = 0
         self.max_connections = 0
+        self.default_policy = default_policy
+        self._fault: tuple[str, str, int, str] | None = None   # mode, prefix, status, body
+        self.hanging = 0
+        with self._cond:
+            self.connect = Connect(datacenter, lambda: self._bump(), leaf_ttl, cluster_id)
 
     @property
     def connections(self) -> int:
@@ -262,6 +283,64 @@ class ConsulServer:
                   body: str = "rpc error making call: No cluster leader") -> None:
         with self._cond:
             self._failures.extend([(status, body)] * n)
+
+    # -- Connect controls ------------------------------------------------------------
+
+    @property
+    def trust_domain(self) -> str:
+        return self.connect.trust_domain
+
+    def rotate_ca(self, reissue: bool = True) -> str:
+        """A CA rotation: a new active root (the old stays listed); leaves are re-issued
+        under it now, or with ``reissue=False`` at ``reissue_leaves()``. Its root ID."""
+        with self._cond:
+            return self.connect.rotate(reissue).id
+
+    def reissue_leaves(self, services: list[str] | None = None) -> None:
+        with self._cond:
+            self.connect.reissue(services)
+
+    def prune_roots(self) -> None:
+        with self._cond:
+            self.connect.prune()
+
+    def set_intention(self, source: str, destination: str, action: str) -> None:
+        with self._cond:
+            self.connect.set_intention(source, destination, action)
+
+    def delete_intention(self, source: str, destination: str) -> None:
+        with self._cond:
+            self.connect.delete_intention(source, destination)
+
+    def set_fault(self, mode: str | None, prefix: str = "/v1/agent/connect/",
+                  status: int = 500, body: str = "rpc error making call: No cluster leader"
+                  ) -> None:
+        """Requests under ``prefix`` fail with ``status`` ("error") or hang until the fault
+        is cleared, then are answered ("hang"); None clears it."""
+        if mode not in (None, "error", "hang"):
+            raise ValueError(f"fault mode must be error, hang or None, got {mode!r}")
+        with self._cond:
+            self._fault = (mode, prefix, status, body) if mode else None
+            self._cond.notify_all()
+
+    def _faulted(self, path: str, conn: socket.socket) -> tuple[int, str] | None:
+        """Apply the fault to a request: (status, body) to fail it, else None (after a
+        hang ends)."""
+        with self._cond:
+            fault = self._fault
+            if fault is None or not path.startswith(fault[1]):
+                return None
+            if fault[0] == "error":
+                return fault[2], fault[3]
+            self.hanging += 1
+            self._cond.notify_all()
+            try:
+                while (self._fault is not None and self._fault[0] == "hang"
+                       and self._running and not _hung_up(conn)):
+                    self._cond.wait(HANGUP_CHECK)
+            finally:
+                self.hanging -= 1
+            return None
 
     def instances(self) -> list[Instance]:
         with self._cond:
@@ -397,6 +476,12 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
         def do_PUT(self) -> None:
             self._serve("PUT")
 
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def do_DELETE(self) -> None:
+            self._serve("DELETE")
+
         def _serve(self, method: str) -> None:
             url = urllib.parse.urlsplit(self.path)
             params = urllib.parse.parse_qs(url.query, keep_blank_values=True)
@@ -405,17 +490,79 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                      or params.get("token", [None])[-1])
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            failure = server._record(Request(method, url.path, params, token, time.monotonic()))
+            failure = server._record(Request(method, url.path, params, token, time.monotonic(),
+                                             body))
+            if failure is None:
+                failure = server._faulted(url.path, self.connection)
             if failure is not None:
                 return self._send(failure[0], failure[1].encode(), "text/plain")
-            acl = server._acl(token, write=method == "PUT")
+            acl: tuple[int, str] | bool = True
+            if url.path != ROOTS:   # the roots are public: Consul asks no token for them
+                acl = server._acl(token, write=method != "GET" or url.path.startswith(LEAF))
             if isinstance(acl, tuple):
                 return self._send(acl[0], acl[1].encode(), "text/plain")
             self.scope = server._scope(token)
             try:
+                if url.path.startswith(("/v1/agent/connect/", "/v1/connect/")):
+                    return self._connect(method, url.path, params, body)
                 self._route(method, url.path, params, acl, body)
+            except ConnectError as e:
+                self._send(400, str(e).encode(), "text/plain")
             except (KeyError, ValueError, TypeError) as e:
                 self._send(400, f"Request decode failed: {e}".encode(), "text/plain")
+
+        def _connect(self, method: str, path: str, params: dict[str, list[str]],
+                     body: bytes) -> None:
+            connect = server.connect
+            if path == ROOTS and method == "GET":
+                index = server._blocking(params, lambda: connect.roots_index, self.connection)
+                if isinstance(index, tuple):
+                    return self._send(index[0], index[1].encode(), "text/plain")
+                with server._cond:
+                    roots = connect.roots_json()
+                return self._json(roots, index, True)
+            if path.startswith(LEAF) and method == "GET":
+                service = urllib.parse.unquote(path.removeprefix(LEAF))
+                if not service or "/" in service:
+                    return self._send(404, b"404 page not found", "text/plain")
+                index = server._blocking(params, lambda: connect.leaf_index(service),
+                                         self.connection)
+                if isinstance(index, tuple):
+                    return self._send(index[0], index[1].encode(), "text/plain")
+                with server._cond:
+                    leaf = connect.leaf(service).json()
+                return self._json(leaf, leaf["ModifyIndex"], True)
+            if path == "/v1/agent/connect/authorize":
+                if method != "POST":
+                    return self._send(405, f"method {method} not allowed".encode(), "text/plain")
+                request = json.loads(body or b"{}")
+                if not isinstance(request, dict):
+                    raise ConnectError("Request decode failed: expected a JSON object")
+                # No intention matches: the ACL default policy decides (allow with ACLs
+                # off; the anonymous "deny" of this server's ACL model otherwise).
+                policy = server.default_policy or ("allow" if server.acl is None else "deny")
+                with server._cond:
+                    answer = connect.authorize(request, policy == "allow")
+                return self._send(200, json.dumps(answer).encode(), "application/json")
+            if path == "/v1/connect/intentions/exact":
+                source = params.get("source", [""])[-1]
+                destination = params.get("destination", [""])[-1]
+                if not source or not destination:
+                    raise ConnectError("required query parameters: source, destination")
+                if method == "PUT":
+                    request = json.loads(body or b"{}")
+                    server.set_intention(source, destination, str(request.get("Action", "")))
+                    return self._send(200, b"true", "application/json")
+                if method == "DELETE":
+                    server.delete_intention(source, destination)
+                    return self._send(200, b"true", "application/json")
+                with server._cond:
+                    found = connect.intentions.get((source, destination))
+                    data = found.json() if found else None
+                if data is None:
+                    return self._send(404, b"Intention not found", "text/plain")
+                return self._send(200, json.dumps(data).encode(), "application/json")
+            self._send(404, b"404 page not found", "text/plain")
 
         def _route(self, method: str, path: str, params: dict[str, list[str]], allowed: bool,
                    body: bytes) -> None:

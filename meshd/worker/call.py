@@ -42,6 +42,7 @@ from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
+from meshd.worker.upstream.mesh_tls import mesh_target
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig, ServiceConfig
@@ -173,7 +174,8 @@ class Call:
             ex = side.http1_exchange(self, conn)
         else:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
             meshed = proto == "meshed"
-            head, checked = side.h2_head(tls is not None, meshed)
+            # a meshed hop keeps the client's scheme: its TLS is the mesh's, not the app's
+            head, checked = side.h2_head(tls is not None and not meshed, meshed)
             stream = self.open_h2(worker, address, head, not side.has_body, sent_at, tls, row,
                                   attempts_left, checked)
             ex = side.h2_exchange(self, stream, meshed)
@@ -442,15 +444,17 @@ def upstream_protocol(worker: Context, call: Call, ep: Endpoint, grpc: bool,
     """("http1" | "h2" | "meshed", address, TLS target or None) for a request to ``ep``.
 
     An endpoint fronted by meshd (discovery says meshed, with its inbound port) gets
-    HTTP/2 to that port, multiplexed, plaintext h2c. A service with ``[service.X.tls]``
+    HTTP/2 to that port, multiplexed: over mTLS when this meshd has ``[identity]`` and
+    discovery gives the endpoint an identity (``upstream.mesh_tls``; its handshakes are
+    counted on the call's row), else plaintext h2c. A service with ``[service.X.tls]``
     reaches its endpoints over TLS: ``protocol = "h2"`` needs ALPN h2; otherwise the
     endpoint's remembered ALPN choice decides ("h2": the HTTP/2 pool; "http/1.1" or not
     known yet: the HTTP/1.1 pool, whose new connection tells), and gRPC goes HTTP/2
     unless the endpoint is known to have chosen http/1.1 (``ProtocolUnavailable``).
     Without TLS, gRPC and ``protocol = "h2"`` get HTTP/2 with prior knowledge and
     everything else HTTP/1.1. Raises ``UpstreamError`` as a connect failure would."""
-    if ep.meshed and ep.inbound_port:
-        return "meshed", (ep.host, ep.inbound_port), None
+    if ep.meshed and ep.inbound_port:  # mTLS when both sides have an identity
+        return "meshed", (ep.host, ep.inbound_port), mesh_target(worker, ep, call.row)
     svc = call.svc
     if svc is None:
         return ("h2" if grpc else "http1"), ep.address, None

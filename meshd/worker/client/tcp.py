@@ -14,8 +14,11 @@ the meshd in front of it: the connection goes to that inbound port, and one line
 ``MESHD-TUNNEL <port>\r\n`` (``meshd.proto.detect``), names the endpoint's own port
 before the client's bytes; the peer's auto inbound listener reads it and tunnels the
 rest to that port of its ``forward`` host, when its ``tunnel_ports`` lists the port
-(``meshd.worker.client.auto``). (The line is where mTLS identity will be checked;
-nothing else may be named: the host is always the peer's own.)
+(``meshd.worker.client.auto``); nothing else may be named: the host is always the
+peer's own. When this meshd has ``[identity]`` and discovery gives the endpoint an
+identity, the connection is mTLS first (``meshd.worker.upstream.mesh_tls``, the server's
+identity checked) and the line goes inside it; the peer honours tunnels only from an
+authenticated peer once it has ``[identity]``.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ from meshd.worker.call import inbound_row
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import address_name
 from meshd.worker.tunnel import Tunnel
+from meshd.worker.upstream.mesh_tls import mesh_target
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
+    from meshd.snapshot import Snapshot
     from meshd.worker.context import Context
     from meshd.worker.upstream.http1 import UpstreamConn
+    from meshd.worker.upstream.tls import TlsTarget
 
 log = logging.getLogger("meshd.worker")
 # Any client can open connections that fail (no destination, unknown service, refused
@@ -90,7 +96,8 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     snap = worker.snapshot
     timeout = DEFAULT_SERVICE.connect_timeout  # a listener's fixed forward has no service
     header = b""
-    row_key = None
+    row_key: str | None = None  # with [identity]: by the endpoints' identity (meshd.rowkeys)
+    tls: TlsTarget | None = None  # mTLS to a meshed endpoint's meshd
     try:
         if target is not None:
             assert listener.forward is not None
@@ -116,6 +123,8 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
                 timeout = svc.connect_timeout
             if ep.meshed and ep.inbound_port:
                 header = tunnel_header(ep.port)
+                tls = mesh_target(worker, ep, _metric_row(snap, listener.name,
+                                                          row_key or service))
                 ep = Endpoint(ep.host, ep.inbound_port)
         else:
             service = ""
@@ -128,16 +137,22 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
                            listener.name, peer_name(client))
                 return None
             ep = Endpoint(dst[0], dst[1])
-        upstream = worker.pool.connect(ep, timeout)
+        upstream = worker.pool.connect(ep, timeout, tls=tls)
     except ProxyError as e:
         quiet.warning(f"{listener.name}: {type(e).__name__}", "%s: %s", listener.name, e.reason)
         return None
     if listener.direction == "inbound":  # by the peer too (meshd.rowkeys)
         return upstream, inbound_row(worker, listener, service, peer), header
-    row = snap.row(listener.name, row_key or service)
+    return upstream, _metric_row(snap, listener.name, row_key or service), header
+
+
+def _metric_row(snap: Snapshot, listener: str, row_key: str) -> int:
+    """The metric row of an opaque connection: its (listener, service) -- with
+    ``[identity]``, its row key (``meshd.rowkeys``) -- else the listener's own."""
+    row = snap.row(listener, row_key)
     if row is None:
-        row = snap.row(listener.name, "")
-    return upstream, ROW_OVERFLOW if row is None else row, header
+        row = snap.row(listener, "")
+    return ROW_OVERFLOW if row is None else row
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int] | None:
