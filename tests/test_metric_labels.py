@@ -125,3 +125,11 @@ def test_outbound_rows_by_server_identity(mesh: MeshFactory, backends, tmp_path)
     assert m.metric("request_total", f'{base},service="meshed",tls="true",server_id="{SELF}"') == 1
     assert m.metric("request_total", f'{base},service="plain",tls="false",server_id=""') == 1
     assert m.metric("request_total", f'{base},service="both",tls="mixed",server_id=""') == 2
+    # the meshed hop went over mTLS (this meshd to its own inbound listener): the inbound
+    # side counts it as TLS from this meshd's own identity (or "other" until its row exists)
+    inbound_base = f'direction="inbound",listener="inbound",service="{b.address}"'
+    through = m.metric("request_total", f'{inbound_base},tls="true"')
+    assert through >= 1
+    assert through == (m.metric("request_total", f'{inbound_base},tls="true",client_id="{SELF}"')
+                       + m.metric("request_total", f'{inbound_base},tls="true",client_id="other"'))
+    assert m.metric("request_total", f'{inbound_base},tls="false"') == 0
