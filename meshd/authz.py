@@ -37,6 +37,7 @@ asked about again soon, but not once per request).
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -80,27 +81,55 @@ ALLOW = Allow()
 
 
 class _Policy:
-    __slots__ = ("index", "route", "enforce", "pattern")
+    __slots__ = ("index", "route", "enforce", "allow")
 
     def __init__(self, index: int, config: AuthorizationConfig) -> None:
         self.index = index
         self.route = config.route
         self.enforce = config.mode == "enforce"
-        self.pattern = spiffe.compile_patterns(config.allow)
-
-    def allows(self, client_id: str) -> bool:
-        return bool(client_id) and self.pattern.fullmatch(client_id) is not None
+        self.allow = config.allow
 
 
 class _Listener:
-    """The policies naming one listener, and the routes they scope to (file order)."""
+    """The policies naming one listener, the routes they scope to (file order), and their
+    judgments per (route, enforce policies only), made once."""
 
-    __slots__ = ("name", "policies", "routes")
+    __slots__ = ("name", "policies", "routes", "route_names", "has_audit", "_judgments")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.policies: list[_Policy] = []
         self.routes: list[tuple[str, Callable[[str, bytes, bytes, Headers], bool]]] = []
+        self.route_names: frozenset[str] = frozenset()
+        self.has_audit = False
+        self._judgments: dict[tuple[str | None, bool], _Judgment | None] = {}
+
+    def judgment(self, route: str | None, enforced_only: bool) -> _Judgment | None:
+        """How the policies (the enforce ones alone, or all) judge a request of ``route``
+        (one the policies name, or None); None: there are none of that kind."""
+        key = (route, enforced_only)
+        if key not in self._judgments:  # at most (named routes + 1) x 2 entries
+            self._judgments[key] = _make_judgment(self, route, enforced_only)
+        return self._judgments[key]
+
+
+class _Judgment:
+    """The allow-list patterns that judge a set of requests (None: no policy covers them,
+    default deny) and the reasons of a refusal."""
+
+    __slots__ = ("pattern", "refused", "anonymous")
+
+    def __init__(self, pattern: re.Pattern[str] | None, refused: str, anonymous: str) -> None:
+        self.pattern = pattern
+        self.refused = refused      # an identity not in the lists
+        self.anonymous = anonymous  # no verified identity
+
+    def why(self, client_id: str) -> str | None:
+        if self.pattern is None:
+            return self.refused
+        if not client_id:
+            return self.anonymous
+        return None if self.pattern.fullmatch(client_id) else self.refused
 
 
 class Authorizer:
@@ -114,6 +143,9 @@ class Authorizer:
             if lst is None:
                 lst = self._listeners[config.listener] = _Listener(config.listener)
             lst.policies.append(_Policy(i, config))
+            lst.has_audit = lst.has_audit or config.mode == "audit"
+            if config.route is not None:
+                lst.route_names |= {config.route}
         for route in routes:
             for lst in self._listeners.values():
                 if any(p.route == route.name for p in lst.policies):
@@ -146,19 +178,23 @@ class Authorizer:
         lst = self._listeners.get(listener)
         if lst is None:
             return ALLOW
-        real = _judge(lst, route, peer.client_id, enforced_only=True)
-        if real is not None:
-            return Deny(real)
-        dry = _judge(lst, route, peer.client_id, enforced_only=False)
-        if dry is not None:
-            return AuditDeny(dry)
+        if route not in lst.route_names:
+            route = None  # a route no policy names is judged as no route
+        client_id = peer.client_id
+        real = lst.judgment(route, True)
+        why = real.why(client_id) if real is not None else None
+        if why is not None:
+            return Deny(why)
+        if lst.has_audit:
+            dry = lst.judgment(route, False)
+            why = dry.why(client_id) if dry is not None else None
+            if why is not None:
+                return AuditDeny(why)
         return ALLOW
 
 
-def _judge(lst: _Listener, route: str | None, client_id: str, enforced_only: bool,
-           ) -> str | None:
-    """Why the policies (the enforce ones alone, or all) refuse ``client_id``; None: they
-    allow it (or there are none of that kind on the listener)."""
+def _make_judgment(lst: _Listener, route: str | None, enforced_only: bool,
+                   ) -> _Judgment | None:
     policies = [p for p in lst.policies if p.enforce or not enforced_only]
     if not policies:
         return None
@@ -168,14 +204,13 @@ def _judge(lst: _Listener, route: str | None, client_id: str, enforced_only: boo
         judging = [p for p in policies if p.route is None]
         scope = "the listener"
     if not judging:
-        return (f"no policy of listener {lst.name!r} covers this request (its policies "
-                f"are for routes it does not match): default deny")
-    if any(p.allows(client_id) for p in judging):
-        return None
+        why = (f"no policy of listener {lst.name!r} covers this request (its policies "
+               f"are for routes it does not match): default deny")
+        return _Judgment(None, why, why)
     numbers = ", ".join(f"authorization[{p.index}]" for p in judging)
-    if not client_id:
-        return f"no verified client identity; {scope} allows identities only ({numbers})"
-    return f"client identity not in the allow list of {scope} ({numbers})"
+    return _Judgment(spiffe.compile_patterns([a for p in judging for a in p.allow]),
+                     f"client identity not in the allow list of {scope} ({numbers})",
+                     f"no verified client identity; {scope} allows identities only ({numbers})")
 
 
 def log_id(client_id: str) -> str:
