@@ -72,6 +72,14 @@ class HeadersTooLarge(BadRequest):
     reason = "request header fields too large"
 
 
+class Forbidden(ProxyError):
+    """An authorization policy (or the identity provider) refuses the client's identity:
+    the request never reaches the application. The reason is all the client learns."""
+    status = 403
+    reason = "forbidden: client identity not allowed"
+    endpoint_fault = False
+
+
 class RequestTimeout(ProxyError):
     status = 408
     reason = "request header read timed out"

@@ -11,9 +11,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from meshd import rowkeys
 from meshd.config import Config
 from meshd.shm import (
+    AUTHZ_DENIED,
     DETECT_RESULTS,
+    F_AUTHZ_DENIED,
     F_BUDGET_EXHAUSTED,
     F_CLASS,
     F_DETECT,
@@ -51,24 +54,33 @@ class RowKey:
     direction: str
     listener: str
     service: str
+    tls: str = ""      # "true" | "false" | "mixed"; "" when not labelled (no [identity])
+    peer_id: str = ""  # client_id (inbound) or server_id (outbound)
 
 
 def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, RowKey]:
-    """Row -> labels, for every row the snapshot assigned plus the two reserved rows."""
+    """Row -> labels, for every row the snapshot assigned plus the two reserved rows.
+    With ``[identity]``, each row also says tls and the peer's identity (``meshd.rowkeys``)."""
     directions = {lst.name: lst.direction for lst in cfg.listeners}
+    labelled = cfg.identity is not None
     keys = {
         ROW_UNKNOWN: RowKey("outbound", "", "_unknown"),
         ROW_OVERFLOW: RowKey("", "", "_overflow"),
     }
-    for listener, by_service in rows.items():
-        for service, row in by_service.items():
-            keys[row] = RowKey(directions.get(listener, ""), listener, service)
+    for listener, by_key in rows.items():
+        for row_key, row in by_key.items():
+            service, tls, peer_id = rowkeys.split(row_key)
+            keys[row] = RowKey(directions.get(listener, ""), listener, service,
+                               tls if labelled else "", peer_id)
     return keys
 
 
 def _labels(key: RowKey, **extra: str) -> str:
-    pairs = [("direction", key.direction), ("listener", key.listener), ("service", key.service),
-             *extra.items()]
+    pairs = [("direction", key.direction), ("listener", key.listener), ("service", key.service)]
+    if key.tls:
+        pairs += [("tls", key.tls),
+                  ("client_id" if key.direction == "inbound" else "server_id", key.peer_id)]
+    pairs += extra.items()
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
@@ -160,6 +172,21 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
                 if n:
                     out.append(f'meshd_tls_handshake_total{{listener="{_escape(listener)}",'
                                f'direction="{direction}",result="{result}"}} {n}')
+    family("meshd_authz_denied_total", "counter",
+           "Requests (protocol=\"http\") and connections (\"tcp\": opaque, tunnels) an "
+           "[[authorization]] policy or the identity provider refused (mode=\"enforce\": "
+           "answered 403 or closed; \"audit\": let through).")
+    denied: dict[str, list[int]] = {}
+    for row, t in totals.items():  # only a listener's own row (service "") counts them
+        counts = t[F_AUTHZ_DENIED:F_AUTHZ_DENIED + len(AUTHZ_DENIED)]
+        if any(counts):
+            seen = denied.get(keys[row].listener, [0] * len(AUTHZ_DENIED))
+            denied[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
+    for listener, by_kind in denied.items():
+        for kind, n in zip(AUTHZ_DENIED, by_kind, strict=True):
+            protocol, mode = kind.split("_")
+            out.append(f'meshd_authz_denied_total{{listener="{_escape(listener)}",'
+                       f'mode="{mode}",protocol="{protocol}"}} {n}')
     family("meshd_workers", "gauge", "Worker processes serving now.")
     out.append(f"meshd_workers {serving_workers(region)}")
     family("meshd_worker_restarts_total", "counter", "Workers replaced after dying or hanging.")
@@ -204,7 +231,7 @@ class StatWindow:
         new = self.samples[-1]
         old = self.samples[0]
         span = max(new.at - old.at, 1e-9)
-        result = []
+        result: list[dict[str, object]] = []
         for row, t in sorted(new.totals.items()):
             key = keys.get(row)
             if key is None or not t[F_REQUESTS]:
@@ -217,6 +244,7 @@ class StatWindow:
                 "direction": key.direction,
                 "listener": key.listener,
                 "service": key.service,
+                **({"tls": key.tls, "peer_id": key.peer_id} if key.tls else {}),
                 "requests_total": t[F_REQUESTS],
                 "success_rate": None if not responses else (responses - failures) / responses,
                 "rps": d[F_REQUESTS] / span if o else 0.0,

@@ -100,6 +100,8 @@ Adding them took FIELDS from 72 to 80: a region of the old size is refused on at
 ("sections do not add up"), so it is never misread. TLS handshakes are counted the same
 way, by result (TLS_RESULTS), inbound (F_TLS_IN, on the listener's own row) and outbound
 (F_TLS_OUT, on the row of the request's listener and service); they took FIELDS to 104.
+Authorization denials (``meshd_authz_denied_total``) are counted in the F_AUTHZ_DENIED
+fields of the listener's own row, one per entry of AUTHZ_DENIED (protocol and mode).
 
 Layout discipline. ``VERSION`` names the layout, and ``LAYOUT_FINGERPRINT`` (the first
 8 bytes of a SHA-256 over ``LAYOUT``: every struct format, offset, field index and
@@ -163,7 +165,8 @@ from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
 VERSION = 5  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
-             # 4: the worker slot's snapshot_seq; 5: TLS handshake counters, FIELDS 104
+             # 4: the worker slot's snapshot_seq; 5: TLS handshake and authorization
+             # denial counters, FIELDS 104
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
@@ -246,8 +249,11 @@ TLS_RESULTS = ("ok", "no_client_cert", "verify_failed", "bad_san", "error", "tim
                "plaintext_refused", "plaintext_permitted")
 F_TLS_IN = F_DETECT + len(DETECT_RESULTS)      # len(TLS_RESULTS) fields
 F_TLS_OUT = F_TLS_IN + len(TLS_RESULTS)        # len(TLS_RESULTS) fields
-FIELDS = 104                                   # 13 spare for later counters
-assert F_TLS_OUT + len(TLS_RESULTS) <= FIELDS
+# Authorization denials (meshd.authz) on the listener's own row, by protocol and mode.
+AUTHZ_DENIED = ("http_enforce", "http_audit", "tcp_enforce", "tcp_audit")
+F_AUTHZ_DENIED = F_TLS_OUT + len(TLS_RESULTS)  # len(AUTHZ_DENIED) fields
+FIELDS = 104                                   # 9 spare for later counters
+assert F_AUTHZ_DENIED + len(AUTHZ_DENIED) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
@@ -291,6 +297,7 @@ LAYOUT: tuple[object, ...] = (
     ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
         (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
     ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS, TLS_RESULTS,
+     AUTHZ_DENIED,
      tuple(sorted((k, v) for k, v in globals().items()
                   if k.startswith("F_") and isinstance(v, int)))),
     ("endpoint", EP_FIELDS, (EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES,

@@ -38,6 +38,7 @@ from typing import Any
 import gevent
 import gevent.event
 
+from meshd import rowkeys
 from meshd.config import DEFAULT_SERVICE, Config, SourceShare
 from meshd.control import state
 from meshd.control.health import TICK, EndpointRows, HealthKeeper
@@ -46,6 +47,7 @@ from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
 from meshd.discovery.registry import PluginInfo
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, MeshdError
+from meshd.identity import spiffe
 from meshd.private_files import write_atomic
 from meshd.ratelog import Throttle
 from meshd.shm import F_REQUESTS, Region
@@ -165,6 +167,9 @@ class DiscoveryRunner:
             if lst.direction == "inbound":
                 assert lst.forward is not None
                 self.rows.ensure(lst.name, str(lst.forward))
+                if lst.mtls != "off":  # TLS peers without a certificate, or without a row
+                    for peer in ("", rowkeys.OTHER):
+                        self.rows.ensure(lst.name, rowkeys.key(str(lst.forward), True, peer))
             elif lst.protocol == "tcp" and lst.service:
                 self.rows.ensure(lst.name, lst.service)
         for service in self._configured_services():
@@ -321,6 +326,37 @@ class DiscoveryRunner:
         for lst in self.cfg.listeners:
             if lst.direction == "outbound" and lst.protocol != "tcp":
                 self.rows.ensure(lst.name, service)
+
+    def _ensure_tls_rows(self, service: str, endpoints: tuple[Endpoint, ...]) -> None:
+        """With [identity]: the rows of a service's mTLS traffic (``meshd.rowkeys``) on the
+        listeners that count it, up front: the endpoints say which identity it goes to."""
+        row_key = rowkeys.outbound_key(True, service, endpoints)
+        if row_key == service:
+            return
+        for listener, by_key in self.rows.rows.items():
+            if service in by_key and row_key not in by_key:
+                self.rows.ensure(listener, row_key)
+
+    def client_row(self, listener: str, client_id: str) -> None:
+        """A worker saw ``client_id`` (a verified peer identity) on ``listener``: give it
+        its own rows, up to ``rowkeys.MAX_CLIENT_IDS`` identities per listener (the rest
+        stay under client_id="other")."""
+        lst = next((x for x in self.cfg.listeners if x.name == listener), None)
+        if (lst is None or lst.direction != "inbound" or lst.mtls == "off"
+                or spiffe.problem(client_id) is not None):
+            return
+        by_key = self.rows.rows.get(listener, {})
+        row_key = rowkeys.key(str(lst.forward), True, client_id)
+        if row_key in by_key:
+            return
+        ids = sum(1 for k in by_key if rowkeys.split(k)[2] not in ("", rowkeys.OTHER))
+        if ids >= rowkeys.MAX_CLIENT_IDS:
+            self.throttle.info(f"{listener}: client rows", "listener %s: %d client identities "
+                               "have their own metric rows; more count under "
+                               'client_id="other"', listener, ids)
+            return
+        self.rows.ensure(listener, row_key)
+        self.dirty.set()
 
     def _watch_loop(self, w: ServiceWatch, source: str, backend: Any) -> None:
         st = w.sources[source]
@@ -483,6 +519,8 @@ class DiscoveryRunner:
             if exists:
                 services[name] = w.merged()
                 self.endpoint_rows.ensure(services[name])
+                if self.cfg.identity is not None:
+                    self._ensure_tls_rows(name, services[name])
                 if w.splits():
                     splits[name] = w.splits()
             elif exists is False or (w.synced and not w.sources):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
+from meshd import rowkeys  # noqa: E402
 from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
@@ -111,9 +112,15 @@ class Control:
         gevent.spawn(self._control_socket_loop, sock)
 
     def _control_socket_loop(self, sock: socket.socket) -> None:
-        """Workers name services their clients asked for that nobody watches yet."""
+        """Workers name services their clients asked for that nobody watches yet, and
+        client identities they saw that have no metric row yet (``meshd.rowkeys``)."""
         while True:
-            data = sock.recv(512)
+            data = sock.recv(4096)
+            if data.startswith(rowkeys.ROW_REQUEST):
+                listener, _, client_id = data[len(rowkeys.ROW_REQUEST):].partition(b"\0")
+                self.discovery.client_row(listener.decode("utf-8", "replace"),
+                                          client_id.decode("utf-8", "replace"))
+                continue
             name = data.decode("utf-8", "replace")
             if SERVICE_NAME.fullmatch(name):
                 self.discovery.watch(name, on_demand=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from meshd import rowkeys
 from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region, usage_high
 
 log = logging.getLogger("meshd.control")
@@ -78,4 +79,8 @@ class RowTable:
         self._usage.publish(self.in_use)
 
     def service_rows(self, service: str) -> list[int]:
-        return [by[service] for by in self.rows.values() if service in by]
+        """Every row counting ``service``: its plaintext rows and its mTLS ones
+        (``meshd.rowkeys``)."""
+        prefix = service + rowkeys.SEP
+        return [row for by in self.rows.values() for key, row in by.items()
+                if key == service or key.startswith(prefix)]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import gevent
 
+from meshd import rowkeys
 from meshd.balance.retry import attempt_refusal
 from meshd.discovery.api import Endpoint
 from meshd.errors import (
@@ -38,6 +39,7 @@ from meshd.errors import (
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
 from meshd.worker.upstream.exchange import H2Exchange
@@ -277,7 +279,7 @@ def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
 def route(worker: Context, listener: ListenerConfig, method: bytes, authority: bytes | None,
           target: bytes, headers: Headers,
           redirected: Callable[[], tuple[str, int] | None] | None = None,
-          ) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
+          peer: Peer = PLAINTEXT) -> tuple[str, tuple[Endpoint, ...] | None, int, Policy]:
     """(service, its endpoints or None when unknown, metric row, policy): the routing
     rules pick the service, and its failover list stands in when it has no endpoints.
     ``authority`` is the Host (or :authority, or a CONNECT target).
@@ -285,7 +287,10 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
     ``redirected``: the connection's original destination when iptables redirected it
     to this listener, else None (asked only when needed). A request whose Host no
     discovery source knows goes there, as the application meant it to (transparent
-    capture in a pod), counted on the listener's own row (service "")."""
+    capture in a pod), counted on the listener's own row (service "").
+
+    The metric row is that of the service and, with ``[identity]``, of the mTLS peer
+    (``meshd.rowkeys``): the client (``peer``) inbound, the endpoints' identity outbound."""
     if listener.direction == "inbound":
         assert listener.forward is not None
         service = str(listener.forward)
@@ -315,8 +320,34 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
                 return _original_destination(worker, listener, dst)
     if endpoints is None:
         return service, None, ROW_UNKNOWN, policy
-    row = worker.snapshot.row(listener.name, service)
-    return service, endpoints, ROW_OVERFLOW if row is None else row, policy
+    if listener.direction == "inbound":
+        return service, endpoints, inbound_row(worker, listener, service, peer), policy
+    return service, endpoints, outbound_row(worker, listener, service, endpoints), policy
+
+
+def inbound_row(worker: Context, listener: ListenerConfig, service: str, peer: Peer) -> int:
+    """The metric row of an inbound request or connection from ``peer``: its own rows for
+    an mTLS peer of a listener with mTLS, asked of the control process the first time
+    (meanwhile, and past the bound, client_id="other")."""
+    snap = worker.snapshot
+    if not peer.tls or listener.mtls == "off":
+        row = snap.row(listener.name, service)
+    else:
+        row = snap.row(listener.name, rowkeys.key(service, True, peer.client_id))
+        if row is None:
+            if peer.client_id:
+                worker.ask_row(listener.name, peer.client_id)
+            row = snap.row(listener.name, rowkeys.key(service, True, rowkeys.OTHER))
+    return ROW_OVERFLOW if row is None else row
+
+
+def outbound_row(worker: Context, listener: ListenerConfig, service: str,
+                 endpoints: Sequence[Endpoint]) -> int:
+    """The metric row of an outbound request to ``service`` over ``endpoints`` (with
+    ``[identity]``: by the server identity they share, assigned up front)."""
+    row_key = rowkeys.outbound_key(worker.config.identity is not None, service, endpoints)
+    row = worker.snapshot.row(listener.name, row_key)
+    return ROW_OVERFLOW if row is None else row
 
 
 def _original_destination(worker: Context, listener: ListenerConfig, dst: tuple[str, int],

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from meshd.discovery.api import Endpoint
     from meshd.shm import Stripe
     from meshd.snapshot import Snapshot
+    from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
     from meshd.worker.identity import WorkerIdentity
     from meshd.worker.retries import RetryBudgets
@@ -44,6 +45,7 @@ class Context(Protocol):
     balancer: SharedBalancer
     retries: RetryBudgets
     router: Router
+    authz: Gate                      # [[authorization]] and the provider's authorize()
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
     identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
@@ -58,3 +60,6 @@ class Context(Protocol):
     def h2pool(self) -> H2Pool: ...  # HTTP/2 upstream connections (made on first use)
 
     def resolve(self, service: str) -> tuple[Endpoint, ...] | None: ...
+
+    def ask_row(self, listener: str, client_id: str) -> None: ...
+    # a client identity without metric rows: the control process assigns them (rowkeys)

@@ -24,6 +24,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from meshd import rowkeys
 from meshd.config import Config, ListenerConfig
 from meshd.discovery.api import Endpoint
 from meshd.identity import paths as identity_paths
@@ -40,6 +41,7 @@ from meshd.shm import (
 )
 from meshd.snapshot import Snapshot, control_socket_path
 from meshd.snapshot import read as read_snapshot
+from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
 from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
@@ -62,6 +64,7 @@ SNAPSHOT_BOOT_WAIT = 30.0
 # has no identity by then says so in its own line before the master gives up.
 IDENTITY_BOOT_WAIT = 50.0
 ASK_POLL = 0.02              # while a request waits for a service to be discovered
+MAX_ID_BYTES = 2048          # a SPIFFE ID's bound (meshd.identity.spiffe)
 ASK_INTERVAL = 1.0          # a worker asks for the same unknown service at most this often
 IDLE_CLOSE_GRACE = 1.0        # while draining, a keep-alive connection idle this long is closed
 ACCEPT_ERROR_BACKOFF = 0.05
@@ -87,6 +90,7 @@ class Worker:
         self.pool = Pool(counter=self.balancer.connection_delta,
                          connections=self.balancer.connections)
         self.router = Router(ctx.config)
+        self.authz = Gate(ctx.config, load_provider(ctx.config))
         self.tls = UpstreamTls(ctx.config)  # contexts of services with [service.X.tls]
         self.identity: WorkerIdentity | None = None
         if ctx.config.identity is not None:
@@ -102,6 +106,7 @@ class Worker:
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
         self.connections: dict[gevent.Greenlet, Idler | None] = {}
         self._asked: dict[str, float] = {}
+        self._asked_rows: dict[tuple[str, str], float] = {}
         self._ask_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._ask_sock.setblocking(False)
         self._control_path = control_socket_path(ctx.config.shm_dir, ctx.config.instance,
@@ -218,6 +223,22 @@ class Worker:
             # made-up names): the waiting request asks again at its next poll.
             del self._asked[service]
             log.debug("cannot ask the control process for %s: %s", service, e)
+
+    def ask_row(self, listener: str, client_id: str) -> None:
+        """Ask the control process for the metric rows of a client identity seen on
+        ``listener`` (``meshd.rowkeys``): at most once per ASK_INTERVAL per identity."""
+        now = time.monotonic()
+        asked = (listener, client_id)
+        if now - self._asked_rows.get(asked, -ASK_INTERVAL) < ASK_INTERVAL:
+            return
+        if len(self._asked_rows) >= 1024:  # bounded: identities come from certificates
+            self._asked_rows.clear()
+        self._asked_rows[asked] = now
+        try:
+            self._ask_sock.sendto(rowkeys.ROW_REQUEST + listener.encode() + b"\0"
+                                  + client_id.encode()[:MAX_ID_BYTES], self._control_path)
+        except OSError as e:
+            log.debug("cannot ask the control process for the rows of %s: %s", listener, e)
 
     def _snapshot_loop(self) -> None:
         while not self.stopped.is_set():

@@ -15,7 +15,7 @@ Pure code over the config (no sockets): the worker builds one ``Router`` per con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshd.balance.p2c import Candidate, RoundRobin
@@ -72,6 +72,12 @@ class _Route:
         if len(backends) == 1:
             return backends[0].service
         return backends[self.rr.pick(self.candidates)].service
+
+
+def route_matcher(config: RouteConfig) -> Callable[[str, bytes, bytes, Sequence[tuple[bytes, bytes]]], bool]:
+    """``matches(listener, method, path, headers)`` of a route's conditions alone (its
+    ``host`` aside): authorization scopes inbound requests with it (``meshd.authz``)."""
+    return _Route(config).matches
 
 
 class Router:

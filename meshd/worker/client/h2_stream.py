@@ -99,7 +99,7 @@ class H2ToHttp1:
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
-                                                target, fields, server.redirected)
+                                                target, fields, server.redirected, server.peer)
         worker.stripe.add(row, F_REQUESTS)
         self._idle_timeout = policy.idle_timeout
         try:
@@ -107,6 +107,9 @@ class H2ToHttp1:
             # header_bytes, empty fields would be a few thousand (found by make fuzz).
             if len(fields) > server.limits.header_count:
                 raise HeadersTooLarge(f"more than {server.limits.header_count} header fields")
+            gate = worker.authz
+            if gate.covers(server.listener):  # before anything reaches the application
+                gate.http(worker, server.listener, server.peer, method, target, fields)
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)

@@ -185,7 +185,8 @@ class HttpConnection:
         # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
         authority = req.target if req.method == b"CONNECT" else req.host
         service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
-                                                req.target, req.headers, self._redirected)
+                                                req.target, req.headers, self._redirected,
+                                                self.peer)
         self._row = row
         stripe.add(row, F_REQUESTS)
         self.response_started = False
@@ -193,6 +194,9 @@ class HttpConnection:
         body: RequestBody | None = None
         status = 502
         try:
+            gate = worker.authz
+            if gate.covers(self.listener):  # before anything reaches the application
+                gate.http(worker, self.listener, self.peer, req.method, req.target, req.headers)
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             if req.method == b"CONNECT":
                 status = self._connect(service, endpoints, policy)
@@ -212,7 +216,8 @@ class HttpConnection:
                 quiet.warning(f"{name}: {type(e).__name__} mid-response",
                               "%s: %s after the response started; closing", name, e.reason)
                 return False
-            return self._answer_error(e, close=body is not None and not body.done)
+            # A body not read (the request refused before it) cannot stay in the stream.
+            return self._answer_error(e, close=req.has_body and (body is None or not body.done))
         finally:
             stripe.record_response(row, status, time.monotonic() - started, status >= 500)
 

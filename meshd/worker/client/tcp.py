@@ -27,12 +27,14 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from meshd import rowkeys
 from meshd.config import DEFAULT_SERVICE
 from meshd.discovery.api import Endpoint
 from meshd.errors import NoEndpoints, NoService, ProxyError
 from meshd.proto.detect import tunnel_header
 from meshd.ratelog import Throttle
 from meshd.shm import F_READ_BYTES, F_WRITE_BYTES, ROW_OVERFLOW
+from meshd.worker.call import inbound_row
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import address_name
 from meshd.worker.tunnel import Tunnel
@@ -62,8 +64,11 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
     ``initial`` (bytes already read from the client) sent first. ``original_dst``: the
     connection's original destination if the caller already asked for it; ``target``:
     a destination decided by the caller (a peer meshd's tunnel header); ``peer``: who
-    the client is (mTLS), for authorization."""
-    connected = _connect(worker, listener, client, original_dst, target)
+    the client is (mTLS), for authorization: a refused peer is closed unconnected."""
+    gate = worker.authz
+    if gate.covers(listener) and not gate.tcp(worker, listener, peer):
+        return
+    connected = _connect(worker, listener, client, original_dst, target, peer)
     if connected is None:
         return
     upstream, row, header = connected
@@ -83,7 +88,7 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
 
 def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
              original_dst: tuple[str, int] | None, target: Endpoint | None = None,
-             ) -> tuple[UpstreamConn, int, bytes] | None:
+             peer: Peer = PLAINTEXT) -> tuple[UpstreamConn, int, bytes] | None:
     """The upstream connection, the metric row of its bytes and a header to send first
     (a meshed endpoint is reached through its meshd's inbound port, told the target
     port in one line); None (logged) when there is no destination or it cannot be
@@ -91,6 +96,7 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     snap = worker.snapshot
     timeout = DEFAULT_SERVICE.connect_timeout  # a listener's fixed forward has no service
     header = b""
+    row_key: str | None = None  # with [identity]: by the endpoints' identity (meshd.rowkeys)
     tls: TlsTarget | None = None  # mTLS to a meshed endpoint's meshd
     try:
         if target is not None:
@@ -109,13 +115,16 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
             if not endpoints:
                 raise NoEndpoints(f"service {service!r} has no endpoints")
             svc = worker.config.services.get(service)
+            row_key = rowkeys.outbound_key(worker.config.identity is not None, service,
+                                           endpoints)
             i, _row = worker.balancer.pick(service, endpoints, snap.endpoint_rows, svc)
             ep = endpoints[i]
             if svc is not None:
                 timeout = svc.connect_timeout
             if ep.meshed and ep.inbound_port:
                 header = tunnel_header(ep.port)
-                tls = mesh_target(worker, ep, _metric_row(snap, listener.name, service))
+                tls = mesh_target(worker, ep, _metric_row(snap, listener.name,
+                                                          row_key or service))
                 ep = Endpoint(ep.host, ep.inbound_port)
         else:
             service = ""
@@ -132,13 +141,15 @@ def _connect(worker: Context, listener: ListenerConfig, client: socket.socket,
     except ProxyError as e:
         quiet.warning(f"{listener.name}: {type(e).__name__}", "%s: %s", listener.name, e.reason)
         return None
-    return upstream, _metric_row(snap, listener.name, service), header
+    if listener.direction == "inbound":  # by the peer too (meshd.rowkeys)
+        return upstream, inbound_row(worker, listener, service, peer), header
+    return upstream, _metric_row(snap, listener.name, row_key or service), header
 
 
-def _metric_row(snap: Snapshot, listener: str, service: str) -> int:
-    """The metric row of an opaque connection: its (listener, service), else the
-    listener's own."""
-    row = snap.row(listener, service)
+def _metric_row(snap: Snapshot, listener: str, row_key: str) -> int:
+    """The metric row of an opaque connection: its (listener, service) -- with
+    ``[identity]``, its row key (``meshd.rowkeys``) -- else the listener's own."""
+    row = snap.row(listener, row_key)
     if row is None:
         row = snap.row(listener, "")
     return ROW_OVERFLOW if row is None else row
