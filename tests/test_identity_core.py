@@ -211,17 +211,17 @@ def publish(ident: WorkerIdentity, issued: ca.Issued, roots: bytes) -> None:
 def test_worker_identity_loads_the_published_files_and_handshakes(
         authority: ca.Issued, published: tuple[Path, WorkerIdentity]) -> None:
     _, ident = published
-    ident.refresh(force=True)
+    ident.refresh()
     assert not ident.ready() and ident.local_id == ""
     with pytest.raises(IdentityNotReady):
         ident.client_context()
     web = leaf(authority)
     publish(ident, web, authority.cert_pem)
-    ident.refresh(force=True)
+    ident.refresh()
     assert ident.ready() and ident.local_id == WEB
     # A peer meshd with its own leaf of the same CA: mutual TLS both ways.
     peer = WorkerIdentity(ident.paths, TD)
-    peer.refresh(force=True)
+    peer.refresh()
     server, client = handshake(ident.server_context("strict"), peer.client_context())
     assert isinstance(server, gevent.ssl.SSLSocket) and isinstance(client, gevent.ssl.SSLSocket), (server, client)
     assert client.version() == "TLSv1.3" and client.selected_alpn_protocol() == "h2"
@@ -243,16 +243,14 @@ def test_worker_identity_reloads_on_change_and_keeps_established_connections(
     _, ident = published
     first = leaf(authority)
     publish(ident, first, authority.cert_pem)
-    ident.refresh(force=True)
+    ident.refresh()
     serial = ident.serial
     server, client = handshake(ident.server_context("strict"), ident.client_context())
     assert isinstance(server, gevent.ssl.SSLSocket) and isinstance(client, gevent.ssl.SSLSocket)
     other = f"spiffe://{TD}/ns/default/sa/api"
     second = leaf(authority, other)
     publish(ident, second, authority.cert_pem)
-    ident.refresh()   # within CHECK_INTERVAL of the last look: not even a stat
-    assert ident.serial == serial
-    ident.refresh(force=True)
+    ident.refresh()   # one stat: the next handshake already uses the new material
     assert ident.local_id == other and ident.serial != serial and ident.loads == 2
     # The established connection goes on with its context; a new one presents the new leaf.
     client.sendall(b"ping")
@@ -266,21 +264,28 @@ def test_worker_identity_refuses_files_another_user_could_write(
     _, ident = published
     publish(ident, leaf(authority), authority.cert_pem)
     os.chmod(ident.paths.pem, 0o666)
-    ident.refresh(force=True)
+    ident.refresh()
     assert not ident.ready()
     assert ident.error is not None and "writable by other users (mode 0666)" in ident.error
+    # The file that failed is not read again on every handshake, only once a second.
+    ident.error = "marker"
+    ident.refresh()
+    assert ident.error == "marker"
+    ident._retry_at = 0.0
+    ident.refresh()
+    assert ident.error is not None and "mode 0666" in ident.error
 
 
 def test_worker_identity_a_client_of_another_ca_is_refused(
         authority: ca.Issued, published: tuple[Path, WorkerIdentity], tmp_path: Path) -> None:
     _, ident = published
     publish(ident, leaf(authority), authority.cert_pem)
-    ident.refresh(force=True)
+    ident.refresh()
     stranger_ca = ca.new_ca(TD)
     (tmp_path / "s").mkdir(mode=0o700)
     stranger = WorkerIdentity(paths(str(tmp_path / "s"), "t", 1), TD)
     publish(stranger, leaf(stranger_ca), stranger_ca.cert_pem)
-    stranger.refresh(force=True)
+    stranger.refresh()
     # The stranger does not trust our CA either: its client refuses our server's chain.
     server, client = handshake(ident.server_context("permissive"), stranger.client_context())
     assert isinstance(client, ssl.SSLCertVerificationError), client

@@ -168,7 +168,7 @@ def test_rotation_reaches_every_worker_and_bad_material_is_refused(
     # What the workers loaded, as a worker loads it: a TLS server and client from the
     # published files shake hands, presenting the third leaf.
     ident = WorkerIdentity(p, TD)
-    ident.refresh(force=True)
+    ident.refresh()
     server, client = handshake(ident.server_context("strict"), ident.client_context())
     assert WorkerIdentity.peer_id(client) == WEB == WorkerIdentity.peer_id(server)
     presented = x509.load_der_x509_certificate(client.getpeercert(binary_form=True))

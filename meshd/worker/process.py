@@ -150,7 +150,7 @@ class Worker:
             return
         deadline = started + IDENTITY_BOOT_WAIT
         while True:
-            ident.refresh(force=True)
+            ident.refresh()
             if ident.ready():
                 return
             if time.monotonic() > deadline:
@@ -245,7 +245,7 @@ class Worker:
             gevent.sleep(SNAPSHOT_POLL)
             self._load_snapshot()
             if self.identity is not None:
-                self.identity.refresh()   # a stat at most every 0.5 s; connections refresh too
+                self.identity.refresh()   # a stat; every handshake refreshes too
 
     def _heartbeat_loop(self) -> None:
         while True:
