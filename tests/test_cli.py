@@ -193,9 +193,13 @@ def test_plugins_lists_static(flag: str, status: list[str]) -> None:
     result = invoke("plugins", flag)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "STATUS"]
-    [static] = [line.split() for line in lines if line.startswith("static ")]
-    assert static == ["static", "meshd-static", dist_version("meshd-static"), *status]
+    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "STATUS"]
+    [static] = [line.split() for line in lines if line.startswith("discovery  static ")]
+    assert static == ["discovery", "static", "meshd-static", dist_version("meshd-static"), *status]
+    # identity providers too: meshd's own and the consul plugin's (one name, two kinds)
+    kinds = {(row[0], row[1]): row[2] for row in (line.split() for line in lines[1:])}
+    assert kinds[("identity", "files")] == kinds[("identity", "meshd-ca")] == "meshd-proxy"
+    assert kinds[("identity", "consul")] == kinds[("discovery", "consul")] == "meshd-consul"
 
 
 def test_plugins_exits_1_when_one_fails_to_load(tmp_path: Path) -> None:
@@ -210,14 +214,14 @@ def test_plugins_exits_1_when_one_fails_to_load(tmp_path: Path) -> None:
 
     out = plugins()
     assert out.returncode == 1, out.stdout + out.stderr
-    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
-    assert rows["broken"].split()[1:4] == ["broken-plugin", "0.0.1", "error:"]
+    rows = {line.split()[1]: line for line in out.stdout.splitlines()[1:]}
+    assert rows["broken"].split()[:5] == ["discovery", "broken", "broken-plugin", "0.0.1", "error:"]
     assert "RuntimeError: broken at import" in rows["broken"]
-    assert rows["static"].split()[3:] == ["ok"]
+    assert rows["static"].split()[4:] == ["ok"]
     # Not imported: no plugin is called ok, and nothing failed.
     out = plugins("--no-load")
     assert out.returncode == 0, out.stdout + out.stderr
-    statuses = [line.split()[3:] for line in out.stdout.splitlines()[1:]]
+    statuses = [line.split()[4:] for line in out.stdout.splitlines()[1:]]
     assert statuses and all(s == ["not", "loaded"] for s in statuses), out.stdout
 
 

@@ -58,7 +58,7 @@ def test_meshd_plugins_lists_the_example() -> None:
                          text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()]
-    assert ["jsonurl", DIST, installed_version(), "ok"] in rows, out.stdout
+    assert ["discovery", "jsonurl", DIST, installed_version(), "ok"] in rows, out.stdout
 
 
 def test_meshd_routes_with_the_example_plugin(mesh, backends, json_url) -> None:

@@ -93,9 +93,11 @@ def test_the_layout_and_no_staging_path_in_any_file(destdir: Path) -> None:
     out = subprocess.run([str(python), "-m", "meshd", "plugins"], capture_output=True, text=True,
                          timeout=60, env=ENV, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[1:]}
-    assert {name: row[0] for name, row in rows.items()} == {
-        "consul": "meshd-consul", "kubernetes": "meshd-kubernetes", "static": "meshd-static"}
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.stdout.splitlines()[1:]}
+    assert {kind_name: row[0] for kind_name, row in rows.items()} == {
+        ("discovery", "consul"): "meshd-consul", ("discovery", "kubernetes"): "meshd-kubernetes",
+        ("discovery", "static"): "meshd-static", ("identity", "consul"): "meshd-consul",
+        ("identity", "files"): "meshd-proxy", ("identity", "meshd-ca"): "meshd-proxy"}
     assert all(row[-1] == "ok" for row in rows.values()), out.stdout
     where = subprocess.run([str(python), "-c", "import meshd.worker.process, meshd_static; "
                             "print(meshd.__file__, meshd_static.__file__)"],
