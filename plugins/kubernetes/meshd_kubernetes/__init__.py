@@ -15,6 +15,10 @@ namespace = "default"          # for bare names; "web.ns", "web.ns.svc.cluster.l
 # watch_timeout = "5m"         # timeoutSeconds of one watch request, then re-watch
 # meshed_label = "meshd.io/meshed"       # a Service label (copied to its slices) = "true"
 # inbound_port_name = "meshd-inbound"    # the slice port of meshd's inbound listener
+# service_account_label = "meshd.io/service-account"  # a Service label: the pods' service
+#                              # account; meshed endpoints then expect (mTLS) the identity
+#                              # spiffe://<trust_domain>/ns/<namespace>/sa/<account>
+# trust_domain = "cluster.local"         # of those identities
 # cluster_domain = "cluster.local"
 ```
 
@@ -28,6 +32,12 @@ resourceVersion, so no event is lost; 410 Gone (HTTP status, or an ERROR event w
 code 410) means the history is gone: re-list. Other errors raise; meshd keeps the last
 endpoints and restarts the watch with backoff. No slices and no Service (404) is
 ``NoSuchService``; a Service without ready endpoints is ``Reset(())``.
+
+Expected identities: with ``[identity]`` set, meshd uses mTLS to a meshed endpoint only
+when discovery gives it an identity. A meshed Service labelled
+``meshd.io/service-account: <account>`` (``service_account_label``) gives its endpoints
+``spiffe://<trust_domain>/ns/<namespace>/sa/<account>``; without that label they have
+none and are reached over plaintext h2c (see ``slices.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from typing import Any
 from meshd.config import parse_duration
 from meshd.discovery import Backend, NoSuchService, Reset, Update
 from meshd.errors import ConfigError
+from meshd.identity.spiffe import trust_domain_problem
 from meshd_kubernetes import kubeconfig
 from meshd_kubernetes.client import Client, Gone, KubernetesError, Settings, StreamBroken
 from meshd_kubernetes.slices import (
@@ -59,7 +70,8 @@ log = logging.getLogger("meshd.discovery.kubernetes")
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _STRING_KEYS = ("api_server", "token_file", "ca_file", "kubeconfig", "namespace", "port",
-                "meshed_label", "inbound_port_name", "cluster_domain")
+                "meshed_label", "inbound_port_name", "cluster_domain",
+                "service_account_label", "trust_domain")
 _KEYS = {*_STRING_KEYS, "timeout", "watch_timeout"}
 
 
@@ -84,6 +96,8 @@ class KubernetesBackend(Backend):
         for key in ("namespace", "port"):
             if key in opt and not dns_label(opt[key]):
                 problems.append((key, f"not a valid Kubernetes name: {opt[key]!r}"))
+        if "trust_domain" in opt and (why := trust_domain_problem(opt["trust_domain"])):
+            problems.append(("trust_domain", why))
         server = opt.get("api_server")
         if server is not None and not server.startswith(("https://", "http://")):
             problems.append(("api_server", f"expected an http(s) URL, got {server!r}"))
@@ -101,7 +115,9 @@ class KubernetesBackend(Backend):
         self._opt = opt
         self._server = server
         self._opts = Options(opt.get("port"), opt.get("meshed_label", "meshd.io/meshed"),
-                             opt.get("inbound_port_name", "meshd-inbound"))
+                             opt.get("inbound_port_name", "meshd-inbound"),
+                             opt.get("service_account_label", "meshd.io/service-account"),
+                             opt.get("trust_domain", "cluster.local"))
         self._settings: Settings | None = None
         self._namespace = ""
         self._lock = threading.Lock()
