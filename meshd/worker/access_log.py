@@ -1,11 +1,12 @@
 """The access log of one worker: one line per request, written off the request path.
 
 The request path calls ``AccessLog.record`` with a tuple of what it already holds (no
-formatting, no I/O); the tuple goes on a bounded queue, and when the queue is full the
-line is dropped and counted (the writer reports drops in a rate-limited log line). A
-writer greenlet formats the lines (``format_text`` / ``format_json``) and appends them
-to the file, opened ``O_APPEND`` so the lines of several workers never interleave: each
-``os.write`` carries whole lines. "-" writes to stdout. A reload makes new workers,
+formatting, no I/O, no greenlet switch); the tuple goes on a bounded queue, and when the
+queue is full the line is dropped and counted (the writer reports drops in a rate-limited
+log line). A writer greenlet wakes every FLUSH_INTERVAL, formats the lines
+(``format_text`` / ``format_json``) and appends them to the file, opened ``O_APPEND`` so
+the lines of several workers never interleave: each ``os.write`` carries whole lines;
+the worker flushes what is left when it exits. "-" writes to stdout. A reload makes new workers,
 which open the file anew: rename it, HUP, and the next lines go to a new file
 (logrotate's default ``create`` mode works without ``copytruncate``).
 
@@ -16,6 +17,7 @@ backslashes as escapes, so no request can forge a line.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -24,7 +26,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import gevent
-import gevent.queue
 
 from meshd.config_access_log import AccessLogConfig
 from meshd.ratelog import Throttle
@@ -41,6 +42,7 @@ MAX_PATH = 2048        # characters of the path kept (the rest is cut, marked wi
 MAX_AUTHORITY = 256
 MAX_METHOD = 32
 BATCH_BYTES = 64 * 1024  # lines joined into one write at most
+FLUSH_INTERVAL = 0.05    # seconds between the writer's turns (how late a line may appear)
 
 # (wall time, direction, listener, client address, client_id, method, authority, path,
 #  status, the exchange that answered a gRPC request (its grpc-status is read by the
@@ -146,12 +148,17 @@ def format_text(rec: Record) -> bytes:
 
 
 class AccessLog:
-    """A worker's access log: ``record`` on the request path, a writer greenlet behind."""
+    """A worker's access log: ``record`` on the request path, a writer greenlet behind.
+
+    The queue is a plain deque the writer empties every FLUSH_INTERVAL: appending wakes
+    no greenlet (a gevent queue would switch to the writer after every request), and
+    the lines of a busy interval go out in a few writes."""
 
     def __init__(self, config: AccessLogConfig) -> None:
         self.config = config
         self.format = format_json if config.format == "json" else format_text
-        self.queue: gevent.queue.Queue[Record] = gevent.queue.Queue(maxsize=config.queue)
+        self.queue: collections.deque[Record] = collections.deque()
+        self.limit = config.queue
         self.dropped = 0
         self._reported = 0
         self.fd = -1
@@ -173,28 +180,33 @@ class AccessLog:
 
     def record(self, rec: Record) -> None:
         """Queue one request's line; drop it (counted) when the writer is behind."""
-        if self.fd < 0:
-            return
-        try:
-            self.queue.put_nowait(rec)
-        except gevent.queue.Full:
+        queue = self.queue
+        if len(queue) < self.limit and self.fd >= 0:
+            queue.append(rec)
+        else:
             self.dropped += 1
 
     def _writer(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.flush()
+
+    def flush(self) -> None:
+        """Format and write what is queued, in writes of BATCH_BYTES at most."""
         queue = self.queue
         fmt = self.format
-        while True:
-            lines = [fmt(queue.get())]
-            size = len(lines[0])
-            while size < BATCH_BYTES and not queue.empty():
-                line = fmt(queue.get_nowait())
+        while queue:
+            lines = []
+            size = 0
+            while queue and size < BATCH_BYTES:
+                line = fmt(queue.popleft())
                 lines.append(line)
                 size += len(line)
             self._write(b"".join(lines))
-            if self.dropped != self._reported:
-                _quiet.warning("access_log.dropped", "access log: %d lines dropped so far "
-                               "(the writer fell behind)", self.dropped)
-                self._reported = self.dropped
+        if self.dropped != self._reported:
+            _quiet.warning("access_log.dropped", "access log: %d lines dropped so far "
+                           "(the writer fell behind)", self.dropped)
+            self._reported = self.dropped
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

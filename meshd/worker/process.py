@@ -360,6 +360,8 @@ class Worker:
         self.pool.close_all()
         if self._h2pool is not None:
             self._h2pool.close_all()
+        if self.access_log is not None:
+            self.access_log.flush()  # the lines of the last FLUSH_INTERVAL
         return 0
 
 
