@@ -91,13 +91,24 @@ def grpc_status(ex: UpstreamExchange | None) -> str:
     return ""
 
 
+_second: list[Any] = [-1, ""]  # the last second formatted, and its text
+
+
+def _timestamp(wall: float) -> str:
+    """ISO 8601 UTC to the millisecond (rounded, not cut: 0.123 is not 0.122999...)."""
+    ms = int(wall * 1000 + 0.5)
+    sec = ms // 1000
+    if _second[0] != sec:  # strftime once a second, not once a line
+        _second[:] = [sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))]
+    return f"{_second[1]}.{ms % 1000:03d}Z"
+
+
 def fields(rec: Record) -> dict[str, Any]:
     """The line's fields, client-controlled ones bounded (not yet escaped)."""
     (wall, direction, listener, client, client_id, method, authority, path, status,
      answered, endpoint, duration, attempts, headers) = rec
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall))
-        + f".{int((wall % 1) * 1000):03d}Z",
+        "time": _timestamp(wall),
         "direction": direction,
         "listener": listener,
         "client": client.decode("latin-1"),
@@ -114,8 +125,16 @@ def fields(rec: Record) -> dict[str, Any]:
     }
 
 
+_JSON_STR = json.encoder.encode_basestring_ascii  # json.dumps of one str, as a function
+
+
 def format_json(rec: Record) -> bytes:
-    return json.dumps(fields(rec), ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+    """The fields as one JSON object (what ``json.dumps(fields(rec))`` gives, compact
+    and ASCII; strings each through json's own encoder), about twice as fast."""
+    f = fields(rec)
+    return ("{" + ",".join(
+        f'"{k}":{_JSON_STR(v) if isinstance(v, str) else v}' for k, v in f.items())
+        + "}\n").encode()
 
 
 _ESCAPES = {i: f"\\x{i:02x}" for i in list(range(0x20)) + list(range(0x7f, 0x100))}
