@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="two-hop: keep-alive connections of the open-loop load")
     parser.add_argument("--hop-workers", type=int, default=1,
                         help="two-hop: workers of each meshd")
+    parser.add_argument("--access-log", choices=("text", "json"),
+                        help="http1 scenario: meshd with [access_log] to a file, this format")
     parser.add_argument("--serve-slow", metavar="PORT:MS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_slow:

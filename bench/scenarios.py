@@ -69,7 +69,9 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
         if name == "nginx":
             proc: Nginx | Meshd = proxy_nginx(workdir, port, backend_port).start()
         else:
-            proc = start_meshd(workdir, int(name[6]), port, backend_port)
+            alog = (f'[access_log]\npath = "{workdir}/access-{name}.log"\n'
+                    f'format = "{args.access_log}"\n' if args.access_log else "")
+            proc = start_meshd(workdir, int(name[6]), port, backend_port, extra=alog)
         stack.callback(proc.stop)
         ports[name] = (port, proc.pid)
     rounds = wrk_rounds("", ports, args)

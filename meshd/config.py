@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from meshd.balance.ewma import DECAY, DEFAULT_RTT
+from meshd.config_access_log import AccessLogConfig, access_log
 from meshd.config_env import expand_env
 from meshd.config_identity import (
     AuthorizationConfig,
@@ -252,6 +253,7 @@ class Config:
     discovery_negative_ttl: float = 5.0
     identity: IdentityConfig | None = None        # [identity]
     authorization: tuple[AuthorizationConfig, ...] = ()
+    access_log: AccessLogConfig | None = None     # [access_log]; None: no access log
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -333,6 +335,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     admin = _admin(Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in array(top, "discovery", required=False))
     ident = identity(top.raw("identity", None), problems)
+    alog = access_log(top.raw("access_log", None), problems)
     read = [_listener(t) for t in array(top, "listener", required=True)]
     listeners = resolve_listeners(tuple(lst for lst, _ in read), [m for _, m in read], ident,
                                   problems)
@@ -374,7 +377,7 @@ def parse(data: Mapping[str, Any], path: str = "",
                   admin=admin, discovery=discovery, listeners=listeners, services=services,
                   limits=limits, balancer=balancer, routes=routes, shutdown_delay=shutdown_delay,
                   log_level=log_level, discovery_negative_ttl=discovery_negative_ttl,
-                  identity=ident, authorization=policies)
+                  identity=ident, authorization=policies, access_log=alog)
 
 
 # -- sections -------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_text_parses_and_escapes_label_values(region: Region) -> None:
 def test_empty_region_still_parses(region: Region) -> None:
     samples = parse_text(render_prometheus(region, row_keys(CONFIG, {})))
     assert {name for name, _ in samples} == {
-        "meshd_workers", "meshd_worker_restarts_total", "meshd_config_reloads_total",
+        "meshd_build_info", "meshd_workers", "meshd_worker_restarts_total", "meshd_config_reloads_total",
         "meshd_shm_rows_exhausted_total", "process_start_time_seconds"}
 
 

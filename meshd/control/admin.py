@@ -3,7 +3,8 @@ bounds of its server.
 
 ``/live``, ``/ready``, ``/metrics`` (Prometheus text summed over workers), ``/stats``
 (JSON: what `meshd stat` prints), ``/endpoints`` (JSON: services and endpoints) and
-``/identity`` (JSON: the published workload identity, with ``[identity]``).
+``/identity`` (JSON: the published workload identity, with ``[identity]``) and
+``/config`` (JSON: the effective config, secrets masked: ``config_view``).
 The probe listener (``[admin] probe_listen``) serves only ``/live`` and ``/ready``.
 
 The server (:class:`AdminServer`) holds at most MAX_CONNECTIONS connections. A connection
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from meshd.control.config_view import effective
 from meshd.metrics import render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
 
@@ -160,6 +162,7 @@ class AdminApp:
             "/stats": self.stats,
             "/endpoints": self.endpoints,
             "/identity": self.identity,
+            "/config": self.config,
         }
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
@@ -246,6 +249,11 @@ class AdminApp:
         if runner is None:
             return "404 Not Found", "text/plain", b"no [identity] in the config\n"
         body = runner.describe()
+        return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
+
+    def config(self) -> tuple[str, str, bytes]:
+        """The effective config of this generation, secrets masked (``config_view``)."""
+        body = effective(self.control.config)
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
 
     def endpoints(self) -> tuple[str, str, bytes]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from meshd.discovery.api import Endpoint
     from meshd.shm import Stripe
     from meshd.snapshot import Snapshot
+    from meshd.worker.access_log import AccessLog
     from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
     from meshd.worker.identity import WorkerIdentity
@@ -49,6 +50,7 @@ class Context(Protocol):
     pool: Pool                       # HTTP/1.1 upstream connections
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
     identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
+    access_log: AccessLog | None     # with [access_log]: the writer's queue (None: no cost)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

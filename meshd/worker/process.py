@@ -41,6 +41,7 @@ from meshd.shm import (
 )
 from meshd.snapshot import Snapshot, control_socket_path
 from meshd.snapshot import read as read_snapshot
+from meshd.worker.access_log import AccessLog
 from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
 from meshd.worker.identity import WorkerIdentity
@@ -101,6 +102,8 @@ class Worker:
         self.snapshot: Snapshot
         self._snapshot_mtime = 0
         self._snapshot_log = Throttle(log, burst=3)
+        alog = ctx.config.access_log
+        self.access_log = AccessLog(alog) if alog is not None else None
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -120,6 +123,8 @@ class Worker:
         started = time.monotonic()
         self._wait_snapshot()
         self._wait_identity(started)
+        if self.access_log is not None:
+            self.access_log.open()
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -355,6 +360,8 @@ class Worker:
         self.pool.close_all()
         if self._h2pool is not None:
             self._h2pool.close_all()
+        if self.access_log is not None:
+            self.access_log.flush()  # the lines of the last FLUSH_INTERVAL
         return 0
 
 

@@ -28,6 +28,7 @@ from meshd.errors import HeadersTooLarge, ProxyError
 from meshd.proto import forwarded
 from meshd.proto.translate import ORIG_PROTO, h2_forward, http1_request, join_cookies
 from meshd.shm import F_REQUESTS
+from meshd.worker import access_log
 from meshd.worker.call import (
     Call,
     error_answer,
@@ -98,6 +99,8 @@ class H2ToHttp1:
         self.grpc = is_grpc(fields)
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502
+        call: Call | None = None
+        answered: UpstreamExchange | None = None  # a gRPC response: its grpc-status is logged
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
                                                 target, fields, server.redirected, server.peer)
         worker.stripe.add(row, F_REQUESTS)
@@ -119,6 +122,8 @@ class H2ToHttp1:
                 call.replay = False  # the body is not kept: no retry once it is sent
             self._request = (method, target, authority, fields)
             status = call.run(worker, self)
+            if self.grpc:
+                answered = self._ex
         except ProxyError as e:
             status = e.status
             if self.response_started:
@@ -133,6 +138,10 @@ class H2ToHttp1:
             raise
         finally:
             worker.stripe.record_response(row, status, time.monotonic() - started, status >= 500)
+            if worker.access_log is not None:
+                access_log.request(worker.access_log, server.listener, server.client_address(),
+                                   server.peer.client_id, method, authority, target, status,
+                                   call, started, fields, answered)
 
     # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 

@@ -37,6 +37,7 @@ from meshd.errors import (
 from meshd.proto import forwarded, http1
 from meshd.proto.translate import h2_request, response_framing, strip_meshd_error
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
+from meshd.worker import access_log
 from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route
 from meshd.worker.client.body import ClientGone, RequestBody
 from meshd.worker.client.tcp import redirected_destination
@@ -87,6 +88,8 @@ class HttpConnection:
             except Idle:
                 return None
             except ProxyError as e:
+                if self.worker.access_log is not None:
+                    self._log_rejected(bytes(self.buf), e.status, time.monotonic())
                 self._answer_error(e, close=True)
                 return None
             if first and head == H2_PRI:  # HTTP/2 with prior knowledge (RFC 9113 §3.3)
@@ -104,6 +107,8 @@ class HttpConnection:
                     req.headers = [(k, v) for k, v in req.headers if k.lower() != b"host"]
                     req.headers.append((b"Host", absolute[0]))
             except ProxyError as e:
+                if self.worker.access_log is not None:
+                    self._log_rejected(head, e.status, started)
                 self._answer_error(e, close=True)
                 return None
             try:
@@ -193,6 +198,7 @@ class HttpConnection:
         self._idle_timeout = policy.idle_timeout
         body: RequestBody | None = None
         status = 502
+        call: _Call | None = None
         try:
             gate = worker.authz
             if gate.covers(self.listener):  # before anything reaches the application
@@ -220,6 +226,15 @@ class HttpConnection:
             return self._answer_error(e, close=req.has_body and (body is None or not body.done))
         finally:
             stripe.record_response(row, status, time.monotonic() - started, status >= 500)
+            if worker.access_log is not None:
+                access_log.request(worker.access_log, self.listener, self._peer_address(),
+                                   self.peer.client_id, req.method, authority, req.target,
+                                   status, call, started, req.headers)
+
+    def _log_rejected(self, head: bytes, status: int, started: float) -> None:
+        assert self.worker.access_log is not None
+        access_log.rejected(self.worker.access_log, self.listener, self._peer_address(),
+                            self.peer.client_id, head, status, started)
 
     def _peer_address(self) -> bytes:
         if self._peer is None:
