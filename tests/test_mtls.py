@@ -266,13 +266,13 @@ def _get(m: Meshd, path: str = "/hello", host: str = "web") -> tuple[int, bytes]
 
 def _client_context(authority: ca.Issued, tmp_path: Path,
                     issued: ca.Issued | None = None) -> ssl.SSLContext:
-    """A Python client as a peer meshd would be: TLS 1.3, ALPN h2, the roots, and the
-    given certificate (none: no client certificate)."""
+    """A Python client as a peer meshd would be: TLS 1.3, ALPN h2 and meshd's marker, the
+    roots, and the given certificate (none: no client certificate)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
     context.load_verify_locations(cadata=authority.cert_pem.decode())
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols(["h2", "meshd"])
     if issued is not None:
         pem = tmp_path / f"client-{id(issued)}.pem"
         pem.write_bytes(issued.cert_pem + issued.key_pem)

@@ -47,7 +47,10 @@ log = logging.getLogger("meshd.worker")
 MAX_FILE = 1 << 20
 RETRY_FAILED_LOAD = 1.0  # seconds
 ALPN_SERVER = ["h2", "http/1.1"]
-ALPN_CLIENT = ["h2"]
+# A peer meshd offers "meshd" beside "h2": an inbound listener tells a peer's mTLS from an
+# application's own TLS by it (the server never selects it: "h2" is in its list first).
+ALPN_MESH = "meshd"
+ALPN_CLIENT = ["h2", ALPN_MESH]
 MODES = ("permissive", "strict")
 
 

@@ -3,7 +3,15 @@
 
 The first byte tells (peeked, not read, within ``[limits] detect_timeout``, the wait
 detection gives a client to speak first): 0x16 opens a TLS record (a ClientHello), and
-the connection is handshaken server-side; anything else is plaintext. The handshake as a
+the connection is handshaken server-side; anything else is plaintext. One exception,
+on a "permissive" listener: a TLS connection iptables redirected here (its original
+destination is another port: a client of an HTTPS application in a pod) whose
+ClientHello does not offer the ALPN protocol "meshd" (a peer meshd's does:
+``meshd.worker.identity.ALPN_MESH``, beside "h2") is the application's own TLS. It goes
+through untouched, as opaque TCP, counted as ``plaintext_permitted`` (not meshd's mTLS);
+terminating it would hand the application plaintext where it expects TLS. A "strict"
+listener terminates every TLS connection (an application's TLS fails there for want of
+a client certificate), and so does a connection made to the listener's own port. The handshake as a
 whole is bounded by ``[limits] header_read_timeout``: it is the client's first message,
 as a request head is, and gets the same bound against a client that trickles it.
 
@@ -34,16 +42,23 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.ssl
 
+from meshd.proto.detect import client_hello_info
 from meshd.ratelog import Throttle
 from meshd.shm import DETECT_RESULTS, F_DETECT, F_TLS_IN, ROW_OVERFLOW, TLS_RESULTS
 from meshd.tls import TlsSetupError, handshake_error, harden_server, server_context
-from meshd.worker.client.tcp import original_destination, peer_name, serve_opaque
-from meshd.worker.identity import WorkerIdentity
+from meshd.worker.client.tcp import (
+    original_destination,
+    peer_name,
+    redirected_destination,
+    serve_opaque,
+)
+from meshd.worker.identity import ALPN_MESH, WorkerIdentity
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.sockio import shutdown
 
@@ -57,6 +72,7 @@ log = logging.getLogger("meshd.worker")
 _quiet = Throttle(log)
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+HELLO_LIMIT = 5 + 16384      # a TLS record header and the largest record
 LINGER_SECONDS = 0.5
 LINGER_BYTES = 1 << 20
 
@@ -87,7 +103,13 @@ def serve_tls_listener(ctx: Context, listener: ListenerConfig, client: socket.so
     if first is None:  # the client reset or closed the connection before a byte
         return
     if first and first[0] == TLS_RECORD_HANDSHAKE:
-        _terminate(ctx, listener, client)
+        if terminates_tls(strict, listener.tls is not None,
+                          redirected_destination(client) is not None,
+                          lambda: _from_peer_meshd(client, ctx)):
+            _terminate(ctx, listener, client)
+            return
+        count(ctx, listener, "plaintext_permitted")  # the application's TLS: passed through
+        serve_detected(ctx, listener, client, PLAINTEXT)
         return
     if strict:
         count(ctx, listener, "plaintext_refused")
@@ -203,6 +225,39 @@ def _server_context(ctx: Context, listener: ListenerConfig) -> Any:
         context.num_tickets = 0
         context.meshd_hardened = True
     return context
+
+
+def terminates_tls(strict: bool, listener_tls: bool, redirected: bool,
+                   from_peer_meshd: Callable[[], bool]) -> bool:
+    """Whether a TLS connection is meshd's to terminate (see the module docstring);
+    ``from_peer_meshd`` (a peek at the ClientHello) is asked only when it decides."""
+    return strict or listener_tls or not redirected or from_peer_meshd()
+
+
+def _from_peer_meshd(sock: socket.socket, ctx: Context) -> bool:
+    """Whether the ClientHello waiting on ``sock`` (peeked, not read) offers the ALPN
+    protocol "meshd". It is awaited whole within ``[limits] detect_timeout``, up to one
+    record; one that does not come whole, or does not parse, is not a peer meshd's."""
+    deadline = time.monotonic() + ctx.config.limits.detect_timeout
+    data = b""
+    for _ in range(1000):  # bounded: a peek returns at once while bytes wait
+        remaining = deadline - time.monotonic()
+        try:
+            sock.settimeout(max(remaining, 0.001))
+            data = sock.recv(HELLO_LIMIT, socket.MSG_PEEK)
+        except OSError:
+            return False
+        finally:
+            try:
+                sock.settimeout(None)
+            except OSError:
+                pass
+        whole = len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+        if whole or not data or remaining <= 0 or len(data) >= HELLO_LIMIT:
+            break
+        gevent.sleep(0.005)  # the rest of the record is on its way
+    info = client_hello_info(data)
+    return info is not None and ALPN_MESH in info.alpn
 
 
 def _peek(sock: socket.socket, timeout: float) -> bytes | None:
