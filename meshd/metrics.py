@@ -7,11 +7,8 @@ Names follow Linkerd's so dashboards carry over.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import meshd
@@ -96,25 +93,11 @@ def serving_workers(region: Region) -> int:
     return sum(1 for s in region.slots_in_use() if s.kind == KIND_WORKER and s.state == STATE_SERVING)
 
 
-@functools.cache
-def build_info() -> tuple[tuple[str, str], ...]:
-    """The labels of ``meshd_build_info``: meshd's version and those of Python, gevent,
-    h2 and the OpenSSL the ssl module is linked against. Read on first use in the process
-    that renders (the control process): the master must not import ssl before it forks
-    (``meshd.master.spawn``)."""
-    import ssl
-
-    def dist(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-    return (("version", meshd.__version__), ("python", platform.python_version()),
-            ("gevent", dist("gevent")), ("h2", dist("h2")),
-            ("openssl", ssl.OPENSSL_VERSION))
-
-
-def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
+def render_prometheus(region: Region, keys: Mapping[int, RowKey],
+                      build: Sequence[tuple[str, str]] = ()) -> str:
+    """The /metrics text. ``build``: the labels of ``meshd_build_info`` beside meshd's
+    version (``meshd.control.build_info``: reading them imports ssl and
+    importlib.metadata, which this sans-IO module must not)."""
     totals = {row: region.row_totals(row) for row in sorted(keys)}
     out: list[str] = []
 
@@ -211,7 +194,8 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey]) -> str:
                        f'mode="{mode}",protocol="{protocol}"}} {n}')
     family("meshd_build_info", "gauge",
            "Always 1; its labels name the versions this meshd runs with.")
-    out.append("meshd_build_info{" + ",".join(f'{k}="{_escape(v)}"' for k, v in build_info())
+    labels = (("version", meshd.__version__), *build)
+    out.append("meshd_build_info{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                + "} 1")
     family("meshd_workers", "gauge", "Worker processes serving now.")
     out.append(f"meshd_workers {serving_workers(region)}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from meshd.control import build_info
 from meshd.control.config_view import effective
 from meshd.metrics import render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
@@ -234,7 +235,7 @@ class AdminApp:
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ())]
-        text = render_prometheus(c.region, keys) + "\n".join(lines) + "\n"
+        text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:
