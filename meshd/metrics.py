@@ -93,6 +93,20 @@ def serving_workers(region: Region) -> int:
     return sum(1 for s in region.slots_in_use() if s.kind == KIND_WORKER and s.state == STATE_SERVING)
 
 
+def _per_listener(totals: Mapping[int, Sequence[int]], keys: Mapping[int, RowKey], first: int,
+                  n: int) -> list[tuple[str, list[int]]]:
+    """Fields ``first .. first+n`` summed per listener, for listeners where any is non-zero
+    (per-listener counters live on a listener's own row, service "", and outbound
+    handshakes on request rows: both are summed alike)."""
+    summed: dict[str, list[int]] = {}
+    for row, t in totals.items():
+        counts = t[first:first + n]
+        if any(counts):
+            seen = summed.get(keys[row].listener, [0] * n)
+            summed[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
+    return list(summed.items())
+
+
 def render_prometheus(region: Region, keys: Mapping[int, RowKey],
                       build: Sequence[tuple[str, str]] = ()) -> str:
     """The /metrics text. ``build``: the labels of ``meshd_build_info`` beside meshd's
@@ -151,13 +165,7 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
            "Connections of protocol = \"auto\" listeners, by what detection found "
            "(skipped: an opaque port, not detected; tunnel_refused: a meshd tunnel to a port "
            "not in tunnel_ports, closed unconnected).")
-    detected: dict[str, list[int]] = {}
-    for row, t in totals.items():  # only a listener's own row (service "") counts them
-        counts = t[F_DETECT:F_DETECT + len(DETECT_RESULTS)]
-        if any(counts):
-            seen = detected.get(keys[row].listener, [0] * len(DETECT_RESULTS))
-            detected[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
-    for listener, by_result in detected.items():
+    for listener, by_result in _per_listener(totals, keys, F_DETECT, len(DETECT_RESULTS)):
         for result, n in zip(DETECT_RESULTS, by_result, strict=True):
             out.append(f'meshd_protocol_detect_total{{listener="{_escape(listener)}",'
                        f'result="{result}"}} {n}')
@@ -166,13 +174,7 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
            "meshds and [listener.tls]; plaintext_refused / plaintext_permitted: plaintext "
            "connections to an mTLS listener; outbound: mTLS to meshed endpoints).")
     for direction, first in (("inbound", F_TLS_IN), ("outbound", F_TLS_OUT)):
-        by_listener: dict[str, list[int]] = {}
-        for row, t in totals.items():
-            counts = t[first:first + len(TLS_RESULTS)]
-            if any(counts):
-                seen = by_listener.get(keys[row].listener, [0] * len(TLS_RESULTS))
-                by_listener[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
-        for listener, by_result in by_listener.items():
+        for listener, by_result in _per_listener(totals, keys, first, len(TLS_RESULTS)):
             for result, n in zip(TLS_RESULTS, by_result, strict=True):
                 if n:
                     out.append(f'meshd_tls_handshake_total{{listener="{_escape(listener)}",'
@@ -181,13 +183,7 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
            "Requests (protocol=\"http\") and connections (\"tcp\": opaque, tunnels) an "
            "[[authorization]] policy or the identity provider refused (mode=\"enforce\": "
            "answered 403 or closed; \"audit\": let through).")
-    denied: dict[str, list[int]] = {}
-    for row, t in totals.items():  # only a listener's own row (service "") counts them
-        counts = t[F_AUTHZ_DENIED:F_AUTHZ_DENIED + len(AUTHZ_DENIED)]
-        if any(counts):
-            seen = denied.get(keys[row].listener, [0] * len(AUTHZ_DENIED))
-            denied[keys[row].listener] = [a + b for a, b in zip(seen, counts, strict=True)]
-    for listener, by_kind in denied.items():
+    for listener, by_kind in _per_listener(totals, keys, F_AUTHZ_DENIED, len(AUTHZ_DENIED)):
         for kind, n in zip(AUTHZ_DENIED, by_kind, strict=True):
             protocol, mode = kind.split("_")
             out.append(f'meshd_authz_denied_total{{listener="{_escape(listener)}",'
