@@ -30,10 +30,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check meshd plugins tests scripts fuzz bench
 	$(VENV)/bin/mypy
 
+# Test files run in TEST_JOBS processes (pytest-xdist; a file stays in one process, so its
+# module-scoped meshds and fixed namespace names are never shared); most tests wait on
+# real processes and sockets, not on the CPU. TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= 2
+
 test: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan"
 	@$(MAKE) --no-print-directory lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"

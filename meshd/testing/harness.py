@@ -25,20 +25,61 @@ from meshd import config as config_mod
 from meshd.shm import KIND_CONTROL, KIND_WORKER, STATE_SERVING, Region, SlotRecord, region_path
 
 # Ports free_port handed out lately (a test asks for several before binding any: the
-# kernel may give the same free port twice). One set per test process, bounded.
+# kernel may give the same free port twice). One set per test process, bounded; with
+# several test processes at once (pytest -n), also a registry file shared by all of them.
 _GIVEN: dict[int, None] = {}
 _GIVEN_MAX = 4096
+_REGISTRY = os.path.join(os.environ.get("TMPDIR", "/tmp"), "meshd-test-ports")
+_REGISTRY_KEEP = 600.0  # seconds a port stays reserved for the process that was given it
+
+
+def _shared_reserve(candidates: Callable[[], int]) -> int:
+    """A port from ``candidates`` that no test process was given in the last
+    _REGISTRY_KEEP seconds, recorded in the registry under an exclusive lock."""
+    import fcntl
+    fd = os.open(_REGISTRY, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "r+") as f:
+            now = time.time()
+            recent: dict[int, float] = {}
+            for line in f.read().split("\n"):
+                port_s, _, when_s = line.partition(" ")
+                try:
+                    when = float(when_s)
+                    if now - when < _REGISTRY_KEEP:
+                        recent[int(port_s)] = when
+                except ValueError:
+                    continue
+            port = candidates()
+            for _ in range(100):
+                if port not in recent:
+                    break
+                port = candidates()
+            recent[port] = now
+            f.seek(0)
+            f.truncate()
+            f.write("".join(f"{p} {w}\n" for p, w in recent.items()))
+    finally:
+        os.close(fd)  # releases the lock
+    return port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now on ``host``, never one this process was given lately."""
+    """A port free now on ``host``, never one this process (or, under pytest -n, another
+    test process) was given lately."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _GIVEN:
-            break
+
+    def candidate() -> int:
+        for _ in range(100):
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _GIVEN:
+                break
+        return port
+
+    port = _shared_reserve(candidate) if os.environ.get("PYTEST_XDIST_WORKER") else candidate()
     _GIVEN[port] = None
     if len(_GIVEN) > _GIVEN_MAX:
         del _GIVEN[next(iter(_GIVEN))]
