@@ -7,8 +7,10 @@ meshd serves a real request, and `systemd-analyze verify` accepts the installed 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -110,10 +112,13 @@ def test_installed_meshd_serves_a_request(destdir: Path, tmp_path: Path) -> None
     backend = Backend("a").start()
     outbound, admin = free_port(), free_port()
     config = tmp_path / "meshd.toml"
+    # Short: the control sockets live in shm_dir (107 bytes a path), and tmp_path is long
+    # (under pytest -n it holds the test process's name too).
+    run_dir = tempfile.mkdtemp(prefix="meshd-i-")
     config.write_text(textwrap.dedent(f"""\
         workers = 1
         state_dir = "{tmp_path}/state"
-        shm_dir = "{tmp_path}/shm"
+        shm_dir = "{run_dir}/shm"
         instance = "install-test"
         [admin]
         listen = "127.0.0.1:{admin}"
@@ -148,6 +153,7 @@ def test_installed_meshd_serves_a_request(destdir: Path, tmp_path: Path) -> None
         terminate(proc)
         log.close()
         backend.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
     assert proc.returncode == 0, (tmp_path / "meshd.log").read_text()
 
 
