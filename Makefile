@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan"
+	@$(MAKE) --no-print-directory tools TOOLS="chromium chromedriver"  # the dashboard's browser test
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
