@@ -19,7 +19,14 @@ from conftest import MeshFactory
 from meshd.control.dashboard import CSP
 from meshd.control.recent_errors import RecentErrors
 from meshd.shm import F_CLASS, F_FAILURES, F_STATUS, FIELDS, STATUS_CLASSES, STATUS_CODES
-from meshd.testing.harness import Backend, KeepAliveLoad, Meshd, http_get, require_tool
+from meshd.testing.harness import (
+    Backend,
+    KeepAliveLoad,
+    Meshd,
+    free_port,
+    http_get,
+    require_tool,
+)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -95,6 +102,21 @@ def test_status_says_workers_rows_sources_services(live):
     assert web["sources"] == {"local": "synced"}
     assert s["services"]["flaky"]["failure_accrual"] == 0
     assert s["identity"] is None
+    (ep,) = json.loads(_get(m, "/endpoints")[2])["services"]["web"]["endpoints"]
+    assert ep["address"] == a.address and isinstance(ep["connections"], int)
+
+
+def test_the_probe_listener_serves_no_dashboard(mesh, backends):
+    """``[admin] probe_listen`` may face the pod network: it serves /live and /ready only."""
+    a = backends("a")
+    probe = free_port()
+    text, ports = mesh.config({"web": [a.address]}, workers=1)
+    text = text.replace("[admin]\n", f'[admin]\nprobe_listen = "127.0.0.1:{probe}"\n', 1)
+    m = mesh.start(text, ports)
+    for path in ("/", "/dashboard/app.js", "/status"):
+        assert http_get("127.0.0.1", probe, path)[0] == 404, path
+        assert _get(m, path)[0] == 200, path
+    assert http_get("127.0.0.1", probe, "/ready")[0] == 200
 
 
 def test_recent_errors_show_failed_responses_by_status(live):

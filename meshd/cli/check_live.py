@@ -110,15 +110,16 @@ def _sources(discovery: dict[str, Any]) -> list[Check]:
                             f"first answer: {_names(s['pending'], s['pending_total'])}")
         if s["failing_total"]:
             first = s["failing"][0]
-            problems.append(f"{s['failing_total']} failing watches "
-                            f"({_names([f['service'] for f in s['failing']], s['failing_total'])}"
-                            f"): {first['error']}")
+            n = s["failing_total"]
+            problems.append(f"{n} watch{'es' if n != 1 else ''} failing "
+                            f"({_names([f['service'] for f in s['failing']], n)}): "
+                            f"{first['error']}")
         if problems:
             out.append(Check(label, FAIL, "; ".join(problems)))
         else:
             stale = f", {s['stale']} from the persisted state" if s["stale"] else ""
             out.append(Check(label, PASS, f"{s['synced']} of {s['services']} services synced"
-                             + stale))
+                             + stale if s["services"] else "watches no service"))
     return out or [Check("discovery sources synced", PASS, "no discovery source")]
 
 
