@@ -152,8 +152,9 @@ def test_recent_errors_ring_merges_and_is_bounded():
     row[i503] += 1
     row[F_FAILURES] += 1
     r.responses({2: tuple(row)}, {2: "web"}, at=3.0)
-    got = {(e["detail"], e["count"]) for e in r.entries()}
-    assert got == {("503", 1), ("failure (no 5xx: gRPC status, reset)", 3), ("503", 2)}
+    got = {(e["detail"], e["count"], e["first"][-7:], e["last"][-7:]) for e in r.entries()}
+    assert got == {("503", 3, "02.000Z", "03.000Z"),   # merged: one entry, first and last
+                   ("failure (no 5xx: gRPC status, reset)", 3, "02.000Z", "02.000Z")}
     row[F_CLASS + STATUS_CLASSES.index("5xx")] += 4   # a 5xx without a field of its own
     row[F_FAILURES] += 4
     r.responses({2: tuple(row)}, {2: "web"}, at=4.0)
@@ -163,8 +164,11 @@ def test_recent_errors_ring_merges_and_is_bounded():
     assert r.entries()[0]["count"] == 2
     for n in range(10):
         r.sources([("web", "consul", n + 1, "connection refused")], at=6.0 + n)
-    assert len(r.entries()) == 4   # bounded
-    assert r.entries()[0]["count"] == 10   # one entry for the repeating failure
+    entries = r.entries()
+    assert len(entries) == 4   # bounded: the entry that happened least recently went
+    assert [e["kind"] for e in entries] == ["discovery", "reload", "response", "response"]
+    assert entries[0]["count"] == 10   # one entry for the repeating failure
+    assert {e["detail"] for e in entries[2:]} == {"503", "5xx (other)"}
 
 
 def test_dashboard_in_headless_chromium(live):

@@ -11,11 +11,12 @@ noticed between two looks (every stats sample, about once a second):
 - ``discovery``: a source's watch of a service failed (``detail`` its error);
 - ``reload``: a config reload (HUP) failed; this generation runs on (the master logged why).
 
-An entry that repeats the newest one of the same kind, service and detail is merged into
-it (``count`` grows, ``last`` moves), so a service failing for a minute is one entry, not
-sixty. The ring holds RING entries; the maps of last-seen counters are bounded by the
-region's rows and the discovery watches. A reload starts a new control process, with an
-empty ring.
+An entry of the same kind, service and detail as one the ring holds is merged into it
+(``count`` grows, ``last`` moves), so a service failing for a minute is one entry, not
+sixty, and a service alternating 502 and 503 two. The ring holds RING entries; when a new
+one comes, the one that happened least recently goes. The maps of last-seen counters are
+bounded by the region's rows and the discovery watches. A reload starts a new control
+process, with an empty ring.
 
 The counters of reload failures seen since this process started also tell the live
 check whether the *last* reload failed: a reload that succeeds starts a new control
@@ -25,7 +26,7 @@ process, so any failure this one sees came after the configuration it runs.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,9 @@ class RecentErrors:
     def __init__(self, reload_failures: int, size: int = RING) -> None:
         """``reload_failures``: the region's reload failure counter when this control
         process started."""
-        self.ring: deque[Entry] = deque(maxlen=size)
+        self.size = size
+        # (kind, service, detail) -> entry, the one that happened last at the end
+        self.ring: OrderedDict[tuple[str, str, str], Entry] = OrderedDict()
         self._rows: dict[int, tuple[int, ...]] = {}         # row -> last failure counters
         self._ejections: dict[int, int] = {}                # endpoint row -> ejections
         self._source_errors: dict[tuple[str, str], int] = {}  # (service, source) -> errors_total
@@ -81,18 +84,21 @@ class RecentErrors:
             at: float | None = None) -> None:
         at = time.time() if at is None else at
         detail = detail[:DETAIL_MAX]
-        for e in reversed(self.ring):   # the newest entry of this kind and service
-            if e.kind == kind and e.service == service:
-                if e.detail == detail:
-                    e.count += count
-                    e.last = at
-                    return
-                break
-        self.ring.append(Entry(kind, service, detail, count, at, at))
+        key = (kind, service, detail)
+        e = self.ring.get(key)
+        if e is not None:
+            e.count += count
+            e.last = max(e.last, at)
+            self.ring.move_to_end(key)
+            return
+        self.ring[key] = Entry(kind, service, detail, count, at, at)
+        if len(self.ring) > self.size:
+            self.ring.popitem(last=False)
 
     def entries(self) -> list[dict[str, Any]]:
         """Newest first (by when they last happened)."""
-        return [e.as_json() for e in sorted(self.ring, key=lambda e: e.last, reverse=True)]
+        return [e.as_json() for e in sorted(self.ring.values(), key=lambda e: e.last,
+                                                reverse=True)]
 
     # -- what the control process looks at -----------------------------------------------
 
