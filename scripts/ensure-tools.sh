@@ -11,6 +11,7 @@ for tool in "$@"; do
     iptables|iptables-restore) pkg=iptables ;;
     ip) pkg=iproute2 ;;
     systemd-analyze) pkg=systemd ;;
+    chromedriver) pkg=chromium-driver ;;
     *) pkg=$tool ;;
   esac
   case " $missing " in *" $pkg "*) continue ;; esac

@@ -149,6 +149,11 @@ def test_installed_meshd_serves_a_request(destdir: Path, tmp_path: Path) -> None
         wait_for(ready, timeout=60, what="the installed meshd /ready")
         status, headers, body = http_get("127.0.0.1", outbound, "/installed", {"Host": "web"})
         assert (status, headers.get("x-backend"), body) == (200, "a", b"a /installed\n")
+        # the dashboard's files are package data: in the wheel, not only in this checkout
+        from meshd.control.dashboard import FILES
+        for path, (name, _) in FILES.items():
+            status, _, body = http_get("127.0.0.1", admin, path)
+            assert (status, body) == (200, (ROOT / "meshd/assets/dashboard" / name).read_bytes())
     finally:
         terminate(proc)
         log.close()

@@ -5,6 +5,8 @@ bounds of its server.
 (JSON: what `meshd stat` prints), ``/endpoints`` (JSON: services and endpoints) and
 ``/identity`` (JSON: the published workload identity, with ``[identity]``) and
 ``/config`` (JSON: the effective config, secrets masked: ``config_view``).
+``/status`` (JSON: workers, reloads, shm rows, discovery sync, balancer state, recent
+errors: ``meshd.control.status``); ``/`` is the dashboard (``meshd.control.dashboard``).
 The probe listener (``[admin] probe_listen``) serves only ``/live`` and ``/ready``.
 
 The server (:class:`AdminServer`) holds at most MAX_CONNECTIONS connections. A connection
@@ -29,6 +31,9 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.control import build_info
 from meshd.control.config_view import effective
+from meshd.control.dashboard import PATHS as DASHBOARD_PATHS
+from meshd.control.dashboard import Dashboard
+from meshd.control.status import status
 from meshd.metrics import render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
 
@@ -164,12 +169,18 @@ class AdminApp:
             "/endpoints": self.endpoints,
             "/identity": self.identity,
             "/config": self.config,
+            "/status": self.status,
         }
+        # the dashboard's page and files (meshd.control.dashboard)
+        self.dashboard: Dashboard | None = None if probe_only else Dashboard()
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        route = self.routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        if self.dashboard is not None and path in DASHBOARD_PATHS:
+            return self.dashboard(environ, start_response)
+        route = self.routes.get(path)
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
         elif environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
@@ -255,6 +266,11 @@ class AdminApp:
     def config(self) -> tuple[str, str, bytes]:
         """The effective config of this generation, secrets masked (``config_view``)."""
         body = effective(self.control.config)
+        return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
+
+    def status(self) -> tuple[str, str, bytes]:
+        """This meshd at a glance for the dashboard and `meshd check --live`."""
+        body = status(self.control)
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
 
     def endpoints(self) -> tuple[str, str, bytes]:

@@ -33,7 +33,7 @@ from meshd.balance.ewma import EwmaState, combine
 from meshd.balance.window import Window
 from meshd.control.rows import RowUsage
 from meshd.discovery.api import Endpoint
-from meshd.shm import KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region
+from meshd.shm import EP_CONNS, KIND_WORKER, OFF_ROWS_EXHAUSTED, OFF_SLOTS_USED, Region
 
 log = logging.getLogger("meshd.control")
 
@@ -225,6 +225,7 @@ class HealthKeeper:
         return {
             "state": h.state.name.lower(),
             "in_flight": inflight,
+            "connections": self.region.endpoint_view().field_sum(row, EP_CONNS, live),
             "ewma_ms": round(ewma.estimate(now) * 1000, 3) if ewma.observed else None,
             "successes": ok,
             "failures": bad,

@@ -24,10 +24,11 @@ from meshd import rowkeys  # noqa: E402
 from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
+from meshd.control.recent_errors import RecentErrors, observe  # noqa: E402
 from meshd.identity import paths as identity_paths  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
-from meshd.shm import STATE_SERVING  # noqa: E402
+from meshd.shm import OFF_RELOAD_FAILURES, STATE_SERVING  # noqa: E402
 from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 
@@ -49,6 +50,7 @@ class Control:
         self.stopped = gevent.event.Event()
         self.stat_window = StatWindow()
         self._last_sample = 0.0
+        self.recent_errors = RecentErrors(ctx.region.get_u64(OFF_RELOAD_FAILURES))
         previous: Snapshot | None = None
         if ctx.previous_snapshot_path:
             try:
@@ -129,8 +131,10 @@ class Control:
         now = time.monotonic()
         if now - self._last_sample >= 0.5:
             self._last_sample = now
-            rows = sorted(row_keys(self.config, self.discovery.rows.rows))
-            self.stat_window.take(self.region, rows, now)
+            keys = row_keys(self.config, self.discovery.rows.rows)
+            self.stat_window.take(self.region, sorted(keys), now)
+            observe(self.recent_errors, self.region, self.stat_window.samples[-1].totals,
+                    {row: k.service for row, k in keys.items()}, self.discovery)
 
     def _stats_loop(self) -> None:
         while True:
