@@ -143,6 +143,11 @@ class AdminHandler(WSGIHandler):
         line: str = super().read_requestline()
         return line
 
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        env["meshd.socket"] = self.socket  # /tap watches it for the client leaving
+        return env
+
     def read_request(self, raw_requestline: str) -> Any:
         try:
             return super().read_request(raw_requestline)
@@ -167,8 +172,12 @@ class AdminApp:
         }
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
+        # /tap streams (meshd.control.tap): not a route of one answer
+        self.tap = None if probe_only else control.tap
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self.tap is not None and environ.get("PATH_INFO") == "/tap":
+            return self.tap(environ, start_response)
         route = self.routes.get(environ.get("PATH_INFO", ""))
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
@@ -234,7 +243,8 @@ class AdminApp:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
-                 *(c.identity.prometheus() if c.identity else ())]
+                 *(c.identity.prometheus() if c.identity else ()),
+                 *(c.tap.prometheus() if c.tap else ())]
         text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
