@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan"
+	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan tmux"
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
