@@ -346,11 +346,14 @@ def test_terminal_output_is_escaped() -> None:
 
 
 def test_lines_are_bounded() -> None:
-    raw = [1.5, "outbound", "l", "s", "a", "GET", "/" + "x" * 10, 200, "", 1.0, "", False,
+    raw = [1.5, "outbound", "l", "s", "a", "GET", "/\x1b" + "x" * 10, 200, "", 1.0, "", False,
            "", 1]
-    fields = core.record_dict(raw)
-    assert fields is not None and json.loads(core.to_line(fields))["ts"].endswith("Z")
-    assert core.record_dict(raw[:-1]) is None
+    line = json.loads(core.to_line(raw))
+    assert set(line) == CONTRACT_FIELDS and line["ts"] == "1970-01-01T00:00:01.500Z"
+    assert line["path"] == "/\x1b" + "x" * 10 and line["tls"] is False
+    with pytest.raises(ValueError):
+        core.to_line(raw[:-1])
+    with pytest.raises(TypeError):
+        core.to_line([*raw[:2], 5, *raw[3:]])
     assert core.cut_path(b"/" + b"p" * 5000).endswith("...")
     assert len(core.cut_path(b"/" + b"p" * 5000)) == core.MAX_PATH + 3
-

@@ -52,10 +52,11 @@ MAX_REPORTERS = 4096     # worker pids whose counts are kept (restarts make new 
 
 
 class TapClient:
-    __slots__ = ("filter", "lines", "wake", "gone", "dropped", "sent")
+    __slots__ = ("filter", "everything", "lines", "wake", "gone", "dropped", "sent")
 
     def __init__(self, filt: core.Filter) -> None:
         self.filter = filt
+        self.everything = filt.everything
         self.lines: collections.deque[bytes] = collections.deque()
         self.wake = gevent.event.Event()
         self.gone = False
@@ -124,21 +125,20 @@ class TapHub:
                                self.bad)
 
     def _dispatch(self, rec: Any) -> None:
-        fields = core.record_dict(rec)
-        if fields is None:
+        if not isinstance(rec, list) or len(rec) != len(core.FIELDS):
             raise ValueError("not a record")
         self.received += 1
         line: bytes | None = None
         for client in self.clients:
-            if not client.filter.matches(fields["service"], fields["method"], fields["path"],
-                                         fields["status"], fields["direction"]):
+            if not client.everything and not client.filter.matches(
+                    rec[3], rec[5], rec[6], rec[7], rec[1]):  # service method path status direction
                 continue
             if len(client.lines) >= CLIENT_LINES:
                 client.dropped += 1
                 self.dropped_client += 1
                 continue
             if line is None:
-                line = core.to_line(fields)
+                line = core.to_line(rec)
             client.lines.append(line)
             client.wake.set()
 

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import msgpack
@@ -47,10 +47,10 @@ QUEUE = 4096             # records waiting for the sender at most (then dropped,
 FLUSH_INTERVAL = 0.02    # seconds between the sender's turns
 BATCH_BYTES = 48 * 1024  # a datagram's records at most (one record is ~2.5 KB at most)
 
-# (wall time, listener, service, peer, method, authority, path, status, call, started,
-#  the exchange of a gRPC answer or None)
-Pending = tuple[float, "ListenerConfig", str, "Peer", bytes, "bytes | None", bytes, int,
-                "Call | None", float, "UpstreamExchange | None"]
+# (listener, service, peer, method, authority, path, status, call, started, ended (both
+#  time.monotonic), the exchange of a gRPC answer or None)
+Pending = tuple["ListenerConfig", str, "Peer", bytes, "bytes | None", bytes, int,
+                "Call | None", float, float, "UpstreamExchange | None"]
 
 
 class TapSender:
@@ -58,6 +58,7 @@ class TapSender:
         self.socket_path = socket_path
         self.filter_path = filter_path
         self.filters: tuple[core.Filter, ...] = ()
+        self.everything = False     # a tap without a filter: no matching needed
         self.version = -1           # of the filters applied; -1: none yet
         self.queue: collections.deque[Pending] = collections.deque()
         self.sent = 0               # records that went out in a datagram
@@ -79,6 +80,7 @@ class TapSender:
         if file_id != self._file_id:
             try:
                 self.version, self.filters = core.decode_filters(read_trusted(self.filter_path))
+                self.everything = any(f.everything for f in self.filters)
                 self._file_id = file_id
             except (OSError, ValueError) as e:  # replaced meanwhile, or not the control's
                 log.debug("tap filter file %s: %s", self.filter_path, e)
@@ -101,14 +103,14 @@ class TapSender:
                 authority: bytes | None, path: bytes, status: int, call: Call | None,
                 started: float, answered: UpstreamExchange | None = None) -> None:
         """One finished request: kept when it matches a filter and the queue has room."""
-        if not core.any_matches(self.filters, service, method, path, status,
-                                listener.direction):
+        if not self.everything and not core.any_matches(self.filters, service, method, path,
+                                                        status, listener.direction):
             return
         if len(self.queue) >= QUEUE:
             self.dropped += 1
             return
-        self.queue.append((time.time(), listener, service, peer, method, authority, path,
-                           status, call, time.monotonic() - started, answered))
+        self.queue.append((listener, service, peer, method, authority, path, status, call,
+                           started, time.monotonic(), answered))
 
     # -- the sender ---------------------------------------------------------------------
 
@@ -121,11 +123,14 @@ class TapSender:
 
     def flush(self) -> None:
         queue = self.queue
+        # one wall clock reading per batch: a record's time is its end on the monotonic
+        # clock, shifted (the request path reads one clock, not two)
+        shift = time.time() - time.monotonic()
         while queue:
-            batch: list[core.Record] = []
+            batch: list[list[Any]] = []
             size = 0
             while queue and size < BATCH_BYTES:
-                rec = _record(queue.popleft())
+                rec = _record(queue.popleft(), shift)
                 batch.append(rec)
                 size += 64 + len(rec[4]) + len(rec[5]) + len(rec[6]) + len(rec[12])
             if self._send(msgpack.packb([core.MSG_RECORDS, batch])):
@@ -144,8 +149,9 @@ class TapSender:
             return False
 
 
-def _record(p: Pending) -> core.Record:
-    (wall, listener, service, peer, method, authority, path, status, call, duration,
+def _record(p: Pending, shift: float) -> list[Any]:
+    """The record (``meshd.tap.FIELDS`` in order) of a finished request."""
+    (listener, service, peer, method, authority, path, status, call, started, ended,
      answered) = p
     endpoint = ""
     attempts = 0
@@ -153,8 +159,7 @@ def _record(p: Pending) -> core.Record:
         attempts = len(call.tried)
         ep = call.endpoints[call.tried[-1]]
         endpoint = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
-    return (round(wall, 3), listener.direction, listener.name, service[:core.MAX_SERVICE],
+    return [ended + shift, listener.direction, listener.name, service[:core.MAX_SERVICE],
             core.cut_authority(authority), core.cut_method(method), core.cut_path(path),
-            status, grpc_status(answered), round(duration * 1000, 3), endpoint, peer.tls,
-            peer.client_id, attempts)
-
+            status, grpc_status(answered) if answered is not None else "",
+            (ended - started) * 1000, endpoint, peer.tls, peer.client_id, attempts]
