@@ -106,7 +106,7 @@ class TapHub:
 
     def _receive_loop(self, sock: socket.socket) -> None:
         while True:
-            data = sock.recv(1 << 16)
+            data = sock.recv(1 << 17)   # a worker's batch is under 64 KB
             try:
                 msg = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0,
                                       max_map_len=0, max_array_len=1 << 16)

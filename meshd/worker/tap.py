@@ -1,8 +1,9 @@
 """A worker's side of tap (``meshd.tap`` says how the pieces fit).
 
 ``TapSender.poll`` runs in the worker's snapshot loop: a stat() of the filter file the
-control process writes while someone taps. It returns the sender while the file exists
-and None otherwise; the worker keeps that in its ``tap`` attribute, and the request path
+control process writes when taps come and go. It returns the sender while the file
+lists filters and None otherwise; the worker keeps that in its ``tap`` attribute, and
+the request path
 tests only that (``if worker.tap is not None``): with nobody tapping, a request costs one
 attribute load, builds nothing and makes no syscall.
 
@@ -45,7 +46,9 @@ log = logging.getLogger("meshd.worker")
 
 QUEUE = 4096             # records waiting for the sender at most (then dropped, counted)
 FLUSH_INTERVAL = 0.02    # seconds between the sender's turns
-BATCH_BYTES = 48 * 1024  # a datagram's records at most (one record is ~2.5 KB at most)
+BATCH_BYTES = 48 * 1024  # a datagram's records at most (one record is under 8 KB: the
+                         # control reads datagrams of up to 128 KB)
+_STRINGS = (2, 3, 4, 5, 6, 10, 12)  # a record's strings (meshd.tap.FIELDS)
 
 # (listener, service, peer, method, authority, path, status, call, started, ended (both
 #  time.monotonic), the exchange of a gRPC answer or None)
@@ -132,7 +135,7 @@ class TapSender:
             while queue and size < BATCH_BYTES:
                 rec = _record(queue.popleft(), shift)
                 batch.append(rec)
-                size += 64 + len(rec[4]) + len(rec[5]) + len(rec[6]) + len(rec[12])
+                size += 96 + sum(len(rec[i]) for i in _STRINGS)
             if self._send(msgpack.packb([core.MSG_RECORDS, batch])):
                 self.sent += len(batch)
             else:
