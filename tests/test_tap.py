@@ -25,7 +25,14 @@ from test_grpc import SERVICE, EchoServicer, _raw
 
 from meshd import tap as core
 from meshd.cli.tap import human, lines, open_tap, safe
-from meshd.testing.harness import Backend, KeepAliveLoad, Meshd, http_get, wait_for
+from meshd.testing.harness import (
+    Backend,
+    KeepAliveLoad,
+    Meshd,
+    free_port,
+    http_get,
+    wait_for,
+)
 
 CONTRACT_FIELDS = {"ts", "direction", "listener", "service", "authority", "method", "path",
                    "status", "grpc_status", "latency_ms", "endpoint", "tls", "client_id",
@@ -59,8 +66,16 @@ def env(tmp_path_factory: pytest.TempPathFactory, grpc_module: int) -> Iterator[
     backend = Backend("a").start()
     factory = MeshFactory(tmp_path_factory.mktemp("tap"))
     try:
+        inbound = free_port()
         m = factory.run({"web": [backend.address], "api": [backend.address],
-                         "echo": [f"127.0.0.1:{grpc_module}"]}, workers=1)
+                         "echo": [f"127.0.0.1:{grpc_module}"]}, workers=1, listeners=f"""
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:{inbound}"
+direction = "inbound"
+forward = "{backend.address}"
+""")
+        m.ports["inbound"] = inbound  # type: ignore[attr-defined]
         yield Env(m, backend, grpc_module)
     finally:
         for m in factory.started:
@@ -133,6 +148,24 @@ def test_filter_sees_only_matching_requests_http1_and_h2(mesh_env: Env) -> None:
     assert h1["ts"].endswith("Z") and h1["ts"][:2] == "20"
     assert h2["method"] == "GET" and h2["authority"] == "web" and h2["status"] == 200
     assert h2["endpoint"] == env.backend.address
+
+
+def test_direction_filter_and_inbound_fields(mesh_env: Env) -> None:
+    env = mesh_env
+    inbound = env.meshd.ports["inbound"]  # type: ignore[attr-defined]
+    tap = Tap(env, "direction=inbound")
+    try:
+        curl(env, "/dir/outbound")
+        assert http_get("127.0.0.1", inbound, "/dir/in", {"Host": "anything"})[0] == 200
+        assert http_get("127.0.0.1", inbound, "/dir/end", {"Host": "anything"})[0] == 200
+        seen = tap.until("/dir/end")
+    finally:
+        tap.close()
+    assert [r["path"] for r in seen] == ["/dir/in", "/dir/end"]
+    rec = seen[0]
+    assert rec["direction"] == "inbound" and rec["listener"] == "inbound"
+    assert rec["service"] == env.backend.address and rec["authority"] == "anything"
+    assert rec["endpoint"] == env.backend.address and rec["status"] == 200
 
 
 def test_grpc_status_and_status_filter(mesh_env: Env) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import MeshFactory
 
+from meshd.cli.tap import lines, open_tap
 from meshd.cli.top import HEADER, MAX_ROWS, Paths, render
 from meshd.testing.harness import Backend, Meshd, http_get, require_tool, wait_for
 
@@ -90,6 +91,27 @@ def test_top_shows_the_busiest_paths_and_q_quits(meshd: Meshd) -> None:
         wait_for(lambda: meshd.metric("meshd_tap_clients") == 0, what="its tap closed")
     finally:
         tmux.kill()
+
+
+def test_every_worker_reaches_the_tap(meshd: Meshd) -> None:
+    """Two workers: a tap's head comes once both apply its filter, and the requests of
+    both reach it (each request on its own connection: either worker may take it)."""
+    port = meshd.ports["outbound"]  # type: ignore[attr-defined]
+    conn, resp = open_tap(meshd.admin or "", "/tap?path_prefix=/both")
+    try:
+        assert meshd.metric("meshd_tap_workers_current") == 2
+        want = {f"/both/{i}" for i in range(20)}
+        for path in sorted(want):
+            assert http_get("127.0.0.1", port, path, {"Host": "web"})[0] == 200
+        seen: set[str] = set()
+        for rec in lines(conn, resp, time.monotonic() + 20):
+            seen.add(rec["path"])
+            if seen >= want:
+                break
+        assert seen == want
+    finally:
+        resp.close()
+        conn.close()
 
 
 def test_paths_table() -> None:
