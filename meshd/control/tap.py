@@ -3,16 +3,17 @@ filter file they follow, and the NDJSON streams of the tap clients (``meshd.tap`
 how the pieces fit).
 
 ``TapHub`` owns all three. Each ``/tap`` request becomes a ``TapClient``: its filter, a
-bounded queue of lines, and the greenlet of its WSGI response, which writes what is
-queued. The receive loop never waits for a client: a line that finds its client's queue
-full (the reader is slow, or its socket buffer is) is dropped and counted
+queue of lines bounded in count and bytes, and the greenlet of its WSGI response, which
+writes what is queued. The receive loop never waits for a client: a line that finds its
+client's queue full (the reader is slow, or its socket buffer is) is dropped and counted
 (``meshd_tap_dropped_total{reason="client"}``). At most MAX_TAPS clients tap at once
 (503 past it). A client that goes away ends its stream (a greenlet reads its socket and
 sees EOF); one that accepts no byte for WRITE_TIMEOUT is closed.
 
 The filter file holds the filters of every open tap and a version (no filter: nobody
-taps; it is written at the first tap of a generation). A new tap's response head is sent once every serving worker reported that
-version (or after ACK_WAIT): when a client has its head, the workers send what it asked for.
+taps; it is written at the first tap of a generation). A new tap's response head is sent
+once every serving worker reported that version (or after ACK_WAIT): when a client has
+its head, the workers send what it asked for.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 MAX_TAPS = 16            # tap clients at once (503 past it)
 CLIENT_LINES = 1024      # lines queued for one client at most (then dropped, counted)
+CLIENT_BYTES = 1 << 20   # and bytes: 16 slow clients hold 16 MB at most
 CHUNK_BYTES = 64 * 1024  # lines written to a client at once at most
 ACK_WAIT = 2.0           # seconds a new tap waits for the workers to apply its filter
 WRITE_TIMEOUT = 30.0     # a client that accepts no byte this long is closed
@@ -52,12 +54,13 @@ MAX_REPORTERS = 4096     # worker pids whose counts are kept (restarts make new 
 
 
 class TapClient:
-    __slots__ = ("filter", "everything", "lines", "wake", "gone", "dropped", "sent")
+    __slots__ = ("filter", "everything", "lines", "size", "wake", "gone", "dropped", "sent")
 
     def __init__(self, filt: core.Filter) -> None:
         self.filter = filt
         self.everything = filt.everything
         self.lines: collections.deque[bytes] = collections.deque()
+        self.size = 0            # bytes in lines
         self.wake = gevent.event.Event()
         self.gone = False
         self.dropped = 0
@@ -133,13 +136,14 @@ class TapHub:
             if not client.everything and not client.filter.matches(
                     rec[3], rec[5], rec[6], rec[7], rec[1]):  # service method path status direction
                 continue
-            if len(client.lines) >= CLIENT_LINES:
+            if len(client.lines) >= CLIENT_LINES or client.size >= CLIENT_BYTES:
                 client.dropped += 1
                 self.dropped_client += 1
                 continue
             if line is None:
                 line = core.to_line(rec)
             client.lines.append(line)
+            client.size += len(line)
             client.wake.set()
 
     def _state(self, pid: int, version: int, sent: int, dropped: int) -> None:
@@ -236,6 +240,7 @@ class TapHub:
                     line = client.lines.popleft()
                     out.append(line)
                     size += len(line)
+                client.size -= size
                 client.sent += len(out)
                 yield b"".join(out)
         finally:

@@ -77,7 +77,8 @@ class TapSender:
         """Follow the filter file; the sender while someone taps, else None."""
         try:
             st = os.stat(self.filter_path)
-        except OSError:   # nobody tapped yet in this generation
+        except OSError:   # nobody tapped yet, or a restarted control process removed it
+            self.filters, self.everything, self._file_id = (), False, None
             return None
         file_id = (st.st_ino, st.st_mtime_ns)
         if file_id != self._file_id:
