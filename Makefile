@@ -36,7 +36,7 @@ lint: $(STAMP)
 TEST_JOBS ?= 2
 
 test: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan"
+	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan tmux"
 	@$(MAKE) --no-print-directory tools TOOLS="chromium chromedriver"  # the dashboard's browser test
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 $(PYTEST_ARGS)

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="two-hop: workers of each meshd")
     parser.add_argument("--access-log", choices=("text", "json"),
                         help="http1 scenario: meshd with [access_log] to a file, this format")
+    parser.add_argument("--tap", action="store_true",
+                        help="http1 scenario: beside each meshd target, a twin with one tap "
+                             "attached (curl reading admin /tap), measured in the same rounds")
     parser.add_argument("--serve-slow", metavar="PORT:MS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_slow:

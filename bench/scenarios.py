@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from bench.common import (
     POLICIES,
     SLOW_MS,
     SLOW_VARIANTS,
+    BenchError,
     Round,
 )
 from bench.load import RateRound, check_h2, measure_h2, measure_rate, shown_command, shown_h2load
@@ -53,7 +55,7 @@ from bench.report import (
     wrk_problems,
     wrk_rounds,
 )
-from meshd.testing.harness import Meshd, free_port
+from meshd.testing.harness import Meshd, free_port, wait_for
 
 # -- the scenarios ----------------------------------------------------------------------------
 
@@ -74,6 +76,14 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
             proc = start_meshd(workdir, int(name[6]), port, backend_port, extra=alog)
         stack.callback(proc.stop)
         ports[name] = (port, proc.pid)
+        if args.tap and isinstance(proc, Meshd):
+            twin = f"{name}+tap"
+            port = free_port()
+            tapped = start_meshd(workdir, int(name[6]), port, backend_port,
+                                 name=f"{name[6:]}-tap", extra=alog)
+            stack.callback(tapped.stop)
+            stack.callback(attach_tap(tapped, int(name[6])))
+            ports[twin] = (port, tapped.pid)
     rounds = wrk_rounds("", ports, args)
     results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
@@ -94,10 +104,48 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
         lines, met = ratio_aim(pairs, "meshd-2w", "nginx", AIM)
         print(f"\n{lines}")
         aim = {"ratio": AIM, "met": met}
+    tap = tap_summary(rounds) if args.tap else {}
     _warnings(rounds, wrk_problems)
     _save("http1.json", command, args,
           results={name: asdict(r) for name, r in results.items()},
-          all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim)
+          all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim, tap=tap)
+
+
+def attach_tap(meshd: Meshd, workers: int) -> Callable[[], None]:
+    """One tap client on ``meshd`` (curl reading admin /tap, every request: no filter),
+    once every worker taps. Returns what stops it."""
+    tap = subprocess.Popen(["curl", "-sN", "-o", "/dev/null", f"http://{meshd.admin}/tap"])
+    try:
+        wait_for(lambda: meshd.metric("meshd_tap_clients") == 1
+                 and meshd.metric("meshd_tap_workers_current") == workers, timeout=30,
+                 what="the tap attached")
+    except TimeoutError as e:
+        tap.kill()
+        raise BenchError(f"tap: {e}") from None
+
+    def stop() -> None:
+        tap.terminate()
+        tap.wait(10)
+    return stop
+
+
+def tap_summary(rounds: dict[str, list[Round]]) -> dict[str, dict[str, object]]:
+    """Each tapped twin against its meshd target, round by round (measured back to back)."""
+    out: dict[str, dict[str, object]] = {}
+    for name in rounds:
+        if not name.endswith("+tap") or name[:-4] not in rounds:
+            continue
+        base = name[:-4]
+        ratios = rps_ratios(rounds, name, base)
+        cpu = [x.cpu_us_per_req / y.cpu_us_per_req
+               for x, y in zip(rounds[name], rounds[base], strict=True)
+               if x.cpu_us_per_req and y.cpu_us_per_req]
+        print(f"\nper-round req/s ratio {name}/{base}: {', '.join(f'{x:.3f}' for x in ratios)};"
+              f" median {statistics.median(ratios):.3f}"
+              + (f"; median CPU/req ratio {statistics.median(cpu):.3f}" if cpu else ""))
+        out[name] = {"rps_ratios": ratios, "rps_ratio_median": statistics.median(ratios),
+                     "cpu_ratio_median": statistics.median(cpu) if cpu else None}
+    return out
 
 
 def balancing_summary(rounds: dict[str, list[Round]]) -> dict[str, float | None]:

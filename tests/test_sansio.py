@@ -34,6 +34,7 @@ SANS_IO = [
     "meshd.balance.retry",
     "meshd.balance.window",
     "meshd.control.state",
+    "meshd.tap",
 ]
 IO_MODULES = ("gevent", "ssl", "asyncio", "socket", "selectors", "select")
 # Who may import what: the importer of each I/O module that is allowed at all.

@@ -13,6 +13,8 @@ from meshd.cli.iptables import iptables
 from meshd.cli.plugins import plugins
 from meshd.cli.run import run
 from meshd.cli.stat import stat
+from meshd.cli.tap import tap
+from meshd.cli.top import top
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +36,8 @@ cli.add_command(plugins)
 cli.add_command(iptables)
 cli.add_command(inject)
 cli.add_command(ca)
+cli.add_command(tap)
+cli.add_command(top)
 
 
 def main() -> None:

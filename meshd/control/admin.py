@@ -148,6 +148,11 @@ class AdminHandler(WSGIHandler):
         line: str = super().read_requestline()
         return line
 
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        env["meshd.socket"] = self.socket  # /tap watches it for the client leaving
+        return env
+
     def read_request(self, raw_requestline: str) -> Any:
         try:
             return super().read_request(raw_requestline)
@@ -175,11 +180,15 @@ class AdminApp:
         self.dashboard: Dashboard | None = None if probe_only else Dashboard()
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
+        # /tap streams (meshd.control.tap): not a route of one answer
+        self.tap = None if probe_only else control.tap
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if self.dashboard is not None and path in DASHBOARD_PATHS:
             return self.dashboard(environ, start_response)
+        if self.tap is not None and path == "/tap":
+            return self.tap(environ, start_response)
         route = self.routes.get(path)
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
@@ -245,7 +254,8 @@ class AdminApp:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
-                 *(c.identity.prometheus() if c.identity else ())]
+                 *(c.identity.prometheus() if c.identity else ()),
+                 *(c.tap.prometheus() if c.tap else ())]
         text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 

@@ -25,12 +25,14 @@ from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
 from meshd.control.recent_errors import RecentErrors, observe  # noqa: E402
+from meshd.control.tap import TapHub  # noqa: E402
 from meshd.identity import paths as identity_paths  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
 from meshd.shm import OFF_RELOAD_FAILURES, STATE_SERVING  # noqa: E402
 from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
+from meshd.tap import tap_paths  # noqa: E402
 
 if TYPE_CHECKING:
     from meshd.master.spawn import ProcessContext
@@ -66,6 +68,8 @@ class Control:
         self.server: AdminServer | None = None
         self.probe_server: AdminServer | None = None
         self.control_path = ""
+        self.tap: TapHub | None = TapHub(self, *tap_paths(
+            ctx.config.shm_dir, ctx.config.instance, ctx.master_pid, ctx.generation))
 
     def boot(self) -> None:
         self.region.heartbeat(self.ctx.slot)
@@ -77,6 +81,8 @@ class Control:
             self.identity.start()
         self.discovery.start()
         self._bind_control_socket()
+        if self.tap is not None:
+            self.tap.start()
         raw = self.ctx.sockets[address_key(self.config.admin.listen)]
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.server = AdminServer(sock, AdminApp(self), log=None, error_log=log)
@@ -159,6 +165,8 @@ class Control:
                 os.unlink(self.control_path)
             except FileNotFoundError:
                 pass
+        if self.tap is not None:
+            self.tap.close()
         self.discovery.close()
         if self.identity is not None:
             self.identity.close()

@@ -44,6 +44,7 @@ from meshd.shm import (
     slot_count_for,
 )
 from meshd.snapshot import control_socket_path, snapshot_path
+from meshd.tap import tap_paths
 from meshd.validate import load_checked
 
 log = logging.getLogger("meshd.master")
@@ -181,6 +182,8 @@ class Arbiter:
         for gen in range(1, self.generation + 1):
             _unlink(self._snapshot_path(gen))
             _unlink(control_socket_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen))
+            for path in tap_paths(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen):
+                _unlink(path)   # a control process killed with its tap open leaves them
         published = identity_paths(self.cfg.shm_dir, self.cfg.instance, os.getpid())
         _unlink(published.pem)    # a key in tmpfs outlives nothing of meshd
         _unlink(published.roots)

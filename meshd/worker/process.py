@@ -41,6 +41,7 @@ from meshd.shm import (
 )
 from meshd.snapshot import Snapshot, control_socket_path
 from meshd.snapshot import read as read_snapshot
+from meshd.tap import tap_paths
 from meshd.worker.access_log import AccessLog
 from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
@@ -48,6 +49,7 @@ from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
+from meshd.worker.tap import TapSender
 from meshd.worker.upstream.http1 import Pool
 from meshd.worker.upstream.tls import UpstreamTls
 
@@ -104,6 +106,10 @@ class Worker:
         self._snapshot_log = Throttle(log, burst=3)
         alog = ctx.config.access_log
         self.access_log = AccessLog(alog) if alog is not None else None
+        # tap: None unless someone taps (the snapshot poll follows the control's filter file)
+        self.tap: TapSender | None = None
+        self._tap = TapSender(*tap_paths(ctx.config.shm_dir, ctx.config.instance,
+                                         ctx.master_pid, ctx.generation))
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -251,6 +257,7 @@ class Worker:
             self._load_snapshot()
             if self.identity is not None:
                 self.identity.refresh()   # a stat; every handshake refreshes too
+            self.tap = self._tap.poll()
 
     def _heartbeat_loop(self) -> None:
         while True:

@@ -142,6 +142,10 @@ class H2ToHttp1:
                 access_log.request(worker.access_log, server.listener, server.client_address(),
                                    server.peer.client_id, method, authority, target, status,
                                    call, started, fields, answered)
+            tap = worker.tap
+            if tap is not None:
+                tap.request(server.listener, service, server.peer, method, authority, target,
+                            status, call, started, answered)
 
     # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 

@@ -230,6 +230,10 @@ class HttpConnection:
                 access_log.request(worker.access_log, self.listener, self._peer_address(),
                                    self.peer.client_id, req.method, authority, req.target,
                                    status, call, started, req.headers)
+            tap = worker.tap
+            if tap is not None:
+                tap.request(self.listener, service, self.peer, req.method, authority,
+                            req.target, status, call, started)
 
     def _log_rejected(self, head: bytes, status: int, started: float) -> None:
         assert self.worker.access_log is not None
