@@ -51,6 +51,9 @@ from meshd.ratelog import Throttle
 log = logging.getLogger("meshd.control")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+# A service watched on demand is published once its policy answered, or this long after
+# its watch started (a source that is slow to answer must not hold its traffic back).
+FIRST_ANSWER_WAIT = 1.0
 STATE_FORMAT = 1
 READY_NAMES = 10
 
@@ -72,11 +75,14 @@ class FleetWatch:
     name: str
     sources: dict[str, PartState] = field(default_factory=dict)
     greenlets: list[gevent.Greenlet] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def settled(self) -> bool:
-        """Every source answered, failed, or left parts persisted by an earlier run."""
-        return all(s.synced or s.stale or s.error is not None for s in self.sources.values())
+        """Every source answered, failed, or left parts persisted by an earlier run (or
+        FIRST_ANSWER_WAIT passed)."""
+        return (all(s.synced or s.stale or s.error is not None for s in self.sources.values())
+                or time.monotonic() - self.started >= FIRST_ANSWER_WAIT)
 
 
 class FleetRunner:
@@ -145,6 +151,7 @@ class FleetRunner:
             w.greenlets.append(gevent.spawn(self._watch_loop, w, src.name, plugin, on_demand))
         if saved:
             self._changed()
+        gevent.spawn_later(FIRST_ANSWER_WAIT, self.on_change)   # see FIRST_ANSWER_WAIT
 
     def unwatch(self, service: str) -> None:
         w = self.watches.pop(service, None)

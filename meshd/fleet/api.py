@@ -158,7 +158,7 @@ class Route:
     idle_timeout: float | None = None
     retries: int | None = None                 # None: the service's retries
     retry_on: frozenset[str] | None = None     # subset of RETRY_KINDS; None: the service's
-    prefix_rewrite: str | None = None          # replaces the matched path prefix
+    prefix_rewrite: str | None = None          # not applied yet: meshd refuses a part with it
 
 
 @dataclass(frozen=True, slots=True)
