@@ -95,6 +95,7 @@ class FleetRunner:
         self.policies: dict[str, wire.Policy] = {}
         self.origins: dict[str, dict[str, str]] = {}       # service -> kind -> origin
         self.overridden: dict[str, dict[str, str]] = {}    # service -> kind -> fleet origin
+        self.refs: dict[str, set[str]] = {}                # service -> services its policy names
         self.version = f"{os.getpid()}.{time.monotonic_ns()}.0"
         self.published_version = ""   # that of the snapshot published last
         self._changes = 0
@@ -150,15 +151,14 @@ class FleetRunner:
                 continue
             w.greenlets.append(gevent.spawn(self._watch_loop, w, src.name, plugin, on_demand))
         if saved:
-            self._changed()
+            self._changed(service)
         gevent.spawn_later(FIRST_ANSWER_WAIT, self.on_change)   # see FIRST_ANSWER_WAIT
 
     def unwatch(self, service: str) -> None:
         w = self.watches.pop(service, None)
         if w is not None:
             gevent.killall(w.greenlets, block=False)
-            if service in self.policies:
-                self._changed()
+            self._changed(service)
 
     def _watch_loop(self, w: FleetWatch, source: str, plugin: Any, on_demand: bool) -> None:
         st = w.sources[source]
@@ -205,7 +205,7 @@ class FleetRunner:
             raise TypeError(f"not a config-source update: {type(update).__name__}")
         st.synced, st.stale, st.error = True, False, None
         st.last_update = time.time()
-        self._changed()
+        self._changed(w.name)
 
     def _refuse(self, w: FleetWatch, source: str, st: PartState, kind: PartKind, entry: str,
                 why: str) -> None:
@@ -220,39 +220,54 @@ class FleetRunner:
 
     # -- the effective policies ---------------------------------------------------------
 
-    def _changed(self) -> None:
-        policies: dict[str, wire.Policy] = {}
-        origins: dict[str, dict[str, str]] = {}
-        overridden: dict[str, dict[str, str]] = {}
-        for name, w in self.watches.items():
-            chosen: dict[str, Part] = {}
-            where: dict[str, str] = {}
-            for kind in PART_KINDS:
-                for src in self.cfg.config_sources:
-                    st = w.sources.get(src.name)
-                    part = st.parts.get(kind) if st is not None else None
-                    if part is None:
-                        continue
-                    origin = f"{src.name}: {part.entry}"
-                    if self._local(name, kind):
-                        overridden.setdefault(name, {})[kind] = origin
-                    else:
-                        chosen[kind], where[kind] = part, origin
-                    break
-            if chosen:
-                policies[name] = wire.Policy(name, chosen.get("routes"), chosen.get("split"),  # type: ignore[arg-type]
-                                             chosen.get("resolver"))  # type: ignore[arg-type]
-                origins[name] = where
-        if policies != self.policies:
+    def _changed(self, service: str) -> None:
+        """``service``'s parts changed (or it is no longer watched): its effective policy
+        again, and when that changed, a new version and the services policies name."""
+        policy, where, over = self._effective(service)
+        self.origins.pop(service, None)
+        self.overridden.pop(service, None)
+        if where:
+            self.origins[service] = where
+        if over:
+            self.overridden[service] = over
+        if policy != self.policies.get(service):
+            if policy is None:
+                del self.policies[service]
+                self.refs.pop(service, None)
+            else:
+                self.policies[service] = policy
+                self.refs[service] = wire.referenced(policy)
             self._changes += 1
             self.version = f"{self.version.rsplit('.', 1)[0]}.{self._changes}"
-        self.policies, self.origins, self.overridden = policies, origins, overridden
-        refs: set[str] = set()
-        for p in policies.values():
-            refs |= wire.referenced(p)
-        self.on_refs(refs)
+            self.on_refs(set().union(*self.refs.values()))
         self.on_change()
         self._schedule_save()
+
+    def _effective(self, name: str) -> tuple[wire.Policy | None, dict[str, str], dict[str, str]]:
+        """(policy, where each part came from, what the file overrides) of ``name``."""
+        w = self.watches.get(name)
+        if w is None:
+            return None, {}, {}
+        chosen: dict[str, Part] = {}
+        where: dict[str, str] = {}
+        overridden: dict[str, str] = {}
+        for kind in PART_KINDS:
+            for src in self.cfg.config_sources:
+                st = w.sources.get(src.name)
+                part = st.parts.get(kind) if st is not None else None
+                if part is None:
+                    continue
+                origin = f"{src.name}: {part.entry}"
+                if self._local(name, kind):
+                    overridden[kind] = origin
+                else:
+                    chosen[kind], where[kind] = part, origin
+                break
+        if not chosen:
+            return None, where, overridden
+        return (wire.Policy(name, chosen.get("routes"), chosen.get("split"),  # type: ignore[arg-type]
+                            chosen.get("resolver")),  # type: ignore[arg-type]
+                where, overridden)
 
     def _local(self, service: str, kind: str) -> bool:
         """The file decides this part of ``service`` (see the module's docstring)."""
