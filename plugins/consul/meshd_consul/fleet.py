@@ -85,10 +85,15 @@ class _Kind:
 class ConsulConfigSource(Source):
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         super().__init__(name, options)
-        unknown = [k for k in options if k not in _KEYS]
-        if unknown:
-            raise ConfigError([(k, f"unknown key (known: {', '.join(_KEYS)})") for k in unknown])
-        self.opts: ConsulOptions = parse_options(options)
+        problems = [(k, f"unknown key (known: {', '.join(_KEYS)})") for k in options
+                    if k not in _KEYS]
+        try:
+            self.opts: ConsulOptions = parse_options({k: v for k, v in options.items()
+                                                      if k in _KEYS})
+        except ConfigError as e:
+            problems = list(e.problems) + problems
+        if problems:   # every problem at once, as meshd check shows them
+            raise ConfigError(problems)
         self._cond = threading.Condition()
         self._closed = False
         self._waiters: dict[str, set[threading.Event]] = {}   # entry name -> its watches
