@@ -20,7 +20,6 @@ from collections import Counter
 from typing import Any
 
 import msgpack
-import pytest
 
 from meshd.control import state
 from meshd.testing.consul_server import ConsulServer
