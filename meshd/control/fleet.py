@@ -62,6 +62,7 @@ READY_NAMES = 10
 class PartState:
     """What one source gave for one service."""
     parts: dict[str, Part] = field(default_factory=dict)                 # kind -> part
+    encoded: dict[str, Any] = field(default_factory=dict)                # kind -> wire.encode(part)
     refused: dict[str, tuple[str, str]] = field(default_factory=dict)    # kind -> (entry, why)
     synced: bool = False        # answered at least once since this process started
     stale: bool = False         # parts come from the persisted state
@@ -96,6 +97,7 @@ class FleetRunner:
         self.origins: dict[str, dict[str, str]] = {}       # service -> kind -> origin
         self.overridden: dict[str, dict[str, str]] = {}    # service -> kind -> fleet origin
         self.refs: dict[str, set[str]] = {}                # service -> services its policy names
+        self.blobs: dict[str, bytes] = {}                  # service -> its policy, packed once
         self.version = f"{os.getpid()}.{time.monotonic_ns()}.0"
         self.published_version = ""   # that of the snapshot published last
         self._changes = 0
@@ -143,7 +145,13 @@ class FleetRunner:
         for src in self.cfg.config_sources:
             st = PartState()
             if src.name in saved:
-                st.parts, st.stale = dict(saved[src.name]), True
+                try:
+                    st.parts = {k: wire.decode(raw) for k, raw in saved[src.name].items()}
+                    st.encoded, st.stale = dict(saved[src.name]), True
+                except ValueError as e:
+                    log.warning("ignoring the persisted fleet policy of %s from %s: %s",
+                                service, src.name, e)
+                    st.parts = {}
             w.sources[src.name] = st
             plugin = self.sources.get(src.name)
             if plugin is None:
@@ -193,11 +201,13 @@ class FleetRunner:
                 self._refuse(w, source, st, kind, update.part.entry, why)
             else:
                 st.parts[kind] = update.part
+                st.encoded[kind] = wire.encode(update.part)
                 if st.refused.pop(kind, None) is not None:
                     log.info("config source %s: %s for %s accepted again", source,
                              update.part.entry, w.name)
         elif isinstance(update, Clear):
             st.parts.pop(update.kind, None)
+            st.encoded.pop(update.kind, None)
             st.refused.pop(update.kind, None)
         elif isinstance(update, Refused):
             self._refuse(w, source, st, update.kind, update.entry, update.reason)
@@ -234,9 +244,11 @@ class FleetRunner:
             if policy is None:
                 del self.policies[service]
                 self.refs.pop(service, None)
+                self.blobs.pop(service, None)
             else:
                 self.policies[service] = policy
                 self.refs[service] = wire.referenced(policy)
+                self.blobs[service] = wire.pack(policy)
             self._changes += 1
             self.version = f"{self.version.rsplit('.', 1)[0]}.{self._changes}"
             self.on_refs(set().union(*self.refs.values()))
@@ -294,14 +306,15 @@ class FleetRunner:
 
     # -- persistence --------------------------------------------------------------------
 
-    def _load(self) -> tuple[dict[str, dict[str, dict[str, Part]]], float]:
+    def _load(self) -> tuple[dict[str, dict[str, dict[str, Any]]], float]:
+        """service -> source -> kind -> encoded part (decoded when the service is watched)."""
         try:
             data = msgpack.unpackb(read_trusted(self.state_path), raw=False)
             if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
                 raise ValueError("not a meshd fleet state file of a known format")
-            saved = {service: {source: {kind: wire.decode(raw) for kind, raw in parts.items()
-                                        if kind in PART_KINDS}
-                               for source, parts in by_source.items()}
+            saved = {str(service): {str(source): {kind: raw for kind, raw in parts.items()
+                                                  if kind in PART_KINDS}
+                                    for source, parts in by_source.items()}
                      for service, by_source in data["services"].items()}
             return saved, float(data["saved_at"])
         except FileNotFoundError:
@@ -323,7 +336,7 @@ class FleetRunner:
         self._last_save = time.monotonic()
         merged = dict(self.saved)
         for name, w in self.watches.items():
-            good = {src: dict(st.parts) for src, st in w.sources.items()
+            good = {src: dict(st.encoded) for src, st in w.sources.items()
                     if st.synced and not st.stale}
             if any(good.values()) or name in merged:
                 # Answered: what the sources hold now (an entry deleted is deleted here
@@ -333,9 +346,7 @@ class FleetRunner:
                 merged[name] = {s: p for s, p in kept.items() if p}
         merged = {k: v for k, v in merged.items() if v}
         data = {"format": STATE_FORMAT, "saved_at": time.time(),
-                "services": {service: {src: {kind: wire.encode(p) for kind, p in parts.items()}
-                                       for src, parts in by_source.items()}
-                             for service, by_source in merged.items()}}
+                "services": merged}
         try:
             write_atomic(self.state_path, bytes(msgpack.packb(data, use_bin_type=True)))
             self.saved = merged
