@@ -124,7 +124,8 @@ class Router:
             except ValueError as e:   # the control process wrote it: a bug, not input
                 log.error("fleet policy of %s unreadable, not applied: %s", name, e)
         self._packed = kept
-        self.fleet = Selector({name: p for name, (_, p) in kept.items()}) if kept else None
+        self.fleet = (Selector({name: p for name, (_, p) in kept.items()}, self.fleet)
+                      if kept else None)
 
     def local(self, host: str) -> bool:
         """Local ``[[route]]`` tables name ``host`` (then the file decides its routing)."""
