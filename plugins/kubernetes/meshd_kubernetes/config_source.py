@@ -1,0 +1,299 @@
+"""The ``kubernetes`` config source: routes of Services from Gateway API HTTPRoutes and
+GRPCRoutes attached to them (the GAMMA mesh pattern), listed then watched.
+
+```toml
+[[config_source]]
+name = "k8s"
+plugin = "kubernetes"
+# api_server, token_file, ca_file, kubeconfig, namespace, cluster_domain, timeout,
+# watch_timeout: as for the kubernetes discovery plugin (in a pod nothing is needed)
+# kinds = ["HTTPRoute", "GRPCRoute"]    # which route kinds to read
+```
+
+RBAC: ``get``, ``list`` and ``watch`` on ``httproutes`` and ``grpcroutes`` of the group
+``gateway.networking.k8s.io`` in the namespaces of the Services meshd routes to.
+
+How it reads (one list+watch per namespace and kind, shared by the watches of every
+Service in that namespace, started with the first and stopped with the last): list
+``/apis/gateway.networking.k8s.io/v1/namespaces/NS/httproutes``, then watch from the
+list's ``resourceVersion`` with bookmarks, exactly as the EndpointSlice watch does (same
+``Client``: token re-read every minute and after a 401; a stream the server ends is
+re-watched from the last resourceVersion; 410 Gone re-lists, and what the new list lacks
+is deleted). A route kind whose CRD is not installed (404 on the list) counts as empty
+and is listed again every ``watch_timeout``. An error ends the shared watch: every
+Service's watch raises and meshd restarts it with backoff, keeping the last good routes.
+
+Per Service, ``routes.ServiceRoutes`` picks the routes attached to it, translates and
+merges them (``routes.py`` says how), and yields ``Set(Routes)``/``Clear("routes")``,
+and ``Refused`` naming an invalid route while its last good version keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from meshd.errors import ConfigError
+from meshd.fleet.api import Clear, Source, Update
+from meshd_kubernetes import KubernetesBackend
+from meshd_kubernetes.client import Client, Gone, KubernetesError, StreamBroken
+from meshd_kubernetes.routes import KINDS, ServiceRoutes
+from meshd_kubernetes.slices import parse_service
+
+log = logging.getLogger("meshd.config.kubernetes")
+
+GROUP_PATH = "/apis/gateway.networking.k8s.io/v1/namespaces"
+RESOURCE = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
+_CONNECTION_KEYS = ("api_server", "token_file", "ca_file", "kubeconfig", "namespace",
+                    "cluster_domain", "timeout", "watch_timeout")
+MAX_QUEUED = 10_000   # events a Service's watch may fall behind before it restarts
+
+
+class KubernetesConfigSource(Source):
+    def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+        super().__init__(name, options)
+        problems = [(k, "unknown key") for k in options
+                    if k not in (*_CONNECTION_KEYS, "kinds")]
+        kinds = options.get("kinds", list(KINDS))
+        if (not isinstance(kinds, list) or not kinds
+                or not all(isinstance(k, str) and k in KINDS for k in kinds)):
+            problems.append(("kinds", f"expected a non-empty list of {', '.join(KINDS)}, "
+                                      f"got {kinds!r}"))
+            kinds = list(KINDS)
+        try:   # the connection keys mean what they mean for the discovery plugin
+            self._conn = KubernetesBackend(name, {k: v for k, v in options.items()
+                                                  if k in _CONNECTION_KEYS})
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError(problems)
+        self.kinds = tuple(dict.fromkeys(kinds))
+        self._lock = threading.Lock()
+        self._informers: dict[tuple[str, str], _Informer] = {}
+        self._closed = threading.Event()
+
+    def watch(self, service: str) -> Iterator[Update]:
+        settings = self._conn._resolve()
+        home = self._conn._namespace
+        ref = parse_service(service, home,
+                            self._conn._opt.get("cluster_domain", "cluster.local"))
+        if ref is None:   # not a Kubernetes name: no route can attach to it
+            yield Clear("routes")
+            self._closed.wait()
+            return
+        table = ServiceRoutes(ref.namespace, ref.name,
+                              lambda ns, n: n if ns == home else f"{n}.{ns}")
+        sub = _Subscriber()
+        informers = []
+        try:
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                for kind in self.kinds:
+                    inf = self._informers.get((ref.namespace, kind))
+                    if inf is None or inf.done:
+                        inf = _Informer(self, Client(settings, self._conn.timeout),
+                                        ref.namespace, kind, self._conn.watch_timeout)
+                        self._informers[(ref.namespace, kind)] = inf
+                    informers.append(inf)
+                    inf.subscribe(sub)
+            synced: set[str] = set()
+            while True:
+                kind, op, payload = sub.get()
+                if op == "reset":
+                    table.reset(kind, payload)
+                    synced.add(kind)
+                elif op == "put":
+                    table.put(kind, payload)
+                elif op == "delete":
+                    table.delete(kind, payload)
+                else:
+                    raise payload
+                if len(synced) == len(self.kinds):
+                    yield from table.updates()
+        finally:
+            for inf in informers:
+                inf.unsubscribe(sub)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            informers = list(self._informers.values())
+            self._informers.clear()
+        for inf in informers:
+            inf.stop()
+
+
+class _Subscriber:
+    """The events of one Service's watch, from the shared informers."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[str, str, Any]] = queue.Queue(MAX_QUEUED)
+
+    def put(self, item: tuple[str, str, Any]) -> None:
+        try:
+            self.q.put_nowait(item)
+        except queue.Full:   # fell too far behind: restart from a fresh list
+            with self.q.mutex:
+                self.q.queue.clear()
+            self.q.put_nowait((item[0], "error", KubernetesError(
+                f"kubernetes: more than {MAX_QUEUED} route events queued for one watch")))
+
+    def get(self) -> tuple[str, str, Any]:
+        return self.q.get()
+
+
+class _Informer:
+    """The list+watch of one route kind in one namespace, shared by the watches of the
+    Services there; it fans every change out to them."""
+
+    def __init__(self, source: KubernetesConfigSource, client: Client, namespace: str,
+                 kind: str, watch_timeout: int) -> None:
+        self.source = source
+        self.client = client
+        self.namespace = namespace
+        self.kind = kind
+        self.watch_timeout = watch_timeout
+        self.path = f"{GROUP_PATH}/{namespace}/{RESOURCE[kind]}"
+        self.objects: dict[str, Mapping[str, Any]] | None = None   # None: not listed yet
+        self.subscribers: set[_Subscriber] = set()
+        self.done = False
+        self.error: Exception | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"k8s-{RESOURCE[kind]}-{namespace}")
+        self._thread.start()
+
+    def subscribe(self, sub: _Subscriber) -> None:
+        with self._lock:
+            if self.done:   # ended between the lookup and now: say so, the caller restarts
+                sub.put((self.kind, "error", self.error or KubernetesError(
+                    f"kubernetes: the watch of {RESOURCE[self.kind]} in ns "
+                    f"{self.namespace} ended")))
+                return
+            self.subscribers.add(sub)
+            if self.objects is not None:
+                sub.put((self.kind, "reset", list(self.objects.values())))
+
+    def unsubscribe(self, sub: _Subscriber) -> None:
+        with self._lock:
+            self.subscribers.discard(sub)
+            last = not self.subscribers
+        if last:
+            self.stop()
+
+    def stop(self) -> None:
+        with self.source._lock:
+            if self.source._informers.get((self.namespace, self.kind)) is self:
+                del self.source._informers[(self.namespace, self.kind)]
+        self.done = True
+        self.client.close()
+
+    def _change(self, op: str, name: str, obj: Mapping[str, Any]) -> None:
+        """Apply one event and fan it out, atomically with respect to ``subscribe``."""
+        with self._lock:
+            assert self.objects is not None
+            if op == "put":
+                self.objects[name] = obj
+            else:
+                self.objects.pop(name, None)
+            for sub in self.subscribers:
+                sub.put((self.kind, op, obj if op == "put" else name))
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:   # every Service watch raises it; meshd backs off
+            with self._lock:
+                self.done, self.error = True, e
+                if not self.client.closed:
+                    for sub in self.subscribers:
+                        sub.put((self.kind, "error", e))
+        finally:
+            self.stop()
+
+    def _list(self) -> str | None:
+        """List into ``objects`` and tell the subscribers; the resourceVersion, or None
+        when the kind is not installed (404)."""
+        what = f"listing {RESOURCE[self.kind]} in ns {self.namespace}"
+        try:
+            body = self.client.get(self.path, {}, what)
+        except KubernetesError as e:
+            if e.code != 404:
+                raise
+            body = {}
+        items = body.get("items") or ()
+        objects = {_name(o): o for o in items if isinstance(o, Mapping)}
+        with self._lock:
+            self.objects = objects
+            for sub in self.subscribers:
+                sub.put((self.kind, "reset", list(objects.values())))
+        return str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+
+    def _loop(self) -> None:
+        ns, what = self.namespace, f"watching {RESOURCE[self.kind]} in ns {self.namespace}"
+        rv: str | None = None
+        listed = False
+        quick_ends = broken = 0
+        while not self.client.closed:
+            if not listed:
+                rv, listed = self._list(), True
+                if rv is None:   # no such CRD: look again later
+                    self.source._closed.wait(self.watch_timeout)
+                    listed = False
+                    continue
+            started, events = time.monotonic(), 0
+            assert rv is not None
+            stream = self.client.watch(self.path, {"resourceVersion": rv}, what,
+                                       self.watch_timeout)
+            try:
+                for event in stream:
+                    events += 1
+                    rv = self._event(event, rv)
+            except Gone:
+                log.info("kubernetes: history expired %s; listing again", what)
+                listed = False
+                continue
+            except StreamBroken as e:
+                broken = broken + 1 if events == 0 else 1
+                if broken > 1:
+                    raise
+                log.info("kubernetes: %s; watching %s in ns %s again from %s", e,
+                         RESOURCE[self.kind], ns, rv)
+            else:
+                broken = 0
+            finally:
+                stream.close()
+            quick_ends = quick_ends + 1 if events == 0 and time.monotonic() - started < 0.5 else 0
+            if quick_ends >= 3:
+                raise KubernetesError(f"kubernetes {self.client.s.server}: watch streams of "
+                                      f"{RESOURCE[self.kind]} in ns {ns} end as soon as they "
+                                      f"start")
+
+    def _event(self, event: Mapping[str, Any], rv: str) -> str:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if not isinstance(obj, Mapping):
+            return rv
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(f"kubernetes: {obj.get('message', 'resourceVersion too old')}", 410)
+            raise KubernetesError(
+                f"kubernetes {self.client.s.server}: {obj.get('code')} {obj.get('reason')} "
+                f"watching {RESOURCE[self.kind]} in ns {self.namespace}: {obj.get('message')}",
+                int(obj.get("code") or 0))
+        new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+        name = _name(obj)
+        if kind in ("ADDED", "MODIFIED") and name:
+            self._change("put", name, obj)
+        elif kind == "DELETED" and name:
+            self._change("delete", name, obj)
+        return new_rv   # BOOKMARK: only this
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    md = obj.get("metadata")
+    return str(md.get("name") or "") if isinstance(md, Mapping) else ""

@@ -1,0 +1,218 @@
+"""Fleet control from the Kubernetes Gateway API: the test server's route resources
+(kubectl-style writes, list, watch, 410), the ``kubernetes`` config source against it
+(list+watch shared per namespace, refused routes, 410 re-list, token rotation)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+
+import pytest
+import requests
+from meshd_kubernetes.config_source import KubernetesConfigSource
+
+from meshd.errors import ConfigError
+from meshd.fleet.api import Clear, Refused, Routes, Set, Update
+from meshd.testing.k8s_server import GATEWAY, backend, grpc_route, http_route
+
+ROUTES = f"/apis/{GATEWAY}/namespaces/default/httproutes"
+
+
+class Recorder:
+    """Runs a config source's watch of one service in a thread, keeping its updates."""
+
+    def __init__(self, source: KubernetesConfigSource, service: str) -> None:
+        self.source = source
+        self.updates: list[Update] = []
+        self.error: BaseException | None = None
+        self.routes: Routes | None = None
+        self.refused: Refused | None = None
+        self._cond = threading.Condition()
+        self._gen = source.watch(service)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for u in self._gen:
+                with self._cond:
+                    self.updates.append(u)
+                    if isinstance(u, Set):
+                        assert isinstance(u.part, Routes)
+                        self.routes, self.refused = u.part, None
+                    elif isinstance(u, Clear):
+                        self.routes = self.refused = None
+                    elif isinstance(u, Refused):
+                        self.refused = u
+                    self._cond.notify_all()
+        except BaseException as e:
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def wait_for(self, cond: Callable[[Recorder], bool], timeout: float = 5.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: cond(self) or self.error is not None, timeout):
+                raise TimeoutError(f"not reached; updates: {self.updates[-3:]}")
+            assert self.error is None, repr(self.error)
+
+
+def weights(rec: Recorder) -> list[tuple[str, int]] | None:
+    if rec.routes is None:
+        return None
+    return [(w.target.service, w.weight) for w in rec.routes.routes[0].destination]
+
+
+@pytest.fixture
+def source(api, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("test-token\n")
+    made: list[KubernetesConfigSource] = []
+
+    def make(**options):
+        opts = {"api_server": api.url, "token_file": str(token), "ca_file": api.ca_file,
+                "namespace": "default", "timeout": "2s", **options}
+        made.append(KubernetesConfigSource("k8s", opts))
+        return made[-1]
+
+    make.token = token
+    yield make
+    for s in made:
+        s.close()
+
+
+def canary(weight: int):
+    return http_route("web-canary", "web", [
+        {"backendRefs": [backend("web", 100 - weight), backend("web-canary", weight)]}])
+
+
+# -- the test server --------------------------------------------------------------------------
+
+def test_server_takes_kubectl_style_writes_and_watches_them(api):
+    s = requests.Session()
+    s.headers["Authorization"] = "Bearer test-token"
+    s.request = functools.partial(s.request, verify=api.ca_file)  # type: ignore[method-assign]
+    r = s.post(api.url + ROUTES, json=canary(10))
+    assert r.status_code == 201
+    md = r.json()["metadata"]
+    assert md["generation"] == 1 and md["creationTimestamp"].endswith("Z") and md["uid"]
+    assert s.post(api.url + ROUTES, json=canary(10)).json()["reason"] == "AlreadyExists"
+    lst = s.get(api.url + ROUTES).json()
+    assert lst["kind"] == "HTTPRouteList" and lst["items"][0]["kind"] == "HTTPRoute"
+    rv = lst["metadata"]["resourceVersion"]
+    stale = canary(50)
+    stale["metadata"]["resourceVersion"] = "1"
+    assert s.put(api.url + ROUTES + "/web-canary", json=stale).status_code == 409
+    fresh = canary(50)
+    fresh["metadata"]["resourceVersion"] = md["resourceVersion"]
+    r = s.put(api.url + ROUTES + "/web-canary", json=fresh)
+    assert r.status_code == 200 and r.json()["metadata"]["generation"] == 2
+    assert r.json()["metadata"]["creationTimestamp"] == md["creationTimestamp"]
+    assert s.delete(api.url + ROUTES + "/web-canary").status_code == 200
+    assert s.delete(api.url + ROUTES + "/web-canary").status_code == 404
+    assert s.put(api.url + ROUTES + "/x", json=canary(1)).status_code == 400   # name != URL
+    assert requests.get(api.url + ROUTES, verify=api.ca_file).status_code == 401
+    w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv,
+                                        "timeoutSeconds": "1"})
+    events = [e.split('"type": ')[1][:10] for e in w.text.splitlines()]
+    assert events == ['"MODIFIED"', '"DELETED",']
+    api.expire_history()
+    w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv})
+    assert '"code": 410' in w.text
+
+
+# -- the config source ------------------------------------------------------------------------
+
+def test_options_are_checked_like_the_discovery_plugin(api):
+    with pytest.raises(ConfigError) as e:
+        KubernetesConfigSource("k8s", {"api_server": "ftp://x", "kinds": ["Ingress"],
+                                       "port": "http"})
+    keys = sorted(k for k, _ in e.value.problems)
+    assert keys == ["api_server", "kinds", "port"]
+
+
+def test_routes_follow_apply_edit_and_delete_and_one_watch_serves_a_namespace(api, source):
+    src = source()
+    web = Recorder(src, "web")
+    web.wait_for(lambda r: r.updates == [Clear("routes")])
+    other = Recorder(src, "api")
+    other.wait_for(lambda r: r.updates == [Clear("routes")])
+    api.wait_watches(2)   # httproutes and grpcroutes of ns default, shared by both
+    assert api.open_watches() == 2
+    assert len(api.slice_requests(watch=False, resource="httproutes")) == 1
+
+    api.apply(canary(10))
+    web.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    assert web.routes is not None and web.routes.entry == "HTTPRoute default/web-canary"
+    api.apply(canary(50))
+    web.wait_for(lambda r: weights(r) == [("web", 50), ("web-canary", 50)])
+    api.apply(grpc_route("greeter", "web", [{"matches": [{"method": {"service": "g.G"}}]}]))
+    web.wait_for(lambda r: r.routes is not None and len(r.routes.routes) == 2)
+    api.delete("httproutes", "web-canary")
+    api.delete("grpcroutes", "greeter")
+    web.wait_for(lambda r: isinstance(r.updates[-1], Clear))
+    assert other.updates == [Clear("routes")]   # none of it was attached to "api"
+
+
+def test_invalid_route_is_refused_by_name_and_the_previous_one_keeps_serving(api, source):
+    rec = Recorder(source(), "web")
+    api.apply(canary(10))
+    rec.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    bad = canary(20)
+    bad["spec"]["rules"][0]["matches"] = [{"path": {"type": "RegularExpression",
+                                                    "value": "/(unclosed"}}]
+    api.apply(bad)
+    rec.wait_for(lambda r: r.refused is not None)
+    assert rec.refused is not None and rec.refused.entry == "HTTPRoute default/web-canary"
+    assert rec.refused.reason.startswith("spec.rules[0].matches[0].path.value: not a regular")
+    assert weights(rec) == [("web", 90), ("web-canary", 10)]
+    api.apply(canary(30))
+    rec.wait_for(lambda r: weights(r) == [("web", 70), ("web-canary", 30)] and not r.refused)
+
+
+def test_410_during_the_watch_relists_and_the_routes_stay(api, source):
+    rec = Recorder(source(), "web")
+    api.apply(canary(10))
+    rec.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    api.wait_watches(2)
+    lists = len(api.slice_requests(watch=False, resource="httproutes"))
+    api.expire_history()
+    api.drop_watches()          # the re-watch from the old resourceVersion gets 410
+    api.wait_requests(lists + 1, watch=False, resource="httproutes")
+    api.wait_watches(2)
+    assert weights(rec) == [("web", 90), ("web-canary", 10)]
+    assert [type(u) for u in rec.updates] == [Set]   # nothing changed: nothing said
+    # A change made while the history was gone arrives by the list.
+    api.expire_history()
+    api.drop_watches()
+    api.apply(canary(40))
+    rec.wait_for(lambda r: weights(r) == [("web", 60), ("web-canary", 40)])
+    assert rec.error is None
+
+
+def test_token_rotation_and_bookmarks(api, source):
+    src = source()
+    rec = Recorder(src, "web")
+    rec.wait_for(lambda r: r.updates == [Clear("routes")])
+    api.wait_watches(2)
+    api.send_bookmark()
+    api.set_tokens("rotated")          # the old token is refused from now on
+    source.token.write_text("rotated\n")
+    api.drop_watches()                 # the re-watch gets 401, re-reads the file, retries
+    api.wait_requests(1, watch=True, status=401, resource="httproutes")
+    api.wait_watches(2)
+    api.apply(canary(10))
+    rec.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    watches = api.slice_requests(watch=True, resource="httproutes")
+    assert watches[-1].token == "rotated" and rec.error is None
+
+
+def test_api_errors_end_the_watches_so_meshd_backs_off(api, source):
+    src = source()
+    api.fail_next(1, 403, "httproutes")
+    rec = Recorder(src, "web")
+    with rec._cond:
+        assert rec._cond.wait_for(lambda: rec.error is not None, 5)
+    assert "403 Forbidden listing httproutes in ns default" in str(rec.error)
+    again = Recorder(src, "web")   # what meshd does after its backoff
+    again.wait_for(lambda r: r.updates == [Clear("routes")])
