@@ -7,10 +7,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
-from meshd_kubernetes.config_source import KubernetesConfigSource
+import yaml
+from meshd_kubernetes.config_source import RESOURCE, KubernetesConfigSource
 
 from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Refused, Routes, Set, Update
@@ -216,3 +218,28 @@ def test_api_errors_end_the_watches_so_meshd_backs_off(api, source):
     assert "403 Forbidden listing httproutes in ns default" in str(rec.error)
     again = Recorder(src, "web")   # what meshd does after its backoff
     again.wait_for(lambda r: r.updates == [Clear("routes")])
+
+
+def test_a_service_in_another_namespace_takes_consumer_routes_from_meshds(api, source):
+    rec = Recorder(source(), "cart.shop")   # meshd's namespace is "default"
+    api.apply(http_route("p", "cart", [{"backendRefs": [backend("cart-v2")]}],
+                         namespace="shop"))
+    rec.wait_for(lambda r: r.routes is not None and r.routes.entry == "HTTPRoute shop/p")
+    assert weights(rec) == [("cart-v2.shop", 1)]
+    api.wait_watches(4)   # routes of both kinds in "shop", and in "default"
+    api.apply(http_route("c", "cart", [{"backendRefs": [backend("cart-v3", 1)]}],
+                         service_namespace="shop"))
+    rec.wait_for(lambda r: r.routes is not None and r.routes.entry == "HTTPRoute default/c")
+    api.delete("httproutes", "c")
+    rec.wait_for(lambda r: r.routes is not None and r.routes.entry == "HTTPRoute shop/p")
+
+
+def test_shipped_rbac_grants_what_the_source_reads():
+    docs = list(yaml.safe_load_all(
+        (Path(__file__).parent.parent / "deploy/kubernetes/rbac-gateway-api.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["ClusterRole", "ClusterRoleBinding"]
+    granted = {(g, r, v) for rule in docs[0]["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == {("gateway.networking.k8s.io", r, v) for r in RESOURCE.values()
+                       for v in ("get", "list", "watch")}
+    assert docs[1]["roleRef"]["name"] == docs[0]["metadata"]["name"]

@@ -94,11 +94,30 @@ def test_zero_timeouts_disable():
     assert r.destination == ()   # no backendRefs: the parent Service itself
 
 
-def test_backends_in_the_service_namespace_get_meshd_names():
-    obj = stamped(http_route("c", "web", [{"backendRefs": [backend("web-v2", 1)]}],
-                             namespace="shop"))
+def test_backends_get_meshd_names_in_any_namespace():
+    obj = stamped(http_route("c", "web", [{"backendRefs": [
+        backend("web-v2", 1), {"name": "web", "namespace": "default", "port": 80}]}],
+        namespace="shop"))
     (_, r), = parse("HTTPRoute", obj, name).routes
-    assert r.destination[0].target == Target("web-v2.shop")
+    assert [t.target for t in r.destination] == [Target("web-v2.shop"), Target("web")]
+
+
+def test_consumer_routes_replace_producer_routes_for_this_client():
+    t = ServiceRoutes("shop", "cart", name)   # meshd runs in "default", the Service in "shop"
+    producer = stamped(http_route("p", "cart", [{"backendRefs": [backend("cart-v2")]}],
+                                  namespace="shop"))
+    consumer = stamped(http_route("c", "cart", [{"timeouts": {"request": "100ms"}}],
+                                  namespace="default", service_namespace="shop"))
+    t.put("HTTPRoute", producer)
+    part = t.routes()[0]
+    assert part is not None and part.entry == "HTTPRoute shop/p"
+    assert part.routes[0].destination[0].target == Target("cart-v2.shop")
+    t.put("HTTPRoute", consumer)
+    part = t.routes()[0]
+    assert part is not None and part.entry == "HTTPRoute default/c"
+    assert part.routes[0].timeout == 0.1
+    t.reset("HTTPRoute", "default", [])   # the consumer route is gone: producer again
+    assert t.routes()[0] is not None and t.routes()[0].entry == "HTTPRoute shop/p"
 
 
 @pytest.mark.parametrize("rule, where", [
@@ -113,8 +132,8 @@ def test_backends_in_the_service_namespace_get_meshd_names():
     ({"backendRefs": [backend("a", 0), backend("b", 0)]}, r"backendRefs: every weight is 0"),
     ({"backendRefs": [backend("a", 1_000_001)]}, r"backendRefs\[0\].weight: expected an int"),
     ({"backendRefs": [{"name": "a", "weight": "10"}]}, r"backendRefs\[0\].weight"),
-    ({"backendRefs": [{"name": "a", "namespace": "other", "port": 80}]},
-     r"backendRefs\[0\].namespace: .*ReferenceGrant"),
+    ({"backendRefs": [{"name": "a", "namespace": "Other", "port": 80}]},
+     r"backendRefs\[0\].namespace: not a namespace name"),
     ({"backendRefs": [{"name": "a", "kind": "ServiceImport",
                        "group": "multicluster.x-k8s.io"}]}, r"only Services"),
     ({"filters": [{"type": "RequestMirror", "requestMirror": {}}]},
@@ -289,8 +308,8 @@ def test_an_invalid_edit_is_refused_and_the_last_good_version_keeps_serving():
     assert t.updates() == [out[0]]
     t.put("HTTPRoute", canary(50))
     assert isinstance(t.updates()[0], Set)
-    t.delete("HTTPRoute", "web-canary")
-    t.reset("HTTPRoute", [])    # the list no longer has "other" either
+    t.delete("HTTPRoute", "default", "web-canary")
+    t.reset("HTTPRoute", "default", [])    # the list no longer has "other" either
     assert t.updates() == [Clear("routes")]
 
 

@@ -14,7 +14,8 @@ RBAC: ``get``, ``list`` and ``watch`` on ``httproutes`` and ``grpcroutes`` of th
 ``gateway.networking.k8s.io`` in the namespaces of the Services meshd routes to.
 
 How it reads (one list+watch per namespace and kind, shared by the watches of every
-Service in that namespace, started with the first and stopped with the last): list
+Service in that namespace, started with the first and stopped with the last; for a
+Service in another namespace than meshd's own, that one's too, for consumer routes): list
 ``/apis/gateway.networking.k8s.io/v1/namespaces/NS/httproutes``, then watch from the
 list's ``resourceVersion`` with bookmarks, exactly as the EndpointSlice watch does (same
 ``Client``: token re-read every minute and after a 401; a stream the server ends is
@@ -93,27 +94,29 @@ class KubernetesConfigSource(Source):
             with self._lock:
                 if self._closed.is_set():
                     return
-                for kind in self.kinds:
-                    inf = self._informers.get((ref.namespace, kind))
-                    if inf is None or inf.done:
-                        inf = _Informer(self, Client(settings, self._conn.timeout),
-                                        ref.namespace, kind, self._conn.watch_timeout)
-                        self._informers[(ref.namespace, kind)] = inf
-                    informers.append(inf)
-                    inf.subscribe(sub)
-            synced: set[str] = set()
+                # producer routes; and consumer routes, in meshd's own namespace
+                for namespace in dict.fromkeys((ref.namespace, home)):
+                    for kind in self.kinds:
+                        inf = self._informers.get((namespace, kind))
+                        if inf is None or inf.done:
+                            inf = _Informer(self, Client(settings, self._conn.timeout),
+                                            namespace, kind, self._conn.watch_timeout)
+                            self._informers[(namespace, kind)] = inf
+                        informers.append(inf)
+                        inf.subscribe(sub)
+            synced: set[tuple[str, str]] = set()
             while True:
-                kind, op, payload = sub.get()
+                namespace, kind, op, payload = sub.get()
                 if op == "reset":
-                    table.reset(kind, payload)
-                    synced.add(kind)
+                    table.reset(kind, namespace, payload)
+                    synced.add((namespace, kind))
                 elif op == "put":
                     table.put(kind, payload)
                 elif op == "delete":
-                    table.delete(kind, payload)
+                    table.delete(kind, namespace, payload)
                 else:
                     raise payload
-                if len(synced) == len(self.kinds):
+                if len(synced) == len(informers):
                     yield from table.updates()
         finally:
             for inf in informers:
@@ -132,18 +135,18 @@ class _Subscriber:
     """The events of one Service's watch, from the shared informers."""
 
     def __init__(self) -> None:
-        self.q: queue.Queue[tuple[str, str, Any]] = queue.Queue(MAX_QUEUED)
+        self.q: queue.Queue[tuple[str, str, str, Any]] = queue.Queue(MAX_QUEUED)
 
-    def put(self, item: tuple[str, str, Any]) -> None:
+    def put(self, item: tuple[str, str, str, Any]) -> None:
         try:
             self.q.put_nowait(item)
         except queue.Full:   # fell too far behind: restart from a fresh list
             with self.q.mutex:
                 self.q.queue.clear()
-            self.q.put_nowait((item[0], "error", KubernetesError(
+            self.q.put_nowait((*item[:2], "error", KubernetesError(
                 f"kubernetes: more than {MAX_QUEUED} route events queued for one watch")))
 
-    def get(self) -> tuple[str, str, Any]:
+    def get(self) -> tuple[str, str, str, Any]:
         return self.q.get()
 
 
@@ -171,13 +174,13 @@ class _Informer:
     def subscribe(self, sub: _Subscriber) -> None:
         with self._lock:
             if self.done:   # ended between the lookup and now: say so, the caller restarts
-                sub.put((self.kind, "error", self.error or KubernetesError(
+                sub.put((self.namespace, self.kind, "error", self.error or KubernetesError(
                     f"kubernetes: the watch of {RESOURCE[self.kind]} in ns "
                     f"{self.namespace} ended")))
                 return
             self.subscribers.add(sub)
             if self.objects is not None:
-                sub.put((self.kind, "reset", list(self.objects.values())))
+                sub.put((self.namespace, self.kind, "reset", list(self.objects.values())))
 
     def unsubscribe(self, sub: _Subscriber) -> None:
         with self._lock:
@@ -202,7 +205,7 @@ class _Informer:
             else:
                 self.objects.pop(name, None)
             for sub in self.subscribers:
-                sub.put((self.kind, op, obj if op == "put" else name))
+                sub.put((self.namespace, self.kind, op, obj if op == "put" else name))
 
     def _run(self) -> None:
         try:
@@ -212,7 +215,7 @@ class _Informer:
                 self.done, self.error = True, e
                 if not self.client.closed:
                     for sub in self.subscribers:
-                        sub.put((self.kind, "error", e))
+                        sub.put((self.namespace, self.kind, "error", e))
         finally:
             self.stop()
 
@@ -231,7 +234,7 @@ class _Informer:
         with self._lock:
             self.objects = objects
             for sub in self.subscribers:
-                sub.put((self.kind, "reset", list(objects.values())))
+                sub.put((self.namespace, self.kind, "reset", list(objects.values())))
         return str((body.get("metadata") or {}).get("resourceVersion") or "") or None
 
     def _loop(self) -> None:

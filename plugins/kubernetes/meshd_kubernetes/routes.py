@@ -1,9 +1,12 @@
 """From Gateway API HTTPRoutes and GRPCRoutes to meshd's fleet ``Routes`` of one Service:
 the sans-IO core of the ``kubernetes`` config source (no sockets here).
 
-Which routes count (GAMMA, the Gateway API's mesh pattern): those in the Service's
-namespace with a ``parentRefs`` entry naming the Service (``group`` "" or "core", ``kind``
-Service, ``namespace`` unset or the Service's). Other parentRefs (Gateways) are ignored.
+Which routes count (GAMMA, the Gateway API's mesh pattern, GEP-1294): those with a
+``parentRefs`` entry naming the Service (``group`` "" or "core", ``kind`` Service,
+``namespace`` unset meaning the route's own). Other parentRefs (Gateways) are ignored.
+*Producer* routes live in the Service's namespace and apply to every client; *consumer*
+routes live in the client's namespace (meshd's own, the ``home`` namespace) and, when
+there are any, replace the producer routes for that client (the two are not merged).
 
 Translation, per route (``parse``; anything meshd cannot do faithfully is refused with
 the field path, never approximated silently):
@@ -15,8 +18,9 @@ the field path, never approximated silently):
   ignored as in the Ingress API), ``Exact``, ``RegularExpression`` (Python ``re``,
   whole path); headers and query params ``Exact``/``RegularExpression`` (the first of
   equal names only, as the spec says); ``method``;
-- ``backendRefs`` (Services in the route's namespace; ``weight`` default 1) are the
-  weighted destination; none: the parent Service itself (the mesh's default);
+- ``backendRefs`` (Services, in any namespace: the mesh needs no ReferenceGrant, says
+  GEP-1294; ``weight`` default 1) are the weighted destination; none: the parent Service
+  itself (the mesh's default);
 - ``timeouts.request`` is the request timeout, ``timeouts.backendRequest`` one
   attempt's ("0s" disables: a day for the request, meshd's "no limit" for an attempt);
 - ``retry.attempts`` (and ``retry.codes`` when all are 5xx: meshd retries any 5xx);
@@ -179,21 +183,25 @@ class ServiceRoutes:
         self.namespace = namespace
         self.service = service
         self.target_name = target_name
-        self.good: dict[tuple[str, str], Parsed] = {}       # (kind, name) -> last good
-        self.refused: dict[tuple[str, str], str] = {}       # (kind, name) -> reason
+        # keys: (kind, namespace, name)
+        self.good: dict[tuple[str, str, str], Parsed] = {}     # the last good version
+        self.refused: dict[tuple[str, str, str], str] = {}     # why the current one is not
         self._sent: tuple[Routes | None, tuple[str, str] | None] | None = None
 
-    def reset(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
-        """A full list of ``kind``: what is not in it is gone."""
+    def reset(self, kind: str, namespace: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        """A full list of ``kind`` in ``namespace``: what is not in it is gone."""
         seen = set()
         for obj in objects:
-            seen.add((kind, _name(obj)))
+            seen.add((kind, namespace, _name(obj)))
             self.put(kind, obj)
-        for key in [k for k in (*self.good, *self.refused) if k[0] == kind and k not in seen]:
+        for key in [k for k in (*self.good, *self.refused)
+                    if k[:2] == (kind, namespace) and k not in seen]:
             self.delete(*key)
 
     def put(self, kind: str, obj: Mapping[str, Any]) -> None:
-        key = (kind, _name(obj))
+        md = obj.get("metadata")
+        namespace = str(md.get("namespace") or "") if isinstance(md, Mapping) else ""
+        key = (kind, namespace, _name(obj))
         if not attaches(obj, self.namespace, self.service):
             self.delete(*key)   # edited to attach elsewhere: no longer this Service's
             return
@@ -203,15 +211,18 @@ class ServiceRoutes:
         except Invalid as e:
             self.refused[key] = str(e)
 
-    def delete(self, kind: str, name: str) -> None:
-        self.good.pop((kind, name), None)
-        self.refused.pop((kind, name), None)
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.good.pop((kind, namespace, name), None)
+        self.refused.pop((kind, namespace, name), None)
 
     def routes(self) -> tuple[Routes | None, list[tuple[str, str]]]:
         """The merged routes and the refused (entry, reason), over ``MAX_ROUTES`` included:
-        the newest routes are left out until the rest fit."""
-        good = sorted(self.good.values(), key=lambda p: (p.created, p.namespace, p.name))
-        refused = [(f"{k} {self.namespace}/{n}", why) for (k, n), why in self.refused.items()]
+        the newest routes are left out until the rest fit. Consumer routes (another
+        namespace's), when there are good ones, replace the producer routes."""
+        consumer = [p for p in self.good.values() if p.namespace != self.namespace]
+        chosen = consumer or list(self.good.values())
+        good = sorted(chosen, key=lambda p: (p.created, p.namespace, p.name))
+        refused = [(f"{k} {ns}/{n}", why) for (k, ns, n), why in self.refused.items()]
         total = 0
         for i, p in enumerate(good):
             total += len(p.routes)
@@ -316,13 +327,13 @@ def _backends(raw: Any, at: str, namespace: str,
         name = ref.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 63:
             raise Invalid(f"{where}.name: not a Service name: {name!r}")
-        if ref.get("namespace", namespace) != namespace:
-            raise Invalid(f"{where}.namespace: a backend in another namespace needs a "
-                          f"ReferenceGrant, which meshd does not read")
+        ns = ref.get("namespace", namespace)
+        if not isinstance(ns, str) or not _NAME.fullmatch(ns) or len(ns) > 63:
+            raise Invalid(f"{where}.namespace: not a namespace name: {ns!r}")
         if ref.get("filters"):
             raise Invalid(f"{where}.filters: backend filters are not supported by meshd")
         weight = _int(ref.get("weight", 1), f"{where}.weight", 0, MAX_WEIGHT)
-        out.append(WeightedTarget(Target(target_name(namespace, name)), weight))
+        out.append(WeightedTarget(Target(target_name(ns, name)), weight))
     if out and not any(t.weight for t in out):
         raise Invalid(f"{at}: every weight is 0 (the spec answers 500 to all; meshd refuses "
                       f"the route instead)")
