@@ -42,7 +42,7 @@ from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Source, Update
 from meshd_kubernetes import KubernetesBackend
 from meshd_kubernetes.client import Client, Gone, KubernetesError, StreamBroken
-from meshd_kubernetes.routes import KINDS, ServiceRoutes
+from meshd_kubernetes.routes import KINDS, ServiceRoutes, parents
 from meshd_kubernetes.slices import parse_service
 
 log = logging.getLogger("meshd.config.kubernetes")
@@ -88,7 +88,7 @@ class KubernetesConfigSource(Source):
             return
         table = ServiceRoutes(ref.namespace, ref.name,
                               lambda ns, n: n if ns == home else f"{n}.{ns}")
-        sub = _Subscriber()
+        sub = _Subscriber((ref.namespace, ref.name))
         informers = []
         try:
             with self._lock:
@@ -134,7 +134,8 @@ class KubernetesConfigSource(Source):
 class _Subscriber:
     """The events of one Service's watch, from the shared informers."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key   # the Service (namespace, name)
         self.q: queue.Queue[tuple[str, str, str, Any]] = queue.Queue(MAX_QUEUED)
 
     def put(self, item: tuple[str, str, str, Any]) -> None:
@@ -152,7 +153,8 @@ class _Subscriber:
 
 class _Informer:
     """The list+watch of one route kind in one namespace, shared by the watches of the
-    Services there; it fans every change out to them."""
+    Services there; it hands each of them the routes attached to its Service only (an
+    index by parentRef, so that N Services and N routes cost N, not N squared)."""
 
     def __init__(self, source: KubernetesConfigSource, client: Client, namespace: str,
                  kind: str, watch_timeout: int) -> None:
@@ -162,9 +164,12 @@ class _Informer:
         self.kind = kind
         self.watch_timeout = watch_timeout
         self.path = f"{GROUP_PATH}/{namespace}/{RESOURCE[kind]}"
-        self.objects: dict[str, Mapping[str, Any]] | None = None   # None: not listed yet
-        self.subscribers: set[_Subscriber] = set()
+        # name -> (object, the Services it attaches to); None: not listed yet
+        self.objects: dict[str, tuple[Mapping[str, Any], frozenset[tuple[str, str]]]] | None
+        self.objects = None
+        self.subscribers: dict[tuple[str, str], set[_Subscriber]] = {}
         self.done = False
+        self.stopped = threading.Event()
         self.error: Exception | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -178,13 +183,16 @@ class _Informer:
                     f"kubernetes: the watch of {RESOURCE[self.kind]} in ns "
                     f"{self.namespace} ended")))
                 return
-            self.subscribers.add(sub)
+            self.subscribers.setdefault(sub.key, set()).add(sub)
             if self.objects is not None:
-                sub.put((self.namespace, self.kind, "reset", list(self.objects.values())))
+                sub.put((self.namespace, self.kind, "reset", self._attached(sub.key)))
 
     def unsubscribe(self, sub: _Subscriber) -> None:
         with self._lock:
-            self.subscribers.discard(sub)
+            subs = self.subscribers.get(sub.key, set())
+            subs.discard(sub)
+            if not subs:
+                self.subscribers.pop(sub.key, None)
             last = not self.subscribers
         if last:
             self.stop()
@@ -194,18 +202,27 @@ class _Informer:
             if self.source._informers.get((self.namespace, self.kind)) is self:
                 del self.source._informers[(self.namespace, self.kind)]
         self.done = True
+        self.stopped.set()
         self.client.close()
 
+    def _attached(self, key: tuple[str, str]) -> list[Mapping[str, Any]]:
+        assert self.objects is not None
+        return [obj for obj, keys in self.objects.values() if key in keys]
+
     def _change(self, op: str, name: str, obj: Mapping[str, Any]) -> None:
-        """Apply one event and fan it out, atomically with respect to ``subscribe``."""
+        """Apply one event and hand it to the Services it concerns (those it attaches to
+        now, and those it attached to before: for them it is gone), atomically with
+        respect to ``subscribe``."""
         with self._lock:
             assert self.objects is not None
+            _, before = self.objects.pop(name, (None, frozenset()))
+            now = parents(obj) if op == "put" else frozenset()
             if op == "put":
-                self.objects[name] = obj
-            else:
-                self.objects.pop(name, None)
-            for sub in self.subscribers:
-                sub.put((self.namespace, self.kind, op, obj if op == "put" else name))
+                self.objects[name] = (obj, now)
+            for key in before | now:
+                for sub in self.subscribers.get(key, ()):
+                    sub.put((self.namespace, self.kind, "put", obj) if key in now
+                            else (self.namespace, self.kind, "delete", name))
 
     def _run(self) -> None:
         try:
@@ -214,8 +231,9 @@ class _Informer:
             with self._lock:
                 self.done, self.error = True, e
                 if not self.client.closed:
-                    for sub in self.subscribers:
-                        sub.put((self.namespace, self.kind, "error", e))
+                    for subs in self.subscribers.values():
+                        for sub in subs:
+                            sub.put((self.namespace, self.kind, "error", e))
         finally:
             self.stop()
 
@@ -230,11 +248,12 @@ class _Informer:
                 raise
             body = {}
         items = body.get("items") or ()
-        objects = {_name(o): o for o in items if isinstance(o, Mapping)}
         with self._lock:
-            self.objects = objects
-            for sub in self.subscribers:
-                sub.put((self.namespace, self.kind, "reset", list(objects.values())))
+            self.objects = {_name(o): (o, parents(o)) for o in items if isinstance(o, Mapping)}
+            for key, subs in self.subscribers.items():
+                attached = self._attached(key)
+                for sub in subs:
+                    sub.put((self.namespace, self.kind, "reset", attached))
         return str((body.get("metadata") or {}).get("resourceVersion") or "") or None
 
     def _loop(self) -> None:
@@ -246,7 +265,7 @@ class _Informer:
             if not listed:
                 rv, listed = self._list(), True
                 if rv is None:   # no such CRD: look again later
-                    self.source._closed.wait(self.watch_timeout)
+                    self.stopped.wait(self.watch_timeout)
                     listed = False
                     continue
             started, events = time.monotonic(), 0

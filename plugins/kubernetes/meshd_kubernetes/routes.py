@@ -107,19 +107,29 @@ def entry_of(kind: str, obj: Mapping[str, Any]) -> str:
     return f"{kind} {md.get('namespace', '')}/{md.get('name', '')}"
 
 
-def attaches(obj: Mapping[str, Any], namespace: str, service: str) -> bool:
-    """Does a parentRef of ``obj`` name Service ``namespace/service``? (Lenient: a route
-    too broken to say is not this Service's concern.)"""
+def parents(obj: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The Services (namespace, name) a parentRef of ``obj`` names. (Lenient: a route
+    too broken to say is no Service's concern.)"""
     md, spec = obj.get("metadata"), obj.get("spec")
     if not isinstance(md, Mapping) or not isinstance(spec, Mapping):
-        return False
+        return frozenset()
     refs = spec.get("parentRefs")
     if not isinstance(refs, list):
-        return False
+        return frozenset()
     own = md.get("namespace")
-    return any(isinstance(r, Mapping) and r.get("group", "") in ("", "core")
-               and r.get("kind") == "Service" and r.get("name") == service
-               and r.get("namespace", own) == namespace for r in refs)
+    out: set[tuple[str, str]] = set()
+    for r in refs[:64]:   # the CRD's own maxItems is 32
+        if (isinstance(r, Mapping) and r.get("group", "") in ("", "core")
+                and r.get("kind") == "Service"):
+            ns, name = r.get("namespace", own), r.get("name")
+            if isinstance(ns, str) and isinstance(name, str):
+                out.add((ns, name))
+    return frozenset(out)
+
+
+def attaches(obj: Mapping[str, Any], namespace: str, service: str) -> bool:
+    """Does a parentRef of ``obj`` name Service ``namespace/service``?"""
+    return (namespace, service) in parents(obj)
 
 
 def parse(kind: str, obj: Mapping[str, Any],
