@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from meshd.balance.ewma import DECAY, DEFAULT_RTT
 from meshd.config_access_log import AccessLogConfig, access_log
 from meshd.config_env import expand_env
+from meshd.config_fleet import ConfigSourceConfig, config_source
 from meshd.config_identity import (
     AuthorizationConfig,
     IdentityConfig,
@@ -254,6 +255,7 @@ class Config:
     identity: IdentityConfig | None = None        # [identity]
     authorization: tuple[AuthorizationConfig, ...] = ()
     access_log: AccessLogConfig | None = None     # [access_log]; None: no access log
+    config_sources: tuple[ConfigSourceConfig, ...] = ()  # [[config_source]], in file order
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -334,6 +336,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     discovery_negative_ttl = top.field(Config, "discovery_negative_ttl", duration(0.1))
     admin = _admin(Table(top.raw("admin"), "admin", problems))
     discovery = tuple(_discovery(t) for t in array(top, "discovery", required=False))
+    fleet = tuple(config_source(t) for t in array(top, "config_source", required=False))
     ident = identity(top.raw("identity", None), problems)
     alog = access_log(top.raw("access_log", None), problems)
     read = [_listener(t) for t in array(top, "listener", required=True)]
@@ -351,6 +354,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     top.finish()
 
     _check_unique("discovery", [d.name for d in discovery], problems)
+    _check_unique("config_source", [c.name for c in fleet], problems)
     _check_unique("listener", [lst.name for lst in listeners], problems)
     _check_unique("route", [r.name for r in routes], problems)
     names = {lst.name for lst in listeners}
@@ -377,7 +381,8 @@ def parse(data: Mapping[str, Any], path: str = "",
                   admin=admin, discovery=discovery, listeners=listeners, services=services,
                   limits=limits, balancer=balancer, routes=routes, shutdown_delay=shutdown_delay,
                   log_level=log_level, discovery_negative_ttl=discovery_negative_ttl,
-                  identity=ident, authorization=policies, access_log=alog)
+                  identity=ident, authorization=policies, access_log=alog,
+                  config_sources=fleet)
 
 
 # -- sections -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """One validation for `meshd check`, `meshd run` and a reload (HUP): the config's own
-keys, every discovery source's keys as its plugin validates them, the ``[identity]``
+keys, every discovery and config source's keys as its plugin validates them, the ``[identity]``
 provider constructed with its options (keys under ``identity.``), and the TLS files of
 ``[service.NAME.tls]`` and ``[listener.tls]``. All three go through ``load_checked``, so they accept and refuse
 the same configs with the same lines. ``run`` and HUP (``isolated``) make the plugin and
@@ -24,6 +24,7 @@ from meshd.config_identity import IdentityConfig, ListenerTlsConfig
 from meshd.config_table import default
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, PluginError
+from meshd.fleet.registry import load as load_config_source
 from meshd.identity import spiffe
 from meshd.identity.api import Settings
 from meshd.identity.registry import load as load_provider
@@ -117,6 +118,7 @@ def _checked(path: str, text: bytes) -> Config:
     try:
         loaded = config_mod.load(path, text=text)
         sources = [(src.plugin, src.name, dict(src.options)) for src in loaded.discovery]
+        fleet = [(src.plugin, src.name, dict(src.options)) for src in loaded.config_sources]
         ident, settings = loaded.identity, _settings(loaded.identity, loaded.instance,
                                                      loaded.state_dir)
         listener_tls = [(i, lst.tls) for i, lst in enumerate(loaded.listeners) if lst.tls]
@@ -125,6 +127,7 @@ def _checked(path: str, text: bytes) -> Config:
         problems = list(e.problems)
         data = _raw(text)
         sources = _raw_sources(data)
+        fleet = _raw_sources(data, "config_source", ("name", "plugin"))
         ident, settings = _raw_identity(data)
         listener_tls = _raw_listener_tls(data)
     for i, (plugin, name, options) in enumerate(sources):
@@ -135,6 +138,15 @@ def _checked(path: str, text: bytes) -> Config:
             problems.append((f"discovery[{i}].plugin", str(e)))
         except ConfigError as e:
             problems.extend((f"discovery[{i}].{k}" if k else f"discovery[{i}]", m)
+                            for k, m in e.problems)
+    for i, (plugin, name, options) in enumerate(fleet):
+        try:
+            cls, _info = load_config_source(plugin)
+            cls(name, options)
+        except PluginError as e:
+            problems.append((f"config_source[{i}].plugin", str(e)))
+        except ConfigError as e:
+            problems.extend((f"config_source[{i}].{k}" if k else f"config_source[{i}]", m)
                             for k, m in e.problems)
     if ident is not None:
         problems.extend(_identity_problems(ident, settings))
@@ -217,15 +229,17 @@ def _raw_listener_tls(data: dict[str, Any]) -> list[tuple[int, ListenerTlsConfig
     return out
 
 
-def _raw_sources(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(plugin, name, options) of each well-formed [[discovery]] table of a config that
-    failed to load, so the plugins can still report their own problems."""
-    tables = data.get("discovery")
+def _raw_sources(data: dict[str, Any], section: str = "discovery",
+                 own: tuple[str, ...] = ("name", "plugin", "max_watches"),
+                 ) -> list[tuple[str, str, dict[str, Any]]]:
+    """(plugin, name, options) of each well-formed [[discovery]] (or ``section``) table
+    of a config that failed to load, so the plugins can still report their own problems."""
+    tables = data.get(section)
     if not isinstance(tables, list):
         return []
     sources = []
     for table in tables:
         if isinstance(table, dict) and isinstance(table.get("plugin"), str):
-            options = {k: v for k, v in table.items() if k not in ("name", "plugin", "max_watches")}
+            options = {k: v for k, v in table.items() if k not in own}
             sources.append((table["plugin"], str(table.get("name", "")), options))
     return sources

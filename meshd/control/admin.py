@@ -206,8 +206,13 @@ class AdminApp:
             c.discovery.dirty.set()  # the last first answer came in after the last publish
         identity = c.identity
         no_identity = identity is not None and not identity.published.is_set()
-        if serving >= desired and not pending and published and not behind and not no_identity:
-            return "200 OK", "text/plain", b"ready\n"
+        fleet = c.discovery.fleet
+        fleet_pending = fleet.pending()
+        if (serving >= desired and not pending and published and not behind and not no_identity
+                and not fleet_pending):
+            # Refused fleet entries are named, but meshd is ready: the last good applies.
+            return "200 OK", "text/plain", "".join(
+                line + "\n" for line in ["ready", *fleet.ready_detail()]).encode()
         waiting = []
         if identity is not None and no_identity:
             # Workers serve only once they loaded an identity: say why there is none.
@@ -221,6 +226,12 @@ class AdminApp:
                               for name, srcs in pending[:READY_NAMES])
             more = f" and {len(pending) - READY_NAMES} more" if len(pending) > READY_NAMES else ""
             waiting.append(f"discovery: first answer for {names}{more}")
+        if fleet_pending:
+            names = ", ".join(f"{name} (source {', '.join(srcs)})"
+                              for name, srcs in fleet_pending[:READY_NAMES])
+            more = (f" and {len(fleet_pending) - READY_NAMES} more"
+                    if len(fleet_pending) > READY_NAMES else "")
+            waiting.append(f"fleet: first answer for {names}{more}")
         if not published:
             waiting.append("endpoints: not yet published to the workers")
         elif target is None and not pending:
@@ -233,7 +244,8 @@ class AdminApp:
     def metrics(self) -> tuple[str, str, bytes]:
         c = self.control
         keys = row_keys(c.config, c.discovery.rows.rows)
-        lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
+        lines = [*c.discovery.prometheus(), *c.discovery.fleet.prometheus(),
+                 *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ())]
         text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
@@ -255,6 +267,7 @@ class AdminApp:
     def config(self) -> tuple[str, str, bytes]:
         """The effective config of this generation, secrets masked (``config_view``)."""
         body = effective(self.control.config)
+        body["fleet"] = self.control.discovery.fleet.describe()
         return "200 OK", "application/json", json.dumps(body, indent=1).encode() + b"\n"
 
     def endpoints(self) -> tuple[str, str, bytes]:

@@ -41,6 +41,7 @@ import gevent.event
 from meshd import rowkeys
 from meshd.config import DEFAULT_SERVICE, Config, SourceShare
 from meshd.control import state
+from meshd.control.fleet import FleetRunner
 from meshd.control.health import TICK, EndpointRows, HealthKeeper
 from meshd.control.rows import RowTable
 from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
@@ -157,11 +158,19 @@ class DiscoveryRunner:
         self.publish_failures = 0              # since this control process started
         self.publish_error: str | None = None  # the last attempt's, while it keeps failing
         self._publish_log = Throttle(log, burst=3, interval=60.0)
+        # Fleet policies (``meshd.control.fleet``): watched with each service, published
+        # in the snapshot; the services they name are pinned (watched, never expired).
+        self.fleet = FleetRunner(cfg)
+        self.fleet.on_refs = self.pin
+        self.fleet.on_change = self.dirty.set
+        self.configured: set[str] = set()
+        self.pinned: set[str] = set()
 
     # -- start --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._load_backends()
+        self.fleet.start()
         for lst in self.cfg.listeners:
             self.rows.ensure(lst.name, "")
             if lst.direction == "inbound":
@@ -172,6 +181,7 @@ class DiscoveryRunner:
                         self.rows.ensure(lst.name, rowkeys.key(str(lst.forward), True, peer))
             elif lst.protocol == "tcp" and lst.service:
                 self.rows.ensure(lst.name, lst.service)
+        self.configured = set(self._configured_services())
         for service in self._configured_services():
             self.watch(service, on_demand=False)
         gevent.spawn(self._publisher)
@@ -285,6 +295,7 @@ class DiscoveryRunner:
                 st.synced = True
                 continue
             w.greenlets.append(gevent.spawn(self._watch_loop, w, share.source, backend))
+        self.fleet.watch(service, on_demand)
         if on_demand:
             self.throttle.info(LOG_STARTED, "watching %s on demand (sources: %s)", service,
                                ", ".join(s.source for s in shares) or "none")
@@ -401,6 +412,7 @@ class DiscoveryRunner:
         w = self.watches.pop(service, None)
         if w is not None:
             gevent.killall(w.greenlets, block=False)
+            self.fleet.unwatch(service)
             self.recent.pop(service, None)
             self.per_source.subtract(s.source for s in w.shares)
             if w.on_demand:
@@ -408,6 +420,25 @@ class DiscoveryRunner:
             else:
                 log.info("stopped watching %s (%s)", service, why)
             self.dirty.set()
+
+    def pin(self, names: set[str]) -> None:
+        """The services fleet policies name now: watched like configured ones (from the
+        moment a policy names them, and never expired while it does)."""
+        for name in sorted(names - self.pinned):
+            w = self.watches.get(name)
+            if w is None:
+                self.watch(name, on_demand=False)
+            elif w.on_demand:
+                w.on_demand = False
+                self.recent.pop(name, None)
+                self._ensure_rows(name)
+        for name in self.pinned - names:
+            w = self.watches.get(name)
+            if w is not None and not w.on_demand and name not in self.configured:
+                # On demand again: expired after service_idle_expiry without requests.
+                w.on_demand, w.idle_since, w.last_requests = True, time.monotonic(), -1
+                self.recent[name] = None
+        self.pinned = set(names)
 
     def _health_loop(self) -> None:
         while True:
@@ -467,7 +498,7 @@ class DiscoveryRunner:
 
     def _publisher(self) -> None:
         started = time.monotonic()
-        while (not all(w.settled for w in self.watches.values())
+        while (not all(w.settled and self.fleet.settled(w.name) for w in self.watches.values())
                and time.monotonic() - started < FIRST_SYNC_WAIT):
             self.dirty.wait(0.05)
             self.dirty.clear()
@@ -515,6 +546,8 @@ class DiscoveryRunner:
         absent: list[str] = []
         errors: dict[str, str] = {}
         for name, w in self.watches.items():
+            if w.on_demand and not self.fleet.settled(name):
+                continue   # a worker waiting for it must get its policy with its endpoints
             exists = w.exists
             if exists:
                 services[name] = w.merged()
@@ -531,12 +564,15 @@ class DiscoveryRunner:
         return Snapshot(generation=self.generation, seq=self.seq, services=services,
                         rows=self.rows.rows, synced=self.all_synced, errors=errors,
                         absent=frozenset(absent), endpoint_rows=dict(self.endpoint_rows.rows),
-                        splits=splits)
+                        splits=splits, fleet=self.fleet.policies, fleet_version=self.fleet.version)
 
     def _publish(self) -> None:
         self.seq += 1
-        complete = not self.pending()  # before the write: what this snapshot holds
-        write_atomic(self.path, self.snapshot().encode())
+        # before the write: what this snapshot holds
+        complete = not self.pending() and not self.fleet.pending()
+        snap = self.snapshot()
+        write_atomic(self.path, snap.encode())
+        self.fleet.published_version = snap.fleet_version
         if complete and self.ready_seq is None:
             self.ready_seq = self.seq
         now = time.monotonic()
@@ -558,6 +594,7 @@ class DiscoveryRunner:
             log.warning("cannot persist endpoints to %s: %s", self.state_path, e)
 
     def close(self) -> None:
+        self.fleet.close()
         for backend in self.backends.values():
             try:
                 backend.close()

@@ -4,15 +4,16 @@ service from a fleet store (Consul config entries, the Kubernetes Gateway API).
 A plugin is a class published by a distribution under the entry-point group
 ``meshd.config``; the entry point's name is what ``plugin = "..."`` in a
 ``[[config_source]]`` table picks. meshd constructs it once per table as
-``Source(name, options)`` (``options``: the table's keys other than ``name``, ``plugin``
-and ``max_watches``, read-only) in the control process and in ``meshd check``; the
+``Source(name, options)`` (``options``: the table's keys other than ``name`` and
+``plugin``, read-only) in the control process and in ``meshd check``; the
 constructor validates them and raises ``meshd.errors.ConfigError`` with key paths
 relative to the table (``("address", "expected a URL")``). It must not do I/O.
 
 Watches are per service and on demand, as for discovery: the control process calls
 ``watch(service)`` once for every service it watches endpoints of (configured, listed by a
-discovery source, asked for by a request) and for every service a fleet policy names
-(a route's destination, a split's target, a failover target), and iterates the generator
+discovery source, asked for by a request: discovery's ``max_watches`` bounds those) and
+for every service a fleet policy names (a route's destination, a split's target, a
+failover target), and iterates the generator
 in a greenlet of its own (the control process is gevent-patched: sockets, ``requests``,
 ``time.sleep`` are cooperative there). A name may carry a datacenter, ``web@dc2``, as
 for discovery. A watch that is no longer needed is closed (``GeneratorExit`` at its
@@ -157,7 +158,7 @@ class Route:
     idle_timeout: float | None = None
     retries: int | None = None                 # None: the service's retries
     retry_on: frozenset[str] | None = None     # subset of RETRY_KINDS; None: the service's
-    prefix_rewrite: str | None = None          # replaces the matched path prefix
+    prefix_rewrite: str | None = None          # not applied yet: meshd refuses a part with it
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,14 @@ ACL (``acl={"token": "read" | "write" | "deny"}``): the token comes from
 ``service_prefix "PREFIX" { policy = "read" }``): the health of another service is 403
 "Permission denied", and ``catalog/services`` lists only the matching ones (filtered).
 
+Config entries (``meshd.testing.consul_config`` holds their state and index model):
+``PUT /v1/config`` (``consul config write``; ``cas``), ``GET /v1/config/<kind>/<name>``
+(blocking on the config table's index; 404 with ``X-Consul-Index`` when absent),
+``GET /v1/config/<kind>``, ``DELETE /v1/config/<kind>/<name>`` (``cas``). Controls:
+``write_config(entry)``, ``delete_config(kind, name)``, ``config_entry(kind, name)``.
+Writes need a ``"write"`` token when ACLs are on (Consul: ``operator:write`` or the
+service's ``service:write``).
+
 Every request is recorded in ``requests`` for assertions (method, path, query params,
 token, body); ``blocked`` / ``max_blocked`` count the blocking queries waiting now / at most at
 once, ``connections`` / ``max_connections`` the client connections open (what an agent's
@@ -64,6 +72,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from meshd.testing.consul_config import ConfigEntryError, ConfigStore
 from meshd.testing.consul_connect import DEFAULT_LEAF_TTL, Connect, ConnectError
 
 MAX_WAIT = 600.0
@@ -162,6 +171,7 @@ class ConsulServer:
         self.default_policy = default_policy
         self._fault: tuple[str, str, int, str] | None = None   # mode, prefix, status, body
         self.hanging = 0
+        self.config = ConfigStore()
         with self._cond:
             self.connect = Connect(datacenter, lambda: self._bump(), leaf_ttl, cluster_id)
 
@@ -277,6 +287,7 @@ class ConsulServer:
         with self._cond:
             self._index = n
             self._service_index = dict.fromkeys(self._service_index, n)
+            self.config.index = n
             self._abandoned += 1
             self._cond.notify_all()
 
@@ -284,6 +295,21 @@ class ConsulServer:
                   body: str = "rpc error making call: No cluster leader") -> None:
         with self._cond:
             self._failures.extend([(status, body)] * n)
+
+    # -- config entries --------------------------------------------------------------
+
+    def write_config(self, entry: Mapping[str, Any], cas: int | None = None) -> bool:
+        """``consul config write``: create or replace the entry of its Kind and Name."""
+        with self._cond:
+            return self.config.put(dict(entry), self._bump(), cas)
+
+    def delete_config(self, kind: str, name: str, cas: int | None = None) -> bool:
+        with self._cond:
+            return self.config.delete(kind, name, self._bump(), cas)
+
+    def config_entry(self, kind: str, name: str) -> dict[str, Any] | None:
+        with self._cond:
+            return self.config.get(kind, name)
 
     # -- Connect controls ------------------------------------------------------------
 
@@ -592,6 +618,8 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                     scoped = {k: v for k, v in names.items() if k.startswith(self.scope)}
                     allowed, names = allowed and len(scoped) == len(names), scoped
                 return self._json(names, index, allowed)
+            if path == "/v1/config" or path.startswith("/v1/config/"):
+                return self._config(method, path, params, body)
             if method == "PUT" and path == "/v1/agent/service/register":
                 server._register_body(json.loads(body or b"{}"))
                 return self._send(200, b"", "text/plain")
@@ -602,6 +630,39 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                 server.deregister(iid)
                 return self._send(200, b"", "text/plain")
             self._send(404, b"404 page not found", "text/plain")
+
+        def _config(self, method: str, path: str, params: dict[str, list[str]],
+                    body: bytes) -> None:
+            raw_cas = params.get("cas", [""])[-1]
+            cas = int(raw_cas) if raw_cas else None
+            if method == "PUT" and path == "/v1/config":
+                try:
+                    ok = server.write_config(json.loads(body or b"null"), cas)
+                except ConfigEntryError as e:
+                    return self._send(400, str(e).encode(), "text/plain")
+                return self._send(200, b"true" if ok else b"false", "application/json")
+            parts = [urllib.parse.unquote(p) for p in path.removeprefix("/v1/config/").split("/")]
+            if method == "DELETE" and len(parts) == 2 and all(parts):
+                ok = server.delete_config(parts[0], parts[1], cas)
+                return self._send(200, b"true" if ok else b"false", "application/json")
+            if method != "GET" or not 1 <= len(parts) <= 2 or not all(parts):
+                return self._send(405 if method not in ("GET", "DELETE") else 404,
+                                  b"method not allowed" if method not in ("GET", "DELETE")
+                                  else b"404 page not found", "text/plain")
+            index = server._blocking(params, lambda: server.config.index, self.connection)
+            if isinstance(index, tuple):
+                return self._send(index[0], index[1].encode(), "text/plain")
+            if len(parts) == 1:
+                with server._cond:
+                    return self._json(server.config.list(parts[0]), index, True)
+            with server._cond:
+                entry = server.config.get(parts[0], parts[1])
+            if entry is None:
+                return self._send(404, f'Config entry not found for "{parts[0]}" / '
+                                       f'"{parts[1]}"'.encode(), "text/plain",
+                                  {"X-Consul-Index": str(index), "X-Consul-KnownLeader": "true",
+                                   "X-Consul-LastContact": "0"})
+            return self._json(entry, index, True)
 
         def _json(self, data: Any, index: int, allowed: bool) -> None:
             if not server._running:

@@ -36,6 +36,7 @@ from meshd.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from meshd.fleet.select import in_subset
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
@@ -299,8 +300,12 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
             Endpoint(listener.forward.host, listener.forward.port),)
     else:
         host = listener.service or strip_port((authority or b"").decode("latin-1"))
-        service, matched = worker.router.match(listener.name, host, method, target, headers)
-        policy = worker.router.policy(service, matched)
+        if worker.config.config_sources and not worker.router.local(host):
+            # A name seen for the first time: its fleet policy comes with its endpoints
+            # (the control process publishes both at once), so wait for those first.
+            worker.resolve(host)
+        policy = worker.router.request_policy(listener.name, host, method, target, headers)
+        service = policy.service
         if (redirected is not None and not listener.service
                 and service not in worker.snapshot.services and _ip_literal(service)):
             # An address, not a name: no source is asked for it (an on-demand watch per
@@ -308,9 +313,14 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
             endpoints = None
         else:
             endpoints = worker.resolve(service)
+            if endpoints and policy.labels:   # a fleet subset
+                endpoints = tuple(e for e in endpoints if in_subset(policy.labels, e.labels))
             if not endpoints:
-                for other in policy.failover:
+                for i, other in enumerate(policy.failover):
                     found = worker.resolve(other)
+                    if found and policy.failover_labels and policy.failover_labels[i]:
+                        found = tuple(e for e in found
+                                      if in_subset(policy.failover_labels[i], e.labels))
                     if found:
                         service, endpoints = other, found
                         break

@@ -178,6 +178,7 @@ class Worker:
                                    "%s: %s", self.ctx.snapshot_path, e)
             return hasattr(self, "snapshot")
         self._snapshot_mtime = mtime
+        self.router.set_fleet(self.snapshot.fleet_version, self.snapshot.fleet)
         self.region.set_snapshot_seq(self.slot, self.snapshot.seq)  # for /ready and tests
         return True
 

@@ -10,16 +10,26 @@ the service's timeouts and retry policy. No matching route: the named service it
 ``Policy`` is the outcome, with the backend service's settings filled in; when that
 service has no endpoints, the proxy walks ``failover`` in order.
 
-Pure code over the config (no sockets): the worker builds one ``Router`` per config.
+Fleet policies (``meshd.fleet``: Consul config entries, Gateway API routes) come with the
+snapshot: ``request_policy`` applies them (``meshd.fleet.select``) to a service that no
+local ``[[route]]`` names (the control process already dropped the parts the file
+overrides), and the resolver of the chosen service (subset labels, failover, connect
+timeout) whichever way it was chosen.
+
+Pure code over the config and the policies (no sockets): the worker builds one ``Router``
+per config and hands it each new set of policies (``set_fleet``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.config import DEFAULT_FAILURE_ON, DEFAULT_SERVICE, Config, RouteConfig
+from meshd.fleet.api import Target
+from meshd.fleet.select import Labels, Resolved, Selector
+from meshd.fleet.wire import Policy as FleetPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,8 @@ class Policy:
     retryable: bool            # non-idempotent methods may be retried too
     failure_on: frozenset[str] = DEFAULT_FAILURE_ON
     route: str | None = None   # the matching route's name
+    labels: Labels = ()        # fleet subset: only endpoints of ``service`` carrying all of them
+    failover_labels: tuple[Labels, ...] = ()   # the same for each of ``failover`` (or empty)
 
 
 class _Route:
@@ -86,6 +98,57 @@ class Router:
         self._routes: dict[str, list[_Route]] = {}
         for route in config.routes:
             self._routes.setdefault(route.host, []).append(_Route(route))
+        self.fleet: Selector | None = None
+        self.fleet_version = ""
+
+    def set_fleet(self, version: str, policies: Mapping[str, FleetPolicy]) -> None:
+        """The fleet policies of a newly loaded snapshot: recompiled only when their
+        version changed (the weighted picks keep their state across other snapshots)."""
+        if version != self.fleet_version:
+            self.fleet_version = version
+            self.fleet = Selector(policies) if policies else None
+
+    def local(self, host: str) -> bool:
+        """Local ``[[route]]`` tables name ``host`` (then the file decides its routing)."""
+        return host in self._routes
+
+    def request_policy(self, listener: str, host: str, method: bytes, target: bytes,
+                       headers: Sequence[tuple[bytes, bytes]]) -> Policy:
+        """The policy of an outbound request naming ``host``: local routes, else fleet
+        routes and splits; then the fleet resolver of the chosen service."""
+        fleet = self.fleet
+        if fleet is None or (host in self._routes) or host not in fleet:
+            service, matched = self.match(listener, host, method, target, headers)
+            policy = self.policy(service, matched)
+            if fleet is not None and service in fleet:
+                return self._resolved(policy, fleet.resolve(Target(service)))
+            return policy
+        chosen, route = fleet.route(host, method, target, headers)
+        resolved = fleet.resolve(chosen)
+        policy = self.policy(resolved.service, None)
+        if route is not None:
+            policy = replace(
+                policy,
+                timeout=_pick(route.timeout, policy.timeout),
+                try_timeout=_pick(route.try_timeout, policy.try_timeout),
+                idle_timeout=_pick(route.idle_timeout, policy.idle_timeout),
+                retries=policy.retries if route.retries is None else route.retries,
+                failure_on=policy.failure_on if route.retry_on is None else route.retry_on,
+                route=route.name)
+        return self._resolved(policy, resolved, route is not None and route.timeout is not None)
+
+    @staticmethod
+    def _resolved(policy: Policy, r: Resolved, route_timeout: bool = False) -> Policy:
+        res = r.resolver
+        if res is None:
+            return replace(policy, labels=r.labels) if r.labels else policy
+        return replace(
+            policy,
+            failover=tuple(s for s, _ in r.failover),
+            failover_labels=tuple(labels for _, labels in r.failover),
+            labels=r.labels,
+            connect_timeout=_pick(res.connect_timeout, policy.connect_timeout),
+            timeout=policy.timeout if route_timeout else _pick(res.timeout, policy.timeout))
 
     def match(self, listener: str, host: str, method: bytes, target: bytes,
               headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, RouteConfig | None]:

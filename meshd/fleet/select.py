@@ -1,0 +1,199 @@
+"""Applying fleet policies to one request (sans-IO: values in, a choice out).
+
+A worker builds one ``Selector`` per set of policies it loads (the snapshot's ``fleet``,
+rebuilt only when that changes) and asks it, per request naming a service that has a
+policy: which route matches (``route``), which target its destination or the service's
+split picks (``target``), and where that target's endpoints are (``resolve``: the
+subset's labels, then the failover targets with theirs). The order of those steps is
+that of ``docs/config-sources.md``: routes, then the split of a target that a route did
+not already pick by weight, then the resolver.
+
+Weighted picks use smooth weighted round robin (``meshd.balance.p2c.RoundRobin``), one
+state per route and per split in each worker: exact shares over every run of
+sum-of-weights requests (10 % is one request in ten, not a coin toss), so a canary's
+share is what the operator wrote from the first requests on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from meshd.balance.p2c import Candidate, RoundRobin
+from meshd.fleet.api import HeaderMatch, Match, Resolver, Route, Target, WeightedTarget
+from meshd.fleet.wire import Policy
+
+Labels = tuple[tuple[str, str], ...]
+NO_SUCH_SUBSET: Labels = (("\0", "no such subset"),)   # no endpoint carries it
+MAX_QUERY = 4096     # bytes of a query string looked at (client-controlled)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Where a target's requests go: ``service``'s endpoints carrying ``labels`` (all of
+    them; () keeps every endpoint), else each ``failover`` (service, labels) in order."""
+    service: str
+    labels: Labels
+    failover: tuple[tuple[str, Labels], ...]
+    resolver: Resolver | None
+
+
+class _Weighted:
+    __slots__ = ("targets", "rr", "candidates")
+
+    def __init__(self, targets: tuple[WeightedTarget, ...]) -> None:
+        self.targets = targets
+        self.rr = RoundRobin()
+        self.candidates = [Candidate(float(t.weight)) for t in targets]
+
+    def pick(self) -> Target:
+        if len(self.targets) == 1:
+            return self.targets[0].target
+        return self.targets[self.rr.pick(self.candidates)].target
+
+
+class _Route:
+    __slots__ = ("route", "matches", "destination")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.matches = [_Match(m) for m in route.matches]
+        self.destination = _Weighted(route.destination) if route.destination else None
+
+    def holds(self, method: bytes, path: str, query: str | None,
+              headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        if not self.matches:
+            return True
+        params: list[tuple[str, str]] | None = None
+        for m in self.matches:
+            if m.query and params is None:
+                params = parse_qsl(query or "", keep_blank_values=True)
+            if m.holds(method, path, params or [], headers):
+                return True
+        return False
+
+
+class _Match:
+    __slots__ = ("path_kind", "path", "path_re", "methods", "headers", "query")
+
+    def __init__(self, m: Match) -> None:
+        self.path_kind = m.path.kind if m.path is not None else ""
+        self.path = m.path.value if m.path is not None else ""
+        self.path_re = re.compile(self.path) if self.path_kind == "regex" else None
+        self.methods = frozenset(x.encode() for x in m.methods)
+        self.headers = [(h, h.name.encode("latin-1"), re.compile(h.value) if h.kind == "regex"
+                         else None) for h in m.headers]
+        self.query = [(q, re.compile(q.value) if q.kind == "regex" else None) for q in m.query]
+
+    def holds(self, method: bytes, path: str, params: list[tuple[str, str]],
+              headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        kind = self.path_kind
+        if kind == "prefix" and not path.startswith(self.path):
+            return False
+        if kind == "exact" and path != self.path:
+            return False
+        if kind == "segments" and not _segment_prefix(path, self.path):
+            return False
+        if self.path_re is not None and self.path_re.fullmatch(path) is None:
+            return False
+        for h, name, rx in self.headers:
+            values = [v.decode("latin-1") for k, v in headers if k.lower() == name]
+            if _header_holds(h, values, rx) == h.invert:
+                return False
+        for q, rx in self.query:
+            values = [v for k, v in params if k == q.name]
+            if q.kind == "present":
+                ok = bool(values)
+            elif rx is not None:
+                ok = any(rx.fullmatch(v) for v in values)
+            else:
+                ok = q.value in values
+            if not ok:
+                return False
+        return True
+
+
+def _segment_prefix(path: str, prefix: str) -> bool:
+    """Gateway API PathPrefix: "/foo" matches "/foo", "/foo/" and "/foo/bar", not "/foobar"."""
+    base = prefix.rstrip("/")
+    if not base:
+        return True
+    return path == base or path.startswith(base + "/")
+
+
+def _header_holds(h: HeaderMatch, values: list[str], rx: re.Pattern[str] | None) -> bool:
+    if h.kind == "present":
+        return bool(values)
+    if h.kind == "exact":
+        return h.value in values
+    if h.kind == "prefix":
+        return any(v.startswith(h.value) for v in values)
+    if h.kind == "suffix":
+        return any(v.endswith(h.value) for v in values)
+    return rx is not None and any(rx.fullmatch(v) for v in values)
+
+
+class Selector:
+    """The compiled policies of one snapshot."""
+
+    def __init__(self, policies: Mapping[str, Policy]) -> None:
+        self.policies = policies
+        self._routes = {name: [_Route(r) for r in p.routes.routes]
+                        for name, p in policies.items() if p.routes is not None}
+        self._splits = {name: _Weighted(p.split.targets)
+                        for name, p in policies.items() if p.split is not None}
+
+    def __contains__(self, service: str) -> bool:
+        return service in self.policies
+
+    def route(self, service: str, method: bytes, target: bytes,
+              headers: Sequence[tuple[bytes, bytes]]) -> tuple[Target, Route | None]:
+        """The target of a request naming ``service``, and the route that chose it."""
+        routes = self._routes.get(service)
+        if routes:
+            q = target.find(b"?")
+            path = (target if q < 0 else target[:q]).decode("latin-1")
+            query = None if q < 0 else target[q + 1:q + 1 + MAX_QUERY].decode("latin-1")
+            for r in routes:
+                if r.holds(method, path, query, headers):
+                    if r.destination is None:
+                        return self.split(Target(service)), r.route
+                    if len(r.destination.targets) == 1:
+                        return self.split(r.destination.pick()), r.route
+                    return r.destination.pick(), r.route   # weighted: final, splits do not nest
+        return self.split(Target(service)), None
+
+    def split(self, target: Target) -> Target:
+        """The split of ``target``'s service picks, when it names no subset."""
+        if target.subset:
+            return target
+        split = self._splits.get(target.service)
+        return target if split is None else split.pick()
+
+    def resolve(self, target: Target) -> Resolved:
+        policy = self.policies.get(target.service)
+        resolver = policy.resolver if policy is not None else None
+        failover = () if resolver is None else tuple(
+            (t.service, self._labels(t)) for t in resolver.failover)
+        return Resolved(target.service, self._labels(target), failover, resolver)
+
+    def _labels(self, target: Target) -> Labels:
+        policy = self.policies.get(target.service)
+        resolver = policy.resolver if policy is not None else None
+        if resolver is None:
+            return NO_SUCH_SUBSET if target.subset else ()
+        name = target.subset or resolver.default_subset
+        if not name:
+            return ()
+        for subset in resolver.subsets:
+            if subset.name == name:
+                return subset.labels
+        return NO_SUCH_SUBSET
+
+
+def in_subset(labels: Labels, endpoint_labels: Labels) -> bool:
+    return all(kv in endpoint_labels for kv in labels)
