@@ -1,13 +1,22 @@
 """Fleet control from the Kubernetes Gateway API: the test server's route resources
 (kubectl-style writes, list, watch, 410), the ``kubernetes`` config source against it
-(list+watch shared per namespace, refused routes, 410 re-list, token rotation)."""
+(list+watch shared per namespace, refused routes, 410 re-list, token rotation), and a
+real meshd with it: a canary moved 0 -> 10 -> 50 -> 100 % by HTTPRoute weights under
+load, a path match with its own timeout, an invalid HTTPRoute refused and named while
+the previous one keeps serving, a 410 during the watch."""
 
 from __future__ import annotations
 
 import functools
+import http.client
+import json
+import textwrap
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -16,6 +25,7 @@ from meshd_kubernetes.config_source import RESOURCE, KubernetesConfigSource
 
 from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Refused, Routes, Set, Update
+from meshd.testing.harness import Meshd, http_get, wait_for
 from meshd.testing.k8s_server import GATEWAY, backend, grpc_route, http_route
 
 ROUTES = f"/apis/{GATEWAY}/namespaces/default/httproutes"
@@ -220,6 +230,18 @@ def test_api_errors_end_the_watches_so_meshd_backs_off(api, source):
     again.wait_for(lambda r: r.updates == [Clear("routes")])
 
 
+def test_a_route_kind_without_its_crd_counts_as_empty_and_is_looked_for_again(api, source):
+    api.fail_next(1, 404, "grpcroutes")   # as when the GRPCRoute CRD is not installed
+    rec = Recorder(source(watch_timeout="1s"), "web")
+    rec.wait_for(lambda r: r.updates == [Clear("routes")])
+    api.apply(canary(10))
+    rec.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    api.wait_requests(1, watch=False, status=404, resource="grpcroutes")
+    api.wait_requests(1, watch=False, status=200, resource="grpcroutes", timeout=5)
+    api.apply(grpc_route("g", "web", [{"matches": [{"method": {"service": "g.G"}}]}]))
+    rec.wait_for(lambda r: r.routes is not None and len(r.routes.routes) == 2)
+
+
 def test_a_service_in_another_namespace_takes_consumer_routes_from_meshds(api, source):
     rec = Recorder(source(), "cart.shop")   # meshd's namespace is "default"
     api.apply(http_route("p", "cart", [{"backendRefs": [backend("cart-v2")]}],
@@ -243,3 +265,187 @@ def test_shipped_rbac_grants_what_the_source_reads():
     assert granted == {("gateway.networking.k8s.io", r, v) for r in RESOURCE.values()
                        for v in ("get", "list", "watch")}
     assert docs[1]["roleRef"]["name"] == docs[0]["metadata"]["name"]
+
+
+# -- a real meshd ---------------------------------------------------------------------------
+
+def k8s_config(mesh, api, tmp_path, services, workers=2, extra=""):
+    token = tmp_path / "k8s.token"
+    token.write_text("test-token\n")
+    return mesh.config(services, workers=workers, extra=textwrap.dedent(f"""\
+        [[config_source]]
+        name = "k8s"
+        plugin = "kubernetes"
+        api_server = "{api.url}"
+        token_file = "{token}"
+        ca_file = "{api.ca_file}"
+        namespace = "default"
+        timeout = "2s"
+        """) + extra)
+
+
+def admin_json(m: Meshd, path: str) -> Any:
+    status, _, body = http_get("127.0.0.1", m.ports["admin"], path)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def fleet_service(m: Meshd, service: str) -> dict[str, Any]:
+    return admin_json(m, "/config")["fleet"]["services"].get(service, {})
+
+
+def wait_applied(m: Meshd, service: str, predicate: Callable[[Any], bool],
+                 timeout: float = 10.0) -> float:
+    """Seconds until /config shows ``service``'s effective routes satisfying ``predicate``
+    and every worker loaded a snapshot at least that recent."""
+    started = time.monotonic()
+    wait_for(lambda: predicate(fleet_service(m, service).get("effective", {}).get("routes")),
+             timeout, interval=0.005, what=f"routes of {service} applied")
+
+    def published() -> bool:
+        fleet = admin_json(m, "/config")["fleet"]
+        return bool(fleet["version"] == fleet["published_version"])
+    wait_for(published, timeout, interval=0.005, what="the policies published")
+    m.wait_snapshot_loaded(timeout=timeout)
+    return time.monotonic() - started
+
+
+def route_weights(part: Any) -> list[int] | None:
+    if not part:
+        return None
+    return [t["weight"] for t in part["value"]["routes"][0]["destination"]]
+
+
+class CountingLoad:
+    """Keep-alive clients naming service web, counting which backend answered (and
+    failures) since the last ``sample``."""
+
+    def __init__(self, port: int, connections: int = 4) -> None:
+        self.port = port
+        self.counts: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.total_ok = 0
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True)
+                        for _ in range(connections)]
+
+    def start(self) -> CountingLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        deadline = time.monotonic() + 120
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request("GET", "/", headers={"Host": "web"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"status {resp.status}")
+                with self.lock:
+                    self.counts[resp.getheader("x-backend") or "?"] += 1
+                    self.total_ok += 1
+            except Exception as e:
+                with self.lock:
+                    self.failures.append(f"{type(e).__name__}: {e}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+    def sample(self, n: int, timeout: float = 60.0) -> Counter[str]:
+        with self.lock:
+            self.counts = Counter()
+        wait_for(lambda: sum(self.counts.values()) >= n, timeout, interval=0.01,
+                 what=f"{n} requests")
+        with self.lock:
+            return Counter(self.counts)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def test_canary_by_httproute_weights_under_load(mesh, backends, api, tmp_path):
+    a, b = backends("stable"), backends("canary")
+    m = mesh.start(*k8s_config(mesh, api, tmp_path, {"web": [a.address],
+                                                     "web-canary": [b.address]}))
+    load = CountingLoad(m.ports["outbound"]).start()
+    took = []
+    try:
+        for share in (0, 10, 50, 100):
+            api.apply(canary(share))
+            took.append(wait_applied(m, "web", lambda p, s=share: route_weights(p) ==
+                                     [100 - s, s]))
+            counts = load.sample(2000)
+            got = 100 * counts["canary"] / sum(counts.values())
+            assert abs(got - share) <= 3, (share, counts)
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert load.total_ok >= 8000
+    effective = fleet_service(m, "web")["effective"]["routes"]
+    assert effective["from"] == "k8s: HTTPRoute default/web-canary"
+    print("write-to-applied seconds per step:", [round(t, 3) for t in took])
+    assert max(took) < 10   # a second on a quiet machine; generous for busy CPUs
+
+
+def test_path_match_with_its_own_timeout_and_410_relist(mesh, backends, api, tmp_path):
+    a = backends("a")
+    api.apply(http_route("web-slow", "web", [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+         "timeouts": {"request": "300ms"}},
+        {"backendRefs": [backend("web")]}]))
+    m = mesh.start(*k8s_config(mesh, api, tmp_path, {"web": [a.address]}, workers=1,
+                               extra='[service.web]\ntimeout = "5s"\n'))
+    wait_applied(m, "web", lambda p: p is not None)
+    port = m.ports["outbound"]
+    started = time.monotonic()
+    status, _, body = http_get("127.0.0.1", port, "/slow?ms=3000", {"Host": "web"})
+    assert status == 504, body
+    assert time.monotonic() - started < 2.5      # the route's 300 ms, not the service's 5 s
+    status, _, body = http_get("127.0.0.1", port, "/slowly?ms=600", {"Host": "web"})
+    assert (status, body) == (200, b"a /slowly\n")   # PathPrefix is by path elements
+    # The history is compacted while the watch is down: a re-watch gets 410, meshd lists
+    # again and the routes stay (and no update is lost).
+    lists = len(api.slice_requests(watch=False, resource="httproutes"))
+    api.expire_history()
+    api.drop_watches()
+    api.wait_requests(lists + 1, watch=False, resource="httproutes", timeout=10)
+    status, _, _ = http_get("127.0.0.1", port, "/slow?ms=3000", {"Host": "web"})
+    assert status == 504
+    api.delete("httproutes", "web-slow")
+    wait_applied(m, "web", lambda p: p is None)
+    status, _, body = http_get("127.0.0.1", port, "/slow?ms=600", {"Host": "web"})
+    assert status == 200, body
+
+
+def test_invalid_httproute_is_refused_by_name_and_the_previous_kept(mesh, backends, api,
+                                                                    tmp_path):
+    a, b = backends("stable"), backends("canary")
+    api.apply(canary(100))
+    m = mesh.start(*k8s_config(mesh, api, tmp_path, {"web": [a.address],
+                                                     "web-canary": [b.address]}, workers=1))
+    wait_applied(m, "web", lambda p: route_weights(p) == [0, 100])
+    port = m.ports["outbound"]
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"canary /\n"
+    bad = canary(50)
+    bad["spec"]["rules"][0]["filters"] = [{"type": "RequestMirror",
+                                           "requestMirror": {"backendRef": {"name": "x"}}}]
+    api.apply(bad)
+    labels = ('service="web",source="k8s",kind="routes",entry="HTTPRoute default/web-canary"')
+    m.wait_metric("meshd_fleet_refused_entries", labels)
+    assert {http_get("127.0.0.1", port, "/", {"Host": "web"})[2]
+            for _ in range(10)} == {b"canary /\n"}
+    status, _, body = http_get("127.0.0.1", m.ports["admin"], "/ready")
+    assert status == 200
+    assert b"refused HTTPRoute default/web-canary" in body and b"RequestMirror" in body, body
+    assert "refused HTTPRoute default/web-canary for service web: spec.rules[0].filters[0]: " \
+           "filter 'RequestMirror' is not supported" in m.log()
+    api.apply(canary(0))   # fixed: applied, no longer named
+    wait_applied(m, "web", lambda p: route_weights(p) == [100, 0])
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"
+    assert m.metric("meshd_fleet_refused_entries", 'kind="routes"') == 0

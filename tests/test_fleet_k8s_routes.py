@@ -56,7 +56,7 @@ def test_canary_route_becomes_one_weighted_route_on_every_path():
     assert route.timeout is None and route.retries is None
 
 
-def test_matches_timeouts_retries_and_rewrite_translate():
+def test_matches_timeouts_and_retries_translate():
     obj = stamped(http_route("api", "web", [{
         "matches": [{"path": {"type": "PathPrefix", "value": "/api/"},
                      "method": "POST",
@@ -66,23 +66,18 @@ def test_matches_timeouts_retries_and_rewrite_translate():
                                   "value": "a.*"}],
                      "queryParams": [{"name": "debug", "value": "1"}]},
                     {"path": {"type": "Exact", "value": "/health"}}],
-        "filters": [{"type": "URLRewrite",
-                     "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
-                                             "replacePrefixMatch": "/v2"}}}],
         "timeouts": {"request": "1m30s", "backendRequest": "500ms"},
         "retry": {"attempts": 2, "codes": [502, 503]},
         "backendRefs": [backend("api")]}]))
-    with pytest.raises(Invalid, match=r"rules\[0\].filters: URLRewrite .* PathPrefix"):
-        parse("HTTPRoute", obj, name)   # the Exact match cannot take a prefix rewrite
-    del obj["spec"]["rules"][0]["matches"][1]
-    (_, r), = parse("HTTPRoute", obj, name).routes
+    (_, r), health = parse("HTTPRoute", obj, name).routes
+    assert health[1].matches[0].path == PathMatch("exact", "/health")
     m = r.matches[0]
     assert m.path == PathMatch("segments", "/api") and m.methods == {"POST"}
     assert m.headers == (HeaderMatch("x-version", "exact", "2"),
                          HeaderMatch("x-user", "regex", "a.*"))
     assert m.query == (QueryMatch("debug", "exact", "1"),)
     assert (r.timeout, r.try_timeout, r.retries) == (90.0, 0.5, 2)
-    assert r.retry_on == {"connect", "reset", "5xx"} and r.prefix_rewrite == "/v2"
+    assert r.retry_on == {"connect", "reset", "5xx"} and r.prefix_rewrite is None
     assert r.destination == (WeightedTarget(Target("api"), 1),)   # weight defaults to 1
 
 
@@ -138,6 +133,9 @@ def test_consumer_routes_replace_producer_routes_for_this_client():
                        "group": "multicluster.x-k8s.io"}]}, r"only Services"),
     ({"filters": [{"type": "RequestMirror", "requestMirror": {}}]},
      r"filters\[0\]: filter 'RequestMirror' is not supported"),
+    ({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+        "type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"}}}]},
+     r"filters\[0\]: filter 'URLRewrite' is not supported"),
     ({"timeouts": {"request": "10"}}, r"timeouts.request: not a Gateway API duration"),
     ({"timeouts": {"request": "1s", "backendRequest": "2s"}}, r"backendRequest: longer"),
     ({"retry": {"codes": [429]}}, r"retry.codes\[0\]: meshd retries 5xx"),

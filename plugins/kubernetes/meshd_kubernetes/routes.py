@@ -24,7 +24,8 @@ the field path, never approximated silently):
 - ``timeouts.request`` is the request timeout, ``timeouts.backendRequest`` one
   attempt's ("0s" disables: a day for the request, meshd's "no limit" for an attempt);
 - ``retry.attempts`` (and ``retry.codes`` when all are 5xx: meshd retries any 5xx);
-- filter ``URLRewrite`` with ``ReplacePrefixMatch`` becomes ``prefix_rewrite``;
+- filters are refused, all of them (meshd does not rewrite, mirror, redirect or modify
+  headers on a route yet);
 - a GRPCRoute's ``method`` match becomes a path match on ``/service/method`` and every
   GRPCRoute rule also needs ``content-type: application/grpc...``, so gRPC routes and
   HTTP routes attached to one Service do not mix (the spec forbids merging them).
@@ -153,7 +154,6 @@ def parse(kind: str, obj: Mapping[str, Any],
         destination = _backends(rule.get("backendRefs", []), f"{at}.backendRefs", namespace,
                                 target_name)
         extras = _rule_extras(rule, at, kind)
-        rewrite = extras.pop("prefix_rewrite", None)
         matches = _list(rule.get("matches", []), f"{at}.matches") or [{}]
         for j, m in enumerate(matches):
             where = f"{at}.matches[{j}]"
@@ -161,11 +161,8 @@ def parse(kind: str, obj: Mapping[str, Any],
                 match, key = _http_match(_map(m, where), where)
             else:
                 match, key = _grpc_match(_map(m, where), where)
-            if rewrite is not None and (match.path is None or match.path.kind != "segments"):
-                raise Invalid(f"{at}.filters: URLRewrite ReplacePrefixMatch needs PathPrefix "
-                              f"matches")
             route = Route(name=f"{label} rules[{i}].matches[{j}]", matches=(match,),
-                          destination=destination, prefix_rewrite=rewrite, **extras)
+                          destination=destination, **extras)
             out.append(((*key, created, f"{namespace}/{name}", i, j), route))
     if len(out) > MAX_ROUTES:
         raise Invalid(f"spec.rules: {len(out)} matches in all, meshd takes at most "
@@ -269,7 +266,7 @@ class ServiceRoutes:
 # -- one route --------------------------------------------------------------------------------
 
 def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
-    """Timeouts, retries and the one supported filter of a rule (Route keyword args)."""
+    """Timeouts and retries of a rule (Route keyword args)."""
     out: dict[str, Any] = {}
     for key in ("sessionPersistence",):
         if rule.get(key) is not None:
@@ -308,17 +305,8 @@ def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
             out["retry_on"] = frozenset(("connect", "reset", "5xx"))
     for n, raw in enumerate(_list(rule.get("filters", []), f"{at}.filters")):
         f = _map(raw, f"{at}.filters[{n}]")
-        rewrite = f.get("urlRewrite")
-        rewrite = rewrite if isinstance(rewrite, Mapping) else {}
-        path = rewrite.get("path")
-        if (kind == "HTTPRoute" and f.get("type") == "URLRewrite" and isinstance(path, Mapping)
-                and path.get("type") == "ReplacePrefixMatch" and set(rewrite) == {"path"}
-                and isinstance(path.get("replacePrefixMatch"), str)
-                and path["replacePrefixMatch"].startswith("/")):
-            out["prefix_rewrite"] = path["replacePrefixMatch"]
-            continue
-        raise Invalid(f"{at}.filters[{n}]: filter {f.get('type')!r} is not supported by meshd "
-                      f"(only URLRewrite with path ReplacePrefixMatch)")
+        raise Invalid(f"{at}.filters[{n}]: filter {str(f.get('type'))[:64]!r} is not "
+                      f"supported by meshd (no route filters are, yet)")
     return out
 
 
