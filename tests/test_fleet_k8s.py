@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import requests
 import yaml
@@ -164,6 +165,14 @@ def test_routes_follow_apply_edit_and_delete_and_one_watch_serves_a_namespace(ap
     api.delete("grpcroutes", "greeter")
     web.wait_for(lambda r: isinstance(r.updates[-1], Clear))
     assert other.updates == [Clear("routes")]   # none of it was attached to "api"
+    # A route edited to attach to another Service leaves the first and reaches the other.
+    api.apply(canary(10))
+    web.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    moved = canary(10)
+    moved["spec"]["parentRefs"][0]["name"] = "api"
+    api.apply(moved)
+    other.wait_for(lambda r: weights(r) == [("web", 90), ("web-canary", 10)])
+    web.wait_for(lambda r: isinstance(r.updates[-1], Clear))
 
 
 def test_invalid_route_is_refused_by_name_and_the_previous_one_keeps_serving(api, source):
@@ -449,3 +458,59 @@ def test_invalid_httproute_is_refused_by_name_and_the_previous_kept(mesh, backen
     wait_applied(m, "web", lambda p: route_weights(p) == [100, 0])
     assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"
     assert m.metric("meshd_fleet_refused_entries", 'kind="routes"') == 0
+
+
+def test_api_server_down_keeps_the_routes_also_after_a_restart(mesh, backends, api, tmp_path):
+    a, b = backends("stable"), backends("canary")
+    api.apply(canary(100))
+    # web-canary has a route too: a service the source never gave anything is not
+    # persisted, and the machinery's /ready waits for its first answer (told to fcon).
+    api.apply(http_route("canary-self", "web-canary", [{"backendRefs": [
+        backend("web-canary")]}]))
+    m = mesh.start(*k8s_config(mesh, api, tmp_path, {"web": [a.address],
+                                                     "web-canary": [b.address]}, workers=1))
+    wait_applied(m, "web", lambda p: route_weights(p) == [0, 100])
+    wait_applied(m, "web-canary", lambda p: p is not None)
+    port = m.ports["outbound"]
+    persisted = admin_json(m, "/config")["fleet"]["persisted"]["path"]
+
+    def saved() -> bool:
+        try:
+            fleet = msgpack.unpackb(Path(persisted).read_bytes())["services"]
+        except OSError:
+            return False
+        return all("routes" in fleet.get(s, {}).get("k8s", {}) for s in ("web", "web-canary"))
+    wait_for(saved, 10, what="the policies persisted")
+    api.stop()                                 # the API server goes away
+    m.wait_metric("meshd_fleet_stale", 'service="web"', at_least=1)
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"canary /\n"
+    m.stop()                                   # and meshd restarts meanwhile
+    m.start()
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"canary /\n"
+    assert fleet_service(m, "web")["sources"]["k8s"]["stale"] is True
+    api.start()                                # back (same port): a change applies again
+    api.apply(canary(0))
+    wait_applied(m, "web", lambda p: route_weights(p) == [100, 0], timeout=60)
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"
+
+
+@pytest.mark.parametrize("table, problem", [
+    ('kinds = ["Ingress"]', "config_source[0].kinds"),
+    ('port = "http"', "config_source[0].port"),          # a discovery key, not this one's
+    ('api_server = "ftp://x"', "config_source[0].api_server"),
+])
+def test_check_names_bad_source_keys(tmp_path, table: str, problem: str) -> None:
+    from meshd.validate import load_checked
+    path = tmp_path / "m.toml"
+    path.write_text(textwrap.dedent(f"""\
+        shm_dir = "{tmp_path}"
+        [[listener]]
+        name = "out"
+        listen = "127.0.0.1:0"
+        [[config_source]]
+        name = "k8s"
+        plugin = "kubernetes"
+        """) + table + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_checked(str(path))
+    assert any(k == problem for k, _ in e.value.problems), e.value.problems

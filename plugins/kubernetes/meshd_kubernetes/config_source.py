@@ -250,10 +250,13 @@ class _Informer:
         items = body.get("items") or ()
         with self._lock:
             self.objects = {_name(o): (o, parents(o)) for o in items if isinstance(o, Mapping)}
+            by_key: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+            for obj, keys in self.objects.values():
+                for key in keys:
+                    by_key.setdefault(key, []).append(obj)
             for key, subs in self.subscribers.items():
-                attached = self._attached(key)
                 for sub in subs:
-                    sub.put((self.namespace, self.kind, "reset", attached))
+                    sub.put((self.namespace, self.kind, "reset", by_key.get(key, [])))
         return str((body.get("metadata") or {}).get("resourceVersion") or "") or None
 
     def _loop(self) -> None:
