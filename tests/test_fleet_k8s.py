@@ -3,7 +3,8 @@
 (list+watch shared per namespace, refused routes, 410 re-list, token rotation), and a
 real meshd with it: a canary moved 0 -> 10 -> 50 -> 100 % by HTTPRoute weights under
 load, a path match with its own timeout, an invalid HTTPRoute refused and named while
-the previous one keeps serving, a 410 during the watch."""
+the previous one keeps serving, a 410 during the watch, the API server down (and a
+restart) keeping the routes, a GRPCRoute sending one method elsewhere (grpcio)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import msgpack
 import pytest
 import requests
@@ -514,3 +517,38 @@ def test_check_names_bad_source_keys(tmp_path, table: str, problem: str) -> None
     with pytest.raises(ConfigError) as e:
         load_checked(str(path))
     assert any(k == problem for k, _ in e.value.problems), e.value.problems
+
+
+def test_grpcroute_sends_one_method_to_another_service(mesh, api, tmp_path):
+    servers = []
+
+    def serve(name: str) -> int:
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return name.encode() + b":" + request
+        handlers = {m: grpc.unary_unary_rpc_method_handler(unary) for m in ("Get", "Put")}
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "shop.Cart", handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return port
+
+    v1, v2 = serve("v1"), serve("v2")
+    api.apply(grpc_route("cart-put", "cart", [
+        {"matches": [{"method": {"service": "shop.Cart", "method": "Put"}}],
+         "backendRefs": [backend("cart-v2")]}]))
+    try:
+        m = mesh.start(*k8s_config(mesh, api, tmp_path, {"cart": [f"127.0.0.1:{v1}"],
+                                                         "cart-v2": [f"127.0.0.1:{v2}"]},
+                                   workers=1))
+        wait_applied(m, "cart", lambda p: p is not None)
+        with grpc.insecure_channel(f"127.0.0.1:{m.ports['outbound']}",
+                                   options=[("grpc.default_authority", "cart")]) as ch:
+            assert ch.unary_unary("/shop.Cart/Put")(b"x", timeout=10) == b"v2:x"
+            assert ch.unary_unary("/shop.Cart/Get")(b"y", timeout=10) == b"v1:y"
+        effective = fleet_service(m, "cart")["effective"]["routes"]
+        assert effective["from"] == "k8s: GRPCRoute default/cart-put"
+    finally:
+        for s in servers:
+            s.stop(0)
