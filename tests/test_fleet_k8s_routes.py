@@ -331,3 +331,56 @@ def test_more_matches_than_meshd_takes_leave_the_newest_routes_out():
     part, refused = t.routes()
     assert part is not None and part.entry == "HTTPRoute default/old"
     assert refused[0][0] == "HTTPRoute default/new" and "more than 256" in refused[0][1]
+
+
+_ops = st.lists(st.tuples(st.sampled_from(["put", "put", "bad", "delete", "move", "relist"]),
+                          st.sampled_from(["a", "b", "c"]), st.integers(0, 100)),
+                max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ops)
+def test_what_meshd_ends_up_with_is_the_merge_of_each_routes_last_good_version(ops):
+    """Applied as meshd applies them (Set replaces, Clear empties, Refused keeps), the
+    updates always leave the merge of the last good version of each route still there,
+    and a refusal is shown exactly while some route is refused."""
+    t = ServiceRoutes("default", "web", name)
+    store: dict[str, dict] = {}
+    last_good: dict[str, dict] = {}
+    shown: Routes | None = None
+    refused_shown = None
+    for i, (op, n, w) in enumerate(ops):
+        created = f"2026-01-01T00:00:{ord(n) - 90:02d}Z"
+        if op in ("put", "bad"):
+            obj = stamped(http_route(n, "web", [{"backendRefs": [backend("web", w)]}]),
+                          created)
+            obj["spec"]["rules"][0]["backendRefs"].append(backend(f"v{n}", 100 - w))
+            if op == "bad":
+                obj["spec"]["rules"][0]["backendRefs"][0]["weight"] = -w - 1
+            store[n] = obj
+            t.put("HTTPRoute", obj)
+            if op == "put":
+                last_good[n] = obj
+        elif op == "move" and n in store:   # attached elsewhere now: gone for web
+            store[n]["spec"]["parentRefs"][0]["name"] = "api"
+            t.put("HTTPRoute", store.pop(n))
+            last_good.pop(n, None)
+        elif op == "delete":
+            store.pop(n, None)
+            last_good.pop(n, None)
+            t.delete("HTTPRoute", "default", n)
+        elif op == "relist":
+            t.reset("HTTPRoute", "default", list(store.values()))
+        for u in t.updates() if i % 2 == 0 or i == len(ops) - 1 else ():
+            if isinstance(u, Set):
+                shown, refused_shown = u.part, None   # type: ignore[assignment]
+            elif isinstance(u, Clear):
+                shown, refused_shown = None, None
+            elif isinstance(u, Refused):
+                refused_shown = u
+    expected = merge(parse("HTTPRoute", o, name) for o in last_good.values())
+    assert shown == expected
+    bad = sorted(n for n in store if n not in last_good or store[n] is not last_good[n])
+    assert (refused_shown is not None) == bool(bad)
+    if refused_shown is not None:
+        assert refused_shown.entry == f"HTTPRoute default/{bad[0]}"
