@@ -19,6 +19,17 @@ What it serves (``discovery.k8s.io/v1`` and ``v1`` as the real API server does):
   ``Status`` with code 410 (the watch cache's way), or an HTTP 410 with
   ``gone_as_http = True``.
 - ``GET /api/v1/namespaces/{ns}/services/{name}``: the Service, or a 404 Status.
+- The Gateway API (``gateway.networking.k8s.io/v1``) ``httproutes`` and ``grpcroutes``,
+  namespaced: list and watch as above (same resourceVersion, bookmarks, 410), ``GET`` of
+  one object, and ``POST`` (create: 409 AlreadyExists), ``PUT`` (replace: 404 when absent,
+  409 Conflict when the body's ``metadata.resourceVersion`` is not the current one) and
+  ``DELETE`` (answers the deleted object), as ``kubectl apply``/``delete`` use them. The
+  server sets ``uid``, ``creationTimestamp`` (kept on replace), ``resourceVersion`` and
+  ``generation`` (bumped when ``spec`` changes). Only the envelope is checked (kind,
+  apiVersion, name, namespace), not the CRD's OpenAPI schema: tests may store what a real
+  server would refuse, to see that meshd refuses it too. ``apply(obj)`` and
+  ``delete(resource, name)`` do the same from Python; ``http_route()``/``grpc_route()``
+  build objects.
 
 Every request needs ``Authorization: Bearer T`` with T in ``tokens`` (None: no auth);
 otherwise 401 with a Status body. Errors are ``Status`` objects like the real ones.
@@ -54,9 +65,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/"
 SERVICES = "/api/v1/namespaces/"
+GATEWAY = "gateway.networking.k8s.io/v1"
+# resource (the URL's plural) -> (group/version, kind) of what the store serves
+RESOURCES = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
+             "httproutes": (GATEWAY, "HTTPRoute"),
+             "grpcroutes": (GATEWAY, "GRPCRoute")}
+WRITABLE = ("httproutes", "grpcroutes")   # POST/PUT/DELETE over HTTP
+MAX_BODY = 1 << 20
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-            410: "Expired", 429: "TooManyRequests", 500: "InternalError",
+            405: "MethodNotAllowed", 409: "Conflict", 410: "Expired", 413: "RequestEntityTooLarge",
+            415: "UnsupportedMediaType", 429: "TooManyRequests", 500: "InternalError",
             503: "ServiceUnavailable"}
 GONE_CHECK = 0.1       # how often an idle watch stream checks that its client is still there
 _CLOSE = object()      # a watch queue item: end the stream gracefully
@@ -84,9 +103,51 @@ def endpoint(address: str, *, ready: bool | None = True, serving: bool | None = 
     return ep
 
 
-def status(code: int, message: str) -> dict[str, Any]:
+def status(code: int, message: str, reason: str = "") -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": _REASONS.get(code, "Unknown"), "code": code}
+            "message": message, "reason": reason or _REASONS.get(code, "Unknown"), "code": code}
+
+
+def http_route(name: str, service: str, rules: Sequence[Mapping[str, Any]],
+               namespace: str = "default", *, port: int | None = None,
+               service_namespace: str | None = None) -> dict[str, Any]:
+    """An HTTPRoute attached to Service ``service`` (the GAMMA mesh pattern)."""
+    return _route("HTTPRoute", name, service, rules, namespace, port, service_namespace)
+
+
+def grpc_route(name: str, service: str, rules: Sequence[Mapping[str, Any]],
+               namespace: str = "default", *, port: int | None = None,
+               service_namespace: str | None = None) -> dict[str, Any]:
+    return _route("GRPCRoute", name, service, rules, namespace, port, service_namespace)
+
+
+def backend(name: str, weight: int | None = None, port: int = 80) -> dict[str, Any]:
+    """One ``backendRefs[]`` entry naming a Service."""
+    ref: dict[str, Any] = {"name": name, "port": port}
+    if weight is not None:
+        ref["weight"] = weight
+    return ref
+
+
+def _route(kind: str, name: str, service: str, rules: Sequence[Mapping[str, Any]],
+           namespace: str, port: int | None, service_namespace: str | None) -> dict[str, Any]:
+    parent: dict[str, Any] = {"group": "", "kind": "Service", "name": service}
+    if port is not None:
+        parent["port"] = port
+    if service_namespace is not None:
+        parent["namespace"] = service_namespace
+    return {"apiVersion": GATEWAY, "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"parentRefs": [parent], "rules": copy.deepcopy(list(rules))}}
+
+
+class ApiError(Exception):
+    """A request the store refuses: ``code`` and the Status to answer."""
+
+    def __init__(self, code: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.body = status(code, message, reason)
 
 
 @dataclass
@@ -95,6 +156,7 @@ class Request:
     query: dict[str, str]
     token: str | None
     status: int = 0
+    method: str = "GET"
 
     @property
     def watch(self) -> bool:
@@ -103,6 +165,7 @@ class Request:
 
 @dataclass(eq=False)  # kept in a set: identity is the key
 class _Watch:
+    resource: str
     namespace: str
     selector: dict[str, str]
     bookmarks: bool
@@ -123,8 +186,12 @@ class K8sApiServer:
         self.rv = 1
         self.floor = 0   # a watch from a resourceVersion below this gets 410
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
-        self.slices: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: deque[tuple[int, str, str, dict[str, Any]]] = deque()
+        # resource -> (namespace, name) -> object; ``slices`` is the EndpointSlice store
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
+            r: {} for r in RESOURCES}
+        self.slices = self.objects["endpointslices"]
+        # (resourceVersion, resource, namespace, event type, object)
+        self._history: deque[tuple[int, str, str, str, dict[str, Any]]] = deque()
         self._watches: set[_Watch] = set()
         self.max_open_watches = 0   # the most watch streams open at once
         self._conns: set[socket.socket] = set()
@@ -214,7 +281,7 @@ class K8sApiServer:
         with self._lock:
             for w in self._watches:
                 if w.bookmarks:
-                    w.events.put(_bookmark(self.rv))
+                    w.events.put(_bookmark(w.resource, self.rv))
             return self.rv
 
     def drop_watches(self, abrupt: bool = False) -> int:
@@ -235,20 +302,21 @@ class K8sApiServer:
                 raise TimeoutError(f"{len(self._watches)} watches open, not {n}, "
                                    f"after {timeout}s")
 
-    def slice_requests(self, watch: bool | None = None) -> list[Request]:
+    def slice_requests(self, watch: bool | None = None,
+                       resource: str = "endpointslices") -> list[Request]:
         with self._lock:
-            return [r for r in self.requests if "/endpointslices" in r.path
+            return [r for r in self.requests if f"/{resource}" in r.path
                     and (watch is None or r.watch == watch)]
 
     def wait_requests(self, n: int, watch: bool | None = None, status: int | None = 200,
-                      timeout: float = 5.0) -> list[Request]:
-        """Wait until at least ``n`` endpointslice requests were answered (with ``status``)."""
+                      timeout: float = 5.0, resource: str = "endpointslices") -> list[Request]:
+        """Wait until at least ``n`` requests for ``resource`` were answered (with ``status``)."""
         def done() -> list[Request]:
-            return [r for r in self.slice_requests(watch)
+            return [r for r in self.slice_requests(watch, resource)
                     if status is None or r.status == status]
         with self._changed:
             if not self._changed.wait_for(lambda: len(done()) >= n, timeout):
-                raise TimeoutError(f"{len(done())} endpointslice requests (watch={watch}, "
+                raise TimeoutError(f"{len(done())} {resource} requests (watch={watch}, "
                                    f"status={status}), not {n}, after {timeout}s")
             return done()
 
@@ -293,7 +361,8 @@ class K8sApiServer:
             old = self.slices.get((namespace, name))
             if old is not None:
                 obj["metadata"]["uid"] = old["metadata"]["uid"]
-            return self._store(namespace, name, obj, "MODIFIED" if old else "ADDED")
+            return self._store("endpointslices", namespace, name, obj,
+                               "MODIFIED" if old else "ADDED")
 
     def set_condition(self, slice_name: str, address: str, namespace: str = "default",
                       **conditions: bool) -> int:
@@ -306,36 +375,91 @@ class K8sApiServer:
                     break
             else:
                 raise KeyError(f"no endpoint {address} in slice {slice_name}")
-            return self._store(namespace, slice_name, obj, "MODIFIED")
+            return self._store("endpointslices", namespace, slice_name, obj, "MODIFIED")
 
     def delete_slice(self, name: str, namespace: str = "default") -> int:
         with self._lock:
-            obj = copy.deepcopy(self.slices.pop((namespace, name)))
-            rv = self._bump()
-            obj["metadata"]["resourceVersion"] = str(rv)
-            self._record(rv, namespace, "DELETED", obj)
-            return rv
+            return self._delete("endpointslices", namespace, name)[0]
+
+    # -- Gateway API objects (and any writable resource) --
+
+    def apply(self, obj: Mapping[str, Any]) -> int:
+        """Create or replace (as ``kubectl apply``); the new resourceVersion."""
+        body: dict[str, Any] = copy.deepcopy(dict(obj))
+        resource = _resource_of(body)
+        md = body.setdefault("metadata", {})
+        namespace = md.setdefault("namespace", "default")
+        with self._lock:
+            md.pop("resourceVersion", None)
+            if (namespace, md.get("name")) in self.objects[resource]:
+                return self._replace(resource, namespace, str(md.get("name")), body)
+            return self._create(resource, namespace, body)
+
+    def delete(self, resource: str, name: str, namespace: str = "default") -> int:
+        with self._lock:
+            return self._delete(resource, namespace, name)[0]
+
+    def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> int:
+        name = _check(resource, namespace, obj)
+        if (namespace, name) in self.objects[resource]:
+            raise ApiError(409, f'{resource}.{GATEWAY.split("/")[0]} "{name}" already exists',
+                           "AlreadyExists")
+        md = obj["metadata"]
+        md["uid"] = str(uuid.uuid4())
+        md["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+        md["generation"] = 0
+        return self._store(resource, namespace, name, obj, "ADDED")
+
+    def _replace(self, resource: str, namespace: str, name: str, obj: dict[str, Any]) -> int:
+        if _check(resource, namespace, obj) != name:
+            raise ApiError(400, f"the name of the object ({obj['metadata'].get('name')}) does "
+                                f"not match the name on the URL ({name})")
+        old = self.objects[resource].get((namespace, name))
+        if old is None:
+            raise ApiError(404, f'{resource}.{GATEWAY.split("/")[0]} "{name}" not found')
+        md, omd = obj["metadata"], old["metadata"]
+        if md.get("resourceVersion") not in (None, "", omd["resourceVersion"]):
+            raise ApiError(409, f'Operation cannot be fulfilled on {resource} "{name}": the '
+                                f"object has been modified; please apply your changes to the "
+                                f"latest version and try again", "Conflict")
+        for key in ("uid", "creationTimestamp"):
+            md[key] = omd[key]
+        md["generation"] = omd["generation"] - (obj.get("spec") == old.get("spec"))
+        return self._store(resource, namespace, name, obj, "MODIFIED")
+
+    def _delete(self, resource: str, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+        obj = self.objects[resource].pop((namespace, name), None)
+        if obj is None:
+            raise ApiError(404, f'{resource} "{name}" not found')
+        obj = copy.deepcopy(obj)
+        rv = self._bump()
+        obj["metadata"]["resourceVersion"] = str(rv)
+        self._record(rv, resource, namespace, "DELETED", obj)
+        return rv, obj
 
     def _bump(self) -> int:
         self.rv += 1
         return self.rv
 
-    def _store(self, namespace: str, name: str, obj: dict[str, Any], kind: str) -> int:
+    def _store(self, resource: str, namespace: str, name: str, obj: dict[str, Any],
+               kind: str) -> int:
         rv = self._bump()
         md = obj["metadata"]
         md.setdefault("uid", str(uuid.uuid4()))
         md["resourceVersion"] = str(rv)
         md["generation"] = md.get("generation", 0) + 1
-        self.slices[(namespace, name)] = obj
-        self._record(rv, namespace, kind, obj)
+        self.objects[resource][(namespace, name)] = obj
+        self._record(rv, resource, namespace, kind, obj)
         return rv
 
-    def _record(self, rv: int, namespace: str, kind: str, obj: dict[str, Any]) -> None:
-        self._history.append((rv, namespace, kind, obj))
+    def _record(self, rv: int, resource: str, namespace: str, kind: str,
+                obj: dict[str, Any]) -> None:
+        self._history.append((rv, resource, namespace, kind, obj))
         while len(self._history) > self.history_window:
             self.floor = self._history.popleft()[0]
         for w in self._watches:
-            if w.namespace == namespace and _matches(obj, w.selector):
+            if w.resource == resource and w.namespace == namespace and _matches(obj, w.selector):
                 w.events.put({"type": kind, "object": copy.deepcopy(obj)})
 
     # -- serving (called from handler threads) --
@@ -358,14 +482,17 @@ class K8sApiServer:
             self.requests.append(req)
             self._changed.notify_all()
 
-    def _list(self, namespace: str, selector: dict[str, str]) -> dict[str, Any]:
+    def _list(self, namespace: str, selector: dict[str, str],
+              resource: str = "endpointslices") -> dict[str, Any]:
+        group_version, kind = RESOURCES[resource]
         with self._lock:
-            items = [copy.deepcopy(o) for (ns, _), o in sorted(self.slices.items())
+            items = [copy.deepcopy(o) for (ns, _), o in sorted(self.objects[resource].items())
                      if ns == namespace and _matches(o, selector)]
-            for o in items:
-                o.pop("kind", None)
-                o.pop("apiVersion", None)
-            return {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+            if resource == "endpointslices":  # built-in types' list items carry no kind
+                for o in items:
+                    o.pop("kind", None)
+                    o.pop("apiVersion", None)
+            return {"kind": f"{kind}List", "apiVersion": group_version,
                     "metadata": {"resourceVersion": str(self.rv)}, "items": items}
 
     def _subscribe(self, w: _Watch, since: int | None) -> list[object] | int:
@@ -376,12 +503,13 @@ class K8sApiServer:
             if since is None:
                 backlog: list[object] = [
                     {"type": "ADDED", "object": copy.deepcopy(o)}
-                    for (ns, _), o in sorted(self.slices.items())
+                    for (ns, _), o in sorted(self.objects[w.resource].items())
                     if ns == w.namespace and _matches(o, w.selector)]
             else:
                 backlog = [{"type": kind, "object": copy.deepcopy(o)}
-                           for rv, ns, kind, o in self._history
-                           if rv > since and ns == w.namespace and _matches(o, w.selector)]
+                           for rv, res, ns, kind, o in self._history
+                           if rv > since and res == w.resource and ns == w.namespace
+                           and _matches(o, w.selector)]
             self._watches.add(w)
             self.max_open_watches = max(self.max_open_watches, len(self._watches))
             self._changed.notify_all()
@@ -453,13 +581,21 @@ class _Handler(BaseHTTPRequestHandler):
         if code:
             return self._status(req, code, f"injected failure {code}")
         parts = url.path.strip("/").split("/")
-        if url.path.startswith(SLICES) and len(parts) == 6 and parts[5] == "endpointslices":
+        found = _collection(parts)
+        if found is not None and len(parts) == 6:
+            resource, namespace = found
             selector, bad = _selector(query.get("labelSelector", ""))
             if bad:
                 return self._status(req, 400, f"unable to parse requirement: {bad!r}")
             if req.watch:
-                return self._watch(req, parts[4], selector, query)
-            return self._json(req, 200, api._list(parts[4], selector))
+                return self._watch(req, resource, namespace, selector, query)
+            return self._json(req, 200, api._list(namespace, selector, resource))
+        if found is not None and len(parts) == 7:
+            with api._lock:
+                obj = copy.deepcopy(api.objects[found[0]].get((found[1], parts[6])))
+            if obj is None:
+                return self._status(req, 404, f'{found[0]} "{parts[6]}" not found')
+            return self._json(req, 200, obj)
         if url.path.startswith(SERVICES) and len(parts) == 6 and parts[4] == "services":
             with api._lock:
                 svc = copy.deepcopy(api.services.get((parts[3], parts[5])))
@@ -467,6 +603,61 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._status(req, 404, f'services "{parts[5]}" not found')
             return self._json(req, 200, svc)
         return self._status(req, 404, "the server could not find the requested resource")
+
+    def do_POST(self) -> None:
+        self._write("POST")
+
+    def do_PUT(self) -> None:
+        self._write("PUT")
+
+    def do_DELETE(self) -> None:
+        self._write("DELETE")
+
+    def _write(self, method: str) -> None:
+        """Create (POST to the collection), replace (PUT) or delete (DELETE) one object."""
+        api = self.server.api
+        url = urlsplit(self.path)
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        req = Request(url.path, dict(parse_qsl(url.query)), token, method=method)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            return self._status(req, 413, "request body too large or without a length")
+        raw = self.rfile.read(length) if length else b""
+        if not api._authorize(token):
+            return self._status(req, 401, "Unauthorized")
+        code = api._take_failure(url.path)
+        if code:
+            return self._status(req, code, f"injected failure {code}")
+        parts = url.path.strip("/").split("/")
+        found = _collection(parts)
+        want = 6 if method == "POST" else 7
+        if found is None or len(parts) != want or found[0] not in WRITABLE:
+            return self._status(req, 405 if found else 404,
+                                f"the server does not allow this method on {url.path}")
+        resource, namespace = found
+        try:
+            if method == "DELETE":
+                with api._lock:
+                    _, obj = api._delete(resource, namespace, parts[6])
+                return self._json(req, 200, obj)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return self._status(req, 400, "the body is not JSON")
+            with api._lock:
+                if method == "POST":
+                    api._create(resource, namespace, body)
+                else:
+                    api._replace(resource, namespace, parts[6], body)
+                obj = copy.deepcopy(api.objects[resource][(namespace, body["metadata"]["name"])])
+            return self._json(req, 201 if method == "POST" else 200, obj)
+        except ApiError as e:
+            return self._json(req, e.code, e.body)
 
     def _json(self, req: Request, code: int, body: Mapping[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -480,7 +671,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _status(self, req: Request, code: int, message: str) -> None:
         self._json(req, code, status(code, message))
 
-    def _watch(self, req: Request, namespace: str, selector: dict[str, str],
+    def _watch(self, req: Request, resource: str, namespace: str, selector: dict[str, str],
                query: dict[str, str]) -> None:
         api = self.server.api
         try:
@@ -490,7 +681,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(req, 400, "resourceVersion and timeoutSeconds must be numbers")
         if since == 0:
             since = None  # "0": any version; served like "start from the current state"
-        w = _Watch(namespace, selector, query.get("allowWatchBookmarks") == "true",
+        w = _Watch(resource, namespace, selector, query.get("allowWatchBookmarks") == "true",
                    sock=self.connection)
         backlog = api._subscribe(w, since)
         if isinstance(backlog, int) and api.gone_as_http:
@@ -544,10 +735,48 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _bookmark(rv: int) -> dict[str, Any]:
+def _bookmark(resource: str, rv: int) -> dict[str, Any]:
+    group_version, kind = RESOURCES[resource]
     return {"type": "BOOKMARK",
-            "object": {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "object": {"kind": kind, "apiVersion": group_version,
                        "metadata": {"resourceVersion": str(rv)}}}
+
+
+def _resource_of(obj: Mapping[str, Any]) -> str:
+    for resource, (group_version, kind) in RESOURCES.items():
+        if obj.get("kind") == kind and obj.get("apiVersion") == group_version:
+            return resource
+    raise ApiError(400, f"no resource for kind {obj.get('kind')!r} "
+                        f"apiVersion {obj.get('apiVersion')!r}")
+
+
+def _check(resource: str, namespace: str, obj: Any) -> str:
+    """The envelope of an object written to ``resource`` in ``namespace``; its name."""
+    group_version, kind = RESOURCES[resource]
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        raise ApiError(400, "Object 'metadata' is missing or not an object")
+    if obj.get("kind") != kind or obj.get("apiVersion") != group_version:
+        raise ApiError(400, f"the API version in the data ({obj.get('apiVersion')}) and kind "
+                            f"({obj.get('kind')}) do not match {group_version} {kind}")
+    md = obj["metadata"]
+    name = md.get("name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(422, f"{kind}.{group_version} is invalid: metadata.name: Required value",
+                       "Invalid")
+    if md.setdefault("namespace", namespace) != namespace:
+        raise ApiError(400, "the namespace of the provided object does not match the "
+                            "namespace sent on the request")
+    return name
+
+
+def _collection(parts: Sequence[str]) -> tuple[str, str] | None:
+    """(resource, namespace) of ``/apis/GROUP/VERSION/namespaces/NS/RESOURCE[/NAME]``."""
+    if len(parts) not in (6, 7) or parts[0] != "apis" or parts[3] != "namespaces":
+        return None
+    resource = parts[5]
+    if RESOURCES.get(resource, ("", ""))[0] != f"{parts[1]}/{parts[2]}":
+        return None
+    return resource, parts[4]
 
 
 def _selector(text: str) -> tuple[dict[str, str], str]:

@@ -1,0 +1,521 @@
+"""From Gateway API HTTPRoutes and GRPCRoutes to meshd's fleet ``Routes`` of one Service:
+the sans-IO core of the ``kubernetes`` config source (no sockets here).
+
+Which routes count (GAMMA, the Gateway API's mesh pattern, GEP-1294): those with a
+``parentRefs`` entry naming the Service (``group`` "" or "core", ``kind`` Service,
+``namespace`` unset meaning the route's own). Other parentRefs (Gateways) are ignored.
+*Producer* routes live in the Service's namespace and apply to every client; *consumer*
+routes live in the client's namespace (meshd's own, the ``home`` namespace) and, when
+there are any, replace the producer routes for that client (the two are not merged).
+
+Translation, per route (``parse``; anything meshd cannot do faithfully is refused with
+the field path, never approximated silently):
+
+- every ``rules[i].matches[j]`` becomes one meshd ``Route`` named
+  ``HTTPRoute ns/name rules[i].matches[j]`` (a rule without matches matches every
+  request, as the spec's default ``PathPrefix /``), with the rule's destination;
+- path ``PathPrefix`` is by path elements (meshd's ``segments``; a trailing "/" is
+  ignored as in the Ingress API), ``Exact``, ``RegularExpression`` (Python ``re``,
+  whole path); headers and query params ``Exact``/``RegularExpression`` (the first of
+  equal names only, as the spec says); ``method``;
+- ``backendRefs`` (Services, in any namespace: the mesh needs no ReferenceGrant, says
+  GEP-1294; ``weight`` default 1) are the weighted destination; none: the parent Service
+  itself (the mesh's default);
+- ``timeouts.request`` is the request timeout, ``timeouts.backendRequest`` one
+  attempt's ("0s" disables: a day for the request, meshd's "no limit" for an attempt);
+- ``retry.attempts`` (and ``retry.codes`` when all are 5xx: meshd retries any 5xx);
+- filters are refused, all of them (meshd does not rewrite, mirror, redirect or modify
+  headers on a route yet);
+- a GRPCRoute's ``method`` match becomes a path match on ``/service/method`` and every
+  GRPCRoute rule also needs ``content-type: application/grpc...``, so gRPC routes and
+  HTTP routes attached to one Service do not mix (the spec forbids merging them).
+
+Merging every route of a Service (``merge``), in the spec's precedence order: gRPC routes
+first (by service then method characters, then header count); then HTTP routes by an
+``Exact`` path, then ``RegularExpression`` (implementation-specific in the spec; longer
+first, as Envoy Gateway does), then ``PathPrefix`` with the most characters, a method
+match, the most header matches, the most query matches; ties go to the oldest route
+(``creationTimestamp``), then ``namespace/name``, then rule and match order.
+
+``ServiceRoutes`` keeps the last good version of each route of one Service: a route
+edited into something invalid is refused (``Refused`` names it and why) while its
+previous version keeps serving in the merge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshd.fleet.api import (
+    MAX_CONDITIONS,
+    MAX_REGEX,
+    MAX_ROUTES,
+    MAX_TARGETS,
+    Clear,
+    HeaderMatch,
+    Match,
+    PathMatch,
+    QueryMatch,
+    Refused,
+    Route,
+    Routes,
+    Set,
+    Target,
+    Update,
+    WeightedTarget,
+)
+
+KINDS = ("HTTPRoute", "GRPCRoute")
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                     "PATCH"))
+MAX_WEIGHT = 1_000_000
+DISABLED = 86400.0   # "0s" request timeout: the longest meshd sets (the spec's fallback)
+_DURATION = re.compile(r"(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}")   # GEP-2257
+_DURATION_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_PATH_CHARS = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+GRPC_CONTENT_TYPE = HeaderMatch("content-type", "prefix", "application/grpc")
+
+
+class Invalid(ValueError):
+    """A route meshd cannot use: ``reason`` starts with the field path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One valid route: its meshd routes with their precedence keys."""
+    kind: str
+    namespace: str
+    name: str
+    created: datetime.datetime
+    routes: tuple[tuple[tuple[Any, ...], Route], ...]   # (precedence key, route)
+
+    @property
+    def entry(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def entry_of(kind: str, obj: Mapping[str, Any]) -> str:
+    md = obj.get("metadata")
+    md = md if isinstance(md, Mapping) else {}
+    return f"{kind} {md.get('namespace', '')}/{md.get('name', '')}"
+
+
+def parents(obj: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The Services (namespace, name) a parentRef of ``obj`` names. (Lenient: a route
+    too broken to say is no Service's concern.)"""
+    md, spec = obj.get("metadata"), obj.get("spec")
+    if not isinstance(md, Mapping) or not isinstance(spec, Mapping):
+        return frozenset()
+    refs = spec.get("parentRefs")
+    if not isinstance(refs, list):
+        return frozenset()
+    own = md.get("namespace")
+    out: set[tuple[str, str]] = set()
+    for r in refs[:64]:   # the CRD's own maxItems is 32
+        if (isinstance(r, Mapping) and r.get("group", "") in ("", "core")
+                and r.get("kind") == "Service"):
+            ns, name = r.get("namespace", own), r.get("name")
+            if isinstance(ns, str) and isinstance(name, str):
+                out.add((ns, name))
+    return frozenset(out)
+
+
+def attaches(obj: Mapping[str, Any], namespace: str, service: str) -> bool:
+    """Does a parentRef of ``obj`` name Service ``namespace/service``?"""
+    return (namespace, service) in parents(obj)
+
+
+def parse(kind: str, obj: Mapping[str, Any],
+          target_name: Callable[[str, str], str]) -> Parsed:
+    """A valid route's meshd routes; ``Invalid`` naming the field otherwise.
+    ``target_name(namespace, name)`` is meshd's name of a backend Service."""
+    if kind not in KINDS:
+        raise Invalid(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+    md = _map(obj.get("metadata"), "metadata")
+    namespace, name = md.get("namespace"), md.get("name")
+    if not isinstance(namespace, str) or not isinstance(name, str) or not name:
+        raise Invalid("metadata: no namespace and name")
+    created = _timestamp(md.get("creationTimestamp"))
+    spec = _map(obj.get("spec"), "spec")
+    rules = _list(spec.get("rules", []), "spec.rules")
+    out: list[tuple[tuple[Any, ...], Route]] = []
+    label = f"{kind} {namespace}/{name}"
+    for i, raw in enumerate(rules):
+        at = f"spec.rules[{i}]"
+        rule = _map(raw, at)
+        destination = _backends(rule.get("backendRefs", []), f"{at}.backendRefs", namespace,
+                                target_name)
+        extras = _rule_extras(rule, at, kind)
+        matches = _list(rule.get("matches", []), f"{at}.matches") or [{}]
+        for j, m in enumerate(matches):
+            where = f"{at}.matches[{j}]"
+            if kind == "HTTPRoute":
+                match, key = _http_match(_map(m, where), where)
+            else:
+                match, key = _grpc_match(_map(m, where), where)
+            route = Route(name=f"{label} rules[{i}].matches[{j}]", matches=(match,),
+                          destination=destination, **extras)
+            out.append(((*key, created, f"{namespace}/{name}", i, j), route))
+    if len(out) > MAX_ROUTES:
+        raise Invalid(f"spec.rules: {len(out)} matches in all, meshd takes at most "
+                      f"{MAX_ROUTES} per Service")
+    return Parsed(kind, namespace, name, created, tuple(out))
+
+
+def merge(parsed: Iterable[Parsed]) -> Routes | None:
+    """Every route of one Service, in the Gateway API's precedence order; None if none."""
+    items = sorted(parsed, key=lambda p: (p.kind != "GRPCRoute", p.created,
+                                          f"{p.namespace}/{p.name}"))
+    if not items:
+        return None
+    routes = sorted((kr for p in items for kr in p.routes),
+                    key=lambda kr: (kr[0][0] != "grpc", kr[0]))
+    return Routes(", ".join(p.entry for p in items), tuple(r for _, r in routes))
+
+
+class ServiceRoutes:
+    """The routes attached to one Service, each kept at its last good version, and the
+    updates that tell meshd about them."""
+
+    def __init__(self, namespace: str, service: str,
+                 target_name: Callable[[str, str], str]) -> None:
+        self.namespace = namespace
+        self.service = service
+        self.target_name = target_name
+        # keys: (kind, namespace, name)
+        self.good: dict[tuple[str, str, str], Parsed] = {}     # the last good version
+        self.refused: dict[tuple[str, str, str], str] = {}     # why the current one is not
+        self._sent: tuple[Routes | None, tuple[str, str] | None] | None = None
+
+    def reset(self, kind: str, namespace: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        """A full list of ``kind`` in ``namespace``: what is not in it is gone."""
+        seen = set()
+        for obj in objects:
+            seen.add((kind, namespace, _name(obj)))
+            self.put(kind, obj)
+        for key in [k for k in (*self.good, *self.refused)
+                    if k[:2] == (kind, namespace) and k not in seen]:
+            self.delete(*key)
+
+    def put(self, kind: str, obj: Mapping[str, Any]) -> None:
+        md = obj.get("metadata")
+        namespace = str(md.get("namespace") or "") if isinstance(md, Mapping) else ""
+        key = (kind, namespace, _name(obj))
+        if not attaches(obj, self.namespace, self.service):
+            self.delete(*key)   # edited to attach elsewhere: no longer this Service's
+            return
+        try:
+            self.good[key] = parse(kind, obj, self.target_name)
+            self.refused.pop(key, None)
+        except Invalid as e:
+            self.refused[key] = str(e)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.good.pop((kind, namespace, name), None)
+        self.refused.pop((kind, namespace, name), None)
+
+    def routes(self) -> tuple[Routes | None, list[tuple[str, str]]]:
+        """The merged routes and the refused (entry, reason), over ``MAX_ROUTES`` included:
+        the newest routes are left out until the rest fit. Consumer routes (another
+        namespace's), when there are good ones, replace the producer routes."""
+        consumer = [p for p in self.good.values() if p.namespace != self.namespace]
+        chosen = consumer or list(self.good.values())
+        good = sorted(chosen, key=lambda p: (p.created, p.namespace, p.name))
+        refused = [(f"{k} {ns}/{n}", why) for (k, ns, n), why in self.refused.items()]
+        total = 0
+        for i, p in enumerate(good):
+            total += len(p.routes)
+            if total > MAX_ROUTES:
+                refused += [(q.entry, f"spec.rules: Service {self.namespace}/{self.service} "
+                                      f"has more than {MAX_ROUTES} route matches in all; "
+                                      f"the newest routes are left out") for q in good[i:]]
+                good = good[:i]
+                break
+        return merge(good), sorted(refused)
+
+    def updates(self) -> list[Update]:
+        """What changed since the last call, as config-source updates (the first call
+        always says something). meshd keeps one refusal per part, which a Set clears:
+        a refusal is said again after every Set."""
+        part, refused = self.routes()
+        summary = None
+        if refused:
+            entry, why = refused[0]
+            more = f" (and {len(refused) - 1} more refused routes)" if len(refused) > 1 else ""
+            summary = (entry, why + more)
+        sent = self._sent
+        out: list[Update] = []
+        if sent is None or sent[0] != part or (sent[1] is not None and summary is None):
+            out.append(Set(part) if part is not None else Clear("routes"))
+            if summary is not None:
+                out.append(Refused("routes", *summary))
+        elif summary != sent[1] and summary is not None:
+            out.append(Refused("routes", *summary))
+        self._sent = (part, summary)
+        return out
+
+
+# -- one route --------------------------------------------------------------------------------
+
+def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
+    """Timeouts and retries of a rule (Route keyword args)."""
+    out: dict[str, Any] = {}
+    for key in ("sessionPersistence",):
+        if rule.get(key) is not None:
+            raise Invalid(f"{at}.{key}: not supported by meshd")
+    if "name" in rule and (not isinstance(rule["name"], str) or len(rule["name"]) > 253):
+        raise Invalid(f"{at}.name: not a section name: {rule['name']!r}")
+    timeouts = rule.get("timeouts")
+    if timeouts is not None:
+        if kind != "HTTPRoute":
+            raise Invalid(f"{at}.timeouts: not a GRPCRoute field")
+        t = _map(timeouts, f"{at}.timeouts")
+        for key in t:
+            if key not in ("request", "backendRequest"):
+                raise Invalid(f"{at}.timeouts.{key}: unknown field")
+        request = _duration(t.get("request"), f"{at}.timeouts.request")
+        backend = _duration(t.get("backendRequest"), f"{at}.timeouts.backendRequest")
+        if request and backend and backend > request:
+            raise Invalid(f"{at}.timeouts.backendRequest: longer than timeouts.request")
+        if request is not None:
+            out["timeout"] = request or DISABLED
+        if backend is not None:
+            out["try_timeout"] = backend   # 0: meshd's "no per-attempt limit"
+    retry = rule.get("retry")
+    if retry is not None:
+        if kind != "HTTPRoute":
+            raise Invalid(f"{at}.retry: not a GRPCRoute field")
+        r = _map(retry, f"{at}.retry")
+        if r.get("attempts") is not None:
+            out["retries"] = _int(r["attempts"], f"{at}.retry.attempts", 0, 10)
+        codes = _list(r.get("codes", []), f"{at}.retry.codes")
+        for n, code in enumerate(codes):
+            if _int(code, f"{at}.retry.codes[{n}]", 400, 599) < 500:
+                raise Invalid(f"{at}.retry.codes[{n}]: meshd retries 5xx answers only, "
+                              f"not {code}")
+        if codes:
+            out["retry_on"] = frozenset(("connect", "reset", "5xx"))
+    for n, raw in enumerate(_list(rule.get("filters", []), f"{at}.filters")):
+        f = _map(raw, f"{at}.filters[{n}]")
+        raise Invalid(f"{at}.filters[{n}]: filter {str(f.get('type'))[:64]!r} is not "
+                      f"supported by meshd (no route filters are, yet)")
+    return out
+
+
+def _backends(raw: Any, at: str, namespace: str,
+              target_name: Callable[[str, str], str]) -> tuple[WeightedTarget, ...]:
+    refs = _list(raw, at)
+    if len(refs) > MAX_TARGETS:
+        raise Invalid(f"{at}: {len(refs)} backends, meshd takes at most {MAX_TARGETS}")
+    out = []
+    for n, item in enumerate(refs):
+        where = f"{at}[{n}]"
+        ref = _map(item, where)
+        if ref.get("group", "") not in ("", "core") or ref.get("kind", "Service") != "Service":
+            raise Invalid(f"{where}: only Services are supported backends, not "
+                          f"{ref.get('group', '')}/{ref.get('kind')}")
+        name = ref.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 63:
+            raise Invalid(f"{where}.name: not a Service name: {name!r}")
+        ns = ref.get("namespace", namespace)
+        if not isinstance(ns, str) or not _NAME.fullmatch(ns) or len(ns) > 63:
+            raise Invalid(f"{where}.namespace: not a namespace name: {ns!r}")
+        if ref.get("filters"):
+            raise Invalid(f"{where}.filters: backend filters are not supported by meshd")
+        weight = _int(ref.get("weight", 1), f"{where}.weight", 0, MAX_WEIGHT)
+        out.append(WeightedTarget(Target(target_name(ns, name)), weight))
+    if out and not any(t.weight for t in out):
+        raise Invalid(f"{at}: every weight is 0 (the spec answers 500 to all; meshd refuses "
+                      f"the route instead)")
+    return tuple(out)
+
+
+def _http_match(m: Mapping[str, Any], at: str) -> tuple[Match, tuple[Any, ...]]:
+    for field in m:
+        if field not in ("path", "headers", "queryParams", "method"):
+            raise Invalid(f"{at}.{field}: unknown field")
+    path = _path(m.get("path"), f"{at}.path")
+    headers = _headers(m.get("headers", []), f"{at}.headers")
+    query: list[QueryMatch] = []
+    names: set[str] = set()
+    raw_query = _list(m.get("queryParams", []), f"{at}.queryParams")
+    if len(raw_query) + len(headers) > MAX_CONDITIONS:
+        raise Invalid(f"{at}: more than {MAX_CONDITIONS} header and query conditions")
+    for n, item in enumerate(raw_query):
+        where = f"{at}.queryParams[{n}]"
+        q = _map(item, where)
+        name, value = q.get("name"), q.get("value")
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise Invalid(f"{where}.name: expected a non-empty string")
+        kind = _match_type(q.get("type", "Exact"), f"{where}.type")
+        value = _value(value, kind, f"{where}.value")
+        if name not in names:   # the spec: only the first of equal names counts
+            names.add(name)
+            query.append(QueryMatch(name, kind, value))
+    method = m.get("method")
+    methods: frozenset[str] = frozenset()
+    if method is not None:
+        if method not in METHODS:
+            raise Invalid(f"{at}.method: not an HTTP method of the spec: {method!r}")
+        methods = frozenset((method,))
+    rank = {"exact": 0, "regex": 1, "segments": 2}[path.kind]
+    key = ("http", rank, -len(path.value), not methods, -len(headers), -len(query))
+    return Match(path=path, methods=methods, headers=headers, query=tuple(query)), key
+
+
+def _grpc_match(m: Mapping[str, Any], at: str) -> tuple[Match, tuple[Any, ...]]:
+    for field in m:
+        if field not in ("method", "headers"):
+            raise Invalid(f"{at}.{field}: unknown field")
+    headers = _headers(m.get("headers", []), f"{at}.headers")
+    if len(headers) >= MAX_CONDITIONS:
+        raise Invalid(f"{at}.headers: more than {MAX_CONDITIONS - 1} header conditions")
+    path = None
+    service = method = ""
+    if m.get("method") is not None:
+        where = f"{at}.method"
+        mm = _map(m["method"], where)
+        kind = mm.get("type", "Exact")
+        service, method = mm.get("service") or "", mm.get("method") or ""
+        if not isinstance(service, str) or not isinstance(method, str):
+            raise Invalid(f"{where}: service and method must be strings")
+        if not service and not method:
+            raise Invalid(f"{where}: one of service and method must be set")
+        if kind == "Exact":
+            for part, value in (("service", service), ("method", method)):
+                if "/" in value or not _printable(value) or len(value) > 1024:
+                    raise Invalid(f"{where}.{part}: not a gRPC name: {value!r}")
+            if service and method:
+                path = PathMatch("exact", f"/{service}/{method}")
+            elif service:
+                path = PathMatch("prefix", f"/{service}/")
+            else:
+                path = PathMatch("regex", f"/[^/]+/{re.escape(method)}")
+        elif kind == "RegularExpression":
+            for part, value in (("service", service), ("method", method)):
+                _value(value or "x", "regex", f"{where}.{part}")
+            path = PathMatch("regex", f"/(?:{service or '[^/]+'})/(?:{method or '[^/]+'})")
+            _value(path.value, "regex", where)
+        else:
+            raise Invalid(f"{where}.type: {kind!r} is not Exact or RegularExpression")
+    key = ("grpc", -len(service), -len(method), -len(headers))
+    return Match(path=path, headers=(GRPC_CONTENT_TYPE, *headers)), key
+
+
+def _path(raw: Any, at: str) -> PathMatch:
+    p = _map(raw if raw is not None else {}, at)
+    kind, value = p.get("type", "PathPrefix"), p.get("value", "/")
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise Invalid(f"{at}.value: expected a path of 1 to 1024 characters")
+    if kind == "RegularExpression":
+        _value(value, "regex", f"{at}.value")
+        return PathMatch("regex", value)
+    if kind not in ("Exact", "PathPrefix"):
+        raise Invalid(f"{at}.type: {kind!r} is not Exact, PathPrefix or RegularExpression")
+    if (not value.startswith("/") or not _PATH_CHARS.fullmatch(value)
+            or any(bad in value for bad in ("//", "/./", "/../", "%2f", "%2F"))
+            or value.endswith(("/.", "/.."))):
+        raise Invalid(f"{at}.value: not an absolute, normalized path: {value!r}")
+    if kind == "Exact":
+        return PathMatch("exact", value)
+    return PathMatch("segments", value.rstrip("/") or "/")
+
+
+def _headers(raw: Any, at: str) -> tuple[HeaderMatch, ...]:
+    out: list[HeaderMatch] = []
+    names: set[str] = set()
+    items = _list(raw, at)
+    if len(items) > MAX_CONDITIONS:
+        raise Invalid(f"{at}: more than {MAX_CONDITIONS} header conditions")
+    for n, item in enumerate(items):
+        where = f"{at}[{n}]"
+        h = _map(item, where)
+        name, value = h.get("name"), h.get("value")
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name) or len(name) > 256:
+            raise Invalid(f"{where}.name: not a header name: {name!r}")
+        kind = _match_type(h.get("type", "Exact"), f"{where}.type")
+        value = _value(value, kind, f"{where}.value")
+        if name.lower() not in names:   # the spec: only the first of equal names counts
+            names.add(name.lower())
+            out.append(HeaderMatch(name.lower(), kind, value))
+    return tuple(out)
+
+
+def _match_type(raw: Any, at: str) -> Any:
+    if raw == "Exact":
+        return "exact"
+    if raw == "RegularExpression":
+        return "regex"
+    raise Invalid(f"{at}: {raw!r} is not Exact or RegularExpression")
+
+
+def _value(value: Any, kind: str, at: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        raise Invalid(f"{at}: expected a string of 1 to 4096 characters")
+    if kind == "regex":
+        if len(value) > MAX_REGEX:
+            raise Invalid(f"{at}: a regular expression of more than {MAX_REGEX} characters")
+        try:
+            re.compile(value)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise Invalid(f"{at}: not a regular expression meshd (Python re) can use: "
+                          f"{e}") from None
+    elif not _printable(value):
+        raise Invalid(f"{at}: not printable ASCII")
+    return value
+
+
+def _duration(raw: Any, at: str) -> float | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not _DURATION.fullmatch(raw):
+        raise Invalid(f"{at}: not a Gateway API duration (like 10s, 1m30s, 500ms): {raw!r}")
+    return sum(int(n) * _UNIT[u] for n, u in _DURATION_PART.findall(raw))
+
+
+def _int(raw: Any, at: str, low: int, high: int) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or not low <= raw <= high:
+        raise Invalid(f"{at}: expected an integer {low}..{high}, got {raw!r}")
+    return raw
+
+
+def _timestamp(raw: Any) -> datetime.datetime:
+    """RFC 3339 as the API server writes it; unknown sorts first (as the oldest)."""
+    if isinstance(raw, str):
+        try:
+            t = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
+        except ValueError:
+            pass
+    return _EPOCH
+
+
+def _printable(s: str) -> bool:
+    return all(" " <= c <= "~" or c == "\t" for c in s)
+
+
+def _map(raw: Any, at: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise Invalid(f"{at}: expected an object")
+    return raw
+
+
+def _list(raw: Any, at: str) -> list[Any]:
+    if not isinstance(raw, list):
+        raise Invalid(f"{at}: expected a list")
+    if len(raw) > 64:   # the CRD's own maxItems for rules, matches, filters
+        raise Invalid(f"{at}: more than 64 items")
+    return raw
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    md = obj.get("metadata")
+    return str(md.get("name") or "") if isinstance(md, Mapping) else ""
