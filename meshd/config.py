@@ -155,6 +155,9 @@ class ServiceConfig:
     timeout: float = 10.0  # the response head must arrive within it, else 504
     connect_timeout: float = 2.0
     idle_timeout: float = 60.0  # max idle of a pooled upstream keep-alive connection
+    # an HTTP/2 upstream quiet this long/2 while streams wait gets a PING; no answer within
+    # it: no new streams there, retry-safe waiting ones go elsewhere (0: no PING)
+    ping_timeout: float = 1.0
     discovery: str | None = None  # a [[discovery]] name; None: the first that knows it
     # Several sources with their share of traffic in percent (a migration): the
     # endpoints of each source together get that share. Empty: just `discovery`.
@@ -474,6 +477,7 @@ def _services(raw: object, problems: Problems,
         timeout = t.field(ServiceConfig, "timeout", duration())
         connect_timeout = t.field(ServiceConfig, "connect_timeout", duration())
         idle_timeout = t.field(ServiceConfig, "idle_timeout", duration())
+        ping_timeout = t.field(ServiceConfig, "ping_timeout", duration(0.0))
         shares = _source_shares(t, f"service.{name}.discovery")
         balancer = t.field(ServiceConfig, "balancer",
                            choice("p2c", "round_robin", "consistent_hash"))
@@ -492,7 +496,8 @@ def _services(raw: object, problems: Problems,
             t.problem("failover", f"a service cannot fail over to itself ({name!r})")
         services[name] = ServiceConfig(
             name=name, timeout=timeout, connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout, discovery=shares[0].source if shares else None,
+            idle_timeout=idle_timeout, ping_timeout=ping_timeout,
+            discovery=shares[0].source if shares else None,
             sources=shares, balancer=balancer, failure_accrual=failure_accrual,
             retries=retries, try_timeout=try_timeout, failure_on=failure_on,
             failover=failover, hash_on=hash_on, max_pending=max_pending,

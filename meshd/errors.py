@@ -127,6 +127,29 @@ class UpstreamSetupError(UpstreamError):
     endpoint_fault = False
 
 
+class NotSent(UpstreamError):
+    """Nothing of the request reached the upstream: the write of its first bytes failed
+    (the connection was reset or closed before the kernel took any), or the connection
+    failed before it was written. As safe to send again as a refused stream, whatever
+    the method."""
+    reason = "write failed before sending"
+
+
+class StreamRefused(UpstreamError):
+    """An HTTP/2 upstream refused the stream (RST_STREAM REFUSED_STREAM, or a stream
+    beyond the last stream id of its GOAWAY): it did not process it (RFC 9113 §6.8,
+    §8.7), so it may be sent again whatever the method. Not the endpoint's failure."""
+    reason = "stream refused by the upstream"
+    endpoint_fault = False
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     reason = "upstream timeout"
+
+
+class PeerSilent(UpstreamTimeout):
+    """An HTTP/2 upstream answered no PING in time while streams waited on it: the
+    connection takes no new streams, and a waiting stream that may be retried is
+    abandoned (sent again elsewhere)."""
+    reason = "upstream silent (no PING answer)"

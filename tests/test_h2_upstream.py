@@ -41,7 +41,7 @@ import h2.settings
 import pytest
 from hyperframe.frame import GoAwayFrame
 
-from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
+from meshd.errors import EndpointsBusy, PeerSilent, StreamRefused, UpstreamError, UpstreamTimeout
 from meshd.testing.certs import TestCA
 from meshd.testing.harness import free_port
 from meshd.testing.tcp_server import TcpServer
@@ -89,6 +89,7 @@ class _ServerConn:
         self.streams: dict[int, _ServerStream] = {}
         self.close_when_idle = False
         self.closed = False
+        self.frozen_until = 0.0  # /freeze: reads and writes nothing until then (a stopped peer)
 
     def run(self) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -99,6 +100,9 @@ class _ServerConn:
             if self.server.tls is not None:
                 self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
             while not self.closed and not self.server.stopping:
+                if time.monotonic() < self.frozen_until:
+                    time.sleep(0.01)
+                    continue
                 r, w, _ = select.select([self.sock], [self.sock] if self.out else [], [], 0.01)
                 if r or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
                     data = self.sock.recv(65536)
@@ -125,6 +129,8 @@ class _ServerConn:
             stream = _ServerStream(event.stream_id, event.headers)
             self.streams[event.stream_id] = stream
             srv.requests.append(stream)
+            if stream.path == "/freeze":
+                self.frozen_until = time.monotonic() + float(stream.query["for"])
             if stream.path in EARLY:
                 self.respond(stream)
         elif isinstance(event, h2.events.DataReceived):
@@ -137,6 +143,8 @@ class _ServerConn:
             stream = self.streams[event.stream_id]
             if stream.path not in EARLY:
                 self.respond(stream)
+        elif isinstance(event, h2.events.PingReceived):
+            srv.pings += 1
         elif isinstance(event, (h2.events.PingAckReceived, h2.events.SettingsAcknowledged)):
             srv.acks.append(type(event).__name__)
         elif isinstance(event, h2.events.StreamReset):
@@ -257,6 +265,7 @@ class H2Server:
         self.requests: list[_ServerStream] = []
         self.resets: list[tuple[int, int]] = []
         self.acks: list[str] = []
+        self.pings = 0
         self.stopping = False
         self.tcp = TcpServer(lambda sock: _ServerConn(self, sock).run())
         self.address = ("127.0.0.1", self.tcp.port)
@@ -358,6 +367,43 @@ def test_idle_connection_closes(server: H2Server, monkeypatch: Any) -> None:
     assert up.alive
     wait_for(lambda: up.closed, timeout=2)
     assert up.close_reason == "idle for 0.2s"
+
+
+def test_silent_peer_is_taken_out_of_use(server: H2Server) -> None:
+    """Streams wait and the peer answers nothing, not even our PING: the connection takes
+    no new stream, a waiting stream that may be retried fails at once (PeerSilent), one
+    that may not waits on and gets its answer when the peer is back; then the connection
+    closes."""
+    up = H2Upstream.connect(server.address, 5)
+    up.ping_timeout = 0.4
+    safe = up.open_stream(req(server, "/freeze?for=2"), end_stream=True)
+    safe.retry_safe = True
+    gevent.sleep(0.1)  # the peer is frozen now
+    other = up.open_stream(req(server, "/"), end_stream=True)  # a POST, say: not retry-safe
+    with pytest.raises(PeerSilent, match="answered no PING within 0.4s"):
+        safe.response(time.monotonic() + 10)
+    assert up.silent and not up.alive and not up.available()
+    assert not other.ended and other._error is None  # still waiting
+    assert dict(other.response(time.monotonic() + 10))[b":status"] == b"200"
+    wait_for(lambda: up.closed)
+    assert "no PING answer" in up.close_reason
+
+
+def test_slow_peer_that_answers_ping_keeps_its_connection(server: H2Server) -> None:
+    up = H2Upstream.connect(server.address, 5)
+    up.ping_timeout = 0.3
+    s = up.open_stream(req(server, "/?delay=1"), end_stream=True)
+    s.retry_safe = True
+    assert dict(s.response(time.monotonic() + 10))[b":status"] == b"200"
+    assert server.pings >= 2  # one per 0.15 s of silence
+    assert up.alive and not up.silent
+    up.close()
+
+
+def test_refused_stream_raises_stream_refused(server: H2Server, up: H2Upstream) -> None:
+    s = up.open_stream(req(server, "/rst-now?code=7", b"POST"), end_stream=True)
+    with pytest.raises(StreamRefused, match="REFUSED_STREAM"):
+        s.response(time.monotonic() + 5)
 
 
 def test_trailers_and_informational(server: H2Server, up: H2Upstream) -> None:

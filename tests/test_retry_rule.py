@@ -58,3 +58,29 @@ def test_refusal_reasons():
     assert attempt_refusal("connect", every, True, False, False) is None
     assert attempt_refusal("reset", every, True, False, True) is Refusal.NOT_IDEMPOTENT
     assert attempt_refusal("timeout", every, True, True, False) is Refusal.BODY_NOT_BUFFERED
+
+
+def test_never_processed_attempts_go_again_whatever_the_method():
+    """A stream an HTTP/2 peer refused, or a request whose first write failed, never
+    reached the application: sent again for any method (replay False: a POST), as long
+    as its body can be sent again; "unsent" counts as a connect failure, "refused" as
+    no failure at all."""
+    every = frozenset(KINDS[:5])
+    for kind in ("refused", "unsent"):
+        assert attempt_refusal(kind, every, True, False, True) is None
+        assert attempt_refusal(kind, every, True, False, False) is Refusal.BODY_NOT_BUFFERED
+        assert attempt_refusal(kind, every, False, False, True) is Refusal.NO_ATTEMPTS_LEFT
+    assert attempt_refusal("refused", frozenset(), True, False, True) is None
+    assert attempt_refusal("unsent", frozenset({"5xx"}), True, False, True) is Refusal.NOT_A_FAILURE
+    assert not call_module.counts_as_failure("refused", every)
+    assert call_module.counts_as_failure("unsent", frozenset({"connect"}))
+    assert not call_module.counts_as_failure("unsent", frozenset({"reset"}))
+
+
+def test_error_kinds():
+    from meshd.errors import NotSent, PeerSilent, StreamRefused, UpstreamError, UpstreamTimeout
+    assert call_module.error_kind(StreamRefused("x")) == "refused"
+    assert call_module.error_kind(NotSent("x")) == "unsent"
+    assert call_module.error_kind(UpstreamError("x")) == "reset"
+    assert call_module.error_kind(UpstreamTimeout("x")) == "timeout"
+    assert call_module.error_kind(PeerSilent("x")) == "timeout"

@@ -17,9 +17,13 @@ is not GET.
 ``attempt_refusal`` is the rule the worker's attempt loop asks
 (``meshd.worker.call.may_retry``, then the deadline and the shared budget): it speaks the
 data path's failure kinds (connect, reset, timeout, 5xx, 4xx; a service's ``failure_on``
-says which count) and adds one case the request-level rule cannot see: an attempt whose
-bytes never left meshd (its connection failed) may go elsewhere whatever its method and
-body.
+says which count) and adds the cases the request-level rule cannot see, where the
+upstream certainly did not process the request, which may then go elsewhere whatever
+its method: its bytes never left meshd ("connect": the connection failed; "unsent": the
+write of its first bytes failed, counted as a connect failure), or an HTTP/2 peer
+refused its stream ("refused": REFUSED_STREAM, or beyond a GOAWAY's last stream id,
+RFC 9113 §8.7; always retried, never counted as a failure), provided its body can be
+sent again in full.
 
 What counts as a failure, for failure accrual and retries alike (the issue's default):
 no response (connect error, reset, timeout) or a 5xx status; a service may configure its
@@ -73,6 +77,9 @@ def attempt_refusal(kind: str, failure_on: Collection[str], attempts_left: bool,
     (if any) can still be sent again in full (kept, or not read yet)."""
     if not attempts_left:
         return Refusal.NO_ATTEMPTS_LEFT
+    if kind == "refused" or (kind == "unsent" and "connect" in failure_on):
+        # never processed: any method, if the body (some of it sent) can go again
+        return None if body_replayable else Refusal.BODY_NOT_BUFFERED
     if kind not in failure_on:
         return Refusal.NOT_A_FAILURE
     if kind == "connect":

@@ -27,12 +27,15 @@ import gevent
 
 from meshd import rowkeys
 from meshd.balance.retry import attempt_refusal
+from meshd.config import DEFAULT_SERVICE
 from meshd.discovery.api import Endpoint
 from meshd.errors import (
     NoEndpoints,
     NoService,
+    NotSent,
     ProtocolUnavailable,
     ProxyError,
+    StreamRefused,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -109,7 +112,7 @@ class Call:
     """One client request across its attempts."""
 
     __slots__ = ("service", "svc", "endpoints", "policy", "deadline", "row", "replay",
-                 "hash_key", "tried")
+                 "hash_key", "tried", "method", "body_taken")
 
     def __init__(self, worker: Context, service: str, endpoints: tuple[Endpoint, ...],
                  policy: Policy, deadline: float, row: int, method: bytes, headers: Headers,
@@ -122,13 +125,16 @@ class Call:
         self.row = row
         # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
         self.replay = policy.retryable or method in IDEMPOTENT
+        self.method = method
+        self.body_taken = False  # a client side that keeps no body: some of it went
         self.hash_key = hash_key(self.svc, headers, peer)
         self.tried: list[int] = []
 
     def body_replayable(self) -> bool:
-        """Whether the body (if any) can still be sent again. Protocols that keep bodies
-        for replay override this."""
-        return True
+        """Whether the body (if any) can still be sent again: not when a client side
+        that keeps no body has sent some of it (``body_taken``). Protocols that keep
+        bodies for replay override this."""
+        return not self.body_taken
 
     def start_attempt(self, worker: Context) -> tuple[Endpoint, int, float, float]:
         """(endpoint, its shm row, when the attempt starts, its deadline) of the next
@@ -199,7 +205,8 @@ class Call:
             if failed and may_retry(worker, self, kind, attempts_left):
                 raise RetryNow()
             return side.respond(self, ex, status)
-        except BaseException as e:
+        except BaseException as error:
+            e: BaseException = error
             ex.abort()
             if isinstance(e, RetryNow):
                 raise
@@ -211,15 +218,29 @@ class Call:
                 raise fault from None
             if isinstance(e, (OSError, ProxyError)) and not side.response_started:
                 kind = error_kind(e)
-                failed = kind in policy.failure_on
+                failed = counts_as_failure(kind, policy.failure_on)
                 if may_retry(worker, self, kind, attempts_left):
                     raise RetryNow() from None
                 if isinstance(e, OSError):
-                    raise UpstreamError(f"connection to {ex.endpoint} failed: "
-                                        f"{e.strerror or e}") from None
+                    e = UpstreamError(f"connection to {ex.endpoint} failed: "
+                                      f"{e.strerror or e}")
+                if kind == "reset" and type(e) is UpstreamError:
+                    raise self.lost(e) from None
+                if e is not error:
+                    raise e from None
             raise
         finally:
             worker.balancer.finished(row, rtt, failed, self.svc)
+
+    def lost(self, e: UpstreamError) -> UpstreamError:
+        """The error of an attempt that failed after its request went (so perhaps
+        processed) and is not sent again: it says so, and for a method that is not
+        idempotent, why it is not retried."""
+        if self.replay:
+            return UpstreamError(f"response lost: {e.reason}")
+        method = self.method.decode("latin-1")
+        return UpstreamError(f"response lost, {method} not retried (it may have been "
+                             f"processed): {e.reason}")
 
     def protocol(self, worker: Context, ep: Endpoint, row: int, grpc: bool,
                  attempts_left: bool) -> tuple[str, tuple[str, int], TlsTarget | None]:
@@ -241,6 +262,7 @@ class Call:
                                        idle_timeout=self.policy.idle_timeout, row=row,
                                        limit=svc.max_connections if svc else 0, tls=tls)
             if conn.alpn != "h2":
+                conn.max_idle = self.policy.idle_timeout  # the reaper closes it past this
                 return conn
             assert tls is not None
             worker.h2pool.adopt(conn.detach(), ep.address, tls, self.connect_timeout(sent_at))
@@ -256,8 +278,14 @@ class Call:
         """A stream on the worker's HTTP/2 pool for this attempt (a failure to get one is
         a connect failure). ``checked``: the head is valid by construction."""
         try:
-            return worker.h2pool.stream(address, headers, end_stream,
-                                        self.connect_timeout(sent_at), tls, checked=checked)
+            svc = self.svc
+            stream = worker.h2pool.stream(
+                address, headers, end_stream, self.connect_timeout(sent_at), tls,
+                checked=checked, idle_timeout=self.policy.idle_timeout,
+                ping_timeout=(svc or DEFAULT_SERVICE).ping_timeout)
+            # A silent peer's waiting stream is abandoned only if it may go elsewhere.
+            stream.retry_safe = attempts_left and self.replay and self.body_replayable()
+            return stream
         except BaseException as e:
             connect_failed(worker, self, row, e, attempts_left)
             raise
@@ -399,8 +427,26 @@ def status_kind(status: int) -> str:
 
 
 def error_kind(e: BaseException) -> str:
-    """The failure kind of an attempt that broke after its connection was made."""
-    return "timeout" if isinstance(e, UpstreamTimeout) else "reset"
+    """The failure kind of an attempt that broke after its connection was made:
+    "refused" (an HTTP/2 peer refused the stream: never processed), "unsent" (a write
+    failed before any byte of the request went), "timeout", or "reset" (the request
+    went, the response was lost)."""
+    if isinstance(e, UpstreamTimeout):
+        return "timeout"
+    if isinstance(e, StreamRefused):
+        return "refused"
+    if isinstance(e, NotSent):
+        return "unsent"
+    return "reset"
+
+
+def counts_as_failure(kind: str, failure_on: frozenset[str]) -> bool:
+    """Whether an attempt that failed with ``kind`` counts against its endpoint: a
+    refused stream does not (a peer reloading refuses streams by design); one never
+    sent counts as a connect failure."""
+    if kind == "refused":
+        return False
+    return ("connect" if kind == "unsent" else kind) in failure_on
 
 
 def connect_failed(worker: Context, call: Call, row: int, e: BaseException,
@@ -416,11 +462,12 @@ def connect_failed(worker: Context, call: Call, row: int, e: BaseException,
 
 
 def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bool:
-    """An attempt failed (``kind``: connect, reset, timeout, 5xx, 4xx) before any response
-    byte reached the client: may the request go to another endpoint? One whose bytes
-    never left meshd (connect failed) may, whatever its method; one that reached an
-    upstream only when it is replayable (idempotent or marked retryable, body kept).
-    The shared budget is spent when it may."""
+    """An attempt failed (``kind``: connect, unsent, refused, reset, timeout, 5xx, 4xx)
+    before any response byte reached the client: may the request go to another endpoint?
+    One whose bytes never left meshd (connect failed, or its first write failed) or
+    that an HTTP/2 peer refused (never processed) may, whatever its method, if its body
+    can be sent again; one that reached an upstream only when it is replayable
+    (idempotent or marked retryable, body kept). The shared budget is spent when it may."""
     if attempt_refusal(kind, call.policy.failure_on, attempts_left, call.replay,
                        call.body_replayable()) is not None:
         return False

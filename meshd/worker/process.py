@@ -50,7 +50,7 @@ from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
 from meshd.worker.tap import TapSender
-from meshd.worker.upstream.http1 import Pool
+from meshd.worker.upstream.http1 import REAP_EVERY, Pool
 from meshd.worker.upstream.tls import UpstreamTls
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class Worker:
         for lst, sock in self.listeners:
             gevent.spawn(self._accept_loop, lst, sock)
         gevent.spawn(self._snapshot_loop)
+        gevent.spawn(self._reap_loop)
         self.region.heartbeat(self.slot, STATE_SERVING)
         log.info("worker %d (g%d, slot %d) serving", os.getpid(), self.ctx.generation, self.slot)
 
@@ -259,6 +260,16 @@ class Worker:
             if self.identity is not None:
                 self.identity.refresh()   # a stat; every handshake refreshes too
             self.tap = self._tap.poll()
+
+    def _reap_loop(self) -> None:
+        """Idle upstream HTTP/1.1 connections past their idle_timeout, or closed by the
+        upstream while idle, are closed (HTTP/2 ones watch themselves: H2Upstream)."""
+        while not self.stopped.is_set():
+            gevent.sleep(REAP_EVERY)
+            try:
+                self.pool.reap(time.monotonic())
+            except Exception:  # keep reaping; a bug here must not end the worker
+                log.exception("reaping idle upstream connections failed")
 
     def _heartbeat_loop(self) -> None:
         while True:

@@ -6,8 +6,10 @@ removed) and framed again by each attempt's exchange (``UpstreamExchange.send_bo
 so a retry may go to an HTTP/1.1 endpoint (Content-Length or chunked again, trailers
 included) or an HTTP/2 one (DATA frames, trailers as HEADERS). Each attempt's sender
 greenlet (``send``) sends what earlier attempts already read from ``kept``, then goes on reading
-from the client. Bodies of a replayable request are kept up to ``REPLAY_LIMIT`` bytes;
-past that the body is no longer replayable and nothing more is kept. A piece is kept
+from the client. Bodies are kept up to ``REPLAY_LIMIT`` bytes, whatever the method (a
+stream an HTTP/2 peer refused, or a request whose first write failed, is sent again
+even when it is not idempotent); past that the body is no longer replayable and
+nothing more is kept. A piece is kept
 before it is sent, and a sender is only killed while it waits in recv or send, so
 killing one for a retry loses no byte. A failure to read the body is kept in ``error``
 for the proxy's answer.

@@ -121,6 +121,7 @@ class H2ToHttp1:
             if self.has_body:
                 call.replay = False  # the body is not kept: no retry once it is sent
             self._request = (method, target, authority, fields)
+            self._call = call
             status = call.run(worker, self)
             if self.grpc:
                 answered = self._ex
@@ -192,6 +193,7 @@ class H2ToHttp1:
                 if data is None:
                     ex.send_body((), end=True, trailers=stream.trailers)
                     return True
+                self._body_taken()  # not kept: this body cannot be sent again
                 ex.send_body((data,))
                 server.acknowledge(stream, len(data))
         except ProxyError:
@@ -225,7 +227,12 @@ class H2ToHttp1:
     def client_fault(self, e: BaseException) -> BaseException | None:
         return e if isinstance(e, StreamGone) else None
 
+    def _body_taken(self) -> None:
+        if self._call is not None:
+            self._call.body_taken = True
+
     grpc = False
+    _call: Call | None = None
     _ex: UpstreamExchange | None = None  # the last attempt's
     _idle_timeout = 60.0
 

@@ -212,7 +212,9 @@ class HttpConnection:
             call = _Call(worker, req, service, endpoints, policy, started + policy.timeout, row,
                          self._peer_address)
             if req.has_body:
-                body = call.body = RequestBody(self, req, call.replay)
+                # kept for replay whatever the method: a stream a peer refused, or a
+                # request whose first write failed, goes again (meshd.balance.retry)
+                body = call.body = RequestBody(self, req, True)
             status, keep = call.run(worker, Http1Side(self, req, body))
             return keep
         except ProxyError as e:

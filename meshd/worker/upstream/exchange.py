@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import gevent
 
-from meshd.errors import BadRequest, UpstreamError
+from meshd.errors import BadRequest, NotSent, UpstreamError
 from meshd.proto import http1
 from meshd.proto.translate import (
     H1_TO_H2_DROP,
@@ -114,6 +114,7 @@ class Http1Exchange:
         self.chunked = chunked
         self.unsent = length          # body bytes the head announced and not yet sent
         self.head_sent = False
+        self.not_sent: NotSent | None = None  # the first write failed: nothing went
         self.connect_timeout = connect_timeout
         self.header_bytes = header_bytes
         self.header_count = header_count
@@ -141,8 +142,8 @@ class Http1Exchange:
         has not gone yet (with no pieces: the head alone, now); ``end`` adds the last
         chunk and the forwardable ``trailers`` to a chunked body. BadRequest for a body
         that would not match the Content-Length announced."""
-        out = [] if self.head_sent else [self.head]
-        self.head_sent = True
+        first = not self.head_sent
+        out = [self.head] if first else []
         for piece in pieces:
             if self.unsent is not None:
                 if len(piece) > self.unsent:
@@ -157,8 +158,18 @@ class Http1Exchange:
                 kept = http1.forwardable_trailers(trailers)
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
         try:
-            if out:
-                self.conn.sendall(b"".join(out))
+            data = b"".join(out)
+            if first:
+                try:
+                    sent = self.conn.send_first(data)
+                except NotSent as e:
+                    self.not_sent = e
+                    self.conn.shutdown()  # the response wait ends, and tells why
+                    raise
+                self.head_sent = True  # from here on the request may have been processed
+                data = data[sent:]
+            if data:
+                self.conn.sendall(data)
         except OSError as e:
             raise UpstreamError(f"{self.conn.endpoint} took no more of the request: "
                                 f"{e.strerror or e}") from None
@@ -187,7 +198,14 @@ class Http1Exchange:
             self.conn, resp = self.pool.exchange_bodiless(self.conn, self.head,
                                                           self.connect_timeout, read)
         else:
-            resp = read(self.conn)
+            try:
+                resp = read(self.conn)
+            except UpstreamError as e:
+                if self.not_sent is not None:
+                    raise self.not_sent from None
+                if not self.head_sent:  # the connection failed before a byte of it went
+                    raise NotSent(f"nothing sent: {e.reason}") from None
+                raise
         self.resp = resp
         if not http1.response_has_body(self.method, resp.status):
             self._done = True  # HEAD, 1xx, 204, 304: whatever the head says, no body

@@ -27,7 +27,15 @@ sender instead of growing a buffer. Response heads are limited by
 SETTINGS_MAX_HEADER_LIST_SIZE and the HPACK decoder's limit; frame lengths are checked
 as headers arrive (h2 would buffer a whole announced frame, up to 16 MiB, first). Every
 wait has a deadline; a write the peer does not take for ``WRITE_TIMEOUT`` fails the
-connection; one without streams for ``IDLE_TIMEOUT`` is closed.
+connection.
+
+Each connection has a watchdog greenlet (``_watch``). Without streams, it closes the
+connection once idle for ``idle_timeout`` (the service's). With streams waiting and no
+frame from the peer for half of ``ping_timeout``, it sends a PING; no frame back within
+``ping_timeout`` and the peer is silent (a stopped process, a dead host): the
+connection takes no new stream (the pool opens another), each waiting stream marked
+``retry_safe`` fails with ``PeerSilent`` (the attempt loop sends it again), the others
+wait on until their own deadlines, and the connection closes after its last stream.
 
 GOAWAY from the peer: streams above its last_stream_id were never processed and fail
 with ``refused`` set (safe to retry elsewhere); the ones below finish, then the
@@ -55,12 +63,14 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from meshd.errors import UpstreamError, UpstreamTimeout
+from meshd.errors import NotSent, PeerSilent, StreamRefused, UpstreamError, UpstreamTimeout
 from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
+from meshd.ratelog import Throttle
 from meshd.worker.sockio import address_name, recv, recv_after_wait, sendall, tcp_connect
 
 log = logging.getLogger("meshd.worker")
+quiet = Throttle(log)  # a peer decides how often its connections go silent
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -70,8 +80,10 @@ CONNECTION_WINDOW = 1 << 24     # ... and on the whole connection
 MAX_HEADER_LIST_SIZE = 1 << 16  # a response head after HPACK decoding
 MAX_INFORMATIONAL = 8           # 1xx heads kept per stream (more are dropped, not stored)
 WRITE_TIMEOUT = 30.0            # a peer that takes no bytes this long is gone
-IDLE_TIMEOUT = 300.0            # a connection without streams this long is closed (checked
-                                # every WRITE_TIMEOUT, when the reader's recv times out)
+IDLE_TIMEOUT = 300.0            # a connection without streams this long is closed (the
+                                # default; the pool sets the service's idle_timeout)
+PING_TIMEOUT = 1.0              # the default of a service's ping_timeout (0: no PING)
+PING_DATA = b"meshd\0\0\0"       # the 8 bytes of our PINGs
 WRITE_BATCH = 1 << 17           # DATA bytes framed per lock hold, so streams interleave
 CANCEL = h2.errors.ErrorCodes.CANCEL
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -170,6 +182,8 @@ class H2Stream:
         self.head: Headers | None = None
         self.trailers: Headers | None = None
         self.refused = False
+        # the attempt may be sent again: abandoned when the peer goes silent (PeerSilent)
+        self.retry_safe = False
         self.reset_code: int | None = None  # the code of the upstream's RST_STREAM
         self.buffered = 0                 # received bytes not yet read (<= stream window)
         self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
@@ -287,7 +301,12 @@ class H2Stream:
             if self.head is not None:
                 return self.head
             if self._error is not None:
-                raise UpstreamError(self._error)
+                raise (StreamRefused if self.refused else UpstreamError)(self._error)
+            up = self.upstream
+            if up.silent and self.retry_safe:
+                self.reset(CANCEL)
+                raise PeerSilent(f"{self!r}: {up.name} answered no PING within "
+                                 f"{up.ping_timeout:g}s")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.reset(CANCEL)
@@ -377,7 +396,14 @@ class H2Upstream:
         self.close_reason = ""
         self.goaway_received: tuple[int, int] | None = None  # (error code, last stream id)
         self.idle_timeout = IDLE_TIMEOUT
+        self.ping_timeout = PING_TIMEOUT
         self.idle_since = time.monotonic()
+        self.last_heard = self.idle_since  # when a frame (any bytes) last came from the peer
+        self.silent = False                # no answer to a PING in time: taken out of use
+        self._busy_since = 0.0             # when the first of the current streams opened
+        self._ping_sent: float | None = None  # a PING is out, unanswered, since
+        self._wake = gevent.event.Event()  # for the watchdog: streams came or went, closed
+        self._watchdog: gevent.Greenlet | None = None
         self._settings = gevent.event.Event()  # the peer's first SETTINGS arrived
         self._reader: gevent.Greenlet | None = None
         self._guard = _FrameGuard()
@@ -436,6 +462,7 @@ class H2Upstream:
                 self.conn.increment_flow_control_window(extra)
             self.flush()
         self._reader = gevent.spawn(self._read_loop)
+        self._watchdog = gevent.spawn(self._watch)
 
     def available(self) -> bool:
         """Alive, not draining, and fewer open streams than the peer allows."""
@@ -496,9 +523,16 @@ class H2Upstream:
                 # ahead of the peer's decoder, so the connection cannot be trusted.
                 self._lost(f"h2 refused a request head midway: {e}")
                 raise UpstreamError(f"cannot send request head to {self.name}: {e}") from None
+            if not self.streams:
+                self._busy_since = time.monotonic()
+                self._wake.set()
             self.streams[stream_id] = stream
             stream._local_ended = end_stream
-            self.flush()
+            try:
+                self.flush()
+            except UpstreamError as e:  # the head did not go in full: never processed
+                raise NotSent(f"write failed before sending to {self.name}: "
+                              f"{self.close_reason}") from e
         return stream
 
     def _stream_done(self, stream: H2Stream) -> None:
@@ -506,8 +540,10 @@ class H2Upstream:
         self.streams.pop(stream.stream_id, None)
         if not self.streams:
             self.idle_since = time.monotonic()
+            self._wake.set()
         if not self.streams and (self.draining or self.goaway_received) and not self.closed:
-            self.close()
+            self.close(f"no PING answer within {self.ping_timeout:g}s" if self.silent
+                       else "closed by meshd")
 
     def _acknowledge(self, stream: H2Stream, flow: int) -> None:
         """Give ``flow`` bytes of window back (the caller read or dropped them)."""
@@ -548,16 +584,14 @@ class H2Upstream:
                     data = (recv_after_wait if drained else recv)(self.sock, READ_SIZE)
                     drained = len(data) < READ_SIZE
                 except TimeoutError:  # quiet for WRITE_TIMEOUT (the socket's timeout)
-                    if not self.streams and (time.monotonic() - self.idle_since
-                                             >= self.idle_timeout):
-                        self.close(f"idle for {self.idle_timeout:g}s")
-                        break
                     continue
                 except OSError as e:
                     reason = f"read failed: {e}"
                     break
                 if not data:
                     break
+                self.last_heard = time.monotonic()  # the peer is there: a PING is answered
+                self._ping_sent = None
                 with self.lock:
                     if self.closed:
                         break
@@ -584,6 +618,70 @@ class H2Upstream:
             with self.lock:
                 self._lost(reason)
 
+    def _watch(self) -> None:
+        """The watchdog: idle connections closed after ``idle_timeout``; a PING when
+        streams wait and the peer has been quiet for half of ``ping_timeout``, and the
+        peer marked silent when nothing comes back within ``ping_timeout``."""
+        try:
+            while not self.closed:
+                now = time.monotonic()
+                if not self.streams:
+                    left = self.idle_since + self.idle_timeout - now
+                    if left <= 0:
+                        self.close(f"idle for {self.idle_timeout:g}s")
+                        return
+                    self._sleep(left)
+                elif self.ping_timeout <= 0 or self.silent:
+                    self._sleep(None)  # until the streams are gone
+                elif self._ping_sent is None:
+                    left = max(self.last_heard, self._busy_since) + self.ping_timeout / 2 - now
+                    if left > 0:
+                        self._sleep(left)
+                    else:
+                        self._ping(now)
+                else:
+                    left = self._ping_sent + self.ping_timeout - now
+                    if left > 0:
+                        self._sleep(left)
+                    else:
+                        self._silence()
+        except Exception:  # the top of the greenlet: the connection goes, the worker stays
+            log.exception("HTTP/2 upstream %s: watchdog failed", self.name)
+            with self.lock:
+                self._lost("watchdog failed")
+
+    def _sleep(self, timeout: float | None) -> None:
+        self._wake.clear()
+        self._wake.wait(timeout)
+
+    def _ping(self, now: float) -> None:
+        # A writer holding the lock this long is itself stuck on a peer that reads nothing.
+        if not self.lock.acquire(timeout=self.ping_timeout):
+            self._ping_sent = now
+            return
+        try:
+            if self.closed:
+                return
+            self._ping_sent = now
+            self.conn.ping(PING_DATA)
+            self.flush(raise_errors=False)
+        finally:
+            self.lock.release()
+
+    def _silence(self) -> None:
+        """No answer to our PING in time: no new streams here; the waiting streams that
+        may be retried give up (``H2Stream.response``); closed after the last stream."""
+        self.silent = True
+        self.alive = False
+        self.draining = True
+        quiet.warning("h2-silent", "HTTP/2 upstream %s answered no PING within %gs: "
+                      "taking it out of use (%d streams waiting)", self.name,
+                      self.ping_timeout, len(self.streams))
+        for stream in list(self.streams.values()):
+            stream._changed.set()
+        if not self.streams:
+            self.close(f"no PING answer within {self.ping_timeout:g}s")
+
     def _lost(self, reason: str) -> None:
         """Under the lock (or from the reader's end): close the socket and fail every
         stream that still needs the connection."""
@@ -593,6 +691,7 @@ class H2Upstream:
         self.alive = False
         self.close_reason = reason
         self._settings.set()
+        self._wake.set()
         try:
             self.sock.close()
         except OSError:

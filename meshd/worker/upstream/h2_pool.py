@@ -1,8 +1,9 @@
 """A worker's pool of HTTP/2 upstream connections (``meshd.worker.upstream.h2``): one
 connection per endpoint while it has room for another stream, up to
 ``max_connections_per_endpoint``; beyond that ``EndpointsBusy`` (503) rather than a
-queue. Connections that received GOAWAY or are draining leave the pool and finish
-their streams on their own.
+queue. Connections that received GOAWAY, are draining or went silent (no PING answer)
+leave the pool and finish their streams on their own; each closes itself once idle for
+its service's ``idle_timeout`` (``H2Upstream``'s watchdog).
 
 A service with ``[service.NAME.tls]`` passes its ``TlsTarget`` (``meshd.worker.upstream.tls``):
 its connections are TLS with ALPN "h2" and pooled apart from plaintext ones to the same
@@ -20,6 +21,8 @@ import gevent.lock
 from meshd.errors import EndpointsBusy, UpstreamTimeout
 from meshd.worker.upstream.h2 import (
     CONNECTION_WINDOW,
+    IDLE_TIMEOUT,
+    PING_TIMEOUT,
     STREAM_WINDOW,
     H2Stream,
     H2Upstream,
@@ -55,11 +58,13 @@ class H2Pool:
 
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
                connect_timeout: float, tls: TlsTarget | None = None,
-               checked: bool = False) -> H2Stream:
+               checked: bool = False, idle_timeout: float = IDLE_TIMEOUT,
+               ping_timeout: float = PING_TIMEOUT) -> H2Stream:
         """A new stream to ``address``, on a pooled connection with room or a new one
         (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
         is full. ``checked``: the head is valid by construction (``check_headers`` would
-        pass it)."""
+        pass it). The connection takes ``idle_timeout`` and ``ping_timeout`` (the
+        service's) for its watchdog."""
         if not checked:
             check_headers(headers)  # an invalid head fails the same on every connection
         key = _key(address, tls)
@@ -68,6 +73,8 @@ class H2Pool:
             up = self._pick(conns)
             if up is None:
                 up = self._connect(address, key, conns, connect_timeout, tls)
+            up.idle_timeout = idle_timeout
+            up.ping_timeout = ping_timeout
             try:
                 return up.open_stream(headers, end_stream, checked=True)
             except StreamNotOpened:

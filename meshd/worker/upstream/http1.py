@@ -2,7 +2,10 @@
 
 ``Pool`` keeps idle keep-alive connections per endpoint,
 LIFO so the warmest is reused, drops ones the upstream closed while idle, and connects
-with a deadline when none is left. Open connections are counted per endpoint row in
+with a deadline when none is left. ``reap`` (the worker's reaper, every ``REAP_EVERY``)
+closes the idle ones past their ``idle_timeout`` and the ones the upstream closed or
+wrote to while idle (one ``poll`` over all of them): none is kept for ever, and none
+stays in CLOSE_WAIT. Open connections are counted per endpoint row in
 shared memory (through ``counter``) so ``max_connections`` holds over all workers: a
 connection counts while a request uses it, not while it idles in a pool (an idle one in
 another worker must not keep this worker from connecting).
@@ -26,7 +29,7 @@ import gevent
 from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
-from meshd.errors import EndpointsBusy, UpstreamError, UpstreamTimeout
+from meshd.errors import EndpointsBusy, NotSent, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
 from meshd.worker.sockio import recv, recv_after_wait, sendall, shutdown
 
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 MAX_IDLE_PER_ENDPOINT = 128
 READ_SIZE = 262144
 RECHECK_AFTER = 1.0
+REAP_EVERY = 0.5     # the worker's reaper looks at idle upstream connections this often
+REAP_BATCH = 4096    # idle connections one reap looks at, at most (the rest next time)
 _original_poll = get_original("select", "poll")
 
 
@@ -55,7 +60,7 @@ def pool_key(ep: Endpoint, tls: TlsTarget | None) -> PoolKey:
 
 class UpstreamConn:
     __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use",
-                 "tls", "alpn", "request_sent")
+                 "tls", "alpn", "request_sent", "max_idle")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
                  counter: Counter = _no_count, tls: TlsTarget | None = None,
@@ -74,6 +79,7 @@ class UpstreamConn:
         # piece of a body); ``Pool.release`` closes a connection without it: a request
         # that ended short would make the upstream read the next request as its body.
         self.request_sent = False
+        self.max_idle = 0.0  # the idle_timeout of its last request (0: the pool's)
         self.use()
 
     def use(self) -> None:
@@ -88,6 +94,23 @@ class UpstreamConn:
 
     def sendall(self, data: bytes) -> None:
         sendall(self.sock, data)
+
+    def send_first(self, data: bytes) -> int:
+        """One send of the first bytes of a request: how many the kernel took (at least
+        one; the caller sends the rest), or ``NotSent`` when it took none (the connection
+        was reset or closed: nothing of the request went, so it may be sent again
+        whatever its method)."""
+        try:
+            return int(self.sock.send(data))
+        except OSError as e:
+            raise NotSent(f"write failed before sending to {self.endpoint}: "
+                          f"{e.strerror or e}") from None
+
+    def send_request(self, data: bytes) -> None:
+        """All of a bodiless request (``send_first``, then the rest)."""
+        sent = self.send_first(data)
+        if sent < len(data):
+            sendall(self.sock, data[sent:])
 
     def read_body(self, idle_timeout: float, required: bool = True) -> bytes:
         """Response body bytes: what is buffered, else one read within ``idle_timeout``.
@@ -190,7 +213,7 @@ class Pool:
         again on a new connection: it had no body and got no answer, so that is safe."""
         try:
             try:
-                conn.sendall(head)
+                conn.send_request(head)
             except OSError as e:
                 raise UpstreamError(f"sending to {conn.endpoint}: {e.strerror or e}") from None
             conn.request_sent = True
@@ -203,7 +226,7 @@ class Pool:
             if conn.alpn == "h2":  # the endpoint switched to HTTP/2 (remembered for the retry)
                 conn.close()
                 raise UpstreamError(f"{conn.endpoint} now selects ALPN h2 over TLS") from None
-            conn.sendall(head)
+            conn.send_request(head)
             conn.request_sent = True
             return conn, read(conn)
 
@@ -224,6 +247,43 @@ class Pool:
         conn.idle_since = time.monotonic()
         conn.unuse()
         stack.append(conn)
+
+    def idle_count(self) -> int:
+        return sum(len(stack) for stack in self._idle.values())
+
+    def reap(self, now: float) -> int:
+        """Close the idle connections past their idle timeout, and those the upstream
+        closed (EOF: CLOSE_WAIT otherwise) or sent bytes nobody asked for while idle;
+        forget endpoints left without any. At most REAP_BATCH connections are looked at
+        per call (the rest at the next); how many were closed."""
+        closed = 0
+        looked = 0
+        kept: list[UpstreamConn] = []
+        for key, stack in list(self._idle.items()):
+            if looked >= REAP_BATCH:
+                break
+            looked += len(stack)
+            keep = []
+            for conn in stack:
+                if now - conn.idle_since >= (conn.max_idle or self.idle_timeout):
+                    conn.close()
+                    closed += 1
+                else:
+                    keep.append(conn)
+            stack[:] = keep
+            kept.extend(keep)
+            if not stack:
+                del self._idle[key]
+        gone = _closed_while_idle(kept)
+        for conn in gone:
+            key = pool_key(conn.endpoint, conn.tls)
+            left = self._idle.get(key)
+            if left is not None and conn in left:
+                left.remove(conn)
+                if not left:
+                    del self._idle[key]
+            conn.close()
+        return closed + len(gone)
 
     def close_all(self) -> None:
         for stack in self._idle.values():
@@ -264,6 +324,30 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
     head = bytes(buf[: end + 4])
     del buf[: end + 4]
     return http1.parse_response_head(head, max_headers=max_headers)
+
+
+def _closed_while_idle(conns: list[UpstreamConn]) -> list[UpstreamConn]:
+    """Those of ``conns`` that are not usable any more, found with one ``poll`` (readable
+    means EOF or unasked bytes; a TLS one is asked again, as ``_still_open`` does)."""
+    if not conns:
+        return []
+    poller = _original_poll()
+    by_fd = {}
+    for conn in conns:
+        try:
+            fd = conn.sock.fileno()
+        except OSError:
+            continue
+        if fd < 0:
+            continue
+        by_fd[fd] = conn
+        poller.register(fd, select.POLLIN)
+    gone = []
+    for fd, _ in poller.poll(0):
+        found = by_fd.get(fd)
+        if found is not None and (found.tls is None or not _still_open(found)):
+            gone.append(found)
+    return gone
 
 
 def _still_open(conn: UpstreamConn) -> bool:
