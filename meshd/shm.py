@@ -252,8 +252,11 @@ F_TLS_OUT = F_TLS_IN + len(TLS_RESULTS)        # len(TLS_RESULTS) fields
 # Authorization denials (meshd.authz) on the listener's own row, by protocol and mode.
 AUTHZ_DENIED = ("http_enforce", "http_audit", "tcp_enforce", "tcp_audit")
 F_AUTHZ_DENIED = F_TLS_OUT + len(TLS_RESULTS)  # len(AUTHZ_DENIED) fields
-FIELDS = 104                                   # 9 spare for later counters
-assert F_AUTHZ_DENIED + len(AUTHZ_DENIED) <= FIELDS
+# Spans of [tracing] on ROW_UNKNOWN (worker-wide, not per listener), by what became of them.
+TRACE_COUNTS = ("exported", "dropped_queue_full", "dropped_export_failed")
+F_TRACE = F_AUTHZ_DENIED + len(AUTHZ_DENIED)    # len(TRACE_COUNTS) fields
+FIELDS = 104                                   # 6 spare for later counters
+assert F_TRACE + len(TRACE_COUNTS) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 

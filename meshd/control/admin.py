@@ -235,7 +235,8 @@ class AdminApp:
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ())]
-        text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
+        text = render_prometheus(c.region, keys, build_info.labels(),
+                                 tracing=c.config.tracing is not None) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:

@@ -48,6 +48,7 @@ from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
+from meshd.worker.tracing import Tracer
 from meshd.worker.upstream.http1 import Pool
 from meshd.worker.upstream.tls import UpstreamTls
 
@@ -104,6 +105,8 @@ class Worker:
         self._snapshot_log = Throttle(log, burst=3)
         alog = ctx.config.access_log
         self.access_log = AccessLog(alog) if alog is not None else None
+        traces = ctx.config.tracing
+        self.tracer = Tracer(traces, self.stripe) if traces is not None else None
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -125,6 +128,8 @@ class Worker:
         self._wait_identity(started)
         if self.access_log is not None:
             self.access_log.open()
+        if self.tracer is not None:
+            self.tracer.start()
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -362,6 +367,8 @@ class Worker:
             self._h2pool.close_all()
         if self.access_log is not None:
             self.access_log.flush()  # the lines of the last FLUSH_INTERVAL
+        if self.tracer is not None:
+            self.tracer.flush(timeout=1.0)  # the last spans, if the collector is quick
         return 0
 
 
