@@ -219,6 +219,26 @@ def test_a_trace_starts_when_there_is_none_and_the_access_log_has_its_id(single,
     assert wait_for(logged, timeout=20), log.read_text() if log.exists() else ""
 
 
+def test_b3_only_propagation_and_the_access_log(factory, receiver, app, tmp_path):
+    """propagation = ["b3"]: a trace meshd starts goes out as b3 alone (an incoming
+    traceparent passes untouched), and the access log names meshd's trace."""
+    log = tmp_path / "access.log"
+    text, ports = factory.config(
+        {"web": [app]}, workers=1,
+        extra=(f'[tracing]\notlp_endpoint = "{receiver.endpoint}"\nsample_rate = 0\n'
+               f'propagation = ["b3"]\n[access_log]\npath = "{log}"\nformat = "json"\n'))
+    m = factory.start(text, ports)
+    seen = _get(m, {})
+    assert "traceparent" not in seen
+    trace, span, flag = seen["b3"].split("-")
+    assert len(trace) == 32 and len(span) == 16 and flag == "0"
+    assert wait_for(lambda: log.exists() and log.read_text().strip(), timeout=20)
+    assert json.loads(log.read_text().splitlines()[0])["trace_id"] == trace
+    kept = _get(m, {"traceparent": TRACEPARENT})
+    assert kept["traceparent"] == TRACEPARENT and kept["b3"].split("-")[0] != TRACE
+    m.stop()
+
+
 def test_an_incoming_unsampled_flag_is_honoured(single, receiver):
     m, _ = single
     quiet = "33333333333333333333333333333333"
