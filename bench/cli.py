@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="two-hop: workers of each meshd")
     parser.add_argument("--access-log", choices=("text", "json"),
                         help="http1 scenario: meshd with [access_log] to a file, this format")
+    parser.add_argument("--tracing", nargs="?", const="receiver", choices=("receiver", "dead"),
+                        help="http1 scenario: each meshd target also runs as TARGET+tracing, "
+                             "[tracing] sample_rate 0.01 exporting to a local OTLP receiver "
+                             "(or to a dead endpoint: \"dead\"); the per-round req/s ratio "
+                             "to the plain target is printed")
     parser.add_argument("--serve-slow", metavar="PORT:MS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_slow:
