@@ -403,6 +403,37 @@ def test_any_trace_fields_give_a_valid_head(fields):
     assert len([v for k, v in out if k == b"traceparent"]) <= 1
 
 
+@pytest.mark.parametrize("fields, expected", [
+    # a later version may append fields; meshd writes version 00 back
+    ([(b"traceparent", f"01-{TRACE}-{CLIENT_SPAN}-01-more".encode())], (TRACE, CLIENT_SPAN, True)),
+    ([(b"traceparent", f"00-{TRACE}-{CLIENT_SPAN}-00".encode())], (TRACE, CLIENT_SPAN, False)),
+    ([(b"traceparent", f"00-{TRACE}-{'0' * 16}-01".encode())], None),
+    # B3: a 64-bit trace id padded to 128; no sampling state leaves the decision to meshd
+    ([(b"b3", b"a3ce929d0e0e4736-00f067aa0ba902b7")], ("0" * 16 + "a3ce929d0e0e4736", CLIENT_SPAN, None)),
+    ([(b"b3", f"{TRACE}-{CLIENT_SPAN}-d".encode())], (TRACE, CLIENT_SPAN, True)),
+    ([(b"X-B3-TraceId", TRACE.encode()), (b"X-B3-SpanId", CLIENT_SPAN.encode()),
+      (b"X-B3-Flags", b"1"), (b"X-B3-Sampled", b"0")], (TRACE, CLIENT_SPAN, True)),
+    ([(b"X-B3-TraceId", TRACE.encode()), (b"X-B3-SpanId", CLIENT_SPAN.encode()),
+      (b"X-B3-Sampled", b"maybe")], None),
+    ([(b"b3", b"0")], ("0" * 32, "", False)),  # a decision alone: a new trace, unsampled
+])
+def test_extract_cases(fields, expected):
+    ctx, relevant = trace_context.extract(fields, ("w3c", "b3"))
+    assert relevant
+    assert (None if ctx is None else (ctx.trace_id, ctx.span_id, ctx.sampled)) == expected
+
+
+def test_a_context_in_both_formats_is_written_back_in_both():
+    fields = [(b"traceparent", TRACEPARENT.encode()),
+              (b"b3", f"{TRACE}-{CLIENT_SPAN}-1".encode()), (b"x-other", b"1")]
+    ctx, relevant = trace_context.extract(fields, ("w3c", "b3"))
+    assert ctx is not None and ctx.came_as == ("w3c", "b3")
+    out = trace_context.inject(fields, ("w3c", "b3"), ctx.trace_id, "1" * 16, ctx.span_id,
+                               True, ctx.came_as, None, strip=relevant)
+    assert out == [(b"x-other", b"1"), (b"traceparent", f"00-{TRACE}-{'1' * 16}-01".encode()),
+                   (b"b3", f"{TRACE}-{'1' * 16}-1-{CLIENT_SPAN}".encode())]
+
+
 # -- config --------------------------------------------------------------------------------
 
 BASE = {"listener": [{"name": "o", "listen": "127.0.0.1:1", "direction": "outbound"}]}
