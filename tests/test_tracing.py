@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -377,6 +378,12 @@ def test_collector_down_traffic_fine_drops_counted_queue_bounded(factory, app):
     assert "tracing: export to" in m.log()
     status, _, _ = http_get("127.0.0.1", ports["outbound"], "/after", {"Host": "web"})
     assert status == 200
+    # a HUP with a bad [tracing] is refused like any bad config; traffic goes on
+    m.config_path.write_text(text.replace("sample_rate = 1", "sample_rate = 7"))
+    m.signal(signal.SIGHUP)
+    assert m.wait_metric("meshd_config_reloads_total", 'result="failure"', 1)
+    assert "tracing.sample_rate" in m.log()
+    assert http_get("127.0.0.1", ports["outbound"], "/after", {"Host": "web"})[0] == 200
     m.stop()
 
 
