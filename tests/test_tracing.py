@@ -305,6 +305,17 @@ def test_http2_client_context_propagated(single, receiver):
     (span,) = receiver.wait_spans(1, match=_of_trace(trace))
     assert span["parent_span_id"] == CLIENT_SPAN
     assert seen["traceparent"] == f"00-{trace}-{span['span_id']}-01"
+    # over HTTP/2 too, a repeated traceparent holds no context: a new trace
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-H", "Host: web",
+         "-H", f"traceparent: 00-{trace}-{CLIENT_SPAN}-01",
+         "-H", f"traceparent: 00-{'9' * 32}-{CLIENT_SPAN}-01",
+         f"http://127.0.0.1:{m.ports['outbound']}/headers"],
+        capture_output=True, timeout=30, check=True)
+    match = W3C.fullmatch(json.loads(out.stdout)["traceparent"])
+    assert match and match.group(1) not in (trace, "9" * 32)
+    (span,) = receiver.wait_spans(1, match=_of_trace(match.group(1)))
+    assert span["parent_span_id"] == ""
 
 
 class _Recorder:
