@@ -95,7 +95,9 @@ def single(factory, receiver, app, tmp_path_factory) -> tuple[Meshd, Path]:
     log = tmp_path_factory.mktemp("alog") / "access.log"
     text, ports = factory.config(
         {"web": [app]}, workers=1,
-        extra=_tracing(receiver.endpoint, 1) + f'\n[access_log]\npath = "{log}"\nformat = "json"\n')
+        extra=_tracing(receiver.endpoint, 1) + f'\n[access_log]\npath = "{log}"\nformat = "json"\n'
+        + '[[route]]\nname = "api"\nhost = "web"\npath_prefix = "/api/"\n'
+          'backends = [{ service = "web" }]\n')
     return factory.start(text, ports), log
 
 
@@ -238,6 +240,19 @@ def test_b3_only_propagation_and_the_access_log(factory, receiver, app, tmp_path
     kept = _get(m, {"traceparent": TRACEPARENT})
     assert kept["traceparent"] == TRACEPARENT and kept["b3"].split("-")[0] != TRACE
     m.stop()
+
+
+def test_a_routed_request_names_its_route(single, receiver):
+    m, _ = single
+    trace = "abababababababababababababababab"
+    status, _, _ = http_get("127.0.0.1", m.ports["outbound"], "/api/things?secret=1",
+                            {"Host": "web", "traceparent": f"00-{trace}-{CLIENT_SPAN}-01"})
+    assert status == 200
+    (span,) = receiver.wait_spans(1, match=_of_trace(trace))
+    assert span["name"] == "GET api"
+    assert span["attributes"]["http.route"] == "api"
+    assert span["attributes"]["url.path"] == "/api/things"  # the query is not exported
+    assert span["attributes"]["server.address"] == "web"
 
 
 def test_an_incoming_unsampled_flag_is_honoured(single, receiver):
