@@ -136,6 +136,12 @@ class Tracer:
     # -- the exporter -----------------------------------------------------------------
 
     def start(self) -> None:
+        """At worker boot: the encoder (its import now, not in the first batch's turn)
+        and the exporter greenlet."""
+        try:
+            self._encoder = Encoder(self.config)
+        except ImportError as e:  # spans are dropped (counted); propagation goes on
+            log.error("tracing: cannot encode spans without opentelemetry-proto: %s", e)
         gevent.spawn(self._exporter)
 
     def _exporter(self) -> None:
