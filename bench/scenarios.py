@@ -84,6 +84,10 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
             stack.callback(tapped.stop)
             stack.callback(attach_tap(tapped, int(name[6])))
             ports[twin] = (port, tapped.pid)
+    traced = _tracing_targets(targets, backend_port, workdir, args, stack, ports)
+    if traced:  # each traced target right after its plain one: measured back to back
+        ports = {n: ports[n] for name in ports if "+" not in name
+                 for n in (name, f"{name}+tracing") if n in ports}
     rounds = wrk_rounds("", ports, args)
     results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
@@ -105,10 +109,12 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
         print(f"\n{lines}")
         aim = {"ratio": AIM, "met": met}
     tap = tap_summary(rounds) if args.tap else {}
+    tracing = tracing_summary(rounds, traced, args)
     _warnings(rounds, wrk_problems)
     _save("http1.json", command, args,
           results={name: asdict(r) for name, r in results.items()},
-          all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim, tap=tap)
+          all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim, tap=tap,
+          tracing=tracing or None)
 
 
 def attach_tap(meshd: Meshd, workers: int) -> Callable[[], None]:
@@ -146,6 +152,55 @@ def tap_summary(rounds: dict[str, list[Round]]) -> dict[str, dict[str, object]]:
         out[name] = {"rps_ratios": ratios, "rps_ratio_median": statistics.median(ratios),
                      "cpu_ratio_median": statistics.median(cpu) if cpu else None}
     return out
+
+
+def tracing_summary(rounds: dict[str, list[Round]], traced: list[str],
+                    args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """Each traced twin against its meshd target, round by round (measured back to back)."""
+    tracing: dict[str, dict[str, object]] = {}
+    for name in traced:  # each pair measured back to back, like nginx and meshd-2w
+        ratios = rps_ratios(rounds, f"{name}+tracing", name)
+        cpu = [x.cpu_us_per_req / y.cpu_us_per_req
+               for x, y in zip(rounds[f"{name}+tracing"], rounds[name], strict=True)
+               if x.cpu_us_per_req and y.cpu_us_per_req]
+        tracing[name] = {"rps_ratios": ratios, "median": statistics.median(ratios),
+                         "cpu_ratios": cpu, "cpu_median": statistics.median(cpu) if cpu else None}
+        print(f"per-round req/s ratio {name}+tracing/{name} (sample_rate {TRACE_RATE}, "
+              f"{args.tracing} endpoint): {', '.join(f'{x:.3f}' for x in ratios)}; "
+              f"median {statistics.median(ratios):.3f}")
+        if cpu:
+            print(f"per-round CPU/req ratio {name}+tracing/{name}: "
+                  f"{', '.join(f'{x:.3f}' for x in cpu)}; median {statistics.median(cpu):.3f}")
+    return tracing
+
+
+TRACE_RATE = 0.01
+
+
+def _tracing_targets(targets: list[str], backend_port: int, workdir: Path,
+                     args: argparse.Namespace, stack: contextlib.ExitStack,
+                     ports: Ports) -> list[str]:
+    """With --tracing: each meshd target again as TARGET+tracing ([tracing] at
+    TRACE_RATE to a local OTLP receiver in this process, or to a port nothing listens
+    on); returns the meshd targets so paired."""
+    if not args.tracing:
+        return []
+    if args.tracing == "dead":
+        endpoint = f"http://127.0.0.1:{free_port()}/v1/traces"
+    else:
+        from meshd.testing.otlp_receiver import OtlpReceiver
+        receiver = OtlpReceiver().start()
+        stack.callback(receiver.stop)
+        endpoint = receiver.endpoint
+    paired = [name for name in targets if name.startswith("meshd-")]
+    for name in paired:
+        port = free_port()
+        conf = f'[tracing]\notlp_endpoint = "{endpoint}"\nsample_rate = {TRACE_RATE}\n'
+        proc = start_meshd(workdir, int(name[6]), port, backend_port,
+                           name=f"{name[6:]}-tracing", extra=conf)
+        stack.callback(proc.stop)
+        ports[f"{name}+tracing"] = (port, proc.pid)
+    return paired
 
 
 def balancing_summary(rounds: dict[str, list[Round]]) -> dict[str, float | None]:

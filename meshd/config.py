@@ -53,6 +53,7 @@ from meshd.config_table import (
     string_list,
 )
 from meshd.config_table import parse_duration as parse_duration  # plugins use meshd.config's
+from meshd.config_tracing import TracingConfig, tracing
 from meshd.cpus import usable_cpus
 from meshd.errors import ConfigError
 from meshd.private_files import default_shm_dir
@@ -259,6 +260,7 @@ class Config:
     authorization: tuple[AuthorizationConfig, ...] = ()
     access_log: AccessLogConfig | None = None     # [access_log]; None: no access log
     config_sources: tuple[ConfigSourceConfig, ...] = ()  # [[config_source]], in file order
+    tracing: TracingConfig | None = None          # [tracing]; None: no tracing
 
     def route_services(self) -> list[str]:
         """Services that routes and failover lists name (watched from the start)."""
@@ -342,6 +344,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     fleet = tuple(config_source(t) for t in array(top, "config_source", required=False))
     ident = identity(top.raw("identity", None), problems)
     alog = access_log(top.raw("access_log", None), problems)
+    traces = tracing(top.raw("tracing", None), instance, problems)
     read = [_listener(t) for t in array(top, "listener", required=True)]
     listeners = resolve_listeners(tuple(lst for lst, _ in read), [m for _, m in read], ident,
                                   problems)
@@ -385,7 +388,7 @@ def parse(data: Mapping[str, Any], path: str = "",
                   limits=limits, balancer=balancer, routes=routes, shutdown_delay=shutdown_delay,
                   log_level=log_level, discovery_negative_ttl=discovery_negative_ttl,
                   identity=ident, authorization=policies, access_log=alog,
-                  config_sources=fleet)
+                  config_sources=fleet, tracing=traces)
 
 
 # -- sections -------------------------------------------------------------------------------

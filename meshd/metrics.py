@@ -8,7 +8,7 @@ Names follow Linkerd's so dashboards carry over.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import meshd
@@ -33,6 +33,7 @@ from meshd.shm import (
     F_TCP_OPEN_TOTAL,
     F_TLS_IN,
     F_TLS_OUT,
+    F_TRACE,
     F_WRITE_BYTES,
     KIND_WORKER,
     LATENCY_BUCKETS_MS,
@@ -46,6 +47,7 @@ from meshd.shm import (
     STATUS_CLASSES,
     STATUS_CODES,
     TLS_RESULTS,
+    TRACE_COUNTS,
     Region,
 )
 
@@ -107,11 +109,26 @@ def _per_listener(totals: Mapping[int, Sequence[int]], keys: Mapping[int, RowKey
     return list(summed.items())
 
 
+def _trace_families(trace: Sequence[int], family: Callable[[str, str, str], None],
+                    out: list[str]) -> None:
+    """[tracing]'s span counters (worker-wide, on ROW_UNKNOWN)."""
+    family("meshd_trace_spans_exported_total", "counter",
+           "Spans of [tracing] the OTLP collector accepted.")
+    out.append(f"meshd_trace_spans_exported_total {trace[F_TRACE]}")
+    family("meshd_trace_spans_dropped_total", "counter",
+           "Sampled spans not exported: queue_full (the worker's span queue was full: the "
+           "exporter behind or backing off), export_failed (the collector refused or did "
+           "not answer their batch).")
+    for i, reason in ((1, "queue_full"), (2, "export_failed")):
+        out.append(f'meshd_trace_spans_dropped_total{{reason="{reason}"}} {trace[F_TRACE + i]}')
+
+
 def render_prometheus(region: Region, keys: Mapping[int, RowKey],
-                      build: Sequence[tuple[str, str]] = ()) -> str:
+                      build: Sequence[tuple[str, str]] = (), tracing: bool = False) -> str:
     """The /metrics text. ``build``: the labels of ``meshd_build_info`` beside meshd's
     version (``meshd.control.build_info``: reading them imports ssl and
-    importlib.metadata, which this sans-IO module must not)."""
+    importlib.metadata, which this sans-IO module must not). ``tracing``: [tracing] is
+    on (its counters are shown, zeros too)."""
     totals = {row: region.row_totals(row) for row in sorted(keys)}
     out: list[str] = []
 
@@ -188,6 +205,8 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
             protocol, mode = kind.split("_")
             out.append(f'meshd_authz_denied_total{{listener="{_escape(listener)}",'
                        f'mode="{mode}",protocol="{protocol}"}} {n}')
+    if tracing:
+        _trace_families(totals.get(ROW_UNKNOWN, [0] * (F_TRACE + len(TRACE_COUNTS))), family, out)
     family("meshd_build_info", "gauge",
            "Always 1; its labels name the versions this meshd runs with.")
     labels = (("version", meshd.__version__), *build)

@@ -164,9 +164,9 @@ from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
-VERSION = 5  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
+VERSION = 6  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
              # 4: the worker slot's snapshot_seq; 5: TLS handshake and authorization
-             # denial counters, FIELDS 104
+             # denial counters, FIELDS 104; 6: [tracing]'s span counters
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
@@ -252,8 +252,11 @@ F_TLS_OUT = F_TLS_IN + len(TLS_RESULTS)        # len(TLS_RESULTS) fields
 # Authorization denials (meshd.authz) on the listener's own row, by protocol and mode.
 AUTHZ_DENIED = ("http_enforce", "http_audit", "tcp_enforce", "tcp_audit")
 F_AUTHZ_DENIED = F_TLS_OUT + len(TLS_RESULTS)  # len(AUTHZ_DENIED) fields
-FIELDS = 104                                   # 9 spare for later counters
-assert F_AUTHZ_DENIED + len(AUTHZ_DENIED) <= FIELDS
+# Spans of [tracing] on ROW_UNKNOWN (worker-wide, not per listener), by what became of them.
+TRACE_COUNTS = ("exported", "dropped_queue_full", "dropped_export_failed")
+F_TRACE = F_AUTHZ_DENIED + len(AUTHZ_DENIED)    # len(TRACE_COUNTS) fields
+FIELDS = 104                                   # 6 spare for later counters
+assert F_TRACE + len(TRACE_COUNTS) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
@@ -297,7 +300,7 @@ LAYOUT: tuple[object, ...] = (
     ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
         (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
     ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS, TLS_RESULTS,
-     AUTHZ_DENIED,
+     AUTHZ_DENIED, TRACE_COUNTS,
      tuple(sorted((k, v) for k, v in globals().items()
                   if k.startswith("F_") and isinstance(v, int)))),
     ("endpoint", EP_FIELDS, (EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES,

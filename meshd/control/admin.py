@@ -268,7 +268,8 @@ class AdminApp:
                  *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ()),
                  *(c.tap.prometheus() if c.tap else ())]
-        text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
+        text = render_prometheus(c.region, keys, build_info.labels(),
+                                 tracing=c.config.tracing is not None) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:

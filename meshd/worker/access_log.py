@@ -62,18 +62,28 @@ def _cut(value: bytes | None, limit: int) -> str:
     return text + "..." if len(value) > limit else text
 
 
+def _hex_id(tid: bytes) -> str:
+    tid = tid.lower()
+    if all(c in b"0123456789abcdef" for c in tid) and tid.strip(b"0"):
+        return tid.decode()
+    return ""
+
+
 def trace_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
-    """The trace-id of a W3C ``traceparent`` (version-traceid-parentid-flags), "" when
-    there is none or it is malformed."""
+    """The trace-id of a W3C ``traceparent`` (version-traceid-parentid-flags), else of
+    B3 (``b3``, ``X-B3-TraceId``: [tracing] with propagation = ["b3"] writes only
+    those), "" when there is none or it is malformed."""
+    b3 = b""
     for k, v in headers:
         if len(k) == 11 and k.lower() == b"traceparent":
             parts = v.strip().split(b"-")
             if len(parts) >= 4 and len(parts[1]) == 32:
-                tid = parts[1].lower()
-                if all(c in b"0123456789abcdef" for c in tid) and tid != b"0" * 32:
-                    return tid.decode()
+                return _hex_id(parts[1])
             return ""
-    return ""
+        if not b3 and (len(k) == 2 and k.lower() == b"b3"
+                       or len(k) == 12 and k.lower() == b"x-b3-traceid"):
+            b3 = v.strip().split(b"-", 1)[0]
+    return _hex_id(b3) if len(b3) in (16, 32) else ""
 
 
 def grpc_status(ex: UpstreamExchange | None) -> str:

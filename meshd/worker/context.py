@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
     from meshd.worker.tap import TapSender
+    from meshd.worker.tracing import Tracer
     from meshd.worker.upstream.h2_pool import H2Pool
     from meshd.worker.upstream.http1 import Pool
     from meshd.worker.upstream.tls import UpstreamTls
@@ -53,6 +54,7 @@ class Context(Protocol):
     identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
     access_log: AccessLog | None     # with [access_log]: the writer's queue (None: no cost)
     tap: TapSender | None            # while someone taps (meshd.worker.tap); None: no cost
+    tracer: Tracer | None            # with [tracing]: contexts, spans, the exporter
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

@@ -50,6 +50,7 @@ from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
 from meshd.worker.tap import TapSender
+from meshd.worker.tracing import Tracer
 from meshd.worker.upstream.http1 import REAP_EVERY, Pool
 from meshd.worker.upstream.tls import UpstreamTls
 
@@ -110,6 +111,8 @@ class Worker:
         self.tap: TapSender | None = None
         self._tap = TapSender(*tap_paths(ctx.config.shm_dir, ctx.config.instance,
                                          ctx.master_pid, ctx.generation))
+        traces = ctx.config.tracing
+        self.tracer = Tracer(traces, self.stripe) if traces is not None else None
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -131,6 +134,8 @@ class Worker:
         self._wait_identity(started)
         if self.access_log is not None:
             self.access_log.open()
+        if self.tracer is not None:
+            self.tracer.start()
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -381,6 +386,8 @@ class Worker:
             self._h2pool.close_all()
         if self.access_log is not None:
             self.access_log.flush()  # the lines of the last FLUSH_INTERVAL
+        if self.tracer is not None:
+            self.tracer.flush(timeout=1.0)  # the last spans, if the collector is quick
         return 0
 
 

@@ -92,6 +92,9 @@ class H2ToHttp1:
         mode = server.listener.forwarded
         if mode != "keep":
             self.stream.headers = forwarded.apply(self.stream.headers, mode, server.client_address(), h2=True)
+        traced = None
+        if worker.tracer is not None:  # the upstream's head carries meshd's span as parent
+            self.stream.headers, traced = worker.tracer.begin(self.stream.headers)
         pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
@@ -147,6 +150,11 @@ class H2ToHttp1:
             if tap is not None:
                 tap.request(server.listener, service, server.peer, method, authority, target,
                             status, call, started, answered)
+            if traced is not None:
+                assert worker.tracer is not None
+                worker.tracer.finish(traced, server.listener, service, policy.route, method,
+                                     authority, target, status, call, server.peer,
+                                     self._ex if self.grpc else None)
 
     # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 

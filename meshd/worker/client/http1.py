@@ -187,6 +187,9 @@ class HttpConnection:
         mode = self.listener.forwarded
         if mode != "keep":
             req.headers = forwarded.apply(req.headers, mode, self._peer_address())
+        traced = None
+        if worker.tracer is not None:  # the upstream's head carries meshd's span as parent
+            req.headers, traced = worker.tracer.begin(req.headers)
         # CONNECT names its destination in the target (authority-form, RFC 9110 §9.3.6)
         authority = req.target if req.method == b"CONNECT" else req.host
         service, endpoints, row, policy = route(worker, self.listener, req.method, authority,
@@ -236,6 +239,10 @@ class HttpConnection:
             if tap is not None:
                 tap.request(self.listener, service, self.peer, req.method, authority,
                             req.target, status, call, started)
+            if traced is not None:
+                assert worker.tracer is not None
+                worker.tracer.finish(traced, self.listener, service, policy.route, req.method,
+                                     authority, req.target, status, call, self.peer)
 
     def _log_rejected(self, head: bytes, status: int, started: float) -> None:
         assert self.worker.access_log is not None
