@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from meshd import rowkeys
+from meshd import ratelog, rowkeys
 from meshd.config import Config, ListenerConfig
 from meshd.discovery.api import Endpoint
 from meshd.identity import paths as identity_paths
@@ -258,6 +258,7 @@ class Worker:
                 log.error("master %d is gone; exiting", self.ctx.master_pid)
                 os._exit(1)
             self.region.heartbeat(self.slot)
+            ratelog.flush_all()   # the suppressed counts of bursts that are over
             now = time.monotonic()
             rows = min(self.region.rows, self.region.rows_used)  # rows 0 and 1 included
             self.retries.sample_all(rows, self.balancer.live_slots(now), now)
