@@ -28,6 +28,7 @@ import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.control import build_info
+from meshd.control import decisions as debug_decisions
 from meshd.control.config_view import effective
 from meshd.metrics import render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
@@ -165,11 +166,21 @@ class AdminApp:
             "/identity": self.identity,
             "/config": self.config,
         }
+        # Routes that read the query string (client input: each one bounds and checks it).
+        self.query_routes: dict[str, Callable[[str], tuple[str, str, bytes]]] = {
+            "/debug/decisions": lambda qs: debug_decisions.handle(control, qs),
+        }
+        self.dropped_lines = debug_decisions.DroppedLines()
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
+            self.query_routes = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         route = self.routes.get(environ.get("PATH_INFO", ""))
+        with_query = self.query_routes.get(environ.get("PATH_INFO", ""))
+        if with_query is not None:
+            qs = environ.get("QUERY_STRING", "")
+            route = lambda: with_query(qs)  # noqa: E731
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
         elif environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
@@ -235,6 +246,7 @@ class AdminApp:
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ())]
+        lines += self.dropped_lines.prometheus(c)
         text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from meshd.worker.access_log import AccessLog
     from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
+    from meshd.worker.decisions import DecisionRing
     from meshd.worker.identity import WorkerIdentity
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
@@ -51,6 +52,7 @@ class Context(Protocol):
     tls: UpstreamTls                 # TLS targets of services with [service.X.tls]
     identity: WorkerIdentity | None  # with [identity]: mTLS contexts (refresh() on new connections)
     access_log: AccessLog | None     # with [access_log]: the writer's queue (None: no cost)
+    decisions: DecisionRing | None   # the last balancer decisions (None: could not be created)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

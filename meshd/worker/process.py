@@ -44,6 +44,7 @@ from meshd.snapshot import read as read_snapshot
 from meshd.worker.access_log import AccessLog
 from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
+from meshd.worker.decisions import DecisionRing
 from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
@@ -104,6 +105,7 @@ class Worker:
         self._snapshot_log = Throttle(log, burst=3)
         alog = ctx.config.access_log
         self.access_log = AccessLog(alog) if alog is not None else None
+        self.decisions: DecisionRing | None = None   # created at boot, in the slot's file
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -125,6 +127,11 @@ class Worker:
         self._wait_identity(started)
         if self.access_log is not None:
             self.access_log.open()
+        self.decisions = DecisionRing.open(self.config.shm_dir, self.config.instance,
+                                           self.ctx.master_pid, self.slot, os.getpid(),
+                                           self.ctx.generation)
+        if self.access_log is not None and self.decisions is not None:
+            self.access_log.publish = self.decisions.set_dropped
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
