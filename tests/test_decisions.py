@@ -308,14 +308,25 @@ def test_a_worker_killed_and_restarted(setup):
 
     def recorded_by_new() -> bool:
         _get(port, "/", "web", 10)
-        return any(w["pid"] == new for w in _decisions(m, "")["workers"])
-    wait_for(recorded_by_new, timeout=20, what="the new worker's ring")
+        return any(d["worker"]["pid"] == new
+                   for d in _decisions(m, "service=web&limit=100")["decisions"])
+    wait_for(recorded_by_new, timeout=20, what="the new worker's decisions")
     data = _decisions(m, f"limit={MAX_LIMIT}")
     assert victim not in {w["pid"] for w in data["workers"]}   # unlinked when reaped
     for d in data["decisions"]:
         assert d["worker"]["pid"] in (other, new) and d["service"] in ("web", "flaky", "five")
         assert d["pick"] and d["balancer"] in fmt.MODES and d["attempt"] >= 1
     assert len(_rings(m)) == 2
+
+
+def test_a_retired_worker_takes_its_ring_along(setup):
+    """TTOU: one worker fewer; its slot is not reused, and its ring goes when the master
+    reaps it."""
+    m, _ = setup
+    m.signal(signal.SIGTTOU)
+    wait_for(lambda: len(m.worker_pids()) == 1 and len(_rings(m)) == 1, timeout=30,
+             what="one worker and one ring left")
+    assert [w["pid"] for w in _decisions(m, "")["workers"]] == m.worker_pids()
 
 
 def test_rings_are_removed_when_meshd_stops(setup):
