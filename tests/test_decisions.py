@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from meshd import decisions as fmt
 from meshd.cli import cli
 from meshd.cli.endpoints import WHY_HEADER
 from meshd.control.decisions import MAX_LIMIT, BadQuery, parse_query
-from meshd.testing.harness import Backend, Meshd, http_get, wait_for
+from meshd.testing.harness import Backend, Meshd, http_get, require_tool, wait_for
 from meshd.worker.decisions import DecisionRing
 
 SEEN = (fmt.MODE_P2C, 2, 0, 2, 0, b"10.0.0.1:80",
@@ -255,11 +256,43 @@ def test_an_ejected_endpoint_shows_as_such(setup):
     # Before: a 503 from bad, retried on another endpoint.
     assert any(d["pick"] == bad.address and d["status"] == 503 and d["retried"]
                for d in found), found
-    newest = found[0]
-    assert newest["ejected"] == 1 and newest["ejected_endpoints"] == [bad.address], newest
-    assert newest["endpoints"] == 3 and newest["pick"] != bad.address
-    assert bad.address not in {c["endpoint"] for c in newest["candidates"]}
+    # After: bad is skipped, P2C draws the two others (the newest might be a probe).
+    after = [d for d in found[:10] if d["balancer"] == "p2c"]
+    assert after, found[:10]
+    for d in after:
+        assert d["ejected"] == 1 and d["ejected_endpoints"] == [bad.address], d
+        assert d["endpoints"] == 3 and d["pick"] != bad.address
+        assert bad.address not in {c["endpoint"] for c in d["candidates"]}
+
+    # About a second later the control process grants a probe: one request goes to bad.
+    probes: list[dict[str, Any]] = []
+
+    def probed() -> bool:
+        _get(port, "/", "flaky", 5)
+        probes[:] = [d for d in _decisions(m, "service=flaky&limit=50")["decisions"]
+                     if d["balancer"] == "probe"]
+        return bool(probes)
+    wait_for(probed, timeout=20, what="a probe decision")
+    probe = probes[0]
+    assert (probe["pick"], probe["pick_state"], probe["candidates"]) == (
+        bad.address, "probing", [])
+    assert (probe["status"], probe["ejected"]) == (503, 0)
     http_get(bad.host, bad.port, "/_fail?code=0")
+
+
+def test_an_http2_request_is_recorded_too(setup):
+    """The attempt loop is the same for both client sides: an HTTP/2 request (curl, prior
+    knowledge) leaves its decision like an HTTP/1.1 one."""
+    m, b = setup
+    out = subprocess.run(
+        [require_tool("curl"), "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
+         "-w", "%{http_version} %{http_code}", "-H", "Host: five",
+         f"http://127.0.0.1:{m.ports['outbound']}/status?code=204"],
+        capture_output=True, text=True, timeout=30)
+    assert out.stdout == "2 204", out
+    d = _decisions(m, "service=five&limit=1")["decisions"][0]
+    assert (d["status"], d["outcome"], d["attempt"], d["balancer"]) == (204, "ok", 1, "p2c")
+    assert d["pick"] in (b["f1"].address, b["f2"].address)
 
 
 def test_query_errors_and_unknown_service(setup):

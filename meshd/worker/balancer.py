@@ -209,7 +209,7 @@ class SharedBalancer:
                 if (health is not None and holds_probe(health, self.slot)
                         and self._probed.get(r) != health.since):
                     self._probed[r] = health.since
-                    self.last = self._seen(st, decisions.MODE_PROBE, i, ejected, ())
+                    self.last = self._probe_seen(st, i)
                     return i, r   # the one probe request this worker was granted
             if ejected is None:
                 ejected = [False] * n
@@ -278,6 +278,14 @@ class SharedBalancer:
                     names[pick], names[ka], ca, fa, wa, sa, names[kb], cb, fb, wb, sb, out1, out2)
         return (mode, min(n, 0xFFFF), min(n_out, 0xFFFF), 0, state(st, pick, ejected),
                 names[pick], *_NO_CANDIDATES, out1, out2)
+
+    def _probe_seen(self, st: _ServiceState, probe: int) -> tuple[object, ...]:
+        """``_seen`` of a probe request: the scan stopped at the probe, so the other
+        endpoints' states are read here (once per probe, not per pick)."""
+        view = self.view
+        ejected = [k != probe and r >= 0 and view.state(r) != _HEALTHY
+                   for k, r in enumerate(st.rows)]
+        return self._seen(st, decisions.MODE_PROBE, probe, ejected, ())
 
     def _state_code(self, st: _ServiceState, k: int, ejected: list[bool] | None) -> int:
         """An endpoint's state as this pick saw it (``decisions.STATES``)."""
