@@ -97,7 +97,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def _timestamp(wall: float) -> str:
+def timestamp(wall: float) -> str:
     ms = int(wall * 1000 + 0.5)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
@@ -117,7 +117,7 @@ def describe(rec: dict[str, Any], slot: int, pid: int) -> dict[str, Any]:
             "weight": weight,
         })
     return {
-        "time": _timestamp(rec["time"]),
+        "time": timestamp(rec["time"]),
         "worker": {"slot": slot, "pid": pid},
         "service": rec["service"],
         "route": rec["route"],

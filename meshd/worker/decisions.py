@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import mmap
+import struct
 import time
 from typing import TYPE_CHECKING
 
 from meshd import decisions as fmt
 from meshd.errors import ProxyError
+from meshd.ratelog import Throttle
 
 if TYPE_CHECKING:
     from meshd.worker.call import Call
     from meshd.worker.context import Context
 
 log = logging.getLogger("meshd.worker")
+_quiet = Throttle(log)
 
 _BODY = fmt.BODY
 _ERROR_CUT = fmt.ERROR_BYTES
@@ -102,7 +105,10 @@ def attempt_ended(worker: Context, call: Call, retried: bool,
             text = type(err).__name__
         error = text.encode("utf-8", "replace")[:_ERROR_CUT]
     route = call.policy.route
-    ring.record(call.service.encode("utf-8", "replace"),
-                route.encode("utf-8", "replace") if route else b"", len(call.tried), retried,
-                status, time.monotonic() - call.sent_at, (kind or "ok").encode(), error,
-                call.no_retry.encode(), seen)
+    try:
+        ring.record(call.service.encode("utf-8", "replace"),
+                    route.encode("utf-8", "replace") if route else b"", len(call.tried),
+                    retried, status, time.monotonic() - call.sent_at, (kind or "ok").encode(),
+                    error, call.no_retry.encode(), seen)
+    except struct.error as err:   # a value out of its field's range: no record, no harm
+        _quiet.warning("decisions.record", "balancer decision not recorded: %s", err)
