@@ -2,7 +2,7 @@
 
 import logging
 
-from meshd.ratelog import MAX_KEYS, Throttle
+from meshd.ratelog import MAX_KEYS, Throttle, flush_all
 
 
 class Clock:
@@ -51,3 +51,21 @@ def test_keys_are_bounded(caplog):
         throttle.info(f"k{i}", "x")
     assert len(throttle._windows) == MAX_KEYS
     assert throttle.info("k0", "again")  # forgotten, so a fresh window
+
+
+def test_a_burst_followed_by_silence_is_reported_by_flush(caplog):
+    """No line after the burst: the heartbeat's flush reports its count once the interval
+    is over, at the level of the suppressed lines, and only once."""
+    throttle, clock = _throttle(caplog, burst=2)
+    for i in range(9):
+        throttle.warning("in: refused", "refused %d", i)
+    assert throttle.flush() == 0          # the interval is not over yet
+    clock.now += 10.0
+    assert flush_all() >= 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["refused 0", "refused 1",
+                        "in: refused: 7 more similar lines suppressed in the last 10s"]
+    assert caplog.records[-1].levelno == logging.WARNING
+    clock.now += 30.0
+    assert throttle.flush() == 0          # reported once
+    assert throttle.warning("in: refused", "refused again")

@@ -23,6 +23,7 @@ SANS_IO = [
     "meshd.proto.detect",
     "meshd.config",
     "meshd.shm",
+    "meshd.decisions",
     "meshd.snapshot",
     "meshd.metrics",
     "meshd.discovery.api",

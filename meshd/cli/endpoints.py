@@ -1,4 +1,5 @@
-"""`meshd endpoints`: each endpoint's balancing state, from the admin API's /endpoints."""
+"""`meshd endpoints`: each endpoint's balancing state, from the admin API's /endpoints;
+with ``--why``, the last balancer decisions (/debug/decisions, ``meshd.cli.why``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import click
 
 from meshd.cli.common import admin_address, admin_get, echo_table
+from meshd.cli.why import WHY_HEADER, why_rows
+
+__all__ = ["HEADER", "WHY_HEADER", "endpoints"]
 
 HEADER = ("SERVICE", "ENDPOINT", "STATE", "INFLIGHT", "EWMA", "SUCCESS(10s)", "RPS(10s)",
           "EJECTED-UNTIL", "FAILURES", "IDENTITY")
@@ -51,11 +55,25 @@ def _row(service: str, e: Mapping[str, Any]) -> tuple[str, ...]:
               help="Ask the admin API of the meshd running FILE (its [admin] listen).")
 @click.option("--service", metavar="NAME", default=None, help="Only this service's endpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the /endpoints JSON instead.")
+@click.option("--why", metavar="[SERVICE]", is_flag=False, flag_value="", default=None,
+              help="The last balancer decisions instead (of SERVICE, or --service, or all).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="With --why: how many decisions.")
 def endpoints(admin: str | None, config_path: str | None, service: str | None,
-              as_json: bool) -> None:
+              as_json: bool, why: str | None, limit: int) -> None:
     """Each endpoint's balancing state: in-flight requests, latency EWMA, success rate and
     requests/s over about the last 10 s, when an ejection ends (UTC), failures in total,
-    and the identity (SPIFFE ID) discovery expects a meshed endpoint to present."""
+    and the identity (SPIFFE ID) discovery expects a meshed endpoint to present.
+
+    With --why: the last balancer decisions, newest first: the worker, the route, the
+    attempt, the two candidates P2C compared (address cost/in-flight, and the state
+    unless healthy), the pick, the endpoints skipped as ejected, the status and
+    latency, and whether a retry followed (and why not, for a failure)."""
+    if why is not None:
+        decided = why_rows(admin_address(admin, config_path), why or service, limit, as_json)
+        if decided is not None:
+            echo_table(decided)
+        return
     data = admin_get(admin_address(admin, config_path), "/endpoints")
     services = data.get("services") if isinstance(data, dict) else None
     if not isinstance(services, dict):

@@ -30,6 +30,7 @@ import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.control import build_info
+from meshd.control import decisions as debug_decisions
 from meshd.control.config_view import effective
 from meshd.control.dashboard import PATHS as DASHBOARD_PATHS
 from meshd.control.dashboard import Dashboard
@@ -178,8 +179,14 @@ class AdminApp:
         }
         # the dashboard's page and files (meshd.control.dashboard)
         self.dashboard: Dashboard | None = None if probe_only else Dashboard()
+        # Routes that read the query string (client input: each one bounds and checks it).
+        self.query_routes: dict[str, Callable[[str], tuple[str, str, bytes]]] = {
+            "/debug/decisions": lambda qs: debug_decisions.handle(control, qs),
+        }
+        self.dropped_lines = debug_decisions.DroppedLines()
         if probe_only:  # reachable from the pod network: nothing that describes the mesh
             self.routes = {p: self.routes[p] for p in PROBE_PATHS}
+            self.query_routes = {}
         # /tap streams (meshd.control.tap): not a route of one answer
         self.tap = None if probe_only else control.tap
 
@@ -190,6 +197,10 @@ class AdminApp:
         if self.tap is not None and path == "/tap":
             return self.tap(environ, start_response)
         route = self.routes.get(path)
+        with_query = self.query_routes.get(path)
+        if with_query is not None:
+            qs = environ.get("QUERY_STRING", "")
+            route = lambda: with_query(qs)  # noqa: E731
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
         elif environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
@@ -268,6 +279,7 @@ class AdminApp:
                  *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ()),
                  *(c.tap.prometheus() if c.tap else ())]
+        lines += self.dropped_lines.prometheus(c)
         text = render_prometheus(c.region, keys, build_info.labels(),
                                  tracing=c.config.tracing is not None) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from meshd import rowkeys  # noqa: E402
+from meshd import ratelog, rowkeys  # noqa: E402
 from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
@@ -153,6 +153,7 @@ class Control:
                 log.error("master %d is gone; exiting", self.ctx.master_pid)
                 os._exit(1)
             self.region.heartbeat(self.ctx.slot)
+            ratelog.flush_all()   # the suppressed counts of bursts that are over
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     def run(self) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from meshd import logs
 from meshd.config import Address, Config
+from meshd.decisions import ring_path
 from meshd.errors import ConfigError, MeshdError
 from meshd.identity import paths as identity_paths
 from meshd.master.notify import Notifier, scrub_env
@@ -178,6 +179,8 @@ class Arbiter:
         for child in list(self.children.values()):
             _kill(child.pid, signal.SIGKILL)
         self.sockets.close_all()
+        for slot in range(self.regions.current.slots):
+            _unlink(ring_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), slot))
         self.regions.unlink_all()
         for gen in range(1, self.generation + 1):
             _unlink(self._snapshot_path(gen))
@@ -348,6 +351,8 @@ class Arbiter:
             if child is None:
                 continue
             self.regions.reaped(child.region, child.slot, self.children.values())
+            if child.kind == KIND_WORKER:   # its balancer decisions go with the slot
+                _unlink(ring_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), child.slot))
             how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
             if child.retired_at is not None:
                 log.info("%s stopped (%s)", child.name, how)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -191,6 +191,9 @@ class AccessLog:
         self.dropped = 0
         self._reported = 0
         self.fd = -1
+        # Where the writer publishes ``dropped`` for meshd_access_log_dropped_total (the
+        # worker's decisions ring header, meshd.worker.decisions), if anywhere.
+        self.publish: Callable[[int], None] | None = None
 
     def open(self) -> None:
         """Open the file (at worker boot: a new generation opens it anew) and start the
@@ -236,6 +239,8 @@ class AccessLog:
             _quiet.warning("access_log.dropped", "access log: %d lines dropped so far "
                            "(the writer fell behind)", self.dropped)
             self._reported = self.dropped
+            if self.publish is not None:
+                self.publish(self.dropped)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -33,6 +33,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 
+from meshd import decisions
 from meshd.balance import ewma, p2c
 from meshd.balance.ejection import Health, holds_probe
 from meshd.balance.ewma import DECAY, DEFAULT_RTT
@@ -44,17 +45,27 @@ from meshd.shm import EP_CONNS, EP_INFLIGHT, EP_RUN, KIND_WORKER, Region
 LIVE_REFRESH = 1.0
 LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at most
 _HEALTHY, _PROBING = float(Health.HEALTHY), float(Health.PROBING)
+_NO_CANDIDATES = decisions.NO_CANDIDATE * 2
 
 
 class _ServiceState:
-    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring")
+    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring", "_names", "all_rows")
 
     def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...]) -> None:
         self.endpoints = endpoints
         self.rows = rows
+        self.all_rows = all(r >= 0 for r in rows)   # else some show "no_row" in decisions
         self.weights = tuple(float(e.weight) for e in endpoints)
         self.rr = p2c.RoundRobin()
         self._ring: p2c.ConsistentHash | None = None
+        self._names: tuple[bytes, ...] | None = None
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        """The endpoints' addresses as the decisions ring stores them (encoded once)."""
+        if self._names is None:
+            self._names = tuple(str(e).encode("utf-8", "replace") for e in self.endpoints)
+        return self._names
 
     @property
     def ring(self) -> p2c.ConsistentHash:
@@ -81,6 +92,9 @@ class SharedBalancer:
         self._tripped: dict[int, float] = {}  # row -> when the shared run reached failure_accrual
         # service -> (its endpoint tuple, start -> the run of endpoints of one split)
         self._subs: dict[str, tuple[Sequence[Endpoint] | None, dict[int, tuple[Endpoint, ...]]]] = {}
+        # What the last pick saw, as the tail of a decisions record (meshd.decisions):
+        # read by the attempt right after ``pick`` returns, before any greenlet switch.
+        self.last: tuple[object, ...] = ()
 
     def live_slots(self, now: float) -> list[int]:
         if now - self._live_at >= LIVE_REFRESH:
@@ -195,6 +209,7 @@ class SharedBalancer:
                 if (health is not None and holds_probe(health, self.slot)
                         and self._probed.get(r) != health.since):
                     self._probed[r] = health.since
+                    self.last = self._probe_seen(st, i)
                     return i, r   # the one probe request this worker was granted
             if ejected is None:
                 ejected = [False] * n
@@ -217,22 +232,79 @@ class SharedBalancer:
                       for i, c in enumerate(cands)]
             if any(c.weight > 0 and not c.ejected for c in others):
                 cands = others
+        costed: list[tuple[int, float, int, float]] = []
         if svc.balancer == "round_robin":
             i = st.rr.pick(cands)
+            mode = decisions.MODE_ROUND_ROBIN
         elif svc.balancer == "consistent_hash" and hash_key is not None:
             i = st.ring.pick(hash_key, cands)
+            mode = decisions.MODE_HASH
         else:
-            i = p2c.pick(cands, lambda k: self._cost(rows[k], live, now), self.rng)
+            def cost(k: int) -> float:
+                c, inflight = self._cost(rows[k], live, now)
+                costed.append((k, c, max(inflight, 0), cands[k].weight))
+                return c
+            i = p2c.pick(cands, cost, self.rng)
+            mode = decisions.MODE_P2C if costed else decisions.MODE_SINGLE
+        self.last = self._seen(st, mode, i, ejected, costed)
         return i, rows[i]
 
-    def _cost(self, row: int, live: list[int], now: float) -> float:
+    def _seen(self, st: _ServiceState, mode: int, pick: int, ejected: list[bool] | None,
+              costed: Sequence[tuple[int, float, int, float]]) -> tuple[object, ...]:
+        """The balancer's fields of a decisions record (``meshd.decisions``): how it
+        picked, the endpoints it skipped, the pick, and the two candidates it costed
+        (index, cost, in-flight, weight), each with the state it had. On every pick:
+        kept to a few tuple operations (P2C costs two endpoints or none)."""
+        names = st.names
+        n = len(names)
+        if ejected is None and st.all_rows:   # every endpoint healthy: no state to read
+            if len(costed) == 2:
+                (ka, ca, fa, wa), (kb, cb, fb, wb) = costed
+                return (mode, min(n, 0xFFFF), 0, 2, 0, names[pick], names[ka], ca, fa, wa, 0,
+                        names[kb], cb, fb, wb, 0, b"", b"")
+            return (mode, min(n, 0xFFFF), 0, 0, 0, names[pick], *_NO_CANDIDATES, b"", b"")
+        if ejected is None:
+            n_out, out1, out2 = 0, b"", b""
+        else:
+            out = [k for k, flag in enumerate(ejected) if flag]
+            n_out = len(out)
+            out1 = names[out[0]] if out else b""
+            out2 = names[out[1]] if n_out > 1 else b""
+        state = self._state_code
+        if len(costed) == 2:
+            (ka, ca, fa, wa), (kb, cb, fb, wb) = costed
+            sa, sb = state(st, ka, ejected), state(st, kb, ejected)
+            return (mode, min(n, 0xFFFF), min(n_out, 0xFFFF), 2, sa if pick == ka else sb,
+                    names[pick], names[ka], ca, fa, wa, sa, names[kb], cb, fb, wb, sb, out1, out2)
+        return (mode, min(n, 0xFFFF), min(n_out, 0xFFFF), 0, state(st, pick, ejected),
+                names[pick], *_NO_CANDIDATES, out1, out2)
+
+    def _probe_seen(self, st: _ServiceState, probe: int) -> tuple[object, ...]:
+        """``_seen`` of a probe request: the scan stopped at the probe, so the other
+        endpoints' states are read here (once per probe, not per pick)."""
+        view = self.view
+        ejected = [k != probe and r >= 0 and view.state(r) != _HEALTHY
+                   for k, r in enumerate(st.rows)]
+        return self._seen(st, decisions.MODE_PROBE, probe, ejected, ())
+
+    def _state_code(self, st: _ServiceState, k: int, ejected: list[bool] | None) -> int:
+        """An endpoint's state as this pick saw it (``decisions.STATES``)."""
+        r = st.rows[k]
+        if r < 0:
+            return decisions.STATE_NO_ROW
+        state = int(self.view.state(r))
+        if state == Health.HEALTHY and ejected is not None and ejected[k]:
+            return decisions.STATE_TRIPPED   # this worker's own failure accrual
+        return state
+
+    def _cost(self, row: int, live: list[int], now: float) -> tuple[float, int]:
         """The core's cost (``meshd.balance.ewma.peak_cost``, which is ``cost`` over
         ``combine``) of the endpoint of ``row``: the highest estimate any live worker
-        holds x (their in-flight requests + 1)."""
+        holds x (their in-flight requests + 1); and those in-flight requests."""
         if row < 0:
-            return self.default_rtt
+            return self.default_rtt, 0
         states, inflight = self.view.ewma_states(row, live)
-        return ewma.peak_cost(states, inflight, now, self.default_rtt, self.tau)
+        return ewma.peak_cost(states, inflight, now, self.default_rtt, self.tau), inflight
 
 
 def _draw(splits: list[tuple[int, int, int]], rng: random.Random) -> tuple[int, int, int]:

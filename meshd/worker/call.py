@@ -43,6 +43,7 @@ from meshd.fleet.select import in_subset
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
 from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.worker.decisions import attempt_ended
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -112,7 +113,8 @@ class Call:
     """One client request across its attempts."""
 
     __slots__ = ("service", "svc", "endpoints", "policy", "deadline", "row", "replay",
-                 "hash_key", "tried", "method", "body_taken")
+                 "hash_key", "tried", "method", "body_taken", "pick", "sent_at", "status",
+                 "kind", "error", "no_retry")
 
     def __init__(self, worker: Context, service: str, endpoints: tuple[Endpoint, ...],
                  policy: Policy, deadline: float, row: int, method: bytes, headers: Headers,
@@ -129,6 +131,15 @@ class Call:
         self.body_taken = False  # a client side that keeps no body: some of it went
         self.hash_key = hash_key(self.svc, headers, peer)
         self.tried: list[int] = []
+        # The current attempt, for its balancer decisions record (meshd.worker.decisions):
+        # what the balancer saw (None once recorded), when it was sent, its response
+        # status (0: none), failure kind ("" none), error, and why it was not retried.
+        self.pick: tuple[object, ...] | None = None
+        self.sent_at = 0.0
+        self.status = 0
+        self.kind = ""
+        self.error: BaseException | None = None
+        self.no_retry = ""
 
     def body_replayable(self) -> bool:
         """Whether the body (if any) can still be sent again: not when a client side
@@ -145,8 +156,10 @@ class Call:
                                           self.svc, snap.splits.get(self.service),
                                           self.hash_key, self.tried)
         self.tried.append(index)
+        self.pick = worker.balancer.last
+        self.status, self.kind, self.error, self.no_retry = 0, "", None, ""
         worker.balancer.started(row)
-        now = time.monotonic()
+        now = self.sent_at = time.monotonic()
         try_timeout = self.policy.try_timeout
         try_deadline = self.deadline
         if try_timeout and now + try_timeout < try_deadline:
@@ -165,10 +178,14 @@ class Call:
             try:
                 return self.attempt(worker, side, attempt < self.policy.retries)
             except RetryNow:
+                attempt_ended(worker, self, True)
                 attempt += 1
                 pause = min(worker.retries.backoff(attempt), self.deadline - time.monotonic())
                 if pause > 0:
                     gevent.sleep(pause)
+            except BaseException as e:
+                attempt_ended(worker, self, False, e)
+                raise
 
     def attempt(self, worker: Context, side: ClientSide[T], attempts_left: bool) -> T:
         """One attempt, whatever the client and the upstream speak: the endpoint picked
@@ -198,12 +215,13 @@ class Call:
         rtt: float | None = None
         try:
             ex.start()
-            status = ex.response(try_deadline, self.deadline)
+            status = self.status = ex.response(try_deadline, self.deadline)
             rtt = time.monotonic() - sent_at
-            kind = status_kind(status)
+            kind = self.kind = status_kind(status)
             failed = kind in policy.failure_on
             if failed and may_retry(worker, self, kind, attempts_left):
                 raise RetryNow()
+            attempt_ended(worker, self, False)   # before the body: a long stream shows now
             return side.respond(self, ex, status)
         except BaseException as error:
             e: BaseException = error
@@ -213,11 +231,13 @@ class Call:
             fault = side.client_fault(e)
             if fault is not None:  # the client's fault, not the endpoint's
                 failed = False
+                self.kind = "client"
                 if fault is e:
                     raise
                 raise fault from None
             if isinstance(e, (OSError, ProxyError)) and not side.response_started:
-                kind = error_kind(e)
+                kind = self.kind = error_kind(e)
+                self.error = e
                 failed = counts_as_failure(kind, policy.failure_on)
                 if may_retry(worker, self, kind, attempts_left):
                     raise RetryNow() from None
@@ -456,6 +476,7 @@ def connect_failed(worker: Context, call: Call, row: int, e: BaseException,
     # Not every failed attempt is the endpoint's fault: one that cannot speak what this
     # request needs serves others well, and meshd's own setup may have failed.
     counted = "connect" in call.policy.failure_on and getattr(e, "endpoint_fault", True)
+    call.kind, call.error = "connect", e
     worker.balancer.finished(row, None, counted, call.svc)
     if isinstance(e, ProxyError) and may_retry(worker, call, "connect", attempts_left):
         raise RetryNow() from None
@@ -468,13 +489,19 @@ def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bo
     that an HTTP/2 peer refused (never processed) may, whatever its method, if its body
     can be sent again; one that reached an upstream only when it is replayable
     (idempotent or marked retryable, body kept). The shared budget is spent when it may."""
-    if attempt_refusal(kind, call.policy.failure_on, attempts_left, call.replay,
-                       call.body_replayable()) is not None:
+    refused = attempt_refusal(kind, call.policy.failure_on, attempts_left, call.replay,
+                              call.body_replayable())
+    if refused is not None:
+        call.no_retry = refused.value
         return False
     now = time.monotonic()
     if now >= call.deadline:
+        call.no_retry = "deadline"
         return False
-    return worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now)
+    if not worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now):
+        call.no_retry = "budget"
+        return False
+    return True
 
 
 def error_answer(err: ProxyError, listener: ListenerConfig, protocol: str = "",

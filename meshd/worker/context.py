@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from meshd.worker.access_log import AccessLog
     from meshd.worker.authorize import Gate
     from meshd.worker.balancer import SharedBalancer
+    from meshd.worker.decisions import DecisionRing
     from meshd.worker.identity import WorkerIdentity
     from meshd.worker.retries import RetryBudgets
     from meshd.worker.routing import Router
@@ -55,6 +56,7 @@ class Context(Protocol):
     access_log: AccessLog | None     # with [access_log]: the writer's queue (None: no cost)
     tap: TapSender | None            # while someone taps (meshd.worker.tap); None: no cost
     tracer: Tracer | None            # with [tracing]: contexts, spans, the exporter
+    decisions: DecisionRing | None   # the last balancer decisions (None: could not be created)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]
 

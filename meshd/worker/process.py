@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from meshd import rowkeys
+from meshd import ratelog, rowkeys
 from meshd.config import Config, ListenerConfig
 from meshd.discovery.api import Endpoint
 from meshd.identity import paths as identity_paths
@@ -45,6 +45,7 @@ from meshd.tap import tap_paths
 from meshd.worker.access_log import AccessLog
 from meshd.worker.authorize import Gate, load_provider
 from meshd.worker.balancer import SharedBalancer
+from meshd.worker.decisions import DecisionRing
 from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
@@ -113,6 +114,7 @@ class Worker:
                                          ctx.master_pid, ctx.generation))
         traces = ctx.config.tracing
         self.tracer = Tracer(traces, self.stripe) if traces is not None else None
+        self.decisions: DecisionRing | None = None   # created at boot, in the slot's file
         self.draining = False
         self.stopped = gevent.event.Event()
         self.listeners: list[tuple[ListenerConfig, socket.socket]] = []
@@ -136,6 +138,11 @@ class Worker:
             self.access_log.open()
         if self.tracer is not None:
             self.tracer.start()
+        self.decisions = DecisionRing.open(self.config.shm_dir, self.config.instance,
+                                           self.ctx.master_pid, self.slot, os.getpid(),
+                                           self.ctx.generation)
+        if self.access_log is not None and self.decisions is not None:
+            self.access_log.publish = self.decisions.set_dropped
         for lst in self.config.listeners:
             raw = self.ctx.sockets[address_key(lst.listen)]
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -282,6 +289,7 @@ class Worker:
                 log.error("master %d is gone; exiting", self.ctx.master_pid)
                 os._exit(1)
             self.region.heartbeat(self.slot)
+            ratelog.flush_all()   # the suppressed counts of bursts that are over
             now = time.monotonic()
             rows = min(self.region.rows, self.region.rows_used)  # rows 0 and 1 included
             self.retries.sample_all(rows, self.balancer.live_slots(now), now)
