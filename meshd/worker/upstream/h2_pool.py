@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 Key = tuple[str, int] | tuple[str, int, str]  # an address; with a TLS target's service too
 
 
+_FREE = gevent.lock.Semaphore()  # stands for an endpoint nobody is connecting to
+
+
 def _key(address: tuple[str, int], tls: TlsTarget | None) -> Key:
     return address if tls is None else (address[0], address[1], tls.service)
 
@@ -138,6 +141,25 @@ class H2Pool:
             conns.append(up)
         else:
             up.close()
+
+    def reap(self) -> int:
+        """Forget the connections that closed themselves (idle past their idle_timeout,
+        lost, drained) and the endpoints left without any: a worker that once talked
+        to many endpoints keeps nothing of them. How many were forgotten."""
+        dropped = 0
+        for key, conns in list(self.connections.items()):
+            live = [up for up in conns if not up.closed]
+            dropped += len(conns) - len(live)
+            if live:
+                conns[:] = live
+            elif not self._connecting.get(key, _FREE).locked():
+                del self.connections[key]
+                self._connecting.pop(key, None)
+        if self.retired:
+            before = len(self.retired)
+            self.retired = {up for up in self.retired if not up.closed}
+            dropped += before - len(self.retired)
+        return dropped
 
     def drain_all(self) -> None:
         """Graceful: every connection takes no new stream and closes after its last."""
