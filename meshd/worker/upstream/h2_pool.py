@@ -22,7 +22,6 @@ from meshd.errors import EndpointsBusy, UpstreamTimeout
 from meshd.worker.upstream.h2 import (
     CONNECTION_WINDOW,
     IDLE_TIMEOUT,
-    PING_TIMEOUT,
     STREAM_WINDOW,
     H2Stream,
     H2Upstream,
@@ -62,7 +61,7 @@ class H2Pool:
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
                connect_timeout: float, tls: TlsTarget | None = None,
                checked: bool = False, idle_timeout: float = IDLE_TIMEOUT,
-               ping_timeout: float = PING_TIMEOUT) -> H2Stream:
+               ping_timeout: float = 0.0) -> H2Stream:
         """A new stream to ``address``, on a pooled connection with room or a new one
         (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
         is full. ``checked``: the head is valid by construction (``check_headers`` would
