@@ -156,9 +156,6 @@ class ServiceConfig:
     timeout: float = 10.0  # the response head must arrive within it, else 504
     connect_timeout: float = 2.0
     idle_timeout: float = 60.0  # max idle of a pooled upstream keep-alive connection
-    # an HTTP/2 upstream quiet this long/2 while streams wait gets a PING; no answer within
-    # it: no new streams there, retry-safe waiting ones go elsewhere (0: no PING)
-    ping_timeout: float = 1.0
     discovery: str | None = None  # a [[discovery]] name; None: the first that knows it
     # Several sources with their share of traffic in percent (a migration): the
     # endpoints of each source together get that share. Empty: just `discovery`.
@@ -174,6 +171,9 @@ class ServiceConfig:
     max_connections: int = 0  # upstream connections in use per endpoint, all workers (0: none)
     protocol: str = "http1"  # toward the endpoints: http1 | h2 (prior knowledge); gRPC is always h2
     tls: TlsConfig | None = None  # None: plaintext (meshed endpoints are always plaintext h2c)
+    # a peer meshd (meshed endpoint) quiet this long/2 while streams wait gets a PING; no
+    # answer within it: no new streams there, retry-safe waiting ones go elsewhere (0: off)
+    ping_timeout: float = 1.0
 
 
 DEFAULT_SERVICE = ServiceConfig(name="")  # a service the config does not name

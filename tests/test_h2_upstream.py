@@ -389,6 +389,17 @@ def test_silent_peer_is_taken_out_of_use(server: H2Server) -> None:
     assert "no PING answer" in up.close_reason
 
 
+def test_pool_forgets_connections_closed_for_idleness(server: H2Server) -> None:
+    pool = H2Pool()
+    s = pool.stream(server.address, req(server, "/"), True, 5, idle_timeout=0.2)
+    assert s.read(5) is None
+    (up,) = pool.connections[server.address]
+    wait_for(lambda: up.closed, timeout=3)
+    assert up.close_reason == "idle for 0.2s"
+    assert pool.reap() == 1
+    assert pool.connections == {} and not pool.retired
+
+
 def test_slow_peer_that_answers_ping_keeps_its_connection(server: H2Server) -> None:
     up = H2Upstream.connect(server.address, 5)
     up.ping_timeout = 0.3

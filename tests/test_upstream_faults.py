@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+import pytest
 from conftest import MeshFactory
 
 from meshd.shm import STATE_SERVING
@@ -51,6 +52,28 @@ def _two_meshds(mesh: MeshFactory, app: str, *, workers_b: int = 1, extra_a: str
     text_a = text_a.replace("[discovery.services]\n",
                             f"[discovery.services]\nweb = [{meshed}]\n")
     return mesh.start(text_a, ports_a), b, inbound_port
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """One pair for the tests between two meshds (each meshd costs seconds to start):
+    A (idle_timeout 1s) -> B (two workers) -> the application. Returns (A, B, B's
+    inbound port, the application)."""
+    import shutil
+
+    from meshd.testing.harness import Backend
+
+    factory = MeshFactory(tmp_path_factory.mktemp("pair"))
+    app = Backend("app").start()
+    try:
+        a, b, inbound_port = _two_meshds(factory, app.address, workers_b=2,
+                                         extra_a='[service.web]\nidle_timeout = "1s"\n')
+        yield a, b, inbound_port, app
+    finally:
+        for m in factory.started:
+            m.stop()
+        app.stop()
+        shutil.rmtree(factory.run_dir, ignore_errors=True)
 
 
 def _get(port: int, path: str, timeout: float = 15.0) -> tuple[int, bytes]:
@@ -116,11 +139,10 @@ def test_upstream_closing_an_idle_connection_leaves_no_close_wait(mesh):
             raise AssertionError(f"left: {_sockets_to(worker, srv.port)}") from None
 
 
-def test_idle_h2_connection_to_a_peer_meshd_is_closed(mesh, backends):
+def test_idle_h2_connection_to_a_peer_meshd_is_closed(pair):
     """The multiplexed HTTP/2 connection between two meshds closes once idle for the
     service's idle_timeout (it was 300 s whatever the service said)."""
-    a, _, inbound_port = _two_meshds(mesh, backends("app").address,
-                                     extra_a='[service.web]\nidle_timeout = "1s"\n')
+    a, _, inbound_port, _ = pair
     (worker_a,) = a.worker_pids()
     assert _get(a.ports["outbound"], "/")[0] == 200
     assert _sockets_to(worker_a, inbound_port) == ["01"]
@@ -138,12 +160,12 @@ def _worker_holding(b: Meshd, port: int) -> int:
     return holders[0]
 
 
-def test_stopped_inbound_worker_costs_no_get_over_two_seconds(mesh, backends):
+def test_stopped_inbound_worker_costs_no_get_over_two_seconds(pair):
     """B's worker holding A's HTTP/2 connection is SIGSTOPped: A's PING on it goes
     unanswered, the connection is taken out of use, the waiting GETs go again on a new
     connection (B's other worker takes it). No GET takes 2 s (it was B's worker_timeout:
     6 s and more); each answered 200."""
-    a, b, inbound_port = _two_meshds(mesh, backends("app").address, workers_b=2)
+    a, b, inbound_port, _ = pair
     port = a.ports["outbound"]
     for _ in range(3):
         assert _get(port, "/")[0] == 200
@@ -189,12 +211,11 @@ def _serving(m: Meshd) -> set[int]:
     return set(m.worker_pids(STATE_SERVING))
 
 
-def test_peer_reload_under_post_load_fails_no_post_and_delivers_none_twice(mesh, backends):
-    """POSTs through A while B reloads (HUP) three times: the streams B refuses (beyond
+def test_peer_reload_under_post_load_fails_no_post_and_delivers_none_twice(pair):
+    """POSTs through A while B reloads (HUP) twice: the streams B refuses (beyond
     its GOAWAY's last stream id, or REFUSED_STREAM) are sent again whatever the method,
     and no POST reaches the application twice (each has its own path, counted there)."""
-    app = backends("app")
-    a, b, _ = _two_meshds(mesh, app.address, workers_b=2)
+    a, b, _, app = pair
     port = a.ports["outbound"]
     done = threading.Event()
     failures: list[str] = []
@@ -227,14 +248,14 @@ def test_peer_reload_under_post_load_fails_no_post_and_delivers_none_twice(mesh,
     for t in threads:
         t.start()
     try:
-        for _ in range(3):
+        for _ in range(2):
             wait_for(lambda: len(sent) > 100, timeout=10, what="POSTs under way")
             before = _serving(b)
             sent_before = len(sent)
             b.signal(signal.SIGHUP)
             wait_for(lambda: len(_serving(b)) == 2 and not _serving(b) & before,  # noqa: B023
                      timeout=20, what="B's new workers serving")
-            wait_for(lambda: len(sent) > sent_before + 100, timeout=10,  # noqa: B023
+            wait_for(lambda: len(sent) > sent_before + 50, timeout=10,  # noqa: B023
                      what="POSTs after the reload")
     finally:
         done.set()

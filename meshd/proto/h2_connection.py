@@ -12,6 +12,12 @@
 - ``_receive_frame`` without the ``repr(frame)`` h2 builds for a trace log on every frame
   received, whether or not anything logs it (about 5 µs a frame). The rest of the method
   is h2's (4.x; setup.cfg keeps h2 below 5).
+- How each closed stream ended is remembered for the last ``MAX_CLOSED_STREAMS`` of
+  them, not h2's 65,536: on a long-lived connection (meshd to meshd, a gRPC channel)
+  that record grew by about 100 bytes a stream, some 6 MB per connection, and each
+  burst of streams added to every worker's memory. A frame for a stream closed longer
+  ago than the record reaches (only a peer far behind sends one) is a stream error
+  (RST_STREAM STREAM_CLOSED, ignored) rather than a connection error.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from hyperframe.frame import Frame, RstStreamFrame
 
 from meshd.proto import hpack_codec
 
+MAX_CLOSED_STREAMS = 1024  # closed streams whose end is remembered, per connection
+
 
 def configuration(client_side: bool) -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=client_side, header_encoding=None,
@@ -39,6 +47,8 @@ def configuration(client_side: bool) -> h2.config.H2Configuration:
 class H2Connection(h2.connection.H2Connection):
     """An h2 connection for one side (``client_side``), decoding header lists of at most
     ``max_header_list_size`` bytes (RFC 9113 §6.5.2's measure)."""
+
+    MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS  # h2 reads it in __init__
 
     def __init__(self, client_side: bool, max_header_list_size: int) -> None:
         super().__init__(configuration(client_side))
@@ -57,7 +67,7 @@ class H2Connection(h2.connection.H2Connection):
         except StreamClosedError as e:
             # Closed by RST_STREAM: a stream error (answered with RST_STREAM); otherwise
             # a connection error.
-            if self._stream_is_closed_by_reset(e.stream_id):
+            if self._stream_is_closed_by_reset(e.stream_id) or self._forgotten(e.stream_id):
                 f = RstStreamFrame(e.stream_id)
                 f.error_code = e.error_code
                 self._prepare_for_sending([f])
@@ -67,7 +77,7 @@ class H2Connection(h2.connection.H2Connection):
         except StreamIDTooLowError as e:
             # A stream already gone: a stream error if it was reset, a connection error if
             # it ended or was closed implicitly (RFC 9113 §5.1).
-            if self._stream_is_closed_by_reset(e.stream_id):
+            if self._stream_is_closed_by_reset(e.stream_id) or self._forgotten(e.stream_id):
                 f = RstStreamFrame(e.stream_id)
                 f.error_code = ErrorCodes.STREAM_CLOSED
                 self._prepare_for_sending([f])
@@ -79,6 +89,14 @@ class H2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _forgotten(self, stream_id: int) -> bool:
+        """A stream closed longer ago than the record of closed streams reaches: the
+        record is full (the oldest were dropped) and does not hold it, and the stream
+        is not open."""
+        closed = self._closed_streams
+        return (len(closed) >= self.MAX_CLOSED_STREAMS and stream_id not in closed
+                and stream_id not in self.streams)
 
 
 def _no_length(headers: Any) -> None:

@@ -207,7 +207,7 @@ class Call:
             # a meshed hop keeps the client's scheme: its TLS is the mesh's, not the app's
             head, checked = side.h2_head(tls is not None and not meshed, meshed)
             stream = self.open_h2(worker, address, head, not side.has_body, sent_at, tls, row,
-                                  attempts_left, checked)
+                                  attempts_left, checked, meshed)
             ex = H2Exchange(stream, side.send_body if side.has_body else None,
                             self.policy.idle_timeout, meshed)
         policy = self.policy
@@ -294,15 +294,16 @@ class Call:
     def open_h2(self, worker: Context, address: tuple[str, int],
                 headers: list[tuple[bytes, bytes]], end_stream: bool, sent_at: float,
                 tls: TlsTarget | None, row: int, attempts_left: bool,
-                checked: bool = False) -> H2Stream:
+                checked: bool = False, meshed: bool = False) -> H2Stream:
         """A stream on the worker's HTTP/2 pool for this attempt (a failure to get one is
-        a connect failure). ``checked``: the head is valid by construction."""
+        a connect failure). ``checked``: the head is valid by construction. Only a peer
+        meshd (``meshed``) is PINGed: gRPC servers take PINGs more often than every few
+        minutes for abuse (grpc-core's too_many_pings GOAWAY)."""
         try:
-            svc = self.svc
+            ping = (self.svc or DEFAULT_SERVICE).ping_timeout if meshed else 0.0
             stream = worker.h2pool.stream(
                 address, headers, end_stream, self.connect_timeout(sent_at), tls,
-                checked=checked, idle_timeout=self.policy.idle_timeout,
-                ping_timeout=(svc or DEFAULT_SERVICE).ping_timeout)
+                checked=checked, idle_timeout=self.policy.idle_timeout, ping_timeout=ping)
             # A silent peer's waiting stream is abandoned only if it may go elsewhere.
             stream.retry_safe = attempts_left and self.replay and self.body_replayable()
             return stream

@@ -275,11 +275,14 @@ class Worker:
 
     def _reap_loop(self) -> None:
         """Idle upstream HTTP/1.1 connections past their idle_timeout, or closed by the
-        upstream while idle, are closed (HTTP/2 ones watch themselves: H2Upstream)."""
+        upstream while idle, are closed; HTTP/2 ones close themselves (H2Upstream's
+        watchdog) and are forgotten here."""
         while not self.stopped.is_set():
             gevent.sleep(REAP_EVERY)
             try:
                 self.pool.reap(time.monotonic())
+                if self._h2pool is not None:
+                    self._h2pool.reap()
             except Exception:  # keep reaping; a bug here must not end the worker
                 log.exception("reaping idle upstream connections failed")
 

@@ -30,8 +30,9 @@ wait has a deadline; a write the peer does not take for ``WRITE_TIMEOUT`` fails 
 connection.
 
 Each connection has a watchdog greenlet (``_watch``). Without streams, it closes the
-connection once idle for ``idle_timeout`` (the service's). With streams waiting and no
-frame from the peer for half of ``ping_timeout``, it sends a PING; no frame back within
+connection once idle for ``idle_timeout`` (the service's). With ``ping_timeout`` (the
+pool sets it for peer meshds only: gRPC servers punish frequent PINGs), streams waiting
+and no frame from the peer for half of it, it sends a PING; no frame back within
 ``ping_timeout`` and the peer is silent (a stopped process, a dead host): the
 connection takes no new stream (the pool opens another), each waiting stream marked
 ``retry_safe`` fails with ``PeerSilent`` (the attempt loop sends it again), the others
@@ -82,7 +83,6 @@ MAX_INFORMATIONAL = 8           # 1xx heads kept per stream (more are dropped, n
 WRITE_TIMEOUT = 30.0            # a peer that takes no bytes this long is gone
 IDLE_TIMEOUT = 300.0            # a connection without streams this long is closed (the
                                 # default; the pool sets the service's idle_timeout)
-PING_TIMEOUT = 1.0              # the default of a service's ping_timeout (0: no PING)
 PING_DATA = b"meshd\0\0\0"       # the 8 bytes of our PINGs
 WRITE_BATCH = 1 << 17           # DATA bytes framed per lock hold, so streams interleave
 CANCEL = h2.errors.ErrorCodes.CANCEL
@@ -396,7 +396,7 @@ class H2Upstream:
         self.close_reason = ""
         self.goaway_received: tuple[int, int] | None = None  # (error code, last stream id)
         self.idle_timeout = IDLE_TIMEOUT
-        self.ping_timeout = PING_TIMEOUT
+        self.ping_timeout = 0.0  # no PING unless the pool sets one (peer meshds)
         self.idle_since = time.monotonic()
         self.last_heard = self.idle_since  # when a frame (any bytes) last came from the peer
         self.silent = False                # no answer to a PING in time: taken out of use

@@ -22,7 +22,6 @@ from meshd.errors import EndpointsBusy, UpstreamTimeout
 from meshd.worker.upstream.h2 import (
     CONNECTION_WINDOW,
     IDLE_TIMEOUT,
-    PING_TIMEOUT,
     STREAM_WINDOW,
     H2Stream,
     H2Upstream,
@@ -35,6 +34,9 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.tls import TlsTarget
 
 Key = tuple[str, int] | tuple[str, int, str]  # an address; with a TLS target's service too
+
+
+_FREE = gevent.lock.Semaphore()  # stands for an endpoint nobody is connecting to
 
 
 def _key(address: tuple[str, int], tls: TlsTarget | None) -> Key:
@@ -59,7 +61,7 @@ class H2Pool:
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
                connect_timeout: float, tls: TlsTarget | None = None,
                checked: bool = False, idle_timeout: float = IDLE_TIMEOUT,
-               ping_timeout: float = PING_TIMEOUT) -> H2Stream:
+               ping_timeout: float = 0.0) -> H2Stream:
         """A new stream to ``address``, on a pooled connection with room or a new one
         (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
         is full. ``checked``: the head is valid by construction (``check_headers`` would
@@ -138,6 +140,25 @@ class H2Pool:
             conns.append(up)
         else:
             up.close()
+
+    def reap(self) -> int:
+        """Forget the connections that closed themselves (idle past their idle_timeout,
+        lost, drained) and the endpoints left without any: a worker that once talked
+        to many endpoints keeps nothing of them. How many were forgotten."""
+        dropped = 0
+        for key, conns in list(self.connections.items()):
+            live = [up for up in conns if not up.closed]
+            dropped += len(conns) - len(live)
+            if live:
+                conns[:] = live
+            elif not self._connecting.get(key, _FREE).locked():
+                del self.connections[key]
+                self._connecting.pop(key, None)
+        if self.retired:
+            before = len(self.retired)
+            self.retired = {up for up in self.retired if not up.closed}
+            dropped += before - len(self.retired)
+        return dropped
 
     def drain_all(self) -> None:
         """Graceful: every connection takes no new stream and closes after its last."""
