@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=Path("chaos-results"))
     run.add_argument("--outage", type=float, default=None,
                      help="discovery outage seconds (default: seconds/8, 3..30)")
+    run.add_argument("--allow-documented-resets", action="store_true",
+                     help="counter resets the README documents (USR2: a new region; a new "
+                          "control process's own counters) do not fail the run")
     run.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all)")
     soak = sub.add_parser("soak", help="sustained load; RSS and fds sampled")
     soak.add_argument("--seconds", type=float, default=900)
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         from chaos.run import run_chaos
         report = run_chaos(args.seconds, args.seed, args.topology, args.out,
                            outage=args.outage,
-                           kinds=tuple(k for k in args.kinds.split(",") if k) or None)
+                           kinds=tuple(k for k in args.kinds.split(",") if k) or None,
+                           allow_documented=args.allow_documented_resets)
         print(render(report))
         print(f"report: {args.out}/chaos-{args.topology}.json and .txt")
         return 1 if report["aims_missed"] else 0

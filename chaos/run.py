@@ -15,7 +15,7 @@ from typing import Any
 from chaos.faults import GAP, HOLD, Scheduler
 from chaos.load import Load
 from chaos.procs import Topology, WorkerMapper
-from chaos.report import analyse, write
+from chaos.report import analyse, write, write_requests
 from chaos.scrape import Scraper
 
 log = logging.getLogger("chaos")
@@ -27,7 +27,7 @@ def run_chaos(seconds: float, seed: int, topology: str = "one", out: Path | None
               kinds: tuple[str, ...] | None = None, outage: float | None = None,
               pace: float = 0.01, clients: dict[str, Any] | None = None,
               hold: float = HOLD, gap: float = GAP, ordered: bool = False,
-              baseline: float = BASELINE) -> dict[str, Any]:
+              baseline: float = BASELINE, allow_documented: bool = False) -> dict[str, Any]:
     """Run for about ``seconds`` (faults in all but the first ``baseline`` and the last
     ``gap`` s); returns the report (also written under ``out`` when given). ``kinds``,
     ``hold``, ``gap``, ``ordered``: see ``chaos.faults.Scheduler``."""
@@ -72,9 +72,11 @@ def run_chaos(seconds: float, seed: int, topology: str = "one", out: Path | None
                    "refused_retries": load.stats.refused_retries,
                    "connections": len(load.conns),
                    "scheduler_errors": scheduler.errors,
-                   "masters": {n: m.masters for n, m in topo.meshes.items()}})
+                   "masters": {n: m.masters for n, m in topo.meshes.items()}},
+            allow_documented=allow_documented)
         if out is not None:
             write(report, out, f"chaos-{topology}")
+            write_requests(out / f"chaos-{topology}-requests.csv", load.records, load.conns, t0)
         return report
     finally:
         if load is not None:

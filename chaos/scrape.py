@@ -19,6 +19,8 @@ class Backwards:
     sample: str
     before: float
     after: float
+    before_t: float          # when ``before`` was scraped: a sample that vanished (a new
+                             # region without that row yet) and came back lower is a reset too
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Scraper:
     scrapes: int = 0
     failed: int = 0
     backwards: list[Backwards] = field(default_factory=list)
-    last: dict[str, float] = field(default_factory=dict)
+    last: dict[str, tuple[float, float]] = field(default_factory=dict)   # value, when
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -60,9 +62,10 @@ class Scraper:
         now = time.monotonic()
         for sample, value in counter_samples(body.decode("utf-8", "replace")).items():
             before = self.last.get(sample)
-            if before is not None and value < before and len(self.backwards) < 1000:
-                self.backwards.append(Backwards(self.name, now, sample, before, value))
-            self.last[sample] = value
+            if before is not None and value < before[0] and len(self.backwards) < 1000:
+                self.backwards.append(Backwards(self.name, now, sample, before[0], value,
+                                                before[1]))
+            self.last[sample] = (value, now)
 
 
 def counter_samples(text: str) -> dict[str, float]:
