@@ -36,6 +36,7 @@ from chaos.scrape import Scraper
 
 WARMUP = 2.0
 IDEMPOTENT = ("h1_get", "h2_get")
+SETTLE = 15.0
 # Counted in the control process's memory, "since the control process started" (their
 # HELP says so): a new control process -- killed, or a reload's -- starts them at 0.
 CONTROL_FAMILIES = ("meshd_discovery_errors_total", "meshd_admin_connections_closed_total",
@@ -133,6 +134,8 @@ def analyse(records: list[Record], conns: dict[int, Conn], faults: list[Fault],
             delivered.update(path.read_text().split())
     dup = {rid: n for rid, n in delivered.items() if n > 1}
     posts_seen = len(delivered)
+    failed_posts = [r for r in failures if r.kind == "h1_post" and r.rid]
+    unsent = [r for r in failed_posts if r.rid not in delivered]
     report: dict[str, Any] = {
         "topology": topology, "seed": seed, "seconds": seconds,
         "duration_s": round(t_end - t0, 1),
@@ -148,6 +151,9 @@ def analyse(records: list[Record], conns: dict[int, Conn], faults: list[Fault],
         "failure_reasons": dict(Counter(_reason(r) for r in failures).most_common(12)),
         "lost_idempotent": sum(1 for r in failures if r.kind in IDEMPOTENT),
         "post_failures": failed_by_kind.get("h1_post", 0),
+        # a failed POST the endpoint never saw was safe to retry (refused, never written)
+        "post_failures_not_delivered": len(unsent),
+        "post_failures_not_delivered_reasons": dict(Counter(_reason(r) for r in unsent)),
         "posts_delivered": posts_seen, "duplicated_posts": len(dup),
         "duplicated_samples": sorted(dup)[:20],
         "baseline": baseline, "recovery_threshold_ms": _ms(threshold),
@@ -169,10 +175,12 @@ def analyse(records: list[Record], conns: dict[int, Conn], faults: list[Fault],
 def _documented(b: dict[str, Any], faults: Sequence[Fault], t0: float) -> str:
     """Why a counter going backwards is a reset the README documents, or "": a binary
     upgrade (USR2) starts a new region, so every counter restarts; a new control process
-    (killed, or a reload's) starts its own counters again."""
+    (killed, or a reload's) starts its own counters again. The fault must overlap the
+    time between the two scrapes, or have ended at most ``SETTLE`` s before it: a
+    reload's new generation may take seconds to serve on a busy machine."""
     lo, hi = b["before_t"] + t0, b["t"] + t0
     for f in faults:
-        if lo - 1 <= f.start <= hi:
+        if f.start <= hi and f.end + SETTLE >= lo:
             if f.kind == "usr2":
                 return "usr2: a new region"
             if f.kind in ("control_kill", "hup_storm") and b["sample"].startswith(
@@ -228,7 +236,8 @@ def render(report: dict[str, Any]) -> str:
              f"client retries: stale keep-alive {report.get('stale_retries', 0)}, "
              f"refused h2 streams {report.get('refused_retries', 0)}",
              f"lost idempotent: {report['lost_idempotent']}  POST failures: "
-             f"{report['post_failures']}  POSTs delivered: {report['posts_delivered']}  "
+             f"{report['post_failures']} ({report.get('post_failures_not_delivered', 0)} never "
+             f"reached an endpoint)  POSTs delivered: {report['posts_delivered']}  "
              f"duplicated POSTs: {report['duplicated_posts']}",
              f"baseline: p50 {report['baseline']['p50_ms']} ms  p99 "
              f"{report['baseline']['p99_ms']} ms  (recovery threshold "
