@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,6 +279,7 @@ class Topology:
         if self.echo is not None:
             self.echo.close()
         self.consul.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)   # shm, state (logs are in workdir)
 
     def __enter__(self) -> Topology:
         return self
