@@ -37,6 +37,8 @@ from chaos.scrape import Scraper
 WARMUP = 2.0
 IDEMPOTENT = ("h1_get", "h2_get")
 SETTLE = 15.0
+SLOW_GET_MS = 2000.0
+RECOVERY_AIM = 5.0
 # Counted in the control process's memory, "since the control process started" (their
 # HELP says so): a new control process -- killed, or a reload's -- starts them at 0.
 CONTROL_FAMILIES = ("meshd_discovery_errors_total", "meshd_admin_connections_closed_total",
@@ -169,6 +171,9 @@ def analyse(records: list[Record], conns: dict[int, Conn], faults: list[Fault],
     for b in report["counters_backwards"]:
         b["documented"] = _documented(b, faults, t0)
     report["aims_missed"] = aims(report, allow_documented)
+    report["slow_recoveries"] = [
+        f"#{f['index']} {f['kind']}: {f['recovery_s']}" for f in per_fault
+        if f["recovery_s"] is None or f["recovery_s"] > RECOVERY_AIM]
     return report
 
 
@@ -217,6 +222,13 @@ def aims(report: dict[str, Any], allow_documented: bool = False) -> list[str]:
     else:
         if report["lost_idempotent"]:
             missed.append(f"{report['lost_idempotent']} lost idempotent requests")
+        # issue 20: a silent peer must not cost seconds -- no GET over 2 s while an
+        # inbound worker is stopped (the outbound meshd sends new streams elsewhere)
+        slow = [f"#{f['index']} {f['during']['max_get_ms']} ms" for f in report["faults"]
+                if f["kind"] == "sigstop" and (f["during"]["max_get_ms"] or 0) > SLOW_GET_MS]
+        if slow:
+            missed.append(f"GETs over {SLOW_GET_MS / 1000:g} s while an inbound worker was "
+                          f"stopped ({', '.join(slow)})")
     if report["duplicated_posts"]:
         missed.append(f"{report['duplicated_posts']} POSTs delivered more than once")
     backwards = report["counters_backwards"]
@@ -267,6 +279,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  unexplained: {s}")
     for e in report.get("scheduler_errors", []):
         lines.append(f"  scheduler error: {e}")
+    if report.get("slow_recoveries"):
+        lines.append(f"p99 not back within {RECOVERY_AIM:g} s (reported, not an exit status: "
+                     f"timing): {report['slow_recoveries']}")
     lines.append("aims: " + ("met" if not report["aims_missed"] else
                             "MISSED: " + "; ".join(report["aims_missed"])))
     return "\n".join(lines)
