@@ -134,7 +134,7 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
 
 # The layout's identity. Changing any struct format, offset, field index or counter table
 # in meshd/shm.py moves the fingerprint: bump shm.VERSION, then update this pair (both).
-EXPECTED_LAYOUT = (5, 0x762d7d367a053e9f)
+EXPECTED_LAYOUT = (6, 0xdd507428be70977f)
 
 
 def test_layout_change_bumps_version() -> None:

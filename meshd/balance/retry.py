@@ -16,8 +16,9 @@ is not GET.
 
 ``attempt_refusal`` is the rule the worker's attempt loop asks
 (``meshd.worker.call.may_retry``, then the deadline and the shared budget): it speaks the
-data path's failure kinds (connect, reset, timeout, 5xx, 4xx; a service's ``failure_on``
-says which count) and adds one case the request-level rule cannot see: an attempt whose
+data path's failure kinds (connect, reset, timeout, 5xx, 4xx, grpc: a non-zero
+grpc-status; a service's ``failure_on`` says which count; of gRPC failures only a
+trailers-only answer in ``meshd.proto.grpc_status.RETRYABLE`` is asked about) and adds one case the request-level rule cannot see: an attempt whose
 bytes never left meshd (its connection failed) may go elsewhere whatever its method and
 body.
 

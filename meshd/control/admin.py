@@ -29,7 +29,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from meshd.control import build_info
 from meshd.control.config_view import effective
-from meshd.metrics import render_prometheus, row_keys, serving_workers
+from meshd.metrics import render_endpoints, render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
 
 if TYPE_CHECKING:
@@ -235,6 +235,9 @@ class AdminApp:
         keys = row_keys(c.config, c.discovery.rows.rows)
         lines = [*c.discovery.prometheus(), *(c.server.prometheus() if c.server else ()),
                  *(c.identity.prometheus() if c.identity else ())]
+        lines += render_endpoints(c.region, {name: [str(e) for e in w.merged()] for name, w
+                                             in sorted(c.discovery.watches.items())},
+                                  c.discovery.endpoint_rows.rows)
         text = render_prometheus(c.region, keys, build_info.labels()) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
 

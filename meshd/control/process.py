@@ -116,6 +116,13 @@ class Control:
         client identities they saw that have no metric row yet (``meshd.rowkeys``)."""
         while True:
             data = sock.recv(4096)
+            if data.startswith(rowkeys.AUTHORITY_REQUEST):
+                listener, _, rest = data[len(rowkeys.AUTHORITY_REQUEST):].partition(b"\0")
+                base_key, _, authority = rest.partition(b"\0")
+                self.discovery.authority_row(listener.decode("utf-8", "replace"),
+                                             base_key.decode("utf-8", "replace"),
+                                             authority.decode("latin-1"))
+                continue
             if data.startswith(rowkeys.ROW_REQUEST):
                 listener, _, client_id = data[len(rowkeys.ROW_REQUEST):].partition(b"\0")
                 self.discovery.client_row(listener.decode("utf-8", "replace"),

@@ -61,11 +61,17 @@ class RowTable:
         """Rows the region needs now: assigned (with rows 0 and 1) plus refused pairs."""
         return self.next_row + len(self._warned)
 
-    def ensure(self, listener: str, service: str) -> None:
+    def ensure(self, listener: str, service: str, optional: bool = False) -> bool:
+        """A row for (listener, row key ``service``); False when there is none. An
+        ``optional`` row (one of an authority: its requests have their service's row to
+        count under) that finds the region full is refused quietly, not counted as
+        exhausted: the Host is the client's to choose."""
         by = self.rows.setdefault(listener, {})
         if service in by:
-            return
+            return True
         if self.next_row >= self.region.rows:
+            if optional:
+                return False
             if (listener, service) not in self._warned:
                 self._warned.add((listener, service))
                 self.region.add_u64(OFF_ROWS_EXHAUSTED)
@@ -73,10 +79,11 @@ class RowTable:
                           "(metric_rows = %d); its traffic is counted under service=\"_overflow\" "
                           "until a reload grows the region", listener, service, self.region.rows)
                 self._usage.publish(self.in_use)
-            return
+            return False
         by[service] = self.next_row
         self.next_row += 1
         self._usage.publish(self.in_use)
+        return True
 
     def service_rows(self, service: str) -> list[int]:
         """Every row counting ``service``: its plaintext rows and its mTLS ones

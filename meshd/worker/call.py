@@ -36,9 +36,10 @@ from meshd.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from meshd.proto import grpc_status
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
-from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.shm import F_LABEL_OVERFLOW, LABEL_OVERFLOW, ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
 from meshd.worker.routing import Policy
@@ -194,10 +195,19 @@ class Call:
             status = ex.response(try_deadline, self.deadline)
             rtt = time.monotonic() - sent_at
             kind = status_kind(status)
+            grpc: int | None = None
+            if side.grpc and not kind:  # a trailers-only answer: its status is in the head
+                grpc = grpc_status.code(ex.h2_head())
+                if grpc:
+                    kind = "grpc"
             failed = kind in policy.failure_on
-            if failed and may_retry(worker, self, kind, attempts_left):
+            if (failed and (grpc is None or grpc in grpc_status.RETRYABLE)
+                    and may_retry(worker, self, kind, attempts_left)):
                 raise RetryNow()
-            return side.respond(self, ex, status)
+            answered = side.respond(self, ex, status)
+            if side.grpc and grpc is None and not failed and "grpc" in policy.failure_on:
+                failed = bool(grpc_status.code(ex.trailers))  # known once the trailers came
+            return answered
         except BaseException as e:
             ex.abort()
             if isinstance(e, RetryNow):
@@ -321,33 +331,84 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
     if endpoints is None:
         return service, None, ROW_UNKNOWN, policy
     if listener.direction == "inbound":
-        return service, endpoints, inbound_row(worker, listener, service, peer), policy
-    return service, endpoints, outbound_row(worker, listener, service, endpoints), policy
+        return (service, endpoints, inbound_row(worker, listener, service, peer, authority),
+                policy)
+    return (service, endpoints, outbound_row(worker, listener, service, endpoints, authority),
+            policy)
 
 
-def inbound_row(worker: Context, listener: ListenerConfig, service: str, peer: Peer) -> int:
+def inbound_row(worker: Context, listener: ListenerConfig, service: str, peer: Peer,
+                authority: bytes | None = None) -> int:
     """The metric row of an inbound request or connection from ``peer``: its own rows for
     an mTLS peer of a listener with mTLS, asked of the control process the first time
-    (meanwhile, and past the bound, client_id="other")."""
+    (meanwhile, and past the bound, client_id="other"); of the request's ``authority``
+    when it has one (``authority_row``)."""
     snap = worker.snapshot
     if not peer.tls or listener.mtls == "off":
+        row_key = service
         row = snap.row(listener.name, service)
     else:
-        row = snap.row(listener.name, rowkeys.key(service, True, peer.client_id))
+        row_key = rowkeys.key(service, True, peer.client_id)
+        row = snap.row(listener.name, row_key)
         if row is None:
             if peer.client_id:
                 worker.ask_row(listener.name, peer.client_id)
-            row = snap.row(listener.name, rowkeys.key(service, True, rowkeys.OTHER))
-    return ROW_OVERFLOW if row is None else row
+            row_key = rowkeys.key(service, True, rowkeys.OTHER)
+            row = snap.row(listener.name, row_key)
+    if row is None:
+        return ROW_OVERFLOW
+    return row if authority is None else authority_row(worker, listener, row_key, row, authority)
 
 
 def outbound_row(worker: Context, listener: ListenerConfig, service: str,
-                 endpoints: Sequence[Endpoint]) -> int:
+                 endpoints: Sequence[Endpoint], authority: bytes | None = None) -> int:
     """The metric row of an outbound request to ``service`` over ``endpoints`` (with
-    ``[identity]``: by the server identity they share, assigned up front)."""
+    ``[identity]``: by the server identity they share, assigned up front), and of its
+    ``authority`` (``authority_row``)."""
     row_key = rowkeys.outbound_key(worker.config.identity is not None, service, endpoints)
     row = worker.snapshot.row(listener.name, row_key)
-    return ROW_OVERFLOW if row is None else row
+    if row is None:
+        return ROW_OVERFLOW
+    return row if authority is None else authority_row(worker, listener, row_key, row, authority)
+
+
+def authority_row(worker: Context, listener: ListenerConfig, base_key: str, row: int,
+                  authority: bytes) -> int:
+    """The row of the requests of ``base_key``'s row (``row``) that name ``authority``,
+    when it has one; else ``row`` (authority="_other"), and the control process is asked
+    for one -- unless the listener has ``MAX_AUTHORITY_ROWS`` already: the request is
+    then counted as an overflow on the listener's own row (``meshd.rowkeys``)."""
+    name = rowkeys.authority_of(authority)
+    if not name:
+        return row
+    snap = worker.snapshot
+    own = snap.row(listener.name, rowkeys.with_authority(base_key, name))
+    if own is not None:
+        return own
+    if worker.authority_rows(listener.name) >= rowkeys.MAX_AUTHORITY_ROWS:
+        counted = snap.row(listener.name, "")
+        worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
+                          F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("authority"))
+    else:
+        worker.ask_authority_row(listener.name, base_key, name)
+    return row
+
+
+def route_row(worker: Context, listener: ListenerConfig, policy: Policy) -> int:
+    """The row of the ``[[route]]`` the request matched (``route_*`` metrics), -1 when it
+    matched none. A route without a row (past ``MAX_ROUTE_ROWS``) counts under the
+    listener's ``_overflow`` route row, and as an overflow on the listener's own row."""
+    if policy.route is None:
+        return -1
+    snap = worker.snapshot
+    row = snap.row(listener.name, rowkeys.route_key(policy.route))
+    if row is not None:
+        return row
+    counted = snap.row(listener.name, "")
+    worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
+                      F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("route"))
+    row = snap.row(listener.name, rowkeys.route_key(rowkeys.OVERFLOW))
+    return -1 if row is None else row
 
 
 def _original_destination(worker: Context, listener: ListenerConfig, dst: tuple[str, int],
