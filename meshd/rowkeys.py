@@ -40,8 +40,9 @@ the cap count under ``_other`` (those past the cap also in
 
 A ``[[route]]``'s own rows (Linkerd's ``route_*`` families) have keys of their own,
 ``ROUTE`` then the route's name, assigned up front from the config to every HTTP
-outbound listener the route applies to, at most ``MAX_ROUTE_ROWS`` per listener; the
-rest count under the route ``OVERFLOW`` (``route="_overflow"``).
+outbound listener the route applies to, at most ``MAX_ROUTE_ROWS`` per listener, with
+one more, the route ``OVERFLOW`` (``route="_overflow"``), for the rest and for routes
+a config source added since (until a reload gives them rows).
 """
 
 from __future__ import annotations

@@ -340,21 +340,24 @@ class DiscoveryRunner:
 
     def _ensure_route_rows(self) -> None:
         """The rows of each ``[[route]]`` (``route_*`` metrics) on every HTTP outbound
-        listener it applies to, up to ``rowkeys.MAX_ROUTE_ROWS`` per listener; past it
-        one ``_overflow`` route row counts the rest."""
+        listener it applies to, up to ``rowkeys.MAX_ROUTE_ROWS`` per listener; one
+        ``_overflow`` route row counts the rest (and routes without a row of their own:
+        a config source's, until the next reload gives them one)."""
         for lst in self.cfg.listeners:
             if lst.direction != "outbound" or lst.protocol == "tcp":
                 continue
             names = list(dict.fromkeys(r.name for r in self.cfg.routes
                                        if r.listener in (None, lst.name)))
+            if not names:
+                continue
+            self.rows.ensure(lst.name, rowkeys.route_key(rowkeys.OVERFLOW))
             by_key = self.rows.rows.get(lst.name, {})
-            have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE))
+            have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
             for name in names:
                 key = rowkeys.route_key(name)
                 if key in by_key:
                     continue
                 if have >= rowkeys.MAX_ROUTE_ROWS:
-                    self.rows.ensure(lst.name, rowkeys.route_key(rowkeys.OVERFLOW))
                     log.warning("listener %s: %d [[route]] tables have metric rows; the "
                                 'others count under route="%s"', lst.name,
                                 rowkeys.MAX_ROUTE_ROWS, rowkeys.OVERFLOW)

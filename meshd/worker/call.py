@@ -372,18 +372,35 @@ def outbound_row(worker: Context, listener: ListenerConfig, service: str,
     return row if authority is None else authority_row(worker, listener, row_key, row, authority)
 
 
+# (listener, base key, authority as sent) -> its row, in the snapshot _found_in[0]: the
+# rows found, so that a request of a known authority costs one lookup, not a parse.
+# Bounded: only rows that exist (at most MAX_AUTHORITY_ROWS per listener) under the
+# spellings clients used (case, up to MAX_FOUND of them).
+MAX_FOUND = 4096
+_found: dict[tuple[str, str, bytes], int] = {}
+_found_in: list[object] = [None]
+
+
 def authority_row(worker: Context, listener: ListenerConfig, base_key: str, row: int,
                   authority: bytes) -> int:
     """The row of the requests of ``base_key``'s row (``row``) that name ``authority``,
     when it has one; else ``row`` (authority="_other"), and the control process is asked
     for one -- unless the listener has ``MAX_AUTHORITY_ROWS`` already: the request is
     then counted as an overflow on the listener's own row (``meshd.rowkeys``)."""
+    snap = worker.snapshot
+    if _found_in[0] is not snap:  # rows are found again in each new snapshot
+        _found.clear()
+        _found_in[0] = snap
+    seen = _found.get((listener.name, base_key, authority))
+    if seen is not None:
+        return seen
     name = rowkeys.authority_of(authority)
     if not name:
         return row
-    snap = worker.snapshot
     own = snap.row(listener.name, rowkeys.with_authority(base_key, name))
     if own is not None:
+        if len(_found) < MAX_FOUND:
+            _found[(listener.name, base_key, authority)] = own
         return own
     if worker.authority_rows(listener.name) >= rowkeys.MAX_AUTHORITY_ROWS:
         counted = snap.row(listener.name, "")

@@ -191,6 +191,9 @@ class H2ToHttp1:
             if self._ended or kept:  # a retry: what the client sent so far, again
                 ex.send_body(tuple(kept or ()), end=self._ended,
                              trailers=stream.trailers if self._ended else ())
+                if self._unacked:  # the last attempt was stopped before it acknowledged
+                    server.acknowledge(stream, self._unacked)
+                    self._unacked = 0
                 if self._ended:
                     return True
             elif stream.body.empty():  # the head goes at once; the body follows as it comes
@@ -213,7 +216,9 @@ class H2ToHttp1:
                         self._kept.append(data)
                     else:
                         self._kept = None
+                self._unacked = len(data)
                 ex.send_body((data,))
+                self._unacked = 0  # before: the window goes back once, whatever happens
                 server.acknowledge(stream, len(data))
         except ProxyError:
             return False
@@ -254,6 +259,7 @@ class H2ToHttp1:
     _kept: list[bytes] | None = None
     _kept_bytes = 0
     _ended = False
+    _unacked = 0  # bytes of the piece being sent, until the client's window gets them back
 
     def _answer_error(self, err: ProxyError) -> None:
         fields, body = error_answer(err, self.server.listener, "HTTP/2")
