@@ -368,3 +368,41 @@ def test_the_dashboard_names_only_metrics_meshd_exports(world) -> None:
         if f.type == "histogram":
             exported |= {f.name + suffix for suffix in ("_bucket", "_sum", "_count")}
     assert names - exported == set(), "the dashboard names metrics meshd does not export"
+
+
+# -- routes are capped per listener too -----------------------------------------------------
+
+def test_routes_past_the_cap_count_under_overflow(mesh, backends) -> None:
+    b = backends("web")
+    n = rowkeys.MAX_ROUTE_ROWS + 2
+    routes = "".join(f'[[route]]\nname = "r{i}"\nhost = "web"\npath_prefix = "/r{i}/"\n\n'
+                     for i in range(n))
+    m = mesh.run({"web": [b.address]}, workers=1, extra=routes)
+    port = m.ports["outbound"]
+    for i in (0, n - 2, n - 1):  # the first route, and two past the cap
+        assert http_get("127.0.0.1", port, f"/r{i}/x", {"Host": "web"})[0] == 200
+    assert http_get("127.0.0.1", port, "/none", {"Host": "web"})[0] == 200  # no route
+    route = {"direction": "outbound", "listener": "outbound", "dst": "web"}
+    assert samples(m, "route_request_total", **route, route="r0") == 1
+    assert samples(m, "route_request_total", **route, route=f"r{n - 2}") == 0  # past the cap
+    # the overflow row is the listener's, not one route's: no dst
+    over = {"direction": "outbound", "listener": "outbound", "dst": "", "route": "_overflow"}
+    assert samples(m, "route_request_total", **over) == 2
+    assert samples(m, "route_response_total", **over, status_code="200",
+                   classification="success") == 2
+    assert samples(m, "meshd_label_overflow_total", listener="outbound", label="route") == 2
+    assert samples(m, "request_total", service="web") == 4  # each counted once by service
+    assert "[[route]] tables have metric rows" in m.log()
+
+
+def test_row_keys_of_authorities_and_routes() -> None:
+    base = rowkeys.key("web", True, "spiffe://td/sa/a")
+    k = rowkeys.with_authority(base, "web:8080")
+    assert rowkeys.parts(k) == ("web", "true", "spiffe://td/sa/a", "web:8080", "")
+    assert rowkeys.split(k) == rowkeys.split(base)
+    assert rowkeys.parts(rowkeys.with_authority("web", "web")) == ("web", "false", "", "web", "")
+    assert rowkeys.parts(rowkeys.route_key("r1")) == ("", "false", "", "", "r1")
+    for raw, name in ((b"Web:8080", "web:8080"), (b"[::1]:80", "[::1]:80"), (b"10.0.0.1", "10.0.0.1"),
+                      (b"_other", ""), (b"a b", ""), (b"web:123456", ""), (b"x" * 256, ""),
+                      (b"", ""), (None, ""), (b"web\x1fx", ""), (b"w\xe9b", "")):
+        assert rowkeys.authority_of(raw) == name, raw
