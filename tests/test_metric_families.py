@@ -406,3 +406,29 @@ def test_row_keys_of_authorities_and_routes() -> None:
                       (b"_other", ""), (b"a b", ""), (b"web:123456", ""), (b"x" * 256, ""),
                       (b"", ""), (None, ""), (b"web\x1fx", ""), (b"w\xe9b", "")):
         assert rowkeys.authority_of(raw) == name, raw
+
+
+def test_the_control_gives_authority_rows_only_to_known_keys_and_up_to_the_cap(tmp_path) -> None:
+    import logging
+
+    from meshd.control.rows import RowTable
+    from meshd.ratelog import Throttle
+    from meshd.shm import Region
+
+    region = Region.create(str(tmp_path / "rows.shm"), 2, 512)
+    try:
+        table = RowTable(region, {"out": {"": 2, "web": 3}})
+        quiet = Throttle(logging.getLogger("test"))
+        assert not table.authority("out", "nope", "nope", quiet)      # no such row: no service
+        assert not table.authority("in", "web", "web", quiet)         # no such listener
+        assert not table.authority("out", "web", "Web", quiet)        # not as a row names it
+        assert not table.authority("out", rowkeys.route_key("r"), "web", quiet)
+        assert table.authority("out", "web", "web", quiet)
+        assert not table.authority("out", "web", "web", quiet)        # has one
+        assert not table.authority("out", rowkeys.with_authority("web", "web"), "x", quiet)
+        for i in range(rowkeys.MAX_AUTHORITY_ROWS + 5):
+            table.authority("out", "web", f"web:{i}", quiet)
+        assert sum(1 for k in table.rows["out"] if rowkeys.parts(k).authority) == \
+            rowkeys.MAX_AUTHORITY_ROWS
+    finally:
+        region.close()

@@ -172,7 +172,7 @@ class DiscoveryRunner:
                         self.rows.ensure(lst.name, rowkeys.key(str(lst.forward), True, peer))
             elif lst.protocol == "tcp" and lst.service:
                 self.rows.ensure(lst.name, lst.service)
-        self._ensure_route_rows()
+        self.rows.routes(self.cfg)
         for service in self._configured_services():
             self.watch(service, on_demand=False)
         gevent.spawn(self._publisher)
@@ -338,54 +338,10 @@ class DiscoveryRunner:
             if service in by_key and row_key not in by_key:
                 self.rows.ensure(listener, row_key)
 
-    def _ensure_route_rows(self) -> None:
-        """The rows of each ``[[route]]`` (``route_*`` metrics) on every HTTP outbound
-        listener it applies to, up to ``rowkeys.MAX_ROUTE_ROWS`` per listener; one
-        ``_overflow`` route row counts the rest (and routes without a row of their own:
-        a config source's, until the next reload gives them one)."""
-        for lst in self.cfg.listeners:
-            if lst.direction != "outbound" or lst.protocol == "tcp":
-                continue
-            names = list(dict.fromkeys(r.name for r in self.cfg.routes
-                                       if r.listener in (None, lst.name)))
-            if not names:
-                continue
-            self.rows.ensure(lst.name, rowkeys.route_key(rowkeys.OVERFLOW))
-            by_key = self.rows.rows.get(lst.name, {})
-            have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
-            for name in names:
-                key = rowkeys.route_key(name)
-                if key in by_key:
-                    continue
-                if have >= rowkeys.MAX_ROUTE_ROWS:
-                    log.warning("listener %s: %d [[route]] tables have metric rows; the "
-                                'others count under route="%s"', lst.name,
-                                rowkeys.MAX_ROUTE_ROWS, rowkeys.OVERFLOW)
-                    break
-                if self.rows.ensure(lst.name, key):
-                    have += 1
-
     def authority_row(self, listener: str, base_key: str, authority: str) -> None:
         """A worker saw requests counted on ``base_key``'s row of ``listener`` name
-        ``authority``: give them a row of their own, up to ``rowkeys.MAX_AUTHORITY_ROWS``
-        per listener (the rest stay under authority="_other"). Only for a base key that
-        has a row already (a worker cannot make rows for made-up services) and a valid
-        authority; refused quietly when the region is full."""
-        by_key = self.rows.rows.get(listener)
-        if (not by_key or base_key not in by_key or base_key.startswith(rowkeys.ROUTE)
-                or rowkeys.parts(base_key).authority
-                or rowkeys.authority_of(authority.encode("latin-1", "replace")) != authority):
-            return
-        row_key = rowkeys.with_authority(base_key, authority)
-        if row_key in by_key:
-            return
-        have = sum(1 for k in by_key if rowkeys.parts(k).authority)
-        if have >= rowkeys.MAX_AUTHORITY_ROWS:
-            self.throttle.info(f"{listener}: authority rows", "listener %s: %d authorities "
-                               'have their own metric rows; more count under authority="%s"',
-                               listener, have, rowkeys.NO_AUTHORITY)
-            return
-        if self.rows.ensure(listener, row_key, optional=True):
+        ``authority``: a row of their own (``RowTable.authority``), published."""
+        if self.rows.authority(listener, base_key, authority, self.throttle):
             self.dirty.set()
 
     def client_row(self, listener: str, client_id: str) -> None:
