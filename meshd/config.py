@@ -70,8 +70,10 @@ _HOST = re.compile(r"[A-Za-z0-9_.-]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _METHOD = re.compile(r"[A-Z]+")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-FAILURE_KINDS = ("connect", "reset", "timeout", "5xx", "4xx")
-DEFAULT_FAILURE_ON = frozenset(("connect", "reset", "timeout", "5xx"))
+# "grpc": a gRPC answer whose grpc-status is not 0 (OK), in its trailers or a
+# trailers-only head (meshd.proto.grpc_status)
+FAILURE_KINDS = ("connect", "reset", "timeout", "5xx", "4xx", "grpc")
+DEFAULT_FAILURE_ON = frozenset(("connect", "reset", "timeout", "5xx", "grpc"))
 
 
 @dataclass(frozen=True, slots=True)

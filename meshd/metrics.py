@@ -13,15 +13,20 @@ from dataclasses import dataclass
 
 import meshd
 from meshd import rowkeys
+from meshd.balance.ejection import Health
 from meshd.config import Config
 from meshd.shm import (
     AUTHZ_DENIED,
     DETECT_RESULTS,
+    EP_FAILURES,
+    EP_SUCCESSES,
     F_AUTHZ_DENIED,
     F_BUDGET_EXHAUSTED,
     F_CLASS,
     F_DETECT,
     F_FAILURES,
+    F_GRPC,
+    F_LABEL_OVERFLOW,
     F_LATENCY,
     F_LATENCY_SUM_US,
     F_READ_BYTES,
@@ -35,12 +40,15 @@ from meshd.shm import (
     F_TLS_OUT,
     F_TRACE,
     F_WRITE_BYTES,
+    GRPC_CODES,
     KIND_WORKER,
+    LABEL_OVERFLOW,
     LATENCY_BUCKETS_MS,
     OFF_RELOAD_FAILURES,
     OFF_RELOADS,
     OFF_RESTARTS,
     OFF_ROWS_EXHAUSTED,
+    OFF_SLOTS_USED,
     ROW_OVERFLOW,
     ROW_UNKNOWN,
     STATE_SERVING,
@@ -59,12 +67,16 @@ class RowKey:
     service: str
     tls: str = ""      # "true" | "false" | "mixed"; "" when not labelled (no [identity])
     peer_id: str = ""  # client_id (inbound) or server_id (outbound)
+    authority: str = ""  # the row's authority ("" : authority="_other", see meshd.rowkeys)
+    route: str = ""    # a [[route]]'s row: its name (route_* families only)
+    dst: str = ""      # a route row: the route's host (Linkerd's dst)
 
 
 def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, RowKey]:
     """Row -> labels, for every row the snapshot assigned plus the two reserved rows.
     With ``[identity]``, each row also says tls and the peer's identity (``meshd.rowkeys``)."""
     directions = {lst.name: lst.direction for lst in cfg.listeners}
+    hosts = {r.name: r.host for r in cfg.routes}
     labelled = cfg.identity is not None
     keys = {
         ROW_UNKNOWN: RowKey("outbound", "", "_unknown"),
@@ -72,18 +84,43 @@ def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, Ro
     }
     for listener, by_key in rows.items():
         for row_key, row in by_key.items():
-            service, tls, peer_id = rowkeys.split(row_key)
-            keys[row] = RowKey(directions.get(listener, ""), listener, service,
-                               tls if labelled else "", peer_id)
+            p = rowkeys.parts(row_key)
+            keys[row] = RowKey(directions.get(listener, ""), listener, p.service,
+                               p.tls if labelled else "", p.peer_id, p.authority, p.route,
+                               hosts.get(p.route, ""))
     return keys
 
 
-def _labels(key: RowKey, **extra: str) -> str:
+def _pairs(key: RowKey) -> list[tuple[str, str]]:
     pairs = [("direction", key.direction), ("listener", key.listener), ("service", key.service)]
     if key.tls:
         pairs += [("tls", key.tls),
                   ("client_id" if key.direction == "inbound" else "server_id", key.peer_id)]
-    pairs += extra.items()
+    return pairs
+
+
+def _labels(key: RowKey, **extra: str) -> str:
+    """The labels of the per-connection families (tcp_*): no authority, no route."""
+    return _render([*_pairs(key), *extra.items()])
+
+
+def _request_labels(key: RowKey, **extra: str) -> str:
+    """The labels of the per-request families: Linkerd's authority, and target_addr for
+    inbound rows (the application's address, which meshd's service is there too)."""
+    pairs = [*_pairs(key), *extra.items(), ("authority", key.authority or rowkeys.NO_AUTHORITY)]
+    if key.direction == "inbound":
+        pairs.append(("target_addr", key.service))
+    return _render(pairs)
+
+
+def _route_labels(key: RowKey, **extra: str) -> str:
+    """The labels of the route_* families: Linkerd's dst and rt_route, and route."""
+    return _render([("direction", key.direction), ("listener", key.listener),
+                    ("dst", key.dst), ("route", key.route), ("rt_route", key.route),
+                    *extra.items()])
+
+
+def _render(pairs: Sequence[tuple[str, str]]) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
@@ -121,6 +158,106 @@ def _trace_families(trace: Sequence[int], family: Callable[[str, str, str], None
            "not answer their batch).")
     for i, reason in ((1, "queue_full"), (2, "export_failed")):
         out.append(f'meshd_trace_spans_dropped_total{{reason="{reason}"}} {trace[F_TRACE + i]}')
+def _responses(t: Sequence[int]) -> list[tuple[dict[str, str], int]]:
+    """A row's responses by (status_code, classification, grpc_status): Linkerd's
+    classification is failure for a 5xx or a gRPC status other than 0."""
+    out: list[tuple[dict[str, str], int]] = []
+    for i, code in enumerate(STATUS_CODES):
+        n = t[F_STATUS + i]
+        if n:
+            out.append(({"status_code": str(code),
+                         "classification": "failure" if code >= 500 else "success"}, n))
+    for i, name in enumerate(STATUS_CLASSES):
+        n = t[F_CLASS + i]
+        if n:
+            out.append(({"status_code": name,
+                         "classification": "failure" if name == "5xx" else "success"}, n))
+    for i in range(GRPC_CODES + 1):
+        n = t[F_GRPC + i]
+        if n:
+            out.append(({"status_code": "200",
+                         "classification": "success" if i == 0 else "failure",
+                         "grpc_status": str(i) if i < GRPC_CODES else "other"}, n))
+    return out
+
+
+_HISTOGRAM = len(LATENCY_BUCKETS_MS) + 1
+
+
+class _Families:
+    """Samples of the per-row families, summed by their rendered labels: rows that a
+    family does not tell apart (an authority's rows in tcp_*) add up to one series."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self.latency: dict[str, dict[str, list[int]]] = {}
+
+    def add(self, name: str, labels: str, n: int) -> None:
+        series = self.counts.setdefault(name, {})
+        series[labels] = series.get(labels, 0) + n
+
+    def observe(self, name: str, labels: str, t: Sequence[int]) -> None:
+        series = self.latency.setdefault(name, {})
+        seen = series.get(labels)
+        counts = [*t[F_LATENCY:F_LATENCY + _HISTOGRAM], t[F_LATENCY_SUM_US]]
+        series[labels] = counts if seen is None else [a + b for a, b in zip(seen, counts, strict=True)]
+
+    def lines(self, name: str) -> list[str]:
+        return [f"{name}{labels} {n}" for labels, n in self.counts.get(name, {}).items()]
+
+    def histogram(self, name: str) -> list[str]:
+        out = []
+        for labels, counts in self.latency.get(name, {}).items():
+            inner = labels[1:-1]
+            acc = 0
+            for i, bound in enumerate(LATENCY_BUCKETS_MS):
+                acc += counts[i]
+                out.append(f'{name}_bucket{{{inner},le="{bound}"}} {acc}')
+            total = acc + counts[_HISTOGRAM - 1]
+            out.append(f'{name}_bucket{{{inner},le="+Inf"}} {total}')
+            out.append(f"{name}_sum{labels} {counts[_HISTOGRAM] / 1000:.3f}")
+            out.append(f"{name}_count{labels} {total}")
+        return out
+
+
+_TCP_FAMILIES = (
+    ("tcp_open_total", F_TCP_OPEN_TOTAL, "counter", "Connections accepted or opened."),
+    ("tcp_close_total", F_TCP_CLOSE_TOTAL, "counter", "Connections closed."),
+    ("tcp_open_connections", F_TCP_OPEN, "gauge", "Connections open now."),
+    ("tcp_read_bytes_total", F_READ_BYTES, "counter", "Bytes read from clients (opaque TCP)."),
+    ("tcp_write_bytes_total", F_WRITE_BYTES, "counter", "Bytes written to clients (opaque TCP)."),
+)
+_RETRY_FAMILIES = (
+    ("retry_total", F_RETRIES, "Requests sent again to another endpoint."),
+    ("retry_budget_exhausted_total", F_BUDGET_EXHAUSTED, "Retries the retry budget refused."),
+)
+
+
+def _collect(totals: Mapping[int, Sequence[int]], keys: Mapping[int, RowKey]) -> _Families:
+    f = _Families()
+    for row, t in totals.items():
+        key = keys[row]
+        if key.route:
+            if t[F_REQUESTS]:
+                f.add("route_request_total", _route_labels(key), t[F_REQUESTS])
+            for extra, n in _responses(t):
+                f.add("route_response_total", _route_labels(key, **extra), n)
+            if any(t[F_LATENCY:F_LATENCY + _HISTOGRAM]):
+                f.observe("route_response_latency_ms", _route_labels(key), t)
+            continue
+        if t[F_REQUESTS]:
+            f.add("request_total", _request_labels(key), t[F_REQUESTS])
+        for extra, n in _responses(t):
+            f.add("response_total", _request_labels(key, **extra), n)
+        if any(t[F_LATENCY:F_LATENCY + _HISTOGRAM]):
+            f.observe("response_latency_ms", _request_labels(key), t)
+        for name, field, _help in _RETRY_FAMILIES:
+            if t[field]:
+                f.add(name, _request_labels(key), t[field])
+        for name, field, kind, _help in _TCP_FAMILIES:
+            if t[field] or (kind == "gauge" and t[F_TCP_OPEN_TOTAL]):
+                f.add(name, _labels(key), t[field])
+    return f
 
 
 def render_prometheus(region: Region, keys: Mapping[int, RowKey],
@@ -136,48 +273,36 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
+    f = _collect(totals, keys)
     family("request_total", "counter", "Requests received, by destination.")
-    for row, t in totals.items():
-        if t[F_REQUESTS]:
-            out.append(f"request_total{_labels(keys[row])} {t[F_REQUESTS]}")
-    family("response_total", "counter", "Responses sent, by status code and classification.")
-    for row, t in totals.items():
-        for i, code in enumerate(STATUS_CODES):
-            n = t[F_STATUS + i]
-            if n:
-                cls = "failure" if code >= 500 else "success"
-                out.append(f"response_total{_labels(keys[row], status_code=str(code), classification=cls)} {n}")
-        for i, name in enumerate(STATUS_CLASSES):
-            n = t[F_CLASS + i]
-            if n:
-                cls = "failure" if name == "5xx" else "success"
-                out.append(f"response_total{_labels(keys[row], status_code=name, classification=cls)} {n}")
+    out += f.lines("request_total")
+    family("response_total", "counter",
+           "Responses sent, by status code, gRPC status and classification.")
+    out += f.lines("response_total")
     family("response_latency_ms", "histogram", "Time to the response, in milliseconds.")
-    for row, t in totals.items():
-        count = sum(t[F_LATENCY:F_LATENCY + len(LATENCY_BUCKETS_MS) + 1])
-        if not count:
-            continue
-        acc = 0
-        for i, bound in enumerate(LATENCY_BUCKETS_MS):
-            acc += t[F_LATENCY + i]
-            out.append(f"response_latency_ms_bucket{_labels(keys[row], le=str(bound))} {acc}")
-        out.append(f'response_latency_ms_bucket{_labels(keys[row], le="+Inf")} {count}')
-        out.append(f"response_latency_ms_sum{_labels(keys[row])} {t[F_LATENCY_SUM_US] / 1000:.3f}")
-        out.append(f"response_latency_ms_count{_labels(keys[row])} {count}")
-    for name, field, kind, help_text in (
-        ("tcp_open_total", F_TCP_OPEN_TOTAL, "counter", "Connections accepted or opened."),
-        ("tcp_close_total", F_TCP_CLOSE_TOTAL, "counter", "Connections closed."),
-        ("tcp_open_connections", F_TCP_OPEN, "gauge", "Connections open now."),
-        ("tcp_read_bytes_total", F_READ_BYTES, "counter", "Bytes read from clients (opaque TCP)."),
-        ("tcp_write_bytes_total", F_WRITE_BYTES, "counter", "Bytes written to clients (opaque TCP)."),
-        ("retry_total", F_RETRIES, "counter", "Requests sent again to another endpoint."),
-        ("retry_budget_exhausted_total", F_BUDGET_EXHAUSTED, "counter",
-         "Retries the retry budget refused."),
-    ):
+    out += f.histogram("response_latency_ms")
+    family("route_request_total", "counter", "Requests that matched a [[route]].")
+    out += f.lines("route_request_total")
+    family("route_response_total", "counter",
+           "Responses to requests that matched a [[route]], by status and classification.")
+    out += f.lines("route_response_total")
+    family("route_response_latency_ms", "histogram",
+           "Time to the response of requests that matched a [[route]], in milliseconds.")
+    out += f.histogram("route_response_latency_ms")
+    for name, _field, kind, help_text in _TCP_FAMILIES:
         family(name, kind, help_text)
-        for row, t in totals.items():
-            if t[field] or (kind == "gauge" and t[F_TCP_OPEN_TOTAL]):
-                out.append(f"{name}{_labels(keys[row])} {t[field]}")
+        out += f.lines(name)
+    for name, _field, help_text in _RETRY_FAMILIES:
+        family(name, "counter", help_text)
+        out += f.lines(name)
+    family("meshd_label_overflow_total", "counter",
+           "Requests counted under a fixed label value because the listener's cap of rows "
+           "was reached: authority=\"_other\" (label=\"authority\") or "
+           "route=\"_overflow\" (label=\"route\").")
+    for listener, by_label in _per_listener(totals, keys, F_LABEL_OVERFLOW, len(LABEL_OVERFLOW)):
+        for label, n in zip(LABEL_OVERFLOW, by_label, strict=True):
+            out.append(f'meshd_label_overflow_total{{listener="{_escape(listener)}",'
+                       f'label="{label}"}} {n}')
     family("meshd_protocol_detect_total", "counter",
            "Connections of protocol = \"auto\" listeners, by what detection found "
            "(skipped: an opaque port, not detected; tunnel_refused: a meshd tunnel to a port "
@@ -227,6 +352,44 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
     return "\n".join(out) + "\n"
 
 
+def render_endpoints(region: Region, services: Mapping[str, Sequence[str]],
+                     endpoint_rows: Mapping[str, int]) -> list[str]:
+    """Per-endpoint families (Linkerd's ``target_addr`` on outbound traffic): attempts by
+    outcome as failure accrual counts them, ejections, and whether ejected now, for each
+    watched service's endpoints (``services``: name -> "host:port"s) that have a row."""
+    slots = list(range(region.get_u32(OFF_SLOTS_USED)))
+    view = region.endpoint_view()
+    attempts: list[str] = []
+    ejections: list[str] = []
+    ejected: list[str] = []
+    for service, addresses in services.items():
+        for address in addresses:
+            row = endpoint_rows.get(address)
+            if row is None:
+                continue
+            labels = f'service="{_escape(service)}",target_addr="{_escape(address)}"'
+            ok = view.field_sum(row, EP_SUCCESSES, slots)
+            bad = view.field_sum(row, EP_FAILURES, slots)
+            attempts.append(f'meshd_endpoint_attempts_total{{{labels},classification="success"}} {ok}')
+            attempts.append(f'meshd_endpoint_attempts_total{{{labels},classification="failure"}} {bad}')
+            health = view.health(row)
+            if health is None:
+                continue
+            ejections.append(f"meshd_endpoint_ejections_total{{{labels}}} {health.ejections}")
+            ejected.append(f"meshd_endpoint_ejected{{{labels}}} "
+                           f"{int(health.state is not Health.HEALTHY)}")
+    return [
+        "# HELP meshd_endpoint_attempts_total Attempts sent to an endpoint, by outcome as "
+        "failure accrual counts it (the service's failure_on).",
+        "# TYPE meshd_endpoint_attempts_total counter", *attempts,
+        "# HELP meshd_endpoint_ejections_total Times failure accrual ejected an endpoint.",
+        "# TYPE meshd_endpoint_ejections_total counter", *ejections,
+        "# HELP meshd_endpoint_ejected 1 while an endpoint is ejected or probed after an "
+        "ejection.",
+        "# TYPE meshd_endpoint_ejected gauge", *ejected,
+    ]
+
+
 # -- stat: rates and quantiles over a sliding window ------------------------------------
 
 
@@ -256,12 +419,24 @@ class StatWindow:
         new = self.samples[-1]
         old = self.samples[0]
         span = max(new.at - old.at, 1e-9)
-        result: list[dict[str, object]] = []
+        # An authority's rows add up to their service's line; route rows are not shown.
+        grouped: dict[RowKey, tuple[list[int], list[int] | None]] = {}
         for row, t in sorted(new.totals.items()):
             key = keys.get(row)
-            if key is None or not t[F_REQUESTS]:
+            if key is None or key.route or not t[F_REQUESTS]:
                 continue
+            key = RowKey(key.direction, key.listener, key.service, key.tls, key.peer_id)
             o = old.totals.get(row) if len(self.samples) > 1 else None
+            seen = grouped.get(key)
+            if seen is None:
+                grouped[key] = (list(t), None if o is None else list(o))
+            else:
+                t0, o0 = seen
+                grouped[key] = ([a + b for a, b in zip(t0, t, strict=True)],
+                                o0 if o is None or o0 is None
+                                else [a + b for a, b in zip(o0, o, strict=True)])
+        result: list[dict[str, object]] = []
+        for key, (t, o) in grouped.items():
             d = [a - b for a, b in zip(t, o, strict=True)] if o else t
             responses = sum(d[F_LATENCY:F_LATENCY + len(LATENCY_BUCKETS_MS) + 1])
             failures = d[F_FAILURES]

@@ -23,19 +23,61 @@ before their row is published (one snapshot poll), count under ``client_id="othe
 An outbound request's row is chosen before its endpoint is picked (the request counter
 moves on arrival): when a service's endpoints do not all share one (tls, identity) --
 a migration to mTLS in progress -- its requests count under ``tls="mixed"``.
+
+The authority (Host, :authority) of HTTP requests is a fourth field, after the three
+above (a plaintext key spells tls "false" then)::
+
+    "web\x1ffalse\x1f\x1fweb:8080"              authority="web:8080", plaintext
+    "web\x1ftrue\x1fspiffe://td/sa/x\x1fweb"     authority="web", mTLS
+
+A key without it (the three forms above) is the service's row for requests whose
+authority has no row of its own: rendered ``authority="_other"``. The Host is the
+client's to choose, so authority rows are given only on demand (a worker's
+``AUTHORITY_REQUEST`` datagram for the base key and a ``valid_authority``), at most
+``MAX_AUTHORITY_ROWS`` per listener; requests before their row is published and past
+the cap count under ``_other`` (those past the cap also in
+``meshd_label_overflow_total{label="authority"}``).
+
+A ``[[route]]``'s own rows (Linkerd's ``route_*`` families) have keys of their own,
+``ROUTE`` then the route's name, assigned up front from the config to every HTTP
+outbound listener the route applies to, at most ``MAX_ROUTE_ROWS`` per listener, with
+one more, the route ``OVERFLOW`` (``route="_overflow"``), for the rest and for routes
+a config source added since (until a reload gives them rows).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from meshd.discovery.api import Endpoint
 
 SEP = "\x1f"
+ROUTE = "\x1e"             # a route row's key: ROUTE + the route's name
 OTHER = "other"
 MIXED = "mixed"
+NO_AUTHORITY = "_other"    # the authority label of a row without one (see above)
+OVERFLOW = "_overflow"     # the route label of requests past MAX_ROUTE_ROWS
 MAX_CLIENT_IDS = 100       # client identities with their own rows, per inbound listener
+MAX_AUTHORITY_ROWS = 100   # rows with an authority, per listener
+MAX_ROUTE_ROWS = 100       # [[route]] rows, per listener
+MAX_AUTHORITY = 255        # bytes of an authority that may get a row of its own
 ROW_REQUEST = b"\x00row\x00"  # a worker's datagram: ROW_REQUEST + listener + b"\0" + client_id
+# A worker's datagram: AUTHORITY_REQUEST + listener + b"\0" + base key + b"\0" + authority
+AUTHORITY_REQUEST = b"\x00authority\x00"
+# A host name or address, with a port: what a row may be named after (lower case; never
+# "_other" or "_overflow", the fixed values).
+_AUTHORITY = re.compile(r"[a-z0-9][a-z0-9_.\-]*(:[0-9]{1,5})?|\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+
+
+class Parts(NamedTuple):
+    """What a row key says."""
+    service: str
+    tls: str          # "false" | "true" | "mixed"
+    peer_id: str
+    authority: str    # "" for the service's row of requests without an authority row
+    route: str        # a route row's route name ("" for every other row)
 
 
 def key(service: str, tls: bool | str, peer_id: str = "") -> str:
@@ -48,11 +90,39 @@ def key(service: str, tls: bool | str, peer_id: str = "") -> str:
 
 def split(row_key: str) -> tuple[str, str, str]:
     """(service, tls, peer identity) of a row key."""
+    p = parts(row_key)
+    return p.service, p.tls, p.peer_id
+
+
+def parts(row_key: str) -> Parts:
+    """Everything a row key says (see the module docstring)."""
+    if row_key.startswith(ROUTE):
+        return Parts("", "false", "", "", row_key[1:])
     service, sep, rest = row_key.partition(SEP)
     if not sep:
-        return service, "false", ""
-    tls, _, peer_id = rest.partition(SEP)
-    return service, tls, peer_id
+        return Parts(service, "false", "", "", "")
+    tls, _, rest = rest.partition(SEP)
+    peer_id, _, authority = rest.partition(SEP)
+    return Parts(service, tls, peer_id, authority, "")
+
+
+def with_authority(base_key: str, authority: str) -> str:
+    """The key of the row of ``base_key``'s requests naming ``authority``."""
+    service, tls, peer_id = split(base_key)
+    return f"{service}{SEP}{tls}{SEP}{peer_id}{SEP}{authority}"
+
+
+def route_key(route: str) -> str:
+    return ROUTE + route
+
+
+def authority_of(raw: bytes | None) -> str:
+    """The authority a request names, as a row would be named after it: lower case, and
+    "" when it may not have a row (absent, too long, or not a host[:port])."""
+    if not raw or len(raw) > MAX_AUTHORITY:
+        return ""
+    text = raw.decode("latin-1").lower()
+    return text if _AUTHORITY.fullmatch(text) else ""
 
 
 def upstream_identity(identity_on: bool, ep: Endpoint) -> str:

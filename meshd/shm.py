@@ -102,6 +102,10 @@ way, by result (TLS_RESULTS), inbound (F_TLS_IN, on the listener's own row) and 
 (F_TLS_OUT, on the row of the request's listener and service); they took FIELDS to 104.
 Authorization denials (``meshd_authz_denied_total``) are counted in the F_AUTHZ_DENIED
 fields of the listener's own row, one per entry of AUTHZ_DENIED (protocol and mode).
+gRPC responses (HTTP 200 with a grpc-status) are counted by that status in the F_GRPC
+fields instead of F_STATUS's 200, and requests counted under a fixed label value
+because a per-listener cap of authority or route rows was reached (``meshd.rowkeys``)
+in the F_LABEL_OVERFLOW fields of the listener's own row; they took FIELDS to 128.
 
 Layout discipline. ``VERSION`` names the layout, and ``LAYOUT_FINGERPRINT`` (the first
 8 bytes of a SHA-256 over ``LAYOUT``: every struct format, offset, field index and
@@ -164,9 +168,10 @@ from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
-VERSION = 6  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
+VERSION = 7  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
              # 4: the worker slot's snapshot_seq; 5: TLS handshake and authorization
-             # denial counters, FIELDS 104; 6: [tracing]'s span counters
+             # denial counters, FIELDS 104; 6: [tracing]'s span counters; 7: gRPC
+             # status and label overflow counters, FIELDS 128
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
@@ -255,8 +260,16 @@ F_AUTHZ_DENIED = F_TLS_OUT + len(TLS_RESULTS)  # len(AUTHZ_DENIED) fields
 # Spans of [tracing] on ROW_UNKNOWN (worker-wide, not per listener), by what became of them.
 TRACE_COUNTS = ("exported", "dropped_queue_full", "dropped_export_failed")
 F_TRACE = F_AUTHZ_DENIED + len(AUTHZ_DENIED)    # len(TRACE_COUNTS) fields
-FIELDS = 104                                   # 6 spare for later counters
-assert F_TRACE + len(TRACE_COUNTS) <= FIELDS
+# gRPC responses (an HTTP 200 with a grpc-status) by their status code, 0..16, then any
+# other code: counted here instead of F_STATUS's 200 (response_total's grpc_status label).
+GRPC_CODES = 17
+F_GRPC = F_TRACE + len(TRACE_COUNTS)           # GRPC_CODES + 1 fields
+# Requests counted under a fixed label value because a per-listener cap was reached
+# (meshd.rowkeys: MAX_AUTHORITY_ROWS, MAX_ROUTE_ROWS), on the listener's own row.
+LABEL_OVERFLOW = ("authority", "route")
+F_LABEL_OVERFLOW = F_GRPC + GRPC_CODES + 1     # len(LABEL_OVERFLOW) fields
+FIELDS = 128                                   # 10 spare for later counters
+assert F_LABEL_OVERFLOW + len(LABEL_OVERFLOW) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
@@ -270,6 +283,11 @@ def status_field(status: int) -> int:
         return field
     klass = min(max(status // 100, 1), 5)
     return F_CLASS + klass - 1
+
+
+def grpc_field(code: int) -> int:
+    """The field counting gRPC responses with this grpc-status."""
+    return F_GRPC + (code if 0 <= code < GRPC_CODES else GRPC_CODES)
 
 
 def latency_field(ms: float) -> int:
@@ -300,7 +318,7 @@ LAYOUT: tuple[object, ...] = (
     ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
         (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
     ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS, TLS_RESULTS,
-     AUTHZ_DENIED, TRACE_COUNTS,
+     AUTHZ_DENIED, TRACE_COUNTS, GRPC_CODES, LABEL_OVERFLOW,
      tuple(sorted((k, v) for k, v in globals().items()
                   if k.startswith("F_") and isinstance(v, int)))),
     ("endpoint", EP_FIELDS, (EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES,
@@ -775,11 +793,13 @@ class Stripe:
         i = self._base + row * FIELDS + field
         self._q[i] -= n
 
-    def record_response(self, row: int, status: int, latency_s: float, failure: bool) -> None:
-        """Count one response: status, latency histogram and sum, classification."""
+    def record_response(self, row: int, status: int, latency_s: float, failure: bool,
+                        grpc: int = -1) -> None:
+        """Count one response: status (a gRPC answer's grpc-status instead of its 200:
+        ``grpc`` >= 0), latency histogram and sum, classification."""
         q = self._q
         base = self._base + row * FIELDS
-        q[base + status_field(status)] += 1
+        q[base + (grpc_field(grpc) if grpc >= 0 and status == 200 else status_field(status))] += 1
         ms = latency_s * 1000.0
         q[base + latency_field(ms)] += 1
         q[base + F_LATENCY_SUM_US] += int(latency_s * 1_000_000)

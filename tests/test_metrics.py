@@ -32,6 +32,7 @@ CONFIG = parse({"listener": [
 ODD = 'we"b\\x\ny'  # a service name with every character label values must escape
 ROWS = {"out": {"web": 2, ODD: 3, "idle": 5}, "in": {"web": 4}}
 WEB = 'direction="outbound",listener="out",service="web"'
+OTHER = 'authority="_other"'  # a row without an authority of its own (meshd.rowkeys)
 
 # -- a small Prometheus text-format reader -------------------------------------------------
 
@@ -115,16 +116,16 @@ def test_requests_and_responses(region: Region) -> None:
     traffic(region)
     lines = render_prometheus(region, row_keys(CONFIG, ROWS)).splitlines()
     for expected in (
-        f"request_total{{{WEB}}} 5",
-        f'response_total{{{WEB},status_code="200",classification="success"}} 2',
-        f'response_total{{{WEB},status_code="503",classification="failure"}} 1',
-        f'response_total{{{WEB},status_code="4xx",classification="success"}} 1',
-        f'response_total{{{WEB},status_code="5xx",classification="failure"}} 1',
+        f"request_total{{{WEB},{OTHER}}} 5",
+        f'response_total{{{WEB},status_code="200",classification="success",{OTHER}}} 2',
+        f'response_total{{{WEB},status_code="503",classification="failure",{OTHER}}} 1',
+        f'response_total{{{WEB},status_code="4xx",classification="success",{OTHER}}} 1',
+        f'response_total{{{WEB},status_code="5xx",classification="failure",{OTHER}}} 1',
     ):
         assert expected in lines
     assert [line for line in lines if line.startswith("request_total{")] == [
-        f"request_total{{{WEB}}} 5",
-        'request_total{direction="outbound",listener="out",service="we\\"b\\\\x\\ny"} 1',
+        f"request_total{{{WEB},{OTHER}}} 5",
+        f'request_total{{direction="outbound",listener="out",service="we\\"b\\\\x\\ny",{OTHER}}} 1',
     ]  # rows without traffic (idle, the reserved ones) have no series
 
 
@@ -136,12 +137,13 @@ def test_latency_histogram(region: Region) -> None:
     expected_counts = {1: 1, 2: 1, 3: 2, 4: 3, 100: 3, 200: 4, 50000: 4}
     assert len(buckets) == len(LATENCY_BUCKETS_MS) + 1
     for bound, count in expected_counts.items():
-        assert f'response_latency_ms_bucket{{{WEB},le="{bound}"}} {count}' in lines
-    assert buckets[-1] == f'response_latency_ms_bucket{{{WEB},le="+Inf"}} 5'
+        assert f'response_latency_ms_bucket{{{WEB},{OTHER},le="{bound}"}} {count}' in lines
+    assert buckets[-1] == f'response_latency_ms_bucket{{{WEB},{OTHER},le="+Inf"}} 5'
     counts = [int(line.rsplit(" ", 1)[1]) for line in buckets]
     assert counts == sorted(counts)  # cumulative
-    assert f"response_latency_ms_count{{{WEB}}} 5" in lines
-    assert f"response_latency_ms_sum{{{WEB}}} 61127.000" in lines  # 2.5+0.5+120+4+61000 ms
+    assert f"response_latency_ms_count{{{WEB},{OTHER}}} 5" in lines
+    # 2.5+0.5+120+4+61000 ms
+    assert f"response_latency_ms_sum{{{WEB},{OTHER}}} 61127.000" in lines
     assert 'response_latency_ms_count{direction="inbound"' not in text
 
 
@@ -194,11 +196,12 @@ def test_meshd_lines(region: Region) -> None:
 def test_text_parses_and_escapes_label_values(region: Region) -> None:
     traffic(region)
     samples = parse_text(render_prometheus(region, row_keys(CONFIG, ROWS)))
-    assert value(samples, "request_total", direction="outbound", listener="out", service=ODD) == 1
+    assert value(samples, "request_total", direction="outbound", listener="out", service=ODD,
+                 authority="_other") == 1
     assert value(samples, "request_total", direction="outbound", listener="out",
-                 service="web") == 5
+                 service="web", authority="_other") == 5
     assert value(samples, "response_latency_ms_bucket", direction="outbound", listener="out",
-                 service="web", le="+Inf") == 5
+                 service="web", authority="_other", le="+Inf") == 5
     assert value(samples, "meshd_config_reloads_total", result="failure") == 0
 
 

@@ -134,7 +134,7 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
 
 # The layout's identity. Changing any struct format, offset, field index or counter table
 # in meshd/shm.py moves the fingerprint: bump shm.VERSION, then update this pair (both).
-EXPECTED_LAYOUT = (6, 0xfd35310af55536ee)
+EXPECTED_LAYOUT = (7, 0x20f764f0a707117)
 
 
 def test_layout_change_bumps_version() -> None:

@@ -16,14 +16,15 @@ is not GET.
 
 ``attempt_refusal`` is the rule the worker's attempt loop asks
 (``meshd.worker.call.may_retry``, then the deadline and the shared budget): it speaks the
-data path's failure kinds (connect, reset, timeout, 5xx, 4xx; a service's ``failure_on``
-says which count) and adds the cases the request-level rule cannot see, where the
-upstream certainly did not process the request, which may then go elsewhere whatever
-its method: its bytes never left meshd ("connect": the connection failed; "unsent": the
-write of its first bytes failed, counted as a connect failure), or an HTTP/2 peer
-refused its stream ("refused": REFUSED_STREAM, or beyond a GOAWAY's last stream id,
-RFC 9113 §8.7; always retried, never counted as a failure), provided its body can be
-sent again in full.
+data path's failure kinds (connect, reset, timeout, 5xx, 4xx, grpc: a non-zero
+grpc-status; a service's ``failure_on`` says which count; of gRPC failures only a
+trailers-only answer in ``meshd.proto.grpc_status.RETRYABLE`` is asked about) and adds
+the cases the request-level rule cannot see, where the upstream certainly did not process
+the request, which may then go elsewhere whatever its method: its bytes never left meshd
+("connect": the connection failed; "unsent": the write of its first bytes failed, counted
+as a connect failure), or an HTTP/2 peer refused its stream ("refused": REFUSED_STREAM, or
+beyond a GOAWAY's last stream id, RFC 9113 §8.7; always retried, never counted as a
+failure), provided its body can be sent again in full.
 
 What counts as a failure, for failure accrual and retries alike (the issue's default):
 no response (connect error, reset, timeout) or a 5xx status; a service may configure its

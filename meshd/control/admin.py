@@ -35,7 +35,7 @@ from meshd.control.config_view import effective
 from meshd.control.dashboard import PATHS as DASHBOARD_PATHS
 from meshd.control.dashboard import Dashboard
 from meshd.control.status import status
-from meshd.metrics import render_prometheus, row_keys, serving_workers
+from meshd.metrics import render_endpoints, render_prometheus, row_keys, serving_workers
 from meshd.shm import KIND_WORKER, OFF_DESIRED, STATE_SERVING
 
 if TYPE_CHECKING:
@@ -280,6 +280,9 @@ class AdminApp:
                  *(c.identity.prometheus() if c.identity else ()),
                  *(c.tap.prometheus() if c.tap else ())]
         lines += self.dropped_lines.prometheus(c)
+        lines += render_endpoints(c.region, {name: [str(e) for e in w.merged()] for name, w
+                                             in sorted(c.discovery.watches.items())},
+                                  c.discovery.endpoint_rows.rows)
         text = render_prometheus(c.region, keys, build_info.labels(),
                                  tracing=c.config.tracing is not None) + "\n".join(lines) + "\n"
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()

@@ -181,6 +181,7 @@ class DiscoveryRunner:
                         self.rows.ensure(lst.name, rowkeys.key(str(lst.forward), True, peer))
             elif lst.protocol == "tcp" and lst.service:
                 self.rows.ensure(lst.name, lst.service)
+        self.rows.routes(self.cfg)
         self.configured = set(self._configured_services())
         for service in self._configured_services():
             self.watch(service, on_demand=False)
@@ -348,6 +349,12 @@ class DiscoveryRunner:
             if service in by_key and row_key not in by_key:
                 self.rows.ensure(listener, row_key)
 
+    def authority_row(self, listener: str, base_key: str, authority: str) -> None:
+        """A worker saw requests counted on ``base_key``'s row of ``listener`` name
+        ``authority``: a row of their own (``RowTable.authority``), published."""
+        if self.rows.authority(listener, base_key, authority, self.throttle):
+            self.dirty.set()
+
     def client_row(self, listener: str, client_id: str) -> None:
         """A worker saw ``client_id`` (a verified peer identity) on ``listener``: give it
         its own rows, up to ``rowkeys.MAX_CLIENT_IDS`` identities per listener (the rest
@@ -360,7 +367,8 @@ class DiscoveryRunner:
         row_key = rowkeys.key(str(lst.forward), True, client_id)
         if row_key in by_key:
             return
-        ids = sum(1 for k in by_key if rowkeys.split(k)[2] not in ("", rowkeys.OTHER))
+        ids = sum(1 for k in by_key if (p := rowkeys.parts(k)).peer_id not in ("", rowkeys.OTHER)
+                  and not p.authority)
         if ids >= rowkeys.MAX_CLIENT_IDS:
             self.throttle.info(f"{listener}: client rows", "listener %s: %d client identities "
                                "have their own metric rows; more count under "

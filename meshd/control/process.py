@@ -30,7 +30,7 @@ from meshd.identity import paths as identity_paths  # noqa: E402
 from meshd.master.sockets import address_key  # noqa: E402
 from meshd.metrics import StatWindow, row_keys  # noqa: E402
 from meshd.shm import OFF_RELOAD_FAILURES, STATE_SERVING  # noqa: E402
-from meshd.snapshot import Snapshot, control_socket_path  # noqa: E402
+from meshd.snapshot import Snapshot, control_socket_path, snapshot_path  # noqa: E402
 from meshd.snapshot import read as read_snapshot  # noqa: E402
 from meshd.tap import tap_paths  # noqa: E402
 
@@ -53,12 +53,7 @@ class Control:
         self.stat_window = StatWindow()
         self._last_sample = 0.0
         self.recent_errors = RecentErrors(ctx.region.get_u64(OFF_RELOAD_FAILURES))
-        previous: Snapshot | None = None
-        if ctx.previous_snapshot_path:
-            try:
-                previous = read_snapshot(ctx.previous_snapshot_path)
-            except (OSError, ValueError) as e:
-                log.warning("previous snapshot unreadable (%s); shm rows start afresh", e)
+        previous = _previous_snapshot(ctx)
         self.discovery = DiscoveryRunner(ctx.config, ctx.region, ctx.generation,
                                          ctx.snapshot_path, previous)
         self.identity: IdentityRunner | None = None
@@ -124,6 +119,13 @@ class Control:
         client identities they saw that have no metric row yet (``meshd.rowkeys``)."""
         while True:
             data = sock.recv(4096)
+            if data.startswith(rowkeys.AUTHORITY_REQUEST):
+                listener, _, rest = data[len(rowkeys.AUTHORITY_REQUEST):].partition(b"\0")
+                base_key, _, authority = rest.partition(b"\0")
+                self.discovery.authority_row(listener.decode("utf-8", "replace"),
+                                             base_key.decode("utf-8", "replace"),
+                                             authority.decode("latin-1"))
+                continue
             if data.startswith(rowkeys.ROW_REQUEST):
                 listener, _, client_id = data[len(rowkeys.ROW_REQUEST):].partition(b"\0")
                 self.discovery.client_row(listener.decode("utf-8", "replace"),
@@ -184,3 +186,28 @@ def main(ctx: ProcessContext) -> int:
         log.error("control process %d could not boot: %s", os.getpid(), e)
         return EXIT_BOOT_ERROR
     return control.run()
+
+
+PREVIOUS_GENERATIONS = 16   # how far back a control process looks for a published snapshot
+
+
+def _previous_snapshot(ctx: ProcessContext) -> Snapshot | None:
+    """The row map to keep: the previous generation's snapshot or, when that generation
+    never published one (a HUP superseded it while it booted), the newest older one
+    still on disk. Rows assigned on demand (authorities, client identities) are only
+    known from there: starting afresh would give their rows other meanings."""
+    if not ctx.previous_snapshot_path:
+        return None
+    cfg = ctx.config
+    paths = [ctx.previous_snapshot_path] + [
+        snapshot_path(cfg.shm_dir, cfg.instance, ctx.master_pid, gen)
+        for gen in range(ctx.generation - 2, max(0, ctx.generation - PREVIOUS_GENERATIONS), -1)]
+    for path in paths:
+        try:
+            return read_snapshot(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            log.warning("previous snapshot %s unreadable (%s)", path, e)
+    log.warning("no previous snapshot readable; shm rows start afresh")
+    return None

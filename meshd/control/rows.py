@@ -1,4 +1,5 @@
-"""Shared-memory row assignment: every (listener, service) pair gets a stable row.
+"""Shared-memory row assignment: every (listener, row key) pair gets a stable row
+(``meshd.rowkeys`` says what a key holds: service, mTLS peer, authority, or a route).
 
 The control process owns the assignment and publishes it in every snapshot. It is
 seeded from the previous generation's snapshot, so a reload keeps each pair on its row
@@ -15,9 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from meshd import rowkeys
 from meshd.shm import FIRST_ROW, OFF_ROWS_EXHAUSTED, Region, usage_high
+
+if TYPE_CHECKING:
+    from meshd.config import Config
+    from meshd.ratelog import Throttle
 
 log = logging.getLogger("meshd.control")
 
@@ -61,11 +67,17 @@ class RowTable:
         """Rows the region needs now: assigned (with rows 0 and 1) plus refused pairs."""
         return self.next_row + len(self._warned)
 
-    def ensure(self, listener: str, service: str) -> None:
+    def ensure(self, listener: str, service: str, optional: bool = False) -> bool:
+        """A row for (listener, row key ``service``); False when there is none. An
+        ``optional`` row (one of an authority: its requests have their service's row to
+        count under) that finds the region full is refused quietly, not counted as
+        exhausted: the Host is the client's to choose."""
         by = self.rows.setdefault(listener, {})
         if service in by:
-            return
+            return True
         if self.next_row >= self.region.rows:
+            if optional:
+                return False
             if (listener, service) not in self._warned:
                 self._warned.add((listener, service))
                 self.region.add_u64(OFF_ROWS_EXHAUSTED)
@@ -73,10 +85,11 @@ class RowTable:
                           "(metric_rows = %d); its traffic is counted under service=\"_overflow\" "
                           "until a reload grows the region", listener, service, self.region.rows)
                 self._usage.publish(self.in_use)
-            return
+            return False
         by[service] = self.next_row
         self.next_row += 1
         self._usage.publish(self.in_use)
+        return True
 
     def service_rows(self, service: str) -> list[int]:
         """Every row counting ``service``: its plaintext rows and its mTLS ones
@@ -84,3 +97,53 @@ class RowTable:
         prefix = service + rowkeys.SEP
         return [row for by in self.rows.values() for key, row in by.items()
                 if key == service or key.startswith(prefix)]
+
+    def routes(self, cfg: Config) -> None:
+        """The rows of each ``[[route]]`` (``route_*`` metrics) on every HTTP outbound
+        listener it applies to, up to ``rowkeys.MAX_ROUTE_ROWS`` per listener; one
+        ``_overflow`` route row counts the rest (and routes without a row of their own:
+        a config source's, until the next reload gives them one)."""
+        for lst in cfg.listeners:
+            if lst.direction != "outbound" or lst.protocol == "tcp":
+                continue
+            names = list(dict.fromkeys(r.name for r in cfg.routes
+                                       if r.listener in (None, lst.name)))
+            if not names:
+                continue
+            self.ensure(lst.name, rowkeys.route_key(rowkeys.OVERFLOW))
+            by_key = self.rows.get(lst.name, {})
+            have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
+            for name in names:
+                key = rowkeys.route_key(name)
+                if key in by_key:
+                    continue
+                if have >= rowkeys.MAX_ROUTE_ROWS:
+                    log.warning("listener %s: %d [[route]] tables have metric rows; the "
+                                'others count under route="%s"', lst.name,
+                                rowkeys.MAX_ROUTE_ROWS, rowkeys.OVERFLOW)
+                    break
+                if self.ensure(lst.name, key):
+                    have += 1
+
+    def authority(self, listener: str, base_key: str, authority: str,
+                  throttle: Throttle) -> bool:
+        """A row for the requests of ``base_key``'s row of ``listener`` that name
+        ``authority``, up to ``rowkeys.MAX_AUTHORITY_ROWS`` per listener (the rest stay
+        under authority="_other"). Only for a base key that has a row already (a worker
+        cannot make rows for made-up services) and a valid authority; refused quietly
+        when the region is full. True when a row was added."""
+        by_key = self.rows.get(listener)
+        if (not by_key or base_key not in by_key or base_key.startswith(rowkeys.ROUTE)
+                or rowkeys.parts(base_key).authority
+                or rowkeys.authority_of(authority.encode("latin-1", "replace")) != authority):
+            return False
+        row_key = rowkeys.with_authority(base_key, authority)
+        if row_key in by_key:
+            return False
+        have = sum(1 for k in by_key if rowkeys.parts(k).authority)
+        if have >= rowkeys.MAX_AUTHORITY_ROWS:
+            throttle.info(f"{listener}: authority rows", "listener %s: %d authorities have "
+                          'their own metric rows; more count under authority="%s"',
+                          listener, have, rowkeys.NO_AUTHORITY)
+            return False
+        return self.ensure(listener, row_key, optional=True)

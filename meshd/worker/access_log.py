@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from meshd.config_access_log import AccessLogConfig
+from meshd.proto import grpc_status as grpc_status_code
 from meshd.ratelog import Throttle
 
 if TYPE_CHECKING:
@@ -89,16 +90,8 @@ def trace_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
 def grpc_status(ex: UpstreamExchange | None) -> str:
     """A gRPC response's ``grpc-status``: from its trailers, else from its head (a
     trailers-only answer); "" when there is none."""
-    if ex is None:
-        return ""
-    try:
-        for fields in (ex.trailers, ex.h2_head()):
-            for k, v in fields:
-                if k.lower() == b"grpc-status":
-                    return v[:8].decode("latin-1")
-    except Exception:  # an answer cut short: no head to read
-        return ""
-    return ""
+    found = grpc_status_code.of_answer(ex)  # shared with the metrics and the call
+    return "" if found is None else str(found)
 
 
 _second: list[Any] = [-1, ""]  # the last second formatted, and its text

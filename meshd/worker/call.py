@@ -40,9 +40,10 @@ from meshd.errors import (
     UpstreamTimeout,
 )
 from meshd.fleet.select import in_subset
+from meshd.proto import grpc_status
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
-from meshd.shm import ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.shm import F_LABEL_OVERFLOW, LABEL_OVERFLOW, ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.decisions import attempt_ended
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
@@ -113,7 +114,7 @@ class Call:
     """One client request across its attempts."""
 
     __slots__ = ("service", "svc", "endpoints", "policy", "deadline", "row", "replay",
-                 "hash_key", "tried", "method", "body_taken", "pick", "sent_at", "status",
+                 "hash_key", "tried", "method", "pick", "sent_at", "status",
                  "kind", "error", "no_retry")
 
     def __init__(self, worker: Context, service: str, endpoints: tuple[Endpoint, ...],
@@ -128,7 +129,6 @@ class Call:
         # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
         self.replay = policy.retryable or method in IDEMPOTENT
         self.method = method
-        self.body_taken = False  # a client side that keeps no body: some of it went
         self.hash_key = hash_key(self.svc, headers, peer)
         self.tried: list[int] = []
         # The current attempt, for its balancer decisions record (meshd.worker.decisions):
@@ -142,10 +142,9 @@ class Call:
         self.no_retry = ""
 
     def body_replayable(self) -> bool:
-        """Whether the body (if any) can still be sent again: not when a client side
-        that keeps no body has sent some of it (``body_taken``). Protocols that keep
-        bodies for replay override this."""
-        return not self.body_taken
+        """Whether the body (if any) can still be sent again. Protocols that keep bodies
+        for replay override this."""
+        return True
 
     def start_attempt(self, worker: Context) -> tuple[Endpoint, int, float, float]:
         """(endpoint, its shm row, when the attempt starts, its deadline) of the next
@@ -218,11 +217,20 @@ class Call:
             status = self.status = ex.response(try_deadline, self.deadline)
             rtt = time.monotonic() - sent_at
             kind = self.kind = status_kind(status)
+            grpc: int | None = None
+            if side.grpc and not kind:  # a trailers-only answer: its status is in the head
+                grpc = grpc_status.code(ex.h2_head())
+                if grpc:
+                    kind = self.kind = "grpc"
             failed = kind in policy.failure_on
-            if failed and may_retry(worker, self, kind, attempts_left):
+            if (failed and (grpc is None or grpc in grpc_status.RETRYABLE)
+                    and may_retry(worker, self, kind, attempts_left)):
                 raise RetryNow()
             attempt_ended(worker, self, False)   # before the body: a long stream shows now
-            return side.respond(self, ex, status)
+            answered = side.respond(self, ex, status)
+            if side.grpc and grpc is None and not failed and "grpc" in policy.failure_on:
+                failed = bool(grpc_status.code(ex.trailers))  # known once the trailers came
+            return answered
         except BaseException as error:
             e: BaseException = error
             ex.abort()
@@ -380,33 +388,101 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
     if endpoints is None:
         return service, None, ROW_UNKNOWN, policy
     if listener.direction == "inbound":
-        return service, endpoints, inbound_row(worker, listener, service, peer), policy
-    return service, endpoints, outbound_row(worker, listener, service, endpoints), policy
+        return (service, endpoints, inbound_row(worker, listener, service, peer, authority),
+                policy)
+    return (service, endpoints, outbound_row(worker, listener, service, endpoints, authority),
+            policy)
 
 
-def inbound_row(worker: Context, listener: ListenerConfig, service: str, peer: Peer) -> int:
+def inbound_row(worker: Context, listener: ListenerConfig, service: str, peer: Peer,
+                authority: bytes | None = None) -> int:
     """The metric row of an inbound request or connection from ``peer``: its own rows for
     an mTLS peer of a listener with mTLS, asked of the control process the first time
-    (meanwhile, and past the bound, client_id="other")."""
+    (meanwhile, and past the bound, client_id="other"); of the request's ``authority``
+    when it has one (``authority_row``)."""
     snap = worker.snapshot
     if not peer.tls or listener.mtls == "off":
+        row_key = service
         row = snap.row(listener.name, service)
     else:
-        row = snap.row(listener.name, rowkeys.key(service, True, peer.client_id))
+        row_key = rowkeys.key(service, True, peer.client_id)
+        row = snap.row(listener.name, row_key)
         if row is None:
             if peer.client_id:
                 worker.ask_row(listener.name, peer.client_id)
-            row = snap.row(listener.name, rowkeys.key(service, True, rowkeys.OTHER))
-    return ROW_OVERFLOW if row is None else row
+            row_key = rowkeys.key(service, True, rowkeys.OTHER)
+            row = snap.row(listener.name, row_key)
+    if row is None:
+        return ROW_OVERFLOW
+    return row if authority is None else authority_row(worker, listener, row_key, row, authority)
 
 
 def outbound_row(worker: Context, listener: ListenerConfig, service: str,
-                 endpoints: Sequence[Endpoint]) -> int:
+                 endpoints: Sequence[Endpoint], authority: bytes | None = None) -> int:
     """The metric row of an outbound request to ``service`` over ``endpoints`` (with
-    ``[identity]``: by the server identity they share, assigned up front)."""
+    ``[identity]``: by the server identity they share, assigned up front), and of its
+    ``authority`` (``authority_row``)."""
     row_key = rowkeys.outbound_key(worker.config.identity is not None, service, endpoints)
     row = worker.snapshot.row(listener.name, row_key)
-    return ROW_OVERFLOW if row is None else row
+    if row is None:
+        return ROW_OVERFLOW
+    return row if authority is None else authority_row(worker, listener, row_key, row, authority)
+
+
+# (listener, base key, authority as sent) -> its row, in the snapshot _found_in[0]: the
+# rows found, so that a request of a known authority costs one lookup, not a parse.
+# Bounded: only rows that exist (at most MAX_AUTHORITY_ROWS per listener) under the
+# spellings clients used (case, up to MAX_FOUND of them).
+MAX_FOUND = 4096
+_found: dict[tuple[str, str, bytes], int] = {}
+_found_in: list[object] = [None]
+
+
+def authority_row(worker: Context, listener: ListenerConfig, base_key: str, row: int,
+                  authority: bytes) -> int:
+    """The row of the requests of ``base_key``'s row (``row``) that name ``authority``,
+    when it has one; else ``row`` (authority="_other"), and the control process is asked
+    for one -- unless the listener has ``MAX_AUTHORITY_ROWS`` already: the request is
+    then counted as an overflow on the listener's own row (``meshd.rowkeys``)."""
+    snap = worker.snapshot
+    if _found_in[0] is not snap:  # rows are found again in each new snapshot
+        _found.clear()
+        _found_in[0] = snap
+    seen = _found.get((listener.name, base_key, authority))
+    if seen is not None:
+        return seen
+    name = rowkeys.authority_of(authority)
+    if not name:
+        return row
+    own = snap.row(listener.name, rowkeys.with_authority(base_key, name))
+    if own is not None:
+        if len(_found) < MAX_FOUND:
+            _found[(listener.name, base_key, authority)] = own
+        return own
+    if worker.authority_rows(listener.name) >= rowkeys.MAX_AUTHORITY_ROWS:
+        counted = snap.row(listener.name, "")
+        worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
+                          F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("authority"))
+    else:
+        worker.ask_authority_row(listener.name, base_key, name)
+    return row
+
+
+def route_row(worker: Context, listener: ListenerConfig, policy: Policy) -> int:
+    """The row of the ``[[route]]`` the request matched (``route_*`` metrics), -1 when it
+    matched none. A route without a row (past ``MAX_ROUTE_ROWS``) counts under the
+    listener's ``_overflow`` route row, and as an overflow on the listener's own row."""
+    if policy.route is None:
+        return -1
+    snap = worker.snapshot
+    row = snap.row(listener.name, rowkeys.route_key(policy.route))
+    if row is not None:
+        return row
+    counted = snap.row(listener.name, "")
+    worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
+                      F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("route"))
+    row = snap.row(listener.name, rowkeys.route_key(rowkeys.OVERFLOW))
+    return -1 if row is None else row
 
 
 def _original_destination(worker: Context, listener: ListenerConfig, dst: tuple[str, int],

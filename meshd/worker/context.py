@@ -71,3 +71,9 @@ class Context(Protocol):
 
     def ask_row(self, listener: str, client_id: str) -> None: ...
     # a client identity without metric rows: the control process assigns them (rowkeys)
+
+    def ask_authority_row(self, listener: str, base_key: str, authority: str) -> None: ...
+    # an authority without its own metric row (rowkeys): at most once a second each
+
+    def authority_rows(self, listener: str) -> int: ...
+    # rows with an authority the snapshot gives ``listener`` (against MAX_AUTHORITY_ROWS)

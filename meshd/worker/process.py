@@ -121,6 +121,7 @@ class Worker:
         self.connections: dict[gevent.Greenlet, Idler | None] = {}
         self._asked: dict[str, float] = {}
         self._asked_rows: dict[tuple[str, str], float] = {}
+        self._authority_counts: tuple[object, dict[str, int]] = (None, {})
         self._ask_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._ask_sock.setblocking(False)
         self._control_path = control_socket_path(ctx.config.shm_dir, ctx.config.instance,
@@ -264,6 +265,35 @@ class Worker:
                                   + client_id.encode()[:MAX_ID_BYTES], self._control_path)
         except OSError as e:
             log.debug("cannot ask the control process for the rows of %s: %s", listener, e)
+
+    def ask_authority_row(self, listener: str, base_key: str, authority: str) -> None:
+        """Ask the control process for the metric row of ``authority`` beside the row of
+        ``base_key`` (``meshd.rowkeys``): at most once per ASK_INTERVAL each; the table of
+        asks is bounded (the Host is the client's to choose)."""
+        now = time.monotonic()
+        asked = (listener, base_key + "\0" + authority)
+        if now - self._asked_rows.get(asked, -ASK_INTERVAL) < ASK_INTERVAL:
+            return
+        if len(self._asked_rows) >= 1024:
+            self._asked_rows.clear()
+        self._asked_rows[asked] = now
+        try:
+            self._ask_sock.sendto(rowkeys.AUTHORITY_REQUEST + listener.encode() + b"\0"
+                                  + base_key.encode()[:MAX_ID_BYTES] + b"\0"
+                                  + authority.encode("latin-1"), self._control_path)
+        except OSError as e:
+            log.debug("cannot ask the control process for an authority row of %s: %s",
+                      listener, e)
+
+    def authority_rows(self, listener: str) -> int:
+        """Rows with an authority the current snapshot gives ``listener`` (counted once
+        per snapshot)."""
+        snap = self.snapshot
+        if self._authority_counts[0] is not snap:
+            self._authority_counts = (snap, {
+                name: sum(1 for k in by_key if rowkeys.parts(k).authority)
+                for name, by_key in snap.rows.items()})
+        return self._authority_counts[1].get(listener, 0)
 
     def _snapshot_loop(self) -> None:
         while not self.stopped.is_set():

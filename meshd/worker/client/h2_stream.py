@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 import gevent.queue
 import h2.errors
 
+from meshd.balance.retry import MAX_REPLAY_BODY
 from meshd.errors import HeadersTooLarge, ProxyError
-from meshd.proto import forwarded
+from meshd.proto import forwarded, grpc_status
 from meshd.proto.translate import ORIG_PROTO, h2_forward, http1_request, join_cookies
 from meshd.shm import F_REQUESTS
 from meshd.worker import access_log
@@ -35,6 +36,7 @@ from meshd.worker.call import (
     is_grpc,
     require_endpoints,
     route,
+    route_row,
 )
 from meshd.worker.upstream.exchange import Http1Exchange, UpstreamExchange
 
@@ -107,6 +109,9 @@ class H2ToHttp1:
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
                                                 target, fields, server.redirected, server.peer)
         worker.stripe.add(row, F_REQUESTS)
+        route_at = route_row(worker, server.listener, policy)  # [[route]] metrics, -1: none
+        if route_at >= 0:
+            worker.stripe.add(route_at, F_REQUESTS)
         self._idle_timeout = policy.idle_timeout
         try:
             # [limits] header_count holds for HTTP/2 requests as for HTTP/1.1 ones: within
@@ -119,12 +124,9 @@ class H2ToHttp1:
             if method == b"CONNECT":
                 raise _NotSupported("CONNECT over HTTP/2 is not supported")
             endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
-            call = Call(worker, service, endpoints, policy, started + policy.timeout, row,
-                        method, fields, server.client_address)
-            if self.has_body:
-                call.replay = False  # the body is not kept: no retry once it is sent
+            call = _H2Call(self, worker, service, endpoints, policy, started + policy.timeout,
+                           row, method, fields, server.client_address)
             self._request = (method, target, authority, fields)
-            self._call = call
             status = call.run(worker, self)
             if self.grpc:
                 answered = self._ex
@@ -141,7 +143,14 @@ class H2ToHttp1:
             status = 499 if not self.response_started else status
             raise
         finally:
-            worker.stripe.record_response(row, status, time.monotonic() - started, status >= 500)
+            # after the trailers: a gRPC answer's grpc-status classifies it (Linkerd's rule)
+            grpc = grpc_status.of_answer(answered) if answered is not None else None
+            code = -1 if grpc is None else grpc
+            failure = status >= 500 or code > 0
+            took = time.monotonic() - started
+            worker.stripe.record_response(row, status, took, failure, code)
+            if route_at >= 0:
+                worker.stripe.record_response(route_at, status, took, failure, code)
             if worker.access_log is not None:
                 access_log.request(worker.access_log, server.listener, server.client_address(),
                                    server.peer.client_id, method, authority, target, status,
@@ -190,7 +199,16 @@ class H2ToHttp1:
         stream, server = self.stream, self.server
         idle = self._idle_timeout
         try:
-            if stream.body.empty():  # the head goes at once; the body follows as it comes
+            kept = self._kept
+            if self._ended or kept:  # a retry: what the client sent so far, again
+                ex.send_body(tuple(kept or ()), end=self._ended,
+                             trailers=stream.trailers if self._ended else ())
+                if self._unacked:  # the last attempt was stopped before it acknowledged
+                    server.acknowledge(stream, self._unacked)
+                    self._unacked = 0
+                if self._ended:
+                    return True
+            elif stream.body.empty():  # the head goes at once; the body follows as it comes
                 ex.send_body(())
             while True:
                 try:
@@ -199,10 +217,20 @@ class H2ToHttp1:
                     ex.stop_body()
                     return False
                 if data is None:
+                    self._ended = True
                     ex.send_body((), end=True, trailers=stream.trailers)
                     return True
-                self._body_taken()  # not kept: this body cannot be sent again
+                # Kept for a retry (gRPC's trailers-only UNAVAILABLE, an idempotent
+                # method) up to MAX_REPLAY_BODY, at once: no switch between get and here.
+                if self._kept is not None:
+                    self._kept_bytes += len(data)
+                    if self._kept_bytes <= MAX_REPLAY_BODY:
+                        self._kept.append(data)
+                    else:
+                        self._kept = None
+                self._unacked = len(data)
                 ex.send_body((data,))
+                self._unacked = 0  # before: the window goes back once, whatever happens
                 server.acknowledge(stream, len(data))
         except ProxyError:
             return False
@@ -235,20 +263,37 @@ class H2ToHttp1:
     def client_fault(self, e: BaseException) -> BaseException | None:
         return e if isinstance(e, StreamGone) else None
 
-    def _body_taken(self) -> None:
-        if self._call is not None:
-            self._call.body_taken = True
-
     grpc = False
-    _call: Call | None = None
     _ex: UpstreamExchange | None = None  # the last attempt's
     _idle_timeout = 60.0
+    # The request body sent so far, for a retry (None: more than MAX_REPLAY_BODY), and
+    # whether all of it came.
+    _kept: list[bytes] | None = None
+    _kept_bytes = 0
+    _ended = False
+    _unacked = 0  # bytes of the piece being sent, until the client's window gets them back
 
     def _answer_error(self, err: ProxyError) -> None:
         fields, body = error_answer(err, self.server.listener, "HTTP/2")
         headers = [(b":status", b"%d" % err.status), *((k.lower(), v) for k, v in fields)]
         self.server.send_headers(self.stream, headers, flush=False)
         self.server.send_data(self.stream, body, 10.0, end=True)
+
+
+class _H2Call(Call):
+    """A stream's call: its body may be sent again while all of it is kept (the side's
+    ``send_body`` keeps up to MAX_REPLAY_BODY)."""
+
+    __slots__ = ("side",)
+
+    def __init__(self, side: H2ToHttp1, *args: Any) -> None:
+        super().__init__(*args)
+        self.side = side
+        if side.has_body:
+            side._kept = []
+
+    def body_replayable(self) -> bool:
+        return not self.side.has_body or self.side._kept is not None
 
 
 class _NotSupported(ProxyError):
