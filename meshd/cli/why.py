@@ -12,6 +12,8 @@ import click
 
 from meshd.cli.common import admin_get
 
+MAX_SERVICE = 253   # what /debug/decisions accepts (meshd.control.decisions)
+
 WHY_HEADER = ("TIME", "WORKER", "SERVICE", "ROUTE", "TRY", "BALANCER", "CANDIDATES", "PICK",
               "EJECTED", "STATUS", "LATENCY", "RETRY")
 
@@ -63,6 +65,9 @@ def why_rows(admin: str, service: str | None, limit: int,
     """The table's rows, header first; None when the JSON was printed instead."""
     query = {"limit": str(limit)}
     if service:
+        if len(service) > MAX_SERVICE or not service.isprintable():
+            raise click.ClickException(f"a service name has at most {MAX_SERVICE} printable "
+                                       "characters")
         query["service"] = service
     data = admin_get(admin, "/debug/decisions?" + urlencode(query))
     found = data.get("decisions") if isinstance(data, dict) else None

@@ -96,6 +96,7 @@ def attempt_ended(worker: Context, call: Call, retried: bool,
     if e is not None and not retried and not kind:
         kind = "error"
     err = call.error
+    call.error = None   # its traceback holds the call's frames: no cycle kept alive
     if err is not None:
         if isinstance(err, ProxyError):
             text = err.reason
