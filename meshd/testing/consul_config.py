@@ -20,7 +20,7 @@ apply (an RE2-only regex, a filter meshd does not translate).
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +40,13 @@ class ConfigStore:
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         entry = self.entries.get((kind, name))
-        return copy.deepcopy(entry) if entry is not None else None
+        return _copy.deepcopy(entry) if entry is not None else None
 
-    def list(self, kind: str) -> list[dict[str, Any]]:
-        return [copy.deepcopy(e) for (k, _), e in sorted(self.entries.items()) if k == kind]
+    def list(self, kind: str, copy: bool = True) -> list[dict[str, Any]]:
+        """The entries of ``kind`` by name; ``copy=False``: the stored dicts themselves,
+        for a caller that serializes them before the lock is released."""
+        found = [e for (k, _), e in sorted(self.entries.items()) if k == kind]
+        return [_copy.deepcopy(e) for e in found] if copy else found
 
     def put(self, body: Any, raft_index: int, cas: int | None) -> bool:
         if not isinstance(body, dict):
@@ -58,7 +61,7 @@ class ConfigStore:
         old = self.entries.get((kind, name))
         if cas is not None and (old["ModifyIndex"] if old else 0) != cas:
             return False
-        entry = copy.deepcopy(body)
+        entry = _copy.deepcopy(body)
         entry["CreateIndex"] = old["CreateIndex"] if old else raft_index
         entry["ModifyIndex"] = raft_index
         self.entries[(kind, name)] = entry

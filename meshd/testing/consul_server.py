@@ -653,8 +653,9 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
             if isinstance(index, tuple):
                 return self._send(index[0], index[1].encode(), "text/plain")
             if len(parts) == 1:
-                with server._cond:
-                    return self._json(server.config.list(parts[0]), index, True)
+                with server._cond:   # serialized under the lock, sent outside it
+                    text = json.dumps(server.config.list(parts[0], copy=False))
+                return self._json(text, index, True)
             with server._cond:
                 entry = server.config.get(parts[0], parts[1])
             if entry is None:
@@ -672,7 +673,8 @@ def _handler(server: ConsulServer) -> type[BaseHTTPRequestHandler]:
                        "X-Consul-LastContact": "0"}
             if not allowed:
                 headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
-            self._send(200, json.dumps(data).encode(), "application/json", headers)
+            body = data if isinstance(data, str) else json.dumps(data)   # str: JSON already
+            self._send(200, body.encode(), "application/json", headers)
 
         def _send(self, status: int, body: bytes, ctype: str,
                   headers: Mapping[str, str] | None = None) -> None:
