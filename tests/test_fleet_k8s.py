@@ -124,6 +124,15 @@ def test_server_takes_kubectl_style_writes_and_watches_them(api):
     r = s.put(api.url + ROUTES + "/web-canary", json=fresh)
     assert r.status_code == 200 and r.json()["metadata"]["generation"] == 2
     assert r.json()["metadata"]["creationTimestamp"] == md["creationTimestamp"]
+    patch = {"spec": {"rules": canary(70)["spec"]["rules"]}, "metadata": {"labels": {"a": "b"}}}
+    r = s.patch(api.url + ROUTES + "/web-canary", json=patch,
+                headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200 and r.json()["metadata"]["generation"] == 3
+    assert r.json()["spec"]["rules"][0]["backendRefs"][1]["weight"] == 70
+    assert r.json()["spec"]["parentRefs"] == canary(0)["spec"]["parentRefs"]   # merged
+    r = s.patch(api.url + ROUTES + "/web-canary", json=patch,
+                headers={"Content-Type": "application/strategic-merge-patch+json"})
+    assert r.status_code == 415   # no strategic merge for custom resources
     assert s.delete(api.url + ROUTES + "/web-canary").status_code == 200
     assert s.delete(api.url + ROUTES + "/web-canary").status_code == 404
     assert s.put(api.url + ROUTES + "/x", json=canary(1)).status_code == 400   # name != URL
@@ -131,7 +140,7 @@ def test_server_takes_kubectl_style_writes_and_watches_them(api):
     w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv,
                                         "timeoutSeconds": "1"})
     events = [e.split('"type": ')[1][:10] for e in w.text.splitlines()]
-    assert events == ['"MODIFIED"', '"DELETED",']
+    assert events == ['"MODIFIED"', '"MODIFIED"', '"DELETED",']
     api.expire_history()
     w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv})
     assert '"code": 410' in w.text
