@@ -21,7 +21,6 @@ from typing import Any
 import msgpack
 
 from meshd.discovery.api import Endpoint
-from meshd.fleet import wire
 from meshd.private_files import read_trusted
 
 FORMAT = 2  # 2: endpoints carry inbound_port, identity and labels
@@ -40,9 +39,10 @@ class Snapshot:
     endpoint_rows: Mapping[str, int] = field(default_factory=dict)  # "host:port" -> shm row
     # service -> [(share, start, end)]: traffic split between runs of its endpoints
     splits: Mapping[str, list[tuple[int, int, int]]] = field(default_factory=dict)
-    # service -> its effective fleet policy (``meshd.control.fleet``); the version
-    # changes whenever any of them does (workers recompile only then)
-    fleet: Mapping[str, wire.Policy] = field(default_factory=dict)
+    # service -> its effective fleet policy, packed (``meshd.fleet.wire.pack``); the
+    # version changes whenever any of them does (workers unpack and recompile only then,
+    # and only the policies whose bytes changed)
+    fleet: Mapping[str, bytes] = field(default_factory=dict)
     fleet_version: str = ""
 
     def row(self, listener: str, service: str) -> int | None:
@@ -76,7 +76,7 @@ class Snapshot:
                 for name, eps in self.services.items()
             },
             "rows": {listener: dict(rows) for listener, rows in self.rows.items()},
-            "fleet": {name: wire.encode(p) for name, p in self.fleet.items()},
+            "fleet": dict(self.fleet),
             "fleet_version": self.fleet_version,
         }
         return bytes(msgpack.packb(data, use_bin_type=True))
@@ -104,7 +104,7 @@ class Snapshot:
                 absent=frozenset(data.get("absent", ())),
                 endpoint_rows=data.get("endpoint_rows", {}),
                 splits={k: [(a, b, c) for a, b, c in v] for k, v in data.get("splits", {}).items()},
-                fleet={k: wire.decode(v) for k, v in data.get("fleet", {}).items()},
+                fleet={str(k): bytes(v) for k, v in data.get("fleet", {}).items()},
                 fleet_version=data.get("fleet_version", ""),
             )
         except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -17,7 +20,6 @@ from collections import Counter
 from typing import Any
 
 import msgpack
-import pytest
 
 from meshd.control import state
 from meshd.testing.consul_server import ConsulServer
@@ -307,23 +309,36 @@ def test_local_route_wins_over_fleet_routes(mesh, backends, consul) -> None:
     assert fleet_service(m, "api")["effective"]["routes"]["from"] == "consul: service-router/api"
 
 
-@pytest.mark.parametrize("table, problem", [
-    ('address = 5', "config_source[0].address"),
-    ('passing_only = true', "config_source[0].passing_only"),
-])
-def test_check_names_bad_source_keys(tmp_path, table: str, problem: str) -> None:
-    from meshd.errors import ConfigError
-    from meshd.validate import load_checked
-    path = tmp_path / "m.toml"
-    path.write_text(textwrap.dedent(f"""\
-        shm_dir = "{tmp_path}"
-        [[listener]]
-        name = "out"
-        listen = "127.0.0.1:0"
+def test_source_keys_are_checked_by_check_run_and_reload(mesh, backends, tmp_path) -> None:
+    """`meshd check`, `meshd run` and a HUP refuse a config source's bad keys with the
+    same key-path lines (the plugin validates them); a refused reload keeps serving."""
+    a = backends("a")
+    good, ports = mesh.config({"web": [a.address]}, workers=1)
+    bad = good + textwrap.dedent("""
         [[config_source]]
-        name = "c"
+        name = "consul"
         plugin = "consul"
-        """) + table + "\n")
-    with pytest.raises(ConfigError) as e:
-        load_checked(str(path))
-    assert any(k == problem for k, _ in e.value.problems), e.value.problems
+        address = 5
+        passing_only = true
+        [[config_source]]
+        name = "other"
+        plugin = "nonesuch"
+        """)
+    lines = ["config_source[0].address: expected a URL", "config_source[0].passing_only: unknown key",
+             "config_source[1].plugin: no config plugin named 'nonesuch' is installed"]
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    for command in ("check", "run"):
+        out = subprocess.run([sys.executable, "-m", "meshd", command, "-c", str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (command, out)
+        for line in lines:
+            assert f"{path}: {line}" in out.stderr, (command, line, out.stderr)
+    m = mesh.start(good, ports)
+    m.config_path.write_text(bad)
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: m.metric("meshd_config_reloads_total", 'result="failure"') == 1,
+             what="the reload counted as failed")
+    for line in lines:
+        assert f"{m.config_path}: {line}" in m.log(), line
+    assert http_get("127.0.0.1", ports["outbound"], "/", {"Host": "web"})[0] == 200

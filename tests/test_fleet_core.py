@@ -139,3 +139,15 @@ def test_wire_round_trip_bounds_and_references() -> None:
     assert "rewrite" in (problem(Routes("r", (Route("x", prefix_rewrite="/v2"),))) or "")
     with pytest.raises(ValueError):
         decode({"_": "Nope", "f": []})
+
+
+def test_a_new_selector_keeps_what_did_not_change() -> None:
+    web, other = _policy(), Policy("api", split=Split("s", (WeightedTarget(Target("a"), 1),
+                                                             WeightedTarget(Target("b"), 1))))
+    first = Selector({"web": web, "api": other})
+    assert first.route("api", b"GET", b"/", [])[0] == Target("a")
+    changed = Policy("web", split=Split("s2", (WeightedTarget(Target("web", "v2"), 1),)))
+    second = Selector({"web": changed, "api": other}, first)
+    # api's alternation goes on where it was (a, then b); web's policy is the new one.
+    assert second.route("api", b"GET", b"/", [])[0] == Target("b")
+    assert second.route("web", b"GET", b"/", [])[0] == Target("web", "v2")

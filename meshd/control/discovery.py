@@ -564,7 +564,7 @@ class DiscoveryRunner:
         return Snapshot(generation=self.generation, seq=self.seq, services=services,
                         rows=self.rows.rows, synced=self.all_synced, errors=errors,
                         absent=frozenset(absent), endpoint_rows=dict(self.endpoint_rows.rows),
-                        splits=splits, fleet=self.fleet.policies, fleet_version=self.fleet.version)
+                        splits=splits, fleet=self.fleet.blobs, fleet_version=self.fleet.version)
 
     def _publish(self) -> None:
         self.seq += 1

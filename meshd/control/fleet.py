@@ -62,6 +62,7 @@ READY_NAMES = 10
 class PartState:
     """What one source gave for one service."""
     parts: dict[str, Part] = field(default_factory=dict)                 # kind -> part
+    encoded: dict[str, Any] = field(default_factory=dict)                # kind -> wire.encode(part)
     refused: dict[str, tuple[str, str]] = field(default_factory=dict)    # kind -> (entry, why)
     synced: bool = False        # answered at least once since this process started
     stale: bool = False         # parts come from the persisted state
@@ -95,6 +96,8 @@ class FleetRunner:
         self.policies: dict[str, wire.Policy] = {}
         self.origins: dict[str, dict[str, str]] = {}       # service -> kind -> origin
         self.overridden: dict[str, dict[str, str]] = {}    # service -> kind -> fleet origin
+        self.refs: dict[str, set[str]] = {}                # service -> services its policy names
+        self.blobs: dict[str, bytes] = {}                  # service -> its policy, packed once
         self.version = f"{os.getpid()}.{time.monotonic_ns()}.0"
         self.published_version = ""   # that of the snapshot published last
         self._changes = 0
@@ -142,7 +145,13 @@ class FleetRunner:
         for src in self.cfg.config_sources:
             st = PartState()
             if src.name in saved:
-                st.parts, st.stale = dict(saved[src.name]), True
+                try:
+                    st.parts = {k: wire.decode(raw) for k, raw in saved[src.name].items()}
+                    st.encoded, st.stale = dict(saved[src.name]), True
+                except ValueError as e:
+                    log.warning("ignoring the persisted fleet policy of %s from %s: %s",
+                                service, src.name, e)
+                    st.parts = {}
             w.sources[src.name] = st
             plugin = self.sources.get(src.name)
             if plugin is None:
@@ -150,15 +159,14 @@ class FleetRunner:
                 continue
             w.greenlets.append(gevent.spawn(self._watch_loop, w, src.name, plugin, on_demand))
         if saved:
-            self._changed()
+            self._changed(service)
         gevent.spawn_later(FIRST_ANSWER_WAIT, self.on_change)   # see FIRST_ANSWER_WAIT
 
     def unwatch(self, service: str) -> None:
         w = self.watches.pop(service, None)
         if w is not None:
             gevent.killall(w.greenlets, block=False)
-            if service in self.policies:
-                self._changed()
+            self._changed(service)
 
     def _watch_loop(self, w: FleetWatch, source: str, plugin: Any, on_demand: bool) -> None:
         st = w.sources[source]
@@ -193,11 +201,13 @@ class FleetRunner:
                 self._refuse(w, source, st, kind, update.part.entry, why)
             else:
                 st.parts[kind] = update.part
+                st.encoded[kind] = wire.encode(update.part)
                 if st.refused.pop(kind, None) is not None:
                     log.info("config source %s: %s for %s accepted again", source,
                              update.part.entry, w.name)
         elif isinstance(update, Clear):
             st.parts.pop(update.kind, None)
+            st.encoded.pop(update.kind, None)
             st.refused.pop(update.kind, None)
         elif isinstance(update, Refused):
             self._refuse(w, source, st, update.kind, update.entry, update.reason)
@@ -205,7 +215,7 @@ class FleetRunner:
             raise TypeError(f"not a config-source update: {type(update).__name__}")
         st.synced, st.stale, st.error = True, False, None
         st.last_update = time.time()
-        self._changed()
+        self._changed(w.name)
 
     def _refuse(self, w: FleetWatch, source: str, st: PartState, kind: PartKind, entry: str,
                 why: str) -> None:
@@ -220,39 +230,56 @@ class FleetRunner:
 
     # -- the effective policies ---------------------------------------------------------
 
-    def _changed(self) -> None:
-        policies: dict[str, wire.Policy] = {}
-        origins: dict[str, dict[str, str]] = {}
-        overridden: dict[str, dict[str, str]] = {}
-        for name, w in self.watches.items():
-            chosen: dict[str, Part] = {}
-            where: dict[str, str] = {}
-            for kind in PART_KINDS:
-                for src in self.cfg.config_sources:
-                    st = w.sources.get(src.name)
-                    part = st.parts.get(kind) if st is not None else None
-                    if part is None:
-                        continue
-                    origin = f"{src.name}: {part.entry}"
-                    if self._local(name, kind):
-                        overridden.setdefault(name, {})[kind] = origin
-                    else:
-                        chosen[kind], where[kind] = part, origin
-                    break
-            if chosen:
-                policies[name] = wire.Policy(name, chosen.get("routes"), chosen.get("split"),  # type: ignore[arg-type]
-                                             chosen.get("resolver"))  # type: ignore[arg-type]
-                origins[name] = where
-        if policies != self.policies:
+    def _changed(self, service: str) -> None:
+        """``service``'s parts changed (or it is no longer watched): its effective policy
+        again, and when that changed, a new version and the services policies name."""
+        policy, where, over = self._effective(service)
+        self.origins.pop(service, None)
+        self.overridden.pop(service, None)
+        if where:
+            self.origins[service] = where
+        if over:
+            self.overridden[service] = over
+        if policy != self.policies.get(service):
+            if policy is None:
+                del self.policies[service]
+                self.refs.pop(service, None)
+                self.blobs.pop(service, None)
+            else:
+                self.policies[service] = policy
+                self.refs[service] = wire.referenced(policy)
+                self.blobs[service] = wire.pack(policy)
             self._changes += 1
             self.version = f"{self.version.rsplit('.', 1)[0]}.{self._changes}"
-        self.policies, self.origins, self.overridden = policies, origins, overridden
-        refs: set[str] = set()
-        for p in policies.values():
-            refs |= wire.referenced(p)
-        self.on_refs(refs)
+            self.on_refs(set().union(*self.refs.values()))
         self.on_change()
         self._schedule_save()
+
+    def _effective(self, name: str) -> tuple[wire.Policy | None, dict[str, str], dict[str, str]]:
+        """(policy, where each part came from, what the file overrides) of ``name``."""
+        w = self.watches.get(name)
+        if w is None:
+            return None, {}, {}
+        chosen: dict[str, Part] = {}
+        where: dict[str, str] = {}
+        overridden: dict[str, str] = {}
+        for kind in PART_KINDS:
+            for src in self.cfg.config_sources:
+                st = w.sources.get(src.name)
+                part = st.parts.get(kind) if st is not None else None
+                if part is None:
+                    continue
+                origin = f"{src.name}: {part.entry}"
+                if self._local(name, kind):
+                    overridden[kind] = origin
+                else:
+                    chosen[kind], where[kind] = part, origin
+                break
+        if not chosen:
+            return None, where, overridden
+        return (wire.Policy(name, chosen.get("routes"), chosen.get("split"),  # type: ignore[arg-type]
+                            chosen.get("resolver")),  # type: ignore[arg-type]
+                where, overridden)
 
     def _local(self, service: str, kind: str) -> bool:
         """The file decides this part of ``service`` (see the module's docstring)."""
@@ -279,14 +306,15 @@ class FleetRunner:
 
     # -- persistence --------------------------------------------------------------------
 
-    def _load(self) -> tuple[dict[str, dict[str, dict[str, Part]]], float]:
+    def _load(self) -> tuple[dict[str, dict[str, dict[str, Any]]], float]:
+        """service -> source -> kind -> encoded part (decoded when the service is watched)."""
         try:
             data = msgpack.unpackb(read_trusted(self.state_path), raw=False)
             if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
                 raise ValueError("not a meshd fleet state file of a known format")
-            saved = {service: {source: {kind: wire.decode(raw) for kind, raw in parts.items()
-                                        if kind in PART_KINDS}
-                               for source, parts in by_source.items()}
+            saved = {str(service): {str(source): {kind: raw for kind, raw in parts.items()
+                                                  if kind in PART_KINDS}
+                                    for source, parts in by_source.items()}
                      for service, by_source in data["services"].items()}
             return saved, float(data["saved_at"])
         except FileNotFoundError:
@@ -308,7 +336,7 @@ class FleetRunner:
         self._last_save = time.monotonic()
         merged = dict(self.saved)
         for name, w in self.watches.items():
-            good = {src: dict(st.parts) for src, st in w.sources.items()
+            good = {src: dict(st.encoded) for src, st in w.sources.items()
                     if st.synced and not st.stale}
             if any(good.values()) or name in merged:
                 # Answered: what the sources hold now (an entry deleted is deleted here
@@ -318,9 +346,7 @@ class FleetRunner:
                 merged[name] = {s: p for s, p in kept.items() if p}
         merged = {k: v for k, v in merged.items() if v}
         data = {"format": STATE_FORMAT, "saved_at": time.time(),
-                "services": {service: {src: {kind: wire.encode(p) for kind, p in parts.items()}
-                                       for src, parts in by_source.items()}
-                             for service, by_source in merged.items()}}
+                "services": merged}
         try:
             write_atomic(self.state_path, bytes(msgpack.packb(data, use_bin_type=True)))
             self.saved = merged

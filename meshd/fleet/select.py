@@ -140,12 +140,20 @@ def _header_holds(h: HeaderMatch, values: list[str], rx: re.Pattern[str] | None)
 class Selector:
     """The compiled policies of one snapshot."""
 
-    def __init__(self, policies: Mapping[str, Policy]) -> None:
+    def __init__(self, policies: Mapping[str, Policy], previous: Selector | None = None) -> None:
+        """``previous``: the selector these policies replace; the compiled routes and
+        splits (and their weighted-pick state) of every policy it shares are kept."""
         self.policies = policies
-        self._routes = {name: [_Route(r) for r in p.routes.routes]
-                        for name, p in policies.items() if p.routes is not None}
-        self._splits = {name: _Weighted(p.split.targets)
-                        for name, p in policies.items() if p.split is not None}
+        self._routes: dict[str, list[_Route]] = {}
+        self._splits: dict[str, _Weighted] = {}
+        for name, p in policies.items():
+            same = previous is not None and previous.policies.get(name) is p
+            if p.routes is not None:
+                self._routes[name] = (previous._routes[name] if same and previous is not None
+                                      else [_Route(r) for r in p.routes.routes])
+            if p.split is not None:
+                self._splits[name] = (previous._splits[name] if same and previous is not None
+                                      else _Weighted(p.split.targets))
 
     def __contains__(self, service: str) -> bool:
         return service in self.policies

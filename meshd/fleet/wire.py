@@ -3,8 +3,9 @@ of every part a source gives.
 
 ``Policy`` is the effective policy of one service as workers apply it: the parts the
 control process chose (``meshd.control.fleet``: precedence, first source first).
-``encode`` / ``decode`` turn parts and policies into nested lists and back, for the
-snapshot workers read and the state file a restart reads (``decode`` raises ValueError
+``encode`` / ``decode`` turn parts and policies into nested lists and back (``pack`` /
+``unpack``: msgpack bytes of a policy), for the snapshot workers read and the state
+file a restart reads (``decode`` raises ValueError
 on anything else: a file from another version is ignored, not trusted halfway).
 ``problem`` says why a part breaks meshd's bounds or cannot be applied (a regex that does
 not compile), or None: such a part is refused as if its source had refused it.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 from typing import Any
+
+import msgpack
 
 from meshd.fleet.api import (
     MAX_CONDITIONS,
@@ -102,6 +105,23 @@ def _field(name: str, v: Any) -> Any:
     if isinstance(v, list):
         return tuple(_field("", x) for x in v)
     return v
+
+
+def pack(policy: Policy) -> bytes:
+    """A policy as msgpack bytes: what snapshots carry (packed once per change; a worker
+    unpacks only the policies whose bytes changed)."""
+    return bytes(msgpack.packb(encode(policy), use_bin_type=True))
+
+
+def unpack(blob: bytes) -> Policy:
+    """The inverse of ``pack``. Raises ValueError."""
+    try:
+        policy = decode(msgpack.unpackb(blob, raw=False))
+    except (msgpack.UnpackException, TypeError) as e:
+        raise ValueError(f"not a packed fleet policy: {e}") from None
+    if not isinstance(policy, Policy):
+        raise ValueError(f"not a fleet policy: {type(policy).__name__}")
+    return policy
 
 
 # -- checks ---------------------------------------------------------------------------------

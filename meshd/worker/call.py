@@ -300,7 +300,7 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
             Endpoint(listener.forward.host, listener.forward.port),)
     else:
         host = listener.service or strip_port((authority or b"").decode("latin-1"))
-        if worker.config.config_sources and not worker.router.local(host):
+        if worker.config.config_sources and not worker.router.local(host) and not _ip_literal(host):
             # A name seen for the first time: its fleet policy comes with its endpoints
             # (the control process publishes both at once), so wait for those first.
             worker.resolve(host)

@@ -22,6 +22,7 @@ per config and hands it each new set of policies (``set_fleet``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,9 @@ from meshd.config import DEFAULT_FAILURE_ON, DEFAULT_SERVICE, Config, RouteConfi
 from meshd.fleet.api import Target
 from meshd.fleet.select import Labels, Resolved, Selector
 from meshd.fleet.wire import Policy as FleetPolicy
+from meshd.fleet.wire import unpack
+
+log = logging.getLogger("meshd.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +104,28 @@ class Router:
             self._routes.setdefault(route.host, []).append(_Route(route))
         self.fleet: Selector | None = None
         self.fleet_version = ""
+        self._packed: dict[str, tuple[bytes, FleetPolicy]] = {}
 
-    def set_fleet(self, version: str, policies: Mapping[str, FleetPolicy]) -> None:
+    def set_fleet(self, version: str, packed: Mapping[str, bytes]) -> None:
         """The fleet policies of a newly loaded snapshot: recompiled only when their
-        version changed (the weighted picks keep their state across other snapshots)."""
-        if version != self.fleet_version:
-            self.fleet_version = version
-            self.fleet = Selector(policies) if policies else None
+        version changed (the weighted picks keep their state across other snapshots),
+        unpacking only the policies whose bytes changed."""
+        if version == self.fleet_version:
+            return
+        self.fleet_version = version
+        kept: dict[str, tuple[bytes, FleetPolicy]] = {}
+        for name, blob in packed.items():
+            old = self._packed.get(name)
+            if old is not None and old[0] == blob:
+                kept[name] = old
+                continue
+            try:
+                kept[name] = (blob, unpack(blob))
+            except ValueError as e:   # the control process wrote it: a bug, not input
+                log.error("fleet policy of %s unreadable, not applied: %s", name, e)
+        self._packed = kept
+        self.fleet = (Selector({name: p for name, (_, p) in kept.items()}, self.fleet)
+                      if kept else None)
 
     def local(self, host: str) -> bool:
         """Local ``[[route]]`` tables name ``host`` (then the file decides its routing)."""

@@ -85,13 +85,18 @@ class _Kind:
 class ConsulConfigSource(Source):
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         super().__init__(name, options)
-        unknown = [k for k in options if k not in _KEYS]
-        if unknown:
-            raise ConfigError([(k, f"unknown key (known: {', '.join(_KEYS)})") for k in unknown])
-        self.opts: ConsulOptions = parse_options(options)
+        problems = [(k, f"unknown key (known: {', '.join(_KEYS)})") for k in options
+                    if k not in _KEYS]
+        try:
+            self.opts: ConsulOptions = parse_options({k: v for k, v in options.items()
+                                                      if k in _KEYS})
+        except ConfigError as e:
+            problems = list(e.problems) + problems
+        if problems:   # every problem at once, as meshd check shows them
+            raise ConfigError(problems)
         self._cond = threading.Condition()
         self._closed = False
-        self._generation = 0       # moves with every change of any kind's state
+        self._waiters: dict[str, set[threading.Event]] = {}   # entry name -> its watches
         self._kinds = {kind: _Kind(kind) for kind in KINDS}
         self._session: requests.Session | None = None
 
@@ -102,14 +107,27 @@ class ConsulConfigSource(Source):
         remote = "@" in service and dc != self.opts.datacenter
         self._start()
         last: dict[str, object] = dict.fromkeys(KINDS, _ABSENT)
-        seen = -1
-        while True:
+        woken = threading.Event()   # set when an entry of this name changes, or all are woken
+        woken.set()
+        with self._cond:
+            self._waiters.setdefault(name, set()).add(woken)
+        try:
+            yield from self._follow(name, remote, woken, last)
+        finally:
             with self._cond:
-                while self._generation == seen and not self._closed:
-                    self._cond.wait(1.0)
+                waiters = self._waiters.get(name, set())
+                waiters.discard(woken)
+                if not waiters:
+                    self._waiters.pop(name, None)
+
+    def _follow(self, name: str, remote: bool, woken: threading.Event,
+                last: dict[str, object]) -> Iterator[Update]:
+        while True:
+            woken.wait()
+            woken.clear()
+            with self._cond:
                 if self._closed:
                     return
-                seen = self._generation
                 state = {k: (s.synced, s.error, s.entries.get(name)) for k, s in self._kinds.items()}
             failing = [error for _, error, _ in state.values() if error is not None]
             if failing:   # meshd keeps the last parts and restarts the watch with backoff
@@ -170,9 +188,8 @@ class ConsulConfigSource(Source):
                 with self._cond:
                     if state.error != str(e):
                         log.warning("%s", e)
-                    state.error = str(e)
-                    self._generation += 1
-                    self._cond.notify_all()
+                        state.error = str(e)
+                        self._wake(None)
                 time.sleep(min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 10))
                            * random.uniform(0.5, 1.0))
                 index = 0
@@ -186,10 +203,20 @@ class ConsulConfigSource(Source):
             by_name = {e["Name"]: e for e in entries
                        if isinstance(e, dict) and isinstance(e.get("Name"), str)}
             with self._cond:
-                if by_name != state.entries or not state.synced or state.error is not None:
+                if not state.synced or state.error is not None:
                     state.entries, state.synced, state.error = by_name, True, None
-                    self._generation += 1
-                    self._cond.notify_all()
+                    self._wake(None)
+                elif by_name != state.entries:
+                    old, state.entries = state.entries, by_name
+                    self._wake({n for n in old.keys() | by_name.keys()
+                                if old.get(n) != by_name.get(n)})
+
+    def _wake(self, names: set[str] | None) -> None:
+        """Wake the watches of ``names`` (None: all of them). Under ``_cond``."""
+        for name, waiters in self._waiters.items():
+            if names is None or name in names:
+                for woken in waiters:
+                    woken.set()
 
     def _list(self, kind: str, index: int) -> tuple[int, list[Any]]:
         o = self.opts
@@ -249,6 +276,6 @@ class ConsulConfigSource(Source):
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._wake(None)
         if self._session is not None:
             self._session.close()
