@@ -561,3 +561,35 @@ def test_grpcroute_sends_one_method_to_another_service(mesh, api, tmp_path):
     finally:
         for s in servers:
             s.stop(0)
+
+
+def test_routes_and_endpoints_both_from_kubernetes(mesh, backends, api, tmp_path):
+    """The usual pod setup: discovery from EndpointSlices, routes from HTTPRoutes; the
+    canary Service, named only by the route, is watched on demand when traffic goes to
+    it."""
+    a, b = backends("stable"), backends("canary")
+    api.create_service("web")
+    api.create_service("web-canary")
+    api.apply_slice("web-1", "web", ["127.0.0.1"], ports={"http": a.port})
+    api.apply_slice("web-canary-1", "web-canary", ["127.0.0.1"], ports={"http": b.port})
+    text, ports = k8s_config(mesh, api, tmp_path, {}, workers=1, extra=textwrap.dedent(f"""
+        [[discovery]]
+        name = "k8s"
+        plugin = "kubernetes"
+        api_server = "{api.url}"
+        token_file = "{tmp_path / 'k8s.token'}"
+        ca_file = "{api.ca_file}"
+        namespace = "default"
+
+        [service.web]
+        discovery = "k8s"
+        """))
+    m = mesh.start(text, ports)
+    port = m.ports["outbound"]
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"
+    api.apply(canary(100))
+    wait_applied(m, "web", lambda p: route_weights(p) == [0, 100])
+    wait_for(lambda: http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"canary /\n",
+             10, what="traffic to the canary")
+    assert {http_get("127.0.0.1", port, "/", {"Host": "web"})[2]
+            for _ in range(10)} == {b"canary /\n"}
