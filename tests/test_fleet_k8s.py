@@ -124,6 +124,15 @@ def test_server_takes_kubectl_style_writes_and_watches_them(api):
     r = s.put(api.url + ROUTES + "/web-canary", json=fresh)
     assert r.status_code == 200 and r.json()["metadata"]["generation"] == 2
     assert r.json()["metadata"]["creationTimestamp"] == md["creationTimestamp"]
+    patch = {"spec": {"rules": canary(70)["spec"]["rules"]}, "metadata": {"labels": {"a": "b"}}}
+    r = s.patch(api.url + ROUTES + "/web-canary", json=patch,
+                headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200 and r.json()["metadata"]["generation"] == 3
+    assert r.json()["spec"]["rules"][0]["backendRefs"][1]["weight"] == 70
+    assert r.json()["spec"]["parentRefs"] == canary(0)["spec"]["parentRefs"]   # merged
+    r = s.patch(api.url + ROUTES + "/web-canary", json=patch,
+                headers={"Content-Type": "application/strategic-merge-patch+json"})
+    assert r.status_code == 415   # no strategic merge for custom resources
     assert s.delete(api.url + ROUTES + "/web-canary").status_code == 200
     assert s.delete(api.url + ROUTES + "/web-canary").status_code == 404
     assert s.put(api.url + ROUTES + "/x", json=canary(1)).status_code == 400   # name != URL
@@ -131,7 +140,7 @@ def test_server_takes_kubectl_style_writes_and_watches_them(api):
     w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv,
                                         "timeoutSeconds": "1"})
     events = [e.split('"type": ')[1][:10] for e in w.text.splitlines()]
-    assert events == ['"MODIFIED"', '"DELETED",']
+    assert events == ['"MODIFIED"', '"MODIFIED"', '"DELETED",']
     api.expire_history()
     w = s.get(api.url + ROUTES, params={"watch": "1", "resourceVersion": rv})
     assert '"code": 410' in w.text
@@ -552,3 +561,35 @@ def test_grpcroute_sends_one_method_to_another_service(mesh, api, tmp_path):
     finally:
         for s in servers:
             s.stop(0)
+
+
+def test_routes_and_endpoints_both_from_kubernetes(mesh, backends, api, tmp_path):
+    """The usual pod setup: discovery from EndpointSlices, routes from HTTPRoutes; the
+    canary Service, named only by the route, is watched on demand when traffic goes to
+    it."""
+    a, b = backends("stable"), backends("canary")
+    api.create_service("web")
+    api.create_service("web-canary")
+    api.apply_slice("web-1", "web", ["127.0.0.1"], ports={"http": a.port})
+    api.apply_slice("web-canary-1", "web-canary", ["127.0.0.1"], ports={"http": b.port})
+    text, ports = k8s_config(mesh, api, tmp_path, {}, workers=1, extra=textwrap.dedent(f"""
+        [[discovery]]
+        name = "k8s"
+        plugin = "kubernetes"
+        api_server = "{api.url}"
+        token_file = "{tmp_path / 'k8s.token'}"
+        ca_file = "{api.ca_file}"
+        namespace = "default"
+
+        [service.web]
+        discovery = "k8s"
+        """))
+    m = mesh.start(text, ports)
+    port = m.ports["outbound"]
+    assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"
+    api.apply(canary(100))
+    wait_applied(m, "web", lambda p: route_weights(p) == [0, 100])
+    wait_for(lambda: http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"canary /\n",
+             10, what="traffic to the canary")
+    assert {http_get("127.0.0.1", port, "/", {"Host": "web"})[2]
+            for _ in range(10)} == {b"canary /\n"}

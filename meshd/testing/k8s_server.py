@@ -22,8 +22,10 @@ What it serves (``discovery.k8s.io/v1`` and ``v1`` as the real API server does):
 - The Gateway API (``gateway.networking.k8s.io/v1``) ``httproutes`` and ``grpcroutes``,
   namespaced: list and watch as above (same resourceVersion, bookmarks, 410), ``GET`` of
   one object, and ``POST`` (create: 409 AlreadyExists), ``PUT`` (replace: 404 when absent,
-  409 Conflict when the body's ``metadata.resourceVersion`` is not the current one) and
-  ``DELETE`` (answers the deleted object), as ``kubectl apply``/``delete`` use them. The
+  409 Conflict when the body's ``metadata.resourceVersion`` is not the current one),
+  ``PATCH`` (``application/merge-patch+json`` only, as for custom resources; 415
+  otherwise) and ``DELETE`` (answers the deleted object), as ``kubectl apply``/``patch``/
+  ``delete`` use them. The
   server sets ``uid``, ``creationTimestamp`` (kept on replace), ``resourceVersion`` and
   ``generation`` (bumped when ``spec`` changes). Only the envelope is checked (kind,
   apiVersion, name, namespace), not the CRD's OpenAPI schema: tests may store what a real
@@ -613,8 +615,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._write("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._write("PATCH")
+
     def _write(self, method: str) -> None:
-        """Create (POST to the collection), replace (PUT) or delete (DELETE) one object."""
+        """Create (POST to the collection), replace (PUT), merge-patch (PATCH, RFC 7386, as
+        ``kubectl apply``/``patch --type merge`` send to custom resources) or delete
+        (DELETE) one object."""
         api = self.server.api
         url = urlsplit(self.path)
         auth = self.headers.get("Authorization", "")
@@ -645,12 +652,25 @@ class _Handler(BaseHTTPRequestHandler):
                 with api._lock:
                     _, obj = api._delete(resource, namespace, parts[6])
                 return self._json(req, 200, obj)
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
+            if method == "PATCH" and content_type != "application/merge-patch+json":
+                # what the real server says for custom resources (no strategic merge)
+                return self._status(req, 415, f"the body of the request was in an unknown "
+                                              f"format - accepted media types include: "
+                                              f"application/merge-patch+json "
+                                              f"(not {content_type or 'none'})")
             try:
                 body = json.loads(raw)
             except ValueError:
                 return self._status(req, 400, "the body is not JSON")
             with api._lock:
-                if method == "POST":
+                if method == "PATCH":
+                    old = api.objects[resource].get((namespace, parts[6]))
+                    if old is None:
+                        raise ApiError(404, f'{resource} "{parts[6]}" not found')
+                    body = merge_patch(old, body)
+                    api._replace(resource, namespace, parts[6], body)
+                elif method == "POST":
                     api._create(resource, namespace, body)
                 else:
                     api._replace(resource, namespace, parts[6], body)
@@ -733,6 +753,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _end(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, ``null`` deletes, anything
+    else (lists included) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def _bookmark(resource: str, rv: int) -> dict[str, Any]:

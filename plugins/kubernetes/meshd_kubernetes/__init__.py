@@ -38,6 +38,11 @@ when discovery gives it an identity. A meshed Service labelled
 ``meshd.io/service-account: <account>`` (``service_account_label``) gives its endpoints
 ``spiffe://<trust_domain>/ns/<namespace>/sa/<account>``; without that label they have
 none and are reached over plaintext h2c (see ``slices.py``).
+
+The same distribution publishes the ``kubernetes`` config source (entry-point group
+``meshd.config``): routes from Gateway API HTTPRoutes and GRPCRoutes, in
+``config_source.py`` (reading) and ``routes.py`` (translating); it reuses this class for
+its connection options.
 """
 
 from __future__ import annotations

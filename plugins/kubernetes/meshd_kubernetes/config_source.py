@@ -257,7 +257,8 @@ class _Informer:
             for key, subs in self.subscribers.items():
                 for sub in subs:
                     sub.put((self.namespace, self.kind, "reset", by_key.get(key, [])))
-        return str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+        md = body.get("metadata")
+        return str(md.get("resourceVersion") or "") or None if isinstance(md, Mapping) else None
 
     def _loop(self) -> None:
         ns, what = self.namespace, f"watching {RESOURCE[self.kind]} in ns {self.namespace}"
@@ -310,7 +311,8 @@ class _Informer:
                 f"kubernetes {self.client.s.server}: {obj.get('code')} {obj.get('reason')} "
                 f"watching {RESOURCE[self.kind]} in ns {self.namespace}: {obj.get('message')}",
                 int(obj.get("code") or 0))
-        new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+        md = obj.get("metadata")
+        new_rv = str(md.get("resourceVersion") or rv) if isinstance(md, Mapping) else rv
         name = _name(obj)
         if kind in ("ADDED", "MODIFIED") and name:
             self._change("put", name, obj)
