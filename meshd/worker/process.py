@@ -179,6 +179,7 @@ class Worker:
                                    "%s: %s", self.ctx.snapshot_path, e)
             return hasattr(self, "snapshot")
         self._snapshot_mtime = mtime
+        self.retries.set_groups(rowkeys.authority_groups(self.snapshot.rows))
         self.region.set_snapshot_seq(self.slot, self.snapshot.seq)  # for /ready and tests
         return True
 
