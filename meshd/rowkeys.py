@@ -48,7 +48,7 @@ a config source added since (until a reload gives them rows).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from meshd.discovery.api import Endpoint
@@ -147,3 +147,17 @@ def outbound_key(identity_on: bool, service: str, endpoints: Sequence[Endpoint])
 
 def inbound_key(service: str, tls: bool, client_id: str) -> str:
     return key(service, tls, client_id)
+
+
+def authority_groups(rows: Mapping[str, Mapping[str, int]]) -> dict[int, tuple[int, ...]]:
+    """Base row -> the rows of its authorities, for every listener of a row map (the
+    retry budget is a service's, not an authority's)."""
+    groups: dict[int, list[int]] = {}
+    for by_key in rows.values():
+        for k, row in by_key.items():
+            p = parts(k)
+            if p.authority:
+                base = by_key.get(key(p.service, p.tls, p.peer_id))
+                if base is not None:
+                    groups.setdefault(base, []).append(row)
+    return {base: tuple(rows) for base, rows in groups.items()}

@@ -13,6 +13,7 @@ whole meshd, not per worker.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 from meshd.balance import budget
 from meshd.balance.retry import IDEMPOTENT_METHODS
@@ -31,11 +32,21 @@ class RetryBudgets:
         self._window = Window(span=budget.WINDOW)  # per row: (time, requests, retries)
         self._boot_rows: int | None = None  # rows that existed when sampling began
 
+    def set_groups(self, groups: Mapping[int, tuple[int, ...]]) -> None:
+        """A service's row -> the rows of its authorities (``meshd.rowkeys``), from the
+        snapshot: the budget is the service's, whatever authority its requests named."""
+        self._groups = groups
+        self._base = {r: base for base, rows in groups.items() for r in rows}
+
+    _groups: Mapping[int, tuple[int, ...]] = {}
+    _base: Mapping[int, int] = {}
+
     def _totals(self, row: int, live: list[int]) -> tuple[int, int]:
         requests = retries = 0
-        for slot in live:
-            requests += self.region.read_field(slot, row, F_REQUESTS)
-            retries += self.region.read_field(slot, row, F_RETRIES)
+        for r in (row, *self._groups.get(row, ())):
+            for slot in live:
+                requests += self.region.read_field(slot, r, F_REQUESTS)
+                retries += self.region.read_field(slot, r, F_RETRIES)
         return requests, retries
 
     def sample_all(self, rows: int, live: list[int], now: float) -> None:
@@ -46,6 +57,8 @@ class RetryBudgets:
         if self._boot_rows is None:
             self._boot_rows = rows
         for row in range(FIRST_ROW, rows):
+            if row in self._base:  # an authority's row: counted with its service's
+                continue
             requests, retries = self._totals(row, live)
             self._sample(row, now, requests, retries)
 
@@ -58,10 +71,12 @@ class RetryBudgets:
             window.add(row, now, requests, retries)
 
     def try_retry(self, row: int, live: list[int], now: float) -> bool:
-        """Spend one retry of ``row``'s budget if it allows one (counted either way)."""
-        requests, retries = self._totals(row, live)
-        self._sample(row, now, requests, retries)
-        requests_in_window, retries_in_window, _ = self._window.moved(row, now, requests, retries)
+        """Spend one retry of ``row``'s budget if it allows one (counted either way); an
+        authority's row spends its service's."""
+        key = self._base.get(row, row)
+        requests, retries = self._totals(key, live)
+        self._sample(key, now, requests, retries)
+        requests_in_window, retries_in_window, _ = self._window.moved(key, now, requests, retries)
         ok = budget.allowed(requests_in_window, retries_in_window)
         self.stripe.add(row, F_RETRIES if ok else F_BUDGET_EXHAUSTED)
         return ok
