@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,20 @@ from meshd.shm import KIND_CONTROL, KIND_WORKER, STATE_SERVING, Region, SlotReco
 # several test processes at once (pytest -n), also a registry file shared by all of them.
 _GIVEN: dict[int, None] = {}
 _GIVEN_MAX = 4096
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by
+    default), where bind(port 0) and outgoing connections never land."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (max(1024, low - 12768), max(1025, low - 1))
+
+
+_UNASSIGNED = _below_ephemeral()
 _REGISTRY = os.path.join(os.environ.get("TMPDIR", "/tmp"), "meshd-test-ports")
 _REGISTRY_KEEP = 600.0  # seconds a port stays reserved for the process that was given it
 
@@ -71,13 +86,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     def candidate() -> int:
-        for _ in range(100):
+        # Below the kernel's ephemeral range: a port the kernel hands to a socket bound to
+        # port 0 (a backend, a client's connection) in this or another test process cannot
+        # take it between now and the bind it is meant for.
+        low, high = _UNASSIGNED
+        port = 0
+        for _ in range(200):
+            port = random.randint(low, high)
+            if port in _GIVEN:
+                continue
             with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((host, 0))
-                port = int(s.getsockname()[1])
-            if port not in _GIVEN:
-                break
-        return port
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            return port
+        with socket.socket(family, socket.SOCK_STREAM) as s:  # a crowded range: any free
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
 
     port = _shared_reserve(candidate) if os.environ.get("PYTEST_XDIST_WORKER") else candidate()
     _GIVEN[port] = None
