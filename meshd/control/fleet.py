@@ -292,10 +292,15 @@ class FleetRunner:
         return w is None or w.settled
 
     def pending(self) -> list[tuple[str, list[str]]]:
-        """Each watch still owed its first answer, with the sources that owe it."""
-        return [(w.name, [s for s, st in w.sources.items() if not (st.synced or st.stale)])
+        """Each watch still owed its first answer, with the sources that owe it. A
+        source whose watch failed owes nothing (as for ``FleetWatch.settled``): a meshd
+        restarted while its source is down is ready with what it persisted, not held
+        unready for as long as the outage lasts; the failure shows in the metrics."""
+        def owes(st: Any) -> bool:
+            return not (st.synced or st.stale or st.error is not None)
+        return [(w.name, [s for s, st in w.sources.items() if owes(st)])
                 for w in self.watches.values()
-                if not all(st.synced or st.stale for st in w.sources.values())]
+                if any(owes(st) for st in w.sources.values())]
 
     def refused(self) -> list[tuple[str, str, str, str, str]]:
         """(service, source, kind, entry, why) of every refused entry now."""
