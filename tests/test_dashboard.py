@@ -28,17 +28,20 @@ from meshd.testing.harness import (
     require_tool,
 )
 
+DEAD = "127.0.0.1:1"   # nobody listens: connections are refused
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Meshd, Backend, Backend]]:
-    """One meshd for the module: service web (a healthy backend) and service flaky (a
-    backend that answers what it is asked, 503 included)."""
+    """One meshd for the module: service web (a healthy backend), service flaky (a
+    backend that answers what it is asked, 503 included) and service half (that backend
+    and an address that refuses: failure accrual ejects it)."""
     factory = MeshFactory(tmp_path_factory.mktemp("dash"))
     a, b = Backend("a").start(), Backend("b").start()
     try:
-        yield factory.run({"web": [a.address], "flaky": [b.address]}, workers=2,
+        yield factory.run({"web": [a.address], "flaky": [b.address],
+                           "half": [b.address, DEAD]}, workers=2,
                           extra='[service.flaky]\nretries = 0\nfailure_accrual = 0\n'), a, b
     finally:
         for m in factory.started:
@@ -95,7 +98,7 @@ def test_status_says_workers_rows_sources_services(live):
     assert 0 < s["rows"]["metric"]["in_use"] <= s["rows"]["metric"]["capacity"]
     assert s["rows"]["exhausted_total"] == 0
     src = s["discovery"]["local"]
-    assert src["plugin"] == "static" and src["services"] == src["synced"] == 2
+    assert src["plugin"] == "static" and src["services"] == src["synced"] == 3
     assert src["pending"] == [] and src["failing"] == []
     web = s["services"]["web"]
     assert web["balancer"] == "p2c" and web["endpoints"] == web["healthy"] == 1
@@ -138,6 +141,28 @@ def test_recent_errors_show_failed_responses_by_status(live):
         entry = seen()
     assert entry is not None, _get(m, "/status")[2]
     assert entry["count"] == 3, entry   # merged into one entry, not one per sample
+
+
+def test_recent_errors_show_an_ejection(live):
+    m, _, _ = live
+    port = m.ports["outbound"]
+
+    def ejected() -> dict | None:
+        errors = json.loads(_get(m, "/status")[2])["recent_errors"]
+        return next((e for e in errors if e["kind"] == "ejection" and e["service"] == "half"),
+                    None)
+    deadline = time.monotonic() + 20
+    entry = None
+    for _ in range(2000):   # p2c sends some to the refusing address: 7 in a row eject it
+        if time.monotonic() > deadline or (entry := ejected()) is not None:
+            break
+        for _ in range(20):
+            assert http_get("127.0.0.1", port, "/", {"Host": "half"})[0] == 200  # retried
+        time.sleep(0.1)
+    assert entry is not None, _get(m, "/status")[2]
+    assert entry["detail"].startswith(f"{DEAD} ejected") and entry["count"] >= 1
+    half = json.loads(_get(m, "/status")[2])["services"]["half"]
+    assert half["endpoints"] == 2 and half["ejected"] + half["probing"] == 1
 
 
 def test_recent_errors_ring_merges_and_is_bounded():

@@ -41,21 +41,26 @@ function fill(tableId, rows, columns, empty) {
   body.replaceChildren(...rows);
 }
 
-async function getJson(path) {
+// One GET of the admin API, abandoned after TIMEOUT_MS; `read` takes the response.
+async function get(path, read) {
   const ctl = new AbortController();
   const timer = setTimeout(() => ctl.abort(), TIMEOUT_MS);
   try {
-    const resp = await fetch(path, { cache: "no-store", signal: ctl.signal });
-    if (!resp.ok) throw new Error(path + ": HTTP " + resp.status);
-    return await resp.json();
+    return await read(await fetch(path, { cache: "no-store", signal: ctl.signal }));
   } finally {
     clearTimeout(timer);
   }
 }
 
-async function getReady() {
-  const resp = await fetch("/ready", { cache: "no-store" });
-  return { ok: resp.status === 200, text: (await resp.text()).trim() };
+function getJson(path) {
+  return get(path, (resp) => {
+    if (!resp.ok) throw new Error(path + ": HTTP " + resp.status);
+    return resp.json();
+  });
+}
+
+function getReady() {
+  return get("/ready", async (resp) => ({ ok: resp.status === 200, text: (await resp.text()).trim() }));
 }
 
 function drawHeader(status, ready) {
@@ -156,7 +161,7 @@ async function refresh() {
 }
 
 async function loop() {
-  await refresh();
+  if (!document.hidden) await refresh();   // a tab in the background asks for nothing
   setTimeout(loop, REFRESH_MS);
 }
 
