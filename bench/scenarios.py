@@ -87,7 +87,7 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
     traced = _tracing_targets(targets, backend_port, workdir, args, stack, ports)
     if traced:  # each traced target right after its plain one: measured back to back
         ports = {n: ports[n] for name in ports if "+" not in name
-                 for n in (name, f"{name}+tracing") if n in ports}
+                 for n in (name, f"{name}+tap", f"{name}+tracing") if n in ports}
     rounds = wrk_rounds("", ports, args)
     results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
