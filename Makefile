@@ -35,12 +35,18 @@ lint: $(STAMP)
 # module-scoped meshds and fixed namespace names are never shared); most tests wait on
 # real processes and sockets, not on the CPU. TEST_JOBS=0 runs them in this process.
 TEST_JOBS ?= 2
+# Files run afterwards in a process of their own. test_identity_files' in-process TLS
+# handshake (meshd/testing/identity_files.handshake) hung past its timeout in 2 of 3 runs
+# under -n 2 and in none of many runs alone or in one process: not understood yet.
+ALONE_TESTS := tests/test_identity_files.py
 
 test: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan tmux"
 	@$(MAKE) --no-print-directory tools TOOLS="chromium chromedriver"  # the dashboard's browser test
 	@$(MAKE) --no-print-directory lint
-	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 \
+	  $(addprefix --ignore=,$(ALONE_TESTS)) $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,$(VENV)/bin/pytest -q $(ALONE_TESTS))
 
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"

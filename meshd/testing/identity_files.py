@@ -101,5 +101,12 @@ def handshake(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
             b.close()
             return e
     s, c = gevent.spawn(serve), gevent.spawn(connect)
-    gevent.joinall([s, c], timeout=10, raise_error=True)
+    gevent.joinall([s, c], timeout=30, raise_error=True)
+    if not (s.ready() and c.ready()):  # say which end hung rather than hand back None
+        state = {"server": s.ready(), "client": c.ready()}
+        gevent.killall([s, c])
+        a.close()
+        b.close()
+        raise AssertionError(f"TLS handshake over a socket pair not done in 30 s "
+                             f"(finished: {state})")
     return s.value, c.value
