@@ -43,7 +43,7 @@ from meshd.fleet.select import in_subset
 from meshd.proto import grpc_status
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
-from meshd.shm import F_LABEL_OVERFLOW, LABEL_OVERFLOW, ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.shm import F_LABEL_OVERFLOW, F_REQUESTS, LABEL_OVERFLOW, ROW_OVERFLOW, ROW_UNKNOWN
 from meshd.worker.decisions import attempt_ended
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
@@ -468,21 +468,33 @@ def authority_row(worker: Context, listener: ListenerConfig, base_key: str, row:
     return row
 
 
-def route_row(worker: Context, listener: ListenerConfig, policy: Policy) -> int:
-    """The row of the ``[[route]]`` the request matched (``route_*`` metrics), -1 when it
-    matched none. A route without a row (past ``MAX_ROUTE_ROWS``) counts under the
-    listener's ``_overflow`` route row, and as an overflow on the listener's own row."""
+def count_route_request(worker: Context, listener: ListenerConfig, policy: Policy) -> int:
+    """Count the request on the row of the ``[[route]]`` it matched (``route_*``
+    metrics) and return that row, -1 when it matched none. A route without a row (past
+    ``MAX_ROUTE_ROWS``) counts under the listener's ``_overflow`` route row, and as an
+    overflow on the listener's own row."""
     if policy.route is None:
         return -1
     snap = worker.snapshot
     row = snap.row(listener.name, rowkeys.route_key(policy.route))
-    if row is not None:
-        return row
-    counted = snap.row(listener.name, "")
-    worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
-                      F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("route"))
-    row = snap.row(listener.name, rowkeys.route_key(rowkeys.OVERFLOW))
-    return -1 if row is None else row
+    if row is None:
+        counted = snap.row(listener.name, "")
+        worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
+                          F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("route"))
+        row = snap.row(listener.name, rowkeys.route_key(rowkeys.OVERFLOW))
+        if row is None:
+            return -1
+    worker.stripe.add(row, F_REQUESTS)
+    return row
+
+
+def record_response(worker: Context, row: int, route_at: int, status: int, took: float,
+                    failure: bool, grpc: int = -1) -> None:
+    """One response on the request's row and, when it matched a ``[[route]]``, on the
+    route's row (``count_route_request``)."""
+    worker.stripe.record_response(row, status, took, failure, grpc)
+    if route_at >= 0:
+        worker.stripe.record_response(route_at, status, took, failure, grpc)
 
 
 def _original_destination(worker: Context, listener: ListenerConfig, dst: tuple[str, int],

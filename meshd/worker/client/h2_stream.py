@@ -32,11 +32,12 @@ from meshd.shm import F_REQUESTS
 from meshd.worker import access_log
 from meshd.worker.call import (
     Call,
+    count_route_request,
     error_answer,
     is_grpc,
+    record_response,
     require_endpoints,
     route,
-    route_row,
 )
 from meshd.worker.upstream.exchange import Http1Exchange, UpstreamExchange
 
@@ -109,9 +110,7 @@ class H2ToHttp1:
         service, endpoints, row, policy = route(worker, server.listener, method, authority,
                                                 target, fields, server.redirected, server.peer)
         worker.stripe.add(row, F_REQUESTS)
-        route_at = route_row(worker, server.listener, policy)  # [[route]] metrics, -1: none
-        if route_at >= 0:
-            worker.stripe.add(route_at, F_REQUESTS)
+        route_at = count_route_request(worker, server.listener, policy)  # -1: no [[route]]
         self._idle_timeout = policy.idle_timeout
         try:
             # [limits] header_count holds for HTTP/2 requests as for HTTP/1.1 ones: within
@@ -147,10 +146,8 @@ class H2ToHttp1:
             grpc = grpc_status.of_answer(answered) if answered is not None else None
             code = -1 if grpc is None else grpc
             failure = status >= 500 or code > 0
-            took = time.monotonic() - started
-            worker.stripe.record_response(row, status, took, failure, code)
-            if route_at >= 0:
-                worker.stripe.record_response(route_at, status, took, failure, code)
+            record_response(worker, row, route_at, status, time.monotonic() - started,
+                            failure, code)
             if worker.access_log is not None:
                 access_log.request(worker.access_log, server.listener, server.client_address(),
                                    server.peer.client_id, method, authority, target, status,

@@ -38,7 +38,15 @@ from meshd.proto import forwarded, http1
 from meshd.proto.translate import h2_request, response_framing, strip_meshd_error
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
 from meshd.worker import access_log
-from meshd.worker.call import Call, error_answer, quiet, require_endpoints, route, route_row
+from meshd.worker.call import (
+    Call,
+    count_route_request,
+    error_answer,
+    quiet,
+    record_response,
+    require_endpoints,
+    route,
+)
 from meshd.worker.client.body import ClientGone, RequestBody
 from meshd.worker.client.tcp import redirected_destination
 from meshd.worker.peer import PLAINTEXT, Peer
@@ -197,9 +205,7 @@ class HttpConnection:
                                                 self.peer)
         self._row = row
         stripe.add(row, F_REQUESTS)
-        route_at = route_row(worker, self.listener, policy)  # [[route]] metrics, -1: none
-        if route_at >= 0:
-            stripe.add(route_at, F_REQUESTS)
+        route_at = count_route_request(worker, self.listener, policy)  # -1: no [[route]]
         self.response_started = False
         self._idle_timeout = policy.idle_timeout
         body: RequestBody | None = None
@@ -233,9 +239,8 @@ class HttpConnection:
             # A body not read (the request refused before it) cannot stay in the stream.
             return self._answer_error(e, close=req.has_body and (body is None or not body.done))
         finally:
-            stripe.record_response(row, status, time.monotonic() - started, status >= 500)
-            if route_at >= 0:
-                stripe.record_response(route_at, status, time.monotonic() - started, status >= 500)
+            record_response(worker, row, route_at, status, time.monotonic() - started,
+                            status >= 500)
             if worker.access_log is not None:
                 access_log.request(worker.access_log, self.listener, self._peer_address(),
                                    self.peer.client_id, req.method, authority, req.target,
