@@ -8,15 +8,12 @@ of a local [[route]]."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections import Counter
 from typing import Any
 
 import msgpack
@@ -24,6 +21,7 @@ import msgpack
 from meshd.control import state
 from meshd.testing.consul_server import ConsulServer
 from meshd.testing.harness import Meshd, http_get, wait_for
+from meshd.testing.load import CountingLoad
 
 
 def fleet_config(mesh: Any, consul: ConsulServer, workers: int = 2, extra: str = "") -> tuple[str, dict[str, int]]:
@@ -85,61 +83,6 @@ RESOLVER = {"Kind": "service-resolver", "Name": "web", "DefaultSubset": "v1",
 
 def split_weights(part: Any) -> list[int] | None:
     return [t["weight"] for t in part["value"]["targets"]] if part else None
-
-
-class CountingLoad:
-    """Keep-alive clients naming service web, counting which backend answered (and
-    failures) since the last ``reset``."""
-
-    def __init__(self, port: int, connections: int = 4) -> None:
-        self.port = port
-        self.counts: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self.total_ok = 0
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
-
-    def start(self) -> CountingLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        deadline = time.monotonic() + 120
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
-            try:
-                conn.request("GET", "/", headers={"Host": "web"})
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"status {resp.status}")
-                with self.lock:
-                    self.counts[resp.getheader("x-backend") or "?"] += 1
-                    self.total_ok += 1
-            except Exception as e:
-                with self.lock:
-                    self.failures.append(f"{type(e).__name__}: {e}")
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.close()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.counts = Counter()
-
-    def sample(self, n: int, timeout: float = 60.0) -> Counter[str]:
-        self.reset()
-        wait_for(lambda: sum(self.counts.values()) >= n, timeout, interval=0.01,
-                 what=f"{n} requests")
-        with self.lock:
-            return Counter(self.counts)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(15)
 
 
 def test_canary_split_under_load(mesh, backends, consul) -> None:

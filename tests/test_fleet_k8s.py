@@ -9,12 +9,10 @@ restart) keeping the routes, a GRPCRoute sending one method elsewhere (grpcio)."
 from __future__ import annotations
 
 import functools
-import http.client
 import json
 import textwrap
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -31,6 +29,7 @@ from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Refused, Routes, Set, Update
 from meshd.testing.harness import Meshd, http_get, wait_for
 from meshd.testing.k8s_server import GATEWAY, backend, grpc_route, http_route
+from meshd.testing.load import CountingLoad
 
 ROUTES = f"/apis/{GATEWAY}/namespaces/default/httproutes"
 
@@ -335,59 +334,6 @@ def route_weights(part: Any) -> list[int] | None:
     if not part:
         return None
     return [t["weight"] for t in part["value"]["routes"][0]["destination"]]
-
-
-class CountingLoad:
-    """Keep-alive clients naming service web, counting which backend answered (and
-    failures) since the last ``sample``."""
-
-    def __init__(self, port: int, connections: int = 4) -> None:
-        self.port = port
-        self.counts: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self.total_ok = 0
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True)
-                        for _ in range(connections)]
-
-    def start(self) -> CountingLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        deadline = time.monotonic() + 120
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
-            try:
-                conn.request("GET", "/", headers={"Host": "web"})
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"status {resp.status}")
-                with self.lock:
-                    self.counts[resp.getheader("x-backend") or "?"] += 1
-                    self.total_ok += 1
-            except Exception as e:
-                with self.lock:
-                    self.failures.append(f"{type(e).__name__}: {e}")
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.close()
-
-    def sample(self, n: int, timeout: float = 60.0) -> Counter[str]:
-        with self.lock:
-            self.counts = Counter()
-        wait_for(lambda: sum(self.counts.values()) >= n, timeout, interval=0.01,
-                 what=f"{n} requests")
-        with self.lock:
-            return Counter(self.counts)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(15)
 
 
 def test_canary_by_httproute_weights_under_load(mesh, backends, api, tmp_path):
