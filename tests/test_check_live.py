@@ -122,8 +122,10 @@ def test_a_failed_reload_fails(mesh, backends, tmp_path):
     # a reload that works starts generation 2: its record is clean
     m.config_path.write_text(good)
     m.signal(signal.SIGHUP)
-    wait_for(lambda: json.loads(http_get(*_hp(m), "/status")[2])["generation"] == 2,
-             timeout=60, what="generation 2")
+    # The new control process answers the admin port as soon as it boots; the old one
+    # until the master retires it once generation 2 serves. Wait for that retirement.
+    wait_for(lambda: {s.generation for s in m.slots()} == {2}, timeout=60,
+             what="generation 2 alone in the process table")
     m.wait_ready(60)
     out = check_live("--admin", m.admin)
     assert out.returncode == 0, out.stdout
