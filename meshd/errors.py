@@ -80,6 +80,13 @@ class Forbidden(ProxyError):
     endpoint_fault = False
 
 
+class NoRoute(ProxyError):
+    """The service's fleet routes (a Gateway API HTTPRoute attached to it) match none of
+    the request's: GAMMA says such a request is rejected with a 404."""
+    status = 404
+    reason = "no route matches"
+
+
 class RequestTimeout(ProxyError):
     status = 408
     reason = "request header read timed out"

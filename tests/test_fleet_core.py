@@ -136,7 +136,9 @@ def test_wire_round_trip_bounds_and_references() -> None:
     assert "at most" in (problem(too_many) or "")
     assert "every weight is 0" in (problem(Split("s", (WeightedTarget(Target("a"), 0),))) or "")
     assert "default_subset" in (problem(Resolver("r", (), "v9")) or "")
-    assert "rewrite" in (problem(Routes("r", (Route("x", prefix_rewrite="/v2"),))) or "")
+    regex = Match(path=PathMatch("regex", "/v[0-9]+/.*"))
+    assert "prefix_rewrite" in (problem(Routes("r", (Route("x", (regex,), prefix_rewrite="/v2"),)))
+                                or "")
     with pytest.raises(ValueError):
         decode({"_": "Nope", "f": []})
 

@@ -498,6 +498,18 @@ def test_grpcroute_sends_one_method_to_another_service(mesh, api, tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{m.ports['outbound']}",
                                    options=[("grpc.default_authority", "cart")]) as ch:
             assert ch.unary_unary("/shop.Cart/Put")(b"x", timeout=10) == b"v2:x"
+            # GAMMA: a method no rule of the attached route matches is rejected (meshd's
+            # 404, which gRPC clients read as UNIMPLEMENTED), not sent to cart itself
+            with pytest.raises(grpc.RpcError) as e:
+                ch.unary_unary("/shop.Cart/Get")(b"y", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        api.apply(grpc_route("cart-put", "cart", [
+            {"matches": [{"method": {"service": "shop.Cart", "method": "Put"}}],
+             "backendRefs": [backend("cart-v2")]},
+            {"matches": [{"method": {"service": "shop.Cart"}}]}]))   # the rest: cart itself
+        wait_applied(m, "cart", lambda p: p is not None and len(p["value"]["routes"]) == 2)
+        with grpc.insecure_channel(f"127.0.0.1:{m.ports['outbound']}",
+                                   options=[("grpc.default_authority", "cart")]) as ch:
             assert ch.unary_unary("/shop.Cart/Get")(b"y", timeout=10) == b"v1:y"
         effective = fleet_service(m, "cart")["effective"]["routes"]
         assert effective["from"] == "k8s: GRPCRoute default/cart-put"

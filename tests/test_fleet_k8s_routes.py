@@ -133,9 +133,26 @@ def test_consumer_routes_replace_producer_routes_for_this_client():
                        "group": "multicluster.x-k8s.io"}]}, r"only Services"),
     ({"filters": [{"type": "RequestMirror", "requestMirror": {}}]},
      r"filters\[0\]: filter 'RequestMirror' is not supported"),
-    ({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
-        "type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"}}}]},
-     r"filters\[0\]: filter 'URLRewrite' is not supported"),
+    ({"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]},
+     r"filters\[0\]: filter 'RequestRedirect' is not supported"),
+    ({"matches": [{"path": {"type": "Exact", "value": "/a"}}],
+      "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+          "type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"}}}]},
+     r"matches\[0\].path: URLRewrite's ReplacePrefixMatch needs a PathPrefix"),
+    ({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "set": [{"name": "Content-Length", "value": "1"}]}}]},
+     r"requestHeaderModifier.set\[0\].name: meshd does not let a route change"),
+    ({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "add": [{"name": "x-a", "value": "a\r\nb"}]}}]},
+     r"requestHeaderModifier.add\[0\].value: expected printable ASCII"),
+    ({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "remove": [f"x-{i}" for i in range(17)]}}]},
+     r"requestHeaderModifier.remove: more than 16"),
+    ({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {}},
+                  {"type": "RequestHeaderModifier", "requestHeaderModifier": {}}]},
+     r"filters\[1\].type: RequestHeaderModifier is given twice"),
+    ({"filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "a..b_"}}]},
+     r"urlRewrite.hostname: not a host name"),
     ({"timeouts": {"request": "10"}}, r"timeouts.request: not a Gateway API duration"),
     ({"timeouts": {"request": "1s", "backendRequest": "2s"}}, r"backendRequest: longer"),
     ({"retry": {"codes": [429]}}, r"retry.codes\[0\]: meshd retries 5xx"),

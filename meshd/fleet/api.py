@@ -66,7 +66,14 @@ Everything here is a frozen value; ``meshd.fleet.wire`` encodes it for the snaps
 Bounds a source must respect (meshd refuses the part otherwise, as if the plugin had
 said ``Refused``): at most ``MAX_ROUTES`` routes, ``MAX_MATCHES`` matches per route,
 ``MAX_TARGETS`` targets per split, ``MAX_SUBSETS`` subsets, ``MAX_FAILOVER`` failover
-targets, regexes of at most ``MAX_REGEX`` characters.
+targets, regexes of at most ``MAX_REGEX`` characters, ``MAX_HEADER_EDITS`` header
+edits of each kind (names of at most 256 characters, values of at most
+``MAX_HEADER_VALUE``), paths and hosts written of at most ``MAX_REWRITE``.
+
+A route may change the request it sends (``prefix_rewrite``, ``full_path_rewrite``,
+``host_rewrite``, ``request_headers``) and the response the client gets
+(``response_headers``): see ``meshd.fleet.rewrite``. A ``Routes`` part whose
+``unmatched`` is "reject" answers 404 to a request none of its routes match.
 """
 
 from __future__ import annotations
@@ -84,11 +91,15 @@ MAX_TARGETS = 32
 MAX_SUBSETS = 64
 MAX_FAILOVER = 16
 MAX_REGEX = 1024
+MAX_HEADER_EDITS = 16   # set, add and remove each (the Gateway API's own maxItems)
+MAX_REWRITE = 1024      # characters of a path or host a filter writes
+MAX_HEADER_VALUE = 4096
 
 PathKind = Literal["prefix", "segments", "exact", "regex"]
 HeaderKind = Literal["exact", "prefix", "suffix", "regex", "present"]
 QueryKind = Literal["exact", "regex", "present"]
 PartKind = Literal["routes", "split", "resolver"]
+Unmatched = Literal["default", "reject"]
 PART_KINDS: tuple[PartKind, ...] = ("routes", "split", "resolver")
 # What counts as a failed attempt, to be retried (meshd's ``failure_on`` kinds).
 RETRY_KINDS = ("connect", "reset", "timeout", "5xx", "4xx")
@@ -147,6 +158,18 @@ class WeightedTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """Changes to a header section (Gateway API RequestHeaderModifier, Consul
+    RequestHeaders), applied in this order: ``remove`` every field of those names,
+    ``set`` (every field of the name replaced by one), ``add`` (one more field line;
+    RFC 9110 §5.3: the same as appending ", value" to a list header). Names are matched
+    case-insensitively; at most ``MAX_HEADER_EDITS`` of each."""
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Requests matching any of ``matches`` (empty: every request) go to
     ``destination`` (a weighted split; empty: the service itself, then its ``Split``)."""
@@ -158,13 +181,22 @@ class Route:
     idle_timeout: float | None = None
     retries: int | None = None                 # None: the service's retries
     retry_on: frozenset[str] | None = None     # subset of RETRY_KINDS; None: the service's
-    prefix_rewrite: str | None = None          # not applied yet: meshd refuses a part with it
+    prefix_rewrite: str | None = None          # the matched path prefix (or exact path) replaced
+    # -- filters (``meshd.fleet.rewrite`` applies them to the request sent upstream) --
+    full_path_rewrite: str | None = None       # the whole path replaced (the query kept)
+    host_rewrite: str | None = None            # the Host (HTTP/2 :authority) sent upstream
+    request_headers: HeaderEdit | None = None  # header fields of the request sent upstream
+    response_headers: HeaderEdit | None = None # header fields of the response to the client
 
 
 @dataclass(frozen=True, slots=True)
 class Routes:
     entry: str                                 # the store's name, e.g. "service-router/web"
     routes: tuple[Route, ...]
+    # A request matching none of ``routes``: "default" sends it to the service itself
+    # (then its Split; Consul's implicit last route), "reject" answers 404 (GAMMA: a
+    # Service with HTTPRoutes attached rejects requests none of their rules match).
+    unmatched: Unmatched = "default"
 
 
 @dataclass(frozen=True, slots=True)

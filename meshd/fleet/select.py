@@ -12,6 +12,11 @@ Weighted picks use smooth weighted round robin (``meshd.balance.p2c.RoundRobin``
 state per route and per split in each worker: exact shares over every run of
 sum-of-weights requests (10 % is one request in ten, not a coin toss), so a canary's
 share is what the operator wrote from the first requests on.
+
+A route's filters (``meshd.fleet.rewrite``) are compiled per match (a prefix rewrite
+replaces the prefix of the match that held) and returned with the route. A service whose
+``Routes`` say ``unmatched = "reject"`` (an HTTPRoute attached, GAMMA) names its entry in
+``rejects``: the worker answers 404 to a request none of its routes matched.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from urllib.parse import parse_qsl
 
 from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.fleet.api import HeaderMatch, Match, Resolver, Route, Target, WeightedTarget
+from meshd.fleet.rewrite import Rewrite
 from meshd.fleet.wire import Policy
 
 Labels = tuple[tuple[str, str], ...]
@@ -55,30 +61,34 @@ class _Weighted:
 
 
 class _Route:
-    __slots__ = ("route", "matches", "destination")
+    __slots__ = ("route", "matches", "destination", "rewrite")
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self.matches = [_Match(m) for m in route.matches]
+        self.matches = [_Match(m, route) for m in route.matches]
         self.destination = _Weighted(route.destination) if route.destination else None
+        self.rewrite = Rewrite.of(route, None)   # of a route without matches
 
     def holds(self, method: bytes, path: str, query: str | None,
-              headers: Sequence[tuple[bytes, bytes]]) -> bool:
+              headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, Rewrite | None]:
+        """(whether the route matches, the filters of the match that held)."""
         if not self.matches:
-            return True
+            return True, self.rewrite
         params: list[tuple[str, str]] | None = None
         for m in self.matches:
             if m.query and params is None:
                 params = parse_qsl(query or "", keep_blank_values=True)
             if m.holds(method, path, params or [], headers):
-                return True
-        return False
+                return True, m.rewrite
+        return False, None
 
 
 class _Match:
-    __slots__ = ("path_kind", "path", "path_re", "methods", "headers", "query")
+    __slots__ = ("path_kind", "path", "path_re", "methods", "headers", "query", "rewrite")
 
-    def __init__(self, m: Match) -> None:
+    def __init__(self, m: Match, route: Route) -> None:
+        # a prefix rewrite replaces the prefix of the match that held
+        self.rewrite = Rewrite.of(route, m)
         self.path_kind = m.path.kind if m.path is not None else ""
         self.path = m.path.value if m.path is not None else ""
         self.path_re = re.compile(self.path) if self.path_kind == "regex" else None
@@ -159,21 +169,36 @@ class Selector:
         return service in self.policies
 
     def route(self, service: str, method: bytes, target: bytes,
-              headers: Sequence[tuple[bytes, bytes]]) -> tuple[Target, Route | None]:
-        """The target of a request naming ``service``, and the route that chose it."""
+              headers: Sequence[tuple[bytes, bytes]],
+              ) -> tuple[Target, Route | None, Rewrite | None]:
+        """The target of a request naming ``service``, the route that chose it (None:
+        none matched, see ``rejects``) and that route's filters."""
         routes = self._routes.get(service)
         if routes:
             q = target.find(b"?")
             path = (target if q < 0 else target[:q]).decode("latin-1")
             query = None if q < 0 else target[q + 1:q + 1 + MAX_QUERY].decode("latin-1")
             for r in routes:
-                if r.holds(method, path, query, headers):
+                held, rewrite = r.holds(method, path, query, headers)
+                if held:
                     if r.destination is None:
-                        return self.split(Target(service)), r.route
+                        return self.split(Target(service)), r.route, rewrite
                     if len(r.destination.targets) == 1:
-                        return self.split(r.destination.pick()), r.route
-                    return r.destination.pick(), r.route   # weighted: final, splits do not nest
-        return self.split(Target(service)), None
+                        return self.split(r.destination.pick()), r.route, rewrite
+                    # weighted: final, splits do not nest
+                    return r.destination.pick(), r.route, rewrite
+        if self.rejects(service) is not None:   # answered 404: no split pick spent
+            return Target(service), None, None
+        return self.split(Target(service)), None, None
+
+    def rejects(self, service: str) -> str | None:
+        """The entry whose routes reject a request to ``service`` that none of them
+        matched (``Routes.unmatched`` "reject"), or None."""
+        policy = self.policies.get(service)
+        routes = policy.routes if policy is not None else None
+        if routes is None or routes.unmatched != "reject":
+            return None
+        return routes.entry
 
     def split(self, target: Target) -> Target:
         """The split of ``target``'s service picks, when it names no subset."""

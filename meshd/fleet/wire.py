@@ -22,12 +22,16 @@ import msgpack
 from meshd.fleet.api import (
     MAX_CONDITIONS,
     MAX_FAILOVER,
+    MAX_HEADER_EDITS,
+    MAX_HEADER_VALUE,
     MAX_MATCHES,
     MAX_REGEX,
+    MAX_REWRITE,
     MAX_ROUTES,
     MAX_SUBSETS,
     MAX_TARGETS,
     RETRY_KINDS,
+    HeaderEdit,
     HeaderMatch,
     Match,
     Part,
@@ -41,10 +45,16 @@ from meshd.fleet.api import (
     Target,
     WeightedTarget,
 )
+from meshd.fleet.rewrite import reserved
 
 _SERVICE = re.compile(r"[A-Za-z0-9_.@-]{1,253}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _METHOD = re.compile(r"[A-Z]{1,32}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE = re.compile(r"(?:[!-~](?:[ -~]*[!-~])?)?")     # may be empty (a set to "")
+_PATH = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(?::[0-9]{1,5})?"
+                   r"|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
 MAX_WEIGHT = 1_000_000
 
 
@@ -62,7 +72,7 @@ class Policy:
 
 _CLASSES: dict[str, type] = {c.__name__: c for c in (
     Policy, Routes, Route, Match, PathMatch, HeaderMatch, QueryMatch, Target, WeightedTarget,
-    Split, Subset, Resolver)}
+    Split, Subset, Resolver, HeaderEdit)}
 _SETS = {"methods", "retry_on"}        # frozenset fields, encoded as sorted lists
 
 
@@ -91,9 +101,11 @@ def _decode(raw: Any) -> Any:
     cls = _CLASSES[raw["_"]]
     values = raw["f"]
     flds = fields(cls)
-    if len(values) != len(flds):
+    if len(values) > len(flds):
         raise TypeError(f"{raw['_']}: {len(values)} fields, expected {len(flds)}")
-    kwargs = {f.name: _field(f.name, v) for f, v in zip(flds, values, strict=True)}
+    # Fewer: a state file from the version before fields were appended (they have
+    # defaults, which the dataclass fills in; one without a default raises TypeError).
+    kwargs = {f.name: _field(f.name, v) for f, v in zip(flds, values, strict=False)}
     return cls(**kwargs)
 
 
@@ -159,8 +171,54 @@ def _routes(part: Routes) -> None:
             raise ValueError(f"{at}.retries: expected 0..10, got {route.retries!r}")
         if route.retry_on is not None and not route.retry_on <= set(RETRY_KINDS):
             raise ValueError(f"{at}.retry_on: expected some of {', '.join(RETRY_KINDS)}")
-        if route.prefix_rewrite is not None:   # in the API for later; workers do not yet
-            raise ValueError(f"{at}.prefix_rewrite: meshd does not rewrite paths (yet)")
+        _filters(at, route)
+    if part.unmatched not in ("default", "reject"):
+        raise ValueError(f"unmatched: expected default or reject, got {part.unmatched!r}")
+
+
+def _filters(at: str, route: Route) -> None:
+    """A route's filters (``meshd.fleet.rewrite``): bounded, and what they write valid in
+    both HTTP/1.1 and HTTP/2 heads."""
+    if route.prefix_rewrite is not None and route.full_path_rewrite is not None:
+        raise ValueError(f"{at}: prefix_rewrite and full_path_rewrite together")
+    for key in ("prefix_rewrite", "full_path_rewrite"):
+        value = getattr(route, key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > MAX_REWRITE or not _PATH.fullmatch(value):
+            raise ValueError(f"{at}.{key}: expected a path of at most {MAX_REWRITE} URI path "
+                             f"characters, got {str(value)[:64]!r}")
+        if key == "full_path_rewrite" and not value.startswith("/"):
+            raise ValueError(f"{at}.{key}: expected a path starting with /, got {value[:64]!r}")
+    if route.prefix_rewrite is not None:
+        for j, m in enumerate(route.matches):
+            if m.path is None or m.path.kind == "regex":
+                raise ValueError(f"{at}.matches[{j}]: prefix_rewrite needs a prefix or an "
+                                 f"exact path match")
+    host = route.host_rewrite
+    if host is not None and (not isinstance(host, str) or len(host) > MAX_REWRITE
+                             or not _HOST.fullmatch(host)):
+        raise ValueError(f"{at}.host_rewrite: not a host name: {str(host)[:64]!r}")
+    for key in ("request_headers", "response_headers"):
+        edit = getattr(route, key)
+        if edit is not None:
+            _header_edit(f"{at}.{key}", edit)
+
+
+def _header_edit(at: str, edit: HeaderEdit) -> None:
+    for kind in ("set", "add", "remove"):
+        items = getattr(edit, kind)
+        _bound(f"{at}.{kind}", items, MAX_HEADER_EDITS)
+        for item in items:
+            name, value = (item, None) if kind == "remove" else item
+            if not isinstance(name, str) or len(name) > 256 or not _TOKEN.fullmatch(name):
+                raise ValueError(f"{at}.{kind}: not a header name: {str(name)[:64]!r}")
+            if reserved(name):
+                raise ValueError(f"{at}.{kind}: {name!r} is not a field a route may change")
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_HEADER_VALUE
+                                      or not _VALUE.fullmatch(value)):
+                raise ValueError(f"{at}.{kind}.{name}: expected printable ASCII of at most "
+                                 f"{MAX_HEADER_VALUE} characters, no blank at either end")
 
 
 def _match(at: str, m: Match) -> None:

@@ -31,6 +31,7 @@ from meshd.config import DEFAULT_SERVICE
 from meshd.discovery.api import Endpoint
 from meshd.errors import (
     NoEndpoints,
+    NoRoute,
     NoService,
     NotSent,
     ProtocolUnavailable,
@@ -324,7 +325,10 @@ def require_endpoints(service: str, endpoints: tuple[Endpoint, ...] | None,
                       policy: Policy, snapshot: Snapshot) -> tuple[Endpoint, ...]:
     """The endpoints ``route`` found, or the error a client gets: no source knows the
     service or its source fails (NoService, the snapshot says which), or neither it nor
-    its failover services have any (NoEndpoints)."""
+    its failover services have any (NoEndpoints). A request the service's fleet routes
+    reject (GAMMA) gets NoRoute, a 404, first."""
+    if policy.reject:
+        raise NoRoute(policy.reject)
     if endpoints is None:
         raise NoService(snapshot.unknown_reason(service))
     if not endpoints:

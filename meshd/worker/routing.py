@@ -13,8 +13,10 @@ service has no endpoints, the proxy walks ``failover`` in order.
 Fleet policies (``meshd.fleet``: Consul config entries, Gateway API routes) come with the
 snapshot: ``request_policy`` applies them (``meshd.fleet.select``) to a service that no
 local ``[[route]]`` names (the control process already dropped the parts the file
-overrides), and the resolver of the chosen service (subset labels, failover, connect
-timeout) whichever way it was chosen.
+overrides; a service whose fleet routes reject what none of them match gets a
+``Policy`` with ``reject`` set, answered 404), and the resolver of the chosen service
+(subset labels, failover, connect timeout) whichever way it was chosen. A matching
+fleet route's filters ride on the ``Policy`` (``rewrite``) to the client side.
 
 Pure code over the config and the policies (no sockets): the worker builds one ``Router``
 per config and hands it each new set of policies (``set_fleet``).
@@ -29,6 +31,7 @@ from dataclasses import dataclass, replace
 from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.config import DEFAULT_FAILURE_ON, DEFAULT_SERVICE, Config, RouteConfig
 from meshd.fleet.api import Target
+from meshd.fleet.rewrite import Rewrite
 from meshd.fleet.select import Labels, Resolved, Selector
 from meshd.fleet.wire import Policy as FleetPolicy
 from meshd.fleet.wire import unpack
@@ -52,6 +55,11 @@ class Policy:
     route: str | None = None   # the matching route's name
     labels: Labels = ()        # fleet subset: only endpoints of ``service`` carrying all of them
     failover_labels: tuple[Labels, ...] = ()   # the same for each of ``failover`` (or empty)
+    # A fleet route's filters (meshd.fleet.rewrite), applied to what goes upstream.
+    rewrite: Rewrite | None = None
+    # Not "": no fleet route matched and the service's routes reject the rest (GAMMA's
+    # 404); the reason meshd answers with.
+    reject: str = ""
 
 
 class _Route:
@@ -142,7 +150,12 @@ class Router:
             if fleet is not None and service in fleet:
                 return self._resolved(policy, fleet.resolve(Target(service)))
             return policy
-        chosen, route = fleet.route(host, method, target, headers)
+        chosen, route, rewrite = fleet.route(host, method, target, headers)
+        if route is None:
+            entry = fleet.rejects(host)
+            if entry is not None:
+                return replace(self.policy(host, None),
+                               reject=f"no route of {host} matches the request ({entry})")
         resolved = fleet.resolve(chosen)
         policy = self.policy(resolved.service, None)
         if route is not None:
@@ -153,7 +166,7 @@ class Router:
                 idle_timeout=_pick(route.idle_timeout, policy.idle_timeout),
                 retries=policy.retries if route.retries is None else route.retries,
                 failure_on=policy.failure_on if route.retry_on is None else route.retry_on,
-                route=route.name)
+                route=route.name, rewrite=rewrite)
         return self._resolved(policy, resolved, route is not None and route.timeout is not None)
 
     @staticmethod

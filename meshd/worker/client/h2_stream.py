@@ -126,6 +126,9 @@ class H2ToHttp1:
             call = _H2Call(self, worker, service, endpoints, policy, started + policy.timeout,
                            row, method, fields, server.client_address)
             self._request = (method, target, authority, fields)
+            if policy.rewrite is not None:  # a fleet route's filters: what goes upstream
+                self.stream.headers = policy.rewrite.h2(self.stream.headers)
+                self._request = (method, *policy.rewrite.h2_request(target, authority, fields))
             status = call.run(worker, self)
             if self.grpc:
                 answered = self._ex
@@ -241,6 +244,8 @@ class H2ToHttp1:
         idle = call.policy.idle_timeout
         self._ex = ex  # its reset code, should the relay fail
         headers = ex.h2_head()
+        if call.policy.rewrite is not None:  # a fleet route's response header filter
+            headers = call.policy.rewrite.response(headers, True)
         self.response_started = True
         data = ex.read(idle)
         if data is None and not ex.trailers:

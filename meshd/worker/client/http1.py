@@ -58,6 +58,7 @@ from meshd.worker.upstream.http1 import UpstreamConn
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
+    from meshd.fleet.rewrite import Rewrite
     from meshd.worker.context import Context
 
 log = logging.getLogger("meshd.worker")
@@ -227,7 +228,9 @@ class HttpConnection:
                 # kept for replay whatever the method: a stream a peer refused, or a
                 # request whose first write failed, goes again (meshd.balance.retry)
                 body = call.body = RequestBody(self, req, True)
-            status, keep = call.run(worker, Http1Side(self, req, body))
+            # a fleet route's filters change what goes upstream, not what is logged
+            sent = req if policy.rewrite is None else policy.rewrite.http1(req)
+            status, keep = call.run(worker, Http1Side(self, sent, body))
             return keep
         except ProxyError as e:
             status = e.status
@@ -308,11 +311,13 @@ class HttpConnection:
                                                  strip_meshd_error(resp.headers)))
 
     def _relay_response(self, req: http1.RequestHead, ex: UpstreamExchange,
-                        status: int) -> bool:
+                        status: int, rewrite: Rewrite | None = None) -> bool:
         """Send the response to the client, whatever the upstream spoke: its head and
         trailers as the exchange translates them, framed by ``response_framing``.
         Returns whether the client connection stays."""
         reason, fields, length, chunked = ex.http1_head()
+        if rewrite is not None:  # a fleet route's response header filter
+            fields = rewrite.response(fields, False)
         extra, chunk_out, keep = response_framing(req.method, status, req.version,
                                                   req.keep_alive and not self.worker.draining,
                                                   length, chunked)
@@ -483,7 +488,7 @@ class Http1Side:
             finally:
                 ex.conn.close()
             return 101, False
-        keep = conn._relay_response(self.req, ex, status)
+        keep = conn._relay_response(self.req, ex, status, call.policy.rewrite)
         if not ex.finish():
             return status, False  # the client's body was not all read
         return status, keep

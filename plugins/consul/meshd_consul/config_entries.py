@@ -8,8 +8,10 @@ cannot apply faithfully is refused (``EntryError``, naming the field), never gue
   ``re`` does not take is refused), Methods, Header (Exact, Prefix, Suffix, Regex,
   Present, Invert), QueryParam (Exact, Regex, Present); ``Destination`` Service (default:
   the entry's name), ServiceSubset, RequestTimeout, IdleTimeout, NumRetries,
-  RetryOnConnectFailure, RetryOn, RetryOnStatusCodes. Refused: CaseInsensitive,
-  PrefixRewrite, RequestHeaders/ResponseHeaders, a Namespace or Partition other than
+  RetryOnConnectFailure, RetryOn, RetryOnStatusCodes, PrefixRewrite (on a PathPrefix or
+  PathExact match), RequestHeaders / ResponseHeaders (Add, Set, Remove; values without
+  Envoy's %VARIABLE% placeholders; not of framing, connection-specific, Host or meshd's
+  own fields). Refused: CaseInsensitive, a Namespace or Partition other than
   "default", a Peer. Retries are by meshd's failure kinds: RetryOnStatusCodes and RetryOn
   conditions map to the kinds that hold them (503 -> 5xx, connect-failure -> connect,
   reset/refused-stream -> reset, gateway-error/5xx -> 5xx, retriable-4xx -> 4xx).
@@ -35,6 +37,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshd.fleet.api import (
+    MAX_HEADER_EDITS,
+    MAX_HEADER_VALUE,
+    MAX_REWRITE,
+    HeaderEdit,
     HeaderMatch,
     Match,
     PathMatch,
@@ -47,6 +53,7 @@ from meshd.fleet.api import (
     Target,
     WeightedTarget,
 )
+from meshd.fleet.rewrite import reserved
 
 ROUTER, SPLITTER, RESOLVER = "service-router", "service-splitter", "service-resolver"
 KINDS = {ROUTER: "routes", SPLITTER: "split", RESOLVER: "resolver"}
@@ -57,6 +64,7 @@ _VALUE = r'(?:"([^"]*)"|([A-Za-z0-9_.:/-]+))'
 _META = re.compile(rf"Service\.Meta\.([A-Za-z0-9_.-]+)\s*==\s*{_VALUE}")
 _TAG_IN = re.compile(rf"{_VALUE}\s+in\s+Service\.Tags")
 _TAG_CONTAINS = re.compile(rf"Service\.Tags\s+contains\s+{_VALUE}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _RETRY_ON = {"5xx": "5xx", "gateway-error": "5xx", "reset": "reset", "connect-failure": "connect",
              "refused-stream": "reset", "retriable-4xx": "4xx", "envoy-ratelimited": "4xx"}
 
@@ -207,11 +215,7 @@ def _destination(d: Mapping[str, Any], at: str, service: str, name: str,
                   "RequestTimeout", "IdleTimeout", "NumRetries", "RetryOnConnectFailure",
                   "RetryOn", "RetryOnStatusCodes", "RequestHeaders", "ResponseHeaders"))
     _default_ns(d, at)
-    if d.get("PrefixRewrite"):
-        raise EntryError(f"{at}.PrefixRewrite: meshd does not rewrite paths")
-    for key in ("RequestHeaders", "ResponseHeaders"):
-        if d.get(key):
-            raise EntryError(f"{at}.{key}: meshd does not modify headers")
+    filters = _rewrites(d, at, matches)
     retries = d.get("NumRetries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
                                 or not 0 <= retries <= 10):
@@ -233,7 +237,60 @@ def _destination(d: Mapping[str, Any], at: str, service: str, name: str,
     return Route(name, matches, (WeightedTarget(target, 1),),
                  timeout=_duration(d, "RequestTimeout", at),
                  idle_timeout=_duration(d, "IdleTimeout", at),
-                 retries=retries, retry_on=frozenset(kinds) if kinds else None)
+                 retries=retries, retry_on=frozenset(kinds) if kinds else None, **filters)
+
+
+def _rewrites(d: Mapping[str, Any], at: str, matches: tuple[Match, ...]) -> dict[str, Any]:
+    """PrefixRewrite (the matched PathPrefix or PathExact replaced, as Envoy does) and
+    RequestHeaders / ResponseHeaders (Add, Set, Remove) as Route keyword args."""
+    out: dict[str, Any] = {}
+    prefix = d.get("PrefixRewrite")
+    if prefix:   # "" is no rewrite in Consul
+        if not isinstance(prefix, str) or len(prefix) > MAX_REWRITE:
+            raise EntryError(f"{at}.PrefixRewrite: expected a path of at most {MAX_REWRITE} "
+                             f"characters")
+        if not matches or matches[0].path is None or matches[0].path.kind == "regex":
+            raise EntryError(f"{at}.PrefixRewrite: needs a Match.HTTP PathPrefix or PathExact")
+        out["prefix_rewrite"] = prefix
+    for key, field in (("RequestHeaders", "request_headers"),
+                       ("ResponseHeaders", "response_headers")):
+        if d.get(key):
+            out[field] = _header_edit(_map(d[key], f"{at}.{key}"), f"{at}.{key}")
+    return out
+
+
+def _header_edit(m: Mapping[str, Any], at: str) -> HeaderEdit:
+    _only(m, at, ("Add", "Set", "Remove"))
+    pairs: dict[str, tuple[tuple[str, str], ...]] = {}
+    for op in ("Add", "Set"):
+        raw = _map(m.get(op) or {}, f"{at}.{op}")
+        if len(raw) > MAX_HEADER_EDITS:
+            raise EntryError(f"{at}.{op}: more than {MAX_HEADER_EDITS} headers")
+        got = []
+        for name, value in sorted(raw.items()):
+            where = f"{at}.{op}.{str(name)[:64]}"
+            if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE:
+                raise EntryError(f"{where}: expected a string of at most {MAX_HEADER_VALUE} "
+                                 f"characters")
+            if "%" in value:
+                raise EntryError(f"{where}: Envoy's %VARIABLE% placeholders are not applied "
+                                 f"by meshd")
+            got.append((_modifiable(name, where), value.strip()))
+        pairs[op] = tuple(got)
+    remove = m.get("Remove") or []
+    if not isinstance(remove, list) or len(remove) > MAX_HEADER_EDITS:
+        raise EntryError(f"{at}.Remove: expected a list of at most {MAX_HEADER_EDITS} names")
+    gone = tuple(_modifiable(n, f"{at}.Remove[{j}]") for j, n in enumerate(remove))
+    return HeaderEdit(set=pairs["Set"], add=pairs["Add"], remove=gone)
+
+
+def _modifiable(name: Any, at: str) -> str:
+    if not isinstance(name, str) or len(name) > 256 or not _TOKEN.fullmatch(name):
+        raise EntryError(f"{at}: not a header name: {str(name)[:64]!r}")
+    if reserved(name):
+        raise EntryError(f"{at}: meshd does not let a route change {name!r} (framing, "
+                         f"connection-specific, Host or meshd's own fields)")
+    return name
 
 
 # -- resolver parts -------------------------------------------------------------------------

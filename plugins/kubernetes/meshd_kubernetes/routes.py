@@ -24,8 +24,16 @@ the field path, never approximated silently):
 - ``timeouts.request`` is the request timeout, ``timeouts.backendRequest`` one
   attempt's ("0s" disables: a day for the request, meshd's "no limit" for an attempt);
 - ``retry.attempts`` (and ``retry.codes`` when all are 5xx: meshd retries any 5xx);
-- filters are refused, all of them (meshd does not rewrite, mirror, redirect or modify
-  headers on a route yet);
+- filters: ``RequestHeaderModifier`` and ``ResponseHeaderModifier`` (set, add, remove;
+  not of framing, connection-specific, Host or meshd's own fields), ``URLRewrite``
+  (``hostname``, ``path`` ReplaceFullPath and ReplacePrefixMatch, the latter on
+  PathPrefix matches only), applied by ``meshd.fleet.rewrite``; the others
+  (RequestRedirect, RequestMirror, CORS, ExtensionRef, ...) and backendRefs' filters are
+  refused;
+- a Service with routes attached answers 404 to a request none of their rules match
+  (``Routes.unmatched`` "reject": GAMMA, "requests that do not match at least one of the
+  Routes will be rejected"; the HTTPRoute spec: "a HTTP 404 status code MUST be
+  returned"); with none attached, the Service itself as before;
 - a GRPCRoute's ``method`` match becomes a path match on ``/service/method`` and every
   GRPCRoute rule also needs ``content-type: application/grpc...``, so gRPC routes and
   HTTP routes attached to one Service do not mix (the spec forbids merging them).
@@ -52,10 +60,13 @@ from typing import Any
 
 from meshd.fleet.api import (
     MAX_CONDITIONS,
+    MAX_HEADER_EDITS,
+    MAX_HEADER_VALUE,
     MAX_REGEX,
     MAX_ROUTES,
     MAX_TARGETS,
     Clear,
+    HeaderEdit,
     HeaderMatch,
     Match,
     PathMatch,
@@ -68,6 +79,7 @@ from meshd.fleet.api import (
     Update,
     WeightedTarget,
 )
+from meshd.fleet.rewrite import reserved
 
 KINDS = ("HTTPRoute", "GRPCRoute")
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
@@ -80,6 +92,7 @@ _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _PATH_CHARS = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_HOSTNAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 GRPC_CONTENT_TYPE = HeaderMatch("content-type", "prefix", "application/grpc")
 
@@ -161,6 +174,10 @@ def parse(kind: str, obj: Mapping[str, Any],
                 match, key = _http_match(_map(m, where), where)
             else:
                 match, key = _grpc_match(_map(m, where), where)
+            if "prefix_rewrite" in extras and (match.path is None
+                                               or match.path.kind != "segments"):
+                raise Invalid(f"{where}.path: URLRewrite's ReplacePrefixMatch needs a "
+                              f"PathPrefix match")
             route = Route(name=f"{label} rules[{i}].matches[{j}]", matches=(match,),
                           destination=destination, **extras)
             out.append(((*key, created, f"{namespace}/{name}", i, j), route))
@@ -178,7 +195,9 @@ def merge(parsed: Iterable[Parsed]) -> Routes | None:
         return None
     routes = sorted((kr for p in items for kr in p.routes),
                     key=lambda kr: (kr[0][0] != "grpc", kr[0]))
-    return Routes(", ".join(p.entry for p in items), tuple(r for _, r in routes))
+    # GAMMA: a Service with routes attached rejects (404) a request none of them match
+    return Routes(", ".join(p.entry for p in items), tuple(r for _, r in routes),
+                  unmatched="reject")
 
 
 class ServiceRoutes:
@@ -303,10 +322,113 @@ def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
                               f"not {code}")
         if codes:
             out["retry_on"] = frozenset(("connect", "reset", "5xx"))
-    for n, raw in enumerate(_list(rule.get("filters", []), f"{at}.filters")):
-        f = _map(raw, f"{at}.filters[{n}]")
-        raise Invalid(f"{at}.filters[{n}]: filter {str(f.get('type'))[:64]!r} is not "
-                      f"supported by meshd (no route filters are, yet)")
+    out.update(_filters(rule.get("filters", []), f"{at}.filters", kind))
+    return out
+
+
+# -- filters ----------------------------------------------------------------------------------
+
+_FILTERS = {"RequestHeaderModifier": "requestHeaderModifier",
+            "ResponseHeaderModifier": "responseHeaderModifier", "URLRewrite": "urlRewrite"}
+_GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+
+
+def _filters(raw: Any, at: str, kind: str) -> dict[str, Any]:
+    """A rule's filters as Route keyword args: header modifiers and URLRewrite (hostname,
+    ReplaceFullPath, ReplacePrefixMatch); the others (RequestRedirect, RequestMirror,
+    CORS, ExtensionRef, ...) are refused, as is a filter given twice (the spec's CEL
+    rules forbid it too)."""
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for n, item in enumerate(_list(raw, at)):
+        where = f"{at}[{n}]"
+        f = _map(item, where)
+        ftype = f.get("type")
+        known = _GRPC_FILTERS if kind == "GRPCRoute" else tuple(_FILTERS)
+        if ftype not in known:
+            raise Invalid(f"{where}: filter {str(ftype)[:64]!r} is not supported by meshd "
+                          f"(it applies {', '.join(known)})")
+        if ftype in seen:
+            raise Invalid(f"{where}.type: {ftype} is given twice")
+        seen.add(ftype)
+        key = _FILTERS[ftype]
+        body = _map(f.get(key), f"{where}.{key}")
+        if ftype == "RequestHeaderModifier":
+            out["request_headers"] = _header_modifier(body, f"{where}.{key}")
+        elif ftype == "ResponseHeaderModifier":
+            out["response_headers"] = _header_modifier(body, f"{where}.{key}")
+        else:
+            out.update(_url_rewrite(body, f"{where}.{key}"))
+    return out
+
+
+def _header_modifier(m: Mapping[str, Any], at: str) -> HeaderEdit:
+    for field in m:
+        if field not in ("set", "add", "remove"):
+            raise Invalid(f"{at}.{field}: unknown field")
+    pairs: dict[str, tuple[tuple[str, str], ...]] = {}
+    names: set[tuple[str, str]] = set()
+    for op in ("set", "add"):
+        items = _list(m.get(op, []), f"{at}.{op}")
+        if len(items) > MAX_HEADER_EDITS:
+            raise Invalid(f"{at}.{op}: more than {MAX_HEADER_EDITS} headers")
+        got = []
+        for n, item in enumerate(items):
+            where = f"{at}.{op}[{n}]"
+            h = _map(item, where)
+            name = _modifiable(h.get("name"), f"{where}.name")
+            value = h.get("value")
+            if (not isinstance(value, str) or len(value) > MAX_HEADER_VALUE
+                    or not all(" " <= c <= "~" for c in value) or value != value.strip()):
+                raise Invalid(f"{where}.value: expected printable ASCII of at most "
+                              f"{MAX_HEADER_VALUE} characters, no blank at either end")
+            if (op, name.lower()) in names:
+                raise Invalid(f"{where}.name: {name!r} is given twice")
+            names.add((op, name.lower()))
+            got.append((name, value))
+        pairs[op] = tuple(got)
+    remove = _list(m.get("remove", []), f"{at}.remove")
+    if len(remove) > MAX_HEADER_EDITS:
+        raise Invalid(f"{at}.remove: more than {MAX_HEADER_EDITS} headers")
+    gone = tuple(_modifiable(name, f"{at}.remove[{n}]") for n, name in enumerate(remove))
+    return HeaderEdit(set=pairs["set"], add=pairs["add"], remove=gone)
+
+
+def _modifiable(name: Any, at: str) -> str:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name) or len(name) > 256:
+        raise Invalid(f"{at}: not a header name: {str(name)[:64]!r}")
+    if reserved(name):
+        raise Invalid(f"{at}: meshd does not let a route change {name!r} (framing, "
+                      f"connection-specific, Host or meshd's own fields)")
+    return name
+
+
+def _url_rewrite(m: Mapping[str, Any], at: str) -> dict[str, Any]:
+    for field in m:
+        if field not in ("hostname", "path"):
+            raise Invalid(f"{at}.{field}: unknown field")
+    out: dict[str, Any] = {}
+    host = m.get("hostname")
+    if host is not None:
+        if (not isinstance(host, str) or len(host) > 253 or not _HOSTNAME.fullmatch(host)):
+            raise Invalid(f"{at}.hostname: not a host name: {str(host)[:64]!r}")
+        out["host_rewrite"] = host
+    if m.get("path") is not None:
+        p = _map(m["path"], f"{at}.path")
+        ptype = p.get("type")
+        if ptype == "ReplaceFullPath":
+            key, field = "full_path_rewrite", "replaceFullPath"
+        elif ptype == "ReplacePrefixMatch":
+            key, field = "prefix_rewrite", "replacePrefixMatch"
+        else:
+            raise Invalid(f"{at}.path.type: {str(ptype)[:64]!r} is not ReplaceFullPath or "
+                          f"ReplacePrefixMatch")
+        value = p.get(field, "" if key == "prefix_rewrite" else None)
+        if (not isinstance(value, str) or len(value) > 1024
+                or (value and not _PATH_CHARS.fullmatch(value))
+                or (key == "full_path_rewrite" and not value.startswith("/"))):
+            raise Invalid(f"{at}.path.{field}: expected a path of at most 1024 characters")
+        out[key] = value
     return out
 
 
