@@ -31,7 +31,9 @@ What it serves (``discovery.k8s.io/v1`` and ``v1`` as the real API server does):
   apiVersion, name, namespace), not the CRD's OpenAPI schema: tests may store what a real
   server would refuse, to see that meshd refuses it too. ``apply(obj)`` and
   ``delete(resource, name)`` do the same from Python; ``http_route()``/``grpc_route()``
-  build objects.
+  build objects. Routes have the ``status`` subresource: ``PATCH .../NAME/status``
+  (merge patch; ``metadata.resourceVersion`` a precondition) changes ``status`` alone,
+  writes to the object itself keep it (``status_writes`` counts the patches).
 
 Every request needs ``Authorization: Bearer T`` with T in ``tokens`` (None: no auth);
 otherwise 401 with a Status body. Errors are ``Status`` objects like the real ones.
@@ -73,6 +75,7 @@ RESOURCES = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
              "httproutes": (GATEWAY, "HTTPRoute"),
              "grpcroutes": (GATEWAY, "GRPCRoute")}
 WRITABLE = ("httproutes", "grpcroutes")   # POST/PUT/DELETE over HTTP
+STATUS_SUBRESOURCE = ("httproutes", "grpcroutes")   # PATCH .../NAME/status (merge patch)
 MAX_BODY = 1 << 20
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -196,6 +199,7 @@ class K8sApiServer:
         self._history: deque[tuple[int, str, str, str, dict[str, Any]]] = deque()
         self._watches: set[_Watch] = set()
         self.max_open_watches = 0   # the most watch streams open at once
+        self.status_writes = 0      # route status subresource patches that succeeded
         self._conns: set[socket.socket] = set()
         self._failures: list[tuple[int, str]] = []
         self._lock = threading.RLock()
@@ -401,6 +405,12 @@ class K8sApiServer:
         with self._lock:
             return self._delete(resource, namespace, name)[0]
 
+    def get(self, resource: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """A copy of a stored object (its status too), or None."""
+        with self._lock:
+            obj = self.objects[resource].get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
     def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> int:
         name = _check(resource, namespace, obj)
         if (namespace, name) in self.objects[resource]:
@@ -427,7 +437,32 @@ class K8sApiServer:
                                 f"latest version and try again", "Conflict")
         for key in ("uid", "creationTimestamp"):
             md[key] = omd[key]
+        if resource in STATUS_SUBRESOURCE:   # status is written through its subresource only
+            obj.pop("status", None)
+            if "status" in old:
+                obj["status"] = copy.deepcopy(old["status"])
         md["generation"] = omd["generation"] - (obj.get("spec") == old.get("spec"))
+        return self._store(resource, namespace, name, obj, "MODIFIED")
+
+    def _patch_status(self, resource: str, namespace: str, name: str, patch: Any) -> int:
+        """A merge patch of the ``status`` subresource: only ``status`` changes (not
+        ``generation``); ``metadata.resourceVersion`` in the patch is a precondition."""
+        old = self.objects[resource].get((namespace, name))
+        if old is None:
+            raise ApiError(404, f'{resource}.{GATEWAY.split("/")[0]} "{name}" not found')
+        if not isinstance(patch, dict):
+            raise ApiError(400, "the patch is not a JSON object")
+        want = (patch.get("metadata") or {}).get("resourceVersion")
+        if want not in (None, "", old["metadata"]["resourceVersion"]):
+            raise ApiError(409, f'Operation cannot be fulfilled on {resource} "{name}": the '
+                                f"object has been modified; please apply your changes to the "
+                                f"latest version and try again", "Conflict")
+        obj = copy.deepcopy(old)
+        status_patch = patch.get("status")
+        if status_patch is not None:
+            obj["status"] = merge_patch(old.get("status") or {}, status_patch)
+        obj["metadata"]["generation"] -= 1   # _store adds it back: the spec did not change
+        self.status_writes += 1
         return self._store(resource, namespace, name, obj, "MODIFIED")
 
     def _delete(self, resource: str, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
@@ -641,6 +676,9 @@ class _Handler(BaseHTTPRequestHandler):
         if code:
             return self._status(req, code, f"injected failure {code}")
         parts = url.path.strip("/").split("/")
+        subresource = ""
+        if method == "PATCH" and len(parts) == 8 and parts[7] == "status":
+            parts, subresource = parts[:7], "status"   # route status (GAMMA)
         found = _collection(parts)
         want = 6 if method == "POST" else 7
         if found is None or len(parts) != want or found[0] not in WRITABLE:
@@ -664,7 +702,10 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 return self._status(req, 400, "the body is not JSON")
             with api._lock:
-                if method == "PATCH":
+                if subresource and resource in STATUS_SUBRESOURCE:
+                    api._patch_status(resource, namespace, parts[6], body)
+                    body = {"metadata": {"name": parts[6]}}
+                elif method == "PATCH":
                     old = api.objects[resource].get((namespace, parts[6]))
                     if old is None:
                         raise ApiError(404, f'{resource} "{parts[6]}" not found')

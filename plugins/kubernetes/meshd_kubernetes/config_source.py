@@ -27,6 +27,15 @@ Service's watch raises and meshd restarts it with backoff, keeping the last good
 Per Service, ``routes.ServiceRoutes`` picks the routes attached to it, translates and
 merges them (``routes.py`` says how), and yields ``Set(Routes)``/``Clear("routes")``,
 and ``Refused`` naming an invalid route while its last good version keeps serving.
+
+``write_status = true`` (default false) writes each route's ``status.parents`` back
+(``status.py``: Accepted, ResolvedRefs, observedGeneration, per Service parentRef, as
+controller ``meshd.dev/fleet``) through the ``status`` subresource, for the routes in the
+namespaces this meshd reads; RBAC: ``patch`` on ``httproutes/status`` and
+``grpcroutes/status`` (deploy/kubernetes/rbac-gateway-api-status.yaml). meshd elects no
+leader: turn it on for one meshd (or a few; they compute the same status, write only
+when the object's differs, with its resourceVersion as a precondition, and so converge
+on one write per change).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from typing import Any
 
 from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Source, Update
-from meshd_kubernetes import KubernetesBackend
+from meshd_kubernetes import KubernetesBackend, status
 from meshd_kubernetes.client import Client, Gone, KubernetesError, StreamBroken
 from meshd_kubernetes.routes import KINDS, ServiceRoutes, parents
 from meshd_kubernetes.slices import parse_service
@@ -52,10 +61,20 @@ RESOURCE = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
 _CONNECTION_KEYS = ("api_server", "token_file", "ca_file", "kubeconfig", "namespace",
                     "cluster_domain", "timeout", "watch_timeout")
 MAX_QUEUED = 10_000   # events a Service's watch may fall behind before it restarts
+STATUS_KEYS = ("write_status",)
+MAX_STATUS_PENDING = 10_000   # routes whose status waits to be written (more: dropped)
 
 
 class KubernetesConfigSource(Source):
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+        # Route status written back (status.py, _StatusWriter): its own keys, taken out
+        # before the connection keys are checked.
+        status_keys = {k: options[k] for k in STATUS_KEYS if k in options}
+        options = {k: v for k, v in options.items() if k not in STATUS_KEYS}
+        write = status_keys.get("write_status", False)
+        if not isinstance(write, bool):
+            raise ConfigError([("write_status", f"expected true or false, got {write!r}")])
+        self._status: _StatusWriter | None = _StatusWriter(self) if write else None
         super().__init__(name, options)
         problems = [(k, "unknown key") for k in options
                     if k not in (*_CONNECTION_KEYS, "kinds")]
@@ -123,6 +142,8 @@ class KubernetesConfigSource(Source):
                 inf.unsubscribe(sub)
 
     def close(self) -> None:
+        if self._status is not None:
+            self._status.close()
         with self._lock:
             self._closed.set()
             informers = list(self._informers.values())
@@ -257,6 +278,10 @@ class _Informer:
             for key, subs in self.subscribers.items():
                 for sub in subs:
                     sub.put((self.namespace, self.kind, "reset", by_key.get(key, [])))
+        if self.source._status is not None:
+            for obj in items:
+                if isinstance(obj, Mapping):
+                    self.source._status.offer(self.kind, self.namespace, obj)
         md = body.get("metadata")
         return str(md.get("resourceVersion") or "") or None if isinstance(md, Mapping) else None
 
@@ -316,6 +341,8 @@ class _Informer:
         name = _name(obj)
         if kind in ("ADDED", "MODIFIED") and name:
             self._change("put", name, obj)
+            if self.source._status is not None:
+                self.source._status.offer(self.kind, self.namespace, obj)
         elif kind == "DELETED" and name:
             self._change("delete", name, obj)
         return new_rv   # BOOKMARK: only this
@@ -324,3 +351,65 @@ class _Informer:
 def _name(obj: Mapping[str, Any]) -> str:
     md = obj.get("metadata")
     return str(md.get("name") or "") if isinstance(md, Mapping) else ""
+
+
+class _StatusWriter:
+    """Writes route status (``status.patch``) with a client of its own, in a thread of
+    its own, so that the watches never wait for it: the latest version of each route
+    waits here (a newer one replaces it), and one whose status already says what meshd
+    would is never queued. A 409 (the route changed meanwhile) or 404 (deleted) is
+    dropped: its next version comes through the watch."""
+
+    def __init__(self, source: KubernetesConfigSource) -> None:
+        self.source = source
+        self.pending: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]]] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.client: Client | None = None
+        self.written = 0
+
+    def offer(self, kind: str, namespace: str, obj: Mapping[str, Any]) -> None:
+        if status.patch(kind, obj) is None:
+            return
+        key = (kind, namespace, _name(obj))
+        with self.cond:
+            if self.closed or (key not in self.pending
+                               and len(self.pending) >= MAX_STATUS_PENDING):
+                return
+            self.pending[key] = (kind, obj)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="k8s-route-status")
+                self.thread.start()
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.client is not None:
+            self.client.close()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending or self.closed)
+                if self.closed:
+                    return
+                (kind, namespace, name), (_, obj) = self.pending.popitem()
+            body = status.patch(kind, obj)
+            if body is None:
+                continue
+            path = f"{GROUP_PATH}/{namespace}/{RESOURCE[kind]}/{name}/status"
+            try:
+                if self.client is None:
+                    self.client = Client(self.source._conn._resolve(), self.source._conn.timeout)
+                self.client.patch(path, body, f"writing the status of {kind} {namespace}/{name}")
+                self.written += 1
+            except KubernetesError as e:
+                if e.code not in (404, 409):
+                    log.warning("%s", e)
+            except Exception:   # never end the thread: the next route may go through
+                log.exception("kubernetes: writing the status of %s %s/%s", kind, namespace,
+                              name)
