@@ -206,10 +206,16 @@ def _filters(at: str, route: Route) -> None:
 
 
 def _header_edit(at: str, edit: HeaderEdit) -> None:
+    if not isinstance(edit, HeaderEdit):
+        raise ValueError(f"{at}: expected a HeaderEdit, got {type(edit).__name__}")
     for kind in ("set", "add", "remove"):
         items = getattr(edit, kind)
+        if not isinstance(items, tuple):
+            raise ValueError(f"{at}.{kind}: expected a tuple")
         _bound(f"{at}.{kind}", items, MAX_HEADER_EDITS)
         for item in items:
+            if kind != "remove" and not (isinstance(item, tuple) and len(item) == 2):
+                raise ValueError(f"{at}.{kind}: expected (name, value) pairs")
             name, value = (item, None) if kind == "remove" else item
             if not isinstance(name, str) or len(name) > 256 or not _TOKEN.fullmatch(name):
                 raise ValueError(f"{at}.{kind}: not a header name: {str(name)[:64]!r}")
