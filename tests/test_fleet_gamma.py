@@ -171,9 +171,11 @@ def test_a_request_no_attached_route_matches_gets_404(mesh, backends, api, tmp_p
     # A Service no route is attached to: the mesh's default, the Service itself.
     assert http_get("127.0.0.1", port, "/other", {"Host": "api"})[::2] == (200, b"b /other\n")
     # The 404s are counted on web's row as client errors, like any answer.
-    metrics = http_get("127.0.0.1", m.ports["admin"], "/metrics")[2].decode()
-    assert any('status_code="404"' in line and '"web"' in line
-               for line in metrics.splitlines() if line.startswith("response_total")), metrics
+    def counted() -> bool:
+        metrics = http_get("127.0.0.1", m.ports["admin"], "/metrics")[2].decode()
+        return any('status_code="404"' in line and '"web"' in line
+                   for line in metrics.splitlines() if line.startswith("response_total"))
+    wait_for(counted, 10, what="the 404s counted on web's row")
 
     api.delete("httproutes", "web-v1")   # live: no HUP
     wait_applied(m, "web", lambda p: p is None)

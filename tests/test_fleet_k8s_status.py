@@ -190,8 +190,10 @@ def test_a_meshd_writes_route_status(mesh, backends, api, tmp_path: Path) -> Non
     api.apply(bad)
     wait_for(lambda: _accepted(api, "web-v1") == ("False", 2), 10, what="status rewritten")
     # meshd keeps serving the last good version meanwhile, as /ready says
-    _, _, body = http_get("127.0.0.1", m.ports["admin"], "/ready")
-    assert "HTTPRoute default/web-v1" in body.decode()
+    wait_for(lambda: "HTTPRoute default/web-v1" in http_get(
+        "127.0.0.1", m.ports["admin"], "/ready")[2].decode(), 10, what="/ready names it")
+    status, _, body = http_get("127.0.0.1", m.ports["outbound"], "/v1/x", {"Host": "web"})
+    assert (status, body) == (200, b"a /v1/x\n")
 
 
 def test_shipped_status_rbac_grants_the_patch() -> None:

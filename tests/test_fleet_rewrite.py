@@ -8,6 +8,8 @@ these fields existed."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from meshd_consul.config_entries import EntryError, router
 from meshd_kubernetes.routes import Invalid, merge, parse
 
@@ -20,10 +22,12 @@ from meshd.fleet.api import (
     Target,
     WeightedTarget,
 )
-from meshd.fleet.rewrite import Rewrite
+from meshd.fleet.rewrite import Rewrite, reserved
 from meshd.fleet.select import Selector
 from meshd.fleet.wire import Policy, decode, encode, pack, problem, unpack
 from meshd.proto import http1
+from meshd.proto.h2_headers import request_problem
+from meshd.proto.translate import h2_request, http1_request
 
 
 def segments(prefix: str, replace: str) -> Rewrite:
@@ -213,3 +217,42 @@ def test_consul_router_filters_in_meshd_terms() -> None:
         with pytest.raises(EntryError, match=where):
             router({"Kind": "service-router", "Name": "web",
                     "Routes": [{"Destination": dest}]}, "web")
+
+
+# -- what passes the checks keeps every head valid -----------------------------------------------
+
+_NAMES = st.from_regex(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}", fullmatch=True).filter(
+    lambda n: not reserved(n))
+_VALUES = st.from_regex(r"(?:[!-~](?:[ -~]{0,12}[!-~])?)?", fullmatch=True)
+_PAIRS = st.lists(st.tuples(_NAMES, _VALUES), max_size=4).map(tuple)
+_PATHS = st.from_regex(r"/(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9A-F]{2}){0,12}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_PAIRS, _PAIRS, st.lists(_NAMES, max_size=4).map(tuple),
+       st.one_of(st.none(), _PATHS), st.booleans(),
+       st.one_of(st.none(), st.sampled_from(["api", "api.internal:8080", "[::1]:80"])))
+def test_what_the_checks_accept_keeps_both_protocols_heads_valid(
+        sets, adds, removes, path, prefix, host) -> None:
+    route = Route("r", (Match(PathMatch("segments", "/a")),),
+                  prefix_rewrite=path if prefix else None,
+                  full_path_rewrite=None if prefix else path, host_rewrite=host,
+                  request_headers=HeaderEdit(sets, adds, removes))
+    assume(problem(Routes("e", (route,))) is None)
+    rw = Rewrite.of(route, route.matches[0])
+    assert rw is not None
+    # an HTTP/2 client's head, to an HTTP/2 upstream and to an HTTP/1.1 one
+    h2 = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a/b?c=d"),
+          (b":authority", b"web"), (b"x-drop", b"1"), (b"user-agent", b"curl/8")]
+    out = rw.h2(h2)
+    assert request_problem(out, http1_rules=True) is None, out
+    target, authority, fields = rw.h2_request(b"/a/b?c=d", b"web", h2[4:])
+    head, _ = http1_request(b"GET", target, authority, fields, None, True)
+    assert http1.parse_request_head(head).target == target
+    # an HTTP/1.1 client's head, to an HTTP/1.1 upstream and to an HTTP/2 one
+    req = http1.parse_request_head(b"GET /a/b?c=d HTTP/1.1\r\nHost: web\r\nX-Drop: 1\r\n\r\n")
+    sent = rw.http1(req)
+    again = http1.parse_request_head(http1.serialize_request_head(
+        sent.method, sent.target, sent.headers, []))
+    assert (again.target, again.host) == (sent.target, sent.host)
+    assert request_problem(h2_request(sent, False, False), http1_rules=True) is None
