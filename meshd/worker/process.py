@@ -333,7 +333,7 @@ class Worker:
     # -- accepting ----------------------------------------------------------------------
 
     def _accept_loop(self, lst: ListenerConfig, sock: socket.socket) -> None:
-        key = (lst.service or "") if lst.protocol == "tcp" else ""
+        key = (lst.service or "") if lst.protocol == "tcp" and lst.direction == "outbound" else ""
         slots = gevent.lock.BoundedSemaphore(lst.max_connections)
         backoff = ACCEPT_ERROR_BACKOFF
         while not self.draining:
