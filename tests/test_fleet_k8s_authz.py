@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_authz import TD, client_cert, counts, curl_mtls, denied, identity_table
+from test_authz import TD, client_cert, counts, curl_mtls, denied, identity_table, tls_opaque
 
 from meshd.testing.harness import Meshd, free_port, http_get, wait_for
 from meshd.testing.k8s_server import authorization_policy
+from meshd.testing.tcp_server import TcpServer, echo
 
 FRONTEND = f"spiffe://{TD}/ns/default/sa/frontend"
 BILLING = f"spiffe://{TD}/ns/default/sa/billing"
@@ -125,7 +126,8 @@ def test_policy_allows_one_caller_denies_another_and_an_edit_flips_it_live(
     wait_authz(m, lambda p: allowed_peers(p) == {FRONTEND}, "the policy applied")
     assert status_of(port, certs["frontend"], "/front") == "200"
     assert status_of(port, certs["billing"], "/bill") == "403"
-    wait_for(lambda: denied(m, "enforce", "http") == 1, what="the refusal counted")
+    assert curl_mtls(port, "/bill-h2", certs["billing"], "--http2")[0] == "403 2"   # ALPN h2
+    wait_for(lambda: denied(m, "enforce", "http") == 2, what="the refusals counted")
     assert counts(b) == {"GET /before": 1, "GET /front": 1}   # nothing of billing's got in
     assert f"denied http from client_id={BILLING}" in m.log()
     assert "AuthorizationPolicy default/web-callers" in m.log()
@@ -135,7 +137,7 @@ def test_policy_allows_one_caller_denies_another_and_an_edit_flips_it_live(
     wait_authz(m, lambda p: allowed_peers(p) == {BILLING}, "the edit applied")
     assert status_of(port, certs["billing"], "/bill2") == "200"
     assert status_of(port, certs["frontend"], "/front2") == "403"
-    wait_for(lambda: denied(m, "enforce", "http") == 2, what="the second refusal counted")
+    wait_for(lambda: denied(m, "enforce", "http") == 3, what="the third refusal counted")
     assert counts(b) == {"GET /before": 1, "GET /front": 1, "GET /bill2": 1}
 
     # A path-scoped rule: frontend may GET /public/*, only canonical paths.
@@ -204,16 +206,17 @@ def test_a_local_authorization_table_wins_for_its_listener(mesh, backends, api, 
     b = backends("app")
     api.apply(allow("web-callers", FRONTEND))
     m, ports = start(mesh, api, tmp_path, b.address, local=True)
-    wait_authz(m, lambda p: allowed_peers(p) == {FRONTEND}, "the policy applied")
-    web = json.loads(admin(m, "/config")[1])["fleet"]["services"]["web"]
-    assert web["authz_listeners"] == {"inbound": "fleet", "local": "file: [[authorization]]"}
-    # the fleet policy decides "inbound"; the file's table decides "local"
+    # Ready means every worker holds the policy (its first answer): no wait needed.
+    # The fleet policy decides "inbound"; the file's table decides "local".
     assert status_of(ports["inbound"], certs["frontend"]) == "200"
     assert status_of(ports["inbound"], certs["ops"]) == "403"
     assert status_of(ports["local"], certs["ops"]) == "200"
     assert status_of(ports["local"], certs["frontend"]) == "403"
     wait_for(lambda: denied(m, "enforce", "http", "local") == 1
              and denied(m, "enforce", "http", "inbound") == 1, what="both refusals counted")
+    web = json.loads(admin(m, "/config")[1])["fleet"]["services"]["web"]
+    assert web["authz_listeners"] == {"inbound": "fleet", "local": "file: [[authorization]]"}
+    assert allowed_peers(web["effective"]["authz"]) == {FRONTEND}
 
 
 def test_no_answer_yet_denies_everything_then_the_answer_opens(mesh, backends, api, tmp_path,
@@ -230,3 +233,18 @@ def test_no_answer_yet_denies_everything_then_the_answer_opens(mesh, backends, a
     api.restart()   # answers: no policy targets web, so it is open
     wait_authz(m, lambda p: p is None, "the answer applied")
     assert status_of(ports["inbound"], certs["frontend"]) == "200"
+
+
+def test_opaque_tcp_is_covered_by_rules_without_operations_only(mesh, api, tmp_path, certs):
+    api.apply(authorization_policy("web-callers", "web", [
+        {"from": [{"source": {"principals": [FRONTEND.removeprefix("spiffe://")]}}]},
+        {"from": [{"source": {"principals": [BILLING.removeprefix("spiffe://")]}}],
+         "to": [{"operation": {"paths": ["/*"]}}]}]))
+    with TcpServer(echo) as app:
+        m, ports = start(mesh, api, tmp_path, app.address)
+        payload = b"\x00\x01opaque bytes\r\n\r\n"
+        assert tls_opaque(ports["inbound"], certs["billing"], payload) == b""
+        wait_for(lambda: denied(m, "enforce", "tcp") == 1, what="the refusal counted")
+        assert app.accepted == 0
+        assert tls_opaque(ports["inbound"], certs["frontend"], payload) == payload
+        assert app.accepted == 1
