@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from test_authz import TD, client_cert, counts, curl_mtls, denied, identity_table, tls_opaque
 
@@ -85,10 +86,10 @@ def effective_authz(m: Meshd) -> dict[str, Any] | None:
     return web.get("effective", {}).get("authz")
 
 
-def wait_authz(m: Meshd, check: Any, what: str) -> None:
+def wait_authz(m: Meshd, check: Any, what: str, timeout: float = 15) -> None:
     """Until /config's effective authz part of web passes ``check`` and every worker
     loaded the snapshot that publishes it."""
-    wait_for(lambda: check(effective_authz(m)), 15, interval=0.01, what=what)
+    wait_for(lambda: check(effective_authz(m)), timeout, interval=0.01, what=what)
 
     def published() -> bool:
         fleet = json.loads(admin(m, "/config")[1])["fleet"]
@@ -231,7 +232,7 @@ def test_no_answer_yet_denies_everything_then_the_answer_opens(mesh, backends, a
     assert "no answer yet from k8s" in m.log()
     assert counts(b) == {}
     api.restart()   # answers: no policy targets web, so it is open
-    wait_authz(m, lambda p: p is None, "the answer applied")
+    wait_authz(m, lambda p: p is None, "the answer applied", 60)
     assert status_of(ports["inbound"], certs["frontend"]) == "200"
 
 
@@ -248,3 +249,35 @@ def test_opaque_tcp_is_covered_by_rules_without_operations_only(mesh, api, tmp_p
         assert app.accepted == 0
         assert tls_opaque(ports["inbound"], certs["frontend"], payload) == payload
         assert app.accepted == 1
+
+
+def test_api_server_down_keeps_the_policy_also_after_a_restart(mesh, backends, api, tmp_path,
+                                                                 certs):
+    b = backends("app")
+    api.apply(allow("web-callers", FRONTEND))
+    m, ports = start(mesh, api, tmp_path, b.address)
+    port = ports["inbound"]
+    persisted = json.loads(admin(m, "/config")[1])["fleet"]["persisted"]["path"]
+
+    def saved() -> bool:
+        try:
+            fleet = msgpack.unpackb(Path(persisted).read_bytes())["services"]
+        except OSError:
+            return False
+        return "authz" in fleet.get("web", {}).get("k8s", {})
+    wait_for(saved, 10, what="the policy persisted")
+    api.stop()
+    m.wait_metric("meshd_fleet_stale", 'service="web"', at_least=1)
+    assert status_of(port, certs["frontend"]) == "200"
+    assert status_of(port, certs["billing"]) == "403"
+    m.stop()   # and meshd restarts meanwhile: the persisted policy decides, not the
+    m.start()  # deny-all of a source that never answered
+    assert status_of(port, certs["frontend"]) == "200"
+    assert status_of(port, certs["billing"]) == "403"
+    assert json.loads(admin(m, "/config")[1])["fleet"]["services"]["web"]["sources"]["k8s"][
+        "stale"] is True
+    api.start()
+    api.apply(allow("web-callers", BILLING))
+    # (the watch retries with backoff, grown while the API server was down)
+    wait_authz(m, lambda p: allowed_peers(p) == {BILLING}, "a change applies again", 60)
+    assert status_of(port, certs["billing"]) == "200"
