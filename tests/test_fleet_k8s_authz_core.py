@@ -382,3 +382,17 @@ def test_shipped_rbac_grants_what_the_authorization_watch_reads():
                for r in rule["resources"] for v in rule["verbs"]}
     assert granted == {("security.istio.io", authz.RESOURCE, v) for v in ("get", "list", "watch")}
     assert docs[1]["roleRef"]["name"] == docs[0]["metadata"]["name"]
+
+
+def test_wire_checks_the_bounds_of_an_authorization_part():
+    from meshd.fleet.api import MAX_AUTHZ_RULES, AuthzRule, Match, PathMatch
+    ok = Authorization("e", (AuthzRule("r", ("*", FRONTEND), (Match(PathMatch("prefix", "/a")),)),))
+    assert wire.problem(ok) is None
+    assert wire.decode(wire.encode(ok)) == ok
+    many = Authorization("e", (AuthzRule("r"),) * (MAX_AUTHZ_RULES + 1))
+    assert wire.problem(many) == f"rules: {MAX_AUTHZ_RULES + 1} given, meshd takes at most " \
+                                 f"{MAX_AUTHZ_RULES}"
+    bad_peer = Authorization("e", (AuthzRule("r", ("spiffe://td/../x",)),))
+    assert (wire.problem(bad_peer) or "").startswith("rules[0].peers[0]: ")
+    bad_path = Authorization("e", (AuthzRule("r", None, (Match(PathMatch("regex", "(")),)),))
+    assert (wire.problem(bad_path) or "").startswith("rules[0].matches[0].path: invalid regex")
