@@ -166,8 +166,9 @@ def _with(path: str, value: Any) -> dict[str, Any]:
      "spec.rules[0].to[0].operation.methods[0]"),
     ("spec.rules", [{}] * 65, "spec.rules"),
     ("spec.targetRefs", [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
-                          "name": "web"}, {"group": "", "kind": "Service", "name": "web"}],
-     "spec.targetRefs[0]"),
+                          "name": "gw"}, {"group": "", "kind": "Service", "name": "web",
+                                          "namespace": "shop"}],
+     "spec.targetRefs[1].namespace"),
     ("metadata.annotations", {"istio.io/dry-run": "yes"}, "metadata.annotations.istio.io/dry-run"),
 ])
 def test_everything_outside_the_subset_is_refused_with_its_field(path, value, field):

@@ -14,7 +14,7 @@ approximated:
 - which policies apply to a Service: those whose ``targetRefs`` (or the older
   ``targetRef``) name it (``group`` "" or "core", ``kind`` Service, no other namespace),
   and those with neither ``targetRefs`` nor ``selector``, which Istio applies to every
-  workload of their namespace. A ``selector`` policy is refused, for every Service of its
+  workload of their namespace (targetRefs to Gateways are someone else's: ignored). A ``selector`` policy is refused, for every Service of its
   namespace (meshd cannot tell which pods its labels pick; use ``targetRefs``), and has
   no effect;
 - ``action``: ``ALLOW`` (the default) only. ``DENY``, ``AUDIT`` (Istio's: mark for audit
@@ -271,8 +271,7 @@ def _target_refs(refs: list[Any], at: str, namespace: str) -> None:
         where = f"{at}[{n}]" if at.endswith("s") else at
         ref = _map(raw, where)
         if ref.get("group", "") not in ("", "core") or ref.get("kind") != "Service":
-            raise Invalid(f"{where}: meshd applies policies to Services only, not "
-                          f"{str(ref.get('group', ''))[:64]}/{str(ref.get('kind'))[:64]}")
+            continue   # a Gateway's (as routes' parentRefs to Gateways): not the mesh's
         if ref.get("namespace", namespace) != namespace:
             raise Invalid(f"{where}.namespace: a policy targets Services of its own "
                           f"namespace only")
