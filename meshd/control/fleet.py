@@ -472,7 +472,9 @@ class FleetRunner:
         refused = self.refused()
         for name, src, kind, entry, why in refused[:READY_NAMES]:
             out.append(f"fleet: refused {entry} (source {src}, {kind} of {name}): {why}; "
-                       "the last good version applies")
+                       "the last good version applies" + (
+                           " (a policy never applied denies every request)"
+                           if kind == "authz" else ""))
         if len(refused) > READY_NAMES:
             out.append(f"fleet: and {len(refused) - READY_NAMES} more refused entries")
         return out
