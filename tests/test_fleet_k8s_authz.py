@@ -86,7 +86,7 @@ def effective_authz(m: Meshd) -> dict[str, Any] | None:
     return web.get("effective", {}).get("authz")
 
 
-def wait_authz(m: Meshd, check: Any, what: str, timeout: float = 15) -> None:
+def wait_authz(m: Meshd, check: Any, what: str, timeout: float = 30) -> None:
     """Until /config's effective authz part of web passes ``check`` and every worker
     loaded the snapshot that publishes it."""
     wait_for(lambda: check(effective_authz(m)), timeout, interval=0.01, what=what)
@@ -94,8 +94,8 @@ def wait_authz(m: Meshd, check: Any, what: str, timeout: float = 15) -> None:
     def published() -> bool:
         fleet = json.loads(admin(m, "/config")[1])["fleet"]
         return bool(fleet["version"] == fleet["published_version"])
-    wait_for(published, 15, interval=0.01, what="the policies published")
-    m.wait_snapshot_loaded(timeout=15)
+    wait_for(published, timeout, interval=0.01, what="the policies published")
+    m.wait_snapshot_loaded(timeout=timeout)
 
 
 def allowed_peers(part: dict[str, Any] | None) -> set[str]:
@@ -170,7 +170,7 @@ def test_refused_policy_is_named_and_its_last_good_version_keeps_deciding(
     bad["spec"]["rules"][0]["from"][0]["source"]["notPrincipals"] = ["cluster.local/ns/x/sa/y"]
     api.apply(bad)
     field = "spec.rules[0].from[0].source.notPrincipals"
-    wait_for(lambda: field in admin(m, "/ready")[1].decode(), 15, what="/ready names it")
+    wait_for(lambda: field in admin(m, "/ready")[1].decode(), 30, what="/ready names it")
     status, body = admin(m, "/ready")
     assert status == 200   # ready: the last good version applies
     assert "AuthorizationPolicy default/web-callers" in body.decode()
@@ -185,7 +185,7 @@ def test_refused_policy_is_named_and_its_last_good_version_keeps_deciding(
     # A DENY policy (not in the subset): refused and named; having no good version, it
     # allows nothing -- fail closed, not the open door it was meant to shut.
     api.apply(authorization_policy("deny-all", "web", [{}], action="DENY"))
-    wait_for(lambda: "spec.action" in admin(m, "/ready")[1].decode(), 15,
+    wait_for(lambda: "spec.action" in admin(m, "/ready")[1].decode(), 30,
              what="/ready names the DENY policy")
     wait_authz(m, lambda p: p is not None and "deny-all" in p["from"], "refused DENY counted")
     before = denied(m, "enforce", "http")
@@ -197,7 +197,7 @@ def test_refused_policy_is_named_and_its_last_good_version_keeps_deciding(
     api.delete("authorizationpolicies", "deny-all")
     api.apply(allow("web-callers", BILLING))
     wait_authz(m, lambda p: allowed_peers(p) == {BILLING}, "the fixed policy applied")
-    wait_for(lambda: "refused" not in admin(m, "/ready")[1].decode(), 15,
+    wait_for(lambda: "refused" not in admin(m, "/ready")[1].decode(), 30,
              what="no refusal left in /ready")
     assert status_of(port, certs["billing"]) == "200"
 
