@@ -29,6 +29,12 @@ route's ``listener`` when it has one -- in file order, first match wins, as
 listener the service is the listener's, and the Host a peer sends is its own view of it.
 Opaque TCP and tunnels have no request: they are judged with ``route = None``.
 
+Fleet authorization (``FleetAuthorizer``): an inbound listener with ``service`` that no
+policy of the file names takes the fleet ``Authorization`` part of that service
+(``meshd.fleet.api``: an Istio AuthorizationPolicy from the kubernetes config source),
+judged with its own rules -- the fleet match model instead of ``[[route]]`` names -- by
+the same default-deny and audit rules. The file wins per listener, as for routes.
+
 ``DecisionCache`` keeps an identity provider's ``authorize(client_id)`` answers (Consul
 intentions) per worker: bounded (``CACHE_SIZE`` ids, least recently used dropped first),
 answers kept ``CACHE_TTL`` seconds, a failure to ask only ``ERROR_TTL`` (so an outage is
@@ -46,6 +52,8 @@ from dataclasses import dataclass
 from meshd.config import RouteConfig
 from meshd.config_identity import AuthorizationConfig
 from meshd.errors import Forbidden
+from meshd.fleet.api import ANY_IDENTITY, Authorization, AuthzRule
+from meshd.fleet.select import request_matcher
 from meshd.identity import spiffe
 from meshd.worker.peer import Peer
 from meshd.worker.routing import route_matcher
@@ -59,6 +67,7 @@ ERROR_TTL = 1.0
 LOG_ID_LENGTH = 256
 
 Headers = Sequence[tuple[bytes, bytes]]
+Request = tuple[bytes, bytes, Headers]   # method, target, headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,3 +271,70 @@ class DecisionCache:
 def pattern_matches(pattern: str, client_id: str) -> bool:
     """Whether one allow-list pattern matches ``client_id`` (tests and `meshd check`)."""
     return spiffe.compile_patterns([pattern]).fullmatch(client_id) is not None
+
+
+# -- fleet authorization (an Authorization part of meshd.fleet, from a config source) ------
+
+# A path a rule with path matches may cover: absolute, with no dot or empty segments, no
+# ";" parameters, no backslash and no encoded "/", "." or "\" -- any of those may reach
+# the application as another path than the one matched (a "/public/../admin" allowed by a
+# "/public/*" rule), so such a request is covered by path-less rules only.
+_CANONICAL = re.compile(rb"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@%]+)*/?")
+_ENCODED = re.compile(rb"%(?:2[eEfF]|5[cC])")
+ENTRY_LENGTH = 200   # of the entry named in a denial reason (a list of policy names)
+
+
+def canonical(path: bytes) -> bool:
+    """Whether ``path`` (a request target up to "?") is one the rules may match on."""
+    if not _CANONICAL.fullmatch(path) or _ENCODED.search(path):
+        return False
+    return not any(seg in (b".", b"..") for seg in path.split(b"/"))
+
+
+class _FleetRule:
+    __slots__ = ("audit", "anyone", "any_identity", "peers", "holds", "paths")
+
+    def __init__(self, rule: AuthzRule) -> None:
+        self.audit = rule.audit
+        self.anyone = rule.peers is None
+        patterns = [p for p in rule.peers or () if p != ANY_IDENTITY]
+        self.any_identity = rule.peers is not None and ANY_IDENTITY in rule.peers
+        self.peers = spiffe.compile_patterns(patterns)
+        self.holds = request_matcher(rule.matches) if rule.matches else None
+        self.paths = any(m.path is not None for m in rule.matches)
+
+    def covers(self, client_id: str, request: Request | None) -> bool:
+        if not self.anyone and not (client_id and (
+                self.any_identity or self.peers.fullmatch(client_id))):
+            return False
+        if self.holds is None:
+            return True
+        if request is None:   # opaque TCP: no request for a rule's matches to hold
+            return False
+        method, target, headers = request
+        if self.paths:
+            q = target.find(b"?")
+            if not canonical(target if q < 0 else target[:q]):
+                return False
+        return self.holds(method, target, headers)
+
+
+class FleetAuthorizer:
+    """A service's fleet ``Authorization`` compiled, for the inbound listeners serving it
+    that no ``[[authorization]]`` table names (``meshd.fleet.api`` has the semantics)."""
+
+    def __init__(self, part: Authorization) -> None:
+        self.part = part
+        self.rules = [_FleetRule(r) for r in part.rules]
+        entry = part.entry if len(part.entry) <= ENTRY_LENGTH else part.entry[:ENTRY_LENGTH] + "..."
+        self.refused = (f"no rule of {entry} allows this peer and request (default deny)"
+                        if part.rules else f"{entry}: no rule, every request is denied")
+
+    def decide(self, client_id: str, request: Request | None) -> Decision:
+        """``request``: (method, target, headers), None for an opaque connection."""
+        if self.part.enforced and not any(r.covers(client_id, request) for r in self.rules
+                                          if not r.audit):
+            return Deny(self.refused)
+        if self.part.audited and not any(r.covers(client_id, request) for r in self.rules):
+            return AuditDeny(self.refused)
+        return ALLOW

@@ -214,7 +214,7 @@ class DiscoveryRunner:
         names.update(dict.fromkeys(self.cfg.services))
         names.update(dict.fromkeys(self.cfg.route_services()))
         for lst in self.cfg.listeners:
-            if lst.protocol == "tcp" and lst.service:
+            if lst.protocol == "tcp" and lst.service and lst.direction == "outbound":
                 names[lst.service] = None
         return list(names)
 
@@ -506,7 +506,8 @@ class DiscoveryRunner:
 
     def _publisher(self) -> None:
         started = time.monotonic()
-        while (not all(w.settled and self.fleet.settled(w.name) for w in self.watches.values())
+        while ((not all(w.settled and self.fleet.settled(w.name) for w in self.watches.values())
+                or not all(self.fleet.settled(s) for s in self.fleet.inbound))  # authorization
                and time.monotonic() - started < FIRST_SYNC_WAIT):
             self.dirty.wait(0.05)
             self.dirty.clear()

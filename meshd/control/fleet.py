@@ -15,6 +15,12 @@ not applied), a ``[service.NAME]`` table keeps its failover and timeouts (fleet 
 not applied). The effective policies go to workers in the snapshot, with a version that
 changes with them, and ``/config`` shows them with where each part came from.
 
+Authorization (the ``authz`` part): the services inbound listeners serve (``[[listener]]
+service``) are watched from the start and for as long as meshd runs, with a second
+stream per source that has ``watch_authorization``; until that stream answered (or the
+state file had a part), the service's effective ``authz`` part denies everything (fail
+closed). The file's ``[[authorization]]`` tables win per listener, in the worker.
+
 Refusals: a part the plugin refuses, or that breaks meshd's bounds (``wire.problem``),
 leaves the last good part of its kind in use; it is logged (once per change), counted
 (``meshd_fleet_refused_entries``) and named in ``/ready``'s detail (meshd stays ready).
@@ -42,7 +48,17 @@ from meshd.config import Config
 from meshd.control.state import SAVE_INTERVAL
 from meshd.errors import ConfigError, MeshdError
 from meshd.fleet import wire
-from meshd.fleet.api import PART_KINDS, Clear, Part, PartKind, Refused, Set, Update, kind_of
+from meshd.fleet.api import (
+    PART_KINDS,
+    Authorization,
+    Clear,
+    Part,
+    PartKind,
+    Refused,
+    Set,
+    Update,
+    kind_of,
+)
 from meshd.fleet.registry import PluginInfo
 from meshd.fleet.registry import load as load_plugin
 from meshd.private_files import read_trusted, write_atomic
@@ -69,6 +85,16 @@ class PartState:
     error: str | None = None
     errors_total: int = 0
     last_update: float = 0.0    # unix time
+    # Authorization (``watch_authorization``, for the services of inbound listeners):
+    # expected of this source, and whether each of its streams answered yet.
+    authz_expected: bool = False
+    answered_parts: bool = False
+    answered_authz: bool = False
+
+    @property
+    def answered(self) -> bool:
+        """Every stream this source runs for the service answered once."""
+        return self.answered_parts and (self.answered_authz or not self.authz_expected)
 
 
 @dataclass
@@ -82,7 +108,7 @@ class FleetWatch:
     def settled(self) -> bool:
         """Every source answered, failed, or left parts persisted by an earlier run (or
         FIRST_ANSWER_WAIT passed)."""
-        return (all(s.synced or s.stale or s.error is not None for s in self.sources.values())
+        return (all(s.answered or s.stale or s.error is not None for s in self.sources.values())
                 or time.monotonic() - self.started >= FIRST_ANSWER_WAIT)
 
 
@@ -105,6 +131,12 @@ class FleetRunner:
         self.throttle = Throttle(log)
         self.local_routes = {r.host for r in cfg.routes}
         self.local_services = set(cfg.services)
+        # Services inbound listeners serve: their authorization is watched for as long
+        # as meshd runs (not only while discovery watches them), and the file's
+        # [[authorization]] listeners, which keep their own policies.
+        self.inbound = {lst.service for lst in cfg.listeners
+                        if lst.direction == "inbound" and lst.service}
+        self.local_authz = {a.listener for a in cfg.authorization}
         self.state_path = os.path.join(cfg.state_dir, f"{cfg.instance}.fleet")
         self.saved, self.saved_at = self._load()
         self._save_pending = False
@@ -129,6 +161,8 @@ class FleetRunner:
             except MeshdError as e:
                 self.source_errors[src.name] = str(e)
                 log.error("config source %s: %s", src.name, e)
+        for service in sorted(self.inbound):
+            self.watch(service)
 
     def describe_source(self, source: str) -> str:
         info = self.plugin_info.get(source)
@@ -158,22 +192,33 @@ class FleetRunner:
                 st.error = self.source_errors.get(src.name, "not loaded")
                 continue
             w.greenlets.append(gevent.spawn(self._watch_loop, w, src.name, plugin, on_demand))
-        if saved:
+            if service in self.inbound and hasattr(plugin, "watch_authorization"):
+                st.authz_expected = True
+                w.greenlets.append(gevent.spawn(self._watch_loop, w, src.name, plugin,
+                                                on_demand, "watch_authorization"))
+        if saved or service in self.inbound:   # (inbound: denied until the sources answer)
             self._changed(service)
         gevent.spawn_later(FIRST_ANSWER_WAIT, self.on_change)   # see FIRST_ANSWER_WAIT
 
     def unwatch(self, service: str) -> None:
+        if service in self.inbound:
+            return   # watched for its inbound listeners' authorization, whatever discovery does
         w = self.watches.pop(service, None)
         if w is not None:
             gevent.killall(w.greenlets, block=False)
             self._changed(service)
 
-    def _watch_loop(self, w: FleetWatch, source: str, plugin: Any, on_demand: bool) -> None:
+    def _watch_loop(self, w: FleetWatch, source: str, plugin: Any, on_demand: bool,
+                    stream: str = "watch") -> None:
         st = w.sources[source]
         failures = 0
         while True:
             try:
-                for update in plugin.watch(w.name):
+                for update in getattr(plugin, stream)(w.name):
+                    if stream == "watch":
+                        st.answered_parts = True
+                    else:
+                        st.answered_authz = True
                     self._apply(w, source, st, update)
                     failures = 0
                 log.warning("config source %s: the watch of %s ended; restarting", source, w.name)
@@ -275,16 +320,24 @@ class FleetRunner:
                 else:
                     chosen[kind], where[kind] = part, origin
                 break
+        if name in self.inbound and "authz" not in chosen:
+            waiting = [src for src, st in w.sources.items()
+                       if st.authz_expected and not st.answered_authz and not st.stale]
+            if waiting:   # fail closed until the policy is known (meshd.fleet.api)
+                chosen["authz"] = Authorization(f"(no answer yet from {', '.join(waiting)})")
+                where["authz"] = "meshd: every request denied until the sources answer"
         if not chosen:
             return None, where, overridden
         return (wire.Policy(name, chosen.get("routes"), chosen.get("split"),  # type: ignore[arg-type]
-                            chosen.get("resolver")),  # type: ignore[arg-type]
+                            chosen.get("resolver"), chosen.get("authz")),  # type: ignore[arg-type]
                 where, overridden)
 
     def _local(self, service: str, kind: str) -> bool:
         """The file decides this part of ``service`` (see the module's docstring)."""
         if kind in ("routes", "split"):
             return service in self.local_routes
+        if kind == "authz":
+            return False   # per listener, in the worker: [[authorization]] names listeners
         return service in self.local_services
 
     def settled(self, service: str) -> bool:
@@ -297,7 +350,7 @@ class FleetRunner:
         restarted while its source is down is ready with what it persisted, not held
         unready for as long as the outage lasts; the failure shows in the metrics."""
         def owes(st: Any) -> bool:
-            return not (st.synced or st.stale or st.error is not None)
+            return not (st.answered or st.stale or st.error is not None)
         return [(w.name, [s for s, st in w.sources.items() if owes(st)])
                 for w in self.watches.values()
                 if any(owes(st) for st in w.sources.values())]
@@ -392,12 +445,18 @@ class FleetRunner:
                 entry["effective"]["routes"] = {"from": "file", "value": "[[route]] tables"}
             if name in self.overridden:
                 entry["overridden_by_file"] = self.overridden[name]
+            if name in self.inbound:   # which policies each inbound listener applies
+                entry["authz_listeners"] = {
+                    lst.name: "file: [[authorization]]" if lst.name in self.local_authz
+                    else "fleet" for lst in self.cfg.listeners
+                    if lst.direction == "inbound" and lst.service == name}
             services[name] = entry
         return {
             "version": self.version,
             "published_version": self.published_version,
             "precedence": "the file wins for a service it names: [[route]] host -> routes "
-                          "and split; [service.NAME] -> resolver",
+                          "and split; [service.NAME] -> resolver; [[authorization]] naming "
+                          "a listener -> that listener's authorization",
             "sources": {src.name: {"plugin": src.plugin,
                                    "distribution": self.describe_source(src.name),
                                    "error": self.source_errors.get(src.name),
@@ -413,7 +472,9 @@ class FleetRunner:
         refused = self.refused()
         for name, src, kind, entry, why in refused[:READY_NAMES]:
             out.append(f"fleet: refused {entry} (source {src}, {kind} of {name}): {why}; "
-                       "the last good version applies")
+                       "the last good version applies" + (
+                           " (a policy never applied denies every request)"
+                           if kind == "authz" else ""))
         if len(refused) > READY_NAMES:
             out.append(f"fleet: and {len(refused) - READY_NAMES} more refused entries")
         return out

@@ -29,3 +29,7 @@ from meshd.fleet.api import (
 __all__ = ["API_VERSION", "Clear", "HeaderMatch", "Match", "PathMatch", "QueryMatch",
            "Refused", "Resolver", "Route", "Routes", "Set", "Source", "Split", "Subset",
            "Target", "Update", "WeightedTarget"]
+
+from meshd.fleet.api import Authorization, AuthzRule
+
+__all__ += ["Authorization", "AuthzRule"]

@@ -33,6 +33,14 @@ entry of the store:
   label, the default subset, failover targets tried in order when the chosen target
   has no endpoints (another service or datacenter), connect timeout.
 
+A fourth part, ``Authorization`` (kind ``"authz"``; an Istio ``AuthorizationPolicy``
+targeting the Service), says who may call the service; it comes from the optional
+``watch_authorization(service)``, called only for the services this meshd's inbound
+listeners serve (``[[listener]] service``). Until some source that has the method has
+answered for a service, its inbound listeners deny every request (fail closed: a
+policy not known yet must not leave them open); a local ``[[authorization]]`` table
+naming a listener wins over the fleet part for that listener.
+
 The first update of a watch (any kind) counts as its first answer; a source that has
 nothing for a service yields ``Clear`` for each kind it serves, so that meshd knows the
 answer is "nothing" rather than "not yet".
@@ -98,9 +106,9 @@ MAX_HEADER_VALUE = 4096
 PathKind = Literal["prefix", "segments", "exact", "regex"]
 HeaderKind = Literal["exact", "prefix", "suffix", "regex", "present"]
 QueryKind = Literal["exact", "regex", "present"]
-PartKind = Literal["routes", "split", "resolver"]
+PartKind = Literal["routes", "split", "resolver", "authz"]
 Unmatched = Literal["default", "reject"]
-PART_KINDS: tuple[PartKind, ...] = ("routes", "split", "resolver")
+PART_KINDS: tuple[PartKind, ...] = ("routes", "split", "resolver", "authz")
 # What counts as a failed attempt, to be retried (meshd's ``failure_on`` kinds).
 RETRY_KINDS = ("connect", "reset", "timeout", "5xx", "4xx")
 
@@ -223,10 +231,52 @@ class Resolver:
     timeout: float | None = None               # request timeout of the service
 
 
-Part = Routes | Split | Resolver
+# -- authorization ----------------------------------------------------------------------------
+
+MAX_AUTHZ_RULES = 256     # rules of one service's Authorization, all policies together
+MAX_AUTHZ_PEERS = 64      # identity patterns of one rule
+MAX_AUTHZ_MATCHES = 64    # request matches of one rule
+ANY_IDENTITY = "*"        # a peer pattern: any verified identity
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    """Requests a rule allows: from ``peers`` (None: any peer, with or without a verified
+    identity; else the peer's verified SPIFFE ID matches one pattern, ``meshd.identity.
+    spiffe`` syntax, ``*`` within a segment, or is any verified ID for ``ANY_IDENTITY``)
+    and matching one of ``matches`` (the fleet request model; empty: every request, and
+    opaque TCP connections, which no match covers). A rule with matches covers only
+    requests whose path is canonical (no dot or empty segments, no encoded "/", "." or
+    "\\"): a path the application may read differently is never allowed by a path rule.
+    ``audit``: the rule comes from a dry-run policy (``Authorization``)."""
+    name: str                                  # shown in /config and in denial reasons
+    peers: tuple[str, ...] | None = None
+    matches: tuple[Match, ...] = ()
+    audit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """Who may call the service's inbound listeners (those with ``service`` set to it that
+    no local ``[[authorization]]`` table names): a request is allowed when an enforced
+    rule covers it, denied otherwise (default deny) -- when ``enforced`` (some enforced
+    policy exists; an enforced policy without rules denies everything). ``audited``: some
+    dry-run policy exists; the request is then judged again with every rule, dry-run ones
+    included, as if all were enforced, and a request the real decision allows but that
+    judgement denies is let through, logged and counted as an audit denial (meshd's
+    ``mode = "audit"``: an audit policy never opens what an enforced one closes)."""
+    entry: str
+    rules: tuple[AuthzRule, ...] = ()
+    enforced: bool = True
+    audited: bool = False
+
+
+Part = Routes | Split | Resolver | Authorization
 
 
 def kind_of(part: Part) -> PartKind:
+    if isinstance(part, Authorization):
+        return "authz"
     return "routes" if isinstance(part, Routes) else "split" if isinstance(part, Split) else "resolver"
 
 
@@ -270,3 +320,9 @@ class Source:
 
     def close(self) -> None:
         """Release connections; called when the control process stops."""
+
+    # Optional (a source without it serves no authorization):
+    # def watch_authorization(self, service: str) -> Iterator[Update]:
+    #     Called, like ``watch``, once per service that an inbound listener of this meshd
+    #     serves (``[[listener]] service``), and only for those; yields ``Set(Authorization)``,
+    #     ``Clear("authz")`` and ``Refused("authz", ...)``.

@@ -22,7 +22,7 @@ replaces the prefix of the match that held) and returned with the route. A servi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -230,3 +230,21 @@ class Selector:
 
 def in_subset(labels: Labels, endpoint_labels: Labels) -> bool:
     return all(kv in endpoint_labels for kv in labels)
+
+
+# -- fleet authorization: the same match model, for inbound requests (meshd.authz) --------
+
+Holds = Callable[[bytes, bytes, Sequence[tuple[bytes, bytes]]], bool]
+
+
+def request_matcher(matches: tuple[Match, ...]) -> Holds:
+    """``holds(method, target, headers)``: the request meets one of ``matches`` (every
+    request when there are none), as a fleet route's matches are tried."""
+    route = _Route(Route("", matches))
+
+    def holds(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        q = target.find(b"?")
+        path = (target if q < 0 else target[:q]).decode("latin-1")
+        query = None if q < 0 else target[q + 1:q + 1 + MAX_QUERY].decode("latin-1")
+        return route.holds(method, path, query, headers)
+    return holds

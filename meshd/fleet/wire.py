@@ -20,6 +20,10 @@ from typing import Any
 import msgpack
 
 from meshd.fleet.api import (
+    ANY_IDENTITY,
+    MAX_AUTHZ_MATCHES,
+    MAX_AUTHZ_PEERS,
+    MAX_AUTHZ_RULES,
     MAX_CONDITIONS,
     MAX_FAILOVER,
     MAX_HEADER_EDITS,
@@ -32,6 +36,8 @@ from meshd.fleet.api import (
     MAX_TARGETS,
     RETRY_KINDS,
     HeaderEdit,
+    Authorization,
+    AuthzRule,
     HeaderMatch,
     Match,
     Part,
@@ -46,6 +52,7 @@ from meshd.fleet.api import (
     WeightedTarget,
 )
 from meshd.fleet.rewrite import reserved
+from meshd.identity import spiffe
 
 _SERVICE = re.compile(r"[A-Za-z0-9_.@-]{1,253}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
@@ -66,6 +73,7 @@ class Policy:
     routes: Routes | None = None
     split: Split | None = None
     resolver: Resolver | None = None
+    authz: Authorization | None = None         # for inbound listeners serving the service
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -73,6 +81,7 @@ class Policy:
 _CLASSES: dict[str, type] = {c.__name__: c for c in (
     Policy, Routes, Route, Match, PathMatch, HeaderMatch, QueryMatch, Target, WeightedTarget,
     Split, Subset, Resolver, HeaderEdit)}
+_CLASSES.update({c.__name__: c for c in (Authorization, AuthzRule)})
 _SETS = {"methods", "retry_on"}        # frozenset fields, encoded as sorted lists
 
 
@@ -147,6 +156,8 @@ def problem(part: Part) -> str | None:
             _targets("targets", part.targets)
         elif isinstance(part, Resolver):
             _resolver(part)
+        elif isinstance(part, Authorization):
+            _authz(part)
         else:
             return f"not a part: {type(part).__name__}"
     except ValueError as e:
@@ -298,6 +309,22 @@ def _regex(at: str, pattern: str) -> None:
 def _service(at: str, name: str) -> None:
     if not isinstance(name, str) or not _SERVICE.fullmatch(name):
         raise ValueError(f"{at}: not a service name: {name!r}")
+
+
+def _authz(part: Authorization) -> None:
+    _bound("rules", part.rules, MAX_AUTHZ_RULES)
+    for i, rule in enumerate(part.rules):
+        at = f"rules[{i}]"
+        if rule.peers is not None:
+            _bound(f"{at}.peers", rule.peers, MAX_AUTHZ_PEERS)
+            for j, pattern in enumerate(rule.peers):
+                why = (None if pattern == ANY_IDENTITY else spiffe.pattern_problem(pattern)
+                       if isinstance(pattern, str) else "not a string")
+                if why is not None:
+                    raise ValueError(f"{at}.peers[{j}]: {why}")
+        _bound(f"{at}.matches", rule.matches, MAX_AUTHZ_MATCHES)
+        for j, m in enumerate(rule.matches):
+            _match(f"{at}.matches[{j}]", m)
 
 
 def referenced(policy: Policy) -> set[str]:

@@ -25,7 +25,8 @@ What it serves (``discovery.k8s.io/v1`` and ``v1`` as the real API server does):
   409 Conflict when the body's ``metadata.resourceVersion`` is not the current one),
   ``PATCH`` (``application/merge-patch+json`` only, as for custom resources; 415
   otherwise) and ``DELETE`` (answers the deleted object), as ``kubectl apply``/``patch``/
-  ``delete`` use them. The
+  ``delete`` use them. Istio's ``security.istio.io/v1`` ``authorizationpolicies`` the same
+  way (``authorization_policy()`` builds one). The
   server sets ``uid``, ``creationTimestamp`` (kept on replace), ``resourceVersion`` and
   ``generation`` (bumped when ``spec`` changes). Only the envelope is checked (kind,
   apiVersion, name, namespace), not the CRD's OpenAPI schema: tests may store what a real
@@ -74,8 +75,12 @@ GATEWAY = "gateway.networking.k8s.io/v1"
 RESOURCES = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
              "httproutes": (GATEWAY, "HTTPRoute"),
              "grpcroutes": (GATEWAY, "GRPCRoute")}
-WRITABLE = ("httproutes", "grpcroutes")   # POST/PUT/DELETE over HTTP
+WRITABLE: tuple[str, ...] = ("httproutes", "grpcroutes")   # POST/PUT/DELETE over HTTP
 STATUS_SUBRESOURCE = ("httproutes", "grpcroutes")   # PATCH .../NAME/status (merge patch)
+# Istio's security API: AuthorizationPolicy (the kubernetes config source's authorization)
+SECURITY = "security.istio.io/v1"
+RESOURCES["authorizationpolicies"] = (SECURITY, "AuthorizationPolicy")
+WRITABLE += ("authorizationpolicies",)
 MAX_BODY = 1 << 20
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -414,7 +419,7 @@ class K8sApiServer:
     def _create(self, resource: str, namespace: str, obj: dict[str, Any]) -> int:
         name = _check(resource, namespace, obj)
         if (namespace, name) in self.objects[resource]:
-            raise ApiError(409, f'{resource}.{GATEWAY.split("/")[0]} "{name}" already exists',
+            raise ApiError(409, f'{resource}.{_group(resource)} "{name}" already exists',
                            "AlreadyExists")
         md = obj["metadata"]
         md["uid"] = str(uuid.uuid4())
@@ -429,7 +434,7 @@ class K8sApiServer:
                                 f"not match the name on the URL ({name})")
         old = self.objects[resource].get((namespace, name))
         if old is None:
-            raise ApiError(404, f'{resource}.{GATEWAY.split("/")[0]} "{name}" not found')
+            raise ApiError(404, f'{resource}.{_group(resource)} "{name}" not found')
         md, omd = obj["metadata"], old["metadata"]
         if md.get("resourceVersion") not in (None, "", omd["resourceVersion"]):
             raise ApiError(409, f'Operation cannot be fulfilled on {resource} "{name}": the '
@@ -808,6 +813,29 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
+
+
+def _group(resource: str) -> str:
+    return RESOURCES[resource][0].split("/")[0]
+
+
+def authorization_policy(name: str, service: str | None,
+                         rules: Sequence[Mapping[str, Any]] | None,
+                         namespace: str = "default", *, action: str | None = None,
+                         dry_run: bool = False) -> dict[str, Any]:
+    """An Istio AuthorizationPolicy whose targetRefs name Service ``service`` (None: none,
+    a namespace-wide policy); ``rules`` None leaves ``spec.rules`` out (allow nothing)."""
+    spec: dict[str, Any] = {}
+    if service is not None:
+        spec["targetRefs"] = [{"group": "", "kind": "Service", "name": service}]
+    if action is not None:
+        spec["action"] = action
+    if rules is not None:
+        spec["rules"] = copy.deepcopy(list(rules))
+    md: dict[str, Any] = {"name": name, "namespace": namespace}
+    if dry_run:
+        md["annotations"] = {"istio.io/dry-run": "true"}
+    return {"apiVersion": SECURITY, "kind": "AuthorizationPolicy", "metadata": md, "spec": spec}
 
 
 def _bookmark(resource: str, rv: int) -> dict[str, Any]:

@@ -30,13 +30,24 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 
-from meshd.authz import ALLOW, AuditDeny, Authorizer, Decision, DecisionCache, Deny, log_id
+from meshd.authz import (
+    ALLOW,
+    AuditDeny,
+    Authorizer,
+    Decision,
+    DecisionCache,
+    Deny,
+    FleetAuthorizer,
+    Request,
+    log_id,
+)
 from meshd.errors import Forbidden
 from meshd.ratelog import Throttle
 from meshd.shm import AUTHZ_DENIED, F_AUTHZ_DENIED, ROW_OVERFLOW
 
 if TYPE_CHECKING:
     from meshd.config import Config, ListenerConfig
+    from meshd.fleet.select import Selector
     from meshd.worker.context import Context
     from meshd.worker.peer import Peer
 
@@ -60,11 +71,29 @@ class Gate:
         # Listeners the provider's answers apply to: inbound with mTLS.
         self._mtls = frozenset(lst.name for lst in config.listeners
                                if lst.direction == "inbound" and lst.mtls != "off")
+        # Fleet authorization: inbound listeners serving a service that no policy of the
+        # file names (the file wins per listener) -> that service's compiled part.
+        self._served = {lst.name: lst.service for lst in config.listeners
+                        if lst.direction == "inbound" and lst.service
+                        and not self.authorizer.governs(lst.name)}
+        self._fleet: dict[str, FleetAuthorizer] = {}
+
+    def set_fleet(self, fleet: Selector | None) -> None:
+        """The fleet policies of a newly loaded snapshot: each served service's
+        ``Authorization`` part, compiled again only when it changed."""
+        for name, service in self._served.items():
+            policy = fleet.policies.get(service) if fleet is not None else None
+            part = policy.authz if policy is not None else None
+            old = self._fleet.get(name)
+            if part is None:
+                self._fleet.pop(name, None)
+            elif old is None or not (old.part is part or old.part == part):
+                self._fleet[name] = FleetAuthorizer(part)
 
     def covers(self, listener: ListenerConfig) -> bool:
         """Whether anything is checked on ``listener`` (else the caller skips the gate)."""
-        return self.authorizer.governs(listener.name) or (
-            self.provider is not None and listener.name in self._mtls)
+        return (self.authorizer.governs(listener.name) or listener.name in self._fleet or (
+            self.provider is not None and listener.name in self._mtls))
 
     def http(self, ctx: Context, listener: ListenerConfig, peer: Peer, method: bytes,
              target: bytes, headers: Headers) -> None:
@@ -72,16 +101,21 @@ class Gate:
         name = listener.name
         route = (self.authorizer.route_for(name, method, target, headers)
                  if self.authorizer.scoped(name) else None)
-        if not self._allowed(ctx, listener, route, peer, "http"):
+        if not self._allowed(ctx, listener, route, peer, "http", (method, target, headers)):
             raise Forbidden()
 
     def tcp(self, ctx: Context, listener: ListenerConfig, peer: Peer) -> bool:
         """Check an opaque connection or a tunnel; False: close it unconnected."""
         return self._allowed(ctx, listener, None, peer, "tcp")
 
-    def decide(self, listener: ListenerConfig, route: str | None, peer: Peer) -> Decision:
-        """The policies' decision, then the provider's when they allow."""
-        decision = self.authorizer.decide(listener.name, route, peer)
+    def decide(self, listener: ListenerConfig, route: str | None, peer: Peer,
+               request: Request | None = None) -> Decision:
+        """The policies' decision (the file's, else the fleet's for the listener's
+        service), then the provider's when they allow. ``request``: (method, target,
+        headers) of an HTTP request, for fleet rules with matches."""
+        fleet = self._fleet.get(listener.name)
+        decision = (fleet.decide(peer.client_id, request) if fleet is not None
+                    else self.authorizer.decide(listener.name, route, peer))
         if isinstance(decision, Deny):
             return decision
         if self.provider is not None and peer.client_id and listener.name in self._mtls:
@@ -94,8 +128,8 @@ class Gate:
         return decision
 
     def _allowed(self, ctx: Context, listener: ListenerConfig, route: str | None, peer: Peer,
-                 protocol: str) -> bool:
-        decision = self.decide(listener, route, peer)
+                 protocol: str, request: Request | None = None) -> bool:
+        decision = self.decide(listener, route, peer, request)
         if decision is ALLOW:
             return True
         enforce = isinstance(decision, Deny)

@@ -199,6 +199,7 @@ class Worker:
             return hasattr(self, "snapshot")
         self._snapshot_mtime = mtime
         self.router.set_fleet(self.snapshot.fleet_version, self.snapshot.fleet)
+        self.authz.set_fleet(self.router.fleet)   # fleet authorization of inbound listeners
         self.retries.set_groups(rowkeys.authority_groups(self.snapshot.rows))
         self.region.set_snapshot_seq(self.slot, self.snapshot.seq)  # for /ready and tests
         return True
@@ -332,7 +333,7 @@ class Worker:
     # -- accepting ----------------------------------------------------------------------
 
     def _accept_loop(self, lst: ListenerConfig, sock: socket.socket) -> None:
-        key = (lst.service or "") if lst.protocol == "tcp" else ""
+        key = (lst.service or "") if lst.protocol == "tcp" and lst.direction == "outbound" else ""
         slots = gevent.lock.BoundedSemaphore(lst.max_connections)
         backoff = ACCEPT_ERROR_BACKOFF
         while not self.draining:

@@ -1,5 +1,6 @@
 """The ``kubernetes`` config source: routes of Services from Gateway API HTTPRoutes and
-GRPCRoutes attached to them (the GAMMA mesh pattern), listed then watched.
+GRPCRoutes attached to them (the GAMMA mesh pattern), and who may call the Services this
+meshd serves from Istio AuthorizationPolicies targeting them, listed then watched.
 
 ```toml
 [[config_source]]
@@ -7,11 +8,14 @@ name = "k8s"
 plugin = "kubernetes"
 # api_server, token_file, ca_file, kubeconfig, namespace, cluster_domain, timeout,
 # watch_timeout: as for the kubernetes discovery plugin (in a pod nothing is needed)
-# kinds = ["HTTPRoute", "GRPCRoute"]    # which route kinds to read
+# kinds = ["HTTPRoute", "GRPCRoute", "AuthorizationPolicy"]    # which kinds to read
 ```
 
 RBAC: ``get``, ``list`` and ``watch`` on ``httproutes`` and ``grpcroutes`` of the group
-``gateway.networking.k8s.io`` in the namespaces of the Services meshd routes to.
+``gateway.networking.k8s.io`` in the namespaces of the Services meshd routes to; and on
+``authorizationpolicies`` of ``security.istio.io`` in the namespaces of the Services its
+inbound listeners serve (``watch_authorization``: only those, one list+watch per
+namespace, the same machinery; ``meshd_kubernetes.authz`` translates them).
 
 How it reads (one list+watch per namespace and kind, shared by the watches of every
 Service in that namespace, started with the first and stopped with the last; for a
@@ -49,7 +53,7 @@ from typing import Any
 
 from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Source, Update
-from meshd_kubernetes import KubernetesBackend, status
+from meshd_kubernetes import KubernetesBackend, authz, status
 from meshd_kubernetes.client import Client, Gone, KubernetesError, StreamBroken
 from meshd_kubernetes.routes import KINDS, ServiceRoutes, parents
 from meshd_kubernetes.slices import parse_service
@@ -63,6 +67,10 @@ _CONNECTION_KEYS = ("api_server", "token_file", "ca_file", "kubeconfig", "namesp
 MAX_QUEUED = 10_000   # events a Service's watch may fall behind before it restarts
 STATUS_KEYS = ("write_status",)
 MAX_STATUS_PENDING = 10_000   # routes whose status waits to be written (more: dropped)
+# Authorization (meshd_kubernetes.authz): Istio's AuthorizationPolicy, a third informer kind
+AUTHZ_PATH = f"/apis/{authz.GROUP_VERSION}/namespaces"
+_PLURAL = {**RESOURCE, authz.KIND: authz.RESOURCE}
+ALL_KINDS = (*KINDS, authz.KIND)
 
 
 class KubernetesConfigSource(Source):
@@ -78,12 +86,12 @@ class KubernetesConfigSource(Source):
         super().__init__(name, options)
         problems = [(k, "unknown key") for k in options
                     if k not in (*_CONNECTION_KEYS, "kinds")]
-        kinds = options.get("kinds", list(KINDS))
+        kinds = options.get("kinds", list(ALL_KINDS))
         if (not isinstance(kinds, list) or not kinds
-                or not all(isinstance(k, str) and k in KINDS for k in kinds)):
-            problems.append(("kinds", f"expected a non-empty list of {', '.join(KINDS)}, "
+                or not all(isinstance(k, str) and k in ALL_KINDS for k in kinds)):
+            problems.append(("kinds", f"expected a non-empty list of {', '.join(ALL_KINDS)}, "
                                       f"got {kinds!r}"))
-            kinds = list(KINDS)
+            kinds = list(ALL_KINDS)
         try:   # the connection keys mean what they mean for the discovery plugin
             self._conn = KubernetesBackend(name, {k: v for k, v in options.items()
                                                   if k in _CONNECTION_KEYS})
@@ -97,25 +105,37 @@ class KubernetesConfigSource(Source):
         self._closed = threading.Event()
 
     def watch(self, service: str) -> Iterator[Update]:
+        yield from self._watch(service, "routes", [k for k in self.kinds if k in KINDS])
+
+    def watch_authorization(self, service: str) -> Iterator[Update]:
+        """The AuthorizationPolicies targeting the Service (``meshd_kubernetes.authz``),
+        listed and watched in its namespace; meshd asks only for the services its inbound
+        listeners serve."""
+        yield from self._watch(service, "authz", [k for k in self.kinds if k == authz.KIND])
+
+    def _watch(self, service: str, part: Any, kinds: list[str]) -> Iterator[Update]:
         settings = self._conn._resolve()
         home = self._conn._namespace
         ref = parse_service(service, home,
                             self._conn._opt.get("cluster_domain", "cluster.local"))
-        if ref is None:   # not a Kubernetes name: no route can attach to it
-            yield Clear("routes")
+        if ref is None or not kinds:   # not a Kubernetes name: nothing can attach to it
+            yield Clear(part)
             self._closed.wait()
             return
-        table = ServiceRoutes(ref.namespace, ref.name,
-                              lambda ns, n: n if ns == home else f"{n}.{ns}")
+        table: Any = (ServiceRoutes(ref.namespace, ref.name,
+                                    lambda ns, n: n if ns == home else f"{n}.{ns}")
+                      if part == "routes" else authz.ServiceAuthz(ref.namespace, ref.name))
         sub = _Subscriber((ref.namespace, ref.name))
         informers = []
         try:
             with self._lock:
                 if self._closed.is_set():
                     return
-                # producer routes; and consumer routes, in meshd's own namespace
-                for namespace in dict.fromkeys((ref.namespace, home)):
-                    for kind in self.kinds:
+                # producer routes; and consumer routes, in meshd's own namespace (a
+                # policy, in the Service's namespace only)
+                for namespace in dict.fromkeys((ref.namespace, home) if part == "routes"
+                                               else (ref.namespace,)):
+                    for kind in kinds:
                         inf = self._informers.get((namespace, kind))
                         if inf is None or inf.done:
                             inf = _Informer(self, Client(settings, self._conn.timeout),
@@ -184,7 +204,9 @@ class _Informer:
         self.namespace = namespace
         self.kind = kind
         self.watch_timeout = watch_timeout
-        self.path = f"{GROUP_PATH}/{namespace}/{RESOURCE[kind]}"
+        self.path = (f"{AUTHZ_PATH if kind == authz.KIND else GROUP_PATH}/{namespace}/"
+                     f"{_PLURAL[kind]}")
+        self.keys = authz.targets if kind == authz.KIND else parents
         # name -> (object, the Services it attaches to); None: not listed yet
         self.objects: dict[str, tuple[Mapping[str, Any], frozenset[tuple[str, str]]]] | None
         self.objects = None
@@ -194,14 +216,14 @@ class _Informer:
         self.error: Exception | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"k8s-{RESOURCE[kind]}-{namespace}")
+                                        name=f"k8s-{_PLURAL[kind]}-{namespace}")
         self._thread.start()
 
     def subscribe(self, sub: _Subscriber) -> None:
         with self._lock:
             if self.done:   # ended between the lookup and now: say so, the caller restarts
                 sub.put((self.namespace, self.kind, "error", self.error or KubernetesError(
-                    f"kubernetes: the watch of {RESOURCE[self.kind]} in ns "
+                    f"kubernetes: the watch of {_PLURAL[self.kind]} in ns "
                     f"{self.namespace} ended")))
                 return
             self.subscribers.setdefault(sub.key, set()).add(sub)
@@ -228,7 +250,13 @@ class _Informer:
 
     def _attached(self, key: tuple[str, str]) -> list[Mapping[str, Any]]:
         assert self.objects is not None
-        return [obj for obj, keys in self.objects.values() if key in keys]
+        return [obj for obj, keys in self.objects.values() if _concerns(keys, key)]
+
+    def _concerned(self, keys: frozenset[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The subscribed Services ``keys`` concern (a namespace-wide policy: all there)."""
+        if not any(name.startswith("*") for _, name in keys):
+            return set(keys)
+        return {k for k in self.subscribers if _concerns(keys, k)}
 
     def _change(self, op: str, name: str, obj: Mapping[str, Any]) -> None:
         """Apply one event and hand it to the Services it concerns (those it attaches to
@@ -237,12 +265,13 @@ class _Informer:
         with self._lock:
             assert self.objects is not None
             _, before = self.objects.pop(name, (None, frozenset()))
-            now = parents(obj) if op == "put" else frozenset()
+            now = self.keys(obj) if op == "put" else frozenset()
             if op == "put":
                 self.objects[name] = (obj, now)
-            for key in before | now:
+            after = self._concerned(now)
+            for key in self._concerned(before) | after:
                 for sub in self.subscribers.get(key, ()):
-                    sub.put((self.namespace, self.kind, "put", obj) if key in now
+                    sub.put((self.namespace, self.kind, "put", obj) if key in after
                             else (self.namespace, self.kind, "delete", name))
 
     def _run(self) -> None:
@@ -261,7 +290,7 @@ class _Informer:
     def _list(self) -> str | None:
         """List into ``objects`` and tell the subscribers; the resourceVersion, or None
         when the kind is not installed (404)."""
-        what = f"listing {RESOURCE[self.kind]} in ns {self.namespace}"
+        what = f"listing {_PLURAL[self.kind]} in ns {self.namespace}"
         try:
             body = self.client.get(self.path, {}, what)
         except KubernetesError as e:
@@ -270,10 +299,10 @@ class _Informer:
             body = {}
         items = body.get("items") or ()
         with self._lock:
-            self.objects = {_name(o): (o, parents(o)) for o in items if isinstance(o, Mapping)}
+            self.objects = {_name(o): (o, self.keys(o)) for o in items if isinstance(o, Mapping)}
             by_key: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
             for obj, keys in self.objects.values():
-                for key in keys:
+                for key in self._concerned(keys):
                     by_key.setdefault(key, []).append(obj)
             for key, subs in self.subscribers.items():
                 for sub in subs:
@@ -286,7 +315,7 @@ class _Informer:
         return str(md.get("resourceVersion") or "") or None if isinstance(md, Mapping) else None
 
     def _loop(self) -> None:
-        ns, what = self.namespace, f"watching {RESOURCE[self.kind]} in ns {self.namespace}"
+        ns, what = self.namespace, f"watching {_PLURAL[self.kind]} in ns {self.namespace}"
         rv: str | None = None
         listed = False
         quick_ends = broken = 0
@@ -314,7 +343,7 @@ class _Informer:
                 if broken > 1:
                     raise
                 log.info("kubernetes: %s; watching %s in ns %s again from %s", e,
-                         RESOURCE[self.kind], ns, rv)
+                         _PLURAL[self.kind], ns, rv)
             else:
                 broken = 0
             finally:
@@ -322,7 +351,7 @@ class _Informer:
             quick_ends = quick_ends + 1 if events == 0 and time.monotonic() - started < 0.5 else 0
             if quick_ends >= 3:
                 raise KubernetesError(f"kubernetes {self.client.s.server}: watch streams of "
-                                      f"{RESOURCE[self.kind]} in ns {ns} end as soon as they "
+                                      f"{_PLURAL[self.kind]} in ns {ns} end as soon as they "
                                       f"start")
 
     def _event(self, event: Mapping[str, Any], rv: str) -> str:
@@ -334,7 +363,7 @@ class _Informer:
                 raise Gone(f"kubernetes: {obj.get('message', 'resourceVersion too old')}", 410)
             raise KubernetesError(
                 f"kubernetes {self.client.s.server}: {obj.get('code')} {obj.get('reason')} "
-                f"watching {RESOURCE[self.kind]} in ns {self.namespace}: {obj.get('message')}",
+                f"watching {_PLURAL[self.kind]} in ns {self.namespace}: {obj.get('message')}",
                 int(obj.get("code") or 0))
         md = obj.get("metadata")
         new_rv = str(md.get("resourceVersion") or rv) if isinstance(md, Mapping) else rv
@@ -346,6 +375,12 @@ class _Informer:
         elif kind == "DELETED" and name:
             self._change("delete", name, obj)
         return new_rv   # BOOKMARK: only this
+
+
+def _concerns(keys: frozenset[tuple[str, str]], key: tuple[str, str]) -> bool:
+    """Does an object with ``keys`` (``routes.parents``, ``authz.targets``) concern the
+    Service ``key``: named, or a namespace-wide ("*...") key of its namespace."""
+    return key in keys or any(ns == key[0] and name.startswith("*") for ns, name in keys)
 
 
 def _name(obj: Mapping[str, Any]) -> str:
