@@ -246,5 +246,5 @@ def request_matcher(matches: tuple[Match, ...]) -> Holds:
         q = target.find(b"?")
         path = (target if q < 0 else target[:q]).decode("latin-1")
         query = None if q < 0 else target[q + 1:q + 1 + MAX_QUERY].decode("latin-1")
-        return route.holds(method, path, query, headers)
+        return route.holds(method, path, query, headers)[0]
     return holds
