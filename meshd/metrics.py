@@ -68,8 +68,8 @@ class RowKey:
     tls: str = ""      # "true" | "false" | "mixed"; "" when not labelled (no [identity])
     peer_id: str = ""  # client_id (inbound) or server_id (outbound)
     authority: str = ""  # the row's authority ("" : authority="_other", see meshd.rowkeys)
-    route: str = ""    # a [[route]]'s row: its name (route_* families only)
-    dst: str = ""      # a route row: the route's host (Linkerd's dst)
+    route: str = ""    # a route's row: its name (route_* families only)
+    dst: str = ""      # a route row: the route's host, or a fleet route's service (Linkerd's dst)
 
 
 def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, RowKey]:
@@ -87,7 +87,7 @@ def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, Ro
             p = rowkeys.parts(row_key)
             keys[row] = RowKey(directions.get(listener, ""), listener, p.service,
                                p.tls if labelled else "", p.peer_id, p.authority, p.route,
-                               hosts.get(p.route, ""))
+                               p.dst or hosts.get(p.route, ""))
     return keys
 
 
@@ -281,13 +281,13 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
     out += f.lines("response_total")
     family("response_latency_ms", "histogram", "Time to the response, in milliseconds.")
     out += f.histogram("response_latency_ms")
-    family("route_request_total", "counter", "Requests that matched a [[route]].")
+    family("route_request_total", "counter", "Requests that matched a route ([[route]] or a config source's).")
     out += f.lines("route_request_total")
     family("route_response_total", "counter",
-           "Responses to requests that matched a [[route]], by status and classification.")
+           "Responses to requests that matched a route, by status and classification.")
     out += f.lines("route_response_total")
     family("route_response_latency_ms", "histogram",
-           "Time to the response of requests that matched a [[route]], in milliseconds.")
+           "Time to the response of requests that matched a route, in milliseconds.")
     out += f.histogram("route_response_latency_ms")
     for name, _field, kind, help_text in _TCP_FAMILIES:
         family(name, kind, help_text)
