@@ -183,8 +183,10 @@ class Selector:
 
     def route_key(self, service: str, route: Route) -> str:
         """The metric row key of ``route``, one of ``service``'s routes (made when the
-        routes were compiled: a request builds no string for it)."""
-        return self._keys[service][route.name]
+        routes were compiled: a request builds no string for it); "" for a route that is
+        not one of them (no row: not counted in the route_* families)."""
+        keys = self._keys.get(service)
+        return "" if keys is None else keys.get(route.name, "")
 
     def split(self, target: Target) -> Target:
         """The split of ``target``'s service picks, when it names no subset."""
