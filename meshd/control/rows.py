@@ -60,6 +60,7 @@ class RowTable:
         self.next_row = max(used, default=FIRST_ROW - 1) + 1
         self._warned: set[tuple[str, str]] = set()
         self._routes_warned: set[str] = set()   # listeners past MAX_ROUTE_ROWS, said once
+        self._route_count: dict[str, int] = {}   # listener -> its route rows (_overflow aside)
         self._usage = RowUsage(region)
         self._usage.publish(self.in_use)
 
@@ -135,7 +136,9 @@ class RowTable:
             return False
         added = rowkeys.OVERFLOW_KEY not in by_key and self.ensure(listener, rowkeys.OVERFLOW_KEY)
         by_key = self.rows[listener]
-        have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
+        have = self._route_count.get(listener)
+        if have is None:   # counted once (seeded rows included), then kept up to date
+            have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
         for key in keys:
             if key in by_key:
                 continue
@@ -149,6 +152,7 @@ class RowTable:
             if self.ensure(listener, key):
                 have += 1
                 added = True
+        self._route_count[listener] = have
         return added
 
     def authority(self, listener: str, base_key: str, authority: str,
