@@ -15,6 +15,7 @@ import meshd
 from meshd import rowkeys
 from meshd.balance.ejection import Health
 from meshd.config import Config
+from meshd.discovery.api import Endpoint
 from meshd.shm import (
     AUTHZ_DENIED,
     DETECT_RESULTS,
@@ -68,8 +69,8 @@ class RowKey:
     tls: str = ""      # "true" | "false" | "mixed"; "" when not labelled (no [identity])
     peer_id: str = ""  # client_id (inbound) or server_id (outbound)
     authority: str = ""  # the row's authority ("" : authority="_other", see meshd.rowkeys)
-    route: str = ""    # a [[route]]'s row: its name (route_* families only)
-    dst: str = ""      # a route row: the route's host (Linkerd's dst)
+    route: str = ""    # a route's row: its name (route_* families only)
+    dst: str = ""      # a route row: the route's host, or a fleet route's service (Linkerd's dst)
 
 
 def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, RowKey]:
@@ -87,7 +88,7 @@ def row_keys(cfg: Config, rows: Mapping[str, Mapping[str, int]]) -> dict[int, Ro
             p = rowkeys.parts(row_key)
             keys[row] = RowKey(directions.get(listener, ""), listener, p.service,
                                p.tls if labelled else "", p.peer_id, p.authority, p.route,
-                               hosts.get(p.route, ""))
+                               p.dst or hosts.get(p.route, ""))
     return keys
 
 
@@ -281,13 +282,13 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
     out += f.lines("response_total")
     family("response_latency_ms", "histogram", "Time to the response, in milliseconds.")
     out += f.histogram("response_latency_ms")
-    family("route_request_total", "counter", "Requests that matched a [[route]].")
+    family("route_request_total", "counter", "Requests that matched a route ([[route]] or a config source's).")
     out += f.lines("route_request_total")
     family("route_response_total", "counter",
-           "Responses to requests that matched a [[route]], by status and classification.")
+           "Responses to requests that matched a route, by status and classification.")
     out += f.lines("route_response_total")
     family("route_response_latency_ms", "histogram",
-           "Time to the response of requests that matched a [[route]], in milliseconds.")
+           "Time to the response of requests that matched a route, in milliseconds.")
     out += f.histogram("route_response_latency_ms")
     for name, _field, kind, help_text in _TCP_FAMILIES:
         family(name, kind, help_text)
@@ -352,22 +353,34 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
     return "\n".join(out) + "\n"
 
 
-def render_endpoints(region: Region, services: Mapping[str, Sequence[str]],
+# Endpoint labels (from discovery: the kubernetes plugin gives them from EndpointSlices)
+# shown as Linkerd's dst_* labels on the per-endpoint families: one value per endpoint,
+# so no series more than the endpoints have (bounded by the endpoint rows).
+DST_LABELS = (("namespace", "dst_namespace"), ("pod", "dst_pod"))
+MAX_DST_LABEL = 253    # characters of a dst_* value (a Kubernetes name's own bound)
+
+
+def render_endpoints(region: Region, services: Mapping[str, Sequence[str | Endpoint]],
                      endpoint_rows: Mapping[str, int]) -> list[str]:
     """Per-endpoint families (Linkerd's ``target_addr`` on outbound traffic): attempts by
     outcome as failure accrual counts them, ejections, and whether ejected now, for each
-    watched service's endpoints (``services``: name -> "host:port"s) that have a row."""
+    watched service's endpoints (``services``: name -> endpoints, or their "host:port"s)
+    that have a row; with ``dst_namespace`` / ``dst_pod`` where discovery gives an
+    endpoint those labels (``DST_LABELS``)."""
     slots = list(range(region.get_u32(OFF_SLOTS_USED)))
     view = region.endpoint_view()
     attempts: list[str] = []
     ejections: list[str] = []
     ejected: list[str] = []
-    for service, addresses in services.items():
-        for address in addresses:
+    for service, endpoints in services.items():
+        for ep in endpoints:
+            address = str(ep)
             row = endpoint_rows.get(address)
             if row is None:
                 continue
             labels = f'service="{_escape(service)}",target_addr="{_escape(address)}"'
+            if isinstance(ep, Endpoint) and ep.labels:
+                labels += _dst_labels(ep.labels)
             ok = view.field_sum(row, EP_SUCCESSES, slots)
             bad = view.field_sum(row, EP_FAILURES, slots)
             attempts.append(f'meshd_endpoint_attempts_total{{{labels},classification="success"}} {ok}')
@@ -388,6 +401,12 @@ def render_endpoints(region: Region, services: Mapping[str, Sequence[str]],
         "ejection.",
         "# TYPE meshd_endpoint_ejected gauge", *ejected,
     ]
+
+
+def _dst_labels(labels: Sequence[tuple[str, str]]) -> str:
+    have = dict(labels)
+    return "".join(f',{name}="{_escape(have[key][:MAX_DST_LABEL])}"'
+                   for key, name in DST_LABELS if have.get(key))
 
 
 # -- stat: rates and quantiles over a sliding window ------------------------------------

@@ -41,8 +41,17 @@ the cap count under ``_other`` (those past the cap also in
 A ``[[route]]``'s own rows (Linkerd's ``route_*`` families) have keys of their own,
 ``ROUTE`` then the route's name, assigned up front from the config to every HTTP
 outbound listener the route applies to, at most ``MAX_ROUTE_ROWS`` per listener, with
-one more, the route ``OVERFLOW`` (``route="_overflow"``), for the rest and for routes
-a config source added since (until a reload gives them rows).
+one more, the route ``OVERFLOW`` (``route="_overflow"``), for the rest.
+
+The routes of a config source (``meshd.fleet``) get rows too, when the control process
+applies the part that holds them (``RowTable.fleet_routes``), within the same cap, on
+every HTTP outbound listener that may route their service. A fleet route's name is
+unique only with its service (an HTTPRoute may attach to several Services), so its key
+adds the service, Linkerd's ``dst``, after the name::
+
+    "\x1eservice-router/web#0\x1fweb"           route="service-router/web#0", dst="web"
+
+(a ``[[route]]`` key has no ``dst`` field: its host is in the config).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ OVERFLOW = "_overflow"     # the route label of requests past MAX_ROUTE_ROWS
 MAX_CLIENT_IDS = 100       # client identities with their own rows, per inbound listener
 MAX_AUTHORITY_ROWS = 100   # rows with an authority, per listener
 MAX_ROUTE_ROWS = 100       # [[route]] rows, per listener
+MAX_ROUTE_NAME = 600       # characters of a fleet route's name that may get a row
 MAX_AUTHORITY = 255        # bytes of an authority that may get a row of its own
 ROW_REQUEST = b"\x00row\x00"  # a worker's datagram: ROW_REQUEST + listener + b"\0" + client_id
 # A worker's datagram: AUTHORITY_REQUEST + listener + b"\0" + base key + b"\0" + authority
@@ -78,6 +88,7 @@ class Parts(NamedTuple):
     peer_id: str
     authority: str    # "" for the service's row of requests without an authority row
     route: str        # a route row's route name ("" for every other row)
+    dst: str = ""     # a fleet route row's service ("" for every other row)
 
 
 def key(service: str, tls: bool | str, peer_id: str = "") -> str:
@@ -97,7 +108,9 @@ def split(row_key: str) -> tuple[str, str, str]:
 def parts(row_key: str) -> Parts:
     """Everything a row key says (see the module docstring)."""
     if row_key.startswith(ROUTE):
-        return Parts("", "false", "", "", row_key[1:])
+        name, sep, dst = row_key[1:].rpartition(SEP)
+        return (Parts("", "false", "", "", name, dst) if sep
+                else Parts("", "false", "", "", row_key[1:]))
     service, sep, rest = row_key.partition(SEP)
     if not sep:
         return Parts(service, "false", "", "", "")
@@ -114,6 +127,20 @@ def with_authority(base_key: str, authority: str) -> str:
 
 def route_key(route: str) -> str:
     return ROUTE + route
+
+
+def fleet_route_key(route: str, dst: str) -> str:
+    """The row key of a config source's route ``route`` of service ``dst``."""
+    return f"{ROUTE}{route}{SEP}{dst}"
+
+
+def fleet_route_name_ok(route: str) -> bool:
+    """May a fleet route's name label a row: not empty, at most MAX_ROUTE_NAME
+    characters, no control characters (the store's to choose, like a Host)."""
+    return 0 < len(route) <= MAX_ROUTE_NAME and route.isprintable()
+
+
+OVERFLOW_KEY = ROUTE + OVERFLOW   # the row of routes without one of their own
 
 
 def authority_of(raw: bytes | None) -> str:

@@ -49,7 +49,7 @@ def test_canary_route_becomes_one_weighted_route_on_every_path():
     p = parse("HTTPRoute", canary(10), name)
     assert p.entry == "HTTPRoute default/web-canary"
     (_, route), = p.routes
-    assert route.name == "HTTPRoute default/web-canary rules[0].matches[0]"
+    assert route.name == "default/web-canary#0"
     assert route.matches[0].path == PathMatch("segments", "/")   # the spec's default match
     assert route.destination == (WeightedTarget(Target("web"), 90),
                                  WeightedTarget(Target("web-canary"), 10))
@@ -218,15 +218,15 @@ def test_precedence_across_routes_follows_the_spec():
                    "2026-01-01T00:00:00Z")                               # tie: a-same < b-old
     merged = merge([parse("HTTPRoute", o, name) for o in (new, old, same)])
     assert merged is not None
-    assert [r.name.split(" ", 1)[1] for r in merged.routes] == [
-        "default/a-new rules[2].matches[0]",
-        "default/a-new rules[1].matches[0]",
-        "default/b-old rules[1].matches[0]",
-        "default/a-new rules[3].matches[0]",
-        "default/a-same rules[0].matches[0]",
-        "default/b-old rules[2].matches[0]",
-        "default/a-new rules[0].matches[0]",
-        "default/b-old rules[0].matches[0]"]
+    assert [r.name for r in merged.routes] == [
+        "default/a-new#2",
+        "default/a-new#1",
+        "default/b-old#1",
+        "default/a-new#3",
+        "default/a-same#0",
+        "default/b-old#2",
+        "default/a-new#0",
+        "default/b-old#0"]
 
 
 # -- properties -------------------------------------------------------------------------------

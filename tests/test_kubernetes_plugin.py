@@ -95,7 +95,8 @@ def test_slices_are_merged_and_deleted_slices_leave(api, watch):
     eps = rec.wait_for(lambda e: len(e) == 2)
     assert hosts(eps) == ["10.0.0.1:80", "10.0.1.1:80"]
     first = next(e for e in eps if e.host == "10.0.0.1")
-    assert first.zone == "z1" and dict(first.labels) == {"node": "n1", "pod": "web-x"}
+    assert first.zone == "z1" and dict(first.labels) == {"namespace": "default", "node": "n1",
+                                                         "pod": "web-x"}
     api.wait_watches(1)
     api.delete_slice("web-b")
     rec.wait_for(lambda e: hosts(e) == ["10.0.0.1:80"], timeout=2)

@@ -280,7 +280,7 @@ class AdminApp:
                  *(c.identity.prometheus() if c.identity else ()),
                  *(c.tap.prometheus() if c.tap else ())]
         lines += self.dropped_lines.prometheus(c)
-        lines += render_endpoints(c.region, {name: [str(e) for e in w.merged()] for name, w
+        lines += render_endpoints(c.region, {name: w.merged() for name, w
                                              in sorted(c.discovery.watches.items())},
                                   c.discovery.endpoint_rows.rows)
         text = render_prometheus(c.region, keys, build_info.labels(),

@@ -48,6 +48,7 @@ from meshd.discovery.api import Endpoint, NoSuchService, Update, apply
 from meshd.discovery.registry import PluginInfo
 from meshd.discovery.registry import load as load_plugin
 from meshd.errors import ConfigError, MeshdError
+from meshd.fleet.wire import Policy as FleetPolicy
 from meshd.identity import spiffe
 from meshd.private_files import write_atomic
 from meshd.ratelog import Throttle
@@ -163,6 +164,7 @@ class DiscoveryRunner:
         self.fleet = FleetRunner(cfg)
         self.fleet.on_refs = self.pin
         self.fleet.on_change = self.dirty.set
+        self.fleet.on_policy = self._fleet_route_rows
         self.configured: set[str] = set()
         self.pinned: set[str] = set()
 
@@ -348,6 +350,13 @@ class DiscoveryRunner:
         for listener, by_key in self.rows.rows.items():
             if service in by_key and row_key not in by_key:
                 self.rows.ensure(listener, row_key)
+
+    def _fleet_route_rows(self, service: str, policy: FleetPolicy) -> None:
+        """A fleet policy's routes get their metric rows (``RowTable.fleet_routes``) as
+        it takes effect, in the snapshot that publishes it: no request of a route counts
+        under route="_overflow" for want of a reload."""
+        if policy.routes is not None:
+            self.rows.fleet_routes(self.cfg, service, [r.name for r in policy.routes.routes])
 
     def authority_row(self, listener: str, base_key: str, authority: str) -> None:
         """A worker saw requests counted on ``base_key``'s row of ``listener`` name

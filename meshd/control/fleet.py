@@ -145,6 +145,9 @@ class FleetRunner:
         # (discovery pins them) and after every change (discovery publishes).
         self.on_refs: Callable[[set[str]], None] = lambda names: None
         self.on_change: Callable[[], None] = lambda: None
+        # Set by the control process: called with a service and its new effective policy
+        # before it is published (discovery gives its routes metric rows).
+        self.on_policy: Callable[[str, wire.Policy], None] = lambda service, policy: None
 
     # -- start --------------------------------------------------------------------------
 
@@ -294,6 +297,7 @@ class FleetRunner:
                 self.policies[service] = policy
                 self.refs[service] = wire.referenced(policy)
                 self.blobs[service] = wire.pack(policy)
+                self.on_policy(service, policy)
             self._changes += 1
             self.version = f"{self.version.rsplit('.', 1)[0]}.{self._changes}"
             self.on_refs(set().union(*self.refs.values()))

@@ -59,6 +59,8 @@ class RowTable:
         used = [r for by in self.rows.values() for r in by.values()]
         self.next_row = max(used, default=FIRST_ROW - 1) + 1
         self._warned: set[tuple[str, str]] = set()
+        self._routes_warned: set[str] = set()   # listeners past MAX_ROUTE_ROWS, said once
+        self._route_count: dict[str, int] = {}   # listener -> its route rows (_overflow aside)
         self._usage = RowUsage(region)
         self._usage.publish(self.in_use)
 
@@ -101,29 +103,57 @@ class RowTable:
     def routes(self, cfg: Config) -> None:
         """The rows of each ``[[route]]`` (``route_*`` metrics) on every HTTP outbound
         listener it applies to, up to ``rowkeys.MAX_ROUTE_ROWS`` per listener; one
-        ``_overflow`` route row counts the rest (and routes without a row of their own:
-        a config source's, until the next reload gives them one)."""
+        ``_overflow`` route row counts the rest."""
         for lst in cfg.listeners:
             if lst.direction != "outbound" or lst.protocol == "tcp":
                 continue
             names = list(dict.fromkeys(r.name for r in cfg.routes
-                                       if r.listener in (None, lst.name)))
-            if not names:
-                continue
-            self.ensure(lst.name, rowkeys.route_key(rowkeys.OVERFLOW))
-            by_key = self.rows.get(lst.name, {})
+                                       if r.listener in (None, lst.name)
+                                       and lst.service in (None, r.host)))
+            if names:
+                self._route_rows(lst.name, [rowkeys.route_key(name) for name in names])
+
+    def fleet_routes(self, cfg: Config, service: str, names: list[str]) -> bool:
+        """The rows of a config source's routes of ``service`` (their names: see
+        ``meshd.rowkeys``) on every HTTP outbound listener that may route it, within the
+        same cap as ``routes``; True when a row was added (to be published). Called
+        whenever a service's effective routes change; rows stay for the region's life,
+        also when the route goes away (they are seeded into the next generation)."""
+        keys = [rowkeys.fleet_route_key(name, service)
+                for name in dict.fromkeys(names) if rowkeys.fleet_route_name_ok(name)]
+        added = False
+        for lst in cfg.listeners:
+            if (keys and lst.direction == "outbound" and lst.protocol != "tcp"
+                    and lst.service in (None, service)):
+                added = self._route_rows(lst.name, keys) or added
+        return added
+
+    def _route_rows(self, listener: str, keys: list[str]) -> bool:
+        """Rows for route ``keys`` of ``listener`` and its ``_overflow`` route row, up to
+        ``rowkeys.MAX_ROUTE_ROWS`` route rows; True when a row was added."""
+        by_key = self.rows.get(listener, {})
+        if all(k in by_key for k in keys):
+            return False
+        added = rowkeys.OVERFLOW_KEY not in by_key and self.ensure(listener, rowkeys.OVERFLOW_KEY)
+        by_key = self.rows[listener]
+        have = self._route_count.get(listener)
+        if have is None:   # counted once (seeded rows included), then kept up to date
             have = sum(1 for k in by_key if k.startswith(rowkeys.ROUTE)) - 1  # _overflow
-            for name in names:
-                key = rowkeys.route_key(name)
-                if key in by_key:
-                    continue
-                if have >= rowkeys.MAX_ROUTE_ROWS:
-                    log.warning("listener %s: %d [[route]] tables have metric rows; the "
-                                'others count under route="%s"', lst.name,
-                                rowkeys.MAX_ROUTE_ROWS, rowkeys.OVERFLOW)
-                    break
-                if self.ensure(lst.name, key):
-                    have += 1
+        for key in keys:
+            if key in by_key:
+                continue
+            if have >= rowkeys.MAX_ROUTE_ROWS:
+                if listener not in self._routes_warned:
+                    self._routes_warned.add(listener)
+                    log.warning("listener %s: %d routes have metric rows; the others count "
+                                'under route="%s"', listener, rowkeys.MAX_ROUTE_ROWS,
+                                rowkeys.OVERFLOW)
+                break
+            if self.ensure(listener, key):
+                have += 1
+                added = True
+        self._route_count[listener] = have
+        return added
 
     def authority(self, listener: str, base_key: str, authority: str,
                   throttle: Throttle) -> bool:

@@ -181,7 +181,9 @@ class HeaderEdit:
 class Route:
     """Requests matching any of ``matches`` (empty: every request) go to
     ``destination`` (a weighted split; empty: the service itself, then its ``Split``)."""
-    name: str                                  # shown in /config, e.g. "routes[2]"
+    # The route's name in metrics (route label), traces and /config: unique among the
+    # service's routes, shared by Routes that are one route (docs/config-sources.md).
+    name: str
     matches: tuple[Match, ...] = ()
     destination: tuple[WeightedTarget, ...] = ()
     timeout: float | None = None               # the whole request, seconds; None: unchanged

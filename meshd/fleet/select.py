@@ -30,6 +30,7 @@ from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.fleet.api import HeaderMatch, Match, Resolver, Route, Target, WeightedTarget
 from meshd.fleet.rewrite import Rewrite
 from meshd.fleet.wire import Policy
+from meshd.rowkeys import fleet_route_key
 
 Labels = tuple[tuple[str, str], ...]
 NO_SUCH_SUBSET: Labels = (("\0", "no such subset"),)   # no endpoint carries it
@@ -156,11 +157,16 @@ class Selector:
         self.policies = policies
         self._routes: dict[str, list[_Route]] = {}
         self._splits: dict[str, _Weighted] = {}
+        # service -> route name -> the route's metric row key (``route_key``)
+        self._keys: dict[str, dict[str, str]] = {}
         for name, p in policies.items():
             same = previous is not None and previous.policies.get(name) is p
             if p.routes is not None:
                 self._routes[name] = (previous._routes[name] if same and previous is not None
                                       else [_Route(r) for r in p.routes.routes])
+                self._keys[name] = (previous._keys[name] if same and previous is not None
+                                    else {r.name: fleet_route_key(r.name, name)
+                                          for r in p.routes.routes})
             if p.split is not None:
                 self._splits[name] = (previous._splits[name] if same and previous is not None
                                       else _Weighted(p.split.targets))
@@ -199,6 +205,13 @@ class Selector:
         if routes is None or routes.unmatched != "reject":
             return None
         return routes.entry
+
+    def route_key(self, service: str, route: Route) -> str:
+        """The metric row key of ``route``, one of ``service``'s routes (made when the
+        routes were compiled: a request builds no string for it); "" for a route that is
+        not one of them (no row: not counted in the route_* families)."""
+        keys = self._keys.get(service)
+        return "" if keys is None else keys.get(route.name, "")
 
     def split(self, target: Target) -> Target:
         """The split of ``target``'s service picks, when it names no subset."""

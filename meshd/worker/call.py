@@ -473,19 +473,19 @@ def authority_row(worker: Context, listener: ListenerConfig, base_key: str, row:
 
 
 def count_route_request(worker: Context, listener: ListenerConfig, policy: Policy) -> int:
-    """Count the request on the row of the ``[[route]]`` it matched (``route_*``
-    metrics) and return that row, -1 when it matched none. A route without a row (past
-    ``MAX_ROUTE_ROWS``) counts under the listener's ``_overflow`` route row, and as an
-    overflow on the listener's own row."""
-    if policy.route is None:
+    """Count the request on the row of the route it matched (a ``[[route]]`` or a
+    config source's: ``route_*`` metrics) and return that row, -1 when it matched none.
+    A route without a row (past ``MAX_ROUTE_ROWS``) counts under the listener's
+    ``_overflow`` route row, and as an overflow on the listener's own row."""
+    if not policy.route_key:
         return -1
     snap = worker.snapshot
-    row = snap.row(listener.name, rowkeys.route_key(policy.route))
+    row = snap.row(listener.name, policy.route_key)
     if row is None:
         counted = snap.row(listener.name, "")
         worker.stripe.add(ROW_OVERFLOW if counted is None else counted,
                           F_LABEL_OVERFLOW + LABEL_OVERFLOW.index("route"))
-        row = snap.row(listener.name, rowkeys.route_key(rowkeys.OVERFLOW))
+        row = snap.row(listener.name, rowkeys.OVERFLOW_KEY)
         if row is None:
             return -1
     worker.stripe.add(row, F_REQUESTS)

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from meshd import rowkeys
 from meshd.balance.p2c import Candidate, RoundRobin
 from meshd.config import DEFAULT_FAILURE_ON, DEFAULT_SERVICE, Config, RouteConfig
 from meshd.fleet.api import Target
@@ -60,6 +61,7 @@ class Policy:
     # Not "": no fleet route matched and the service's routes reject the rest (GAMMA's
     # 404); the reason meshd answers with.
     reject: str = ""
+    route_key: str = ""        # the matching route's metric row key (``meshd.rowkeys``)
 
 
 class _Route:
@@ -110,6 +112,8 @@ class Router:
         self._routes: dict[str, list[_Route]] = {}
         for route in config.routes:
             self._routes.setdefault(route.host, []).append(_Route(route))
+        # A route's metric row key, made once here rather than per request.
+        self._route_keys = {route.name: rowkeys.route_key(route.name) for route in config.routes}
         self.fleet: Selector | None = None
         self.fleet_version = ""
         self._packed: dict[str, tuple[bytes, FleetPolicy]] = {}
@@ -166,7 +170,8 @@ class Router:
                 idle_timeout=_pick(route.idle_timeout, policy.idle_timeout),
                 retries=policy.retries if route.retries is None else route.retries,
                 failure_on=policy.failure_on if route.retry_on is None else route.retry_on,
-                route=route.name, rewrite=rewrite)
+                route=route.name, rewrite=rewrite,
+                route_key=fleet.route_key(host, route))
         return self._resolved(policy, resolved, route is not None and route.timeout is not None)
 
     @staticmethod
@@ -213,6 +218,7 @@ class Router:
             route.retryable,
             svc.failure_on,
             route.name,
+            route_key=self._route_keys.get(route.name, ""),
         )
 
 

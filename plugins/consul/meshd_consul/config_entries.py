@@ -87,7 +87,10 @@ def router(entry: Mapping[str, Any], service: str) -> Routes:
         _only(r, at, ("Match", "Destination"))
         match = _route_match(r.get("Match"), f"{at}.Match")
         dest = _map(r.get("Destination") or {}, f"{at}.Destination")
-        routes.append(_destination(dest, f"{at}.Destination", service, f"routes[{i}]", match))
+        # A route's name (metrics' route label, traces, /config): Consul's routes have
+        # none of their own, so the entry's and the route's index.
+        routes.append(_destination(dest, f"{at}.Destination", service,
+                                   f"{entry_name(ROUTER, service)}#{i}", match))
     return Routes(entry_name(ROUTER, service), tuple(routes))
 
 

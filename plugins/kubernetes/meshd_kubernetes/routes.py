@@ -160,7 +160,6 @@ def parse(kind: str, obj: Mapping[str, Any],
     spec = _map(obj.get("spec"), "spec")
     rules = _list(spec.get("rules", []), "spec.rules")
     out: list[tuple[tuple[Any, ...], Route]] = []
-    label = f"{kind} {namespace}/{name}"
     for i, raw in enumerate(rules):
         at = f"spec.rules[{i}]"
         rule = _map(raw, at)
@@ -168,6 +167,9 @@ def parse(kind: str, obj: Mapping[str, Any],
                                 target_name)
         extras = _rule_extras(rule, at, kind)
         matches = _list(rule.get("matches", []), f"{at}.matches") or [{}]
+        # The rule's name (metrics' route label, traces, /config), shared by its matches:
+        # the route's and the rule's own name (Gateway API v1.2 rules[].name), else its index.
+        rule_name = f"{namespace}/{name}#{rule.get('name') or i}"
         for j, m in enumerate(matches):
             where = f"{at}.matches[{j}]"
             if kind == "HTTPRoute":
@@ -178,7 +180,7 @@ def parse(kind: str, obj: Mapping[str, Any],
                                                or match.path.kind != "segments"):
                 raise Invalid(f"{where}.path: URLRewrite's ReplacePrefixMatch needs a "
                               f"PathPrefix match")
-            route = Route(name=f"{label} rules[{i}].matches[{j}]", matches=(match,),
+            route = Route(name=rule_name, matches=(match,),
                           destination=destination, **extras)
             out.append(((*key, created, f"{namespace}/{name}", i, j), route))
     if len(out) > MAX_ROUTES:

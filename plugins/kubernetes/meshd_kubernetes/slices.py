@@ -117,8 +117,12 @@ def endpoints(slices: Iterable[Mapping[str, Any]], ref: ServiceRef,
             if not (is_ready or fallback):
                 continue
             target = ep.get("targetRef") or {}
-            extra = sorted((k, v) for k, v in (("node", ep.get("nodeName")),
-                                                ("pod", target.get("name")))
+            pod = target.get("name") if target.get("kind", "Pod") == "Pod" else None
+            # "pod" and its "namespace" also label the endpoint's metrics (dst_pod,
+            # dst_namespace: meshd.metrics.DST_LABELS).
+            extra = sorted((k, v) for k, v in (("node", ep.get("nodeName")), ("pod", pod),
+                                                ("namespace", pod and (target.get("namespace")
+                                                                       or ref.namespace)))
                            if isinstance(v, str) and v)
             for address in ep.get("addresses") or ():
                 e = Endpoint(host=address, port=port, zone=ep.get("zone") or "",
