@@ -7,7 +7,8 @@ and nothing reaches the application; a policy edited live (no HUP) flips the dec
 policy meshd cannot apply faithfully is refused with its field named (log, metric,
 /ready) and its last good version keeps deciding; a new one refused allows nothing (fail
 closed); a local ``[[authorization]]`` table wins for the listener it names; before the
-source answered at all, the listener denies everything.
+source answered at all, the listener denies everything; a client meshd with an identity
+(a meshed endpoint, mTLS between the two meshds) is allowed, then denied after an edit.
 
 Each decision asserted is waited for by its evidence: the effective part in /config, the
 policies published and loaded by every worker (a snapshot at least that recent), and
@@ -23,9 +24,21 @@ from typing import Any
 
 import msgpack
 import pytest
-from test_authz import TD, client_cert, counts, curl_mtls, denied, identity_table, tls_opaque
+from test_authz import (
+    AUTHORITY,
+    SELF,
+    TD,
+    client_cert,
+    counts,
+    curl_mtls,
+    denied,
+    identity_table,
+    tls_opaque,
+)
 
+from meshd.identity import ca
 from meshd.testing.harness import Meshd, free_port, http_get, wait_for
+from meshd.testing.identity_files import files, identity_toml, replace_files
 from meshd.testing.k8s_server import authorization_policy
 from meshd.testing.tcp_server import TcpServer, echo
 
@@ -281,3 +294,33 @@ def test_api_server_down_keeps_the_policy_also_after_a_restart(mesh, backends, a
     # (the watch retries with backoff, grown while the API server was down)
     wait_authz(m, lambda p: allowed_peers(p) == {BILLING}, "a change applies again", 60)
     assert status_of(port, certs["billing"]) == "200"
+
+
+def test_a_client_meshd_with_an_identity_is_allowed_then_denied_live(mesh, backends, api,
+                                                                      tmp_path):
+    """The mesh's own path: a client meshd (identity frontend) calls web's meshd over mTLS
+    (a meshed endpoint with web's expected identity); the policy decides on B."""
+    app = backends("app")
+    api.apply(allow("web-callers", FRONTEND))
+    b, ports = start(mesh, api, tmp_path, app.address)
+    issued = ca.issue(AUTHORITY, FRONTEND)
+    replace_files(tmp_path / "id-a", files(issued.cert_pem, issued.key_pem,
+                                           AUTHORITY.cert_pem))
+    text, ports_a = mesh.config({"web": []}, workers=1,
+                                extra=identity_toml(tmp_path / "id-a", trust_domain=TD))
+    text = text.replace("web = []", (
+        f'web = [{{ address = "{app.address}", meshed = true, '
+        f'inbound_port = {ports["inbound"]}, identity = "{SELF}" }}]'))
+    a = mesh.start(text, ports_a)
+
+    def get(path: str) -> int:
+        return http_get("127.0.0.1", ports_a["outbound"], path, {"Host": "web"})[0]
+    assert get("/front") == 200
+    api.apply(allow("web-callers", BILLING))
+    wait_authz(b, lambda p: allowed_peers(p) == {BILLING}, "the edit applied")
+    assert get("/front-again") == 403
+    wait_for(lambda: denied(b, "enforce", "http") == 1, what="the refusal counted on B")
+    assert f"denied http from client_id={FRONTEND}" in b.log()
+    assert counts(app) == {"GET /front": 1}
+    assert a.metric("meshd_tls_handshake_total",
+                    'listener="outbound",direction="outbound",result="ok"') >= 1

@@ -8,12 +8,15 @@ in the Service's namespace, namespace-wide policies, bookmarks, 410 re-list)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -397,3 +400,31 @@ def test_wire_checks_the_bounds_of_an_authorization_part():
     assert (wire.problem(bad_peer) or "").startswith("rules[0].peers[0]: ")
     bad_path = Authorization("e", (AuthzRule("r", None, (Match(PathMatch("regex", "(")),)),))
     assert (wire.problem(bad_path) or "").startswith("rules[0].matches[0].path: invalid regex")
+
+
+def test_server_serves_the_security_group_like_the_api_server(api):
+    s = requests.Session()
+    s.headers["Authorization"] = "Bearer test-token"
+    s.request = functools.partial(s.request, verify=api.ca_file)  # type: ignore[method-assign]
+    url = api.url + f"/apis/{authz.GROUP_VERSION}/namespaces/default/{authz.RESOURCE}"
+    r = s.post(url, json=policy("p"))
+    assert r.status_code == 201, r.text
+    rv = r.json()["metadata"]["resourceVersion"]
+    assert s.post(url, json=policy("p")).json()["reason"] == "AlreadyExists"
+    assert "authorizationpolicies.security.istio.io" in s.post(url, json=policy("p")).json()[
+        "message"]
+    lst = s.get(url).json()
+    assert lst["kind"] == "AuthorizationPolicyList" and lst["items"][0]["kind"] == authz.KIND
+    stale = policy("p")
+    stale["metadata"]["resourceVersion"] = "1"
+    assert s.put(url + "/p", json=stale).status_code == 409
+    r = s.patch(url + "/p", json={"spec": {"action": "ALLOW"}},
+                headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 200 and r.json()["metadata"]["generation"] == 2
+    assert r.json()["spec"]["rules"] == policy("p")["spec"]["rules"]   # merged
+    w = s.get(url, params={"watch": "1", "resourceVersion": rv, "timeoutSeconds": "1",
+                           "allowWatchBookmarks": "true"})
+    assert [e["type"] for e in map(json.loads, w.text.splitlines())
+            if e["type"] != "BOOKMARK"] == ["MODIFIED"]
+    assert s.delete(url + "/p").status_code == 200
+    assert s.delete(url + "/p").status_code == 404
