@@ -183,13 +183,13 @@ def test_httproute_filters_and_gamma_reject_in_meshd_terms() -> None:
     routes = merge([parsed])
     assert routes is not None and routes.unmatched == "reject"
     assert problem(routes) is None
-    by_name = {r.name.rsplit(" ", 1)[1]: r for r in routes.routes}
-    old = by_name["rules[0].matches[0]"]
+    by_name = {r.name: r for r in routes.routes}   # one match per rule here
+    old = by_name["default/web#0"]
     assert old.prefix_rewrite == "/new" and old.host_rewrite == "api.internal"
     assert old.request_headers == HeaderEdit(set=(("X-Route", "v1"),), add=(("x-added", "a"),),
                                              remove=("x-drop",))
     assert old.response_headers == HeaderEdit(remove=("x-backend",))
-    assert by_name["rules[1].matches[0]"].full_path_rewrite == "/y"
+    assert by_name["default/web#1"].full_path_rewrite == "/y"
     with pytest.raises(Invalid, match=r"filters\[0\]: filter 'URLRewrite' is not supported"):
         parse("GRPCRoute", _route([{"filters": [{"type": "URLRewrite", "urlRewrite": {}}]}],
                                   "GRPCRoute"), lambda ns, n: n)
