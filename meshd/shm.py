@@ -309,6 +309,7 @@ F_WORKER = F_LABEL_OVERFLOW + len(LABEL_OVERFLOW)  # len(WORKER_COUNTS) fields
 # pooled connection closed by the reaper.
 UPSTREAM_EVENTS = ("ping_timeout", "refused_retry", "idle_reaped")
 F_UPSTREAM = F_WORKER + len(WORKER_COUNTS)     # len(UPSTREAM_EVENTS) fields
+F_PING_TIMEOUT, F_REFUSED_RETRY, F_IDLE_REAPED = range(F_UPSTREAM, F_UPSTREAM + 3)
 FIELDS = 128                                   # 4 spare for later counters
 assert F_UPSTREAM + len(UPSTREAM_EVENTS) <= FIELDS
 

@@ -113,6 +113,7 @@ class Worker:
         self._tap = TapSender(*tap_paths(ctx.config.shm_dir, ctx.config.instance,
                                          ctx.master_pid, ctx.generation))
         self._tap.stripe = self.stripe   # its counts outlive the worker (meshd.shm)
+        self.pool.events = self.stripe   # idle connections reaped, counted per row
         if self.access_log is not None:
             self.access_log.stripe = self.stripe
         traces = ctx.config.tracing
@@ -213,6 +214,7 @@ class Worker:
         if self._h2pool is None:
             from meshd.worker.upstream.h2_pool import H2Pool
             self._h2pool = H2Pool()
+            self._h2pool.events = self.stripe   # PING timeouts, idle closes, per row
         return self._h2pool
 
     def resolve(self, service: str) -> tuple[Endpoint, ...] | None:
