@@ -36,7 +36,7 @@ def test_short_chaos_injected_its_faults(chaos_report: dict[str, Any]) -> None:
     assert [f["kind"] for f in chaos_report["faults"]] == list(FAULTS), chaos_report["faults"]
     assert chaos_report.get("scheduler_errors") == []
     assert chaos_report["sent"] > 500
-    assert set(chaos_report["requests"]) == {"h1_get", "h1_post", "h2_get", "tcp"}
+    assert set(chaos_report["requests"]) == {"h1_get", "h1_post", "h2_get", "tcp", "ws"}
 
 
 def test_short_chaos_every_failure_is_explained(chaos_report: dict[str, Any]) -> None:
