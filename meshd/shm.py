@@ -207,6 +207,7 @@ SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. rows exhausted (offsets 0..87)
 _SLOT = struct.Struct("<qdQQQdQQ")           # pid .. snapshot_seq (offsets 0..63)
+_CTL_ENTRY = struct.Struct("<QQ")             # a control counter: key, value
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_MAGIC = 0
@@ -709,6 +710,18 @@ class Region:
         self._qr[at + 1] += n
         self._mark_used(slot)
         return True
+
+    def ctl_totals(self) -> dict[int, int]:
+        """Every control counter, summed over every used slot's table, in one pass (what
+        a /metrics render reads: one dict lookup per series)."""
+        totals: dict[int, int] = {}
+        size = CTL_ENTRIES * 16
+        for s in range(min(self.get_u32(OFF_SLOTS_USED), self.slots)):
+            at = self.ctl_offset + s * size
+            for key, value in _CTL_ENTRY.iter_unpack(self._mm[at:at + size]):
+                if key:
+                    totals[key] = totals.get(key, 0) + value
+        return totals
 
     def ctl_total(self, key: int) -> int:
         """A control counter summed over every used slot's table."""

@@ -16,9 +16,12 @@ admin server, identity, tap) are built far apart and only need ``add``.
 
 from __future__ import annotations
 
+import time
+
 from meshd.shm import Region, counter_key
 
 MAX_LOCAL = 4096   # names kept in memory (no region, or a full table): bounded too
+TOTALS_TTL = 0.05  # one pass over the tables serves every series of one /metrics render
 
 
 class Counters:
@@ -27,6 +30,8 @@ class Counters:
         self.slot = -1
         self.local: dict[str, int] = {}
         self._keys: dict[str, int] = {}
+        self._totals: dict[int, int] = {}
+        self._totals_at = -1.0   # monotonic; -1: read the tables again
 
     def bind(self, region: Region, slot: int) -> None:
         """Count in ``region``'s table of ``slot`` from now on."""
@@ -44,6 +49,7 @@ class Counters:
 
     def add(self, name: str, n: int = 1) -> None:
         region = self.region
+        self._totals_at = -1.0   # this process's own counts show at once
         if region is not None and region.ctl_add(self.slot, self._key(name), n):
             return
         if name in self.local or len(self.local) < MAX_LOCAL:
@@ -51,7 +57,13 @@ class Counters:
 
     def value(self, name: str) -> int:
         region = self.region
-        shared = region.ctl_total(self._key(name)) if region is not None else 0
+        shared = 0
+        if region is not None:
+            now = time.monotonic()
+            if self._totals_at < 0 or now - self._totals_at > TOTALS_TTL:
+                self._totals = region.ctl_totals()
+                self._totals_at = now
+            shared = self._totals.get(self._key(name), 0)
         return shared + self.local.get(name, 0)
 
 
