@@ -110,6 +110,9 @@ gRPC responses (HTTP 200 with a grpc-status) are counted by that status in the F
 fields instead of F_STATUS's 200, and requests counted under a fixed label value
 because a per-listener cap of authority or route rows was reached (``meshd.rowkeys``)
 in the F_LABEL_OVERFLOW fields of the listener's own row; they took FIELDS to 128.
+Version 8 used 6 of the 10 spare fields: F_WORKER (WORKER_COUNTS, on ROW_UNKNOWN: counts
+workers used to report only to the control process) and F_UPSTREAM (UPSTREAM_EVENTS, on
+the row of the request's listener and service).
 
 Control counters. The control process counts things only it sees (discovery watch
 errors, snapshot publish failures, refused fleet entries, admin connections closed,
@@ -356,6 +359,7 @@ DEFAULT_ENDPOINT_ROWS = 256
 # CTL_ENTRIES entries of (key hash u64, value u64), open addressing, linear probing.
 CTL_ENTRIES = 1024
 CTL_PROBES = 64        # a key not found within this many entries: the table is full
+_CTL_EMPTY = bytes(CTL_ENTRIES * 16)
 
 # Everything the bytes' meaning depends on. Change any of it and the fingerprint moves:
 # bump VERSION and the pair in tests/test_shm.py with it.
@@ -718,7 +722,10 @@ class Region:
         size = CTL_ENTRIES * 16
         for s in range(min(self.get_u32(OFF_SLOTS_USED), self.slots)):
             at = self.ctl_offset + s * size
-            for key, value in _CTL_ENTRY.iter_unpack(self._mm[at:at + size]):
+            table = self._mm[at:at + size]
+            if table == _CTL_EMPTY:   # a worker's slot: nothing to look at
+                continue
+            for key, value in _CTL_ENTRY.iter_unpack(table):
                 if key:
                     totals[key] = totals.get(key, 0) + value
         return totals
