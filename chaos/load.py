@@ -3,8 +3,10 @@ monkey-patched), each holding one connection to meshd and recording every reques
 
 Kinds: ``h1_get`` and ``h1_post`` (HTTP/1.1 keep-alive, a request id in ``x-request-id``;
 POST bodies carry it too), ``h2_get`` (HTTP/2 with prior knowledge through the h2
-library, one stream at a time per connection) and ``tcp`` (opaque bytes through a tcp
-listener to an echo server, each message checked).
+library, one stream at a time per connection), ``tcp`` (opaque bytes through a tcp
+listener to an echo server, each message checked) and ``ws`` (a WebSocket through the
+HTTP listener, Host ``ws``: an Upgrade meshd tunnels to a WebSocket echo server, each
+message checked; a new connection every 50 messages, as ``tcp``).
 
 What a client does on its own, as ordinary clients do, and what it counts instead of a
 failure: a reply with ``Connection: close`` or an HTTP/2 GOAWAY ends the connection and
@@ -76,10 +78,10 @@ class Load:
     def __init__(self, host: str, http_port: int, tcp_port: int | None, *, n_get: int = 6,
                  n_post: int = 2, n_h2: int = 2, n_tcp: int = 2, pace: float = 0.01,
                  churn: int = 0, authority: str = "web", max_seconds: float = 3600.0,
-                 keep_records: bool = True) -> None:
+                 keep_records: bool = True, n_ws: int = 0) -> None:
         self.host, self.http_port, self.tcp_port = host, http_port, tcp_port
         self.plan = [("h1_get", n_get), ("h1_post", n_post), ("h2_get", n_h2),
-                     ("tcp", n_tcp if tcp_port else 0)]
+                     ("tcp", n_tcp if tcp_port else 0), ("ws", n_ws)]
         self.pace, self.churn, self.authority = pace, churn, authority
         self.max_seconds = max_seconds
         self.keep_records = keep_records
@@ -122,7 +124,7 @@ class Load:
 
     def start(self) -> Load:
         targets = {"h1_get": self._h1, "h1_post": self._h1, "h2_get": self._h2,
-                   "tcp": self._tcp}
+                   "tcp": self._tcp, "ws": self._ws}
         for kind, n in self.plan:
             for i in range(n):
                 t = threading.Thread(target=targets[kind], args=(kind,), daemon=True,
@@ -296,6 +298,56 @@ class Load:
                         break
                     self._pause()
             self._close(c)
+
+
+    # -- WebSocket -----------------------------------------------------------------------
+
+    def _ws(self, kind: str) -> None:
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        deadline = time.monotonic() + self.max_seconds
+        per_conn = self.churn or 50
+        while self._running(deadline):
+            started = time.monotonic()
+            try:
+                sock = socket.create_connection((self.host, self.http_port), timeout=TIMEOUT)
+            except OSError as e:
+                self._record(Record(started, kind, 0, False, 0.0, error=f"connect: {e}"))
+                self._stop.wait(0.05)
+                continue
+            c = self._open(kind, sock)
+            try:   # the handshake (meshd answers 101 once the echo server did) is a request
+                ws = connect(f"ws://{WS_AUTHORITY}/chat/{c.id}", sock=sock,
+                             open_timeout=TIMEOUT, close_timeout=1)
+            except (OSError, WebSocketException) as e:
+                sock.close()
+                self._close(c)
+                self._record(Record(started, kind, c.id, False, time.monotonic() - started,
+                                    error=f"handshake: {type(e).__name__}: {e}"[:200]))
+                self._stop.wait(0.05)
+                continue
+            with ws:
+                for i in range(per_conn):
+                    if not self._running(deadline):
+                        break
+                    msg = f"{c.id}:{i}:" + "w" * 200
+                    started = time.monotonic()
+                    try:
+                        ws.send(msg)
+                        got = ws.recv(timeout=TIMEOUT)
+                        ok, error = got == msg, "" if got == msg else "echo mismatch"
+                    except Exception as e:
+                        ok, error = False, f"{type(e).__name__}: {e}"[:200]
+                    self._record(Record(started, kind, c.id, ok, time.monotonic() - started,
+                                        error=error))
+                    if not ok:
+                        break
+                    self._pause()
+            self._close(c)
+
+
+WS_AUTHORITY = "ws"      # the service of the WebSocket echo server (chaos.procs)
 
 
 class _Refused(Exception):

@@ -167,6 +167,7 @@ class Topology:
         self.consul = ConsulServer()
         self.endpoints: list[Endpoint] = []
         self.echo: TcpServer | None = None
+        self.ws: WsEcho | None = None
         self.meshes: dict[str, Mesh] = {}
         self.http_port = self.tcp_port = 0
         self.inbound_port = 0
@@ -193,6 +194,10 @@ class Topology:
         for ep in self.endpoints:
             self.consul.register("web", ep.port, address="127.0.0.1", meta=meta, id=ep.name)
         self.consul.register("echo", self.echo.port, address="127.0.0.1", meta=meta, id="echo")
+        # WebSocket clients reach the echo server directly from A, even with two meshds
+        # (no inbound meshd in front of it: the hop between meshds is HTTP/2).
+        self.ws = WsEcho().start()
+        self.consul.register("ws", self.ws.port, address="127.0.0.1", id="ws")
         self.http_port, self.tcp_port = free_port(), free_port()
         self.meshes["a"] = self._start_mesh("a", self._outbound_config())
         return self
@@ -239,6 +244,10 @@ class Topology:
             [service.echo]
             discovery = "consul"
             idle_timeout = "{self.idle_timeout}"
+
+            [service.ws]
+            discovery = "consul"
+            idle_timeout = "{self.idle_timeout}"
             """)
 
     def _inbound_config(self) -> str:
@@ -278,6 +287,8 @@ class Topology:
             ep.stop()
         if self.echo is not None:
             self.echo.close()
+        if self.ws is not None:
+            self.ws.stop()
         self.consul.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)   # shm, state (logs are in workdir)
 
@@ -286,6 +297,29 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WsEcho:
+    """A WebSocket echo server (the websockets library, threads) on a free port."""
+
+    def __init__(self) -> None:
+        from websockets.sync.server import serve
+
+        def echo(ws: object) -> None:
+            for message in ws:  # type: ignore[attr-defined]
+                ws.send(message)  # type: ignore[attr-defined]
+        self.server = serve(echo, "127.0.0.1", 0)
+        self.port = int(self.server.socket.getsockname()[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                        name="ws-echo")
+
+    def start(self) -> WsEcho:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self._thread.join(5)
 
 
 class WorkerMapper:

@@ -38,7 +38,7 @@ def run_chaos(seconds: float, seed: int, topology: str = "one", out: Path | None
     try:
         topo.start()
         load = Load("127.0.0.1", topo.http_port, topo.tcp_port, pace=pace,
-                    **(clients or {}))
+                    **{"n_ws": 2, **(clients or {})})
         mapper = WorkerMapper(topo.a, {topo.http_port, topo.tcp_port}, load.open_conns)
         scrapers = [Scraper(name, m.admin_port).start() for name, m in topo.meshes.items()]
         t0 = time.monotonic()

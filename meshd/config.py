@@ -237,6 +237,9 @@ class Config:
     workers: int
     drain_timeout: float = 30.0
     worker_timeout: float = 30.0
+    # A process not yet serving may be silent this long (imports on a loaded machine),
+    # and a new generation has this long to serve; worker_timeout applies once it serves.
+    boot_timeout: float = 60.0
     state_dir: str = "/var/lib/meshd"
     shm_dir: str  # private (0700) directory of the region, snapshots, control sockets
     instance: str = "meshd"  # names the shm file
@@ -330,6 +333,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     drain_timeout = top.field(Config, "drain_timeout", duration(0.0))
     shutdown_delay = top.field(Config, "shutdown_delay", duration(0.0))
     worker_timeout = top.field(Config, "worker_timeout", duration(1.0))
+    boot_timeout = top.field(Config, "boot_timeout", duration(1.0))
     state_dir = top.field(Config, "state_dir", string())
     # No safe default (non-root without $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR) is "":
     # `meshd run` then asks for shm_dir (meshd.private_files.prepare_dir).
@@ -383,7 +387,7 @@ def parse(data: Mapping[str, Any], path: str = "",
     if problems:
         raise ConfigError(problems, path)
     return Config(path=path, workers=workers, drain_timeout=drain_timeout,
-                  worker_timeout=worker_timeout, state_dir=state_dir, shm_dir=shm_dir,
+                  worker_timeout=worker_timeout, boot_timeout=boot_timeout, state_dir=state_dir, shm_dir=shm_dir,
                   instance=instance, metric_rows=metric_rows, endpoint_rows=endpoint_rows,
                   discovery_wait=discovery_wait, service_idle_expiry=service_idle_expiry,
                   admin=admin, discovery=discovery, listeners=listeners, services=services,

@@ -27,10 +27,13 @@ from meshd.shm import (
     F_DETECT,
     F_FAILURES,
     F_GRPC,
+    F_IDLE_REAPED,
     F_LABEL_OVERFLOW,
     F_LATENCY,
     F_LATENCY_SUM_US,
+    F_PING_TIMEOUT,
     F_READ_BYTES,
+    F_REFUSED_RETRY,
     F_REQUESTS,
     F_RETRIES,
     F_STATUS,
@@ -228,6 +231,19 @@ _TCP_FAMILIES = (
     ("tcp_read_bytes_total", F_READ_BYTES, "counter", "Bytes read from clients (opaque TCP)."),
     ("tcp_write_bytes_total", F_WRITE_BYTES, "counter", "Bytes written to clients (opaque TCP)."),
 )
+# Upstream connection events (meshd.shm UPSTREAM_EVENTS), on the row of the request
+# that met them or last used the connection; labelled like the tcp_* families.
+_UPSTREAM_FAMILIES = (
+    ("meshd_upstream_ping_timeouts_total", F_PING_TIMEOUT,
+     "HTTP/2 connections to a peer meshd taken out of use: no answer to a PING within "
+     "the service's ping_timeout while streams waited."),
+    ("meshd_upstream_refused_retries_total", F_REFUSED_RETRY,
+     "Requests sent again because an HTTP/2 peer refused their stream (REFUSED_STREAM, "
+     "or beyond the last stream id of its GOAWAY: never processed)."),
+    ("meshd_upstream_idle_closed_total", F_IDLE_REAPED,
+     "Idle upstream connections (HTTP/1.1 and HTTP/2) closed after the service's "
+     "idle_timeout."),
+)
 _RETRY_FAMILIES = (
     ("retry_total", F_RETRIES, "Requests sent again to another endpoint."),
     ("retry_budget_exhausted_total", F_BUDGET_EXHAUSTED, "Retries the retry budget refused."),
@@ -257,6 +273,9 @@ def _collect(totals: Mapping[int, Sequence[int]], keys: Mapping[int, RowKey]) ->
                 f.add(name, _request_labels(key), t[field])
         for name, field, kind, _help in _TCP_FAMILIES:
             if t[field] or (kind == "gauge" and t[F_TCP_OPEN_TOTAL]):
+                f.add(name, _labels(key), t[field])
+        for name, field, _help in _UPSTREAM_FAMILIES:
+            if t[field]:
                 f.add(name, _labels(key), t[field])
     return f
 
@@ -294,6 +313,9 @@ def render_prometheus(region: Region, keys: Mapping[int, RowKey],
         family(name, kind, help_text)
         out += f.lines(name)
     for name, _field, help_text in _RETRY_FAMILIES:
+        family(name, "counter", help_text)
+        out += f.lines(name)
+    for name, _field, help_text in _UPSTREAM_FAMILIES:
         family(name, "counter", help_text)
         out += f.lines(name)
     family("meshd_label_overflow_total", "counter",

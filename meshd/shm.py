@@ -73,6 +73,10 @@ Layout, byte by byte::
             +32 since +40 prober slot, all f64 (meshd.balance.ejection's row), +48
             reserved, +56 sequence (u64, the row's seqlock: odd while being written).
 
+    then    slots x CTL_ENTRIES x 16   control counter tables: slot s's table at
+            CTL + s * CTL_ENTRIES * 16, entries of (key u64, value u64); key 0 is an
+            empty entry. Only the process in slot s (a control process) writes table s.
+
 Row 0 counts requests that matched no service, row 1 those whose (listener, service) pair
 found no free row (the region is full: ``rows exhausted`` says how often, and the control
 process logs it). A reader combines a row by summing it over all stripes.
@@ -106,6 +110,34 @@ gRPC responses (HTTP 200 with a grpc-status) are counted by that status in the F
 fields instead of F_STATUS's 200, and requests counted under a fixed label value
 because a per-listener cap of authority or route rows was reached (``meshd.rowkeys``)
 in the F_LABEL_OVERFLOW fields of the listener's own row; they took FIELDS to 128.
+Version 8 used 6 of the 10 spare fields: F_WORKER (WORKER_COUNTS, on ROW_UNKNOWN: counts
+workers used to report only to the control process) and F_UPSTREAM (UPSTREAM_EVENTS, on
+the row of the request's listener and service).
+
+Control counters. The control process counts things only it sees (discovery watch
+errors, snapshot publish failures, refused fleet entries, admin connections closed,
+identity materials, tap records received...). Kept in its memory they would start at
+0 with every new control process (killed, or a reload's), which Prometheus reads as a
+reset. They live in the control counter tables instead: a counter's key is
+``counter_key`` of its rendered name and labels; the process in slot s adds to its own
+table (one writer per table, as for stripes, and cumulative for the slot across the
+processes that occupy it); readers sum a key over every used slot's table
+(``ctl_total``). Two control processes alive at once (a reload's overlap) each count
+what they saw. A table has CTL_ENTRIES entries and a key is looked for within
+CTL_PROBES of its home: a key that finds no room stays in the process's memory
+(``meshd.control.counters``), so only such a key can restart. The tables are copied
+with the stripes (growth, ``copy_slot``).
+
+Binary upgrade. A USR2's new master creates its own region. Before it does, it maps the
+old master's (same VERSION and fingerprint; otherwise its counters start afresh, logged);
+the new region is sized to hold every row of the old one, starts from its header
+counters and health rows (:func:`inherit`), and reserves its first ``slots used`` slots
+for the old master's processes: until the old master is gone the new master copies
+those slots' stripes and tables into them (:func:`carry_slots`, gauges zeroed), once
+more after it is gone, and only then hands the slots to its own processes (which add to
+what is there). The new control process is seeded with the old master's snapshot, so
+row r keeps its meaning. Counts the old master's processes made after its exit are
+none; counts of a USR2 whose new master gives up are the old master's own.
 
 Layout discipline. ``VERSION`` names the layout, and ``LAYOUT_FINGERPRINT`` (the first
 8 bytes of a SHA-256 over ``LAYOUT``: every struct format, offset, field index and
@@ -168,15 +200,17 @@ from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
 MAGIC = b"MESHDSHM"
-VERSION = 7  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
+VERSION = 8  # 2: endpoint stripes and health rows; 3: fingerprint, health seqlock;
              # 4: the worker slot's snapshot_seq; 5: TLS handshake and authorization
              # denial counters, FIELDS 104; 6: [tracing]'s span counters; 7: gRPC
-             # status and label overflow counters, FIELDS 128
+             # status and label overflow counters, FIELDS 128; 8: control counter
+             # tables, worker counts and upstream events
 HEADER_SIZE = 128
 SLOT_SIZE = 64
 
 _HEADER = struct.Struct("<8sIIQQIIIIdQQQQ")   # magic .. rows exhausted (offsets 0..87)
 _SLOT = struct.Struct("<qdQQQdQQ")           # pid .. snapshot_seq (offsets 0..63)
+_CTL_ENTRY = struct.Struct("<QQ")             # a control counter: key, value
 
 # Header field offsets (bytes), for single-field reads and writes.
 OFF_MAGIC = 0
@@ -268,8 +302,20 @@ F_GRPC = F_TRACE + len(TRACE_COUNTS)           # GRPC_CODES + 1 fields
 # (meshd.rowkeys: MAX_AUTHORITY_ROWS, MAX_ROUTE_ROWS), on the listener's own row.
 LABEL_OVERFLOW = ("authority", "route")
 F_LABEL_OVERFLOW = F_GRPC + GRPC_CODES + 1     # len(LABEL_OVERFLOW) fields
-FIELDS = 128                                   # 10 spare for later counters
-assert F_LABEL_OVERFLOW + len(LABEL_OVERFLOW) <= FIELDS
+# Worker-wide counts a worker used to report only to the control process (which lost
+# them with a new control process), on ROW_UNKNOWN: access log lines dropped, tap
+# records sent to the control process and dropped on the way.
+WORKER_COUNTS = ("access_log_dropped", "tap_sent", "tap_dropped")
+F_WORKER = F_LABEL_OVERFLOW + len(LABEL_OVERFLOW)  # len(WORKER_COUNTS) fields
+# Upstream connection events, on the row of the (listener, service) whose request met
+# them (meshd.worker.upstream): a peer meshd silent past ping_timeout, a request sent
+# again because the peer refused its stream (REFUSED_STREAM or beyond a GOAWAY), an idle
+# pooled connection closed by the reaper.
+UPSTREAM_EVENTS = ("ping_timeout", "refused_retry", "idle_reaped")
+F_UPSTREAM = F_WORKER + len(WORKER_COUNTS)     # len(UPSTREAM_EVENTS) fields
+F_PING_TIMEOUT, F_REFUSED_RETRY, F_IDLE_REAPED = range(F_UPSTREAM, F_UPSTREAM + 3)
+FIELDS = 128                                   # 4 spare for later counters
+assert F_UPSTREAM + len(UPSTREAM_EVENTS) <= FIELDS
 
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
@@ -309,6 +355,11 @@ H_VALUES = 6           # fields of EndpointHealth.as_row
 H_SEQ = 7              # u64 sequence: odd while the control process rewrites the row
 SEQLOCK_TRIES = 1000   # a reader's bound; the writer holds a row for six stores
 DEFAULT_ENDPOINT_ROWS = 256
+# Control counter tables (see "Control counters" in the module docstring): per slot,
+# CTL_ENTRIES entries of (key hash u64, value u64), open addressing, linear probing.
+CTL_ENTRIES = 1024
+CTL_PROBES = 64        # a key not found within this many entries: the table is full
+_CTL_EMPTY = bytes(CTL_ENTRIES * 16)
 
 # Everything the bytes' meaning depends on. Change any of it and the fingerprint moves:
 # bump VERSION and the pair in tests/test_shm.py with it.
@@ -318,21 +369,30 @@ LAYOUT: tuple[object, ...] = (
     ("slot", SLOT_SIZE, _SLOT.format, tuple(sorted(
         (k, v) for k, v in globals().items() if k.startswith("SLOT_") and k != "SLOT_SIZE"))),
     ("row", FIELDS, STATUS_CODES, STATUS_CLASSES, LATENCY_BUCKETS_MS, DETECT_RESULTS, TLS_RESULTS,
-     AUTHZ_DENIED, TRACE_COUNTS, GRPC_CODES, LABEL_OVERFLOW,
+     AUTHZ_DENIED, TRACE_COUNTS, GRPC_CODES, LABEL_OVERFLOW, WORKER_COUNTS, UPSTREAM_EVENTS,
      tuple(sorted((k, v) for k, v in globals().items()
                   if k.startswith("F_") and isinstance(v, int)))),
     ("endpoint", EP_FIELDS, (EP_INFLIGHT, EP_RTT, EP_STAMP, EP_SUCCESSES, EP_FAILURES,
                              EP_CONNS, EP_RUN), "qddQQqq8x"),
     ("health", HEALTH_FIELDS, (H_STATE, H_FAILURES, H_EJECTIONS, H_UNTIL, H_SINCE, H_PROBER,
                                H_SEQ), H_VALUES, "dddddd8xQ"),
-    ("sections", "header", "slots", "stripes", "endpoint stripes", "health rows"),
+    ("control", CTL_ENTRIES, CTL_PROBES, "QQ", "blake2b-8"),
+    ("sections", "header", "slots", "stripes", "endpoint stripes", "health rows",
+     "control tables"),
 )
 LAYOUT_FINGERPRINT = int.from_bytes(hashlib.sha256(repr(LAYOUT).encode()).digest()[:8], "little")
 
 
 def region_size(slots: int, rows: int, endpoint_rows: int = DEFAULT_ENDPOINT_ROWS) -> int:
     return (HEADER_SIZE + slots * SLOT_SIZE + slots * rows * FIELDS * 8
-            + slots * endpoint_rows * EP_FIELDS * 8 + endpoint_rows * HEALTH_FIELDS * 8)
+            + slots * endpoint_rows * EP_FIELDS * 8 + endpoint_rows * HEALTH_FIELDS * 8
+            + slots * CTL_ENTRIES * 16)
+
+
+def counter_key(name: str) -> int:
+    """The 8-byte key of a control counter: a hash of its name and labels as rendered
+    (``meshd_discovery_errors_total{service="web",source="consul"}``); never 0 (empty)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +438,8 @@ class Region:
         self.endpoint_rows = struct.unpack_from("<I", mm, OFF_ENDPOINT_ROWS)[0]
         self.ep_offset = self.stripes_offset + self.slots * self.rows * FIELDS * 8
         self.health_offset = self.ep_offset + self.slots * self.endpoint_rows * EP_FIELDS * 8
-        if self.health_offset + self.endpoint_rows * HEALTH_FIELDS * 8 != len(mm):
+        self.ctl_offset = self.health_offset + self.endpoint_rows * HEALTH_FIELDS * 8
+        if self.ctl_offset + self.slots * CTL_ENTRIES * 16 != len(mm):
             raise ShmError(f"{path}: sections do not add up to the file size")
         # Typed views over the whole map (8-byte fields): integers and floats.
         self._qr = memoryview(mm).cast("B").cast("q")
@@ -619,6 +680,66 @@ class Region:
             totals = [a + b for a, b in zip(totals, values, strict=True)]
         return totals
 
+    # -- control counters (see "Control counters" in the module docstring) -------------
+
+    def _ctl_find(self, slot: int, key: int, insert: bool) -> int | None:
+        """Index (8-byte units) of ``key``'s entry in ``slot``'s table; with ``insert``, an
+        empty entry is taken for it. None: not there (or no room within CTL_PROBES)."""
+        q = self._qr
+        base = self.ctl_offset // 8 + slot * CTL_ENTRIES * 2
+        start = key % CTL_ENTRIES
+        for i in range(CTL_PROBES):
+            at = base + ((start + i) % CTL_ENTRIES) * 2
+            held = q[at] & 0xFFFFFFFFFFFFFFFF
+            if held == key:
+                return at
+            if held == 0:
+                if not insert:
+                    return None
+                q[at + 1] = 0
+                q[at] = key - (1 << 64) if key >= 1 << 63 else key   # the q view is signed
+                return at
+        return None
+
+    def ctl_add(self, slot: int, key: int, n: int = 1) -> bool:
+        """The process in ``slot`` counts ``n`` more under ``key`` (``counter_key``).
+        False: the slot's table has no room for a new key (the caller keeps it)."""
+        if not self.writable:
+            raise ShmError(f"{self.path}: attached read-only")
+        if not 0 <= slot < self.slots:
+            raise IndexError(slot)
+        at = self._ctl_find(slot, key, True)
+        if at is None:
+            return False
+        self._qr[at + 1] += n
+        self._mark_used(slot)
+        return True
+
+    def ctl_totals(self) -> dict[int, int]:
+        """Every control counter, summed over every used slot's table, in one pass (what
+        a /metrics render reads: one dict lookup per series)."""
+        totals: dict[int, int] = {}
+        size = CTL_ENTRIES * 16
+        for s in range(min(self.get_u32(OFF_SLOTS_USED), self.slots)):
+            at = self.ctl_offset + s * size
+            table = self._mm[at:at + size]
+            if table == _CTL_EMPTY:   # a worker's slot: nothing to look at
+                continue
+            for key, value in _CTL_ENTRY.iter_unpack(table):
+                if key:
+                    totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def ctl_total(self, key: int) -> int:
+        """A control counter summed over every used slot's table."""
+        total = 0
+        q = self._qr
+        for s in range(min(self.get_u32(OFF_SLOTS_USED), self.slots)):
+            at = self._ctl_find(s, key, False)
+            if at is not None:
+                total += q[at + 1]
+        return total
+
 
     # -- endpoints (the balancer's shared state) -----------------------------------------
 
@@ -854,6 +975,7 @@ def copy_region(src: Region, dst: Region) -> None:
         (dst.stripes_offset, used * dst.rows * FIELDS * 8),
         (dst.ep_offset, used * dst.endpoint_rows * EP_FIELDS * 8),
         (dst.health_offset, src.endpoint_rows * HEALTH_FIELDS * 8),
+        (dst.ctl_offset, used * CTL_ENTRIES * 16),
     ])
     for offset, size in _INHERITED_HEADER:
         dst._mm[offset:offset + size] = src._mm[offset:offset + size]
@@ -892,6 +1014,10 @@ def _copy_stripes(src: Region, dst: Region, slot: int) -> None:
     a = src.ep_offset + slot * src.endpoint_rows * EP_FIELDS * 8
     b = dst.ep_offset + slot * dst.endpoint_rows * EP_FIELDS * 8
     dst._mm[b:b + n] = src._mm[a:a + n]
+    n = CTL_ENTRIES * 16
+    a = src.ctl_offset + slot * n
+    b = dst.ctl_offset + slot * n
+    dst._mm[b:b + n] = src._mm[a:a + n]
 
 
 def _check_fits(src: Region, dst: Region) -> None:
@@ -901,3 +1027,54 @@ def _check_fits(src: Region, dst: Region) -> None:
         raise ShmError(f"{dst.path} ({dst.slots} slots, {dst.rows} rows, {dst.endpoint_rows} "
                        f"endpoint rows) cannot hold a copy of {src.path} ({src.slots} slots, "
                        f"{src.rows} rows, {src.endpoint_rows} endpoint rows)")
+
+
+# -- binary upgrade (see "Binary upgrade" in the module docstring) ---------------------------
+
+# Header counters a binary upgrade's new region starts from (the old master's).
+_UPGRADE_HEADER = ((OFF_RELOADS, 8), (OFF_RELOAD_FAILURES, 8), (OFF_RESTARTS, 8),
+                   (OFF_ROWS_EXHAUSTED, 8))
+
+
+def inherit(src: Region, dst: Region) -> None:
+    """A fresh ``dst`` of a binary upgrade's new master starts from the old master's
+    ``src``: its header counters and its health rows (ejections; the endpoint rows keep
+    their meaning because the new control process is seeded with the old snapshot)."""
+    _check_fits(src, dst)
+    for offset, size in _UPGRADE_HEADER:
+        dst._mm[offset:offset + size] = src._mm[offset:offset + size]
+    health = src.endpoint_rows * HEALTH_FIELDS * 8
+    dst._mm[dst.health_offset:dst.health_offset + health] = \
+        src._mm[src.health_offset:src.health_offset + health]
+
+
+def carry_slots(src: Region, dst: Region, n: int) -> None:
+    """Copy the stripes and control tables of ``src``'s first ``n`` slots into ``dst``'s
+    same slots, gauges zeroed, worker records not copied (no process of ``dst`` is there):
+    the old master's counts, refreshed by the new master while the old one lives. Called
+    again and again: each copy overwrites the last with the old processes' newer values.
+    Only the rows ``src``'s control process has used are copied (the rest are zeros)."""
+    _check_fits(src, dst)
+    rows = min(max(src.rows_used, FIRST_ROW), src.rows)
+    eps = min(src.endpoint_rows_used, src.endpoint_rows)
+    q = dst._qr
+    for slot in range(min(n, src.slots, dst.slots)):
+        size = rows * FIELDS * 8
+        a = src.stripes_offset + slot * src.rows * FIELDS * 8
+        b = dst.stripes_offset + slot * dst.rows * FIELDS * 8
+        dst._mm[b:b + size] = src._mm[a:a + size]
+        for row in range(rows):
+            for field in GAUGE_FIELDS:
+                q[b // 8 + row * FIELDS + field] = 0
+        size = eps * EP_FIELDS * 8
+        a = src.ep_offset + slot * src.endpoint_rows * EP_FIELDS * 8
+        b = dst.ep_offset + slot * dst.endpoint_rows * EP_FIELDS * 8
+        dst._mm[b:b + size] = src._mm[a:a + size]
+        for row in range(eps):
+            for field in (EP_INFLIGHT, EP_CONNS, EP_RUN):
+                q[b // 8 + row * EP_FIELDS + field] = 0
+        size = CTL_ENTRIES * 16
+        a = src.ctl_offset + slot * size
+        b = dst.ctl_offset + slot * size
+        dst._mm[b:b + size] = src._mm[a:a + size]
+        dst._mark_used(slot)

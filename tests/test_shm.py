@@ -81,7 +81,8 @@ def test_file_size_is_region_size(region: Region, path: str) -> None:
     assert os.path.getsize(path) == region_size(SLOTS, ROWS)
     eps = shm.DEFAULT_ENDPOINT_ROWS
     assert region_size(SLOTS, ROWS) == (HEADER_SIZE + SLOTS * SLOT_SIZE + SLOTS * ROWS * FIELDS * 8
-                                        + SLOTS * eps * shm.EP_FIELDS * 8 + eps * shm.HEALTH_FIELDS * 8)
+                                        + SLOTS * eps * shm.EP_FIELDS * 8 + eps * shm.HEALTH_FIELDS * 8
+                                        + SLOTS * shm.CTL_ENTRIES * 16)
     assert region.stripes_offset == HEADER_SIZE + SLOTS * SLOT_SIZE
 
 
@@ -134,7 +135,7 @@ def test_bad_magic_is_refused(region: Region, path: str, tmp_path: Path) -> None
 
 # The layout's identity. Changing any struct format, offset, field index or counter table
 # in meshd/shm.py moves the fingerprint: bump shm.VERSION, then update this pair (both).
-EXPECTED_LAYOUT = (7, 0x20f764f0a707117)
+EXPECTED_LAYOUT = (8, 0xf2c79faf89c841f3)
 
 
 def test_layout_change_bumps_version() -> None:
@@ -147,9 +148,9 @@ def test_layout_fingerprint_covers_formats_and_offsets(monkeypatch: pytest.Monke
     def fingerprint(layout: tuple[object, ...]) -> int:
         return int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:8], "little")
     assert fingerprint(shm.LAYOUT) == shm.LAYOUT_FINGERPRINT
-    header, slot, row, endpoint, health, sections = shm.LAYOUT
+    header, slot, row, endpoint, health, control, sections = shm.LAYOUT
     moved = (header, (slot[0], slot[1], slot[2].replace("Q", "q", 1), slot[3]), row,
-             endpoint, health, sections)
+             endpoint, health, control, sections)
     assert fingerprint(moved) != shm.LAYOUT_FINGERPRINT
     offsets = dict(header[3])
     assert offsets["OFF_FINGERPRINT"] == 104 and offsets["OFF_SLOTS_USED"] == 92

@@ -106,6 +106,9 @@ def test_idle_http1_connections_are_closed_by_time(mesh, backends):
     wait_for(lambda: not _sockets_to(worker, app.port), timeout=10,
              what="the idle connections closed")
     assert time.monotonic() - stopped < 1 + 0.5 + 2  # idle_timeout + a tick (+ slack)
+    # Counted on the (listener, service) row of their last request.
+    m.wait_metric("meshd_upstream_idle_closed_total",
+                  'direction="outbound",listener="outbound",service="web"', at_least=2)
 
 
 def test_upstream_closing_an_idle_connection_leaves_no_close_wait(mesh):
@@ -148,6 +151,7 @@ def test_idle_h2_connection_to_a_peer_meshd_is_closed(pair):
     assert _sockets_to(worker_a, inbound_port) == ["01"]
     wait_for(lambda: not _sockets_to(worker_a, inbound_port), timeout=10,
              what="the idle HTTP/2 connection closed")
+    a.wait_metric("meshd_upstream_idle_closed_total", 'listener="outbound",service="web"')
 
 
 # -- a silent peer ------------------------------------------------------------------------
@@ -203,6 +207,7 @@ def test_stopped_inbound_worker_costs_no_get_over_two_seconds(pair):
     worst = max(seconds for _, seconds in results)
     assert worst < 2.0, f"worst GET took {worst:.2f}s ({len(results)} GETs)"
     assert "answered no PING" in a.log()
+    a.wait_metric("meshd_upstream_ping_timeouts_total", 'listener="outbound",service="web"')
 
 
 # -- a peer reloading under POST load -----------------------------------------------------
@@ -268,6 +273,50 @@ def test_peer_reload_under_post_load_fails_no_post_and_delivers_none_twice(pair)
     twice = {k: v for k, v in delivered.items() if v > 1}
     assert twice == {}
     assert len(delivered) == len(sent)
+
+
+def test_refused_streams_sent_again_are_counted(pair):
+    """GETs through A while B reloads: the streams B refuses around its GOAWAY and sent
+    again are counted per service (meshd_upstream_refused_retries_total). A refusal
+    needs a stream in flight as the GOAWAY crosses it: B reloads until one was (at
+    most 8 times)."""
+    a, b, _, _ = pair
+    port = a.ports["outbound"]
+    done = threading.Event()
+    failures: list[str] = []
+    sent = [0]
+    labels = 'listener="outbound",service="web"'
+
+    def client() -> None:
+        while not done.is_set() and sent[0] < 100_000:
+            sent[0] += 1
+            try:
+                status, _ = _get(port, "/")
+            except OSError as e:
+                failures.append(repr(e))
+                continue
+            if status != 200:
+                failures.append(str(status))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(8):
+            before = _serving(b)
+            count = sent[0]
+            b.signal(signal.SIGHUP)
+            wait_for(lambda: len(_serving(b)) == 2 and not _serving(b) & before,  # noqa: B023
+                     timeout=20, what="B's new workers serving")
+            wait_for(lambda: sent[0] > count + 50, timeout=10, what="GETs after the reload")  # noqa: B023
+            if a.metric("meshd_upstream_refused_retries_total", labels) > 0:
+                break
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    assert failures == [], failures[:5]
+    assert a.metric("meshd_upstream_refused_retries_total", labels) > 0
 
 
 # -- write failures: before anything was sent, or with the response lost ------------------

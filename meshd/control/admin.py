@@ -32,6 +32,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from meshd.control import build_info
 from meshd.control import decisions as debug_decisions
 from meshd.control.config_view import effective
+from meshd.control.counters import COUNTERS
 from meshd.control.dashboard import PATHS as DASHBOARD_PATHS
 from meshd.control.dashboard import Dashboard
 from meshd.control.status import status
@@ -65,11 +66,14 @@ class AdminServer(WSGIServer):
         super().__init__(listener, application, handler_class=AdminHandler, **kwargs)
         self.conns: dict[socket.socket, _Conn] = {}     # insertion order: oldest first
         self.closed_by_reason = dict.fromkeys(CLOSE_REASONS, 0)
+        # The main admin server's closes are also counted in the region (a new control
+        # process continues them: meshd.control.counters); the probe server's are not shown.
+        self.counted = True
 
     def do_handle(self, *args: Any) -> None:   # in the accept loop: (socket, address)
         sock = args[0]
         if len(self.conns) >= MAX_CONNECTIONS and not self._evict_idle():
-            self.closed_by_reason["refused"] += 1
+            self._closed("refused")
             sock.close()
             return
         self.conns[sock] = _Conn(sock)
@@ -85,7 +89,7 @@ class AdminServer(WSGIServer):
         for sock, conn in self.conns.items():
             if conn.idle:
                 del self.conns[sock]
-                self.closed_by_reason["evicted"] += 1
+                self._closed("evicted")
                 if conn.deadline is not None:
                     conn.deadline.kill(block=False)
                 _shut(conn)
@@ -110,7 +114,7 @@ class AdminServer(WSGIServer):
     def _head_timeout(self, conn: _Conn) -> None:
         conn.deadline = None
         if conn.idle and self.conns.get(conn.sock) is conn:
-            self.closed_by_reason["head_timeout"] += 1
+            self._closed("head_timeout")
             _shut(conn)
 
     def prometheus(self) -> Iterator[str]:
@@ -120,8 +124,18 @@ class AdminServer(WSGIServer):
         yield ("# HELP meshd_admin_connections_closed_total Admin connections meshd closed: "
                "evicted (idle, at the cap), refused (at the cap, none idle), head_timeout.")
         yield "# TYPE meshd_admin_connections_closed_total counter"
-        for reason, n in self.closed_by_reason.items():
-            yield f'meshd_admin_connections_closed_total{{reason="{reason}"}} {n}'
+        for reason in self.closed_by_reason:
+            name = _closed_name(reason)
+            yield f"{name} {COUNTERS.value(name)}"
+
+    def _closed(self, reason: str) -> None:
+        self.closed_by_reason[reason] += 1
+        if self.counted:
+            COUNTERS.add(_closed_name(reason))
+
+
+def _closed_name(reason: str) -> str:
+    return f'meshd_admin_connections_closed_total{{reason="{reason}"}}'
 
 
 def _shut(conn: _Conn) -> None:

@@ -7,8 +7,8 @@ Each worker keeps its last ``meshd.decisions.CAPACITY`` attempts in its own ring
 the worker's slot and pid. A ring whose worker died and was not reaped yet is still read
 (its whole records are valid); one being replaced is read whole or not at all.
 
-The same files carry one worker counter, the access log's dropped lines: ``DroppedLines``
-sums them for ``meshd_access_log_dropped_total``.
+The same files carry one worker counter, the access log's dropped lines; /metrics reads
+``meshd_access_log_dropped_total`` from the workers' stripes (``DroppedLines``).
 
 The query string is client input: known keys only, each at most once, ``service`` a
 name of at most MAX_SERVICE characters, ``limit`` an integer 1..MAX_LIMIT (default
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from meshd import decisions as fmt
-from meshd.shm import OFF_SLOTS_USED
+from meshd.shm import F_WORKER, OFF_SLOTS_USED, ROW_UNKNOWN, WORKER_COUNTS
 
 if TYPE_CHECKING:
     from meshd.control.process import Control
@@ -141,34 +141,20 @@ def describe(rec: dict[str, Any], slot: int, pid: int) -> dict[str, Any]:
 
 
 class DroppedLines:
-    """``meshd_access_log_dropped_total``: the dropped access log lines of every worker
-    (each ring's header), plus those of the workers gone since the last look, so that
-    the sum does not go back when a worker is replaced. Lines a worker dropped after the
-    last look and before it died are lost; the count starts again with a new control
-    process (a reload), which Prometheus reads as a counter reset."""
-
-    def __init__(self) -> None:
-        self._live: dict[tuple[int, int], int] = {}   # (slot, pid) -> its count
-        self._gone = 0
-
-    def total(self, shm_dir: str, instance: str, master_pid: int, slots: int) -> int:
-        now: dict[tuple[int, int], int] = {}
-        for slot in range(slots):
-            head = fmt.read_header(fmt.ring_path(shm_dir, instance, master_pid, slot))
-            if head is not None:
-                now[(head[0], head[1])] = head[2]
-        for key, n in self._live.items():
-            if key not in now:
-                self._gone += n
-        self._live = now
-        return self._gone + sum(now.values())
+    """``meshd_access_log_dropped_total``: the access log lines every worker that ever
+    ran under this master dropped, summed over the workers' stripes (field
+    ``access_log_dropped`` of ROW_UNKNOWN), so the sum never goes back when a worker is
+    replaced or a new control process serves. (The decision rings' headers still carry
+    each live worker's count.)"""
 
     def prometheus(self, control: Control) -> list[str]:
         cfg = control.config
         if cfg.access_log is None:
             return []
-        slots = min(control.region.get_u32(OFF_SLOTS_USED), control.region.slots)
-        n = self.total(cfg.shm_dir, cfg.instance, control.ctx.master_pid, slots)
+        # The workers count drops in their stripes too (cumulative per slot): neither a
+        # worker replaced nor a new control process takes anything away from that sum.
+        n = control.region.row_totals(ROW_UNKNOWN)[F_WORKER + WORKER_COUNTS.index(
+            "access_log_dropped")]
         return ["# HELP meshd_access_log_dropped_total Access log lines dropped because a "
                 "worker's writer fell behind ([access_log] queue).",
                 "# TYPE meshd_access_log_dropped_total counter",

@@ -41,6 +41,7 @@ import gevent.event
 from meshd import rowkeys
 from meshd.config import DEFAULT_SERVICE, Config, SourceShare
 from meshd.control import state
+from meshd.control.counters import COUNTERS
 from meshd.control.fleet import FleetRunner
 from meshd.control.health import TICK, EndpointRows, HealthKeeper
 from meshd.control.rows import RowTable
@@ -320,10 +321,12 @@ class DiscoveryRunner:
                            and not self._protected(self.watches[name])), None)
             if victim is not None:
                 self.evicted[source] += 1
+                COUNTERS.add(_per_source("meshd_discovery_watches_evicted_total", source))
                 self.unwatch(victim, f"the least recently used of {cap} watches (max_watches) "
                                      f"of source {source}")
             elif not known:
                 self.refused[source] += 1
+                COUNTERS.add(_per_source("meshd_discovery_watches_refused_total", source))
                 self.throttle.warning(LOG_REFUSED, "not watching %s: source %s has %d watches "
                                       "(max_watches) of services it knows or found", service,
                                       source, cap)
@@ -398,6 +401,7 @@ class DiscoveryRunner:
             except Exception as e:
                 failures += 1
                 st.errors_total += 1
+                COUNTERS.add(_errors_name(w.name, source))
                 st.error = f"{type(e).__name__}: {e}"
                 args = ("discovery source %s (%s): watch of %s failed: %s; keeping its last "
                         "%d endpoints", source, self._describe(source), w.name, st.error,
@@ -546,6 +550,7 @@ class DiscoveryRunner:
             self._publish()
         except Exception as e:   # the publisher must outlive any one failed write
             self.publish_failures += 1
+            COUNTERS.add(PUBLISH_FAILURES)
             self.publish_error = (f"{e.strerror}" if isinstance(e, OSError) and e.strerror
                                   else f"{type(e).__name__}: {e}")
             self._publish_log.log(logging.ERROR, "publish", "cannot publish the endpoint "
@@ -662,7 +667,7 @@ class DiscoveryRunner:
         """Discovery health, appended to /metrics."""
         yield "# HELP meshd_snapshot_publish_failures_total Failed writes of the endpoint snapshot."
         yield "# TYPE meshd_snapshot_publish_failures_total counter"
-        yield f"meshd_snapshot_publish_failures_total {self.publish_failures}"
+        yield f"{PUBLISH_FAILURES} {COUNTERS.value(PUBLISH_FAILURES)}"
         yield "# HELP meshd_snapshot_publish_failing 1 while workers may miss discovery changes."
         yield "# TYPE meshd_snapshot_publish_failing gauge"
         yield f"meshd_snapshot_publish_failing {int(self.publish_error is not None)}"
@@ -691,19 +696,19 @@ class DiscoveryRunner:
                "stay within max_watches.")
         yield "# TYPE meshd_discovery_watches_evicted_total counter"
         for source in sources:
-            yield (f'meshd_discovery_watches_evicted_total{{source="{_esc(source)}"}} '
-                   f"{self.evicted[source]}")
+            counter = _per_source("meshd_discovery_watches_evicted_total", source)
+            yield f"{counter} {COUNTERS.value(counter)}"
         yield ("# HELP meshd_discovery_watches_refused_total Names not watched: max_watches was "
                "held by services the source knows or found.")
         yield "# TYPE meshd_discovery_watches_refused_total counter"
         for source in sources:
-            yield (f'meshd_discovery_watches_refused_total{{source="{_esc(source)}"}} '
-                   f"{self.refused[source]}")
-        yield "# HELP meshd_discovery_errors_total Failed watches, since the control process started."
+            counter = _per_source("meshd_discovery_watches_refused_total", source)
+            yield f"{counter} {COUNTERS.value(counter)}"
+        yield "# HELP meshd_discovery_errors_total Failed watches."
         yield "# TYPE meshd_discovery_errors_total counter"
-        for name, src, st in rows:
-            yield (f'meshd_discovery_errors_total{{service="{_esc(name)}",source="{_esc(src)}"}} '
-                   f"{st.errors_total}")
+        for name, src, _st in rows:
+            counter = _errors_name(name, src)
+            yield f"{counter} {COUNTERS.value(counter)}"
 
 
 def _endpoint_json(e: Endpoint) -> dict[str, Any]:
@@ -719,4 +724,16 @@ def _endpoint_json(e: Endpoint) -> dict[str, Any]:
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# Counters kept in the region's control tables (meshd.control.counters), by their name.
+PUBLISH_FAILURES = "meshd_snapshot_publish_failures_total"
+
+
+def _per_source(family: str, source: str) -> str:
+    return f'{family}{{source="{_esc(source)}"}}'
+
+
+def _errors_name(service: str, source: str) -> str:
+    return f'meshd_discovery_errors_total{{service="{_esc(service)}",source="{_esc(source)}"}}'
 

@@ -45,6 +45,7 @@ import gevent
 import msgpack
 
 from meshd.config import Config
+from meshd.control.counters import COUNTERS
 from meshd.control.state import SAVE_INTERVAL
 from meshd.errors import ConfigError, MeshdError
 from meshd.fleet import wire
@@ -228,6 +229,7 @@ class FleetRunner:
             except Exception as e:
                 failures += 1
                 st.errors_total += 1
+                COUNTERS.add(_errors_name(w.name, source))
                 st.error = f"{type(e).__name__}: {e}"
                 args = ("config source %s (%s): watch of %s failed: %s; keeping its last "
                         "good parts (%s)", source, self.describe_source(source), w.name,
@@ -271,6 +273,7 @@ class FleetRunner:
             return   # said already (a blocking query returned the same entry)
         st.refused[kind] = (entry, why)
         self.refusals_total += 1
+        COUNTERS.add(REFUSED)
         kept = st.parts.get(kind)
         log.error("config source %s (%s): refused %s for service %s: %s; %s", source,
                   self.describe_source(source), entry, w.name, why,
@@ -493,9 +496,9 @@ class FleetRunner:
         yield "# HELP meshd_fleet_policies Services with a fleet policy in effect."
         yield "# TYPE meshd_fleet_policies gauge"
         yield f"meshd_fleet_policies {len(self.policies)}"
-        yield "# HELP meshd_fleet_refused_total Entries refused since the control process started."
+        yield "# HELP meshd_fleet_refused_total Entries refused."
         yield "# TYPE meshd_fleet_refused_total counter"
-        yield f"meshd_fleet_refused_total {self.refusals_total}"
+        yield f"{REFUSED} {COUNTERS.value(REFUSED)}"
         yield ("# HELP meshd_fleet_refused_entries 1 while an entry is refused (the last good "
                "version of its kind applies).")
         yield "# TYPE meshd_fleet_refused_entries gauge"
@@ -507,11 +510,11 @@ class FleetRunner:
         for name, src, st in rows:
             stale = int(st.stale or st.error is not None)
             yield f'meshd_fleet_stale{{service="{_esc(name)}",source="{_esc(src)}"}} {stale}'
-        yield "# HELP meshd_fleet_errors_total Failed config-source watches, since the control process started."
+        yield "# HELP meshd_fleet_errors_total Failed config-source watches."
         yield "# TYPE meshd_fleet_errors_total counter"
-        for name, src, st in rows:
-            yield (f'meshd_fleet_errors_total{{service="{_esc(name)}",source="{_esc(src)}"}} '
-                   f"{st.errors_total}")
+        for name, src, _st in rows:
+            counter = _errors_name(name, src)
+            yield f"{counter} {COUNTERS.value(counter)}"
         yield "# HELP meshd_fleet_last_update_timestamp_seconds When a config source last updated a service."
         yield "# TYPE meshd_fleet_last_update_timestamp_seconds gauge"
         for name, src, st in rows:
@@ -522,6 +525,14 @@ class FleetRunner:
 def _json(part: Any) -> Any:
     from meshd.control.config_view import to_json
     return to_json(part)
+
+
+# Counters kept in the region's control tables (meshd.control.counters), by their name.
+REFUSED = "meshd_fleet_refused_total"
+
+
+def _errors_name(service: str, source: str) -> str:
+    return f'meshd_fleet_errors_total{{service="{_esc(service)}",source="{_esc(source)}"}}'
 
 
 def _esc(value: str) -> str:

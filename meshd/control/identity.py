@@ -30,6 +30,7 @@ import gevent
 import gevent.event
 
 from meshd.config import Config
+from meshd.control.counters import COUNTERS
 from meshd.errors import ConfigError, MeshdError
 from meshd.identity import IdentityPaths
 from meshd.identity.api import Material, Settings
@@ -109,6 +110,7 @@ class IdentityRunner:
             except Exception as e:
                 failures += 1
                 self.watch_failures_total += 1
+                COUNTERS.add(WATCH_FAILURES)
                 self.error = f"watch failed: {type(e).__name__}: {e}"
                 log.error("identity: %s: %s; %s", self.describe_provider(), self.error,
                           self._keeping())
@@ -143,6 +145,7 @@ class IdentityRunner:
         self._offered += 1
         if not isinstance(material, Material):
             self.refused_total += 1
+            COUNTERS.add(REFUSED)
             self.error = f"watch() yielded {type(material).__name__}, not a Material"
             log.error("identity: refused material from %s: %s; %s", self.describe_provider(),
                       self.error, self._keeping())
@@ -151,6 +154,7 @@ class IdentityRunner:
             checked = check(material, self.ident.trust_domain)
         except MaterialError as e:
             self.refused_total += 1
+            COUNTERS.add(REFUSED)
             self.error = f"refused: {e}"
             retry = ""
             if e.valid_from is not None and e.valid_from - time.time() < NOT_YET_VALID_RETRY:
@@ -164,6 +168,7 @@ class IdentityRunner:
             return False
         except Exception as e:   # a provider's odd values (str for bytes...) are refusals too
             self.refused_total += 1
+            COUNTERS.add(REFUSED)
             self.error = f"refused: cannot check it: {type(e).__name__}: {e}"
             log.error("identity: refused material from %s: %s; %s", self.describe_provider(),
                       self.error, self._keeping())
@@ -198,6 +203,7 @@ class IdentityRunner:
                 gevent.sleep(delay * random.uniform(0.5, 1.0))
         self.current = checked
         self.published_total += 1
+        COUNTERS.add(PUBLISHED)
         self.error = None
         self.published.set()
         log.info("identity: published %s (expires %s, serial %s; %s)", checked.spiffe_id,
@@ -259,13 +265,19 @@ class IdentityRunner:
                    f"{c.not_after:.0f}")
         yield "# HELP meshd_identity_published_total Materials published to the workers."
         yield "# TYPE meshd_identity_published_total counter"
-        yield f"meshd_identity_published_total {self.published_total}"
+        yield f"{PUBLISHED} {COUNTERS.value(PUBLISHED)}"
         yield "# HELP meshd_identity_refused_total Materials refused by the check (last good kept)."
         yield "# TYPE meshd_identity_refused_total counter"
-        yield f"meshd_identity_refused_total {self.refused_total}"
+        yield f"{REFUSED} {COUNTERS.value(REFUSED)}"
         yield "# HELP meshd_identity_watch_failures_total Provider watch() failures (restarted)."
         yield "# TYPE meshd_identity_watch_failures_total counter"
-        yield f"meshd_identity_watch_failures_total {self.watch_failures_total}"
+        yield f"{WATCH_FAILURES} {COUNTERS.value(WATCH_FAILURES)}"
+
+
+# Counters kept in the region's control tables (meshd.control.counters).
+PUBLISHED = "meshd_identity_published_total"
+REFUSED = "meshd_identity_refused_total"
+WATCH_FAILURES = "meshd_identity_watch_failures_total"
 
 
 def _esc(value: str) -> str:

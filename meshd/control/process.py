@@ -22,6 +22,7 @@ import gevent.event  # noqa: E402
 
 from meshd import ratelog, rowkeys  # noqa: E402
 from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
+from meshd.control.counters import COUNTERS  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
 from meshd.control.recent_errors import RecentErrors, observe  # noqa: E402
@@ -50,6 +51,9 @@ class Control:
         self.config = ctx.config
         self.region = ctx.region
         self.stopped = gevent.event.Event()
+        # This process's counters go to its slot's table in the region (a new control
+        # process continues them): bound before anything counts.
+        COUNTERS.bind(ctx.region, ctx.slot)
         self.stat_window = StatWindow()
         self._last_sample = 0.0
         self.recent_errors = RecentErrors(ctx.region.get_u64(OFF_RELOAD_FAILURES))
@@ -88,6 +92,7 @@ class Control:
             sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
             self.probe_server = AdminServer(sock, AdminApp(self, probe_only=True), log=None,
                                             error_log=log)
+            self.probe_server.counted = False   # not in /metrics
             self.probe_server.start()
         first = gevent.spawn(self.discovery.first_published.wait)
         gevent.joinall([first, gevent.spawn(self.stopped.wait)], count=1)
@@ -196,10 +201,11 @@ def _previous_snapshot(ctx: ProcessContext) -> Snapshot | None:
     never published one (a HUP superseded it while it booted), the newest older one
     still on disk. Rows assigned on demand (authorities, client identities) are only
     known from there: starting afresh would give their rows other meanings."""
-    if not ctx.previous_snapshot_path:
-        return None
     cfg = ctx.config
-    paths = [ctx.previous_snapshot_path] + [
+    # This generation's own snapshot first: a control process that replaces a killed one
+    # of the same generation keeps the rows that one assigned (on demand ones too).
+    paths = [ctx.snapshot_path, *([ctx.previous_snapshot_path]
+                                  if ctx.previous_snapshot_path else [])] + [
         snapshot_path(cfg.shm_dir, cfg.instance, ctx.master_pid, gen)
         for gen in range(ctx.generation - 2, max(0, ctx.generation - PREVIOUS_GENERATIONS), -1)]
     for path in paths:
@@ -209,5 +215,6 @@ def _previous_snapshot(ctx: ProcessContext) -> Snapshot | None:
             continue
         except (OSError, ValueError) as e:
             log.warning("previous snapshot %s unreadable (%s)", path, e)
-    log.warning("no previous snapshot readable; shm rows start afresh")
+    if ctx.previous_snapshot_path:   # a first generation has none to find
+        log.warning("no previous snapshot readable; shm rows start afresh")
     return None

@@ -31,9 +31,10 @@ import gevent.event
 import msgpack
 
 from meshd import tap as core
+from meshd.control.counters import COUNTERS
 from meshd.private_files import write_atomic
 from meshd.ratelog import Throttle
-from meshd.shm import KIND_WORKER, STATE_SERVING
+from meshd.shm import F_WORKER, KIND_WORKER, ROW_UNKNOWN, STATE_SERVING, WORKER_COUNTS
 
 if TYPE_CHECKING:
     from meshd.control.process import Control
@@ -115,8 +116,12 @@ class TapHub:
                                       max_map_len=0, max_array_len=1 << 16)
                 kind = msg[0]
                 if kind == core.MSG_RECORDS:
-                    for rec in msg[1]:
-                        self._dispatch(rec)
+                    received = self.received
+                    try:
+                        for rec in msg[1]:
+                            self._dispatch(rec)
+                    finally:   # one count per datagram, not per record
+                        COUNTERS.add(RECEIVED, self.received - received)
                 elif kind == core.MSG_STATE:
                     _, pid, version, sent, dropped = msg
                     self._state(int(pid), int(version), int(sent), int(dropped))
@@ -139,6 +144,7 @@ class TapHub:
             if len(client.lines) >= CLIENT_LINES or client.size >= CLIENT_BYTES:
                 client.dropped += 1
                 self.dropped_client += 1
+                COUNTERS.add(DROPPED_CLIENT)
                 continue
             if line is None:
                 line = core.to_line(rec)
@@ -208,6 +214,7 @@ class TapHub:
             return answer("400 Bad Request", f"tap: {e}")
         if len(self.clients) >= MAX_TAPS:
             self.refused += 1
+            COUNTERS.add(REFUSED)
             return answer("503 Service Unavailable", f"tap: {MAX_TAPS} taps already open")
         client = TapClient(filt)
         self.clients.append(client)
@@ -256,8 +263,11 @@ class TapHub:
     # -- /metrics -----------------------------------------------------------------------
 
     def prometheus(self) -> Iterator[str]:
-        sent = self._folded[0] + sum(s for s, _ in self.worker_counts.values())
-        worker_dropped = self._folded[1] + sum(d for _, d in self.worker_counts.values())
+        # Counted in the workers' stripes (cumulative per slot: a worker replaced or a
+        # new control process takes nothing away), not from the workers' reports.
+        totals = self.control.region.row_totals(ROW_UNKNOWN)
+        sent = totals[F_WORKER + WORKER_COUNTS.index("tap_sent")]
+        worker_dropped = totals[F_WORKER + WORKER_COUNTS.index("tap_dropped")]
         yield "# HELP meshd_tap_clients Admin /tap streams open."
         yield "# TYPE meshd_tap_clients gauge"
         yield f"meshd_tap_clients {len(self.clients)}"
@@ -271,15 +281,21 @@ class TapHub:
         yield f"meshd_tap_records_sent_total {sent}"
         yield "# HELP meshd_tap_records_received_total Tap records the control process received."
         yield "# TYPE meshd_tap_records_received_total counter"
-        yield f"meshd_tap_records_received_total {self.received}"
+        yield f"{RECEIVED} {COUNTERS.value(RECEIVED)}"
         yield ("# HELP meshd_tap_dropped_total Tap lines dropped: client (a tap reader that "
                "did not keep up), worker (a worker's queue or the control's socket full).")
         yield "# TYPE meshd_tap_dropped_total counter"
-        yield f'meshd_tap_dropped_total{{reason="client"}} {self.dropped_client}'
+        yield f"{DROPPED_CLIENT} {COUNTERS.value(DROPPED_CLIENT)}"
         yield f'meshd_tap_dropped_total{{reason="worker"}} {worker_dropped}'
         yield "# HELP meshd_tap_refused_total Taps refused: as many open as allowed (16)."
         yield "# TYPE meshd_tap_refused_total counter"
-        yield f"meshd_tap_refused_total {self.refused}"
+        yield f"{REFUSED} {COUNTERS.value(REFUSED)}"
+
+
+# Counters kept in the region's control tables (meshd.control.counters), by their name.
+RECEIVED = "meshd_tap_records_received_total"
+DROPPED_CLIENT = 'meshd_tap_dropped_total{reason="client"}'
+REFUSED = "meshd_tap_refused_total"
 
 
 def _watch(sock: socket.socket, client: TapClient) -> None:

@@ -31,6 +31,7 @@ from meshd.master.notify import Notifier, scrub_env
 from meshd.master.regions import RegionSet
 from meshd.master.sockets import UPGRADE_ENV, SocketSet, address_key, inherited
 from meshd.master.spawn import EXIT_BOOT_ERROR, ProcessContext, fork_child
+from meshd.master.upgrade import Carry, copy_snapshot, open_old, sizes
 from meshd.private_files import UNIX_PATH_MAX, prepare_dir
 from meshd.shm import (
     KIND_CONTROL,
@@ -40,6 +41,7 @@ from meshd.shm import (
     OFF_RELOAD_FAILURES,
     OFF_RELOADS,
     OFF_RESTARTS,
+    STATE_BOOTING,
     STATE_SERVING,
     Region,
     slot_count_for,
@@ -51,7 +53,6 @@ from meshd.validate import load_checked
 log = logging.getLogger("meshd.master")
 
 UPGRADE_FROM_ENV = "MESHD_UPGRADE_FROM"
-BOOT_TIMEOUT = 60.0          # a generation not serving by then is a failed boot
 ABRT_GRACE = 2.0             # after ABRT, a hung process gets KILL this much later
 KILL_GRACE = 5.0             # beyond drain_timeout before a draining process is killed
 FAST_STOP_GRACE = 3.0        # INT/QUIT: children get this long before KILL
@@ -102,6 +103,8 @@ class Arbiter:
         self.next_spawn_at = 0.0
         self.last_watchdog = 0.0
         self.regions = RegionSet(cfg.shm_dir, cfg.instance)
+        self.carry: Carry | None = None          # a binary upgrade's old master's counts
+        self.inherited_snapshot: str | None = None   # its snapshot, for generation 1
         self._wake_r, self._wake_w = -1, -1
 
     # -- life cycle ---------------------------------------------------------------------
@@ -134,6 +137,8 @@ class Arbiter:
                 self._maintain()
                 self._advance_generation()
                 self.regions.sync(self.children.values())
+                if self.carry is not None and not self.carry.step(self.regions.open_regions):
+                    self.carry = None   # the old master is gone: its slots are free
                 self._watchdog()
         finally:
             self._cleanup()
@@ -149,8 +154,15 @@ class Arbiter:
         self.sockets.adopt(inherited())
         self._open_sockets(self.cfg)
         self._prepare_dirs()
-        self.regions.create(self.generation, slot_count_for(max(self.desired, 64)),
-                            self.cfg.metric_rows, self.cfg.endpoint_rows)
+        cfg = self.cfg
+        old = open_old(cfg.shm_dir, cfg.instance, self.upgrade_from) if self.upgrade_from else None
+        self.regions.create(self.generation, *sizes(old, slot_count_for(max(self.desired, 64)),
+                                                    cfg.metric_rows, cfg.endpoint_rows))
+        if old is not None:
+            self.carry = Carry(old, self.upgrade_from)
+            self.carry.start(self.regions.current)
+            self.inherited_snapshot = copy_snapshot(old, cfg.shm_dir, cfg.instance,
+                                                    self.upgrade_from)
         self.regions.current.set_u64(OFF_GENERATION, self.generation)
         self.regions.current.set_u32(OFF_DESIRED, self.desired)
         log.info("master %d: %d workers, listening on %s", os.getpid(), self.desired,
@@ -182,7 +194,7 @@ class Arbiter:
         for slot in range(self.regions.current.slots):
             _unlink(ring_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), slot))
         self.regions.unlink_all()
-        for gen in range(1, self.generation + 1):
+        for gen in range(0, self.generation + 1):   # 0: a binary upgrade's inherited one
             _unlink(self._snapshot_path(gen))
             _unlink(control_socket_path(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen))
             for path in tap_paths(self.cfg.shm_dir, self.cfg.instance, os.getpid(), gen):
@@ -396,7 +408,9 @@ class Arbiter:
 
     def _free_slot(self) -> int | None:
         used = {c.slot for c in self.children.values()}
-        for i in range(self.regions.current.slots):
+        # A binary upgrade's old master's slots are copies until it is gone (upgrade.Carry).
+        first = self.carry.slots if self.carry is not None else 0
+        for i in range(first, self.regions.current.slots):
             if i not in used:
                 return i
         return None
@@ -423,7 +437,9 @@ class Arbiter:
             region=region,
             sockets=socks,
             snapshot_path=self._snapshot_path(self.generation),
-            previous_snapshot_path=self._snapshot_path(prev) if prev else None,
+            previous_snapshot_path=(self._snapshot_path(prev) if prev
+                                    else self.inherited_snapshot if self.generation == 1
+                                    else None),
         )
         region.claim_slot(slot, self.generation, kind)
         pid = fork_child(ctx, kind, [self._wake_r, self._wake_w, *others])
@@ -460,8 +476,10 @@ class Arbiter:
         current = self._current(KIND_WORKER) + self._current(KIND_CONTROL)
         serving = [c for c in current if c.region.read_slot(c.slot).state == STATE_SERVING]
         if len(serving) < self.desired + 1:
-            if time.monotonic() - self.generation_started > BOOT_TIMEOUT:
-                log.error("generation %d not serving after %.0fs", self.generation, BOOT_TIMEOUT)
+            limit = self.configs[self.generation].boot_timeout
+            if time.monotonic() - self.generation_started > limit:
+                log.error("generation %d not serving after %.0fs (boot_timeout)",
+                          self.generation, limit)
                 if self.active_generation:
                     self.regions.current.add_u64(OFF_RELOAD_FAILURES)
                     self._abandon_generation()
@@ -506,10 +524,16 @@ class Arbiter:
                     child.abrt_at = now
                     _kill(child.pid, signal.SIGKILL)
                 continue
-            silent = now - child.region.read_slot(child.slot).heartbeat
-            if silent > self.cfg.worker_timeout:
-                log.error("%s silent for %.1fs (worker_timeout %.1fs); sending ABRT",
-                          child.name, silent, self.cfg.worker_timeout)
+            record = child.region.read_slot(child.slot)
+            silent = now - record.heartbeat
+            # Booting (imports, TLS material, discovery's first answers) may be slow on a
+            # loaded machine without anything being wrong: boot_timeout, not worker_timeout.
+            cfg = self.configs.get(child.generation, self.cfg)
+            booting = record.state == STATE_BOOTING
+            limit = max(cfg.boot_timeout, cfg.worker_timeout) if booting else cfg.worker_timeout
+            if silent > limit:
+                log.error("%s silent for %.1fs (%s %.1fs); sending ABRT", child.name, silent,
+                          "booting: boot_timeout" if booting else "worker_timeout", limit)
                 child.abrt_at = now
                 _kill(child.pid, signal.SIGABRT)
 

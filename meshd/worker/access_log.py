@@ -30,6 +30,7 @@ import gevent
 from meshd.config_access_log import AccessLogConfig
 from meshd.proto import grpc_status as grpc_status_code
 from meshd.ratelog import Throttle
+from meshd.shm import F_WORKER, ROW_UNKNOWN, WORKER_COUNTS, Stripe
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -168,6 +169,8 @@ def format_text(rec: Record) -> bytes:
             out.append(str(value))
     return (" ".join(out) + "\n").encode("ascii", "backslashreplace")
 
+F_DROPPED = F_WORKER + WORKER_COUNTS.index("access_log_dropped")
+
 
 class AccessLog:
     """A worker's access log: ``record`` on the request path, a writer greenlet behind.
@@ -187,6 +190,9 @@ class AccessLog:
         # Where the writer publishes ``dropped`` for meshd_access_log_dropped_total (the
         # worker's decisions ring header, meshd.worker.decisions), if anywhere.
         self.publish: Callable[[int], None] | None = None
+        # The worker's stripe: drops are counted there too (meshd_access_log_dropped_total
+        # then survives the worker and the control process).
+        self.stripe: Stripe | None = None
 
     def open(self) -> None:
         """Open the file (at worker boot: a new generation opens it anew) and start the
@@ -210,6 +216,8 @@ class AccessLog:
             queue.append(rec)
         else:
             self.dropped += 1
+            if self.stripe is not None:
+                self.stripe.add(ROW_UNKNOWN, F_DROPPED)
 
     def _writer(self) -> None:
         while True:

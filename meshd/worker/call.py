@@ -44,7 +44,14 @@ from meshd.fleet.select import in_subset
 from meshd.proto import grpc_status
 from meshd.proto.translate import MESHD_ERROR
 from meshd.ratelog import Throttle
-from meshd.shm import F_LABEL_OVERFLOW, F_REQUESTS, LABEL_OVERFLOW, ROW_OVERFLOW, ROW_UNKNOWN
+from meshd.shm import (
+    F_LABEL_OVERFLOW,
+    F_REFUSED_RETRY,
+    F_REQUESTS,
+    LABEL_OVERFLOW,
+    ROW_OVERFLOW,
+    ROW_UNKNOWN,
+)
 from meshd.worker.decisions import attempt_ended
 from meshd.worker.peer import PLAINTEXT, Peer
 from meshd.worker.retries import IDEMPOTENT
@@ -292,6 +299,7 @@ class Call:
                                        limit=svc.max_connections if svc else 0, tls=tls)
             if conn.alpn != "h2":
                 conn.max_idle = self.policy.idle_timeout  # the reaper closes it past this
+                conn.metric_row = self.row   # the row its events count on
                 return conn
             assert tls is not None
             worker.h2pool.adopt(conn.detach(), ep.address, tls, self.connect_timeout(sent_at))
@@ -312,7 +320,8 @@ class Call:
             ping = (self.svc or DEFAULT_SERVICE).ping_timeout if meshed else 0.0
             stream = worker.h2pool.stream(
                 address, headers, end_stream, self.connect_timeout(sent_at), tls,
-                checked=checked, idle_timeout=self.policy.idle_timeout, ping_timeout=ping)
+                checked=checked, idle_timeout=self.policy.idle_timeout, ping_timeout=ping,
+                row=self.row)
             # A silent peer's waiting stream is abandoned only if it may go elsewhere.
             stream.retry_safe = attempts_left and self.replay and self.body_replayable()
             return stream
@@ -594,6 +603,8 @@ def may_retry(worker: Context, call: Call, kind: str, attempts_left: bool) -> bo
     if not worker.retries.try_retry(call.row, worker.balancer.live_slots(now), now):
         call.no_retry = "budget"
         return False
+    if kind == "refused":   # meshd_upstream_refused_retries_total
+        worker.stripe.add(call.row, F_REFUSED_RETRY)
     return True
 
 

@@ -65,7 +65,7 @@ log = logging.getLogger("meshd.worker")
 HEARTBEAT_INTERVAL = 1.0
 SNAPSHOT_POLL = 0.1         # a stat() of the snapshot file; discovery changes reach traffic this fast
 SNAPSHOT_BOOT_WAIT = 30.0
-# From boot: the master gives a generation BOOT_TIMEOUT (60 s) to serve; a worker that
+# From boot: the master gives a generation boot_timeout (60 s by default) to serve; a worker that
 # has no identity by then says so in its own line before the master gives up.
 IDENTITY_BOOT_WAIT = 50.0
 ASK_POLL = 0.02              # while a request waits for a service to be discovered
@@ -112,6 +112,10 @@ class Worker:
         self.tap: TapSender | None = None
         self._tap = TapSender(*tap_paths(ctx.config.shm_dir, ctx.config.instance,
                                          ctx.master_pid, ctx.generation))
+        self._tap.stripe = self.stripe   # its counts outlive the worker (meshd.shm)
+        self.pool.events = self.stripe   # idle connections reaped, counted per row
+        if self.access_log is not None:
+            self.access_log.stripe = self.stripe
         traces = ctx.config.tracing
         self.tracer = Tracer(traces, self.stripe) if traces is not None else None
         self.decisions: DecisionRing | None = None   # created at boot, in the slot's file
@@ -211,6 +215,7 @@ class Worker:
         if self._h2pool is None:
             from meshd.worker.upstream.h2_pool import H2Pool
             self._h2pool = H2Pool()
+            self._h2pool.events = self.stripe   # PING timeouts, idle closes, per row
         return self._h2pool
 
     def resolve(self, service: str) -> tuple[Endpoint, ...] | None:

@@ -34,6 +34,7 @@ import msgpack
 
 from meshd import tap as core
 from meshd.private_files import read_trusted
+from meshd.shm import F_WORKER, ROW_UNKNOWN, WORKER_COUNTS, Stripe
 from meshd.worker.access_log import grpc_status
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ _STRINGS = (2, 3, 4, 5, 6, 10, 12)  # a record's strings (meshd.tap.FIELDS)
 Pending = tuple["ListenerConfig", str, "Peer", bytes, "bytes | None", bytes, int,
                 "Call | None", float, float, "UpstreamExchange | None"]
 
+F_SENT = F_WORKER + WORKER_COUNTS.index("tap_sent")
+F_DROPPED = F_WORKER + WORKER_COUNTS.index("tap_dropped")
+
 
 class TapSender:
     def __init__(self, socket_path: str, filter_path: str) -> None:
@@ -70,6 +74,7 @@ class TapSender:
         self._file_id: tuple[int, int] | None = None
         self._sock: socket.socket | None = None
         self._sender: gevent.Greenlet | None = None
+        self.stripe: Stripe | None = None   # the worker's: sent and dropped counted there too
 
     # -- the snapshot poll --------------------------------------------------------------
 
@@ -112,6 +117,8 @@ class TapSender:
             return
         if len(self.queue) >= QUEUE:
             self.dropped += 1
+            if self.stripe is not None:
+                self.stripe.add(ROW_UNKNOWN, F_DROPPED)
             return
         self.queue.append((listener, service, peer, method, authority, path, status, call,
                            started, time.monotonic(), answered))
@@ -137,10 +144,13 @@ class TapSender:
                 rec = _record(queue.popleft(), shift)
                 batch.append(rec)
                 size += 96 + sum(len(rec[i]) for i in _STRINGS)
-            if self._send(msgpack.packb([core.MSG_RECORDS, batch])):
+            ok = self._send(msgpack.packb([core.MSG_RECORDS, batch]))
+            if ok:
                 self.sent += len(batch)
             else:
                 self.dropped += len(batch)
+            if self.stripe is not None:
+                self.stripe.add(ROW_UNKNOWN, F_SENT if ok else F_DROPPED, len(batch))
 
     def _send(self, data: bytes) -> bool:
         if self._sock is None:

@@ -68,6 +68,7 @@ from meshd.errors import NotSent, PeerSilent, StreamRefused, UpstreamError, Upst
 from meshd.proto.h2_connection import H2Connection
 from meshd.proto.h2_headers import request_problem, response_problem, trailers_problem
 from meshd.ratelog import Throttle
+from meshd.shm import F_IDLE_REAPED, F_PING_TIMEOUT, Stripe
 from meshd.worker.sockio import address_name, recv, recv_after_wait, sendall, tcp_connect
 
 log = logging.getLogger("meshd.worker")
@@ -400,6 +401,10 @@ class H2Upstream:
         self.idle_since = time.monotonic()
         self.last_heard = self.idle_since  # when a frame (any bytes) last came from the peer
         self.silent = False                # no answer to a PING in time: taken out of use
+        # Where its events are counted (the pool's): the worker's stripe, on the
+        # (listener, service) row of the last stream opened (meshd.shm UPSTREAM_EVENTS).
+        self.events: Stripe | None = None
+        self.row = -1
         self._busy_since = 0.0             # when the first of the current streams opened
         self._ping_sent: float | None = None  # a PING is out, unanswered, since
         self._wake = gevent.event.Event()  # for the watchdog: streams came or went, closed
@@ -629,6 +634,7 @@ class H2Upstream:
                     left = self.idle_since + self.idle_timeout - now
                     if left <= 0:
                         self.close(f"idle for {self.idle_timeout:g}s")
+                        self._count(F_IDLE_REAPED)
                         return
                     self._sleep(left)
                 elif self.ping_timeout <= 0 or self.silent:
@@ -649,6 +655,10 @@ class H2Upstream:
             log.exception("HTTP/2 upstream %s: watchdog failed", self.name)
             with self.lock:
                 self._lost("watchdog failed")
+
+    def _count(self, field: int) -> None:
+        if self.events is not None and self.row >= 0:
+            self.events.add(self.row, field)
 
     def _sleep(self, timeout: float | None) -> None:
         self._wake.clear()
@@ -674,6 +684,7 @@ class H2Upstream:
         self.silent = True
         self.alive = False
         self.draining = True
+        self._count(F_PING_TIMEOUT)
         quiet.warning("h2-silent", "HTTP/2 upstream %s answered no PING within %gs: "
                       "taking it out of use (%d streams waiting)", self.name,
                       self.ping_timeout, len(self.streams))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gevent.lock
 
 from meshd.errors import EndpointsBusy, UpstreamTimeout
+from meshd.shm import Stripe
 from meshd.worker.upstream.h2 import (
     CONNECTION_WINDOW,
     IDLE_TIMEOUT,
@@ -56,12 +57,13 @@ class H2Pool:
         self.connection_window = connection_window
         self.connections: dict[Key, list[H2Upstream]] = {}
         self.retired: set[H2Upstream] = set()  # out of the pool, streams still finishing
+        self.events: Stripe | None = None   # the worker's: connection events (H2Upstream.events)
         self._connecting: dict[Key, gevent.lock.Semaphore] = {}
 
     def stream(self, address: tuple[str, int], headers: Headers, end_stream: bool,
                connect_timeout: float, tls: TlsTarget | None = None,
                checked: bool = False, idle_timeout: float = IDLE_TIMEOUT,
-               ping_timeout: float = 0.0) -> H2Stream:
+               ping_timeout: float = 0.0, row: int = -1) -> H2Stream:
         """A new stream to ``address``, on a pooled connection with room or a new one
         (over TLS with ``tls``). Raises ``EndpointsBusy`` when every allowed connection
         is full. ``checked``: the head is valid by construction (``check_headers`` would
@@ -77,6 +79,7 @@ class H2Pool:
                 up = self._connect(address, key, conns, connect_timeout, tls)
             up.idle_timeout = idle_timeout
             up.ping_timeout = ping_timeout
+            up.events, up.row = self.events, row   # its events count on the last stream's row
             try:
                 return up.open_stream(headers, end_stream, checked=True)
             except StreamNotOpened:

@@ -31,6 +31,7 @@ from gevent.monkey import get_original
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, NotSent, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
+from meshd.shm import F_IDLE_REAPED, Stripe
 from meshd.worker.sockio import recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def pool_key(ep: Endpoint, tls: TlsTarget | None) -> PoolKey:
 
 class UpstreamConn:
     __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use",
-                 "tls", "alpn", "request_sent", "max_idle")
+                 "tls", "alpn", "request_sent", "max_idle", "metric_row")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
                  counter: Counter = _no_count, tls: TlsTarget | None = None,
@@ -80,6 +81,7 @@ class UpstreamConn:
         # that ended short would make the upstream read the next request as its body.
         self.request_sent = False
         self.max_idle = 0.0  # the idle_timeout of its last request (0: the pool's)
+        self.metric_row = -1  # the (listener, service) row of its last request (events)
         self.use()
 
     def use(self) -> None:
@@ -153,6 +155,9 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.counter = counter
         self.connections = connections  # row -> open connections of all workers
+        # The worker's stripe: idle connections reaped are counted on the row of their
+        # last request (meshd.shm UPSTREAM_EVENTS "idle_reaped").
+        self.events: Stripe | None = None
         self._idle: dict[PoolKey, list[UpstreamConn]] = {}
 
     def acquire(self, ep: Endpoint, connect_timeout: float, check: bool = True,
@@ -268,6 +273,8 @@ class Pool:
                 if now - conn.idle_since >= (conn.max_idle or self.idle_timeout):
                     conn.close()
                     closed += 1
+                    if self.events is not None and conn.metric_row >= 0:
+                        self.events.add(conn.metric_row, F_IDLE_REAPED)
                 else:
                     keep.append(conn)
             stack[:] = keep
