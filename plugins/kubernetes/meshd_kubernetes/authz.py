@@ -59,14 +59,12 @@ from meshd.fleet.api import (
     MAX_AUTHZ_RULES,
     Authorization,
     AuthzRule,
-    Clear,
     Match,
     PathMatch,
-    Refused,
-    Set,
     Update,
 )
 from meshd.identity import spiffe
+from meshd_kubernetes.reports import PartReporter
 
 KIND = "AuthorizationPolicy"
 GROUP_VERSION = "security.istio.io/v1"
@@ -182,7 +180,7 @@ class ServiceAuthz:
         self.good: dict[str, Parsed] = {}        # name -> the last good version
         self.refused: dict[str, str] = {}        # name -> why the current one is not
         self.inert: dict[str, bool] = {}         # name -> a selector or dry-run policy
-        self._sent: tuple[Authorization | None, tuple[str, str] | None] | None = None
+        self._report = PartReporter("authz", "policies")
 
     def applies(self, obj: Mapping[str, Any]) -> bool:
         keys = targets(obj)
@@ -244,24 +242,8 @@ class ServiceAuthz:
         return merge(chosen), sorted(refused)
 
     def updates(self) -> list[Update]:
-        """What changed since the last call (the first call always says something); a
-        refusal is said again after every Set (meshd keeps one per part)."""
-        part, refused = self.part()
-        summary = None
-        if refused:
-            entry, why = refused[0]
-            more = f" (and {len(refused) - 1} more refused policies)" if len(refused) > 1 else ""
-            summary = (entry, why + more)
-        sent = self._sent
-        out: list[Update] = []
-        if sent is None or sent[0] != part or (sent[1] is not None and summary is None):
-            out.append(Set(part) if part is not None else Clear("authz"))
-            if summary is not None:
-                out.append(Refused("authz", *summary))
-        elif summary != sent[1] and summary is not None:
-            out.append(Refused("authz", *summary))
-        self._sent = (part, summary)
-        return out
+        """What changed since the last call (``reports.PartReporter``)."""
+        return self._report.updates(*self.part())
 
 
 # -- one policy ---------------------------------------------------------------------------

@@ -65,21 +65,19 @@ from meshd.fleet.api import (
     MAX_REGEX,
     MAX_ROUTES,
     MAX_TARGETS,
-    Clear,
     HeaderEdit,
     HeaderMatch,
     Match,
     PathMatch,
     QueryMatch,
-    Refused,
     Route,
     Routes,
-    Set,
     Target,
     Update,
     WeightedTarget,
 )
 from meshd.fleet.rewrite import reserved
+from meshd_kubernetes.reports import PartReporter
 
 KINDS = ("HTTPRoute", "GRPCRoute")
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
@@ -214,7 +212,7 @@ class ServiceRoutes:
         # keys: (kind, namespace, name)
         self.good: dict[tuple[str, str, str], Parsed] = {}     # the last good version
         self.refused: dict[tuple[str, str, str], str] = {}     # why the current one is not
-        self._sent: tuple[Routes | None, tuple[str, str] | None] | None = None
+        self._report = PartReporter("routes", "routes")
 
     def reset(self, kind: str, namespace: str, objects: Iterable[Mapping[str, Any]]) -> None:
         """A full list of ``kind`` in ``namespace``: what is not in it is gone."""
@@ -263,25 +261,8 @@ class ServiceRoutes:
         return merge(good), sorted(refused)
 
     def updates(self) -> list[Update]:
-        """What changed since the last call, as config-source updates (the first call
-        always says something). meshd keeps one refusal per part, which a Set clears:
-        a refusal is said again after every Set."""
-        part, refused = self.routes()
-        summary = None
-        if refused:
-            entry, why = refused[0]
-            more = f" (and {len(refused) - 1} more refused routes)" if len(refused) > 1 else ""
-            summary = (entry, why + more)
-        sent = self._sent
-        out: list[Update] = []
-        if sent is None or sent[0] != part or (sent[1] is not None and summary is None):
-            out.append(Set(part) if part is not None else Clear("routes"))
-            if summary is not None:
-                out.append(Refused("routes", *summary))
-        elif summary != sent[1] and summary is not None:
-            out.append(Refused("routes", *summary))
-        self._sent = (part, summary)
-        return out
+        """What changed since the last call (``reports.PartReporter``)."""
+        return self._report.updates(*self.routes())
 
 
 # -- one route --------------------------------------------------------------------------------
