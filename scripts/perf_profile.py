@@ -6,8 +6,14 @@ wrk load on it and measures one of:
 - ``cpu``: the worker's own CPU µs per request (utime+stime from /proc around a wrk run),
   the most stable figure on a shared machine; ``--rounds`` runs, each printed;
 - ``strace``: ``strace -c -f`` on the worker during a wrk run: system calls per request;
+  ``trace``: every call of a one-second run, to read;
 - ``pyspy``: ``py-spy record`` of the worker under load (a flamegraph SVG and the raw
-  collapsed stacks), ``--native`` to see C frames too.
+  collapsed stacks), ``--native`` to see C frames too; py-spy samples wall time, so on a
+  busy machine a ``send`` preempted by the peer it woke looks expensive: read CPU from
+  ``cpu``;
+- ``perf``: ``perf record -g`` of the worker (interpreter and kernel C functions);
+- ``cprofile``: exact Python calls per request (and cProfile's distorted times), the
+  workers profiling themselves through ``profile_site/sitecustomize.py``.
 
 Output goes to ``--out`` (default bench-results/profile). Not part of the test suite.
 """
@@ -71,12 +77,8 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
-    site = os.environ.get("MESHD_PROFILE_SITE")  # a dir with the cProfile sitecustomize
-    if args.mode == "cprofile":
-        if not site:
-            print("cprofile needs MESHD_PROFILE_SITE (a sitecustomize dir)", file=sys.stderr)
-            return 2
-        os.environ["PYTHONPATH"] = site
+    if args.mode == "cprofile":  # the workers profile themselves (profile_site/)
+        os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent / "profile_site")
         os.environ["MESHD_CPROFILE"] = str(args.out.resolve())
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshd-prof-")))
