@@ -49,7 +49,7 @@ test: $(STAMP)
 	$(if $(PYTEST_ARGS),,$(VENV)/bin/pytest -q $(ALONE_TESTS))
 
 bench: $(STAMP)
-	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx h2load"
+	@$(MAKE) --no-print-directory tools TOOLS="curl wrk nginx nginx-stream h2load"
 	$(PY) -m bench $(BENCH_ARGS)
 
 PREFIX ?= /opt/meshd

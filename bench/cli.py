@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import CHOICES, RESULTS, ROOT, SCENARIOS, TARGETS, BenchError
+from bench.capacity import scenario_idle, scenario_tcp
+from bench.common import CHOICES, IDLE_CONNECTIONS, RESULTS, ROOT, SCENARIOS, TARGETS, BenchError
 from bench.procs import backend_nginx, distinct_free_ports, serve_slow
 from bench.scenarios import (
     scenario_balancing,
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="two-hop: keep-alive connections of the open-loop load")
     parser.add_argument("--hop-workers", type=int, default=1,
                         help="two-hop: workers of each meshd")
+    parser.add_argument("--idle", type=int, default=IDLE_CONNECTIONS,
+                        help="idle: keep-alive client connections held on one worker")
     parser.add_argument("--access-log", choices=("text", "json"),
                         help="http1 scenario: meshd with [access_log] to a file, this format")
     parser.add_argument("--tap", action="store_true",
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(CHOICES))
     if (unknown or not names or args.rounds < 1 or args.duration <= 0 or args.connections < 2
             or args.slow_connections < 2 or args.rate <= 0 or args.rate_duration <= 0
-            or args.rate_connections < 1 or args.hop_workers < 1):
+            or args.rate_connections < 1 or args.hop_workers < 1 or args.idle < 1):
         parser.error(f"bad options (unknown targets: {unknown})" if unknown else "bad options")
     targets = [t for t in TARGETS if t in names or "http1" in names]
 
@@ -88,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             if "h2" in names:
                 with contextlib.ExitStack() as own:
                     scenario_h2(direct_h2, backend_port, workdir, args, own)
+            if "tcp" in names:
+                with contextlib.ExitStack() as own:
+                    scenario_tcp(backend_port, workdir, args, own)
+            if "idle" in names:
+                with contextlib.ExitStack() as own:
+                    scenario_idle(backend_port, workdir, args, own)
             if "two-hop" in names:
                 with contextlib.ExitStack() as own:
                     scenario_two_hop(backend_port, workdir, args, own)

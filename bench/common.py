@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
 TARGETS = ("direct", "nginx", "meshd-1w", "meshd-2w")
-SCENARIOS = ("balancing", "slow-endpoint", "h2", "two-hop")
+SCENARIOS = ("balancing", "slow-endpoint", "h2", "two-hop", "tcp", "idle")
 CHOICES = (*TARGETS, "http1", *SCENARIOS)
 BODY = "meshd bench: a fixed answer of about one hundred bytes from the nginx backend, padded to len\n"
 AIM = 0.25  # meshd 2 workers vs nginx req/s, the issue's aim
@@ -31,6 +31,9 @@ H2_AIM = 0.20  # meshd (2 workers) vs nginx req/s over HTTP/2, the issue's aim
 # nginx ends an HTTP/2 connection after keepalive_requests (1,000) requests and h2load does
 # not reconnect: the h2c servers allow many more
 H2_KEEPALIVE = "    keepalive_requests 100000000;\n"
+TCP_TARGETS = ("nginx-tcp", "meshd-tcp")  # nginx's stream proxy is the baseline
+TCP_AIM = 0.8  # opaque TCP through meshd (2 workers) vs nginx stream req/s, issue 17's aim
+IDLE_CONNECTIONS = 10_000  # the idle scenario's keep-alive client connections (one worker)
 HOPS = ("direct", "one-hop", "two-hop", "two-hop-mtls")  # direct is the baseline
 HOP_AIM_MS = 2.0  # two hops may add under 2 ms median at the fixed rate
 # issue 14: two hops over mTLS add p50 < 1 ms, p99 < 5 ms; CPU per request within 1.2x

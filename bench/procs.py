@@ -63,17 +63,21 @@ def cpu_ticks(root: int) -> int:
 class Nginx:
     """nginx in the foreground (``daemon off``) on a config generated into its own dir."""
 
-    def __init__(self, name: str, workdir: Path, port: int, workers: int, http_block: str) -> None:
+    def __init__(self, name: str, workdir: Path, port: int, workers: int, http_block: str,
+                 top: str = "", stream_block: str = "") -> None:
+        """``top``: main-context lines (``load_module``); ``stream_block``: a ``stream {}``
+        context's lines (TCP proxying), when given."""
         self.name, self.port = name, port
         self.dir = workdir / name
         self.dir.mkdir()
         temp_paths = "".join(f"  {kind}_temp_path {self.dir}/{kind};\n"
                              for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        stream = f"stream {{\n{stream_block}}}\n" if stream_block else ""
         (self.dir / "nginx.conf").write_text(
-            f"daemon off;\nmaster_process on;\nworker_processes {workers};\n"
+            f"{top}daemon off;\nmaster_process on;\nworker_processes {workers};\n"
             f"error_log {self.dir}/error.log;\npid {self.dir}/nginx.pid;\n"
             f"events {{ worker_connections 4096; }}\n"
-            f"http {{\n  access_log off;\n{temp_paths}{http_block}}}\n")
+            f"http {{\n  access_log off;\n{temp_paths}{http_block}}}\n{stream}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

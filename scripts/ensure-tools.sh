@@ -7,6 +7,7 @@ for tool in "$@"; do
   command -v "$tool" >/dev/null 2>&1 && continue
   case "$tool" in
     nginx) [ -x /usr/sbin/nginx ] && continue; pkg=nginx-light ;;
+    nginx-stream) [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && continue; pkg=libnginx-mod-stream ;;
     h2load|nghttp) pkg=nghttp2-client ;;
     iptables|iptables-restore) pkg=iptables ;;
     ip) pkg=iproute2 ;;

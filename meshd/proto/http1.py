@@ -187,6 +187,9 @@ def _collect(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     if not values:
         return _EMPTY
+    if len(values) == 1 and b"," not in values[0]:  # the usual single token: no generator
+        token = values[0].strip(b" \t").lower()
+        return frozenset((token,)) if token else _EMPTY
     return frozenset(t.strip(b" \t").lower() for v in values for t in v.split(b",")) - {b""}
 
 
@@ -213,6 +216,8 @@ def _codings(values: list[bytes]) -> list[bytes]:
 
 
 def _content_length(value: bytes) -> int:
+    if value.isdigit() and len(value) < 19:  # ASCII digits, below 2**63 - 1 whatever they are
+        return int(value)
     if not value:
         raise BadRequest("empty Content-Length")
     if b"," in value:
@@ -355,10 +360,13 @@ def _parse_response_head(head: bytes, max_headers: int) -> ResponseHead:
             keep_alive = False
     elif lengths is not None:
         # RFC 9112 §6.3: repeated or listed values are accepted only when all are equal.
-        values = {v.strip(b" \t") for field in lengths for v in field.split(b",")}
-        if len(values) != 1:
-            raise BadRequest("conflicting Content-Length values")
-        content_length = _content_length(values.pop())
+        if len(lengths) == 1 and b"," not in lengths[0]:  # the usual one (OWS stripped already)
+            content_length = _content_length(lengths[0])
+        else:
+            values = {v.strip(b" \t") for field in lengths for v in field.split(b",")}
+            if len(values) != 1:
+                raise BadRequest("conflicting Content-Length values")
+            content_length = _content_length(values.pop())
     return ResponseHead(
         version=version,
         status=int(status),

@@ -5,9 +5,13 @@ its chunks; on loopback and for responses of ordinary size one ``send`` takes
 everything. ``sendall`` here tries the raw non-blocking send first and waits on the
 socket's own write watcher only when the kernel buffer is full, so a typical request
 costs one system call per write (PERF.md: the biggest single lever is fewer calls).
+``recv`` and ``recv_after_wait`` take the wait's timeout as an argument and wait with
+one timer watcher, not a ``gevent.Timeout`` and a ``settimeout`` before and after
+(issue 17: about 15 % of a worker's CPU per proxied request went there).
 
-This relies on two long-stable attributes of gevent's socket (``_sock``, the real
-non-blocking socket, and ``_wait``/``_write_event``, the reusable watcher), here alone:
+This relies on long-stable attributes of gevent's socket (``_sock``, the real
+non-blocking socket, and ``_wait``/``_read_event``/``_write_event``, the reusable
+watchers), here alone:
 the HTTP/2 server's own writer gets them through ``raw_socket`` and ``wait_writable``.
 The test suite exercises them on every request. A TLS socket (an upstream over
 ``[service.X.tls]``) goes through its own ``sendall``/``recv`` instead: its ``_sock``
@@ -28,6 +32,8 @@ from typing import Any
 import gevent
 import gevent.socket
 import gevent.ssl
+from gevent.exceptions import ConcurrentObjectUseError
+from gevent.hub import Waiter
 from gevent.socket import wait_read, wait_write
 
 from meshd.errors import UpstreamError, UpstreamTimeout
@@ -37,6 +43,8 @@ _TLS_PIECE = 1 << 16  # bytes per bounded TLS write (write_timeout)
 HAS_SPLICE = hasattr(os, "splice")
 CHUNK = 1 << 16       # bytes per pump step
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_SOCKET: Any = object()     # recv's timeout by default: the socket's own
+_TIMED_OUT = object()       # what a wait's timer hands its waiter
 
 
 def is_tls(sock: socket.socket) -> bool:
@@ -96,37 +104,80 @@ def wait_writable(sock: socket.socket, timeout: float) -> None:
     gevent.socket.wait(g._write_event, timeout)
 
 
-def recv(sock: socket.socket, size: int) -> bytes:
+def recv(sock: socket.socket, size: int, timeout: float | None | object = _SOCKET) -> bytes:
     """``recv`` with the raw non-blocking call first, waiting on the socket's own read
-    watcher (within the socket's timeout, TimeoutError after it) only when nothing is
-    there: no timer or exception when data is waiting."""
+    watcher (within ``timeout``, by default the socket's own; TimeoutError after it)
+    only when nothing is there: no timer or exception when data is waiting."""
     if isinstance(sock, _SSLSocket):
-        return sock.recv(size)
+        return _tls_recv(sock, size, timeout)
     g: Any = sock
     raw: socket.socket = g._sock
     while True:
         try:
             return raw.recv(size)
         except BlockingIOError:
-            g._wait(g._read_event)
+            _wait_read(g, g.timeout if timeout is _SOCKET else timeout)
 
 
-def recv_after_wait(sock: socket.socket, size: int) -> bytes:
+def recv_after_wait(sock: socket.socket, size: int,
+                    timeout: float | None | object = _SOCKET) -> bytes:
     """``recv`` for an answer to what was just sent: wait for the socket to be readable
-    first (within the socket's timeout, TimeoutError after it), then one raw recv. The
-    usual recv tries first and, since the peer cannot have answered yet, pays a failed
-    system call and an exception for nothing. (TLS: the socket's own recv, which knows
-    the bytes it has decrypted already.)"""
+    first (within ``timeout``, by default the socket's own; TimeoutError after it), then
+    one raw recv. The usual recv tries first and, since the peer cannot have answered
+    yet, pays a failed system call and an exception for nothing. (TLS: the socket's own
+    recv, which knows the bytes it has decrypted already.)"""
     if isinstance(sock, _SSLSocket):
-        return sock.recv(size)
+        return _tls_recv(sock, size, timeout)
     g: Any = sock
     raw: socket.socket = g._sock
+    if timeout is _SOCKET:
+        timeout = g.timeout
     while True:
-        g._wait(g._read_event)
+        _wait_read(g, timeout)
         try:
             return raw.recv(size)
         except BlockingIOError:  # a spurious wakeup: wait again
             continue
+
+
+def _wait_read(g: Any, timeout: Any) -> None:
+    """Wait on the socket's own read watcher, TimeoutError after ``timeout`` (None: no
+    limit). What gevent's cooperative wait does, with one timer watcher instead of a
+    ``gevent.Timeout`` (a Python object, started, entered, exited and closed on every
+    wait) and without the caller setting the socket's timeout before and after each
+    read (each ``settimeout`` is a Python call too): on the hot path, two waits per
+    request."""
+    watcher = g._read_event
+    if watcher is None:  # closed meanwhile (by another greenlet)
+        raise OSError(errno.EBADF, "socket closed")
+    if watcher.callback is not None:  # as gevent's own wait refuses it
+        raise ConcurrentObjectUseError(f"socket already waited on by {watcher.callback!r}")
+    hub = g.hub
+    if timeout is None:
+        hub.wait(watcher)
+        return
+    waiter = Waiter(hub)
+    timer = hub.loop.timer(max(timeout, 0.0))
+    watcher.start(waiter.switch, waiter)
+    try:
+        timer.start(waiter.switch, _TIMED_OUT)
+        if waiter.get() is _TIMED_OUT:
+            raise TimeoutError("timed out")
+    finally:
+        watcher.stop()
+        timer.close()
+
+
+def _tls_recv(sock: Any, size: int, timeout: Any) -> bytes:
+    """A TLS socket's own recv within ``timeout`` (its own timeout by default)."""
+    if timeout is _SOCKET:
+        return sock.recv(size)
+    old = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(size)
+    finally:
+        sock.settimeout(old)
 
 
 def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:

@@ -148,12 +148,11 @@ class HttpConnection:
                     if buf:
                         raise RequestTimeout("request header read timed out")
                     raise Idle()
-                sock.settimeout(remaining)
                 try:
                     # After a response the client has yet to send its next request: wait
                     # for it, then read (no failed read first, see sockio.recv_after_wait).
-                    data = recv(sock, READ_SIZE) if first or buf else \
-                        recv_after_wait(sock, READ_SIZE)
+                    data = recv(sock, READ_SIZE, remaining) if first or buf else \
+                        recv_after_wait(sock, READ_SIZE, remaining)
                 except TimeoutError:
                     continue
                 except OSError:
@@ -180,7 +179,6 @@ class HttpConnection:
                     raise HeadersTooLarge()
         finally:
             self.idle_since = 0.0
-            sock.settimeout(None)
 
     def _take_head(self, end: int) -> bytes:
         head = bytes(self.buf[: end + 4])

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import gevent
 from gevent.monkey import get_original
 
 from meshd.discovery.api import Endpoint
@@ -122,8 +121,9 @@ class UpstreamConn:
             self.buf.clear()
             return data
         try:
-            with gevent.Timeout(idle_timeout, UpstreamTimeout("response body stalled")):
-                data = recv(self.sock, READ_SIZE)
+            data = recv(self.sock, READ_SIZE, idle_timeout)
+        except TimeoutError:
+            raise UpstreamTimeout("response body stalled") from None
         except OSError as e:
             raise UpstreamError(f"reading from {self.endpoint}: {e.strerror or e}") from None
         if not data and required:
@@ -204,6 +204,9 @@ class Pool:
             raise UpstreamError(f"connect to {ep} failed: {e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is None:
+            # Every wait on it from here on names its own timeout (sockio's reads, the
+            # writers'), none inherits the connect timeout.
+            sock.settimeout(None)
             return UpstreamConn(sock, ep, row, self.counter)
         left = connect_timeout - (time.monotonic() - started)  # the handshake shares it
         tls_sock, selected = tls.handshake(sock, ep.address, left)
@@ -313,16 +316,13 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
         if remaining <= 0:
             which = "timeout" if try_deadline >= deadline else "try_timeout"
             raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
-        conn.sock.settimeout(remaining)
         try:
             # Wait, then read: nothing can be there yet the first time round.
-            data = recv_after_wait(conn.sock, READ_SIZE)
+            data = recv_after_wait(conn.sock, READ_SIZE, remaining)
         except TimeoutError:
             continue
         except OSError as e:
             raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
-        finally:
-            conn.sock.settimeout(None)
         if not data:
             raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
         start = max(0, len(buf) - 3)

@@ -1,0 +1,29 @@
+"""For ``scripts/perf_profile.py cprofile`` only (put on PYTHONPATH by it): with
+MESHD_CPROFILE set to a directory, every forked child (meshd's workers) runs under
+cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling."""
+
+from __future__ import annotations
+
+import os
+from types import FrameType
+
+_dir = os.environ.get("MESHD_CPROFILE")
+if _dir:
+    import cProfile
+    import signal
+
+    _prof: list[cProfile.Profile] = []
+
+    def _dump(signum: int, frame: FrameType | None) -> None:
+        assert _dir is not None
+        for p in _prof:
+            p.disable()
+            p.dump_stats(os.path.join(_dir, f"{os.getpid()}.prof"))
+            p.enable()
+
+    def _start() -> None:
+        _prof[:] = [cProfile.Profile()]
+        signal.signal(signal.SIGUSR1, _dump)
+        _prof[0].enable()
+
+    os.register_at_fork(after_in_child=_start)
