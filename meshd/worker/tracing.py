@@ -69,9 +69,10 @@ Started = tuple[str, str, str, bool, int]
 # A finished span: Started's ids and start, end ns, direction, listener, service, route,
 # method, authority, path, status, the exchange that answered a gRPC request (its
 # grpc-status is read by the exporter) or None, endpoint, attempts, the client
-# connection's TLS (terminated by meshd) and client_id
+# connection's TLS (terminated by meshd) and client_id, the request's and the response's
+# body bytes (meshd.worker.observe)
 Span = tuple[str, str, str, int, int, str, str, str, "str | None", bytes, "bytes | None",
-             bytes, int, "UpstreamExchange | None", str, int, bool, str]
+             bytes, int, "UpstreamExchange | None", str, int, bool, str, int, int]
 
 
 class Tracer:
@@ -113,7 +114,8 @@ class Tracer:
     def finish(self, started: Started, listener: ListenerConfig, service: str,
                route: str | None, method: bytes, authority: bytes | None, path: bytes,
                status: int, call: Call | None, peer: Peer,
-               answered: UpstreamExchange | None = None) -> None:
+               answered: UpstreamExchange | None = None, received: int = 0,
+               sent: int = 0) -> None:
         """Queue the span of a finished request when it is sampled; drop it (counted)
         when the exporter is behind."""
         trace_id, span_id, parent, sampled, start = started
@@ -131,7 +133,7 @@ class Tracer:
         self.queue.append((trace_id, span_id, parent, start, time.time_ns(),
                            listener.direction, listener.name, service, route, method,
                            authority, path, status, answered, endpoint, attempts,
-                           peer.tls, peer.client_id))
+                           peer.tls, peer.client_id, received, sent))
 
     # -- the exporter -----------------------------------------------------------------
 
@@ -273,7 +275,8 @@ class Encoder:
 
     def _span(self, span: Any, s: Span) -> None:
         (trace_id, span_id, parent, start, end, direction, listener, service, route, method,
-         authority, path, status, answered, endpoint, attempts, tls, client_id) = s
+         authority, path, status, answered, endpoint, attempts, tls, client_id, received,
+         sent) = s
         method_text = _cut(method, MAX_METHOD)
         attrs: list[tuple[str, Any]] = [
             ("http.request.method", method_text),
@@ -283,6 +286,8 @@ class Encoder:
             ("meshd.listener", listener),
             ("meshd.service", service),
             ("meshd.attempts", attempts),
+            ("http.request.body.size", received),   # OTel HTTP semantic conventions
+            ("http.response.body.size", sent),
         ]
         if authority:
             attrs.append(("server.address", _cut(authority, MAX_AUTHORITY)))
