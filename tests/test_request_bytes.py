@@ -25,8 +25,9 @@ import h2.events
 import pytest
 from conftest import MeshFactory
 
-from meshd.testing.harness import Backend, Meshd, wait_for
+from meshd.testing.harness import Backend, Meshd, read_head, wait_for
 from meshd.testing.otlp_receiver import OtlpReceiver
+from meshd.testing.tcp_server import TcpServer, echo
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +50,23 @@ def backends() -> Iterator[tuple[Backend, Backend]]:
 
 
 @pytest.fixture(scope="module")
-def meshd(tmp_path_factory, receiver, backends) -> Iterator[tuple[Meshd, Path]]:
+def echo_server() -> Iterator[TcpServer]:
+    with TcpServer(echo) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def meshd(tmp_path_factory, receiver, backends, echo_server) -> Iterator[tuple[Meshd, Path]]:
     """web = [a]; flaky = [a, c], hashed on x-key (a key's first pick is fixed, and a
-    retry goes to the other endpoint); a JSON access log; every request traced."""
+    retry goes to the other endpoint); echo, a TCP echo for CONNECT; a JSON access log;
+    every request traced."""
     a, c = backends
     tmp = tmp_path_factory.mktemp("bytes")
     factory = MeshFactory(tmp)
     log = tmp / "access.log"
     text, ports = factory.config(
-        {"web": [a.address], "flaky": [a.address, c.address]}, workers=1,
+        {"web": [a.address], "flaky": [a.address, c.address], "echo": [echo_server.address]},
+        workers=1,
         extra=(f'[access_log]\npath = "{log}"\nformat = "json"\n'
                f'[tracing]\notlp_endpoint = "{receiver.endpoint}"\nsample_rate = 1\n'
                '[service.flaky]\nbalancer = "consistent_hash"\nhash_on = "header:x-key"\n'
@@ -255,3 +264,22 @@ def test_meshd_answers_and_head_count_what_the_client_got(meshd, receiver):
     line = _entry(log, trace)
     assert (line["status"], line["bytes_received"], line["bytes_sent"]) == \
         (503, 0, len(r.stdout)), line
+
+
+def test_a_connect_tunnel_counts_what_it_carried(meshd, receiver):
+    m, _ = meshd
+    trace, tp = _trace()
+    sent = b"early|" + os.urandom(100_003)
+    with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as s:
+        s.sendall(f"CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n{tp}\r\n\r\n".encode()
+                  + sent[:6])
+        head, marker, got = read_head(s).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and marker, head
+        s.sendall(sent[6:])
+        s.shutdown(socket.SHUT_WR)
+        while data := s.recv(65536):
+            got += data
+    assert got == sent
+    line, logged, span = _counted(meshd, receiver, trace)
+    assert line["method"] == "CONNECT" and line["status"] == 200
+    assert logged == span == (len(sent), len(sent)), line
