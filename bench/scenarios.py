@@ -196,6 +196,8 @@ def _tracing_targets(targets: list[str], backend_port: int, workdir: Path,
     for name in paired:
         port = free_port()
         conf = f'[tracing]\notlp_endpoint = "{endpoint}"\nsample_rate = {TRACE_RATE}\n'
+        if args.tracing == "control":  # an A/A pair: what the pairing alone shows
+            conf = ""
         proc = start_meshd(workdir, int(name[6]), port, backend_port,
                            name=f"{name[6:]}-tracing", extra=conf)
         stack.callback(proc.stop)
