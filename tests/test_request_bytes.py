@@ -283,3 +283,18 @@ def test_a_connect_tunnel_counts_what_it_carried(meshd, receiver):
     line, logged, span = _counted(meshd, receiver, trace)
     assert line["method"] == "CONNECT" and line["status"] == 200
     assert logged == span == (len(sent), len(sent)), line
+
+
+def test_meshd_answer_to_a_connection_close_request_closes(meshd):
+    """A request with "Connection: close" that meshd answers itself (unknown service)
+    gets the answer, then the connection closes (RFC 9112 §9.6); it used to stay open
+    until the client idle timeout."""
+    m, _ = meshd
+    with socket.create_connection(("127.0.0.1", m.ports["outbound"]), timeout=10) as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):  # a TimeoutError here: the connection stayed open
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"\r\nConnection: close" in head, head
+    assert body.endswith(b"\n")

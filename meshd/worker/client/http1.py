@@ -237,8 +237,10 @@ class HttpConnection:
                 quiet.warning(f"{name}: {type(e).__name__} mid-response",
                               "%s: %s after the response started; closing", name, e.reason)
                 return False
-            # A body not read (the request refused before it) cannot stay in the stream.
-            return self._answer_error(e, close=req.has_body and (body is None or not body.done))
+            # A body not read (the request refused before it) cannot stay in the stream;
+            # a client that sent "Connection: close" (or HTTP/1.0) waits for the close.
+            return self._answer_error(e, close=not req.keep_alive
+                                      or req.has_body and (body is None or not body.done))
         finally:
             record_response(worker, row, route_at, status, time.monotonic() - started,
                             status >= 500)
