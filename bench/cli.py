@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tap", action="store_true",
                         help="http1 scenario: beside each meshd target, a twin with one tap "
                              "attached (curl reading admin /tap), measured in the same rounds")
-    parser.add_argument("--tracing", nargs="?", const="receiver", choices=("receiver", "dead"),
+    parser.add_argument("--tracing", nargs="?", const="receiver",
+                        choices=("receiver", "dead", "control"),
                         help="http1 scenario: each meshd target also runs as TARGET+tracing, "
                              "[tracing] sample_rate 0.01 exporting to a local OTLP receiver "
-                             "(or to a dead endpoint: \"dead\"); the per-round req/s ratio "
-                             "to the plain target is printed")
+                             "(or to a dead endpoint: \"dead\"; \"control\": the twin "
+                             "without [tracing], the pairing's own bias); the per-round "
+                             "req/s ratio to the plain target is printed")
     parser.add_argument("--serve-slow", metavar="PORT:MS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_slow:

@@ -165,8 +165,10 @@ def tracing_summary(rounds: dict[str, list[Round]], traced: list[str],
                if x.cpu_us_per_req and y.cpu_us_per_req]
         tracing[name] = {"rps_ratios": ratios, "median": statistics.median(ratios),
                          "cpu_ratios": cpu, "cpu_median": statistics.median(cpu) if cpu else None}
-        print(f"per-round req/s ratio {name}+tracing/{name} (sample_rate {TRACE_RATE}, "
-              f"{args.tracing} endpoint): {', '.join(f'{x:.3f}' for x in ratios)}; "
+        what = ("control: no [tracing] in either" if args.tracing == "control" else
+                f"sample_rate {TRACE_RATE}, {args.tracing} endpoint")
+        print(f"per-round req/s ratio {name}+tracing/{name} ({what}): "
+              f"{', '.join(f'{x:.3f}' for x in ratios)}; "
               f"median {statistics.median(ratios):.3f}")
         if cpu:
             print(f"per-round CPU/req ratio {name}+tracing/{name}: "
@@ -196,6 +198,8 @@ def _tracing_targets(targets: list[str], backend_port: int, workdir: Path,
     for name in paired:
         port = free_port()
         conf = f'[tracing]\notlp_endpoint = "{endpoint}"\nsample_rate = {TRACE_RATE}\n'
+        if args.tracing == "control":  # an A/A pair: what the pairing alone shows
+            conf = ""
         proc = start_meshd(workdir, int(name[6]), port, backend_port,
                            name=f"{name[6:]}-tracing", extra=conf)
         stack.callback(proc.stop)

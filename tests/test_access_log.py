@@ -131,7 +131,7 @@ def test_client_input_cannot_forge_a_line(mesh, backends, tmp_path, fmt):
     else:
         assert '"/x\\"\\\\%0d%0a{\\"status\\":200}\\""' in lines[0], lines[0]
         assert '"/bad\\x7f\\xff\\"x"' in lines[1], lines[1]
-        assert all(len(line.split(" ")) == 14 for line in lines if "/cr" not in line), lines
+        assert all(len(line.split(" ")) == 16 for line in lines if "/cr" not in line), lines
 
 
 def test_text_format_line(mesh, backends, tmp_path):

@@ -182,16 +182,15 @@ def test_b3_context_across_two_meshds(pair, receiver, style):
     assert "traceparent" not in seen
 
 
-def test_unsampled_traces_record_nothing_but_propagate(pair, receiver):
-    """sample_rate 0 and no context: a new trace, not sampled, still propagated; an
-    incoming sampled flag 0 likewise. A sampled request after them proves both were
-    processed by then."""
+def test_unsampled_traces_record_nothing_an_incoming_context_propagates(pair, receiver):
+    """sample_rate 0 and no context: nothing recorded and nothing added, through both
+    meshds (a trace is created only when sampled: no ids, no header rewrite); an
+    incoming sampled flag 0 is propagated with meshd's (unrecorded) span as parent. A
+    sampled request after them proves both were processed by then."""
     a, _ = pair
-    created = _get(a, {})
-    match = W3C.fullmatch(created["traceparent"])
-    assert match and match.group(3) == "00"
-    new_trace = match.group(1)
-    assert created["b3"].startswith(f"{new_trace}-{match.group(2)}-0")  # every format
+    untouched = _get(a, {"x-mark": "1"})
+    assert untouched["x-mark"] == "1"
+    assert not {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-sampled"} & set(untouched)
     unsampled = "11111111111111111111111111111111"
     seen = _get(a, {"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"})
     got = W3C.fullmatch(seen["traceparent"])
@@ -200,7 +199,7 @@ def test_unsampled_traces_record_nothing_but_propagate(pair, receiver):
     marker = "22222222222222222222222222222222"
     _get(a, {"traceparent": f"00-{marker}-{CLIENT_SPAN}-01"})
     receiver.wait_spans(2, match=_of_trace(marker))
-    assert [s for s in receiver.snapshot() if s["trace_id"] in (new_trace, unsampled)] == []
+    assert [s for s in receiver.snapshot() if s["trace_id"] == unsampled] == []
 
 
 # -- one meshd, sample_rate 1 -----------------------------------------------------------
@@ -223,18 +222,19 @@ def test_a_trace_starts_when_there_is_none_and_the_access_log_has_its_id(single,
 
 
 def test_b3_only_propagation_and_the_access_log(factory, receiver, app, tmp_path):
-    """propagation = ["b3"]: a trace meshd starts goes out as b3 alone (an incoming
-    traceparent passes untouched), and the access log names meshd's trace."""
+    """propagation = ["b3"]: a trace meshd starts (sampled: it starts none otherwise)
+    goes out as b3 alone (an incoming traceparent passes untouched), and the access log
+    names meshd's trace."""
     log = tmp_path / "access.log"
     text, ports = factory.config(
         {"web": [app]}, workers=1,
-        extra=(f'[tracing]\notlp_endpoint = "{receiver.endpoint}"\nsample_rate = 0\n'
+        extra=(f'[tracing]\notlp_endpoint = "{receiver.endpoint}"\nsample_rate = 1\n'
                f'propagation = ["b3"]\n[access_log]\npath = "{log}"\nformat = "json"\n'))
     m = factory.start(text, ports)
     seen = _get(m, {})
     assert "traceparent" not in seen
     trace, span, flag = seen["b3"].split("-")
-    assert len(trace) == 32 and len(span) == 16 and flag == "0"
+    assert len(trace) == 32 and len(span) == 16 and flag == "1"
     assert wait_for(lambda: log.exists() and log.read_text().strip(), timeout=20)
     assert json.loads(log.read_text().splitlines()[0])["trace_id"] == trace
     kept = _get(m, {"traceparent": TRACEPARENT})

@@ -49,12 +49,16 @@ FLUSH_INTERVAL = 0.05    # seconds between the writer's turns (how late a line m
 # (wall time, direction, listener, client address, client_id, method, authority, path,
 #  status, the exchange that answered a gRPC request (its grpc-status is read by the
 #  writer, not the request path) or None, endpoint, duration seconds, attempts, request
-#  headers)
+#  headers, body bytes received from the client, body bytes sent to it)
 Record = tuple[float, str, str, bytes, str, bytes, "bytes | None", bytes, int,
-               "UpstreamExchange | None", str, float, int, Sequence[tuple[bytes, bytes]]]
+               "UpstreamExchange | None", str, float, int, Sequence[tuple[bytes, bytes]],
+               int, int]
 
+# bytes_received / bytes_sent: body bytes, as Envoy's BYTES_RECEIVED / BYTES_SENT (what
+# they count: meshd.worker.observe); last, so the text format's earlier columns stay put
 FIELDS = ("time", "direction", "listener", "client", "client_id", "method", "authority",
-          "path", "status", "grpc_status", "endpoint", "duration_ms", "attempts", "trace_id")
+          "path", "status", "grpc_status", "endpoint", "duration_ms", "attempts", "trace_id",
+          "bytes_received", "bytes_sent")
 
 
 def _cut(value: bytes | None, limit: int) -> str:
@@ -110,7 +114,7 @@ def _timestamp(wall: float) -> str:
 def fields(rec: Record) -> dict[str, Any]:
     """The line's fields, client-controlled ones bounded (not yet escaped)."""
     (wall, direction, listener, client, client_id, method, authority, path, status,
-     answered, endpoint, duration, attempts, headers) = rec
+     answered, endpoint, duration, attempts, headers, received, sent) = rec
     return {
         "time": _timestamp(wall),
         "direction": direction,
@@ -126,6 +130,8 @@ def fields(rec: Record) -> dict[str, Any]:
         "duration_ms": round(duration * 1000, 3),
         "attempts": attempts,
         "trace_id": trace_id(headers),
+        "bytes_received": received,
+        "bytes_sent": sent,
     }
 
 
@@ -154,7 +160,8 @@ def quote(value: str) -> str:
 
 def format_text(rec: Record) -> bytes:
     """``time direction listener client client_id "METHOD" "authority" "path" status
-    grpc_status endpoint duration_ms attempts trace_id``; empty fields are "-"."""
+    grpc_status endpoint duration_ms attempts trace_id bytes_received bytes_sent``;
+    empty fields are "-"."""
     f = fields(rec)
     out = []
     for name in FIELDS:
@@ -260,10 +267,12 @@ class AccessLog:
 def request(alog: AccessLog, listener: ListenerConfig, client: bytes, client_id: str,
             method: bytes, authority: bytes | None, path: bytes, status: int,
             call: Call | None, started: float, headers: Sequence[tuple[bytes, bytes]],
-            answered: UpstreamExchange | None = None) -> None:
-    """Record one finished request (called where every request ends: the client side's
-    ``finally``, with ``started`` the monotonic time its head arrived). ``answered``:
-    the exchange whose response a gRPC request got, for its ``grpc-status``."""
+            answered: UpstreamExchange | None = None, received: int = 0,
+            sent: int = 0) -> None:
+    """Record one finished request (from ``meshd.worker.observe``, where every request
+    ends, with ``started`` the monotonic time its head arrived). ``answered``: the
+    exchange whose response a gRPC request got, for its ``grpc-status``; ``received``,
+    ``sent``: its body bytes."""
     endpoint = ""
     attempts = 0
     if call is not None and call.tried:
@@ -273,16 +282,17 @@ def request(alog: AccessLog, listener: ListenerConfig, client: bytes, client_id:
     duration = time.monotonic() - started
     alog.record((time.time(), listener.direction, listener.name, client, client_id,
                  method, authority, path, status, answered, endpoint, duration, attempts,
-                 headers))
+                 headers, received, sent))
 
 
 def rejected(alog: AccessLog, listener: ListenerConfig, client: bytes, client_id: str,
-             head: bytes, status: int, started: float) -> None:
+             head: bytes, status: int, started: float, sent: int = 0) -> None:
     """Record an HTTP/1.1 request refused before it could be parsed (its answer is
-    ``status``): the method and target as far as its request line tells."""
+    ``status``, with a body of ``sent`` bytes): the method and target as far as its
+    request line tells."""
     line = head[:MAX_PATH + MAX_METHOD + 16].split(b"\n", 1)[0].rstrip(b"\r")
     parts = line.split(b" ")
     method = parts[0] if len(parts) > 1 else b""
     path = parts[1] if len(parts) > 1 else b""
     alog.record((time.time(), listener.direction, listener.name, client, client_id, method,
-                 None, path, status, None, "", time.monotonic() - started, 0, ()))
+                 None, path, status, None, "", time.monotonic() - started, 0, (), 0, sent))

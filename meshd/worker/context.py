@@ -56,6 +56,7 @@ class Context(Protocol):
     access_log: AccessLog | None     # with [access_log]: the writer's queue (None: no cost)
     tap: TapSender | None            # while someone taps (meshd.worker.tap); None: no cost
     tracer: Tracer | None            # with [tracing]: contexts, spans, the exporter
+    observing: bool                  # access_log or tap set: meshd.worker.observe is called
     decisions: DecisionRing | None   # the last balancer decisions (None: could not be created)
     draining: bool
     listeners: list[tuple[ListenerConfig, socket.socket]]

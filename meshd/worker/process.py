@@ -118,6 +118,8 @@ class Worker:
             self.access_log.stripe = self.stripe
         traces = ctx.config.tracing
         self.tracer = Tracer(traces, self.stripe) if traces is not None else None
+        # one test at the end of each request (meshd.worker.observe); follows self.tap
+        self.observing = self.access_log is not None
         self.decisions: DecisionRing | None = None   # created at boot, in the slot's file
         self.draining = False
         self.stopped = gevent.event.Event()
@@ -309,6 +311,7 @@ class Worker:
             if self.identity is not None:
                 self.identity.refresh()   # a stat; every handshake refreshes too
             self.tap = self._tap.poll()
+            self.observing = self.access_log is not None or self.tap is not None
 
     def _reap_loop(self) -> None:
         """Idle upstream HTTP/1.1 connections past their idle_timeout, or closed by the

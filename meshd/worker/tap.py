@@ -2,10 +2,9 @@
 
 ``TapSender.poll`` runs in the worker's snapshot loop: a stat() of the filter file the
 control process writes when taps come and go. It returns the sender while the file
-lists filters and None otherwise; the worker keeps that in its ``tap`` attribute, and
-the request path
-tests only that (``if worker.tap is not None``): with nobody tapping, a request costs one
-attribute load, builds nothing and makes no syscall.
+lists filters and None otherwise; the worker keeps that in its ``tap`` attribute (and
+in ``observing``, which the request path tests: ``meshd.worker.observe``): with nobody
+tapping, a request costs one attribute load, builds nothing and makes no syscall.
 
 While tapping, ``request`` (at the end of each request, where the access log records
 its line) keeps a tuple of what the request path already holds when the request matches

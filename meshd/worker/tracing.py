@@ -7,9 +7,11 @@ On the request path (``Tracer.begin`` where a client side has the request's head
 meshd's span gets a new id as a child of it, or starts a new trace sampled at
 ``sample_rate`` when there is none (a context's own sampled flag is kept, as
 Linkerd's proxy does), and the head the upstream gets carries meshd's span id as its
-parent, whether or not the span is recorded. A recorded span is a tuple appended to a
-bounded deque: no encoding, no I/O, no greenlet switch; a full deque drops it
-(counted).
+parent, whether or not the span is recorded -- except for a request that comes without
+any trace field and is not sampled: it goes on untouched, at the cost of a scan of its
+field names and a random number (``python -m bench.tracing``). A recorded span is a
+tuple appended to a bounded deque: no encoding, no I/O, no greenlet switch; a full
+deque drops it (counted).
 
 The exporter greenlet wakes every FLUSH_INTERVAL, encodes what is queued in batches of
 ``batch_size`` (``opentelemetry-proto``'s messages, imported only when tracing is on)
@@ -64,14 +66,15 @@ F_DROPPED_QUEUE = F_TRACE + TRACE_COUNTS.index("dropped_queue_full")
 F_DROPPED_EXPORT = F_TRACE + TRACE_COUNTS.index("dropped_export_failed")
 
 # What begin() hands the request path: (trace id, span id, parent span id ("" for a
-# root), sampled, start in unix ns); None when the request is not traced.
+# root), sampled (always True), start in unix ns); None when the span is not recorded.
 Started = tuple[str, str, str, bool, int]
 # A finished span: Started's ids and start, end ns, direction, listener, service, route,
 # method, authority, path, status, the exchange that answered a gRPC request (its
 # grpc-status is read by the exporter) or None, endpoint, attempts, the client
-# connection's TLS (terminated by meshd) and client_id
+# connection's TLS (terminated by meshd) and client_id, the request's and the response's
+# body bytes (meshd.worker.observe)
 Span = tuple[str, str, str, int, int, str, str, str, "str | None", bytes, "bytes | None",
-             bytes, int, "UpstreamExchange | None", str, int, bool, str]
+             bytes, int, "UpstreamExchange | None", str, int, bool, str, int, int]
 
 
 class Tracer:
@@ -93,27 +96,42 @@ class Tracer:
 
     # -- the request path -------------------------------------------------------------
 
-    def begin(self, headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], Started]:
-        """(the head for the upstream, the span's start). The context is the request's
-        own when it holds a valid one, else a new trace."""
+    def begin(self, headers: list[tuple[bytes, bytes]]
+              ) -> tuple[list[tuple[bytes, bytes]], Started | None]:
+        """(the head for the upstream, the span's start; None when it is not recorded).
+        The context is the request's own when it holds a valid one, else a new trace.
+
+        A request without any trace field that the sample rate does not pick costs a scan
+        of its field names and one random number: no ids, its head passed on as it is (a
+        context is "created when absent and sampled"; W3C Trace Context asks at least
+        forwarding of a system that does not take part, and there is nothing to forward).
+        The next hop then decides alone."""
         ctx, relevant = trace_context.extract(headers, self.formats)
+        if not relevant and random.random() >= self.rate:  # no context, not sampled
+            return headers, None
         span_id = (random.getrandbits(64) or 1).to_bytes(8).hex()
         if ctx is not None and ctx.span_id:
             trace_id, parent, came_as, state = ctx.trace_id, ctx.span_id, ctx.came_as, ctx.tracestate
             sampled = ctx.sampled if ctx.sampled is not None else random.random() < self.rate
-        else:  # none, or a B3 sampling decision without ids
+        elif not relevant:  # none, and the rate picked it above
+            trace_id = (random.getrandbits(128) or 1).to_bytes(16).hex()
+            parent, came_as, state, sampled = "", (), None, True
+        else:  # invalid fields (replaced), or a B3 sampling decision without ids
             trace_id = (random.getrandbits(128) or 1).to_bytes(16).hex()
             parent, came_as, state = "", (), None
             sampled = ctx.sampled if ctx is not None and ctx.sampled is not None \
                 else random.random() < self.rate
         out = trace_context.inject(headers, self.formats, trace_id, span_id, parent, sampled,
                                    came_as, state, strip=relevant)
+        if not sampled:  # propagated as it came (meshd's span id its parent), not recorded
+            return out, None
         return out, (trace_id, span_id, parent, sampled, time.time_ns())
 
     def finish(self, started: Started, listener: ListenerConfig, service: str,
                route: str | None, method: bytes, authority: bytes | None, path: bytes,
                status: int, call: Call | None, peer: Peer,
-               answered: UpstreamExchange | None = None) -> None:
+               answered: UpstreamExchange | None = None, received: int = 0,
+               sent: int = 0) -> None:
         """Queue the span of a finished request when it is sampled; drop it (counted)
         when the exporter is behind."""
         trace_id, span_id, parent, sampled, start = started
@@ -131,7 +149,7 @@ class Tracer:
         self.queue.append((trace_id, span_id, parent, start, time.time_ns(),
                            listener.direction, listener.name, service, route, method,
                            authority, path, status, answered, endpoint, attempts,
-                           peer.tls, peer.client_id))
+                           peer.tls, peer.client_id, received, sent))
 
     # -- the exporter -----------------------------------------------------------------
 
@@ -273,7 +291,8 @@ class Encoder:
 
     def _span(self, span: Any, s: Span) -> None:
         (trace_id, span_id, parent, start, end, direction, listener, service, route, method,
-         authority, path, status, answered, endpoint, attempts, tls, client_id) = s
+         authority, path, status, answered, endpoint, attempts, tls, client_id, received,
+         sent) = s
         method_text = _cut(method, MAX_METHOD)
         attrs: list[tuple[str, Any]] = [
             ("http.request.method", method_text),
@@ -283,6 +302,8 @@ class Encoder:
             ("meshd.listener", listener),
             ("meshd.service", service),
             ("meshd.attempts", attempts),
+            ("http.request.body.size", received),   # OTel HTTP semantic conventions
+            ("http.response.body.size", sent),
         ]
         if authority:
             attrs.append(("server.address", _cut(authority, MAX_AUTHORITY)))

@@ -38,6 +38,7 @@ class BodySource(Protocol):
     """The client connection the body is read from."""
 
     buf: bytearray  # bytes read past the request head, taken first
+    received: int   # the request's body bytes read so far (meshd.worker.observe)
 
     def recv_body(self, size: int) -> bytes:
         """Body bytes from the client (at most ``size``); ClientGone when it left,
@@ -112,6 +113,7 @@ class RequestBody:
                 self.trailers = http1.forwardable_trailers(decoder.trailers)
                 source.buf += decoder.unconsumed
                 self.done = True
+        source.received += len(data)  # once, as the client sent it (decoded)
         if self.replayable and data:
             self.kept.append(data)
             self.kept_bytes += len(data)

@@ -550,6 +550,7 @@ class H2ServerConnection:
         if len(data) <= min(conn.local_flow_control_window(stream.id),
                             conn.max_outbound_frame_size):  # the usual case: one frame
             conn.send_data(stream.id, data, end_stream=end)
+            stream.sent += len(data)
             self._flush()
             return
         view = memoryview(data)
@@ -561,6 +562,7 @@ class H2ServerConnection:
                 n = min(window, len(view))
                 last = end and n == len(view)
                 conn.send_data(stream.id, view[:n].tobytes(), end_stream=last)
+                stream.sent += n
                 self._flush()
                 view = view[n:]
                 if last:

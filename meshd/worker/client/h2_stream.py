@@ -29,7 +29,7 @@ from meshd.errors import HeadersTooLarge, ProxyError
 from meshd.proto import forwarded, grpc_status
 from meshd.proto.translate import ORIG_PROTO, h2_forward, http1_request, join_cookies
 from meshd.shm import F_REQUESTS
-from meshd.worker import access_log
+from meshd.worker import observe
 from meshd.worker.call import (
     Call,
     count_route_request,
@@ -59,7 +59,7 @@ _NO_BODY: gevent.queue.Queue[bytes | None] = gevent.queue.Queue(maxsize=1)
 
 class Stream:
     __slots__ = ("id", "headers", "bodiless", "body", "ended", "trailers", "window", "reset",
-                 "task", "length", "received")
+                 "task", "length", "received", "sent")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], bodiless: bool,
                  length: int | None = None) -> None:
@@ -70,6 +70,7 @@ class Stream:
         # server resets a stream whose DATA total disagrees (RFC 9113 §8.1.1).
         self.length = length
         self.received = 0
+        self.sent = 0  # DATA sent back (received and sent: meshd.worker.observe)
         # DATA as it arrives, None at the end (no queue for a request without a body)
         self.body: gevent.queue.Queue[bytes | None] = _NO_BODY if bodiless else gevent.queue.Queue()
         self.ended = False
@@ -151,19 +152,11 @@ class H2ToHttp1:
             failure = status >= 500 or code > 0
             record_response(worker, row, route_at, status, time.monotonic() - started,
                             failure, code)
-            if worker.access_log is not None:
-                access_log.request(worker.access_log, server.listener, server.client_address(),
-                                   server.peer.client_id, method, authority, target, status,
-                                   call, started, fields, answered)
-            tap = worker.tap
-            if tap is not None:
-                tap.request(server.listener, service, server.peer, method, authority, target,
-                            status, call, started, answered)
-            if traced is not None:
-                assert worker.tracer is not None
-                worker.tracer.finish(traced, server.listener, service, policy.route, method,
-                                     authority, target, status, call, server.peer,
-                                     self._ex if self.grpc else None)
+            if traced is not None or worker.observing:  # access log, tap, span
+                observe.request(worker, server.listener, server.client_address, server.peer,
+                                service, policy.route, method, authority, target, status, call,
+                                started, fields, answered, traced, self.stream.received,
+                                self.stream.sent)
 
     # -- the client side of the call (meshd.worker.call.ClientSide) ---------------------
 

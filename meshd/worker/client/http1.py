@@ -37,7 +37,7 @@ from meshd.errors import (
 from meshd.proto import forwarded, http1
 from meshd.proto.translate import h2_request, response_framing, strip_meshd_error
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
-from meshd.worker import access_log
+from meshd.worker import access_log, observe
 from meshd.worker.call import (
     Call,
     count_route_request,
@@ -97,9 +97,10 @@ class HttpConnection:
             except Idle:
                 return None
             except ProxyError as e:
-                if self.worker.access_log is not None:
-                    self._log_rejected(bytes(self.buf), e.status, time.monotonic())
+                refused_at = time.monotonic()
                 self._answer_error(e, close=True)
+                if self.worker.access_log is not None:
+                    self._log_rejected(bytes(self.buf), e.status, refused_at)
                 return None
             if first and head == H2_PRI:  # HTTP/2 with prior knowledge (RFC 9113 §3.3)
                 initial = head + bytes(self.buf)
@@ -116,9 +117,9 @@ class HttpConnection:
                     req.headers = [(k, v) for k, v in req.headers if k.lower() != b"host"]
                     req.headers.append((b"Host", absolute[0]))
             except ProxyError as e:
+                self._answer_error(e, close=True)
                 if self.worker.access_log is not None:
                     self._log_rejected(head, e.status, started)
-                self._answer_error(e, close=True)
                 return None
             try:
                 keep = self._proxy(req, started)
@@ -237,28 +238,24 @@ class HttpConnection:
                 quiet.warning(f"{name}: {type(e).__name__} mid-response",
                               "%s: %s after the response started; closing", name, e.reason)
                 return False
-            # A body not read (the request refused before it) cannot stay in the stream.
-            return self._answer_error(e, close=req.has_body and (body is None or not body.done))
+            # A body not read (the request refused before it) cannot stay in the stream;
+            # a client that sent "Connection: close" (or HTTP/1.0) waits for the close.
+            return self._answer_error(e, close=not req.keep_alive
+                                      or req.has_body and (body is None or not body.done))
         finally:
             record_response(worker, row, route_at, status, time.monotonic() - started,
                             status >= 500)
-            if worker.access_log is not None:
-                access_log.request(worker.access_log, self.listener, self._peer_address(),
-                                   self.peer.client_id, req.method, authority, req.target,
-                                   status, call, started, req.headers)
-            tap = worker.tap
-            if tap is not None:
-                tap.request(self.listener, service, self.peer, req.method, authority,
-                            req.target, status, call, started)
-            if traced is not None:
-                assert worker.tracer is not None
-                worker.tracer.finish(traced, self.listener, service, policy.route, req.method,
-                                     authority, req.target, status, call, self.peer)
+            if traced is not None or worker.observing:  # access log, tap, span
+                observe.request(worker, self.listener, self._peer_address, self.peer, service,
+                                policy.route, req.method, authority, req.target, status, call,
+                                started, req.headers, None, traced, self.received, self.sent)
+            self.received = self.sent = 0  # the next request's (or refused head's) from 0
 
     def _log_rejected(self, head: bytes, status: int, started: float) -> None:
         assert self.worker.access_log is not None
         access_log.rejected(self.worker.access_log, self.listener, self._peer_address(),
-                            self.peer.client_id, head, status, started)
+                            self.peer.client_id, head, status, started, self.sent)
+        self.sent = 0
 
     def _peer_address(self) -> bytes:
         if self._peer is None:
@@ -324,18 +321,22 @@ class HttpConnection:
             ex.skip_body()  # HEAD, 204, 304
         out = [http1.serialize_response_head(status, reason, fields, extra)]
         self.response_started = True
+        body = 0  # bytes in ``out`` not yet counted as sent (meshd.worker.observe)
         if has_body:
             idle = self._idle_timeout
             while (data := ex.read(idle)) is not None:
                 out.append(http1.encode_chunk(data) if chunk_out else data)
+                body += len(data)
                 if not ex.complete:
                     self._send(b"".join(out))
-                    out = []
+                    self.sent += body
+                    out, body = [], 0
             if chunk_out:
                 kept = ex.http1_trailers()
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
         if out:
             self._send(b"".join(out))
+            self.sent += body
         return keep
 
     # -- tunnels ------------------------------------------------------------------------
@@ -381,7 +382,11 @@ class HttpConnection:
         limits = self.limits
         tunnel = Tunnel(self.sock, upstream, min(idle_timeout, limits.tcp_idle_timeout),
                         limits.write_timeout)
-        tunnel.run(leftover, upstream_leftover)
+        try:
+            tunnel.run(leftover, upstream_leftover)
+        finally:  # what it carried each way is the request's "body" (meshd.worker.observe)
+            self.received += tunnel.bytes_up
+            self.sent += tunnel.bytes_down
         stripe, row = self.worker.stripe, self._row
         stripe.add(row, F_READ_BYTES, tunnel.bytes_up)
         stripe.add(row, F_WRITE_BYTES, tunnel.bytes_down)
@@ -412,6 +417,7 @@ class HttpConnection:
             self._send(http1.serialize_response_head(err.status, b"", [], extra) + body)
         except ClientGone:
             return False
+        self.sent += len(body)
         return not close
 
     _idle_timeout = BODY_IDLE_TIMEOUT
@@ -419,6 +425,10 @@ class HttpConnection:
     _redirected_to: list[tuple[str, int] | None] | None = None  # None: not asked yet
     _row = ROW_UNKNOWN
     response_started = False
+    # The current request's body bytes, from the client (RequestBody, a tunnel) and to it
+    # (the response relay, meshd's error answer, a tunnel): meshd.worker.observe
+    received = 0
+    sent = 0
 
 
 class _Call(Call):
