@@ -62,7 +62,8 @@ def test_a_read_times_out_without_a_gevent_timeout(
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         read(a, 100, 0.05)  # type: ignore[operator]
-    assert 0.04 <= time.monotonic() - started < 5
+    # no lower bound: libev times from its loop's cached clock, which may lag monotonic()
+    assert time.monotonic() - started < 5
     assert a.gettimeout() is None
     assert no_gevent_timeout == []
     # the watcher was stopped: a later read waits again and gets its data
