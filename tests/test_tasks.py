@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import gevent
 import gevent.event
 import pytest
@@ -112,3 +115,39 @@ def test_an_exception_in_a_task_is_logged_and_the_greenlet_kept(
     gevent.sleep(0)
     assert task.ended and "boom" in caplog.text
     assert len(pool.idle) == 1
+
+
+class _Held:
+    """Stands for what a stream's frames hold (sockets, buffers, exchanges)."""
+
+
+def test_a_cancelled_task_leaves_nothing_to_the_garbage_collector() -> None:
+    """A task cancelled mid-way (a client gone): once it ended, what its frames held is
+    freed by reference counting. The cancelling exception's traceback holds every frame
+    of the task, one of which names the exception (a cycle, as ``call.py`` keeps the
+    client's fault), and the idle greenlet kept its last task: the frames of up to
+    ``keep`` cancelled streams stayed, then waited for a full collection (issue 20)."""
+    pool = TaskPool(keep=4)
+    refs: list[weakref.ref[_Held]] = []
+
+    def job() -> None:
+        held = _Held()
+        refs.append(weakref.ref(held))
+        try:
+            gevent.sleep(10)
+        except Stop as e:
+            fault = e  # noqa: F841  a local naming the exception, as call.py's attempt has
+            raise
+
+    gc.collect()
+    gc.disable()
+    try:
+        tasks = [pool.spawn(job) for _ in range(3)]
+        gevent.sleep(0)
+        for task in tasks:
+            task.cancel(Stop())
+        gevent.sleep(0.01)
+        assert all(t.ended for t in tasks) and len(pool.idle) == 3
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()

@@ -90,6 +90,17 @@ class H2Connection(h2.connection.H2Connection):
             self._prepare_for_sending(frames)
         return events
 
+    def release(self) -> None:
+        """The connection has ended: drop what it holds. h2's connection is a web of
+        reference cycles (its frame dispatch table holds its own bound methods), so its
+        streams, the record of closed streams and the HPACK tables (about 110 KB after
+        750 streams) would otherwise wait for a full garbage collection, which a quiet
+        worker may not run for minutes. Cleared, it is freed with its last reference.
+        Nothing may be asked of the connection afterwards."""
+        self._frame_dispatch_table.clear()
+        self.streams.clear()
+        self._closed_streams.clear()
+
     def _forgotten(self, stream_id: int) -> bool:
         """A stream closed longer ago than the record of closed streams reaches: the
         record is full (the oldest were dropped) and does not hold it, and the stream

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import select
 import shutil
 import ssl
 from pathlib import Path
@@ -82,6 +83,7 @@ def handshake(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
     TLS sockets, or the exception each end raised. ``client_ctx`` None: a client
     without a certificate that verifies nothing."""
     a, b = gevent.socket.socketpair()
+    fds = {"server": a.fileno(), "client": b.fileno()}  # wrap_socket detaches a and b
 
     def serve() -> Any:
         try:
@@ -103,10 +105,32 @@ def handshake(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
     s, c = gevent.spawn(serve), gevent.spawn(connect)
     gevent.joinall([s, c], timeout=30, raise_error=True)
     if not (s.ready() and c.ready()):  # say which end hung rather than hand back None
-        state = {"server": s.ready(), "client": c.ready()}
+        state = _hung_state({"server": s, "client": c}, fds)
         gevent.killall([s, c])
         a.close()
         b.close()
-        raise AssertionError(f"TLS handshake over a socket pair not done in 30 s "
-                             f"(finished: {state})")
+        raise AssertionError(f"TLS handshake over a socket pair not done in 30 s: {state}")
     return s.value, c.value
+
+
+def _hung_state(ends: dict[str, Any], fds: dict[str, int]) -> str:
+    """For each end of a handshake that did not finish: done or not, its fd, whether
+    bytes wait on it, and whether the hub's epoll set holds it (/proc/self/fdinfo of the
+    epoll fd lists the fds registered). Seen under pytest-xdist (2 of 3 full runs): both
+    ends waiting in do_handshake with their read watchers active, nothing delivered."""
+    loop = gevent.get_hub().loop
+    try:
+        with open(f"/proc/self/fdinfo/{loop.fileno()}") as f:
+            polled = {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+    except (OSError, ValueError, IndexError):
+        polled = set()
+    out = []
+    for name, g in ends.items():
+        fd = fds[name]
+        try:
+            readable = bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = None
+        out.append(f"{name} finished={g.ready()} value={g.value!r} fd={fd} "
+                   f"readable={readable} in_epoll={fd in polled}")
+    return "; ".join(out) + f"; loop {loop!r} activecnt={loop.activecnt}"

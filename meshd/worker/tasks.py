@@ -78,6 +78,12 @@ class _Runner:
                 task.ended = True
                 self.task = None
                 task.fn = task.args = None  # type: ignore[assignment]
+                if task.cancel_with is not None:
+                    # The traceback of the exception that ended it holds every frame of
+                    # its stack (sockets, buffers) in a cycle, the exception being one of
+                    # their locals: freed by refcount now rather than at a full collection.
+                    task.cancel_with.__traceback__ = None
+                task = None  # this frame waits below for the next task: it holds none
             if len(self.pool.idle) >= self.pool.keep:
                 return
             self.pool.idle.append(self)

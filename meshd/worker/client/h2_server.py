@@ -173,6 +173,7 @@ class H2ServerConnection:
             for stream in list(self.streams.values()):
                 self._cancel(stream)
             self._finish_output()
+            self.conn.release()  # no stream touches it once ``closed`` is set
 
     def _receive(self, data: bytes) -> bool:
         """Feed bytes to h2 and act on its events. False when the connection must end."""
