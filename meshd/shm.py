@@ -190,7 +190,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -827,6 +827,16 @@ class EndpointView:
         """The health row's state field alone (one 8-byte load: no lock needed)."""
         d: Any = self._d   # a float64 view: its items are floats already
         return d[self._health + row * HEALTH_FIELDS + H_STATE]
+
+    def state_positions(self, rows: Sequence[int]) -> tuple[int, ...]:
+        """Where the state fields of ``rows`` (each >= 0) are, for :meth:`all_healthy`."""
+        return tuple(self._health + row * HEALTH_FIELDS + H_STATE for row in rows)
+
+    def all_healthy(self, positions: tuple[int, ...]) -> bool:
+        """Every state at ``positions`` (:meth:`state_positions`) is HEALTHY (0.0): one
+        8-byte load each, in C (``map``), as :meth:`state` reads them one by one. The
+        balancer's common case, checked on every pick before anything is built."""
+        return not any(map(self._d.__getitem__, positions))
 
     def health_values(self, row: int) -> tuple[float, ...] | None:
         """The six values of a health row, a consistent copy: read between two equal,

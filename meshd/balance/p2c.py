@@ -83,6 +83,38 @@ def pick(candidates: Sequence[CandidateLike], cost_fn: Callable[[int], float],
     return a if cost_a <= cost_b else b  # the draw order is random, so ties are fair
 
 
+def draw2(rng: random.Random, n: int) -> tuple[int, int]:
+    """Two distinct positions in ``range(n)`` (n >= 2), drawn as ``rng.sample(seq, 2)``
+    draws them, without its copy of the population (O(n) per call for n <= 21): the same
+    random numbers give the same pair, so ``pick_among`` picks what ``pick`` would.
+    CPython's ``sample`` for k = 2: a pool swap up to 21 items, rejection above."""
+    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what sample itself calls
+    a = randbelow(n)
+    if n <= 21:
+        b = randbelow(n - 1)
+        return a, (n - 1 if b == a else b)
+    b = randbelow(n)
+    while b == a:
+        b = randbelow(n)
+    return a, b
+
+
+def pick_among(usable: Sequence[int], weights: Sequence[float],
+               cost_fn: Callable[[int], float], rng: random.Random) -> int:
+    """``pick`` when no endpoint is ejected: ``usable`` are the indexes of weight > 0
+    (what ``eligible`` returns then), computed once per endpoint set by the caller."""
+    n = len(usable)
+    if n < 2:
+        if not n:
+            raise NoEndpoints("no endpoint with a weight above 0")
+        return usable[0]
+    ja, jb = draw2(rng, n)
+    a, b = usable[ja], usable[jb]
+    cost_a = cost_fn(a) / weights[a]
+    cost_b = cost_fn(b) / weights[b]
+    return a if cost_a <= cost_b else b
+
+
 class RoundRobin:
     """Smooth weighted round robin for one service (per process; no shared state).
 

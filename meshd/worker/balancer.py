@@ -40,7 +40,7 @@ from meshd.balance.ewma import DECAY, DEFAULT_RTT
 from meshd.config import DEFAULT_SERVICE, ServiceConfig
 from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, NoEndpoints
-from meshd.shm import EP_CONNS, EP_INFLIGHT, EP_RUN, KIND_WORKER, Region
+from meshd.shm import EP_CONNS, EP_INFLIGHT, EP_RUN, KIND_WORKER, EndpointView, Region
 
 LIVE_REFRESH = 1.0
 LOCAL_TRIP = 2.0   # a worker's own trip of failure accrual holds this long at most
@@ -49,13 +49,19 @@ _NO_CANDIDATES = decisions.NO_CANDIDATE * 2
 
 
 class _ServiceState:
-    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring", "_names", "all_rows")
+    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring", "_names", "all_rows",
+                 "usable", "states")
 
-    def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...]) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...],
+                 view: EndpointView) -> None:
         self.endpoints = endpoints
         self.rows = rows
         self.all_rows = all(r >= 0 for r in rows)   # else some show "no_row" in decisions
         self.weights = tuple(float(e.weight) for e in endpoints)
+        # What a pick needs when every endpoint is healthy, once per endpoint set: the
+        # indexes P2C draws from (weight > 0), and where the rows' states are.
+        self.usable = tuple(i for i, w in enumerate(self.weights) if w > 0)
+        self.states = view.state_positions([r for r in rows if r >= 0])
         self.rr = p2c.RoundRobin()
         self._ring: p2c.ConsistentHash | None = None
         self._names: tuple[bytes, ...] | None = None
@@ -113,7 +119,7 @@ class SharedBalancer:
             for r in rows:
                 if r >= 0:
                     self.stripe.seed(r, now)
-            st = self._services[service] = _ServiceState(endpoints, rows)
+            st = self._services[service] = _ServiceState(endpoints, rows, self.view)
         return st
 
     def started(self, row: int) -> None:
@@ -188,7 +194,9 @@ class SharedBalancer:
         rows = st.rows
         view = self.view
         ejected = None
-        for i, r in enumerate(rows):
+        # Every row HEALTHY and no trip of this worker's own (nearly every pick): nothing
+        # is ejected, and the scan below would only read the same states one by one.
+        for i, r in (() if not tripped and view.all_healthy(st.states) else enumerate(rows)):
             if r < 0:
                 continue
             state = view.state(r)
@@ -217,6 +225,22 @@ class SharedBalancer:
         now = time.monotonic()
         live = self.live_slots(now)
         weights = st.weights
+        balancer = svc.balancer
+        if (ejected is None and not svc.max_pending and not exclude
+                and balancer != "round_robin"
+                and (balancer != "consistent_hash" or hash_key is None)):
+            # P2C over an unchanged endpoint set, none ejected, no limit, nothing to
+            # avoid: draw from the indexes computed with the set, build no candidate list.
+            costed: list[tuple[int, float, int, float]] = []
+
+            def cost_of(k: int) -> float:
+                c, inflight = self._cost(rows[k], live, now)
+                costed.append((k, c, max(inflight, 0), weights[k]))
+                return c
+            i = p2c.pick_among(st.usable, weights, cost_of, self.rng)
+            self.last = self._seen(st, decisions.MODE_P2C if costed else decisions.MODE_SINGLE,
+                                   i, None, costed)
+            return i, rows[i]
         if svc.max_pending:
             limit = svc.max_pending
             weights = tuple(0.0 if r >= 0 and self.inflight(r, live) >= limit else w
@@ -232,7 +256,7 @@ class SharedBalancer:
                       for i, c in enumerate(cands)]
             if any(c.weight > 0 and not c.ejected for c in others):
                 cands = others
-        costed: list[tuple[int, float, int, float]] = []
+        costed = []
         if svc.balancer == "round_robin":
             i = st.rr.pick(cands)
             mode = decisions.MODE_ROUND_ROBIN

@@ -8,9 +8,9 @@ once), or the attempt failed. ``attempt_ended`` is what the attempt loop
 into that record.
 
 Cost when nobody reads: one ``struct.pack_into`` of a fixed record into a mapped tmpfs
-page and three 8-byte stores, no syscall, no lock, nothing queued; the strings are the
-service's and route's names encoded (short) and the endpoint addresses the balancer
-encoded once per snapshot. A reader never slows the writer (seqlock, ``meshd.decisions``).
+page and three 8-byte stores, no syscall, no lock, nothing queued; the strings are
+names encoded once and kept (``_encoded``: service, route, outcome, refusal) and the
+endpoint addresses the balancer encoded once per snapshot. A reader never slows the writer (seqlock, ``meshd.decisions``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshd.worker")
 _quiet = Throttle(log)
 
-_BODY = fmt.BODY
 _ERROR_CUT = fmt.ERROR_BYTES
+# Bound once: ``record`` runs on every attempt, and each module attribute is a lookup.
+_pack_into = fmt.BODY.pack_into
+_now = time.time
+_clock = time.monotonic
+_CAPACITY = fmt.CAPACITY
+_WRITTEN = fmt.OFF_WRITTEN >> 3
+_RETRIED = fmt.FLAG_RETRIED
+# Names encoded for the record (service, route, outcome, no_retry: from the config and
+# the proxy's own words, never the client's), kept; cleared when it reaches _NAMES_MAX.
+_names: dict[str, bytes] = {"": b""}
+_NAMES_MAX = 4096
+
+
+def _encoded(text: str) -> bytes:
+    raw = _names.get(text)
+    if raw is None:
+        if len(_names) >= _NAMES_MAX:
+            _names.clear()
+            _names[""] = b""
+        raw = _names[text] = text.encode("utf-8", "replace")
+    return raw
 
 
 class DecisionRing:
@@ -44,6 +64,9 @@ class DecisionRing:
         self.path = path
         self.q = memoryview(mm).cast("B").cast("Q")
         self.written = 0
+        # Record k's (seq index in q, body offset), for k % CAPACITY.
+        self._at = tuple(((fmt.HEADER_SIZE + i * fmt.RECORD_SIZE) >> 3,
+                          fmt.HEADER_SIZE + i * fmt.RECORD_SIZE + 8) for i in range(_CAPACITY))
 
     @classmethod
     def open(cls, shm_dir: str, instance: str, master_pid: int, slot: int, pid: int,
@@ -63,16 +86,15 @@ class DecisionRing:
                latency: float, outcome: bytes, error: bytes, no_retry: bytes,
                seen: tuple[object, ...]) -> None:
         k = self.written
-        off = fmt.HEADER_SIZE + (k % fmt.CAPACITY) * fmt.RECORD_SIZE
+        idx, body = self._at[k % _CAPACITY]
         q = self.q
-        idx = off >> 3
         q[idx] = 2 * k + 1                      # odd: being written
-        _BODY.pack_into(self.mm, off + 8, time.time(), latency, status, min(attempt, 255),
-                        fmt.FLAG_RETRIED if retried else 0, service, route, outcome, error,
-                        no_retry, *seen)
+        _pack_into(self.mm, body, _now(), latency, status, attempt if attempt < 255 else 255,
+                   _RETRIED if retried else 0, service, route, outcome, error, no_retry,
+                   *seen)
         q[idx] = 2 * k + 2                      # even: whole
-        self.written = k + 1
-        q[fmt.OFF_WRITTEN >> 3] = k + 1
+        self.written = k = k + 1
+        q[_WRITTEN] = k
 
     def set_dropped(self, n: int) -> None:
         """The access log's count of dropped lines (its writer calls this, off the
@@ -107,9 +129,8 @@ def attempt_ended(worker: Context, call: Call, retried: bool,
         error = text.encode("utf-8", "replace")[:_ERROR_CUT]
     route = call.policy.route
     try:
-        ring.record(call.service.encode("utf-8", "replace"),
-                    route.encode("utf-8", "replace") if route else b"", len(call.tried),
-                    retried, status, time.monotonic() - call.sent_at, (kind or "ok").encode(),
-                    error, call.no_retry.encode(), seen)
+        ring.record(_encoded(call.service), _encoded(route) if route else b"",
+                    len(call.tried), retried, status, _clock() - call.sent_at,
+                    _encoded(kind or "ok"), error, _encoded(call.no_retry), seen)
     except struct.error as err:   # a value out of its field's range: no record, no harm
         _quiet.warning("decisions.record", "balancer decision not recorded: %s", err)
