@@ -21,6 +21,10 @@ from meshd.worker import sockio
 
 @pytest.fixture
 def pair() -> Iterator[tuple[gevent.socket.socket, gevent.socket.socket]]:
+    # The hub's loop clock is cached: in the pytest process it may be minutes old (the
+    # loop did not run during earlier tests), and timers count from it. Fresh, so the
+    # 10 s read timeouts below do not expire before the 0.01 s sender runs.
+    gevent.get_hub().loop.update_now()
     a, b = gevent.socket.socketpair()
     try:
         yield a, b
