@@ -64,6 +64,14 @@ from meshd.fleet.api import (
     Update,
 )
 from meshd.identity import spiffe
+from meshd_kubernetes.objects import (
+    MAX_ITEMS,
+    Invalid,
+    as_list,
+    as_map,
+    object_name,
+    timestamp,
+)
 from meshd_kubernetes.reports import PartReporter
 
 KIND = "AuthorizationPolicy"
@@ -72,16 +80,10 @@ RESOURCE = "authorizationpolicies"
 DRY_RUN = "istio.io/dry-run"
 NAMESPACE_WIDE = "*"     # a targets() name: every Service of the namespace
 SELECTOR = "*selector"   # a targets() name: refused for every Service of the namespace
-MAX_ITEMS = 64
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _METHOD = re.compile(r"[A-Z]{1,32}")
 _PATH = re.compile(r"[!-~]{1,1024}")   # printable ASCII, no space
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _SPEC_KEYS = ("targetRefs", "targetRef", "rules", "action", "selector", "provider")
-
-
-class Invalid(ValueError):
-    """A policy meshd cannot apply: the reason starts with the field path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +125,16 @@ def targets(obj: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
 
 def parse(obj: Mapping[str, Any]) -> Parsed:
     """A policy's meshd rules; ``Invalid`` naming the field otherwise."""
-    md = _map(obj.get("metadata"), "metadata")
+    md = as_map(obj.get("metadata"), "metadata")
     namespace, name = md.get("namespace"), md.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str) or not name:
         raise Invalid("metadata: no namespace and name")
     annotations = md.get("annotations") or {}
-    dry = _map(annotations, "metadata.annotations").get(DRY_RUN, "false")
+    dry = as_map(annotations, "metadata.annotations").get(DRY_RUN, "false")
     if dry not in ("true", "false"):
         raise Invalid(f'metadata.annotations.{DRY_RUN}: expected "true" or "false", '
                       f"got {str(dry)[:64]!r}")
-    spec = _map(obj.get("spec", {}), "spec")
+    spec = as_map(obj.get("spec", {}), "spec")
     for key in spec:
         if key not in _SPEC_KEYS:
             raise Invalid(f"spec.{str(key)[:64]}: unknown field")
@@ -149,13 +151,13 @@ def parse(obj: Mapping[str, Any]) -> Parsed:
     if spec.get("provider") is not None:
         raise Invalid("spec.provider: CUSTOM authorization is not supported by meshd")
     if spec.get("targetRefs") is not None:
-        _target_refs(_list(spec["targetRefs"], "spec.targetRefs"), "spec.targetRefs", namespace)
+        _target_refs(as_list(spec["targetRefs"], "spec.targetRefs"), "spec.targetRefs", namespace)
     elif spec.get("targetRef") is not None:
         _target_refs([spec["targetRef"]], "spec.targetRef", namespace)
     label = f"{KIND} {namespace}/{name}"
-    rules = tuple(_rule(_map(raw, f"spec.rules[{i}]"), f"spec.rules[{i}]", label, dry == "true")
-                  for i, raw in enumerate(_list(spec.get("rules", []), "spec.rules")))
-    return Parsed(namespace, name, _timestamp(md.get("creationTimestamp")), rules,
+    rules = tuple(_rule(as_map(raw, f"spec.rules[{i}]"), f"spec.rules[{i}]", label, dry == "true")
+                  for i, raw in enumerate(as_list(spec.get("rules", []), "spec.rules")))
+    return Parsed(namespace, name, timestamp(md.get("creationTimestamp")), rules,
                   dry == "true")
 
 
@@ -192,13 +194,13 @@ class ServiceAuthz:
         """A full list: what is not in it is gone."""
         seen = set()
         for obj in objects:
-            seen.add(_name(obj))
+            seen.add(object_name(obj))
             self.put(kind, obj)
         for name in [n for n in (*self.good, *self.refused) if n not in seen]:
             self.delete(kind, namespace, name)
 
     def put(self, kind: str, obj: Mapping[str, Any]) -> None:
-        name = _name(obj)
+        name = object_name(obj)
         if not self.applies(obj):
             self.delete(kind, self.namespace, name)   # edited to target another Service
             return
@@ -251,7 +253,7 @@ class ServiceAuthz:
 def _target_refs(refs: list[Any], at: str, namespace: str) -> None:
     for n, raw in enumerate(refs):
         where = f"{at}[{n}]" if at.endswith("s") else at
-        ref = _map(raw, where)
+        ref = as_map(raw, where)
         if ref.get("group", "") not in ("", "core") or ref.get("kind") != "Service":
             continue   # a Gateway's (as routes' parentRefs to Gateways): not the mesh's
         if ref.get("namespace", namespace) != namespace:
@@ -269,23 +271,23 @@ def _rule(rule: Mapping[str, Any], at: str, label: str, dry: bool) -> AuthzRule:
                           else f"{at}.{str(key)[:64]}: unknown field")
     peers: tuple[str, ...] | None = None
     if rule.get("from") is not None:
-        sources = _list(rule["from"], f"{at}.from")
+        sources = as_list(rule["from"], f"{at}.from")
         if not sources:
             raise Invalid(f"{at}.from: an empty list (leave it out for any peer)")
         found: list[str] = []
         for n, raw in enumerate(sources):
-            found += _source(_map(raw, f"{at}.from[{n}]"), f"{at}.from[{n}]")
+            found += _source(as_map(raw, f"{at}.from[{n}]"), f"{at}.from[{n}]")
         peers = tuple(dict.fromkeys(found))
         if len(peers) > MAX_AUTHZ_PEERS:
             raise Invalid(f"{at}.from: {len(peers)} principals and namespaces, meshd takes at "
                           f"most {MAX_AUTHZ_PEERS} per rule")
     matches: list[Match] = []
     if rule.get("to") is not None:
-        ops = _list(rule["to"], f"{at}.to")
+        ops = as_list(rule["to"], f"{at}.to")
         if not ops:
             raise Invalid(f"{at}.to: an empty list (leave it out for every request)")
         for n, raw in enumerate(ops):
-            matches += _operation(_map(raw, f"{at}.to[{n}]"), f"{at}.to[{n}]")
+            matches += _operation(as_map(raw, f"{at}.to[{n}]"), f"{at}.to[{n}]")
         if len(matches) > MAX_AUTHZ_MATCHES:
             raise Invalid(f"{at}.to: {len(matches)} path and method combinations, meshd "
                           f"takes at most {MAX_AUTHZ_MATCHES} per rule")
@@ -296,7 +298,7 @@ def _source(item: Mapping[str, Any], at: str) -> list[str]:
     for key in item:
         if key != "source":
             raise Invalid(f"{at}.{str(key)[:64]}: unknown field")
-    src = _map(item.get("source"), f"{at}.source")
+    src = as_map(item.get("source"), f"{at}.source")
     for key in src:
         if key not in ("principals", "namespaces"):
             raise Invalid(f"{at}.source.{str(key)[:64]}: not supported by meshd (principals "
@@ -305,10 +307,10 @@ def _source(item: Mapping[str, Any], at: str) -> list[str]:
         raise Invalid(f"{at}.source: principals and namespaces together (Istio requires "
                       f"both to hold) are not supported by meshd; give one per source")
     if "principals" in src:
-        values = _list(src["principals"], f"{at}.source.principals")
+        values = as_list(src["principals"], f"{at}.source.principals")
         return [_principal(v, f"{at}.source.principals[{n}]") for n, v in enumerate(values)]
     if "namespaces" in src:
-        values = _list(src["namespaces"], f"{at}.source.namespaces")
+        values = as_list(src["namespaces"], f"{at}.source.namespaces")
         out = []
         for n, v in enumerate(values):
             if not isinstance(v, str) or not _NAME.fullmatch(v) or len(v) > 63:
@@ -338,7 +340,7 @@ def _operation(item: Mapping[str, Any], at: str) -> list[Match]:
     for key in item:
         if key != "operation":
             raise Invalid(f"{at}.{str(key)[:64]}: unknown field")
-    op = _map(item.get("operation"), f"{at}.operation")
+    op = as_map(item.get("operation"), f"{at}.operation")
     for key in op:
         if key not in ("paths", "methods"):
             raise Invalid(f"{at}.operation.{str(key)[:64]}: not supported by meshd (paths "
@@ -346,13 +348,13 @@ def _operation(item: Mapping[str, Any], at: str) -> list[Match]:
     if not op:
         raise Invalid(f"{at}.operation: empty (give paths or methods)")
     methods: set[str] = set()
-    for n, m in enumerate(_list(op.get("methods", []), f"{at}.operation.methods")):
+    for n, m in enumerate(as_list(op.get("methods", []), f"{at}.operation.methods")):
         if not isinstance(m, str) or not _METHOD.fullmatch(m):
             raise Invalid(f"{at}.operation.methods[{n}]: not an upper-case HTTP method: "
                           f"{str(m)[:64]!r}")
         methods.add(m)
     paths = [_path(p, f"{at}.operation.paths[{n}]")
-             for n, p in enumerate(_list(op.get("paths", []), f"{at}.operation.paths"))]
+             for n, p in enumerate(as_list(op.get("paths", []), f"{at}.operation.paths"))]
     return [Match(path=p, methods=frozenset(methods)) for p in (paths or [None])]
 
 
@@ -376,30 +378,3 @@ def _path(raw: Any, at: str) -> PathMatch | None:
     return PathMatch("exact", raw)
 
 
-def _timestamp(raw: Any) -> datetime.datetime:
-    if isinstance(raw, str):
-        try:
-            t = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-            return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
-        except ValueError:
-            pass
-    return _EPOCH
-
-
-def _map(raw: Any, at: str) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise Invalid(f"{at}: expected an object")
-    return raw
-
-
-def _list(raw: Any, at: str) -> list[Any]:
-    if not isinstance(raw, list):
-        raise Invalid(f"{at}: expected a list")
-    if len(raw) > MAX_ITEMS:
-        raise Invalid(f"{at}: more than {MAX_ITEMS} items")
-    return raw
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    md = obj.get("metadata")
-    return str(md.get("name") or "") if isinstance(md, Mapping) else ""

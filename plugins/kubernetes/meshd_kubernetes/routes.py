@@ -77,6 +77,13 @@ from meshd.fleet.api import (
     WeightedTarget,
 )
 from meshd.fleet.rewrite import reserved
+from meshd_kubernetes.objects import (
+    Invalid,
+    as_list,
+    as_map,
+    object_name,
+    timestamp,
+)
 from meshd_kubernetes.reports import PartReporter
 
 KINDS = ("HTTPRoute", "GRPCRoute")
@@ -91,12 +98,7 @@ _PATH_CHARS = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HOSTNAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*")
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 GRPC_CONTENT_TYPE = HeaderMatch("content-type", "prefix", "application/grpc")
-
-
-class Invalid(ValueError):
-    """A route meshd cannot use: ``reason`` starts with the field path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,30 +152,30 @@ def parse(kind: str, obj: Mapping[str, Any],
     ``target_name(namespace, name)`` is meshd's name of a backend Service."""
     if kind not in KINDS:
         raise Invalid(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
-    md = _map(obj.get("metadata"), "metadata")
+    md = as_map(obj.get("metadata"), "metadata")
     namespace, name = md.get("namespace"), md.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str) or not name:
         raise Invalid("metadata: no namespace and name")
-    created = _timestamp(md.get("creationTimestamp"))
-    spec = _map(obj.get("spec"), "spec")
-    rules = _list(spec.get("rules", []), "spec.rules")
+    created = timestamp(md.get("creationTimestamp"))
+    spec = as_map(obj.get("spec"), "spec")
+    rules = as_list(spec.get("rules", []), "spec.rules")
     out: list[tuple[tuple[Any, ...], Route]] = []
     for i, raw in enumerate(rules):
         at = f"spec.rules[{i}]"
-        rule = _map(raw, at)
+        rule = as_map(raw, at)
         destination = _backends(rule.get("backendRefs", []), f"{at}.backendRefs", namespace,
                                 target_name)
         extras = _rule_extras(rule, at, kind)
-        matches = _list(rule.get("matches", []), f"{at}.matches") or [{}]
+        matches = as_list(rule.get("matches", []), f"{at}.matches") or [{}]
         # The rule's name (metrics' route label, traces, /config), shared by its matches:
         # the route's and the rule's own name (Gateway API v1.2 rules[].name), else its index.
         rule_name = f"{namespace}/{name}#{rule.get('name') or i}"
         for j, m in enumerate(matches):
             where = f"{at}.matches[{j}]"
             if kind == "HTTPRoute":
-                match, key = _http_match(_map(m, where), where)
+                match, key = _http_match(as_map(m, where), where)
             else:
-                match, key = _grpc_match(_map(m, where), where)
+                match, key = _grpc_match(as_map(m, where), where)
             if "prefix_rewrite" in extras and (match.path is None
                                                or match.path.kind != "segments"):
                 raise Invalid(f"{where}.path: URLRewrite's ReplacePrefixMatch needs a "
@@ -218,7 +220,7 @@ class ServiceRoutes:
         """A full list of ``kind`` in ``namespace``: what is not in it is gone."""
         seen = set()
         for obj in objects:
-            seen.add((kind, namespace, _name(obj)))
+            seen.add((kind, namespace, object_name(obj)))
             self.put(kind, obj)
         for key in [k for k in (*self.good, *self.refused)
                     if k[:2] == (kind, namespace) and k not in seen]:
@@ -227,7 +229,7 @@ class ServiceRoutes:
     def put(self, kind: str, obj: Mapping[str, Any]) -> None:
         md = obj.get("metadata")
         namespace = str(md.get("namespace") or "") if isinstance(md, Mapping) else ""
-        key = (kind, namespace, _name(obj))
+        key = (kind, namespace, object_name(obj))
         if not attaches(obj, self.namespace, self.service):
             self.delete(*key)   # edited to attach elsewhere: no longer this Service's
             return
@@ -279,7 +281,7 @@ def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
     if timeouts is not None:
         if kind != "HTTPRoute":
             raise Invalid(f"{at}.timeouts: not a GRPCRoute field")
-        t = _map(timeouts, f"{at}.timeouts")
+        t = as_map(timeouts, f"{at}.timeouts")
         for key in t:
             if key not in ("request", "backendRequest"):
                 raise Invalid(f"{at}.timeouts.{key}: unknown field")
@@ -295,10 +297,10 @@ def _rule_extras(rule: Mapping[str, Any], at: str, kind: str) -> dict[str, Any]:
     if retry is not None:
         if kind != "HTTPRoute":
             raise Invalid(f"{at}.retry: not a GRPCRoute field")
-        r = _map(retry, f"{at}.retry")
+        r = as_map(retry, f"{at}.retry")
         if r.get("attempts") is not None:
             out["retries"] = _int(r["attempts"], f"{at}.retry.attempts", 0, 10)
-        codes = _list(r.get("codes", []), f"{at}.retry.codes")
+        codes = as_list(r.get("codes", []), f"{at}.retry.codes")
         for n, code in enumerate(codes):
             if _int(code, f"{at}.retry.codes[{n}]", 400, 599) < 500:
                 raise Invalid(f"{at}.retry.codes[{n}]: meshd retries 5xx answers only, "
@@ -323,9 +325,9 @@ def _filters(raw: Any, at: str, kind: str) -> dict[str, Any]:
     rules forbid it too)."""
     out: dict[str, Any] = {}
     seen: set[str] = set()
-    for n, item in enumerate(_list(raw, at)):
+    for n, item in enumerate(as_list(raw, at)):
         where = f"{at}[{n}]"
-        f = _map(item, where)
+        f = as_map(item, where)
         ftype = f.get("type")
         known = _GRPC_FILTERS if kind == "GRPCRoute" else tuple(_FILTERS)
         if ftype not in known:
@@ -335,7 +337,7 @@ def _filters(raw: Any, at: str, kind: str) -> dict[str, Any]:
             raise Invalid(f"{where}.type: {ftype} is given twice")
         seen.add(ftype)
         key = _FILTERS[ftype]
-        body = _map(f.get(key), f"{where}.{key}")
+        body = as_map(f.get(key), f"{where}.{key}")
         if ftype == "RequestHeaderModifier":
             out["request_headers"] = _header_modifier(body, f"{where}.{key}")
         elif ftype == "ResponseHeaderModifier":
@@ -352,13 +354,13 @@ def _header_modifier(m: Mapping[str, Any], at: str) -> HeaderEdit:
     pairs: dict[str, tuple[tuple[str, str], ...]] = {}
     names: set[tuple[str, str]] = set()
     for op in ("set", "add"):
-        items = _list(m.get(op, []), f"{at}.{op}")
+        items = as_list(m.get(op, []), f"{at}.{op}")
         if len(items) > MAX_HEADER_EDITS:
             raise Invalid(f"{at}.{op}: more than {MAX_HEADER_EDITS} headers")
         got = []
         for n, item in enumerate(items):
             where = f"{at}.{op}[{n}]"
-            h = _map(item, where)
+            h = as_map(item, where)
             name = _modifiable(h.get("name"), f"{where}.name")
             value = h.get("value")
             if (not isinstance(value, str) or len(value) > MAX_HEADER_VALUE
@@ -370,7 +372,7 @@ def _header_modifier(m: Mapping[str, Any], at: str) -> HeaderEdit:
             names.add((op, name.lower()))
             got.append((name, value))
         pairs[op] = tuple(got)
-    remove = _list(m.get("remove", []), f"{at}.remove")
+    remove = as_list(m.get("remove", []), f"{at}.remove")
     if len(remove) > MAX_HEADER_EDITS:
         raise Invalid(f"{at}.remove: more than {MAX_HEADER_EDITS} headers")
     gone = tuple(_modifiable(name, f"{at}.remove[{n}]") for n, name in enumerate(remove))
@@ -397,7 +399,7 @@ def _url_rewrite(m: Mapping[str, Any], at: str) -> dict[str, Any]:
             raise Invalid(f"{at}.hostname: not a host name: {str(host)[:64]!r}")
         out["host_rewrite"] = host
     if m.get("path") is not None:
-        p = _map(m["path"], f"{at}.path")
+        p = as_map(m["path"], f"{at}.path")
         ptype = p.get("type")
         if ptype == "ReplaceFullPath":
             key, field = "full_path_rewrite", "replaceFullPath"
@@ -417,13 +419,13 @@ def _url_rewrite(m: Mapping[str, Any], at: str) -> dict[str, Any]:
 
 def _backends(raw: Any, at: str, namespace: str,
               target_name: Callable[[str, str], str]) -> tuple[WeightedTarget, ...]:
-    refs = _list(raw, at)
+    refs = as_list(raw, at)
     if len(refs) > MAX_TARGETS:
         raise Invalid(f"{at}: {len(refs)} backends, meshd takes at most {MAX_TARGETS}")
     out = []
     for n, item in enumerate(refs):
         where = f"{at}[{n}]"
-        ref = _map(item, where)
+        ref = as_map(item, where)
         if ref.get("group", "") not in ("", "core") or ref.get("kind", "Service") != "Service":
             raise Invalid(f"{where}: only Services are supported backends, not "
                           f"{ref.get('group', '')}/{ref.get('kind')}")
@@ -451,12 +453,12 @@ def _http_match(m: Mapping[str, Any], at: str) -> tuple[Match, tuple[Any, ...]]:
     headers = _headers(m.get("headers", []), f"{at}.headers")
     query: list[QueryMatch] = []
     names: set[str] = set()
-    raw_query = _list(m.get("queryParams", []), f"{at}.queryParams")
+    raw_query = as_list(m.get("queryParams", []), f"{at}.queryParams")
     if len(raw_query) + len(headers) > MAX_CONDITIONS:
         raise Invalid(f"{at}: more than {MAX_CONDITIONS} header and query conditions")
     for n, item in enumerate(raw_query):
         where = f"{at}.queryParams[{n}]"
-        q = _map(item, where)
+        q = as_map(item, where)
         name, value = q.get("name"), q.get("value")
         if not isinstance(name, str) or not name or len(name) > 256:
             raise Invalid(f"{where}.name: expected a non-empty string")
@@ -487,7 +489,7 @@ def _grpc_match(m: Mapping[str, Any], at: str) -> tuple[Match, tuple[Any, ...]]:
     service = method = ""
     if m.get("method") is not None:
         where = f"{at}.method"
-        mm = _map(m["method"], where)
+        mm = as_map(m["method"], where)
         kind = mm.get("type", "Exact")
         service, method = mm.get("service") or "", mm.get("method") or ""
         if not isinstance(service, str) or not isinstance(method, str):
@@ -516,7 +518,7 @@ def _grpc_match(m: Mapping[str, Any], at: str) -> tuple[Match, tuple[Any, ...]]:
 
 
 def _path(raw: Any, at: str) -> PathMatch:
-    p = _map(raw if raw is not None else {}, at)
+    p = as_map(raw if raw is not None else {}, at)
     kind, value = p.get("type", "PathPrefix"), p.get("value", "/")
     if not isinstance(value, str) or not value or len(value) > 1024:
         raise Invalid(f"{at}.value: expected a path of 1 to 1024 characters")
@@ -537,12 +539,12 @@ def _path(raw: Any, at: str) -> PathMatch:
 def _headers(raw: Any, at: str) -> tuple[HeaderMatch, ...]:
     out: list[HeaderMatch] = []
     names: set[str] = set()
-    items = _list(raw, at)
+    items = as_list(raw, at)
     if len(items) > MAX_CONDITIONS:
         raise Invalid(f"{at}: more than {MAX_CONDITIONS} header conditions")
     for n, item in enumerate(items):
         where = f"{at}[{n}]"
-        h = _map(item, where)
+        h = as_map(item, where)
         name, value = h.get("name"), h.get("value")
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name) or len(name) > 256:
             raise Invalid(f"{where}.name: not a header name: {name!r}")
@@ -592,35 +594,7 @@ def _int(raw: Any, at: str, low: int, high: int) -> int:
     return raw
 
 
-def _timestamp(raw: Any) -> datetime.datetime:
-    """RFC 3339 as the API server writes it; unknown sorts first (as the oldest)."""
-    if isinstance(raw, str):
-        try:
-            t = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-            return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
-        except ValueError:
-            pass
-    return _EPOCH
-
-
 def _printable(s: str) -> bool:
     return all(" " <= c <= "~" or c == "\t" for c in s)
 
 
-def _map(raw: Any, at: str) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise Invalid(f"{at}: expected an object")
-    return raw
-
-
-def _list(raw: Any, at: str) -> list[Any]:
-    if not isinstance(raw, list):
-        raise Invalid(f"{at}: expected a list")
-    if len(raw) > 64:   # the CRD's own maxItems for rules, matches, filters
-        raise Invalid(f"{at}: more than 64 items")
-    return raw
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    md = obj.get("metadata")
-    return str(md.get("name") or "") if isinstance(md, Mapping) else ""
