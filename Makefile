@@ -35,10 +35,11 @@ lint: $(STAMP)
 # module-scoped meshds and fixed namespace names are never shared); most tests wait on
 # real processes and sockets, not on the CPU. TEST_JOBS=0 runs them in this process.
 TEST_JOBS ?= 2
-# Files run afterwards in a process of their own. test_identity_files' in-process TLS
-# handshake (meshd/testing/identity_files.handshake) hung past its timeout in 2 of 3 runs
-# under -n 2 and in none of many runs alone or in one process: not understood yet.
-ALONE_TESTS := tests/test_identity_files.py
+# Files run afterwards in a process of their own. Their in-process TLS handshake
+# (meshd/testing/identity_files.handshake) stalled now and then under -n 2, late in a
+# long-lived test process (both ends' read watchers active, bytes waiting, no event from
+# the hub), never alone: not understood yet (README "Tests").
+ALONE_TESTS := tests/test_identity_files.py tests/test_identity_core.py
 
 test: $(STAMP)
 	@$(MAKE) --no-print-directory tools TOOLS="curl h2load nghttp nginx ip iptables systemd-analyze vagrant strace sslscan tmux"
