@@ -211,8 +211,10 @@ def test_p2c_candidates_and_costs_favour_the_fast_endpoint(setup):
     for d in found:
         assert d["balancer"] == "p2c" and len(d["candidates"]) == 2, d
         assert {c["endpoint"] for c in d["candidates"]} == {fast, slow}
-        cheaper = min(d["candidates"], key=lambda c: c["cost_ms"])
-        assert d["pick"] == cheaper["endpoint"], d       # P2C sends to the cheaper one
+        # P2C sends to the cheaper one (two costs equal to the record's precision: either)
+        picked = next(c for c in d["candidates"] if c["endpoint"] == d["pick"])
+        other = next(c for c in d["candidates"] if c["endpoint"] != d["pick"])
+        assert picked["cost_ms"] <= other["cost_ms"] * (1 + 1e-6) + 1e-3, d
         assert d["outcome"] == "ok" and d["status"] == 200 and d["attempt"] == 1
         assert d["worker"]["pid"] in m.worker_pids()
     # Once the slow endpoint was sampled, its cost shows it and the fast one wins.
