@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_fleet_consul import fleet_config
 
-from meshd.testing.consul_server import ConsulServer
 from meshd.testing.harness import Meshd, free_port, http_get, port_open, terminate, wait_for
 from meshd.testing.k8s_server import http_route
 
@@ -250,20 +250,6 @@ def test_httproute_filters_reach_the_backend_from_both_protocols(mesh, backends,
 
 # -- Consul ---------------------------------------------------------------------------------------
 
-def consul_config(mesh: Any, consul: ConsulServer) -> tuple[str, dict[str, int]]:
-    return mesh.config({}, workers=1, extra=textwrap.dedent(f"""\
-        [[discovery]]
-        name = "consul"
-        plugin = "consul"
-        address = "{consul.url}"
-        wait = "30s"
-
-        [[config_source]]
-        name = "consul"
-        plugin = "consul"
-        address = "{consul.url}"
-        wait = "30s"
-        """))
 
 
 def _router(prefix: str) -> dict[str, Any]:
@@ -280,7 +266,7 @@ def test_consul_prefix_rewrite_and_request_headers(mesh, backends, consul):
     a = backends("a")
     consul.register("web", a.port, address=a.host)
     consul.write_config(_router("/v2/"))
-    m = mesh.start(*consul_config(mesh, consul))
+    m = mesh.start(*fleet_config(mesh, consul, workers=1))
     http_get("127.0.0.1", m.ports["outbound"], "/", {"Host": "web"})   # watched on demand
     wait_applied(m, "web", lambda p: p is not None)
     port = m.ports["outbound"]

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from test_fleet_consul import fleet_config
+
 from meshd import rowkeys
 from meshd.config import load
 from meshd.control.rows import RowTable
@@ -86,19 +88,7 @@ def test_consul_router_written_live_counts_under_its_route_name(mesh, backends,
     a, b = backends("a"), backends("api")
     consul.register("web", a.port, address=a.host)
     consul.register("web-api", b.port, address=b.host)
-    m = mesh.start(*mesh.config({}, workers=2, extra=textwrap.dedent(f"""\
-        [[discovery]]
-        name = "consul"
-        plugin = "consul"
-        address = "{consul.url}"
-        wait = "30s"
-
-        [[config_source]]
-        name = "consul"
-        plugin = "consul"
-        address = "{consul.url}"
-        wait = "30s"
-        """)))
+    m = mesh.start(*fleet_config(mesh, consul))
     assert get(m, "/first") == (200, b"a /first\n")    # web watched, no router yet
     consul.write_config({"Kind": "service-router", "Name": "web", "Routes": [
         {"Match": {"HTTP": {"PathPrefix": "/api"}}, "Destination": {"Service": "web-api"}},
