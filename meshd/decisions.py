@@ -78,7 +78,7 @@ ERROR_BYTES = 64
 
 # The record after its seq: what the attempt was and how it went, then what the
 # balancer saw (the tail a SharedBalancer builds: meshd.worker.balancer's ``last``).
-BODY = struct.Struct(
+BODY: struct.Struct = struct.Struct(
     "<ddHBB"                       # time, latency, status, attempt, flags
     f"{SERVICE_BYTES}s{ROUTE_BYTES}s16s{ERROR_BYTES}s24s"  # service .. no_retry
     "BHHBB"                        # mode, endpoints, ejected, candidates, pick state

@@ -78,7 +78,7 @@ _KNOWN_CODINGS = frozenset(
 # intermediaries remove Proxy-Connection, Keep-Alive, TE, Transfer-Encoding and Upgrade
 # whether or not they are listed. Trailer, Proxy-Authenticate and Proxy-Authorization
 # are not in that list and are forwarded.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: frozenset[bytes] = frozenset(
     [b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade"]
 )
 _STRIPPED = HOP_BY_HOP | {b"content-length"}
@@ -495,7 +495,7 @@ class ChunkedDecoder:
         self.trailers: list[tuple[bytes, bytes]] = []
         self.unconsumed = b""  # bytes fed after the end of the body, valid once done
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         if self.done:
             self.unconsumed += data
             return []
