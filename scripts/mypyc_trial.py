@@ -10,10 +10,12 @@ request (``perf_profile cprofile``), which is what compiling would save per requ
     .venv/bin/python scripts/mypyc_trial.py                  # compile, time, print
     .venv/bin/python scripts/mypyc_trial.py --tests tests/test_http1.py ...
     .venv/bin/python scripts/mypyc_trial.py --whole 3        # perf_profile cpu, alternated
+    .venv/bin/python scripts/mypyc_trial.py --keep /tmp/b --reuse --no-bench --whole 3
 
 ``--tests`` runs pytest files against the compiled copy (its meshd processes too: they
 start in the copy's directory); ``--whole N`` alternates N pairs of ``perf_profile cpu``
-runs (the worker's CPU µs per request, pure and compiled). ``--keep DIR`` builds in DIR
+runs (the worker's CPU µs per request, pure and compiled; ``--together`` runs each pair
+at once, so both see the same load). ``--keep DIR`` builds in DIR
 and leaves it. Not part of the test suite; nothing here is installed.
 """
 
@@ -193,25 +195,31 @@ def run_bench(build: Path, rounds: int, count: int) -> None:
     print(f"\nsaved per request: {saved:.2f} µs (of the worker's ~100 µs CPU per request)")
 
 
-def run_whole(build: Path, pairs: int, duration: float) -> None:
-    """Alternate perf_profile cpu runs: pure from the tree, compiled from the copy."""
+def run_whole(build: Path, pairs: int, duration: float, together: bool) -> None:
+    """perf_profile cpu runs, pure from the tree and compiled from the copy: one after the
+    other, or with ``together`` both at once (each its own backend, meshd and wrk), so
+    that both see the same load from the rest of a shared machine."""
     figures: dict[str, list[float]] = {"pure": [], "compiled": []}
     for i in range(pairs):
+        procs = {}
         for label, path in (("pure", ROOT), ("compiled", build)):
-            out = subprocess.run([sys.executable, "-m", "scripts.perf_profile", "cpu",
-                                  "--rounds", "2", "--duration", str(duration)],
-                                 cwd=path, env=child_env(path), capture_output=True, text=True,
-                                 timeout=300)
-            got = [float(x) for x in re.findall(r"worker CPU ([0-9.]+)", out.stdout)]
+            procs[label] = subprocess.Popen(
+                [sys.executable, "-m", "scripts.perf_profile", "cpu", "--rounds", "3",
+                 "--duration", str(duration)], cwd=path, env=child_env(path),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if not together:
+                procs[label].wait(timeout=300)
+        for label, proc in procs.items():
+            out, _ = proc.communicate(timeout=300)
+            got = [float(x) for x in re.findall(r"worker CPU ([0-9.]+)", out)]
             if not got:
-                print(out.stdout + out.stderr, file=sys.stderr)
+                print(out, file=sys.stderr)
             figures[label] += got
             print(f"pair {i + 1} {label}: {got} µs/req (load {os.getloadavg()[0]:.1f})")
     for label, got in figures.items():
-        got.sort()
         if got:
-            print(f"{label}: median {got[len(got) // 2]:.1f}, min {got[0]:.1f} µs/req "
-                  f"({len(got)} rounds)")
+            print(f"{label}: mean {sum(got) / len(got):.1f}, median {sorted(got)[len(got) // 2]:.1f}"
+                  f", min {min(got):.1f} µs/req ({len(got)} rounds)")
 
 
 def main() -> int:
@@ -221,8 +229,11 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--tests", nargs="*", default=[], help="pytest files to run compiled")
     ap.add_argument("--whole", type=int, default=0, help="pairs of perf_profile cpu runs")
-    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--together", action="store_true", help="--whole: both builds at once")
     ap.add_argument("--keep", type=Path, help="build here and keep it")
+    ap.add_argument("--reuse", action="store_true", help="use the --keep build if there")
+    ap.add_argument("--no-bench", action="store_true", help="skip the per-function table")
     ap.add_argument("--bench-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bench_child:
@@ -232,11 +243,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="meshd-mypyc-") as tmp:
         build = args.keep or Path(tmp)
         build.mkdir(parents=True, exist_ok=True)
-        t = time.monotonic()
-        log = compile_modules(build, modules)
-        print(f"compiled {len(modules)} modules in {time.monotonic() - t:.0f} s ({log})")
+        if not (args.reuse and (build / "mypyc-build.log").exists()):
+            t = time.monotonic()
+            log = compile_modules(build, modules)
+            print(f"compiled {len(modules)} modules in {time.monotonic() - t:.0f} s ({log})")
         check_compiled(build, modules)
-        run_bench(build, args.rounds, args.count)
+        if not args.no_bench:
+            run_bench(build, args.rounds, args.count)
         if args.tests:
             subprocess.run([str(Path(sys.executable).parent / "pytest"), "-q",
                             "-p", "no:cacheprovider", "--rootdir", str(ROOT),
@@ -244,7 +257,7 @@ def main() -> int:
                             *(str(ROOT / f) for f in args.tests)],
                            cwd=build, env=child_env(build), timeout=1800)
         if args.whole:
-            run_whole(build, args.whole, args.duration)
+            run_whole(build, args.whole, args.duration, args.together)
     return 0
 
 
