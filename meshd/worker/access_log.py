@@ -231,21 +231,24 @@ def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[
     (of a client id, a listener's name) until the batch is encoded (``AccessLog.flush``).
 
     One loop, one f-string a line, no dict nor loop over the fields; what repeats from
-    line to line (the millisecond's time stamp, the client, method and authority) is
-    escaped once per change, the listener's and endpoint's text once per object."""
+    line to line (the millisecond's time stamp, the client, its id, method, authority,
+    path) is escaped once per change, the listener's and endpoint's text once per
+    object."""
     esc = _json_text if as_json else _text_text
     J = _J
-    plain = _PLAIN
     known = _known
     pop = queue.popleft
     out: list[str] = []
     size = 0
     last_sec, second = _second
     last_ms = -1
-    stamp = c_text = m_text = a_text = ""
-    c_raw: Any = None  # the last client, method and authority: what the texts are of
+    stamp = c_text = i_text = m_text = a_text = p_text = ""
+    # the last client, client id, method, authority and path: what the texts are of
+    c_raw: Any = None
+    i_raw: Any = None
     m_raw: Any = None
     a_raw: Any = 0     # (authority may be None)
+    p_raw: Any = None
     while queue and size < budget:
         (wall, listener, client, client_id, method, authority, path, status, grpc, ep,
          duration, attempts, trace, received, sent) = pop()
@@ -271,25 +274,27 @@ def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[
         if authority != a_raw:
             a_raw = authority
             a_text = esc(_bound(authority, MAX_AUTHORITY))
-        if len(path) > MAX_PATH:
-            path = path[:MAX_PATH] + b"..."
+        if client_id != i_raw:
+            i_raw = client_id
+            i_text = J(client_id) if as_json else quote(client_id) if client_id else EMPTY
+        if path != p_raw:
+            p_raw = path
+            p_text = esc(path if len(path) <= MAX_PATH else path[:MAX_PATH] + b"...")
         # repr(round(duration * 1000, 3)) as ``fields`` has it, for a third of its cost:
         # the same correctly rounded digits, trailing zeros dropped as repr drops them
         dur = f"{duration * 1000:.3f}".rstrip("0")
         if dur[-1] == ".":
             dur += "0"
         if as_json:
-            line = (f'{{"time":"{stamp}",{at[1]},"client":{c_text},"client_id":'
-                    f'{J(client_id)},"method":{m_text},"authority":{a_text},'
-                    f'"path":{J(path.decode("latin-1"))},"status":{status},'
-                    f'"grpc_status":"{"" if grpc is None else grpc}","endpoint":{to[1]},'
-                    f'"duration_ms":{dur},"attempts":{attempts},"trace_id":"{trace}",'
-                    f'"bytes_received":{received},"bytes_sent":{sent}}}\n')
+            line = (f'{{"time":"{stamp}",{at[1]},"client":{c_text},"client_id":{i_text},'
+                    f'"method":{m_text},"authority":{a_text},"path":{p_text},'
+                    f'"status":{status},"grpc_status":"{"" if grpc is None else grpc}",'
+                    f'"endpoint":{to[1]},"duration_ms":{dur},"attempts":{attempts},'
+                    f'"trace_id":"{trace}","bytes_received":{received},"bytes_sent":{sent}}}\n')
         else:
-            p = '"' + path.decode() + '"' if plain(path) else quote(path.decode("latin-1"))
-            line = (f"{stamp} {at[2]} {c_text} {quote(client_id) if client_id else EMPTY} "
-                    f"{m_text} {a_text} {p} {status} {'-' if grpc is None else grpc} "
-                    f"{to[2]} {dur} {attempts} {trace or '-'} {received} {sent}\n")
+            line = (f"{stamp} {at[2]} {c_text} {i_text} {m_text} {a_text} {p_text} {status} "
+                    f"{'-' if grpc is None else grpc} {to[2]} {dur} {attempts} "
+                    f"{trace or '-'} {received} {sent}\n")
         out.append(line)
         size += len(line)
     return out
