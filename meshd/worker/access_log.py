@@ -184,6 +184,7 @@ def _token(value: str) -> str:
 # JSON text, its text-format text). The object is kept, so its id is not reused while
 # it is here; bounded (endpoints come and go with discovery): at CACHED it starts over.
 _known: dict[int, tuple[Any, str, str]] = {}
+_NOTHING = (object(), "", "")  # no object's texts
 
 
 def _remember(obj: Any, texts: tuple[str, str]) -> tuple[Any, str, str]:
@@ -243,6 +244,7 @@ def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[
     last_sec, second = _second
     last_ms = -1
     stamp = c_text = i_text = m_text = a_text = p_text = ""
+    at = to = _NOTHING  # the listener's and the endpoint's texts, as of the line before
     # the last client, client id, method, authority and path: what the texts are of
     c_raw: Any = None
     i_raw: Any = None
@@ -259,12 +261,14 @@ def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[
                 last_sec = ms // 1000
                 second = _new_second(last_sec)
             stamp = f"{second}.{ms % 1000:03d}Z"
-        at = known.get(id(listener))
-        if at is None or at[0] is not listener:
-            at = _listener(listener)
-        to = known.get(id(ep))
-        if to is None or to[0] is not ep:
-            to = _endpoint(ep)
+        if listener is not at[0]:  # mostly the line before's
+            at = known.get(id(listener)) or at
+            if at[0] is not listener:
+                at = _listener(listener)
+        if ep is not to[0]:
+            to = known.get(id(ep)) or to
+            if to[0] is not ep:
+                to = _endpoint(ep)
         if client != c_raw:
             c_raw = client
             c_text = J(client.decode("latin-1")) if as_json else _token(client.decode("latin-1"))
