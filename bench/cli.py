@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=IDLE_CONNECTIONS,
                         help="idle: keep-alive client connections held on one worker")
     parser.add_argument("--access-log", choices=("text", "json"),
-                        help="http1 scenario: meshd with [access_log] to a file, this format")
+                        help="http1 scenario: each meshd target also runs as TARGET+alog, "
+                             "[access_log] in this format to a file, measured in the same "
+                             "rounds; the per-round req/s and CPU/req ratios to the plain "
+                             "target are printed")
     parser.add_argument("--tap", action="store_true",
                         help="http1 scenario: beside each meshd target, a twin with one tap "
                              "attached (curl reading admin /tap), measured in the same rounds")

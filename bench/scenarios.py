@@ -71,23 +71,24 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
         if name == "nginx":
             proc: Nginx | Meshd = proxy_nginx(workdir, port, backend_port).start()
         else:
-            alog = (f'[access_log]\npath = "{workdir}/access-{name}.log"\n'
-                    f'format = "{args.access_log}"\n' if args.access_log else "")
-            proc = start_meshd(workdir, int(name[6]), port, backend_port, extra=alog)
+            proc = start_meshd(workdir, int(name[6]), port, backend_port)
         stack.callback(proc.stop)
         ports[name] = (port, proc.pid)
         if args.tap and isinstance(proc, Meshd):
             twin = f"{name}+tap"
             port = free_port()
             tapped = start_meshd(workdir, int(name[6]), port, backend_port,
-                                 name=f"{name[6:]}-tap", extra=alog)
+                                 name=f"{name[6:]}-tap")
             stack.callback(tapped.stop)
             stack.callback(attach_tap(tapped, int(name[6])))
             ports[twin] = (port, tapped.pid)
     traced = _tracing_targets(targets, backend_port, workdir, args, stack, ports)
-    if traced:  # each traced target right after its plain one: measured back to back
+    logged = (start_twins(targets, "alog", lambda name: f'[access_log]\npath = '
+                          f'"{workdir}/access-{name}.log"\nformat = "{args.access_log}"\n',
+                          backend_port, workdir, stack, ports) if args.access_log else [])
+    if traced or logged:  # each twin right after its plain target: measured back to back
         ports = {n: ports[n] for name in ports if "+" not in name
-                 for n in (name, f"{name}+tap", f"{name}+tracing") if n in ports}
+                 for n in (name, *(f"{name}+{s}" for s in TWINS)) if n in ports}
     rounds = wrk_rounds("", ports, args)
     results = median_rounds(rounds, lambda r: r.rps)
     command = shown_command(args.duration, args.connections)
@@ -110,11 +111,14 @@ def scenario_http1(targets: list[str], backend_port: int, workdir: Path,
         aim = {"ratio": AIM, "met": met}
     tap = tap_summary(rounds) if args.tap else {}
     tracing = tracing_summary(rounds, traced, args)
+    alog = twin_summary(rounds, logged, "alog", f"[access_log] format {args.access_log}, "
+                        "to a file")
     _warnings(rounds, wrk_problems)
     _save("http1.json", command, args,
           results={name: asdict(r) for name, r in results.items()},
           all_rounds=_rounds_json(rounds), per_round_ratios=pairs, aim=aim, tap=tap,
-          tracing=tracing or None)
+          tracing=tracing or None,
+          access_log={"format": args.access_log, "twins": alog} if alog else None)
 
 
 def attach_tap(meshd: Meshd, workers: int) -> Callable[[], None]:
@@ -154,29 +158,54 @@ def tap_summary(rounds: dict[str, list[Round]]) -> dict[str, dict[str, object]]:
     return out
 
 
-def tracing_summary(rounds: dict[str, list[Round]], traced: list[str],
-                    args: argparse.Namespace) -> dict[str, dict[str, object]]:
-    """Each traced twin against its meshd target, round by round (measured back to back)."""
-    tracing: dict[str, dict[str, object]] = {}
-    for name in traced:  # each pair measured back to back, like nginx and meshd-2w
-        ratios = rps_ratios(rounds, f"{name}+tracing", name)
+TWINS = ("tap", "tracing", "alog")  # TARGET+twin: the same meshd with one thing on
+
+
+def twin_summary(rounds: dict[str, list[Round]], paired: list[str], twin: str,
+                 what: str) -> dict[str, dict[str, object]]:
+    """Each TARGET+``twin`` against its plain TARGET, round by round (each pair measured
+    back to back): the per-round req/s and CPU/request ratios printed (``what`` the twin
+    has on) and returned."""
+    out: dict[str, dict[str, object]] = {}
+    for name in paired:
+        ratios = rps_ratios(rounds, f"{name}+{twin}", name)
         cpu = [x.cpu_us_per_req / y.cpu_us_per_req
-               for x, y in zip(rounds[f"{name}+tracing"], rounds[name], strict=True)
+               for x, y in zip(rounds[f"{name}+{twin}"], rounds[name], strict=True)
                if x.cpu_us_per_req and y.cpu_us_per_req]
-        tracing[name] = {"rps_ratios": ratios, "median": statistics.median(ratios),
-                         "cpu_ratios": cpu, "cpu_median": statistics.median(cpu) if cpu else None}
-        what = ("control: no [tracing] in either" if args.tracing == "control" else
-                f"sample_rate {TRACE_RATE}, {args.tracing} endpoint")
-        print(f"per-round req/s ratio {name}+tracing/{name} ({what}): "
+        out[name] = {"rps_ratios": ratios, "median": statistics.median(ratios),
+                     "cpu_ratios": cpu, "cpu_median": statistics.median(cpu) if cpu else None}
+        print(f"per-round req/s ratio {name}+{twin}/{name} ({what}): "
               f"{', '.join(f'{x:.3f}' for x in ratios)}; "
               f"median {statistics.median(ratios):.3f}")
         if cpu:
-            print(f"per-round CPU/req ratio {name}+tracing/{name}: "
+            print(f"per-round CPU/req ratio {name}+{twin}/{name}: "
                   f"{', '.join(f'{x:.3f}' for x in cpu)}; median {statistics.median(cpu):.3f}")
-    return tracing
+    return out
+
+
+def tracing_summary(rounds: dict[str, list[Round]], traced: list[str],
+                    args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """Each traced twin against its meshd target, round by round (measured back to back)."""
+    what = ("control: no [tracing] in either" if args.tracing == "control" else
+            f"sample_rate {TRACE_RATE}, {args.tracing} endpoint")
+    return twin_summary(rounds, traced, "tracing", what)
 
 
 TRACE_RATE = 0.01
+
+
+def start_twins(targets: list[str], twin: str, conf: Callable[[str], str], backend_port: int,
+                workdir: Path, stack: contextlib.ExitStack, ports: Ports) -> list[str]:
+    """Each meshd target again as TARGET+``twin``, with ``conf(target)`` added to its
+    config; returns the meshd targets so paired."""
+    paired = [name for name in targets if name.startswith("meshd-")]
+    for name in paired:
+        port = free_port()
+        proc = start_meshd(workdir, int(name[6]), port, backend_port,
+                           name=f"{name[6:]}-{twin}", extra=conf(name))
+        stack.callback(proc.stop)
+        ports[f"{name}+{twin}"] = (port, proc.pid)
+    return paired
 
 
 def _tracing_targets(targets: list[str], backend_port: int, workdir: Path,
@@ -194,17 +223,11 @@ def _tracing_targets(targets: list[str], backend_port: int, workdir: Path,
         receiver = OtlpReceiver().start()
         stack.callback(receiver.stop)
         endpoint = receiver.endpoint
-    paired = [name for name in targets if name.startswith("meshd-")]
-    for name in paired:
-        port = free_port()
-        conf = f'[tracing]\notlp_endpoint = "{endpoint}"\nsample_rate = {TRACE_RATE}\n'
-        if args.tracing == "control":  # an A/A pair: what the pairing alone shows
-            conf = ""
-        proc = start_meshd(workdir, int(name[6]), port, backend_port,
-                           name=f"{name[6:]}-tracing", extra=conf)
-        stack.callback(proc.stop)
-        ports[f"{name}+tracing"] = (port, proc.pid)
-    return paired
+    conf = f'[tracing]\notlp_endpoint = "{endpoint}"\nsample_rate = {TRACE_RATE}\n'
+    if args.tracing == "control":  # an A/A pair: what the pairing alone shows
+        conf = ""
+    return start_twins(targets, "tracing", lambda name: conf, backend_port, workdir, stack,
+                       ports)
 
 
 def balancing_summary(rounds: dict[str, list[Round]]) -> dict[str, float | None]:

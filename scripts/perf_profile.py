@@ -13,7 +13,12 @@ wrk load on it and measures one of:
   ``cpu``;
 - ``perf``: ``perf record -g`` of the worker (interpreter and kernel C functions);
 - ``cprofile``: exact Python calls per request (and cProfile's distorted times), the
-  workers profiling themselves through ``profile_site/sitecustomize.py``.
+  workers profiling themselves through ``profile_site/sitecustomize.py``;
+- ``gc``: the worker's garbage collections per request, by generation, and the CPU time
+  spent in them (``gc.callbacks``, through ``profile_site/sitecustomize.py`` too).
+
+``--access-log text|json`` adds an ``[access_log]`` writing to a file in the run's
+temporary directory (what it costs: docs/perf/access-log.md).
 
 Output goes to ``--out`` (default bench-results/profile). Not part of the test suite.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import pstats
 import re
@@ -62,9 +68,42 @@ def user_sys(pids: list[int]) -> tuple[int, int]:
     return user, system
 
 
+def gc_stats(out: Path, worker: int) -> dict[str, list[float]]:
+    """The worker's garbage collection counts so far (profile_site/sitecustomize.py)."""
+    path = out / f"{worker}.gc.json"
+    path.unlink(missing_ok=True)
+    os.kill(worker, signal.SIGUSR1)
+    wait_for(path.exists, 10)
+    data: dict[str, list[float]] = json.loads(path.read_text())
+    return data
+
+
+def focus_share(raw: Path, focus: str) -> str:
+    """The share of py-spy's samples (the raw collapsed stacks) with a frame of a file
+    matching ``focus`` on the stack, and of those the leaf-most such functions: a
+    share of the worker's busy time that other load on the machine does not skew as it
+    skews CPU time per request."""
+    pattern = re.compile(rf"\(\S*(?:{focus})\S*\.py:\d+\)")
+    total = hit = 0
+    where: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [f for f in stack.split(";") if pattern.search(f)]
+        if frames:
+            hit += n
+            name = frames[-1].split(" (")[0]
+            where[name] = where.get(name, 0) + n
+    top = sorted(where.items(), key=lambda kv: -kv[1])[:8]
+    return (f"{hit} of {total} samples ({hit / max(total, 1):.1%}) in {focus}: "
+            + ", ".join(f"{name} {n}" for name, n in top))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("cpu", "strace", "trace", "pyspy", "perf", "cprofile"))
+    ap.add_argument("mode", choices=("cpu", "strace", "trace", "pyspy", "perf", "cprofile",
+                                        "gc"))
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
@@ -73,20 +112,32 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--out", type=Path, default=RESULTS / "profile")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--extra", default="", help="more meshd config (e.g. [access_log])")
+    ap.add_argument("--extra", default="", help="more meshd config (e.g. [tracing])")
+    ap.add_argument("--focus", default="",
+                    help="pyspy: a regex of file names (e.g. 'access_log|observe'): the "
+                         "share of the samples with a frame of theirs on the stack")
+    ap.add_argument("--access-log", choices=("text", "json"),
+                    help="[access_log] in this format, to a file in the temporary directory")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
     if args.mode == "cprofile":  # the workers profile themselves (profile_site/)
         os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent / "profile_site")
         os.environ["MESHD_CPROFILE"] = str(args.out.resolve())
+    if args.mode == "gc":
+        os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent / "profile_site")
+        os.environ["MESHD_GCSTATS"] = str(args.out.resolve())
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshd-prof-")))
         backend_port, port = free_port(), free_port()
         backend = backend_nginx(workdir, backend_port).start()
         stack.callback(backend.stop)
+        extra = args.extra
+        if args.access_log:
+            extra += (f'\n[access_log]\npath = "{workdir}/access.log"\n'
+                      f'format = "{args.access_log}"\n')
         meshd = start_meshd(workdir, args.workers, port, backend_port, name=f"prof{os.getpid()}",
-                            extra=args.extra)
+                            extra=extra)
         stack.callback(meshd.stop)
         workers = []
         for _ in range(100):
@@ -177,6 +228,22 @@ def main() -> int:
             out.write_text(text.getvalue())
             print(text.getvalue()[:400])
             print(out)
+        elif args.mode == "gc":
+            for i in range(args.rounds):
+                before = gc_stats(args.out, workers[0])
+                requests, rps = wrk(port, args.duration, args.connections)
+                after = gc_stats(args.out, workers[0])
+                per = {k: [(b - a) / requests for a, b in zip(before[k], after[k], strict=True)]
+                       for k in ("collections", "collected", "cpu_s")}
+                print(f"round {i}: {requests} requests, {rps:,.0f} req/s; per 1000 requests "
+                      "collections gen0/1/2 "
+                      + " / ".join(f"{x * 1000:.2f}" for x in per["collections"])
+                      + "; objects collected per request "
+                      + " / ".join(f"{x:.3f}" for x in per["collected"])
+                      + "; CPU µs/req in gc "
+                      + " / ".join(f"{x * 1e6:.2f}" for x in per["cpu_s"])
+                      + f" (total {sum(per['cpu_s']) * 1e6:.2f}; thresholds "
+                      f"{after['thresholds']})")
         elif args.mode == "perf":  # the interpreter's C functions and the kernel's
             data = args.out / f"perf{tag}.data"
             proc = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(data),
@@ -206,6 +273,8 @@ def main() -> int:
             p1.wait(30)
             p2.wait(30)
             print(f"{requests} requests, {rps:,.0f} req/s; {svg}, {raw}")
+            if args.focus:
+                print(focus_share(raw, args.focus))
     return 0
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from meshd.worker import access_log
-
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
     from meshd.worker.call import Call
@@ -46,8 +44,8 @@ def request(worker: Context, listener: ListenerConfig, client: Callable[[], byte
     ``answered``: the exchange whose response a gRPC request got (its grpc-status)."""
     alog = worker.access_log
     if alog is not None:
-        access_log.request(alog, listener, client(), peer.client_id, method, authority, path,
-                           status, call, started, headers, answered, received, sent)
+        alog.request(listener, client(), peer.client_id, method, authority, path, status,
+                     call, started, headers, answered, received, sent)
     tap = worker.tap
     if tap is not None:
         tap.request(listener, service, peer, method, authority, path, status, call, started,

@@ -37,7 +37,7 @@ from meshd.errors import (
 from meshd.proto import forwarded, http1
 from meshd.proto.translate import h2_request, response_framing, strip_meshd_error
 from meshd.shm import F_READ_BYTES, F_REQUESTS, F_WRITE_BYTES, ROW_UNKNOWN
-from meshd.worker import access_log, observe
+from meshd.worker import observe
 from meshd.worker.call import (
     Call,
     count_route_request,
@@ -253,8 +253,8 @@ class HttpConnection:
 
     def _log_rejected(self, head: bytes, status: int, started: float) -> None:
         assert self.worker.access_log is not None
-        access_log.rejected(self.worker.access_log, self.listener, self._peer_address(),
-                            self.peer.client_id, head, status, started, self.sent)
+        self.worker.access_log.rejected(self.listener, self._peer_address(),
+                                        self.peer.client_id, head, status, started, self.sent)
         self.sent = 0
 
     def _peer_address(self) -> bytes:
