@@ -1,6 +1,8 @@
 """For ``scripts/perf_profile.py cprofile`` only (put on PYTHONPATH by it): with
 MESHD_CPROFILE set to a directory, every forked child (meshd's workers) runs under
-cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling."""
+cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling.
+Greenlet switches show as calls of ``_switched`` (a ``greenlet.settrace`` hook that does
+nothing): its count per request is the switches per request."""
 
 from __future__ import annotations
 
@@ -21,7 +23,13 @@ if _dir:
             p.dump_stats(os.path.join(_dir, f"{os.getpid()}.prof"))
             p.enable()
 
+    def _switched(event: str, args: object) -> None:
+        """Counted by cProfile: one call per greenlet switch (or throw)."""
+
     def _start() -> None:
+        import greenlet
+
+        greenlet.settrace(_switched)
         _prof[:] = [cProfile.Profile()]
         signal.signal(signal.SIGUSR1, _dump)
         _prof[0].enable()
