@@ -20,6 +20,12 @@
   checks are off) and no ``serialize``: about half of h2's cost of a response. A stream
   h2 does not hold, a client's request head (the stream is opened), PRIORITY fields or
   padding take h2's own path. Headers are bytes (as meshd builds them).
+- Receiving a head does only what this configuration needs (``_receive_headers_frame``,
+  ``_begin_new_stream``, ``_Stream.receive_headers`` and ``_open_streams`` are h2's,
+  same checks in the same order, less the work that is idle here): no header validation
+  flags, no processing pipeline (normalization, validation and decoding are off: the
+  decoded list is the event's), no per-frame enum or descriptor lookups, the count of
+  open streams read from the states directly.
 - How each closed stream ended is remembered for the last ``MAX_CLOSED_STREAMS`` of
   them, not h2's 65,536: on a long-lived connection (meshd to meshd, a gRPC channel)
   that record grew by about 100 bytes a stream, some 6 MB per connection, and each
@@ -36,11 +42,17 @@ from typing import Any
 
 import h2.config
 import h2.connection
-from h2.connection import ConnectionInputs
+from h2.connection import AllowedStreamIDs, ConnectionInputs, _decode_headers
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
-from h2.stream import H2Stream, StreamInputs
-from hyperframe.frame import Frame, RstStreamFrame
+from h2.events import TrailersReceived
+from h2.exceptions import (
+    ProtocolError,
+    StreamClosedError,
+    StreamIDTooLowError,
+    TooManyStreamsError,
+)
+from h2.stream import STREAM_OPEN, H2Stream, StreamInputs, StreamState
+from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 from meshd.proto import hpack_codec
 
@@ -55,8 +67,13 @@ _SEND_HEADERS = StreamInputs.SEND_HEADERS
 _SEND_INFORMATIONAL = StreamInputs.SEND_INFORMATIONAL_HEADERS
 _SEND_DATA = StreamInputs.SEND_DATA
 _SEND_END_STREAM = StreamInputs.SEND_END_STREAM
+_RECV_HEADERS = StreamInputs.RECV_HEADERS
+_RECV_INFORMATIONAL = StreamInputs.RECV_INFORMATIONAL_HEADERS
+_RECV_END_STREAM = StreamInputs.RECV_END_STREAM
 _CONN_SEND_HEADERS = ConnectionInputs.SEND_HEADERS
 _CONN_SEND_DATA = ConnectionInputs.SEND_DATA
+_CONN_RECV_HEADERS = ConnectionInputs.RECV_HEADERS
+_CLOSED = StreamState.CLOSED
 
 
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
@@ -81,6 +98,38 @@ def configuration(client_side: bool) -> h2.config.H2Configuration:
                                      normalize_outbound_headers=False)
 
 
+class _Stream(H2Stream):
+    """h2's stream, receiving a head as h2 does under ``configuration()`` (no
+    normalization, no validation, no decoding: each of those steps is a no-op there)."""
+
+    def receive_headers(self, headers: Any, end_stream: bool,
+                        header_encoding: Any) -> tuple[list[Frame], list[Any]]:
+        machine = self.state_machine
+        if _informational(headers):
+            if end_stream:
+                raise ProtocolError("Cannot set END_STREAM on informational responses")
+            events = machine.process_input(_RECV_INFORMATIONAL)
+        else:
+            events = machine.process_input(_RECV_HEADERS)
+        headers_event: Any = events[0]
+        if end_stream:
+            ended = machine.process_input(_RECV_END_STREAM)
+            headers_event.stream_ended = ended[0]
+            events += ended
+        self._initialize_content_length(headers)
+        if not end_stream and isinstance(headers_event, TrailersReceived):
+            raise ProtocolError("Trailers must have END_STREAM set")
+        headers_event.headers = headers if isinstance(headers, list) else list(headers)
+        return [], events
+
+
+class _ServerStream(_Stream):
+    """A request stream: the server counts request bodies itself (h2_server)."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        pass
+
+
 class H2Connection(h2.connection.H2Connection):
     """An h2 connection for one side (``client_side``), decoding header lists of at most
     ``max_header_list_size`` bytes (RFC 9113 §6.5.2's measure)."""
@@ -91,12 +140,65 @@ class H2Connection(h2.connection.H2Connection):
         super().__init__(configuration(client_side))
         hpack_codec.install(self, max_header_list_size)
         self._client_side = client_side
+        self._outbound_parity = int(client_side)
+        self._inbound_ids = AllowedStreamIDs(not client_side)
+        self._stream_class = _Stream if client_side else _ServerStream
+
+    # -- receiving a head: h2's methods, less what this configuration leaves idle -----------
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        sid = frame.stream_id
+        if sid not in self.streams:
+            max_open_streams = self.local_settings.max_concurrent_streams
+            value = self._open_streams(1 - self._outbound_parity)  # open inbound streams
+            if value + 1 > max_open_streams:
+                raise TooManyStreamsError(
+                    f"Max inbound streams is {max_open_streams}, {value} open")
+        headers = _decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(_CONN_RECV_HEADERS)
+        stream = self.streams.get(sid) or self._begin_new_stream(sid, self._inbound_ids)
+        flags = frame.flags
+        frames, stream_events = stream.receive_headers(headers, "END_STREAM" in flags, None)
+        if "PRIORITY" in flags:
+            _, p_events = self._receive_priority_frame(frame)
+            first: Any = stream_events[0]
+            first.priority_updated = p_events[0]
+            stream_events.extend(p_events)
+        return frames, events + stream_events
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> H2Stream:
-        stream = super()._begin_new_stream(stream_id, allowed_ids)
-        if not self._client_side:  # the server counts request bodies itself
-            stream._initialize_content_length = _no_length  # type: ignore[method-assign]
+        outbound = stream_id % 2 == self._outbound_parity
+        highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+        if stream_id <= highest:
+            raise StreamIDTooLowError(stream_id, highest)
+        if stream_id % 2 != int(allowed_ids):
+            raise ProtocolError("Invalid stream ID for peer.")
+        stream = self._stream_class(
+            stream_id, config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size)
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        if outbound:
+            self.highest_outbound_stream_id = stream_id
+        else:
+            self.highest_inbound_stream_id = stream_id
         return stream
+
+    def _open_streams(self, remainder: int) -> int:
+        """h2's count of open streams of one parity (dropping the closed ones), with the
+        states read directly rather than through two properties per stream."""
+        count = 0
+        closed = []
+        for sid, stream in self.streams.items():
+            state = stream.state_machine.state
+            if STREAM_OPEN[state] and sid % 2 == remainder:
+                count += 1
+            elif state is _CLOSED:
+                closed.append(sid)
+        for sid in closed:
+            self._closed_streams[sid] = self.streams.pop(sid).state_machine.stream_closed_by
+        return count
 
     def _receive_frame(self, frame: Frame) -> list[Any]:
         try:
@@ -232,6 +334,3 @@ class H2Connection(h2.connection.H2Connection):
         return (len(closed) >= self.MAX_CLOSED_STREAMS and stream_id not in closed
                 and stream_id not in self.streams)
 
-
-def _no_length(headers: Any) -> None:
-    """In place of h2's ``H2Stream._initialize_content_length``: no expected length."""
