@@ -184,10 +184,13 @@ def main() -> int:
             wait_for(stats_file.exists, 10)
             time.sleep(0.5)
             stats_file.rename(ignored)
+            switches_file = args.out / f"{workers[0]}.switches"
+            switched = int(switches_file.read_text() or 0)
             requests, rps = load(port, args.duration, args.connections)
             os.kill(workers[0], signal.SIGUSR1)
             wait_for(stats_file.exists, 10)
             time.sleep(0.5)
+            switched = int(switches_file.read_text() or 0) - switched
             st = pstats.Stats(str(stats_file))
             text = io.StringIO()
             base = pstats.Stats(str(ignored)).stats  # type: ignore[attr-defined]
@@ -200,7 +203,8 @@ def main() -> int:
                 rows.append((ncalls, tot, key))
             rows.sort(key=lambda r: -r[1])
             text.write(f"# {requests} requests; {total_calls / requests:.1f} Python-visible "
-                       f"calls/request\n# calls/req  tottime µs/req  function\n")
+                       f"calls/request; {switched / requests:.2f} greenlet switches/request\n"
+                       f"# calls/req  tottime µs/req  function\n")
             for ncalls, tot, (file, line, fn) in rows[:120]:
                 text.write(f"{ncalls / requests:9.2f} {tot * 1e6 / requests:9.2f}  "
                            f"{fn} ({file.split('site-packages/')[-1]}:{line})\n")

@@ -1,8 +1,8 @@
 """For ``scripts/perf_profile.py cprofile`` only (put on PYTHONPATH by it): with
 MESHD_CPROFILE set to a directory, every forked child (meshd's workers) runs under
 cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling.
-Greenlet switches show as calls of ``_switched`` (a ``greenlet.settrace`` hook that does
-nothing): its count per request is the switches per request."""
+Greenlet switches are counted by a ``greenlet.settrace`` hook (cProfile does not see
+it) and written with the stats, to DIR/<pid>.switches."""
 
 from __future__ import annotations
 
@@ -20,11 +20,15 @@ if _dir:
         assert _dir is not None
         for p in _prof:
             p.disable()
+            with open(os.path.join(_dir, f"{os.getpid()}.switches"), "w") as f:
+                f.write(str(_switches[0]))
             p.dump_stats(os.path.join(_dir, f"{os.getpid()}.prof"))
             p.enable()
 
+    _switches = [0]
+
     def _switched(event: str, args: object) -> None:
-        """Counted by cProfile: one call per greenlet switch (or throw)."""
+        _switches[0] += 1
 
     def _start() -> None:
         import greenlet
