@@ -82,11 +82,12 @@ def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
 
 def _informational(headers: list[Any]) -> bool:
     """A 1xx response head (h2's ``is_informational_response``, for bytes)."""
-    for name, value, *_ in headers:
-        if not name.startswith(b":"):
-            return False
+    for field in headers:
+        name = field[0]
         if name == b":status":
-            return bool(value.startswith(b"1"))
+            return field[1][:1] == b"1"
+        if name[:1] != b":":
+            return False
     return False
 
 
