@@ -4,15 +4,22 @@ client receive), with the hpack package's codec and with meshd's (meshd.proto.hp
 plus the per-frame repr meshd.proto.h2_connection skips). Rounds alternate the two and the
 ratio is taken within each round (the machine is shared and noisy).
 
-    .venv/bin/python scripts/h2_micro.py [--requests N] [--rounds R]
+``--against REV``: meshd's connection class as it is at git revision REV (its module
+loaded from git) against the tree's, instead of the hpack package against meshd. Times
+are CPU time (``time.process_time``): a preempted phase does not count.
+
+    .venv/bin/python scripts/h2_micro.py [--requests N] [--rounds R] [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
+import types
+from typing import Any
 
 import h2.connection
 import h2.events
@@ -28,10 +35,22 @@ BODY = b"x" * 93
 PHASES = ("client send", "server receive", "server send", "client receive")
 
 
-def pair(meshd: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+def at_revision(rev: str) -> Any:
+    """meshd.proto.h2_connection's H2Connection as it is at git revision ``rev``."""
+    path = "meshd/proto/h2_connection.py"
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                            check=True).stdout
+    module = types.ModuleType(f"h2_connection_{rev}")
+    module.__file__ = path
+    exec(compile(source, path, "exec"), module.__dict__)  # the module at REV, from git
+    return module.H2Connection
+
+
+def pair(meshd: bool, cls: Any = H2Connection) -> tuple[h2.connection.H2Connection,
+                                                        h2.connection.H2Connection]:
     if meshd:
-        client: h2.connection.H2Connection = H2Connection(True, 65536)
-        server: h2.connection.H2Connection = H2Connection(False, 65536)
+        client: h2.connection.H2Connection = cls(True, 65536)
+        server: h2.connection.H2Connection = cls(False, 65536)
     else:
         client = h2.connection.H2Connection(configuration(True))
         server = h2.connection.H2Connection(configuration(False))
@@ -47,11 +66,11 @@ def pair(meshd: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Conne
     return client, server
 
 
-def run(meshd: bool, requests: int) -> list[float]:
-    """µs per request in each phase."""
-    client, server = pair(meshd)
+def run(meshd: bool, requests: int, cls: Any = H2Connection) -> list[float]:
+    """µs per request in each phase (CPU time)."""
+    client, server = pair(meshd, cls)
     spent = [0.0] * 4
-    clock = time.perf_counter
+    clock = time.process_time
     for _ in range(requests):
         t0 = clock()
         sid = client.get_next_available_stream_id()
@@ -78,18 +97,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--against", metavar="REV", help="meshd at REV against the tree")
     args = parser.parse_args()
     ratios = []
     last: dict[str, list[float]] = {}
+    old = at_revision(args.against) if args.against else None
     for _ in range(args.rounds):
+        if old is not None:
+            last = {args.against: run(True, args.requests, old),
+                    "tree": run(True, args.requests)}
+            ratios.append(sum(last["tree"]) / sum(last[args.against]))
+            continue
         last = {"hpack": run(False, args.requests), "meshd": run(True, args.requests)}
         ratios.append(sum(last["meshd"]) / sum(last["hpack"]))
     print(f"µs per request, last of {args.rounds} rounds of {args.requests:,}:")
-    print("| codec | " + " | ".join(PHASES) + " | total |")
+    print("| code | " + " | ".join(PHASES) + " | total |")
     print("|---|" + "---:|" * 5)
     for name, phases in last.items():
         print(f"| {name} | " + " | ".join(f"{p:.1f}" for p in phases) + f" | {sum(phases):.1f} |")
-    print(f"\nper-round ratio meshd/hpack: {', '.join(f'{r:.2f}' for r in ratios)}; "
+    names = "/".join(reversed(last))
+    print(f"\nper-round ratio {names}: {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}")
     return 0
 

@@ -1,7 +1,8 @@
 """Profile meshd's HTTP/1.1 keep-alive path per request (issue 17).
 
 Starts the bench's nginx backend and a meshd with one worker (``bench.procs``), puts
-wrk load on it and measures one of:
+wrk load on it (``--h2``: h2load, HTTP/2 with prior knowledge, ``--connections`` x
+``--streams`` concurrent streams, as the bench's h2 scenario) and measures one of:
 
 - ``cpu``: the worker's own CPU µs per request (utime+stime from /proc around a wrk run),
   the most stable figure on a shared machine; ``--rounds`` runs, each printed;
@@ -55,6 +56,26 @@ def wrk(port: int, duration: float, connections: int, threads: int = 1) -> tuple
     if non_2xx or errors:
         print(f"warning: non-2xx {non_2xx}, socket errors {errors}", file=sys.stderr)
     return requests, rps
+
+
+def h2load(port: int, duration: float, connections: int, streams: int,
+           rps: int = 0) -> tuple[int, float]:
+    """A timed h2load run (h2c, prior knowledge): requests that succeeded and their rate.
+    ``rps``: a fixed rate per connection (the same load whatever the code's speed, so
+    the same number of streams served per loop iteration), else as fast as it goes."""
+    out = subprocess.run(["h2load", f"-c{connections}", f"-m{streams}", "-t1",
+                          f"-D{duration:g}", "-H", ":authority: bench",
+                          *([f"--rps={rps}"] if rps else []),
+                          f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, timeout=duration + 30, check=True)
+    m = re.search(r"^requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed",
+                  out.stdout, re.M)
+    took = re.search(r"^finished in ([\d.]+)s", out.stdout, re.M)
+    if m is None or took is None:
+        raise RuntimeError(f"h2load: {out.stdout}{out.stderr}")
+    if int(m[2]):
+        print(f"warning: {m[2]} requests failed", file=sys.stderr)
+    return int(m[1]), int(m[1]) / float(took[1])
 
 
 def user_sys(pids: list[int]) -> tuple[int, int]:
@@ -118,11 +139,21 @@ def main() -> int:
                          "share of the samples with a frame of theirs on the stack")
     ap.add_argument("--access-log", choices=("text", "json"),
                     help="[access_log] in this format, to a file in the temporary directory")
+    ap.add_argument("--h2", action="store_true", help="h2load (HTTP/2 clients), not wrk")
+    ap.add_argument("--streams", type=int, default=10, help="h2load -m: streams per connection")
+    ap.add_argument("--rps", type=int, default=0, help="h2load --rps: requests/s per connection")
     args = ap.parse_args()
+    def load(port: int, duration: float, connections: int) -> tuple[int, float]:
+        if args.h2:
+            return h2load(port, duration, connections, args.streams, args.rps)
+        return wrk(port, duration, connections)
+
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
     if args.mode == "cprofile":  # the workers profile themselves (profile_site/)
-        os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent / "profile_site")
+        site = str(Path(__file__).resolve().parent / "profile_site")
+        os.environ["PYTHONPATH"] = os.pathsep.join(  # kept: PYTHONPATH=OLD-TREE profiles it
+            p for p in (site, os.environ.get("PYTHONPATH")) if p)
         os.environ["MESHD_CPROFILE"] = str(args.out.resolve())
     if args.mode == "gc":
         os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent / "profile_site")
@@ -148,13 +179,13 @@ def main() -> int:
         if not workers:
             print("no worker found", file=sys.stderr)
             return 1
-        wrk(port, 1, args.connections)  # warm-up
+        load(port, 1, args.connections)  # warm-up
         if args.mode == "cpu":
             for i in range(args.rounds):
                 others = [p for p in process_tree(meshd.pid) if p not in workers]
                 o0 = own_ticks(others)
                 u0, s0 = user_sys(workers)
-                requests, rps = wrk(port, args.duration, args.connections)
+                requests, rps = load(port, args.duration, args.connections)
                 u1, s1 = user_sys(workers)
                 o1 = own_ticks(others)
                 rest = {p: (o1[p] - o0.get(p, 0)) * 1e6 / CLK_TCK / requests for p in o1}
@@ -168,7 +199,7 @@ def main() -> int:
             proc = subprocess.Popen(["strace", "-f", "-tt", "-o", str(out),
                                      *(a for w in workers for a in ("-p", str(w)))])
             time.sleep(1.0)
-            requests, rps = wrk(port, 1, 2)
+            requests, rps = load(port, 1, 2)
             proc.send_signal(2)
             proc.wait(10)
             print(f"{requests} requests; {out}")
@@ -177,7 +208,7 @@ def main() -> int:
             proc = subprocess.Popen(["strace", "-c", "-f", "-o", str(out),
                                      *(a for w in workers for a in ("-p", str(w)))])
             time.sleep(1.0)
-            requests, rps = wrk(port, args.duration, args.connections)
+            requests, rps = load(port, args.duration, args.connections)
             proc.send_signal(2)
             proc.wait(10)
             text = out.read_text()
@@ -204,10 +235,13 @@ def main() -> int:
             wait_for(stats_file.exists, 10)
             time.sleep(0.5)
             stats_file.rename(ignored)
-            requests, rps = wrk(port, args.duration, args.connections)
+            switches_file = args.out / f"{workers[0]}.switches"
+            switched = int(switches_file.read_text() or 0)
+            requests, rps = load(port, args.duration, args.connections)
             os.kill(workers[0], signal.SIGUSR1)
             wait_for(stats_file.exists, 10)
             time.sleep(0.5)
+            switched = int(switches_file.read_text() or 0) - switched
             st = pstats.Stats(str(stats_file))
             text = io.StringIO()
             base = pstats.Stats(str(ignored)).stats  # type: ignore[attr-defined]
@@ -220,7 +254,8 @@ def main() -> int:
                 rows.append((ncalls, tot, key))
             rows.sort(key=lambda r: -r[1])
             text.write(f"# {requests} requests; {total_calls / requests:.1f} Python-visible "
-                       f"calls/request\n# calls/req  tottime µs/req  function\n")
+                       f"calls/request; {switched / requests:.2f} greenlet switches/request\n"
+                       f"# calls/req  tottime µs/req  function\n")
             for ncalls, tot, (file, line, fn) in rows[:120]:
                 text.write(f"{ncalls / requests:9.2f} {tot * 1e6 / requests:9.2f}  "
                            f"{fn} ({file.split('site-packages/')[-1]}:{line})\n")
@@ -250,7 +285,7 @@ def main() -> int:
                                      "-p", ",".join(map(str, workers))],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            requests, rps = wrk(port, args.duration, args.connections)
+            requests, rps = load(port, args.duration, args.connections)
             proc.send_signal(2)
             proc.wait(30)
             report = subprocess.run(["perf", "report", "-i", str(data), "--no-children",
@@ -269,7 +304,7 @@ def main() -> int:
             p2 = subprocess.Popen([spy, "record", "-f", "raw", "-o", str(raw), *common],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            requests, rps = wrk(port, args.duration + 1, args.connections)
+            requests, rps = load(port, args.duration + 1, args.connections)
             p1.wait(30)
             p2.wait(30)
             print(f"{requests} requests, {rps:,.0f} req/s; {svg}, {raw}")

@@ -29,6 +29,7 @@ FRAMED = frozenset([b"host", b"content-length"])
 H1_TO_H2_DROP = CONNECTION_SPECIFIC | FRAMED | {b"expect"}  # 100-continue is answered here
 H2_TO_H1_DROP = CONNECTION_SPECIFIC | FRAMED
 H2_TO_H2_DROP = CONNECTION_SPECIFIC - {b"te"}
+_RESPONSE_DROP = H2_TO_H1_DROP | {MESHD_ERROR}  # h2_response's, less the Connection tokens
 
 
 def strip_meshd_error(headers: Iterable[tuple[bytes, bytes]]) -> Fields:
@@ -104,9 +105,10 @@ def h2_response(resp: http1.ResponseHead) -> Fields:
     fields (and those its Connection lists) and ``meshd-error`` left out, its
     Content-Length kept when it frames a body (not a chunked one's, not a 1xx's or
     204's)."""
-    drop = H2_TO_H1_DROP | resp.connection_tokens | {MESHD_ERROR}
+    tokens = resp.connection_tokens
+    drop = _RESPONSE_DROP | tokens if tokens else _RESPONSE_DROP  # no set built per response
     headers = [(b":status", b"%d" % resp.status)]
-    headers += [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
+    headers += [(name, v) for k, v in resp.headers if (name := k.lower()) not in drop]
     if resp.content_length is not None and resp.status != 204 and not (
             resp.chunked or (100 <= resp.status < 200)):
         headers.append((b"content-length", b"%d" % resp.content_length))

@@ -1,9 +1,11 @@
 """For ``scripts/perf_profile.py cprofile`` and ``gc`` only (put on PYTHONPATH by it):
 with MESHD_CPROFILE set to a directory, every forked child (meshd's workers) runs under
-cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling; with
-MESHD_GCSTATS set to a directory, every forked child counts its garbage collections
-(per generation: how many, objects collected, CPU time inside them, from ``gc.callbacks``)
-and writes them to DIR/<pid>.gc.json on SIGUSR1."""
+cProfile and dumps its stats to DIR/<pid>.prof on SIGUSR1, then goes on profiling.
+Greenlet switches are counted by a ``greenlet.settrace`` hook (cProfile does not see
+it) and written with the stats, to DIR/<pid>.switches. With MESHD_GCSTATS set to a
+directory, every forked child counts its garbage collections (per generation: how many,
+objects collected, CPU time inside them, from ``gc.callbacks``) and writes them to
+DIR/<pid>.gc.json on SIGUSR1."""
 
 from __future__ import annotations
 
@@ -21,10 +23,20 @@ if _dir:
         assert _dir is not None
         for p in _prof:
             p.disable()
+            with open(os.path.join(_dir, f"{os.getpid()}.switches"), "w") as f:
+                f.write(str(_switches[0]))
             p.dump_stats(os.path.join(_dir, f"{os.getpid()}.prof"))
             p.enable()
 
+    _switches = [0]
+
+    def _switched(event: str, args: object) -> None:
+        _switches[0] += 1
+
     def _start() -> None:
+        import greenlet
+
+        greenlet.settrace(_switched)
         _prof[:] = [cProfile.Profile()]
         signal.signal(signal.SIGUSR1, _dump)
         _prof[0].enable()

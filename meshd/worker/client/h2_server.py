@@ -548,8 +548,7 @@ class H2ServerConnection:
         conn = self.conn
         self._wait_room(idle_timeout)
         self._check(stream)
-        if len(data) <= min(conn.local_flow_control_window(stream.id),
-                            conn.max_outbound_frame_size):  # the usual case: one frame
+        if len(data) <= conn.send_room(stream.id):  # the usual case: one frame
             conn.send_data(stream.id, data, end_stream=end)
             stream.sent += len(data)
             self._flush()
@@ -558,7 +557,7 @@ class H2ServerConnection:
         while view or end:
             self._wait_room(idle_timeout)
             self._check(stream)
-            window = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size)
+            window = conn.send_room(stream.id)
             if window > 0 or not view:
                 n = min(window, len(view))
                 last = end and n == len(view)

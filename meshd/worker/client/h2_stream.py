@@ -99,10 +99,13 @@ class H2ToHttp1:
         traced = None
         if worker.tracer is not None:  # the upstream's head carries meshd's span as parent
             self.stream.headers, traced = worker.tracer.begin(self.stream.headers)
-        pseudo = {k: v for k, v in self.stream.headers if k.startswith(b":")}
+        headers = self.stream.headers
+        # The pseudo-header fields come first (h2_headers.request_problem holds them there)
+        regular = next((i for i, (k, _) in enumerate(headers) if k[:1] != b":"), len(headers))
+        pseudo = dict(headers[:regular])
         method = pseudo.get(b":method", b"GET")
         target = pseudo.get(b":path", b"/")
-        fields = join_cookies([(k, v) for k, v in self.stream.headers if not k.startswith(b":")])
+        fields = join_cookies(headers[regular:])
         self.grpc = is_grpc(fields)
         authority = pseudo.get(b":authority") or next((v for k, v in fields if k == b"host"), None)
         status = 502

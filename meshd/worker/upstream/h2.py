@@ -226,8 +226,7 @@ class H2Stream:
                 batch = 0
                 try:
                     while view and batch < WRITE_BATCH:
-                        size = min(len(view), conn.local_flow_control_window(self.stream_id),
-                                   conn.max_outbound_frame_size)
+                        size = min(len(view), conn.send_room(self.stream_id))
                         if size <= 0:
                             break
                         last = size == len(view)
