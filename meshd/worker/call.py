@@ -137,7 +137,9 @@ class Call:
         # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
         self.replay = policy.retryable or method in IDEMPOTENT
         self.method = method
-        self.hash_key = hash_key(self.svc, headers, peer)
+        svc = self.svc
+        self.hash_key = (hash_key(svc, headers, peer)
+                         if svc is not None and svc.balancer == "consistent_hash" else None)
         self.tried: list[int] = []
         # The current attempt, for its balancer decisions record (meshd.worker.decisions):
         # what the balancer saw (None once recorded), when it was sent, its response
@@ -159,13 +161,17 @@ class Call:
         attempt, counted in flight. A retry goes to an endpoint not tried yet, when there
         is one; the attempt's deadline is the sooner of ``try_timeout`` and the call's."""
         snap = worker.snapshot
-        index, row = worker.balancer.pick(self.service, self.endpoints, snap.endpoint_rows,
-                                          self.svc, snap.splits.get(self.service),
-                                          self.hash_key, self.tried)
+        balancer = worker.balancer
+        service = self.service
+        splits = snap.splits
+        index, row = balancer.pick(service, self.endpoints, snap.endpoint_rows, self.svc,
+                                   splits[service] if service in splits else None,
+                                   self.hash_key, self.tried)
         self.tried.append(index)
-        self.pick = worker.balancer.last
+        self.pick = balancer.last
         self.status, self.kind, self.error, self.no_retry = 0, "", None, ""
-        worker.balancer.started(row)
+        if row >= 0:  # balancer.started(row), inline
+            balancer.stripe.started(row)
         now = self.sent_at = time.monotonic()
         try_timeout = self.policy.try_timeout
         try_deadline = self.deadline
@@ -202,7 +208,13 @@ class Call:
         Raises ``RetryNow`` when the attempt failed before any response byte reached
         the client and the retry rules allow another."""
         ep, row, sent_at, try_deadline = self.start_attempt(worker)
-        proto, address, tls = self.protocol(worker, ep, row, side.grpc, attempts_left)
+        svc = self.svc
+        address: tuple[str, int] | None = None
+        if (ep.meshed or side.grpc
+                or svc is not None and (svc.tls is not None or svc.protocol == "h2")):
+            proto, address, tls = self.protocol(worker, ep, row, side.grpc, attempts_left)
+        else:  # plaintext HTTP/1.1 (what upstream_protocol says, without asking it)
+            proto, tls = "http1", None
         conn = None
         if proto == "http1":
             conn = self.acquire(worker, ep, row, sent_at, side.has_body, tls, attempts_left)
@@ -210,6 +222,8 @@ class Call:
         if conn is not None:
             ex = side.http1_exchange(self, conn)
         else:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
+            if address is None:  # a new TLS connection that selected ALPN h2
+                address = ep.address
             meshed = proto == "meshed"
             # a meshed hop keeps the client's scheme: its TLS is the mesh's, not the app's
             head, checked = side.h2_head(tls is not None and not meshed, meshed)
@@ -224,7 +238,7 @@ class Call:
             ex.start()
             status = self.status = ex.response(try_deadline, self.deadline)
             rtt = time.monotonic() - sent_at
-            kind = self.kind = status_kind(status)
+            kind = self.kind = status_kind(status) if status >= 400 else ""
             grpc: int | None = None
             if side.grpc and not kind:  # a trailers-only answer: its status is in the head
                 grpc = grpc_status.code(ex.h2_head())
@@ -294,7 +308,12 @@ class Call:
         ALPN h2: it went to the HTTP/2 pool, and the attempt goes HTTP/2."""
         try:
             svc = self.svc
-            conn = worker.pool.acquire(ep, self.connect_timeout(sent_at), check=check,
+            # connect_timeout(sent_at), inline: one call less per attempt
+            left = self.deadline - sent_at
+            if left < 0.001:
+                left = 0.001
+            timeout = self.policy.connect_timeout
+            conn = worker.pool.acquire(ep, timeout if timeout < left else left, check=check,
                                        idle_timeout=self.policy.idle_timeout, row=row,
                                        limit=svc.max_connections if svc else 0, tls=tls)
             if conn.alpn != "h2":
