@@ -44,7 +44,9 @@ REAP_BATCH = 4096    # idle connections one reap looks at, at most (the rest nex
 _original_poll = get_original("select", "poll")
 
 
-Counter = Callable[[int, int], None]  # (endpoint row, +1 opened / -1 closed)
+# (endpoint row, +1 opened / -1 closed): called for rows >= 0 only (a connection to an
+# endpoint without a row counts nowhere), so that it can be the stripe's own method.
+Counter = Callable[[int, int], None]
 
 
 def _no_count(row: int, delta: int) -> None:
@@ -87,12 +89,14 @@ class UpstreamConn:
     def use(self) -> None:
         if not self.in_use:
             self.in_use = True
-            self._counter(self.row, 1)
+            if self.row >= 0:
+                self._counter(self.row, 1)
 
     def unuse(self) -> None:
         if self.in_use:
             self.in_use = False
-            self._counter(self.row, -1)
+            if self.row >= 0:
+                self._counter(self.row, -1)
 
     def sendall(self, data: bytes) -> None:
         sendall(self.sock, data)
@@ -111,13 +115,20 @@ class UpstreamConn:
     def send_request(self, data: bytes) -> None:
         """All of a bodiless request (``send_first``, inline: a call less per request;
         then the rest)."""
+        sock: Any = self.sock
         try:
-            sent = self.sock.send(data)
+            if self.tls is None:
+                try:  # the raw non-blocking socket first: no gevent frame per request
+                    sent = sock._sock.send(data)
+                except BlockingIOError:  # no room yet: gevent's send waits for some
+                    sent = sock.send(data)
+            else:
+                sent = sock.send(data)
         except OSError as e:
             raise NotSent(f"write failed before sending to {self.endpoint}: "
                           f"{e.strerror or e}") from None
         if sent < len(data):
-            sendall(self.sock, data[sent:])
+            sendall(sock, data[sent:])
 
     def read_body(self, idle_timeout: float, required: bool = True) -> bytes:
         """Response body bytes: what is buffered, else one read within ``idle_timeout``.
@@ -186,7 +197,8 @@ class Pool:
                         (not check and idle < RECHECK_AFTER) or _still_open(conn)):
                     conn.reused = True
                     conn.in_use = True  # ``use``, inline: an idle one is not in use
-                    conn._counter(conn.row, 1)
+                    if conn.row >= 0:
+                        conn._counter(conn.row, 1)
                     return conn
                 conn.close()
         if limit and row >= 0 and self.connections is not None and self.connections(row) >= limit:
@@ -265,7 +277,8 @@ class Pool:
         conn.idle_since = time.monotonic()
         if conn.in_use:  # ``unuse``, inline
             conn.in_use = False
-            conn._counter(conn.row, -1)
+            if conn.row >= 0:
+                conn._counter(conn.row, -1)
         stack.append(conn)
 
     def idle_count(self) -> int:
