@@ -89,7 +89,6 @@ _SPECIAL = frozenset(
     [b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade"]
 )
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
-_FIELD_JOIN = b": ".join
 
 
 @dataclass(slots=True)
@@ -196,6 +195,12 @@ def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
         token = values[0].strip(b" \t").lower()
         return frozenset((token,)) if token else _EMPTY
     return frozenset(t.strip(b" \t").lower() for v in values for t in v.split(b",")) - {b""}
+
+
+# The Connection values nearly every message has, and their tokens: looked up rather
+# than split, stripped and lowercased each time (``_tokens`` gives the same sets).
+_COMMON_TOKENS = {v: frozenset((v.lower(),)) for v in (
+    b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
 
 
 def _keep_alive(http11: bool, tokens: frozenset[bytes]) -> bool:
@@ -342,7 +347,9 @@ def parse_response_head(head: bytes, *, max_headers: int = 100) -> ResponseHead:
         http11 = version == b"HTTP/1.1"
         # Subscripts and ``in`` rather than ``get``: fewer calls on every response.
         if b"connection" in special:
-            tokens = _tokens(special[b"connection"])
+            listed = special[b"connection"]
+            tokens = (_COMMON_TOKENS[listed[0]] if len(listed) == 1 and listed[0] in _COMMON_TOKENS
+                      else _tokens(listed))
             keep_alive = b"close" not in tokens and (http11 or b"keep-alive" in tokens)
         else:
             tokens, keep_alive = _EMPTY, http11   # what _keep_alive says of no tokens
@@ -408,12 +415,10 @@ def strip_hop_by_hop(
     return [field for field in headers if field[0].lower() not in drop]
 
 
-def _serialize(
-    start: bytes, headers: Iterable[tuple[bytes, bytes]], extra: Iterable[tuple[bytes, bytes]]
-) -> bytes:
-    # Fields are written as given: they come from a parsed (validated) head or from meshd.
-    # ``map`` of a C method: no Python frame per head (a list comprehension is one).
-    return b"\r\n".join([start, *map(_FIELD_JOIN, headers), *map(_FIELD_JOIN, extra), b"", b""])
+# Heads are serialized with fields written as given: they come from a parsed (validated)
+# head or from meshd; ``map`` of a C method, no Python frame per head (a list
+# comprehension is one).
+_FIELD_JOIN = b": ".join
 
 
 def serialize_request_head(
@@ -423,7 +428,8 @@ def serialize_request_head(
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """Always HTTP/1.1 towards an upstream."""
-    return _serialize(b"%s %s HTTP/1.1" % (method, target), headers, extra)
+    return b"\r\n".join([b"%s %s HTTP/1.1" % (method, target), *map(_FIELD_JOIN, headers),
+                          *map(_FIELD_JOIN, extra), b"", b""])
 
 
 def serialize_response_head(
@@ -434,7 +440,8 @@ def serialize_response_head(
 ) -> bytes:
     """Always HTTP/1.1; an empty reason becomes the standard phrase (or "Unknown")."""
     phrase = reason or _REASONS.get(status, b"Unknown")
-    return _serialize(b"HTTP/1.1 %d %s" % (status, phrase), headers, extra)
+    return b"\r\n".join([b"HTTP/1.1 %d %s" % (status, phrase), *map(_FIELD_JOIN, headers),
+                          *map(_FIELD_JOIN, extra), b"", b""])
 
 
 def encode_chunk(data: bytes) -> bytes:
