@@ -127,18 +127,20 @@ class ResponseHead:
     connection_tokens: frozenset[bytes]
 
 
-def _field_block(head: bytes, start: int, max_headers: int) -> list[tuple[bytes, bytes]]:
-    """Parse the field lines in ``head[start:-2]`` (each ending with CRLF) into pairs."""
+def _field_block(head: bytes, start: int, max_headers: int,
+                 ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """Parse the field lines in ``head[start:-2]`` (each ending with CRLF) into pairs,
+    and ``_collect`` them (in the same call: one less per head)."""
     block = head[start:-2]
     if not block:
-        return []
+        return [], {}
     n = block.count(b"\r\n")
     if n > max_headers:
         raise HeadersTooLarge(f"more than {max_headers} header fields")
     fields: list[tuple[bytes, bytes]] = _FIELD_LINES.findall(block)
     if len(fields) != n or block.count(b"\n") != n:
         raise _field_block_error(block)
-    return fields
+    return fields, _collect(fields)
 
 
 def _field_block_error(block: bytes) -> BadRequest:
@@ -267,8 +269,7 @@ def parse_request_head(
     if m is None:
         raise _request_line_error(head[start:eol])
     method, target, version = m.groups()
-    headers = _field_block(head, eol + 2, max_headers)
-    special = _collect(headers)
+    headers, special = _field_block(head, eol + 2, max_headers)
     http11 = version == b"HTTP/1.1"
 
     hosts = special[b"host"] if b"host" in special else None
@@ -342,8 +343,7 @@ def parse_response_head(head: bytes, *, max_headers: int = 100) -> ResponseHead:
         if m is None:
             raise BadRequest("malformed status line")
         version, status, reason = m.groups()
-        headers = _field_block(head, eol + 2, max_headers)
-        special = _collect(headers)
+        headers, special = _field_block(head, eol + 2, max_headers)
         http11 = version == b"HTTP/1.1"
         # Subscripts and ``in`` rather than ``get``: fewer calls on every response.
         if b"connection" in special:

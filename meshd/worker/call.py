@@ -388,7 +388,12 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
         endpoints: tuple[Endpoint, ...] | None = (
             Endpoint(listener.forward.host, listener.forward.port),)
     else:
-        host = listener.service or strip_port((authority or b"").decode("latin-1"))
+        if listener.service:
+            host = listener.service
+        elif authority and b":" not in authority and authority[:1] != b"[":  # no port: as is
+            host = authority.decode("latin-1")
+        else:
+            host = strip_port((authority or b"").decode("latin-1"))
         if worker.config.config_sources and not worker.router.local(host) and not _ip_literal(host):
             # A name seen for the first time: its fleet policy comes with its endpoints
             # (the control process publishes both at once), so wait for those first.
@@ -401,7 +406,10 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
             # address the application calls would be waited for and then refused).
             endpoints = None
         else:
-            endpoints = worker.resolve(service)
+            # a service in the snapshot is resolve()'s first answer: asked only otherwise
+            endpoints = worker.snapshot.services.get(service)
+            if endpoints is None:
+                endpoints = worker.resolve(service)
             if endpoints and policy.labels:   # a fleet subset
                 endpoints = tuple(e for e in endpoints if in_subset(policy.labels, e.labels))
             if not endpoints:
@@ -454,7 +462,8 @@ def outbound_row(worker: Context, listener: ListenerConfig, service: str,
     """The metric row of an outbound request to ``service`` over ``endpoints`` (with
     ``[identity]``: by the server identity they share, assigned up front), and of its
     ``authority`` (``authority_row``)."""
-    row_key = rowkeys.outbound_key(worker.config.identity is not None, service, endpoints)
+    row_key = (service if worker.config.identity is None  # outbound_key's answer then
+               else rowkeys.outbound_key(True, service, endpoints))
     row = worker.snapshot.row(listener.name, row_key)
     if row is None:
         return ROW_OVERFLOW
