@@ -195,7 +195,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshd.balance.ejection import EndpointHealth
-from meshd.balance.ewma import DECAY, DEFAULT_RTT, EwmaState, seed
+from meshd.balance.ewma import DECAY, DEFAULT_RTT, seed
+from meshd.balance.ewma import observed as ewma_observed
 from meshd.errors import ShmError
 from meshd.private_files import UntrustedFile, create_temp, open_trusted
 
@@ -320,6 +321,7 @@ assert F_UPSTREAM + len(UPSTREAM_EVENTS) <= FIELDS
 GAUGE_FIELDS = (F_TCP_OPEN,)
 
 _STATUS_FIELD = {code: F_STATUS + i for i, code in enumerate(STATUS_CODES)}
+_bisect_left = bisect.bisect_left
 
 
 def status_field(status: int) -> int:
@@ -880,9 +882,8 @@ class EndpointStripe:
         q, d = self._q, self._d
         q[i + EP_INFLIGHT] -= 1
         if rtt is not None:
-            state = EwmaState(d[i + EP_RTT], d[i + EP_STAMP]).observe(rtt, now, self.tau)
-            d[i + EP_STAMP] = state.stamp
-            d[i + EP_RTT] = state.rtt
+            d[i + EP_RTT], d[i + EP_STAMP] = ewma_observed(d[i + EP_RTT], d[i + EP_STAMP],
+                                                           rtt, now, self.tau)
         q[i + (EP_FAILURES if failure else EP_SUCCESSES)] += 1
         if failure:
             q[i + EP_RUN] += 1
@@ -930,9 +931,13 @@ class Stripe:
         ``grpc`` >= 0), latency histogram and sum, classification."""
         q = self._q
         base = self._base + row * FIELDS
-        q[base + (grpc_field(grpc) if grpc >= 0 and status == 200 else status_field(status))] += 1
-        ms = latency_s * 1000.0
-        q[base + latency_field(ms)] += 1
+        # status_field and latency_field inline for the usual case: every response
+        if grpc >= 0 and status == 200:
+            q[base + grpc_field(grpc)] += 1
+        else:
+            q[base + (_STATUS_FIELD[status] if status in _STATUS_FIELD
+                      else status_field(status))] += 1
+        q[base + F_LATENCY + _bisect_left(LATENCY_BUCKETS_MS, latency_s * 1000.0)] += 1
         q[base + F_LATENCY_SUM_US] += int(latency_s * 1_000_000)
         if failure:
             q[base + F_FAILURES] += 1

@@ -72,14 +72,25 @@ class EwmaState(NamedTuple):
 
     def observe(self, rtt: float, now: float, tau: float = DECAY) -> EwmaState:
         """The state after a response that took ``rtt`` seconds, completed at ``now``."""
-        sample = max(rtt, MIN_RTT)
-        if not self.observed:
-            return EwmaState(sample, now)
-        w = decay(1.0, now - self.stamp, tau)
-        current = self.rtt * w
-        if sample > current:  # peak rule: the worse figure wins at once
-            return EwmaState(sample, max(now, self.stamp))
-        return EwmaState(current + sample * (1.0 - w), max(now, self.stamp))
+        return EwmaState(*observed(self.rtt, self.stamp, rtt, now, tau))
+
+
+def observed(state_rtt: float, stamp: float, rtt: float, now: float,
+             tau: float = DECAY) -> tuple[float, float]:
+    """``EwmaState(state_rtt, stamp).observe(rtt, now, tau)`` as a plain (rtt, stamp)
+    pair, ``decay`` inlined: a shared-memory stripe records every response with this,
+    no state object in between."""
+    if tau <= 0:
+        raise ValueError("tau must be positive")
+    sample = rtt if rtt > MIN_RTT else MIN_RTT
+    if not state_rtt > 0.0:   # not observed yet
+        return sample, now
+    elapsed = now - stamp
+    w = math.exp(-elapsed / tau) if elapsed > 0 else 1.0
+    current = state_rtt * w
+    if sample > current:  # peak rule: the worse figure wins at once
+        return sample, (now if now > stamp else stamp)
+    return current + sample * (1.0 - w), (now if now > stamp else stamp)
 
 
 UNOBSERVED = EwmaState(0.0, 0.0)
@@ -117,7 +128,15 @@ def peak_cost(states: Iterable[tuple[float, float]], inflight: int, now: float,
     """``cost(combine(states, now, tau), inflight, now, default_rtt, tau)`` on plain
     ``(rtt, stamp)`` pairs (one per worker stripe), in one pass: the balancer's hot path
     calls this, with no state objects in between."""
-    best = _peak(states, now, tau)
+    if tau <= 0:
+        raise ValueError("tau must be positive")
+    best = -1.0
+    for rtt, stamp in states:  # _peak, inline: this runs for both candidates of a pick
+        if rtt > 0.0:
+            elapsed = now - stamp
+            value = rtt * math.exp(-elapsed / tau) if elapsed > 0 else rtt
+            if value > best:
+                best = value
     estimate = default_rtt if best < 0.0 else max(best, MIN_RTT)
     return estimate * (max(inflight, 0) + 1)
 

@@ -82,6 +82,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     [b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade"]
 )
 _STRIPPED = HOP_BY_HOP | {b"content-length"}
+STRIPPED = _STRIPPED  # what ``strip_hop_by_hop`` drops besides Connection's tokens
 _EMPTY: frozenset[bytes] = frozenset()
 
 _SPECIAL = frozenset(
@@ -126,18 +127,20 @@ class ResponseHead:
     connection_tokens: frozenset[bytes]
 
 
-def _field_block(head: bytes, start: int, max_headers: int) -> list[tuple[bytes, bytes]]:
-    """Parse the field lines in ``head[start:-2]`` (each ending with CRLF) into pairs."""
+def _field_block(head: bytes, start: int, max_headers: int,
+                 ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """Parse the field lines in ``head[start:-2]`` (each ending with CRLF) into pairs,
+    and ``_collect`` them (in the same call: one less per head)."""
     block = head[start:-2]
     if not block:
-        return []
+        return [], {}
     n = block.count(b"\r\n")
     if n > max_headers:
         raise HeadersTooLarge(f"more than {max_headers} header fields")
     fields: list[tuple[bytes, bytes]] = _FIELD_LINES.findall(block)
     if len(fields) != n or block.count(b"\n") != n:
         raise _field_block_error(block)
-    return fields
+    return fields, _collect(fields)
 
 
 def _field_block_error(block: bytes) -> BadRequest:
@@ -180,7 +183,10 @@ def _collect(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
     for name, value in headers:
         lname = name.lower()
         if lname in _SPECIAL:
-            found.setdefault(lname, []).append(value)
+            if lname in found:  # no setdefault/append: one call less per field (hot path)
+                found[lname].append(value)
+            else:
+                found[lname] = [value]
     return found
 
 
@@ -191,6 +197,12 @@ def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
         token = values[0].strip(b" \t").lower()
         return frozenset((token,)) if token else _EMPTY
     return frozenset(t.strip(b" \t").lower() for v in values for t in v.split(b",")) - {b""}
+
+
+# The Connection values nearly every message has, and their tokens: looked up rather
+# than split, stripped and lowercased each time (``_tokens`` gives the same sets).
+_COMMON_TOKENS = {v: frozenset((v.lower(),)) for v in (
+    b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
 
 
 def _keep_alive(http11: bool, tokens: frozenset[bytes]) -> bool:
@@ -257,11 +269,10 @@ def parse_request_head(
     if m is None:
         raise _request_line_error(head[start:eol])
     method, target, version = m.groups()
-    headers = _field_block(head, eol + 2, max_headers)
-    special = _collect(headers)
+    headers, special = _field_block(head, eol + 2, max_headers)
     http11 = version == b"HTTP/1.1"
 
-    hosts = special.get(b"host")
+    hosts = special[b"host"] if b"host" in special else None
     host = None
     if hosts is None:
         if http11:
@@ -272,6 +283,12 @@ def parse_request_head(
         host = hosts[0]
         if _HOST.fullmatch(host) is None:
             raise BadRequest("invalid Host header")
+
+    if len(special) == (hosts is not None):
+        # Nothing but Host (most requests): no body, no Connection tokens, nothing to
+        # expect or upgrade to; what the general path below gives them, without its calls.
+        return RequestHead(method, target, version, headers, host, None, False, http11,
+                           False, None, _EMPTY)
 
     # RFC 9112 §6.1, §6.3: a request framed two ways, or one way ambiguously, is refused
     # rather than guessed at; the proxy and the upstream must never disagree on its end.
@@ -318,65 +335,69 @@ def parse_request_head(
 
 def parse_response_head(head: bytes, *, max_headers: int = 100) -> ResponseHead:
     """Parse a response head from an upstream; any fault is an ``UpstreamError`` (502)."""
-    try:
-        return _parse_response_head(head, max_headers)
+    try:  # one function, not a wrapper around one: a call less per response
+        if not head.endswith(HEAD_END):
+            raise BadRequest("head does not end with an empty line")
+        eol = head.find(b"\r\n")
+        m = _STATUS_LINE.fullmatch(head, 0, eol)
+        if m is None:
+            raise BadRequest("malformed status line")
+        version, status, reason = m.groups()
+        headers, special = _field_block(head, eol + 2, max_headers)
+        http11 = version == b"HTTP/1.1"
+        # Subscripts and ``in`` rather than ``get``: fewer calls on every response.
+        if b"connection" in special:
+            listed = special[b"connection"]
+            tokens = (_COMMON_TOKENS[listed[0]] if len(listed) == 1 and listed[0] in _COMMON_TOKENS
+                      else _tokens(listed))
+            keep_alive = b"close" not in tokens and (http11 or b"keep-alive" in tokens)
+        else:
+            tokens, keep_alive = _EMPTY, http11   # what _keep_alive says of no tokens
+        lengths = special[b"content-length"] if b"content-length" in special else None
+        codings = special[b"transfer-encoding"] if b"transfer-encoding" in special else None
+        content_length = None
+        chunked = False
+        if codings is not None:
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            if not http11:
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 response")
+            names = _codings(codings)
+            if names[-1] == b"chunked":
+                if names.count(b"chunked") > 1:
+                    raise BadRequest("chunked applied more than once")
+                chunked = True
+            elif b"chunked" in names:
+                raise BadRequest("chunked is not the final transfer coding")
+            else:
+                keep_alive = False  # RFC 9112 §6.3: the body ends when the upstream closes
+            if lengths is not None:
+                # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (the caller drops
+                # it), but such a message may be smuggling: do not reuse the connection.
+                keep_alive = False
+        elif lengths is not None:
+            # RFC 9112 §6.3: repeated or listed values are accepted only when all are equal.
+            if len(lengths) == 1 and b"," not in lengths[0]:  # the usual one (OWS stripped already)
+                value = lengths[0]
+                # _content_length's own fast case, inline (a call less per response)
+                content_length = (int(value) if value.isdigit() and len(value) < 19
+                                  else _content_length(value))
+            else:
+                values = {v.strip(b" \t") for field in lengths for v in field.split(b",")}
+                if len(values) != 1:
+                    raise BadRequest("conflicting Content-Length values")
+                content_length = _content_length(values.pop())
+        return ResponseHead(
+            version=version,
+            status=int(status),
+            reason=reason or b"",
+            headers=headers,
+            content_length=content_length,
+            chunked=chunked,
+            keep_alive=keep_alive,
+            connection_tokens=tokens,
+        )
     except BadRequest as e:  # the shared field rules speak in request terms
         raise UpstreamError(f"invalid response from upstream: {e.reason}") from None
-
-
-def _parse_response_head(head: bytes, max_headers: int) -> ResponseHead:
-    if not head.endswith(HEAD_END):
-        raise BadRequest("head does not end with an empty line")
-    eol = head.find(b"\r\n")
-    m = _STATUS_LINE.fullmatch(head, 0, eol)
-    if m is None:
-        raise BadRequest("malformed status line")
-    version, status, reason = m.groups()
-    headers = _field_block(head, eol + 2, max_headers)
-    special = _collect(headers)
-    http11 = version == b"HTTP/1.1"
-    tokens = _tokens(special.get(b"connection"))
-    keep_alive = _keep_alive(http11, tokens)
-    lengths = special.get(b"content-length")
-    codings = special.get(b"transfer-encoding")
-    content_length = None
-    chunked = False
-    if codings is not None:
-        # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-        if not http11:
-            raise BadRequest("Transfer-Encoding in an HTTP/1.0 response")
-        names = _codings(codings)
-        if names[-1] == b"chunked":
-            if names.count(b"chunked") > 1:
-                raise BadRequest("chunked applied more than once")
-            chunked = True
-        elif b"chunked" in names:
-            raise BadRequest("chunked is not the final transfer coding")
-        else:
-            keep_alive = False  # RFC 9112 §6.3: the body ends when the upstream closes
-        if lengths is not None:
-            # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (the caller drops
-            # it), but such a message may be smuggling: do not reuse the connection.
-            keep_alive = False
-    elif lengths is not None:
-        # RFC 9112 §6.3: repeated or listed values are accepted only when all are equal.
-        if len(lengths) == 1 and b"," not in lengths[0]:  # the usual one (OWS stripped already)
-            content_length = _content_length(lengths[0])
-        else:
-            values = {v.strip(b" \t") for field in lengths for v in field.split(b",")}
-            if len(values) != 1:
-                raise BadRequest("conflicting Content-Length values")
-            content_length = _content_length(values.pop())
-    return ResponseHead(
-        version=version,
-        status=int(status),
-        reason=reason or b"",
-        headers=headers,
-        content_length=content_length,
-        chunked=chunked,
-        keep_alive=keep_alive,
-        connection_tokens=tokens,
-    )
 
 
 def response_has_body(request_method: bytes, status: int) -> bool:
@@ -394,15 +415,10 @@ def strip_hop_by_hop(
     return [field for field in headers if field[0].lower() not in drop]
 
 
-def _serialize(
-    start: bytes, headers: Iterable[tuple[bytes, bytes]], extra: Iterable[tuple[bytes, bytes]]
-) -> bytes:
-    # Fields are written as given: they come from a parsed (validated) head or from meshd.
-    lines = [start]
-    lines += [b": ".join(field) for field in headers]
-    lines += [b": ".join(field) for field in extra]
-    lines += (b"", b"")
-    return b"\r\n".join(lines)
+# Heads are serialized with fields written as given: they come from a parsed (validated)
+# head or from meshd; ``map`` of a C method, no Python frame per head (a list
+# comprehension is one).
+_FIELD_JOIN = b": ".join
 
 
 def serialize_request_head(
@@ -412,7 +428,8 @@ def serialize_request_head(
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """Always HTTP/1.1 towards an upstream."""
-    return _serialize(b"%s %s HTTP/1.1" % (method, target), headers, extra)
+    return b"\r\n".join([b"%s %s HTTP/1.1" % (method, target), *map(_FIELD_JOIN, headers),
+                          *map(_FIELD_JOIN, extra), b"", b""])
 
 
 def serialize_response_head(
@@ -423,7 +440,8 @@ def serialize_response_head(
 ) -> bytes:
     """Always HTTP/1.1; an empty reason becomes the standard phrase (or "Unknown")."""
     phrase = reason or _REASONS.get(status, b"Unknown")
-    return _serialize(b"HTTP/1.1 %d %s" % (status, phrase), headers, extra)
+    return b"\r\n".join([b"HTTP/1.1 %d %s" % (status, phrase), *map(_FIELD_JOIN, headers),
+                          *map(_FIELD_JOIN, extra), b"", b""])
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -124,12 +124,14 @@ def http1_response_fields(head: Sequence[tuple[bytes, bytes]]) -> tuple[Fields, 
 
 def response_framing(method: bytes, status: int, version: bytes, keep: bool,
                      content_length: bytes | None, chunked: bool,
-                     ) -> tuple[Fields, bool, bool]:
+                     has_body: bool | None = None) -> tuple[Fields, bool, bool]:
     """How a response goes to an HTTP/1.1 client: (the framing fields to add, whether its
     body goes chunked, whether the connection stays). ``keep``: the request allows it;
     ``content_length``: the upstream's; ``chunked``: the upstream sent it chunked (it
-    stays chunked, as meshd always has, even to an HTTP/1.0 client)."""
-    has_body = http1.response_has_body(method, status)
+    stays chunked, as meshd always has, even to an HTTP/1.0 client). ``has_body``:
+    ``http1.response_has_body``, when the caller knows it already."""
+    if has_body is None:
+        has_body = http1.response_has_body(method, status)
     extra: Fields = []
     chunk_out = False
     if not has_body:

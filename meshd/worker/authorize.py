@@ -77,6 +77,11 @@ class Gate:
                         if lst.direction == "inbound" and lst.service
                         and not self.authorizer.governs(lst.name)}
         self._fleet: dict[str, FleetAuthorizer] = {}
+        # Listeners checked whatever the fleet says (the file's policies, the provider's
+        # mTLS ones): ``covers`` asks this set and the fleet's dict, no call per request.
+        self._covered = frozenset(
+            lst.name for lst in config.listeners if self.authorizer.governs(lst.name)
+            or (self.provider is not None and lst.name in self._mtls))
 
     def set_fleet(self, fleet: Selector | None) -> None:
         """The fleet policies of a newly loaded snapshot: each served service's
@@ -92,8 +97,8 @@ class Gate:
 
     def covers(self, listener: ListenerConfig) -> bool:
         """Whether anything is checked on ``listener`` (else the caller skips the gate)."""
-        return (self.authorizer.governs(listener.name) or listener.name in self._fleet or (
-            self.provider is not None and listener.name in self._mtls))
+        name = listener.name
+        return name in self._covered or name in self._fleet
 
     def http(self, ctx: Context, listener: ListenerConfig, peer: Peer, method: bytes,
              target: bytes, headers: Headers) -> None:

@@ -49,7 +49,7 @@ _NO_CANDIDATES = decisions.NO_CANDIDATE * 2
 
 
 class _ServiceState:
-    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring", "_names", "all_rows",
+    __slots__ = ("endpoints", "rows", "weights", "rr", "_ring", "names", "all_rows",
                  "usable", "states")
 
     def __init__(self, endpoints: Sequence[Endpoint], rows: tuple[int, ...],
@@ -64,14 +64,9 @@ class _ServiceState:
         self.states = view.state_positions([r for r in rows if r >= 0])
         self.rr = p2c.RoundRobin()
         self._ring: p2c.ConsistentHash | None = None
-        self._names: tuple[bytes, ...] | None = None
-
-    @property
-    def names(self) -> tuple[bytes, ...]:
-        """The endpoints' addresses as the decisions ring stores them (encoded once)."""
-        if self._names is None:
-            self._names = tuple(str(e).encode("utf-8", "replace") for e in self.endpoints)
-        return self._names
+        # The endpoints' addresses as the decisions ring stores them, encoded once per
+        # endpoint set (read on every pick: an attribute, not a property).
+        self.names = tuple(str(e).encode("utf-8", "replace") for e in endpoints)
 
     @property
     def ring(self) -> p2c.ConsistentHash:
@@ -190,7 +185,9 @@ class SharedBalancer:
               exclude: Sequence[int] = ()) -> tuple[int, int]:
         n = len(endpoints)
         tripped = self._tripped
-        st = self._state(service, endpoints, endpoint_rows)
+        st = self._services.get(service)
+        if st is None or st.endpoints is not endpoints:
+            st = self._state(service, endpoints, endpoint_rows)
         rows = st.rows
         view = self.view
         ejected = None
@@ -222,8 +219,6 @@ class SharedBalancer:
             if ejected is None:
                 ejected = [False] * n
             ejected[i] = True
-        now = time.monotonic()
-        live = self.live_slots(now)
         weights = st.weights
         balancer = svc.balancer
         if (ejected is None and not svc.max_pending and not exclude
@@ -232,15 +227,29 @@ class SharedBalancer:
             # P2C over an unchanged endpoint set, none ejected, no limit, nothing to
             # avoid: draw from the indexes computed with the set, build no candidate list.
             costed: list[tuple[int, float, int, float]] = []
+            if len(st.usable) == 1:  # one endpoint to choose: nothing to cost
+                i = st.usable[0]
+                self.last = self._seen(st, decisions.MODE_SINGLE, i, None, costed)
+                return i, rows[i]
+            now = time.monotonic()
+            live = self.live_slots(now)
+            view_states, tau, default_rtt = view.ewma_states, self.tau, self.default_rtt
 
-            def cost_of(k: int) -> float:
-                c, inflight = self._cost(rows[k], live, now)
+            def cost_of(k: int) -> float:  # _cost, inline: this runs twice per pick
+                r = rows[k]
+                if r < 0:
+                    c, inflight = default_rtt, 0
+                else:
+                    states, inflight = view_states(r, live)
+                    c = ewma.peak_cost(states, inflight, now, default_rtt, tau)
                 costed.append((k, c, max(inflight, 0), weights[k]))
                 return c
             i = p2c.pick_among(st.usable, weights, cost_of, self.rng)
             self.last = self._seen(st, decisions.MODE_P2C if costed else decisions.MODE_SINGLE,
                                    i, None, costed)
             return i, rows[i]
+        now = time.monotonic()
+        live = self.live_slots(now)
         if svc.max_pending:
             limit = svc.max_pending
             weights = tuple(0.0 if r >= 0 and self.inflight(r, live) >= limit else w

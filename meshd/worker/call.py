@@ -137,7 +137,9 @@ class Call:
         # idempotent (RFC 9110 §9.2.2), or its route says it may be retried
         self.replay = policy.retryable or method in IDEMPOTENT
         self.method = method
-        self.hash_key = hash_key(self.svc, headers, peer)
+        svc = self.svc
+        self.hash_key = (hash_key(svc, headers, peer)
+                         if svc is not None and svc.balancer == "consistent_hash" else None)
         self.tried: list[int] = []
         # The current attempt, for its balancer decisions record (meshd.worker.decisions):
         # what the balancer saw (None once recorded), when it was sent, its response
@@ -159,13 +161,17 @@ class Call:
         attempt, counted in flight. A retry goes to an endpoint not tried yet, when there
         is one; the attempt's deadline is the sooner of ``try_timeout`` and the call's."""
         snap = worker.snapshot
-        index, row = worker.balancer.pick(self.service, self.endpoints, snap.endpoint_rows,
-                                          self.svc, snap.splits.get(self.service),
-                                          self.hash_key, self.tried)
+        balancer = worker.balancer
+        service = self.service
+        splits = snap.splits
+        index, row = balancer.pick(service, self.endpoints, snap.endpoint_rows, self.svc,
+                                   splits[service] if service in splits else None,
+                                   self.hash_key, self.tried)
         self.tried.append(index)
-        self.pick = worker.balancer.last
+        self.pick = balancer.last
         self.status, self.kind, self.error, self.no_retry = 0, "", None, ""
-        worker.balancer.started(row)
+        if row >= 0:  # balancer.started(row), inline
+            balancer.stripe.started(row)
         now = self.sent_at = time.monotonic()
         try_timeout = self.policy.try_timeout
         try_deadline = self.deadline
@@ -202,7 +208,13 @@ class Call:
         Raises ``RetryNow`` when the attempt failed before any response byte reached
         the client and the retry rules allow another."""
         ep, row, sent_at, try_deadline = self.start_attempt(worker)
-        proto, address, tls = self.protocol(worker, ep, row, side.grpc, attempts_left)
+        svc = self.svc
+        address: tuple[str, int] | None = None
+        if (ep.meshed or side.grpc
+                or svc is not None and (svc.tls is not None or svc.protocol == "h2")):
+            proto, address, tls = self.protocol(worker, ep, row, side.grpc, attempts_left)
+        else:  # plaintext HTTP/1.1 (what upstream_protocol says, without asking it)
+            proto, tls = "http1", None
         conn = None
         if proto == "http1":
             conn = self.acquire(worker, ep, row, sent_at, side.has_body, tls, attempts_left)
@@ -210,6 +222,8 @@ class Call:
         if conn is not None:
             ex = side.http1_exchange(self, conn)
         else:  # HTTP/2: gRPC, a meshed peer, protocol = "h2", or ALPN chose h2
+            if address is None:  # a new TLS connection that selected ALPN h2
+                address = ep.address
             meshed = proto == "meshed"
             # a meshed hop keeps the client's scheme: its TLS is the mesh's, not the app's
             head, checked = side.h2_head(tls is not None and not meshed, meshed)
@@ -224,7 +238,7 @@ class Call:
             ex.start()
             status = self.status = ex.response(try_deadline, self.deadline)
             rtt = time.monotonic() - sent_at
-            kind = self.kind = status_kind(status)
+            kind = self.kind = status_kind(status) if status >= 400 else ""
             grpc: int | None = None
             if side.grpc and not kind:  # a trailers-only answer: its status is in the head
                 grpc = grpc_status.code(ex.h2_head())
@@ -294,7 +308,12 @@ class Call:
         ALPN h2: it went to the HTTP/2 pool, and the attempt goes HTTP/2."""
         try:
             svc = self.svc
-            conn = worker.pool.acquire(ep, self.connect_timeout(sent_at), check=check,
+            # connect_timeout(sent_at), inline: one call less per attempt
+            left = self.deadline - sent_at
+            if left < 0.001:
+                left = 0.001
+            timeout = self.policy.connect_timeout
+            conn = worker.pool.acquire(ep, timeout if timeout < left else left, check=check,
                                        idle_timeout=self.policy.idle_timeout, row=row,
                                        limit=svc.max_connections if svc else 0, tls=tls)
             if conn.alpn != "h2":
@@ -369,7 +388,12 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
         endpoints: tuple[Endpoint, ...] | None = (
             Endpoint(listener.forward.host, listener.forward.port),)
     else:
-        host = listener.service or strip_port((authority or b"").decode("latin-1"))
+        if listener.service:
+            host = listener.service
+        elif authority and b":" not in authority and authority[:1] != b"[":  # no port: as is
+            host = authority.decode("latin-1")
+        else:
+            host = strip_port((authority or b"").decode("latin-1"))
         if worker.config.config_sources and not worker.router.local(host) and not _ip_literal(host):
             # A name seen for the first time: its fleet policy comes with its endpoints
             # (the control process publishes both at once), so wait for those first.
@@ -382,7 +406,10 @@ def route(worker: Context, listener: ListenerConfig, method: bytes, authority: b
             # address the application calls would be waited for and then refused).
             endpoints = None
         else:
-            endpoints = worker.resolve(service)
+            # a service in the snapshot is resolve()'s first answer: asked only otherwise
+            endpoints = worker.snapshot.services.get(service)
+            if endpoints is None:
+                endpoints = worker.resolve(service)
             if endpoints and policy.labels:   # a fleet subset
                 endpoints = tuple(e for e in endpoints if in_subset(policy.labels, e.labels))
             if not endpoints:
@@ -435,7 +462,8 @@ def outbound_row(worker: Context, listener: ListenerConfig, service: str,
     """The metric row of an outbound request to ``service`` over ``endpoints`` (with
     ``[identity]``: by the server identity they share, assigned up front), and of its
     ``authority`` (``authority_row``)."""
-    row_key = rowkeys.outbound_key(worker.config.identity is not None, service, endpoints)
+    row_key = (service if worker.config.identity is None  # outbound_key's answer then
+               else rowkeys.outbound_key(True, service, endpoints))
     row = worker.snapshot.row(listener.name, row_key)
     if row is None:
         return ROW_OVERFLOW

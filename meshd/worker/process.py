@@ -92,7 +92,7 @@ class Worker:
         self.retries = RetryBudgets(ctx.region, self.stripe)
         self.balancer = SharedBalancer(ctx.region, ctx.slot, ctx.config.balancer.ewma_decay,
                                        ctx.config.balancer.default_rtt)
-        self.pool = Pool(counter=self.balancer.connection_delta,
+        self.pool = Pool(counter=self.balancer.stripe.connections,  # rows >= 0 only
                          connections=self.balancer.connections)
         self.router = Router(ctx.config)
         self.authz = Gate(ctx.config, load_provider(ctx.config))

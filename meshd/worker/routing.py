@@ -106,6 +106,9 @@ def route_matcher(config: RouteConfig) -> Callable[[str, bytes, bytes, Sequence[
     return _Route(config).matches
 
 
+MAX_PLAIN_POLICIES = 4096   # services whose route-less Policy a Router keeps
+
+
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -114,6 +117,9 @@ class Router:
             self._routes.setdefault(route.host, []).append(_Route(route))
         # A route's metric row key, made once here rather than per request.
         self._route_keys = {route.name: rowkeys.route_key(route.name) for route in config.routes}
+        # The policy of a service reached by no route, made once (it is the config's
+        # alone, and frozen). Bounded: the names come from clients' Host fields.
+        self._plain: dict[str, Policy] = {}
         self.fleet: Selector | None = None
         self.fleet_version = ""
         self._packed: dict[str, tuple[bytes, FleetPolicy]] = {}
@@ -202,11 +208,18 @@ class Router:
     def policy(self, service: str, route: RouteConfig | None) -> Policy:
         """The settings of a request to ``service``: the route's where it sets them,
         else the service's, else the defaults."""
-        svc = self.config.services.get(service, DEFAULT_SERVICE)
         if route is None:
-            return Policy(service, svc.failover, svc.timeout, svc.try_timeout,
-                          svc.connect_timeout, svc.idle_timeout, svc.retries, False,
-                          svc.failure_on)
+            plain = self._plain
+            if service in plain:
+                return plain[service]
+            svc = self.config.services.get(service, DEFAULT_SERVICE)
+            policy = Policy(service, svc.failover, svc.timeout, svc.try_timeout,
+                            svc.connect_timeout, svc.idle_timeout, svc.retries, False,
+                            svc.failure_on)
+            if len(plain) < MAX_PLAIN_POLICIES:
+                plain[service] = policy
+            return policy
+        svc = self.config.services.get(service, DEFAULT_SERVICE)
         return Policy(
             service,
             svc.failover if route.failover is None else route.failover,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gevent import Timeout
@@ -111,7 +110,8 @@ class HttpConnection:
             try:
                 req = http1.parse_request_head(head, max_request_line=self.limits.request_line_bytes,
                                                max_headers=self.limits.header_count)
-                absolute = http1.split_absolute_form(req.target)
+                # (an origin-form target, "/...", is never absolute: not asked)
+                absolute = None if req.target[:1] == b"/" else http1.split_absolute_form(req.target)
                 if absolute is not None:  # the target's authority wins over Host
                     req.host, req.target = absolute
                     req.headers = [(k, v) for k, v in req.headers if k.lower() != b"host"]
@@ -205,7 +205,8 @@ class HttpConnection:
                                                 self.peer)
         self._row = row
         stripe.add(row, F_REQUESTS)
-        route_at = count_route_request(worker, self.listener, policy)  # -1: no [[route]]
+        # -1: no [[route]] (not asked then: a call less per request)
+        route_at = count_route_request(worker, self.listener, policy) if policy.route_key else -1
         self.response_started = False
         self._idle_timeout = policy.idle_timeout
         body: RequestBody | None = None
@@ -215,18 +216,21 @@ class HttpConnection:
             gate = worker.authz
             if gate.covers(self.listener):  # before anything reaches the application
                 gate.http(worker, self.listener, self.peer, req.method, req.target, req.headers)
-            endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
+            if not endpoints or policy.reject:  # else require_endpoints has nothing to say
+                endpoints = require_endpoints(service, endpoints, policy, worker.snapshot)
             if req.method == b"CONNECT":
                 status = self._connect(service, endpoints, policy)
                 return False
-            if req.expect_continue and req.has_body:
+            has_body = req.chunked or bool(req.content_length)  # req.has_body
+            if has_body and req.expect_continue:
                 self._send(CONTINUE)
-            call = _Call(worker, req, service, endpoints, policy, started + policy.timeout, row,
-                         self._peer_address)
-            if req.has_body:
+            if has_body:
                 # kept for replay whatever the method: a stream a peer refused, or a
                 # request whose first write failed, goes again (meshd.balance.retry)
-                body = call.body = RequestBody(self, req, True)
+                body = RequestBody(self, req, True)
+            call = _Call(worker, service, endpoints, policy, started + policy.timeout, row,
+                         req.method, req.headers, self._peer_address)
+            call.body = body
             # a fleet route's filters change what goes upstream, not what is logged
             sent = req if policy.rewrite is None else policy.rewrite.http1(req)
             status, keep = call.run(worker, Http1Side(self, sent, body))
@@ -274,7 +278,7 @@ class HttpConnection:
             headers = [(k, v) for k, v in headers if k.lower() != b"expect"]
         framing: list[tuple[bytes, bytes]] = []
         h2c = self.listener.h2c_upgrade
-        upgrade = _upgrade_protocols(req, h2c)
+        upgrade = _upgrade_protocols(req, h2c) if req.upgrade else b""
         if upgrade:  # e.g. WebSocket; h2c only where the listener allows it (RFC 9113 §3.1)
             connection = b"Upgrade"
             if h2c and b"http2-settings" in req.connection_tokens:
@@ -313,10 +317,11 @@ class HttpConnection:
         reason, fields, length, chunked = ex.http1_head()
         if rewrite is not None:  # a fleet route's response header filter
             fields = rewrite.response(fields, False)
-        extra, chunk_out, keep = response_framing(req.method, status, req.version,
+        method = req.method
+        has_body = http1.response_has_body(method, status)
+        extra, chunk_out, keep = response_framing(method, status, req.version,
                                                   req.keep_alive and not self.worker.draining,
-                                                  length, chunked)
-        has_body = http1.response_has_body(req.method, status)
+                                                  length, chunked, has_body)
         if not has_body:
             ex.skip_body()  # HEAD, 204, 304
         out = [http1.serialize_response_head(status, reason, fields, extra)]
@@ -327,10 +332,11 @@ class HttpConnection:
             while (data := ex.read(idle)) is not None:
                 out.append(http1.encode_chunk(data) if chunk_out else data)
                 body += len(data)
-                if not ex.complete:
-                    self._send(b"".join(out))
-                    self.sent += body
-                    out, body = [], 0
+                if ex.complete:  # the next read would say so: not asked (a call less)
+                    break
+                self._send(b"".join(out))
+                self.sent += body
+                out, body = [], 0
             if chunk_out:
                 kept = ex.http1_trailers()
                 out.append(http1.encode_trailers(kept) if kept else http1.LAST_CHUNK)
@@ -432,16 +438,11 @@ class HttpConnection:
 
 
 class _Call(Call):
-    """An HTTP/1.1 request across its attempts, and its body."""
+    """An HTTP/1.1 request across its attempts, and its body (``body``: set by its
+    maker right after ``Call.__init__``, which it does not extend: a call less)."""
 
     __slots__ = ("body",)
-
-    def __init__(self, worker: Context, req: http1.RequestHead, service: str,
-                 endpoints: tuple[Endpoint, ...], policy: Policy, deadline: float, row: int,
-                 peer: Callable[[], bytes]) -> None:
-        super().__init__(worker, service, endpoints, policy, deadline, row, req.method,
-                         req.headers, peer)
-        self.body: RequestBody | None = None
+    body: RequestBody | None
 
     def body_replayable(self) -> bool:
         body = self.body

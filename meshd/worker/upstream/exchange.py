@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.h2 import H2Stream
 
 Fields = list[tuple[bytes, bytes]]
+# What an HTTP/1.1 response's head loses on its way to an HTTP/1.1 client (besides the
+# fields its Connection lists): hop-by-hop fields, Content-Length (framing is
+# ``response_framing``'s) and an application's ``meshd-error``.
+_RESPONSE_DROP = http1.STRIPPED | {MESHD_ERROR}
 Informational = Callable[[http1.ResponseHead], None]
 # The client side's body sender, run in its own greenlet: True when all of the body went.
 Sender = Callable[["UpstreamExchange"], bool]
@@ -126,7 +130,7 @@ class Http1Exchange:
         self._left = 0                      # of a Content-Length body
         self._decoder: http1.ChunkedDecoder | None = None
         self._trailers: Fields = []
-        self._done = False
+        self.complete = False               # the body was read to its end
 
     @property
     def endpoint(self) -> str:
@@ -208,7 +212,7 @@ class Http1Exchange:
                 raise
         self.resp = resp
         if not http1.response_has_body(self.method, resp.status):
-            self._done = True  # HEAD, 1xx, 204, 304: whatever the head says, no body
+            self.complete = True  # HEAD, 1xx, 204, 304: whatever the head says, no body
         elif resp.chunked:
             self._decoder = http1.ChunkedDecoder()
         elif resp.content_length is not None:
@@ -220,7 +224,7 @@ class Http1Exchange:
     def read(self, idle_timeout: float) -> bytes | None:
         """The next piece of the body (chunked framing removed), None at its end."""
         conn = self.conn
-        while not self._done:
+        while not self.complete:
             decoder = self._decoder
             if decoder is not None:
                 try:
@@ -228,7 +232,7 @@ class Http1Exchange:
                 except BadRequest as e:
                     raise UpstreamError(f"bad chunked body from upstream: {e.reason}") from None
                 if decoder.done:
-                    self._done = True
+                    self.complete = True
                     conn.buf += decoder.unconsumed
                     self._trailers = http1.forwardable_trailers(decoder.trailers)
                 data = b"".join(pieces)
@@ -237,25 +241,20 @@ class Http1Exchange:
                 continue
             if self.clean:  # Content-Length
                 if self._left <= 0:
-                    self._done = True
+                    self.complete = True
                     break
                 data = conn.read_body(idle_timeout)
                 if len(data) > self._left:
                     conn.buf += data[self._left:]
                     data = data[:self._left]
                 self._left -= len(data)
-                self._done = self._left <= 0
+                self.complete = self._left <= 0
                 return data
             data = conn.read_body(idle_timeout, False)  # until the upstream closes
             if data:
                 return data
-            self._done = True
+            self.complete = True
         return None
-
-    @property
-    def complete(self) -> bool:
-        """The body was read to its end."""
-        return self._done
 
     @property
     def trailers(self) -> Fields:
@@ -264,7 +263,10 @@ class Http1Exchange:
     def http1_head(self) -> Http1Head:
         resp = self.resp
         assert resp is not None
-        fields = strip_meshd_error(http1.strip_hop_by_hop(resp.headers, resp.connection_tokens))
+        # strip_hop_by_hop and strip_meshd_error in one pass (one ``lower`` per field)
+        tokens = resp.connection_tokens
+        drop = _RESPONSE_DROP | tokens if tokens else _RESPONSE_DROP
+        fields = [field for field in resp.headers if field[0].lower() not in drop]
         length = None if resp.content_length is None else b"%d" % resp.content_length
         return Http1Head(resp.reason, fields, length, resp.chunked)
 

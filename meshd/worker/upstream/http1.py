@@ -49,7 +49,9 @@ REAP_BATCH = 4096    # idle connections one reap looks at, at most (the rest nex
 _original_poll = get_original("select", "poll")
 
 
-Counter = Callable[[int, int], None]  # (endpoint row, +1 opened / -1 closed)
+# (endpoint row, +1 opened / -1 closed): called for rows >= 0 only (a connection to an
+# endpoint without a row counts nowhere), so that it can be the stripe's own method.
+Counter = Callable[[int, int], None]
 
 
 def _no_count(row: int, delta: int) -> None:
@@ -65,7 +67,7 @@ def pool_key(ep: Endpoint, tls: TlsTarget | None) -> PoolKey:
 
 class UpstreamConn:
     __slots__ = ("sock", "buf", "endpoint", "reused", "idle_since", "row", "_counter", "in_use",
-                 "tls", "alpn", "request_sent", "max_idle", "metric_row")
+                 "tls", "alpn", "request_sent", "max_idle", "metric_row", "key")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, row: int = -1,
                  counter: Counter = _no_count, tls: TlsTarget | None = None,
@@ -86,17 +88,20 @@ class UpstreamConn:
         self.request_sent = False
         self.max_idle = 0.0  # the idle_timeout of its last request (0: the pool's)
         self.metric_row = -1  # the (listener, service) row of its last request (events)
+        self.key = pool_key(endpoint, tls)  # where the pool keeps it idle
         self.use()
 
     def use(self) -> None:
         if not self.in_use:
             self.in_use = True
-            self._counter(self.row, 1)
+            if self.row >= 0:
+                self._counter(self.row, 1)
 
     def unuse(self) -> None:
         if self.in_use:
             self.in_use = False
-            self._counter(self.row, -1)
+            if self.row >= 0:
+                self._counter(self.row, -1)
 
     def sendall(self, data: bytes) -> None:
         sendall(self.sock, data)
@@ -113,10 +118,22 @@ class UpstreamConn:
                           f"{e.strerror or e}") from None
 
     def send_request(self, data: bytes) -> None:
-        """All of a bodiless request (``send_first``, then the rest)."""
-        sent = self.send_first(data)
+        """All of a bodiless request (``send_first``, inline: a call less per request;
+        then the rest)."""
+        sock: Any = self.sock
+        try:
+            if self.tls is None:
+                try:  # the raw non-blocking socket first: no gevent frame per request
+                    sent = sock._sock.send(data)
+                except BlockingIOError:  # no room yet: gevent's send waits for some
+                    sent = sock.send(data)
+            else:
+                sent = sock.send(data)
+        except OSError as e:
+            raise NotSent(f"write failed before sending to {self.endpoint}: "
+                          f"{e.strerror or e}") from None
         if sent < len(data):
-            sendall(self.sock, data[sent:])
+            sendall(sock, data[sent:])
 
     def read_body(self, idle_timeout: float, required: bool = True) -> bytes:
         """Response body bytes: what is buffered, else one read within ``idle_timeout``.
@@ -174,18 +191,21 @@ class Pool:
         With ``limit``, a new connection is refused (``EndpointsBusy``) when all
         workers together hold that many to the endpoint. ``tls``: the service's TLS
         target (connections over TLS, pooled apart)."""
-        stack = self._idle.get(pool_key(ep, tls))
-        now = time.monotonic()
-        max_idle = self.idle_timeout if idle_timeout is None else idle_timeout
-        while stack:
-            conn = stack.pop()
-            idle = now - conn.idle_since
-            if idle < max_idle and (
-                    (not check and idle < RECHECK_AFTER) or _still_open(conn)):
-                conn.reused = True
-                conn.use()
-                return conn
-            conn.close()
+        stack = self._idle.get((ep.host, ep.port, tls.service if tls is not None else ""))
+        if stack:  # (the key above is ``pool_key``'s, inline: every request asks)
+            now = time.monotonic()
+            max_idle = self.idle_timeout if idle_timeout is None else idle_timeout
+            while stack:
+                conn = stack.pop()
+                idle = now - conn.idle_since
+                if idle < max_idle and (
+                        (not check and idle < RECHECK_AFTER) or _still_open(conn)):
+                    conn.reused = True
+                    conn.in_use = True  # ``use``, inline: an idle one is not in use
+                    if conn.row >= 0:
+                        conn._counter(conn.row, 1)
+                    return conn
+                conn.close()
         if limit and row >= 0 and self.connections is not None and self.connections(row) >= limit:
             raise EndpointsBusy(f"{ep} has {limit} open connections (max_connections)")
         return self.connect(ep, connect_timeout, row, tls)
@@ -253,12 +273,17 @@ class Pool:
             return
         conn.request_sent = False  # for the next request on it
         conn.alpn = ""
-        stack = self._idle.setdefault(pool_key(conn.endpoint, conn.tls), [])
-        if len(stack) >= MAX_IDLE_PER_ENDPOINT:
+        stack = self._idle.get(conn.key)
+        if stack is None:
+            stack = self._idle[conn.key] = []
+        elif len(stack) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
         conn.idle_since = time.monotonic()
-        conn.unuse()
+        if conn.in_use:  # ``unuse``, inline
+            conn.in_use = False
+            if conn.row >= 0:
+                conn._counter(conn.row, -1)
         stack.append(conn)
 
     def idle_count(self) -> int:
@@ -291,7 +316,7 @@ class Pool:
                 del self._idle[key]
         gone = _closed_while_idle(kept)
         for conn in gone:
-            key = pool_key(conn.endpoint, conn.tls)
+            key = conn.key
             left = self._idle.get(key)
             if left is not None and conn in left:
                 left.remove(conn)
@@ -313,7 +338,7 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
     decides what to do with it), waiting until ``try_deadline`` (the attempt's; the
     whole request's is ``deadline``, which names the timeout in the error)."""
     buf = conn.buf
-    end = buf.find(b"\r\n\r\n")
+    end = buf.find(b"\r\n\r\n") if buf else -1
     while end < 0:
         if len(buf) > limit:
             raise UpstreamError("response head from upstream too large")
@@ -330,9 +355,9 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
             raise UpstreamError(f"connection to {conn.endpoint} failed: {e.strerror or e}") from None
         if not data:
             raise UpstreamError(f"{conn.endpoint} closed the connection before responding")
-        start = max(0, len(buf) - 3)
+        start = len(buf) - 3
         buf += data
-        end = buf.find(b"\r\n\r\n", start)
+        end = buf.find(b"\r\n\r\n", start if start > 0 else 0)
     head = bytes(buf[: end + 4])
     del buf[: end + 4]
     return http1.parse_response_head(head, max_headers=max_headers)
