@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd.identity import ca
+from meshd.identity import ca, ca_dir
 from meshd.master import spawn
 from meshd.shm import KIND_WORKER, STATE_SERVING
 from meshd.testing.harness import Meshd, free_port, http_get, wait_for
@@ -71,21 +71,30 @@ def test_a_plain_http_worker_imports_neither_cryptography_nor_yaml(mesh, backend
     assert maps(mapped_files(m.pid), YAML) == []
 
 
-def test_an_mtls_worker_does_not_import_cryptography(mesh, backends, tmp_path: Path) -> None:
-    """[identity] (files provider) and a strict mTLS inbound listener: the worker loads
-    its leaf and reads its SPIFFE ID, its serial and expiry without cryptography (the
-    control process checks the material with it, once for all workers)."""
+@pytest.mark.parametrize("provider", ["files", "meshd-ca"])
+def test_an_mtls_worker_does_not_import_cryptography(
+        mesh, backends, tmp_path: Path, provider: str) -> None:
+    """[identity] and a strict mTLS inbound listener: the worker loads its leaf and reads
+    its SPIFFE ID, serial and expiry without cryptography (the control process checks the
+    material with it, once for all workers); the meshd-ca provider's module, which the
+    worker imports to see that it never authorizes, does not import it either."""
     a = backends("a")
     port = free_port()
     listener = (f'\n[[listener]]\nname = "inbound"\nlisten = "127.0.0.1:{port}"\n'
                 f'direction = "inbound"\nprotocol = "auto"\nforward = "{a.address}"\n'
                 f'mtls = "strict"\n')
-    text, ports = mesh.config({}, workers=1, listeners=listener,
-                              extra=identity_table(tmp_path / "id"))
+    if provider == "files":
+        table, local_id = identity_table(tmp_path / "id"), SELF
+    else:
+        ca_dir.init(str(tmp_path / "ca"), TD)
+        table = (f'\n[identity]\nprovider = "meshd-ca"\ntrust_domain = "{TD}"\n'
+                 f'dir = "{tmp_path / "ca"}"\nservice = "web"\nttl = "1h"\n')
+        local_id = f"spiffe://{TD}/service/web"
+    text, ports = mesh.config({}, workers=1, listeners=listener, extra=table)
     m = mesh.start(text, ports)   # ready: every worker has loaded the identity
     worker = serving_worker(m)
     wait_for(lambda: "identity: worker" in m.log(), timeout=20, what="the worker's identity log")
-    assert f"identity: worker {worker} loaded {SELF}" in m.log()
+    assert f"identity: worker {worker} loaded {local_id}" in m.log()
     assert maps(mapped_files(worker), CRYPTOGRAPHY) == []
     assert maps(mapped_files(m.control_pids()[0]), CRYPTOGRAPHY), "the control process checks it"
 
