@@ -240,7 +240,7 @@ def _leaf(path: str, pem: bytes) -> tuple[str, str, float]:
     (whose content is ``pem``).
 
     The standard library decodes it: ``_ssl._test_decode_cert`` gives for a file what
-    ``getpeercert()`` gives for a peer (present from Python 3.4 to 3.13 at least). A
+    ``getpeercert()`` gives for a peer (private, but in every Python from 3.6 to 3.13). A
     worker that imported ``cryptography`` instead would hold its Rust extension, about
     10 MB of its RSS (docs/perf/memory.md); the control process has checked the material
     with it already. An interpreter without that function falls back to cryptography."""
