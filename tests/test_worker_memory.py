@@ -139,3 +139,11 @@ def test_the_workers_leaf_decoding_agrees_with_cryptography(tmp_path: Path) -> N
         got = _leaf(str(path), pem)
         assert got == _leaf_cryptography(pem), n
         assert got[0] == spiffe_id and got[1] == got[1].lower() and not got[1].startswith("0")
+    # What is not a certificate fails as _load expects (OSError, ValueError: logged, the
+    # last good material kept), never with another exception out of a handshake's refresh.
+    for n, junk in enumerate((b"", b"not a certificate\n", authority.key_pem,
+                              b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")):
+        path = tmp_path / f"junk-{n}.pem"
+        path.write_bytes(junk)
+        with pytest.raises((OSError, ValueError)):
+            _leaf(str(path), junk)

@@ -248,10 +248,12 @@ def _leaf(path: str, pem: bytes) -> tuple[str, str, float]:
     if decode is None:
         return _leaf_cryptography(pem)
     cert = decode(path)
+    serial, not_after = cert.get("serialNumber"), cert.get("notAfter")
+    if not isinstance(serial, str) or not isinstance(not_after, str):
+        raise ValueError("the published leaf has no serial number or no expiry")
     uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
     local_id = uris[0] if len(uris) == 1 and not spiffe.problem(uris[0]) else ""
-    return (str(local_id), f"{int(cert['serialNumber'], 16):x}",
-            float(ssl.cert_time_to_seconds(cert["notAfter"])))
+    return str(local_id), f"{int(serial, 16):x}", float(ssl.cert_time_to_seconds(not_after))
 
 
 def _leaf_cryptography(pem: bytes) -> tuple[str, str, float]:
