@@ -87,6 +87,16 @@ def rss_kb(pid: int) -> int:
     raise BenchError(f"no VmRSS for {pid}")
 
 
+def pss_kb(pid: int) -> int:
+    """The proportional set size: RSS with each page shared with N processes (the master,
+    the other workers: pages inherited at fork and not written since) counted 1/N."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise BenchError(f"no Pss for {pid}")
+
+
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -116,9 +126,9 @@ def scenario_idle(backend_port: int, workdir: Path, args: argparse.Namespace,
     stack.callback(meshd.stop)
     check_answers("meshd-idle", port)
     worker = meshd.worker_pids(STATE_SERVING)[0]
-    idle_start = rss_kb(worker)
+    idle_start, pss_start = rss_kb(worker), pss_kb(worker)
     run_wrk("meshd-idle", wrk_command(port, args.duration, args.connections), args.duration)
-    loaded = rss_kb(worker)
+    loaded, pss_loaded = rss_kb(worker), pss_kb(worker)
     time.sleep(0.5)  # wrk's connections closed
     before = rss_kb(worker)
     socks: list[socket.socket] = []
@@ -132,23 +142,26 @@ def scenario_idle(backend_port: int, workdir: Path, args: argparse.Namespace,
         labels = 'listener="outbound"'
         wait_for(lambda: meshd.metric("tcp_open_connections", labels) >= n, 30,
                  what=f"{n} open connections")
-        after = rss_kb(worker)
+        after, pss_after = rss_kb(worker), pss_kb(worker)
         per_conn = (after - before) * 1024 / n
     finally:
         for s in socks:
             s.close()
     command = (f"{n} client connections opened one after another, one GET each, held idle; "
-               f"RSS from /proc/PID/status (VmRSS) of the one worker")
+               f"RSS from /proc/PID/status (VmRSS) of the one worker, Pss from "
+               f"/proc/PID/smaps_rollup")
     _header(f"Memory: a worker after wrk load, and {n:,} idle keep-alive client connections "
             "on one worker", command, "one run,", 1, args.duration, load, prompt="")
-    _table(["worker RSS", "MB"],
-           [["at start", f"{idle_start / 1024:.1f}"],
-            [f"after wrk -c{args.connections} for {args.duration:g} s", f"{loaded / 1024:.1f}"],
-            [f"with {n:,} idle connections", f"{after / 1024:.1f}"]])
+    _table(["worker", "RSS MB", "Pss MB"],
+           [["at start", f"{idle_start / 1024:.1f}", f"{pss_start / 1024:.1f}"],
+            [f"after wrk -c{args.connections} for {args.duration:g} s", f"{loaded / 1024:.1f}",
+             f"{pss_loaded / 1024:.1f}"],
+            [f"with {n:,} idle connections", f"{after / 1024:.1f}", f"{pss_after / 1024:.1f}"]])
     print(f"\n{n:,} idle keep-alive connections: {per_conn / 1024:.1f} KB each "
           f"(RSS growth / connections; opened in {opened:.1f} s); aim ≤ 30 KB: "
           f"{'met' if per_conn <= 30 * 1024 else 'not met'}; RSS under load ≤ 40 MB: "
           f"{'met' if loaded <= 40 * 1024 else 'not met'}")
     _save("idle.json", command, args, connections=n, rss_kb={
         "start": idle_start, "after_load": loaded, "before_idle": before, "with_idle": after},
+        pss_kb={"start": pss_start, "after_load": pss_loaded, "with_idle": pss_after},
         bytes_per_connection=per_conn, aim={"kb_per_connection": 30, "rss_mb_under_load": 40})

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-import yaml
 
 from meshd import __version__
 
@@ -129,6 +128,8 @@ def inject_template(template: dict[str, Any], opts: InjectOptions) -> bool:
 def inject_documents(text: str, opts: InjectOptions) -> str:
     """``text`` (multi-document YAML) with every Pod template injected; documents
     without one come out exactly as they went in."""
+    import yaml  # here, not at the top: every `meshd` command (the master too) imports this module
+
     out: list[str] = []
     for chunk in _split_documents(text):
         docs = list(yaml.safe_load_all(chunk))
@@ -299,6 +300,8 @@ def inject(source: str, image: str, config_map: str, inbound_port: int, outbound
     opts = InjectOptions(image, config_map, inbound_port, outbound_port, probe_port,
                          skip_inbound_ports, skip_outbound_ports,
                          native_sidecar=native_sidecar, iptables_restore=iptables_restore)
+    import yaml
+
     try:
         click.echo(inject_documents(text, opts), nl=False)
     except yaml.YAMLError as e:

@@ -40,13 +40,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshd.config_table import Problems, Table, duration, string
 from meshd.errors import ConfigError
-from meshd.identity import ca as ca_mod
-from meshd.identity import ca_dir, spiffe
+from meshd.identity import spiffe
 from meshd.identity.api import Material, Provider, Settings
+
+if TYPE_CHECKING:
+    from meshd.identity import ca_dir
+
+# ca and ca_dir (cryptography: about 10 MB of RSS) are imported where a CA is read or a leaf
+# issued, not here: a worker imports this module only to see that the class never
+# authorizes (meshd.worker.authorize.load_provider), and must not hold cryptography for it.
 
 log = logging.getLogger("meshd.identity")
 
@@ -87,6 +93,7 @@ class MeshdCaProvider(Provider):
         t.finish()
         td = settings.trust_domain
         if self.dir and "dir" not in t.bad:
+            from meshd.identity import ca_dir
             try:
                 authority = ca_dir.load(self.dir)
             except ca_dir.CaDirError as e:
@@ -142,6 +149,8 @@ class MeshdCaProvider(Provider):
         return value
 
     def watch(self) -> Iterator[Material]:
+        from meshd.identity import ca as ca_mod
+        from meshd.identity import ca_dir
         seen = ca_dir.stamp(self.dir)    # before reading: a change meanwhile is seen next
         authority = self._load()
         while True:
@@ -176,6 +185,7 @@ class MeshdCaProvider(Provider):
                 break
 
     def _load(self) -> ca_dir.CaDir:
+        from meshd.identity import ca_dir
         authority = ca_dir.load(self.dir)
         if authority.trust_domain != self.settings.trust_domain:
             raise ca_dir.CaDirError(f"the CA in {self.dir} is now for trust domain "

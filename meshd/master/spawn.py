@@ -7,6 +7,7 @@ imports its gevent entry point, which patches the standard library first thing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -50,8 +51,20 @@ def fork_child(ctx: ProcessContext, kind: int, close_fds: list[int]) -> int:
     _dump_modules()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    # The child inherits the master's objects (modules, the config) as copy-on-write pages.
+    # A collection in the child writes to the header of every object it examines, copying
+    # the page: frozen objects are never examined, so the child's collections leave the
+    # master's pages shared. Collected first so that no garbage is frozen into the child;
+    # the master unfreezes at once, its own collections unchanged.
+    gc.collect()
+    gc.freeze()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
     if pid:
+        gc.unfreeze()
         return pid
     code = 1
     try:

@@ -15,7 +15,9 @@ meshd's own uid, a regular file, writable by no one else, no symbolic link) and 
 from the same open file: the certificate and key are loaded by ssl through
 ``/dev/fd/N`` of the checked descriptor (the standard library's ssl loads a certificate
 chain from a path only), the roots from memory (``cadata``). Contexts are gevent's
-``SSLContext`` class (cooperative handshakes and reads; no pyOpenSSL in the worker).
+``SSLContext`` class (cooperative handshakes and reads; no pyOpenSSL in the worker). The
+leaf's SPIFFE ID, serial and expiry are read by the standard library too (``_leaf``): a
+worker does not import cryptography (about 10 MB of its RSS).
 
 - ``server_context(mode)``: inbound mTLS; TLS 1.2 minimum, our certificate, peers
   verified against the roots: optional ("permissive") or required ("strict"); ALPN
@@ -27,6 +29,7 @@ chain from a path only), the roots from memory (``cadata``). Contexts are gevent
 
 from __future__ import annotations
 
+import _ssl
 import datetime
 import logging
 import os
@@ -35,7 +38,6 @@ import time
 from typing import Any
 
 import gevent.ssl
-from cryptography import x509
 
 from meshd.errors import MeshdError
 from meshd.identity import IdentityPaths, spiffe
@@ -121,13 +123,12 @@ class WorkerIdentity:
             return
         try:
             st = os.fstat(fd)
-            pem = _read_fd(fd)
-            leaf = x509.load_pem_x509_certificate(pem)
-            local_id = _uri_san(leaf)
-            if not local_id:
-                raise ValueError("the published leaf has no single SPIFFE URI SAN")
+            pem = _read_fd(fd)   # bounded: a file too large is refused here
             # The same open file, through /dev/fd: what was checked is what ssl loads.
             chain = f"/dev/fd/{fd}"
+            local_id, serial, not_after = _leaf(chain, pem)
+            if not local_id:
+                raise ValueError("the published leaf has no single SPIFFE URI SAN")
             cadata = roots.decode("ascii")
             server = {mode: _server_context(chain, cadata, mode) for mode in MODES}
             client = _client_context(chain, cadata)
@@ -139,12 +140,13 @@ class WorkerIdentity:
         self._server, self._client = server, client
         self._stamp = (st.st_mtime_ns, st.st_ino)   # of what was loaded: a newer one reloads
         self.local_id = local_id
-        self.serial = f"{leaf.serial_number:x}"
-        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.serial = serial
+        self.not_after = not_after
         self.loads += 1
         self.error = None
+        expires = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
         log.info("identity: worker %d loaded %s (serial %s, expires %s)", os.getpid(), local_id,
-                 self.serial, leaf.not_valid_after_utc.isoformat(timespec="seconds"))
+                 self.serial, expires.isoformat(timespec="seconds"))
 
     def _failed(self, why: str) -> None:
         self.error = why
@@ -234,10 +236,36 @@ def _read_trusted(path: str) -> bytes:
         os.close(fd)
 
 
-def _uri_san(leaf: x509.Certificate) -> str:
+def _leaf(path: str, pem: bytes) -> tuple[str, str, float]:
+    """(its SPIFFE ID, its one valid SPIFFE URI SAN or ""; its serial number in hex; its
+    expiry in unix seconds) of the leaf, the first certificate in the file ``path``
+    (whose content is ``pem``).
+
+    The standard library decodes it: ``_ssl._test_decode_cert`` gives for a file what
+    ``getpeercert()`` gives for a peer (private, but in every Python from 3.6 to 3.13). A
+    worker that imported ``cryptography`` instead would hold its Rust extension, about
+    10 MB of its RSS (docs/perf/memory.md); the control process has checked the material
+    with it already. An interpreter without that function falls back to cryptography."""
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    if decode is None:
+        return _leaf_cryptography(pem)
+    cert = decode(path)
+    serial, not_after = cert.get("serialNumber"), cert.get("notAfter")
+    if not isinstance(serial, str) or not isinstance(not_after, str):
+        raise ValueError("the published leaf has no serial number or no expiry")
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    local_id = uris[0] if len(uris) == 1 and not spiffe.problem(uris[0]) else ""
+    return str(local_id), f"{int(serial, 16):x}", float(ssl.cert_time_to_seconds(not_after))
+
+
+def _leaf_cryptography(pem: bytes) -> tuple[str, str, float]:
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificate(pem)
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
-        return ""
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if len(uris) == 1 and not spiffe.problem(uris[0]) else ""
+        uris = []
+    local_id = uris[0] if len(uris) == 1 and not spiffe.problem(uris[0]) else ""
+    return local_id, f"{leaf.serial_number:x}", leaf.not_valid_after_utc.timestamp()
