@@ -96,3 +96,22 @@ def test_a_worker_probes_exactly_when_the_core_says_it_holds_the_probe(row, slot
         assert second == (1, 1)                     # and only one per grant
     elif row[0] != float(Health.HEALTHY):
         assert first == (1, 1)                      # ejected, no probe held: avoided
+
+
+def test_round_robin_goes_on_across_a_snapshot_of_the_same_endpoints():
+    """A new snapshot with the same endpoints (new objects, equal) keeps round robin's
+    place: a, b, a, b... as before; a changed set starts anew. Before, each snapshot
+    restarted it at the first endpoint (a, b, a, a, b: seen as a flaky proxy test)."""
+    for r in (2, 3, 4):
+        REGION.set_health(r, (0.0,) * 6)
+    bal = SharedBalancer(REGION, 0)
+    svc = ServiceConfig(name="rr", balancer="round_robin")
+    rows = {"10.0.1.1:80": 2, "10.0.1.2:80": 3, "10.0.1.3:80": 4}
+
+    def snapshot(*hosts: str) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint(h, 80) for h in hosts)
+
+    picks = [bal.pick("rr", snapshot("10.0.1.1", "10.0.1.2"), rows, svc)[0] for _ in range(5)]
+    assert picks == [0, 1, 0, 1, 0]   # a new equal tuple on every pick
+    changed = snapshot("10.0.1.1", "10.0.1.2", "10.0.1.3")
+    assert sorted(bal.pick("rr", changed, rows, svc)[0] for _ in range(3)) == [0, 1, 2]

@@ -114,7 +114,12 @@ class SharedBalancer:
             for r in rows:
                 if r >= 0:
                     self.stripe.seed(r, now)
+            old = st
             st = self._services[service] = _ServiceState(endpoints, rows, self.view)
+            if old is not None and old.rows == rows and tuple(old.endpoints) == tuple(endpoints):
+                # The same endpoints in a new snapshot (the control process publishes one
+                # for many reasons): round robin goes on where it was, not from the first.
+                st.rr = old.rr
         return st
 
     def started(self, row: int) -> None:
