@@ -15,6 +15,9 @@ wrk load on it and measures one of:
 - ``cprofile``: exact Python calls per request (and cProfile's distorted times), the
   workers profiling themselves through ``profile_site/sitecustomize.py``.
 
+``--tcp``: the same through an opaque TCP listener (``protocol = "tcp"``, the tunnel's
+path) instead of the HTTP one.
+
 Output goes to ``--out`` (default bench-results/profile). Not part of the test suite.
 """
 
@@ -74,6 +77,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "profile")
     ap.add_argument("--tag", default="")
     ap.add_argument("--extra", default="", help="more meshd config (e.g. [access_log])")
+    ap.add_argument("--tcp", action="store_true",
+                    help="an opaque TCP listener (protocol tcp, service bench) instead of HTTP")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
@@ -85,8 +90,11 @@ def main() -> int:
         backend_port, port = free_port(), free_port()
         backend = backend_nginx(workdir, backend_port).start()
         stack.callback(backend.stop)
+        listeners = (f'[[listener]]\nname = "tcp"\nlisten = "127.0.0.1:{port}"\n'
+                     f'direction = "outbound"\nprotocol = "tcp"\nservice = "bench"\n\n'
+                     if args.tcp else None)
         meshd = start_meshd(workdir, args.workers, port, backend_port, name=f"prof{os.getpid()}",
-                            extra=args.extra)
+                            listeners=listeners, extra=args.extra)
         stack.callback(meshd.stop)
         workers = []
         for _ in range(100):

@@ -2,9 +2,10 @@
 
 Used by opaque TCP (``meshd.worker.client.tcp``: tcp listeners, auto-detected opaque and
 TLS connections, meshd-to-meshd tunnels) and by the tunnels after an HTTP/1.1 upgrade
-(101) or a CONNECT (200). Each direction is a ``meshd.worker.sockio.pump``: where the platform has
-``os.splice`` the bytes go socket -> pipe -> socket inside the kernel and never enter
-Python; an upstream over TLS is read and written through its TLS socket instead.
+(101) or a CONNECT (200). Each direction is a ``meshd.worker.relay.pump``: a message is
+read into a buffer the worker shares and sent (two system calls), bulk is spliced socket
+-> pipe -> socket inside the kernel; an upstream over TLS is read and written through its
+TLS socket instead.
 
 Bytes already read (the client's or the upstream's leftover buffer) go first. A
 direction that reaches EOF half-closes its destination, so a peer that finishes writing
@@ -30,7 +31,8 @@ from collections.abc import Callable
 
 import gevent
 
-from meshd.worker.sockio import pump, sendall
+from meshd.worker.relay import pump
+from meshd.worker.sockio import sendall
 
 
 def _no_count(n: int) -> None:
