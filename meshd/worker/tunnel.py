@@ -35,15 +35,11 @@ from meshd.worker.relay import pump
 from meshd.worker.sockio import sendall
 
 
-def _no_count(n: int) -> None:
-    pass
-
-
 class Tunnel:
     def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
                  write_timeout: float | None = None,
-                 count_up: Callable[[int], None] = _no_count,
-                 count_down: Callable[[int], None] = _no_count) -> None:
+                 count_up: Callable[[int], None] | None = None,
+                 count_down: Callable[[int], None] | None = None) -> None:
         self.client = client
         self.upstream = upstream
         self.idle_timeout = idle_timeout
@@ -80,9 +76,11 @@ class Tunnel:
     def _up(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_up += n
-        self.count_up(n)
+        if self.count_up is not None:
+            self.count_up(n)
 
     def _down(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_down += n
-        self.count_down(n)
+        if self.count_down is not None:
+            self.count_down(n)
