@@ -37,9 +37,13 @@ def _connected_pair() -> tuple[GSock, GSock]:
 
 
 @pytest.fixture
-def ends() -> Iterator[tuple[GSock, GSock, GSock, GSock]]:
-    """(app client, meshd's client side, meshd's upstream side, app server)."""
+def fresh_clock() -> None:
     gevent.get_hub().loop.update_now()  # the hub's clock may be minutes old (test_sockio)
+
+
+@pytest.fixture
+def ends(fresh_clock: None) -> Iterator[tuple[GSock, GSock, GSock, GSock]]:
+    """(app client, meshd's client side, meshd's upstream side, app server)."""
     client, m_client = _connected_pair()
     m_upstream, server = _connected_pair()
     socks = (client, m_client, m_upstream, server)
@@ -206,3 +210,50 @@ def test_an_idle_tunnel_ends_and_its_relays_with_it(ends) -> None:
     m_upstream.close()
     assert client.recv(10) == b""
     assert server.recv(10) == b""
+
+
+def test_many_tunnels_at_once_share_the_buffer_without_mixing_bytes(fresh_clock) -> None:
+    """Twelve tunnels, each carrying its own bytes (messages of every size, some past the
+    buffer, to a server that reads in small, irregular pieces): each server gets exactly
+    its client's bytes, in order."""
+    pairs = []
+    for _ in range(12):
+        client, m_client = _connected_pair()
+        m_upstream, server = _connected_pair()
+        pairs.append((client, m_client, m_upstream, server))
+    try:
+        runs = [_start(Tunnel(mc, mu, idle_timeout=30, write_timeout=20))
+                for _c, mc, mu, _s in pairs]
+
+        def send(i: int, sock: GSock) -> bytes:
+            sent = bytearray()
+            for k in range(40):
+                size = (k * 7919 + i * 104729) % (3 * relay.CHUNK) + 1
+                piece = bytes([i]) * size
+                sock.sendall(piece)
+                sent += piece
+                if k % 5 == 0:
+                    gevent.sleep(0)
+            sock.shutdown(socket.SHUT_WR)
+            return bytes(sent)
+
+        def receive(i: int, sock: GSock) -> bytes:
+            got = bytearray()
+            k = 0
+            while data := sock.recv(1000 + (k * 37 + i) % 9000):
+                got += data
+                k += 1
+            return bytes(got)
+        senders = [gevent.spawn(send, i, p[0]) for i, p in enumerate(pairs)]
+        receivers = [gevent.spawn(receive, i, p[3]) for i, p in enumerate(pairs)]
+        gevent.joinall(senders + receivers, raise_error=True, timeout=60)
+        for sender, receiver in zip(senders, receivers, strict=True):
+            assert receiver.get(timeout=1) == sender.get(timeout=1)
+        for _client, _mc, _mu, server in pairs:
+            server.shutdown(socket.SHUT_WR)
+        gevent.joinall(runs, raise_error=True, timeout=30)
+        assert all(r.ready() for r in runs)
+    finally:
+        for p in pairs:
+            for s in p:
+                s.close()

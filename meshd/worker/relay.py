@@ -88,13 +88,14 @@ def _relay(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
                 continue
             if n == 0:
                 return
-            count(n)
             try:
                 sent = send(_VIEW[:n])
             except BlockingIOError:
                 sent = 0
-            if sent < n:
-                rest = bytes(_VIEW[sent:n])  # the buffer is shared: copied before a wait
+            # the buffer is shared: what is left is copied out before anything else runs
+            rest = bytes(_VIEW[sent:n]) if sent < n else b""
+            count(n)
+            if rest:
                 reader.stop()
                 sendall(dst, rest, write_timeout)
                 reader.start(getcurrent().switch)
