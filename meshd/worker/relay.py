@@ -35,7 +35,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
-from meshd.worker.sockio import is_tls, sendall, shutdown, wait_writable
+from meshd.worker.sockio import is_tls, raw_socket, sendall, shutdown, wait_writable
 
 HAS_SPLICE = hasattr(os, "splice")
 CHUNK = 1 << 16  # bytes per read: the shared buffer, a splice step
@@ -68,12 +68,11 @@ def _relay(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
            write_timeout: float | None) -> None:
     """Plain sockets both: see the module docstring."""
     g: Any = src
-    d: Any = dst
     hub = g.hub
     park = hub.switch
     reader: Any = hub.loop.io(src.fileno(), _READ)
-    recv_into = g._sock.recv_into
-    send = d._sock.send
+    recv_into = raw_socket(src).recv_into
+    send = raw_socket(dst).send
     pipe: tuple[int, int] | None = None
     wait_first = False
     reader.start(getcurrent().switch)
