@@ -50,7 +50,6 @@ from meshd.worker.identity import WorkerIdentity
 from meshd.worker.retries import RetryBudgets
 from meshd.worker.routing import Router
 from meshd.worker.serve import serve_connection
-from meshd.worker.sockio import settle_malloc
 from meshd.worker.tap import TapSender
 from meshd.worker.tracing import Tracer
 from meshd.worker.upstream.http1 import REAP_EVERY, Pool
@@ -462,7 +461,6 @@ def _close_gracefully(sock: socket.socket) -> None:
 def main(ctx: ProcessContext) -> int:
     from meshd.master.spawn import EXIT_BOOT_ERROR
 
-    settle_malloc()  # reads of 256 KiB off mmap (meshd.worker.sockio)
     worker = Worker(ctx)
     try:
         worker.boot()

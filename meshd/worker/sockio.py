@@ -36,28 +36,6 @@ _SSLSocket = gevent.ssl.SSLSocket
 _TLS_PIECE = 1 << 16  # bytes per bounded TLS write (write_timeout)
 _SOCKET: Any = object()     # recv's timeout by default: the socket's own
 _TIMED_OUT = object()       # what a wait's timer hands its waiter
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-
-
-def settle_malloc() -> None:
-    """Once per worker, before serving. Reads ask for up to 256 KiB (``recv(262144)``:
-    a head with as much of its body as there is); when the heap's top has less free,
-    glibc serves them with ``mmap`` (its mmap threshold is 128 KiB until an mmapped
-    block that large is freed whole), then the bytes object is shrunk to what came
-    (``mremap``) and freed (``munmap``): three system calls and a page fault per read,
-    for the worker's life once it starts (seen on every response of a worker in the
-    two-hop bench, not in others: docs/perf/two-hop.md). Fixed thresholds, as glibc's
-    own adjustment would set them after one 512 KiB block: such reads come from the
-    heap, and the heap keeps up to 1 MiB free at its top rather than trimming it after
-    each read. No effect where the C library has no ``mallopt`` (not glibc)."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt(_M_MMAP_THRESHOLD, 512 * 1024)
-        mallopt(_M_TRIM_THRESHOLD, 1024 * 1024)
-    except (AttributeError, OSError):
-        pass
 
 
 def is_tls(sock: socket.socket) -> bool:

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.tls import TlsTarget
 
 MAX_IDLE_PER_ENDPOINT = 128
-READ_SIZE = 262144
+# A head's read (with whatever of the body came along) stays under glibc's 128 KiB mmap
+# threshold: a larger one, with the heap's top short of it, is an mmap, then an mremap
+# as the bytes shrink to what came, then a munmap, per read (docs/perf/two-hop.md).
+READ_SIZE = 65536
 RECHECK_AFTER = 1.0
 REAP_EVERY = 0.5     # the worker's reaper looks at idle upstream connections this often
 REAP_BATCH = 4096    # idle connections one reap looks at, at most (the rest next time)
