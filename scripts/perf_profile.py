@@ -21,6 +21,9 @@ wrk load on it (``--h2``: h2load, HTTP/2 with prior knowledge, ``--connections``
 ``--access-log text|json`` adds an ``[access_log]`` writing to a file in the run's
 temporary directory (what it costs: docs/perf/access-log.md).
 
+``--tcp``: the same through an opaque TCP listener (``protocol = "tcp"``, the tunnel's
+path) instead of the HTTP one.
+
 Output goes to ``--out`` (default bench-results/profile). Not part of the test suite.
 """
 
@@ -142,6 +145,8 @@ def main() -> int:
     ap.add_argument("--h2", action="store_true", help="h2load (HTTP/2 clients), not wrk")
     ap.add_argument("--streams", type=int, default=10, help="h2load -m: streams per connection")
     ap.add_argument("--rps", type=int, default=0, help="h2load --rps: requests/s per connection")
+    ap.add_argument("--tcp", action="store_true",
+                    help="an opaque TCP listener (protocol tcp, service bench) instead of HTTP")
     args = ap.parse_args()
     def load(port: int, duration: float, connections: int) -> tuple[int, float]:
         if args.h2:
@@ -167,8 +172,11 @@ def main() -> int:
         if args.access_log:
             extra += (f'\n[access_log]\npath = "{workdir}/access.log"\n'
                       f'format = "{args.access_log}"\n')
+        listeners = (f'[[listener]]\nname = "tcp"\nlisten = "127.0.0.1:{port}"\n'
+                     f'direction = "outbound"\nprotocol = "tcp"\nservice = "bench"\n\n'
+                     if args.tcp else None)
         meshd = start_meshd(workdir, args.workers, port, backend_port, name=f"prof{os.getpid()}",
-                            extra=extra)
+                            listeners=listeners, extra=extra)
         stack.callback(meshd.stop)
         workers = []
         for _ in range(100):
@@ -266,7 +274,7 @@ def main() -> int:
         elif args.mode == "gc":
             for i in range(args.rounds):
                 before = gc_stats(args.out, workers[0])
-                requests, rps = wrk(port, args.duration, args.connections)
+                requests, rps = load(port, args.duration, args.connections)
                 after = gc_stats(args.out, workers[0])
                 per = {k: [(b - a) / requests for a, b in zip(before[k], after[k], strict=True)]
                        for k in ("collections", "collected", "cpu_s")}

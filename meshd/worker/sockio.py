@@ -16,17 +16,12 @@ the HTTP/2 server's own writer gets them through ``raw_socket`` and ``wait_writa
 The test suite exercises them on every request. A TLS socket (an upstream over
 ``[service.X.tls]``) goes through its own ``sendall``/``recv`` instead: its ``_sock``
 carries the encrypted records.
-
-``pump`` copies one direction of a tunnel (``meshd.worker.tunnel``), spliced in the
-kernel where the platform has ``os.splice``.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -34,15 +29,11 @@ import gevent.socket
 import gevent.ssl
 from gevent.exceptions import ConcurrentObjectUseError
 from gevent.hub import Waiter
-from gevent.socket import wait_read, wait_write
 
 from meshd.errors import UpstreamError, UpstreamTimeout
 
 _SSLSocket = gevent.ssl.SSLSocket
 _TLS_PIECE = 1 << 16  # bytes per bounded TLS write (write_timeout)
-HAS_SPLICE = hasattr(os, "splice")
-CHUNK = 1 << 16       # bytes per pump step
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SOCKET: Any = object()     # recv's timeout by default: the socket's own
 _TIMED_OUT = object()       # what a wait's timer hands its waiter
 
@@ -97,9 +88,9 @@ def raw_socket(sock: socket.socket) -> socket.socket:
     return raw
 
 
-def wait_writable(sock: socket.socket, timeout: float) -> None:
+def wait_writable(sock: socket.socket, timeout: float | None) -> None:
     """Wait on the socket's own write watcher until the kernel buffer has room
-    (TimeoutError after ``timeout``, whatever the socket's own timeout says)."""
+    (TimeoutError after ``timeout``, None: no limit, whatever the socket's own timeout says)."""
     g: Any = sock
     gevent.socket.wait(g._write_event, timeout)
 
@@ -221,54 +212,3 @@ def shutdown(sock: socket.socket, how: int) -> None:
     except OSError:
         pass
 
-
-def pump(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
-         write_timeout: float | None = None) -> None:
-    """Copy src -> dst until EOF (``count`` told of each chunk moved), then half-close
-    dst so the peer sees the end too; a reset on either side, or a dst that accepts no
-    byte for ``write_timeout``, shuts both down at once.
-
-    A TLS socket (an upstream over TLS) is read and written through its own
-    recv/sendall, never spliced, and shut down beneath its TLS layer
-    (``sockio.shutdown``), so the other direction still reads it."""
-    try:
-        if HAS_SPLICE and not (is_tls(src) or is_tls(dst)):
-            _splice(src, dst, count, write_timeout)
-        else:
-            while data := src.recv(CHUNK):
-                sendall(dst, data, write_timeout)
-                count(len(data))
-    except OSError:  # TimeoutError (write_timeout) included
-        for s in (src, dst):
-            shutdown(s, socket.SHUT_RDWR)
-        return
-    shutdown(dst, socket.SHUT_WR)
-
-
-def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None],
-            write_timeout: float | None) -> None:
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    sfd, dfd = src.fileno(), dst.fileno()
-    try:
-        while True:
-            try:
-                n = os.splice(sfd, wfd, CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                wait_read(sfd)
-                continue
-            if n == 0:
-                return
-            count(n)
-            while n:
-                try:
-                    n -= os.splice(rfd, dfd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    wait_write(dfd, write_timeout)
-                except OSError as e:
-                    if e.errno == errno.EAGAIN:
-                        wait_write(dfd, write_timeout)
-                    else:
-                        raise
-    finally:
-        os.close(rfd)
-        os.close(wfd)

@@ -2,9 +2,10 @@
 
 Used by opaque TCP (``meshd.worker.client.tcp``: tcp listeners, auto-detected opaque and
 TLS connections, meshd-to-meshd tunnels) and by the tunnels after an HTTP/1.1 upgrade
-(101) or a CONNECT (200). Each direction is a ``meshd.worker.sockio.pump``: where the platform has
-``os.splice`` the bytes go socket -> pipe -> socket inside the kernel and never enter
-Python; an upstream over TLS is read and written through its TLS socket instead.
+(101) or a CONNECT (200). Each direction is a ``meshd.worker.relay.pump``: a message is
+read into a buffer the worker shares and sent (two system calls), bulk is spliced socket
+-> pipe -> socket inside the kernel; an upstream over TLS is read and written through its
+TLS socket instead.
 
 Bytes already read (the client's or the upstream's leftover buffer) go first. A
 direction that reaches EOF half-closes its destination, so a peer that finishes writing
@@ -30,18 +31,15 @@ from collections.abc import Callable
 
 import gevent
 
-from meshd.worker.sockio import pump, sendall
-
-
-def _no_count(n: int) -> None:
-    pass
+from meshd.worker.relay import pump
+from meshd.worker.sockio import sendall
 
 
 class Tunnel:
     def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
                  write_timeout: float | None = None,
-                 count_up: Callable[[int], None] = _no_count,
-                 count_down: Callable[[int], None] = _no_count) -> None:
+                 count_up: Callable[[int], None] | None = None,
+                 count_down: Callable[[int], None] | None = None) -> None:
         self.client = client
         self.upstream = upstream
         self.idle_timeout = idle_timeout
@@ -78,9 +76,11 @@ class Tunnel:
     def _up(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_up += n
-        self.count_up(n)
+        if self.count_up is not None:
+            self.count_up(n)
 
     def _down(self, n: int) -> None:
         self.last_activity = time.monotonic()
         self.bytes_down += n
-        self.count_down(n)
+        if self.count_down is not None:
+            self.count_down(n)

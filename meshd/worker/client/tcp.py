@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshd import rowkeys
@@ -76,8 +77,8 @@ def serve_opaque(worker: Context, listener: ListenerConfig, client: socket.socke
     limits = worker.config.limits
     try:
         tunnel = Tunnel(client, upstream.sock, limits.tcp_idle_timeout, limits.write_timeout,
-                        lambda n: stripe.add(row, F_READ_BYTES, n),
-                        lambda n: stripe.add(row, F_WRITE_BYTES, n))
+                        partial(stripe.add, row, F_READ_BYTES),  # per message: no frame of
+                        partial(stripe.add, row, F_WRITE_BYTES))  # our own (C's partial)
         tunnel.run(header + initial)
         if tunnel.idled:
             log.debug("%s: closed an opaque connection from %s idle for %gs",

@@ -37,12 +37,11 @@ if TYPE_CHECKING:
     from meshd.worker.upstream.tls import TlsTarget
 
 MAX_IDLE_PER_ENDPOINT = 128
-READ_SIZE = 262144
-# A response head's read: under glibc's mmap threshold (128 KiB until a larger block is
-# freed), so the buffer comes from the heap. A 256 KiB read costs mmap, mremap (shrunk
-# to what came) and munmap per response when the threshold was never raised (seen under
-# HTTP/2 load: 3 of 5.2 system calls per request). The body is read with READ_SIZE.
-HEAD_READ_SIZE = 65536
+# A read (a head with whatever of the body came along, or body bytes) stays under
+# glibc's 128 KiB mmap threshold: a larger one, with the heap's top short of it, is an
+# mmap, then an mremap as the bytes shrink to what came, then a munmap, per read (seen
+# under HTTP/2 load: 3 of 5.2 system calls per request; docs/perf/two-hop.md).
+READ_SIZE = 65536
 RECHECK_AFTER = 1.0
 REAP_EVERY = 0.5     # the worker's reaper looks at idle upstream connections this often
 REAP_BATCH = 4096    # idle connections one reap looks at, at most (the rest next time)
@@ -348,7 +347,7 @@ def read_response_head(conn: UpstreamConn, try_deadline: float, deadline: float,
             raise UpstreamTimeout(f"no response from {conn.endpoint} within the {which}")
         try:
             # Wait, then read: nothing can be there yet the first time round.
-            data = recv_after_wait(conn.sock, HEAD_READ_SIZE, remaining)
+            data = recv_after_wait(conn.sock, READ_SIZE, remaining)
         except TimeoutError:
             continue
         except OSError as e:
