@@ -21,7 +21,13 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from meshd import ratelog, rowkeys  # noqa: E402
-from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
+from meshd.control.admin import (  # noqa: E402
+    DRAIN_IDLE,
+    HEAD_TIMEOUT,
+    AdminApp,
+    AdminServer,
+    drain,
+)
 from meshd.control.counters import COUNTERS  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
@@ -165,9 +171,19 @@ class Control:
 
     def run(self) -> int:
         self.stopped.wait()
-        for server in (self.server, self.probe_server):
-            if server is not None:
-                server.close()
+        # Stop accepting at once (the next generation's control process, serving already
+        # on a reload, takes every new admin and probe connection), end the tap streams,
+        # then answer what was accepted: exiting now would reset those connections.
+        servers = [s for s in (self.server, self.probe_server) if s is not None]
+        open_conns = sum(len(s.conns) for s in servers)
+        if self.tap is not None:
+            self.tap.end_streams()
+        started = time.monotonic()
+        # Within the master's patience for a retired process (drain_timeout + KILL_GRACE).
+        cut = drain(servers, min(HEAD_TIMEOUT, max(DRAIN_IDLE, self.config.drain_timeout)))
+        log.info("control %d (g%d) stopped: admin closed its listeners and drained %d "
+                 "connection(s) in %.1fs (%d cut with a request begun)", os.getpid(),
+                 self.ctx.generation, open_conns, time.monotonic() - started, cut)
         if self.control_path:
             try:
                 os.unlink(self.control_path)
