@@ -123,7 +123,8 @@ def test_a_failed_reload_fails(mesh, backends, tmp_path):
     m.config_path.write_text(good)
     m.signal(signal.SIGHUP)
     # The new control process answers the admin port as soon as it boots; the old one
-    # until the master retires it once generation 2 serves. Wait for that retirement.
+    # until the master retires it once generation 2 serves (it then stops accepting at
+    # once). Wait for that retirement: from then on generation 2 answers.
     wait_for(lambda: {s.generation for s in m.slots()} == {2}, timeout=60,
              what="generation 2 alone in the process table")
     m.wait_ready(60)

@@ -131,9 +131,9 @@ listen = "127.0.0.1:{free_port()}"
         wait_for(lambda: "generation 1 serving" in meshd.log(), 20, what="generation 1")
         meshd.signal(signal.SIGHUP)
         wait_for(lambda: meshd.metric("meshd_config_reloads_total") >= 1, 20, what="reload")
-        # The old generation's control process answers until it is retired and exits;
-        # a connection it accepted as it stopped is reset (seen in CI): wait until
-        # generation 2 alone serves, then ask.
+        # The old generation's control process answers too until it is retired (then
+        # it stops accepting and answers what it accepted: test_admin_reload_drain):
+        # once generation 2 is alone it is the one answering.
         wait_for(lambda: {s.generation for s in meshd.slots()} == {2}, 60,
                  what="generation 2 alone in the process table")
         assert http_get("127.0.0.1", probe, "/ready")[0] == 200

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from meshd.testing.consul_server import ConsulServer
 from meshd.testing.harness import http_get, process_usage, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 
 JUNK = 1300    # 1,000 and then some: some asks may not fit the control socket's queue
 FLOOD_THREADS = 16
@@ -120,11 +121,8 @@ def _lockout(mesh, consul: ConsulServer, text: str, ports: dict[str, int]) -> No
 def test_watches_per_source_stay_within_max_watches(mesh, api, tmp_path) -> None:
     # The kubernetes plugin cannot tell a name from memory (no knows()): each name a
     # client makes up is watched with a stream of its own, and only max_watches at once.
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
     text, ports = mesh.config({}, workers=1)
-    source = (f'[[discovery]]\nname = "k8s"\nplugin = "kubernetes"\napi_server = "{api.url}"\n'
-              f'token_file = "{token}"\nca_file = "{api.ca_file}"\nnamespace = "default"\n\n')
+    source = kubernetes_table(api, tmp_path, "discovery", timeout=None) + "\n"
     m = mesh.start(text.replace("[[discovery]]", source + "[[discovery]]", 1), ports)
     statuses = _flood(ports["outbound"], (f"junk{i}" for i in range(300)))
     assert statuses == {503: 300}, statuses

@@ -15,10 +15,7 @@ backend (HTTP/1.1) and nginx (h2c) behind it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,12 +24,10 @@ from typing import Any
 import pytest
 from test_fleet_consul import fleet_config
 
-from meshd.testing.harness import Meshd, free_port, http_get, port_open, terminate, wait_for
+from meshd.testing.harness import Meshd, http_get, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import http_route
-
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-
+from meshd.testing.nginx import Nginx
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -81,71 +76,20 @@ def curl(port: int, path: str, headers: dict[str, str], http2: bool,
 
 def k8s_config(mesh: Any, api: Any, tmp_path: Path, services: dict[str, list[str]],
                extra: str = "") -> tuple[str, dict[str, int]]:
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
-    return mesh.config(services, workers=1, extra=textwrap.dedent(f"""\
-        [[config_source]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-        """) + extra)
+    return mesh.config(services, workers=1, extra=kubernetes_table(api, tmp_path) + extra)
 
 
-class H2cNginx:
-    """nginx speaking h2c (HTTP/2 with prior knowledge), answering what it received."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.dir = workdir / f"nginx-{self.port}"
-        self.dir.mkdir()
-        temp = "".join(f"  {k}_temp_path {self.dir}/{k};\n"
-                       for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (self.dir / "nginx.conf").write_text(textwrap.dedent(f"""\
-            daemon off;
-            master_process off;
-            worker_processes 1;
-            error_log {self.dir}/error.log;
-            pid {self.dir}/nginx.pid;
-            events {{ worker_connections 64; }}
-            http {{
-              access_log off;
-            {temp}
-              server {{
-                listen 127.0.0.1:{self.port} http2;
-                location / {{
-                  add_header x-upstream nginx always;
-                  return 200 "$server_protocol uri=$request_uri route=$http_x_route drop=$http_x_drop\\n";
-                }}
-              }}
-            }}
-            """))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> H2cNginx:
-        self.proc = subprocess.Popen(
-            [str(NGINX), "-p", str(self.dir), "-e", str(self.dir / "error.log"),
-             "-c", str(self.dir / "nginx.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {(self.dir / 'error.log').read_text()}")
-            return port_open("127.0.0.1", self.port)
-        wait_for(up, 10, what="nginx")
-        return self
+H2C_LOCATION = """add_header x-upstream nginx always;
+return 200 "$server_protocol uri=$request_uri route=$http_x_route drop=$http_x_drop\\n";"""
 
 
 @pytest.fixture
-def h2c_nginx(tmp_path: Path) -> Iterator[H2cNginx]:
+def h2c_nginx(tmp_path: Path) -> Iterator[Nginx]:
+    """nginx speaking h2c (HTTP/2 with prior knowledge), answering what it received."""
     # `make test` installs nginx (scripts/ensure-tools.sh); missing, the test fails
-    assert NGINX is not None, "nginx is not installed (make test installs nginx-light)"
-    server = H2cNginx(tmp_path).start()
+    server = Nginx(tmp_path, "http2", H2C_LOCATION, worker_connections=64).start()
     yield server
-    terminate(server.proc)
+    server.stop()
 
 
 # -- GAMMA: unmatched -> 404 --------------------------------------------------------------------

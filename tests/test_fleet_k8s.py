@@ -28,6 +28,7 @@ from meshd_kubernetes.config_source import RESOURCE, KubernetesConfigSource
 from meshd.errors import ConfigError
 from meshd.fleet.api import Clear, Refused, Routes, Set, Update
 from meshd.testing.harness import Meshd, http_get, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import GATEWAY, backend, grpc_route, http_route
 from meshd.testing.load import CountingLoad
 
@@ -290,18 +291,7 @@ def test_shipped_rbac_grants_what_the_source_reads():
 # -- a real meshd ---------------------------------------------------------------------------
 
 def k8s_config(mesh, api, tmp_path, services, workers=2, extra=""):
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
-    return mesh.config(services, workers=workers, extra=textwrap.dedent(f"""\
-        [[config_source]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-        """) + extra)
+    return mesh.config(services, workers=workers, extra=kubernetes_table(api, tmp_path) + extra)
 
 
 def admin_json(m: Meshd, path: str) -> Any:
@@ -527,18 +517,8 @@ def test_routes_and_endpoints_both_from_kubernetes(mesh, backends, api, tmp_path
     api.create_service("web-canary")
     api.apply_slice("web-1", "web", ["127.0.0.1"], ports={"http": a.port})
     api.apply_slice("web-canary-1", "web-canary", ["127.0.0.1"], ports={"http": b.port})
-    text, ports = k8s_config(mesh, api, tmp_path, {}, workers=1, extra=textwrap.dedent(f"""
-        [[discovery]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{tmp_path / 'k8s.token'}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-
-        [service.web]
-        discovery = "k8s"
-        """))
+    text, ports = k8s_config(mesh, api, tmp_path, {}, workers=1, extra="\n" + kubernetes_table(
+        api, tmp_path, "discovery", timeout=None) + '\n[service.web]\ndiscovery = "k8s"\n')
     m = mesh.start(text, ports)
     port = m.ports["outbound"]
     assert http_get("127.0.0.1", port, "/", {"Host": "web"})[2] == b"stable /\n"

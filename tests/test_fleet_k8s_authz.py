@@ -18,7 +18,6 @@ policies published and loaded by every worker (a snapshot at least that recent),
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from test_authz import (
 from meshd.identity import ca
 from meshd.testing.harness import Meshd, free_port, http_get, wait_for
 from meshd.testing.identity_files import files, identity_toml, replace_files
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import authorization_policy
 from meshd.testing.tcp_server import TcpServer, echo
 
@@ -64,20 +64,9 @@ def start(mesh: Any, api: Any, tmp_path: Path, forward: str, *, local: bool = Fa
           wait_ready: bool = True) -> tuple[Meshd, dict[str, int]]:
     """meshd with inbound listener "inbound" serving web (and "local", also serving web,
     which a [[authorization]] table names, given ``local``)."""
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
     ports = {"inbound": free_port()}
     listeners = inbound("inbound", ports["inbound"], forward)
-    extra = identity_table(tmp_path / "id") + textwrap.dedent(f"""
-        [[config_source]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-        """)
+    extra = identity_table(tmp_path / "id") + "\n" + kubernetes_table(api, tmp_path)
     if local:
         ports["local"] = free_port()
         listeners += inbound("local", ports["local"], forward)

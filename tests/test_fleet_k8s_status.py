@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from meshd_kubernetes.status import CONTROLLER, patch
 
 from meshd.errors import ConfigError
 from meshd.testing.harness import http_get, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import GATEWAY, backend, http_route
 
 ROUTES = f"/apis/{GATEWAY}/namespaces/default/httproutes"
@@ -165,21 +165,10 @@ def test_two_writers_write_once_per_change(api, sources) -> None:
 
 def test_a_meshd_writes_route_status(mesh, backends, api, tmp_path: Path) -> None:
     a = backends("a")
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
     api.apply(http_route("web-v1", "web", [
         {"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}]}]))
-    m = mesh.start(*mesh.config({"web": [a.address]}, workers=1, extra=textwrap.dedent(f"""\
-        [[config_source]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-        write_status = true
-        """)))
+    m = mesh.start(*mesh.config({"web": [a.address]}, workers=1, extra=kubernetes_table(
+        api, tmp_path, lines="write_status = true")))
     wait_for(lambda: _accepted(api, "web-v1") == ("True", 1), 10, what="status written")
     obj = api.get("httproutes", "web-v1")
     assert obj is not None

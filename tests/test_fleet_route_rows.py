@@ -28,6 +28,7 @@ from meshd.fleet.wire import pack
 from meshd.shm import Region
 from meshd.testing.consul_server import ConsulServer
 from meshd.testing.harness import Meshd, http_get, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import K8sApiServer, backend, http_route
 from meshd.worker.routing import Router
 
@@ -115,19 +116,8 @@ def test_consul_router_written_live_counts_under_its_route_name(mesh, backends,
 def test_httproute_applied_live_counts_under_its_rule_names(mesh, backends, tmp_path: Path,
                                                            api: K8sApiServer) -> None:
     a, b = backends("a"), backends("api")
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
     m = mesh.start(*mesh.config({"web": [a.address], "web-api": [b.address]}, workers=2,
-                                extra=textwrap.dedent(f"""\
-        [[config_source]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-        """)))
+                                extra=kubernetes_table(api, tmp_path)))
     assert get(m, "/first") == (200, b"a /first\n")
     api.apply(http_route("web-routes", "web", [
         {"name": "api", "matches": [{"path": {"type": "PathPrefix", "value": "/api"}},

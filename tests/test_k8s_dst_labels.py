@@ -5,11 +5,10 @@ more than the endpoints already have."""
 
 from __future__ import annotations
 
-import textwrap
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.testing.harness import http_get, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import endpoint
 
 
@@ -18,22 +17,9 @@ def test_kubernetes_endpoints_carry_dst_namespace_and_pod(mesh, backends, api, t
     api.create_service("web")
     api.apply_slice("web-x", "web", [endpoint(a.host, pod="web-7d9f-abcde")],
                     ports={"http": a.port})
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
     m = mesh.start(*mesh.config({"static-svc": [other.address]}, workers=1,
-                                extra=textwrap.dedent(f"""\
-        [[discovery]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-
-        [service.web]
-        discovery = "k8s"
-        """)))
+                                extra=kubernetes_table(api, tmp_path, "discovery")
+                                + '\n[service.web]\ndiscovery = "k8s"\n'))
     port = m.ports["outbound"]
     for host in ("web", "static-svc"):
         assert http_get("127.0.0.1", port, "/", {"Host": host})[0] == 200

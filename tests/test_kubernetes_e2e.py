@@ -13,6 +13,7 @@ import time
 import pytest
 
 from meshd.testing.harness import free_port, http_get, port_open, wait_for
+from meshd.testing.k8s_config import kubernetes_table
 from meshd.testing.k8s_server import endpoint
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"  # pod IPs: one port, as in a cluster
@@ -31,18 +32,7 @@ def pods(backends):
 
 
 def start_mesh(mesh, api, tmp_path):
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
-    extra = textwrap.dedent(f"""\
-        [[discovery]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-
+    extra = kubernetes_table(api, tmp_path, "discovery") + textwrap.dedent("""
         [service.web]
         balancer = "round_robin"  # these tests follow discovery: every endpoint gets traffic
         discovery = "k8s"

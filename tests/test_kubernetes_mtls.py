@@ -13,6 +13,7 @@ import pytest
 from meshd.identity import ca
 from meshd.testing.harness import free_port
 from meshd.testing.identity_files import TD, files, identity_toml, replace_files
+from meshd.testing.k8s_config import kubernetes_table
 
 WEB = f"spiffe://{TD}/ns/default/sa/web"
 CLIENT = f"spiffe://{TD}/ns/default/sa/client"
@@ -63,18 +64,7 @@ def test_a_labelled_meshed_service_is_reached_over_mtls(mesh, backends, api, tmp
     api.apply_slice("web-x", "web", [app.host],
                     ports={"http": app.port, "meshd-inbound": inbound_port},
                     labels={"meshd.io/meshed": "true", "meshd.io/service-account": "web"})
-    token = tmp_path / "k8s.token"
-    token.write_text("test-token\n")
-    extra = textwrap.dedent(f"""\
-        [[discovery]]
-        name = "k8s"
-        plugin = "kubernetes"
-        api_server = "{api.url}"
-        token_file = "{token}"
-        ca_file = "{api.ca_file}"
-        namespace = "default"
-        timeout = "2s"
-
+    extra = kubernetes_table(api, tmp_path, "discovery") + textwrap.dedent("""
         [service.web]
         discovery = "k8s"
         timeout = "5s"

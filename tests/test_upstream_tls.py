@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,6 +29,7 @@ from meshd.testing.harness import (
     terminate,
     wait_for,
 )
+from meshd.testing.nginx import NGINX, Nginx
 from meshd.testing.tcp_server import TcpServer
 
 
@@ -69,63 +68,21 @@ def curl(*args: str, timeout: float = 10) -> tuple[int, dict[str, str], str]:
 
 # -- nginx over TLS with ALPN h2 -------------------------------------------------------------
 
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+H2_LOCATION = """add_header x-proto $server_protocol always;
+return 200 "proto=$server_protocol scheme=$scheme host=$host\\n";"""
 
-class Nginx:
+
+def nginx_h2_server(workdir: Path, issued: Issued, port: int | None = None) -> Nginx:
     """nginx serving HTTPS with HTTP/2 (ALPN h2), answering its $server_protocol."""
-
-    def __init__(self, workdir: Path, issued: Issued, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = workdir / f"nginx-{self.port}"
-        self.dir.mkdir()
-        temp = "".join(f"  {k}_temp_path {self.dir}/{k};\n"
-                       for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (self.dir / "nginx.conf").write_text(textwrap.dedent(f"""\
-            daemon off;
-            master_process off;
-            worker_processes 1;
-            error_log {self.dir}/error.log;
-            pid {self.dir}/nginx.pid;
-            events {{ worker_connections 256; }}
-            http {{
-              access_log off;
-            {temp}
-              server {{
-                listen 127.0.0.1:{self.port} ssl http2;
-                ssl_certificate {issued.cert};
-                ssl_certificate_key {issued.key};
-                location / {{
-                  add_header x-proto $server_protocol always;
-                  return 200 "proto=$server_protocol scheme=$scheme host=$host\\n";
-                }}
-              }}
-            }}
-            """))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Nginx:
-        self.proc = subprocess.Popen(
-            [str(NGINX), "-p", str(self.dir), "-e", str(self.dir / "error.log"),
-             "-c", str(self.dir / "nginx.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {(self.dir / 'error.log').read_text()}")
-            return port_open("127.0.0.1", self.port)
-        wait_for(up, 10, what="nginx")
-        return self
-
-    def stop(self) -> None:
-        terminate(self.proc)
+    return Nginx(workdir, "ssl http2", H2_LOCATION, port=port,
+                 server_lines=f"ssl_certificate {issued.cert};\n"
+                              f"ssl_certificate_key {issued.key};")
 
 
 @pytest.fixture
 def nginx_h2(tmp_path: Path, pki: dict[str, object]) -> Iterator[Nginx]:
     # `make test` installs nginx (scripts/ensure-tools.sh); missing, the test fails
-    assert NGINX is not None, "nginx is not installed (make test installs nginx-light)"
-    server = Nginx(tmp_path, pki["server"]).start()  # type: ignore[arg-type]
+    server = nginx_h2_server(tmp_path, pki["server"]).start()  # type: ignore[arg-type]
     yield server
     server.stop()
 
@@ -233,7 +190,7 @@ def test_a_new_connection_refreshes_what_alpn_selected(mesh, backends, pki, tmp_
     b = backends("secure", port=port, tls=(server.cert, server.key))
     assert proto() == "HTTP/1.1"
     b.stop()
-    nginx = Nginx(tmp_path, server, port).start()
+    nginx = nginx_h2_server(tmp_path, server, port).start()
     try:
         assert proto() == "HTTP/2.0"  # the pooled HTTP/1.1 connection is gone; the new one says h2
         assert proto() == "HTTP/2.0"

@@ -16,6 +16,16 @@ the cap, a new connection takes the place of the oldest idle one, so idle or tri
 clients cannot keep a probe of ``/live`` out; only when every connection is busy with a
 request is the new one closed at accept. ``meshd_admin_connections_closed_total{reason}``
 counts both.
+
+A control process told to stop (a reload retires its generation, or meshd stops) drains
+its servers (:func:`drain`): it closes its listening sockets at once, so only the next
+generation's control process accepts from then on (the sockets are the master's: what
+the kernel queued goes to that one), and lets the connections it already accepted
+finish. Every answer from then on says ``Connection: close``; a connection that received
+no byte of a request within DRAIN_IDLE is closed, one with a request begun (a head
+partly read, a handler running, an answer being written) gets until the drain's limit.
+Exiting at once instead reset them: a probe, or `meshd check --live`, that connected as
+a reload retired the process saw its request fail.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +59,17 @@ READY_NAMES = 10   # services /ready names when it waits for discovery (then "an
 MAX_CONNECTIONS = 64   # admin connections at once: probes, scrapers, a few humans
 HEAD_TIMEOUT = 10.0    # seconds for a whole request head (and the wait for it)
 CLOSE_REASONS = ("evicted", "refused", "head_timeout")
+DRAIN_IDLE = 2.0       # seconds a stopping server waits for a request on a connection
+DRAIN_POLL = 0.02      # seconds between a drain's looks at its connections
 
 
 class _Conn:
-    __slots__ = ("sock", "idle", "deadline")
+    __slots__ = ("sock", "idle", "begun", "deadline")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.idle = True                        # waiting for a request head
+        self.begun = False                      # a byte of a request came (or is handled)
         self.deadline: gevent.Greenlet | None = None
 
 
@@ -69,6 +83,7 @@ class AdminServer(WSGIServer):
         # The main admin server's closes are also counted in the region (a new control
         # process continues them: meshd.control.counters); the probe server's are not shown.
         self.counted = True
+        self.draining = False    # told to stop: not listening, every answer closes
 
     def do_handle(self, *args: Any) -> None:   # in the accept loop: (socket, address)
         sock = args[0]
@@ -101,12 +116,20 @@ class AdminServer(WSGIServer):
         conn = self.conns.get(sock)
         if conn is not None:
             conn.idle = True
+            conn.begun = False
             conn.deadline = gevent.spawn_later(HEAD_TIMEOUT, self._head_timeout, conn)
+
+    def head_begun(self, sock: socket.socket) -> None:
+        """A byte of the next request head is here: a drain waits for its answer."""
+        conn = self.conns.get(sock)
+        if conn is not None:
+            conn.begun = True
 
     def head_done(self, sock: socket.socket) -> None:
         conn = self.conns.get(sock)
         if conn is not None:
             conn.idle = False
+            conn.begun = True
             if conn.deadline is not None:
                 conn.deadline.kill(block=False)
                 conn.deadline = None
@@ -132,6 +155,42 @@ class AdminServer(WSGIServer):
         self.closed_by_reason[reason] += 1
         if self.counted:
             COUNTERS.add(_closed_name(reason))
+
+
+def drain(servers: list[AdminServer], limit: float) -> int:
+    """Stop ``servers`` as a stopping control process does (module docstring): close
+    their listening sockets now, then wait until the connections they accepted are done,
+    closing those with no request begun after DRAIN_IDLE and every one left after
+    ``limit`` seconds. Returns how many connections it closed with a request begun
+    (0: every request begun was answered)."""
+    for server in servers:
+        server.draining = True
+        server.close()          # the listening socket: stop accepting at once
+    start = time.monotonic()
+    idle_shut = False
+    while any(server.conns for server in servers):
+        waited = time.monotonic() - start
+        if waited >= limit:
+            break
+        if waited >= min(DRAIN_IDLE, limit) and not idle_shut:
+            idle_shut = True    # nothing came on these: the client went to the next one
+            for server in servers:
+                for conn in list(server.conns.values()):
+                    if not conn.begun:
+                        _shut(conn)
+        gevent.sleep(DRAIN_POLL)
+    cut = 0
+    for server in servers:
+        for conn in list(server.conns.values()):
+            cut += conn.begun
+            _shut(conn)
+    # The handlers see EOF or an error and close their sockets; bounded, though they
+    # need no more than a turn of the loop.
+    for _ in range(50):
+        if not any(server.conns for server in servers):
+            break
+        gevent.sleep(DRAIN_POLL)
+    return cut
 
 
 def _closed_name(reason: str) -> str:
@@ -160,8 +219,20 @@ class AdminHandler(WSGIHandler):
 
     def read_requestline(self) -> str:
         self.server.head_started(self.socket)
+        # Wait for the first byte of the head here: from then on a drain lets this
+        # request finish (a head that never starts is closed after DRAIN_IDLE). The
+        # bytes stay in the buffer for the line's read.
+        self.rfile.peek(1)
+        self.server.head_begun(self.socket)
         line: str = super().read_requestline()
         return line
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        if self.server.draining and not any(k.lower() == "connection" for k, _ in headers):
+            # this process stops: the client's next request goes to the next generation
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
 
     def get_environ(self) -> dict[str, Any]:
         env: dict[str, Any] = super().get_environ()

@@ -21,7 +21,13 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from meshd import ratelog, rowkeys  # noqa: E402
-from meshd.control.admin import AdminApp, AdminServer  # noqa: E402
+from meshd.control.admin import (  # noqa: E402
+    DRAIN_IDLE,
+    HEAD_TIMEOUT,
+    AdminApp,
+    AdminServer,
+    drain,
+)
 from meshd.control.counters import COUNTERS  # noqa: E402
 from meshd.control.discovery import DiscoveryRunner  # noqa: E402
 from meshd.control.identity import IdentityRunner  # noqa: E402
@@ -51,6 +57,7 @@ class Control:
         self.config = ctx.config
         self.region = ctx.region
         self.stopped = gevent.event.Event()
+        self.fast = False   # INT/QUIT (a fast stop): no drain of the admin connections
         # This process's counters go to its slot's table in the region (a new control
         # process continues them): bound before anything counts.
         COUNTERS.bind(ctx.region, ctx.slot)
@@ -74,8 +81,8 @@ class Control:
         self.region.heartbeat(self.ctx.slot)
         gevent.spawn(self._heartbeat_loop)
         gevent.signal_handler(signal.SIGTERM, self.stopped.set)
-        gevent.signal_handler(signal.SIGINT, self.stopped.set)
-        gevent.signal_handler(signal.SIGQUIT, self.stopped.set)
+        gevent.signal_handler(signal.SIGINT, self._stop_fast)
+        gevent.signal_handler(signal.SIGQUIT, self._stop_fast)
         if self.identity is not None:
             self.identity.start()
         self.discovery.start()
@@ -102,6 +109,10 @@ class Control:
         self.region.heartbeat(self.ctx.slot, STATE_SERVING)
         log.info("control %d (g%d) serving admin on %s", os.getpid(), self.ctx.generation,
                  self.config.admin.listen)
+
+    def _stop_fast(self) -> None:
+        self.fast = True
+        self.stopped.set()
 
     def _bind_control_socket(self) -> None:
         path = control_socket_path(self.config.shm_dir, self.config.instance,
@@ -165,9 +176,22 @@ class Control:
 
     def run(self) -> int:
         self.stopped.wait()
-        for server in (self.server, self.probe_server):
-            if server is not None:
-                server.close()
+        # Stop accepting at once (the next generation's control process, serving already
+        # on a reload, takes every new admin and probe connection), end the tap streams,
+        # then answer what was accepted: exiting now would reset those connections.
+        servers = [s for s in (self.server, self.probe_server) if s is not None]
+        open_conns = sum(len(s.conns) for s in servers)
+        if self.tap is not None:
+            self.tap.end_streams()
+        started = time.monotonic()
+        # Within the master's patience for a retired process (drain_timeout + KILL_GRACE);
+        # a fast stop closes them at once, as its workers do.
+        limit = 0.0 if self.fast else min(HEAD_TIMEOUT,
+                                          max(DRAIN_IDLE, self.config.drain_timeout))
+        cut = drain(servers, limit)
+        log.info("control %d (g%d) stopped: admin closed its listeners and drained %d "
+                 "connection(s) in %.1fs (%d cut with a request begun)", os.getpid(),
+                 self.ctx.generation, open_conns, time.monotonic() - started, cut)
         if self.control_path:
             try:
                 os.unlink(self.control_path)

@@ -8,7 +8,10 @@ writes what is queued. The receive loop never waits for a client: a line that fi
 client's queue full (the reader is slow, or its socket buffer is) is dropped and counted
 (``meshd_tap_dropped_total{reason="client"}``). At most MAX_TAPS clients tap at once
 (503 past it). A client that goes away ends its stream (a greenlet reads its socket and
-sees EOF); one that accepts no byte for WRITE_TIMEOUT is closed.
+sees EOF); one that accepts no byte for WRITE_TIMEOUT is closed. When the control
+process stops (a reload retires its generation), every stream writes what is queued and
+ends (the last chunk: the client sees a clean end and taps the next generation), and a
+new tap is refused (503).
 
 The filter file holds the filters of every open tap and a version (no filter: nobody
 taps; it is written at the first tap of a generation). A new tap's response head is sent
@@ -83,6 +86,7 @@ class TapHub:
         self.refused = 0         # taps refused at MAX_TAPS
         self.bad = 0             # datagrams that were not a worker's
         self._folded = (0, 0)    # counts of pids no longer kept
+        self.stopping = False    # the control process stops: streams end, no new taps
 
     def start(self) -> None:
         for path in (self.socket_path, self.filter_path):
@@ -98,6 +102,12 @@ class TapHub:
         finally:
             os.umask(mask)
         gevent.spawn(self._receive_loop, sock)
+
+    def end_streams(self) -> None:
+        """The control process stops: each stream ends once its queue is written."""
+        self.stopping = True
+        for client in self.clients:
+            client.wake.set()
 
     def close(self) -> None:
         for path in (self.socket_path, self.filter_path):
@@ -212,6 +222,9 @@ class TapHub:
             filt = core.parse_query(environ.get("QUERY_STRING", ""))
         except core.FilterError as e:
             return answer("400 Bad Request", f"tap: {e}")
+        if self.stopping:
+            return answer("503 Service Unavailable",
+                          "tap: this generation of meshd stops (reload or shutdown); tap again")
         if len(self.clients) >= MAX_TAPS:
             self.refused += 1
             COUNTERS.add(REFUSED)
@@ -238,6 +251,8 @@ class TapHub:
         try:
             while not client.gone:
                 if not client.lines:
+                    if self.stopping:
+                        return
                     client.wake.clear()
                     client.wake.wait(IDLE_CHECK)
                     continue
