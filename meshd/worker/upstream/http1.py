@@ -31,7 +31,7 @@ from meshd.discovery.api import Endpoint
 from meshd.errors import EndpointsBusy, NotSent, UpstreamError, UpstreamTimeout
 from meshd.proto import http1
 from meshd.shm import F_IDLE_REAPED, Stripe
-from meshd.worker.sockio import recv, recv_after_wait, sendall, shutdown
+from meshd.worker.sockio import raw_socket, recv, recv_after_wait, sendall, shutdown
 
 if TYPE_CHECKING:
     from meshd.worker.upstream.tls import TlsTarget
@@ -122,8 +122,8 @@ class UpstreamConn:
         sock: Any = self.sock
         try:
             if self.tls is None:
-                try:  # the raw non-blocking socket first: no gevent frame per request
-                    sent = sock._sock.send(data)
+                try:  # the raw non-blocking socket first: no gevent send frame
+                    sent = raw_socket(sock).send(data)
                 except BlockingIOError:  # no room yet: gevent's send waits for some
                     sent = sock.send(data)
             else:
