@@ -115,6 +115,9 @@ def test_a_request_begun_before_the_reload_is_answered_whole(mesh, backends):
              timeout=30, what="generation 2 answering /status")
 
 
+CLIENTS = ("probe", "admin", "kept-alive")
+
+
 def test_hups_under_admin_and_probe_load_reset_nothing(mesh, backends):
     """New connections to /ready on the probe port and to /status on admin, and one
     kept-alive admin connection, in a loop across three reloads: every answer is a whole
@@ -160,6 +163,9 @@ def test_hups_under_admin_and_probe_load_reset_nothing(mesh, backends):
         finally:
             conn.close()
 
+    def answers(name: str) -> int:
+        return sum(n for (who, _), n in list(statuses.items()) if who == name)
+
     threads = [threading.Thread(target=fresh, args=(probe_port, "/ready", "probe")),
                threading.Thread(target=fresh, args=(admin_port, "/status", "admin")),
                threading.Thread(target=kept_alive)]
@@ -171,16 +177,16 @@ def test_hups_under_admin_and_probe_load_reset_nothing(mesh, backends):
             wait_for(lambda b=before: sum(statuses.values()) >= b + 30, timeout=60,
                      what="answers before the reload")
             _hup_and_wait_retired(m, generation)
-            after = sum(statuses.values())
-            wait_for(lambda a=after: sum(statuses.values()) >= a + 30, timeout=60,
-                     what="answers after the reload")
+            # every client got answers after this reload too (how many depends on the
+            # machine's speed: the test counts none, it waits for each to move on)
+            after = {name: answers(name) for name in CLIENTS}
+            wait_for(lambda a=after: all(answers(n) >= a[n] + 3 for n in CLIENTS),
+                     timeout=60, what="answers to every client after the reload")
     finally:
         stop.set()
         for t in threads:
             t.join(30)
     assert errors == [], (errors[:10], len(errors), dict(statuses))
-    for name in ("probe", "admin", "kept-alive"):
-        assert sum(n for (who, _), n in statuses.items() if who == name) > 50, dict(statuses)
     assert {status for _, status in statuses} <= {200, 503}, dict(statuses)
 
 
