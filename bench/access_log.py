@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import timeit
 import types
 from collections.abc import Callable
 from typing import Any
 
+from bench.micro import calls
 from meshd.config import Address, ListenerConfig
 from meshd.config_access_log import AccessLogConfig
 from meshd.discovery.api import Endpoint
@@ -72,21 +72,6 @@ def _hook(alog: AccessLog, varied: bool) -> Callable[[], None]:
     return hook
 
 
-def _calls(fn: Callable[[], Any]) -> int:
-    count = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count - 1  # setprofile(None) itself
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.access_log")
     parser.add_argument("--number", type=int, default=20_000, help="requests per run")
@@ -101,7 +86,7 @@ def main() -> None:
             hook = _hook(alog, varied)
             hook()
             alog.flush()  # warm: the listener's and endpoint's texts are made once
-            hook_calls = _calls(hook)
+            hook_calls = calls(hook)
             alog.queue.clear()
             hook_us = min(timeit.repeat(hook, number=args.number, repeat=args.repeat,
                                         timer=time.process_time)) / args.number * 1e6
@@ -115,7 +100,7 @@ def main() -> None:
                 best = min(best, time.process_time() - t0)
             for _ in range(100):
                 hook()
-            line_calls = _calls(alog.flush)
+            line_calls = calls(alog.flush)
             print(f"{fmt + (', varied' if varied else ', wrk'):14s} {hook_us:8.2f} "
                   f"{hook_calls:6d} {best / args.number * 1e6:8.2f} {line_calls / 100:6.1f}")
     os.close(null)

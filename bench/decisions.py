@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
-import timeit
 from typing import Any
 
+from bench.micro import best
 from meshd.discovery.api import Endpoint
 from meshd.shm import Region
 from meshd.worker.balancer import SharedBalancer
@@ -40,10 +39,6 @@ class _Call:
     error = None
     no_retry = ""
     sent_at = 0.0
-
-
-def _best(fn: Any, number: int, repeat: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=repeat, timer=time.process_time)) / number
 
 
 def main() -> None:
@@ -70,7 +65,7 @@ def main() -> None:
         for name, fn in (("pick", lambda: built.pick("web", eps, rows)),
                          ("pick, nothing noted", lambda: bare.pick("web", eps, rows)),
                          ("record", record)):
-            print(f"{name:22s} {_best(fn, args.number, args.repeat) * 1e6:6.2f} us")
+            print(f"{name:22s} {best(fn, args.number, args.repeat) * 1e6:6.2f} us")
         region.close()
 
 

@@ -22,11 +22,9 @@ THIS_TREE/bench/tracing.py`` measures another checkout (same hook, its ``begin``
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-import timeit
 from typing import Any
 
+from bench.micro import best, calls
 from meshd.config import Address, ListenerConfig
 from meshd.config_tracing import TracingConfig
 from meshd.worker.peer import PLAINTEXT
@@ -54,25 +52,6 @@ def _hook(tracer: Tracer, head: list[tuple[bytes, bytes]], listener: ListenerCon
     return hook
 
 
-def _calls(fn: Any) -> int:
-    count = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return count - 1  # setprofile(None) itself
-
-
-def _best(fn: Any, number: int, repeat: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=repeat, timer=time.process_time)) / number
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing")
     parser.add_argument("--number", type=int, default=100_000)
@@ -88,10 +67,10 @@ def main() -> None:
     for name, tracer, head in cases:
         hook = _hook(tracer, head, listener)
         hook()  # warm (inject's plan is cached on first use)
-        calls = _calls(hook)
+        n_calls = calls(hook)
         added = sum(len(k) + len(v) + 4 for k, v in hook()) - sum(len(k) + len(v) + 4
                                                                    for k, v in head)
-        print(f"{name:22s} {_best(hook, args.number, args.repeat) * 1e6:6.2f} {calls:6d} "
+        print(f"{name:22s} {best(hook, args.number, args.repeat) * 1e6:6.2f} {n_calls:6d} "
               f"{added:+7d}")
 
 
