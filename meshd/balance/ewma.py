@@ -128,15 +128,7 @@ def peak_cost(states: Iterable[tuple[float, float]], inflight: int, now: float,
     """``cost(combine(states, now, tau), inflight, now, default_rtt, tau)`` on plain
     ``(rtt, stamp)`` pairs (one per worker stripe), in one pass: the balancer's hot path
     calls this, with no state objects in between."""
-    if tau <= 0:
-        raise ValueError("tau must be positive")
-    best = -1.0
-    for rtt, stamp in states:  # _peak, inline: this runs for both candidates of a pick
-        if rtt > 0.0:
-            elapsed = now - stamp
-            value = rtt * math.exp(-elapsed / tau) if elapsed > 0 else rtt
-            if value > best:
-                best = value
+    best = _peak(states, now, tau)
     estimate = default_rtt if best < 0.0 else max(best, MIN_RTT)
     return estimate * (max(inflight, 0) + 1)
 

@@ -238,15 +238,10 @@ class SharedBalancer:
                 return i, rows[i]
             now = time.monotonic()
             live = self.live_slots(now)
-            view_states, tau, default_rtt = view.ewma_states, self.tau, self.default_rtt
+            cost_row = self._cost
 
-            def cost_of(k: int) -> float:  # _cost, inline: this runs twice per pick
-                r = rows[k]
-                if r < 0:
-                    c, inflight = default_rtt, 0
-                else:
-                    states, inflight = view_states(r, live)
-                    c = ewma.peak_cost(states, inflight, now, default_rtt, tau)
+            def cost_of(k: int) -> float:
+                c, inflight = cost_row(rows[k], live, now)
                 costed.append((k, c, max(inflight, 0), weights[k]))
                 return c
             i = p2c.pick_among(st.usable, weights, cost_of, self.rng)

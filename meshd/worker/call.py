@@ -308,12 +308,7 @@ class Call:
         ALPN h2: it went to the HTTP/2 pool, and the attempt goes HTTP/2."""
         try:
             svc = self.svc
-            # connect_timeout(sent_at), inline: one call less per attempt
-            left = self.deadline - sent_at
-            if left < 0.001:
-                left = 0.001
-            timeout = self.policy.connect_timeout
-            conn = worker.pool.acquire(ep, timeout if timeout < left else left, check=check,
+            conn = worker.pool.acquire(ep, self.connect_timeout(sent_at), check=check,
                                        idle_timeout=self.policy.idle_timeout, row=row,
                                        limit=svc.max_connections if svc else 0, tls=tls)
             if conn.alpn != "h2":
