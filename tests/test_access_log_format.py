@@ -1,9 +1,9 @@
 """The access log's formatters and its request-path record, in-process (no meshd).
 
 ``fields`` defines a line; the batch formatter (``access_log.lines``) must give exactly
-``json.dumps(fields(rec))`` (compact, ASCII) and the text columns the reference below
-builds from the same fields (the formatter of before its fast path, kept here as the
-oracle), for any record: client bytes with control characters, quotes, backslashes,
+``json.dumps(fields(rec))`` (compact, ASCII) and the text columns ``reference_text``
+builds from the same fields (both are the formatter of before its fast path, kept here
+as the oracle), for any record: client bytes with control characters, quotes, backslashes,
 bytes >= 0x80, cut fields, client ids beyond latin-1 (U+2028, astral), in batches whose
 repeated fields the formatter escapes once. And a queued record holds no request
 objects: scalars, bytes and long-lived config objects only."""
@@ -13,7 +13,9 @@ from __future__ import annotations
 import collections
 import json
 import re
+import time
 import types
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,9 +31,8 @@ from meshd.worker.access_log import (
     MAX_METHOD,
     MAX_PATH,
     AccessLog,
-    fields,
-    format_json,
-    format_text,
+    _cut,
+    endpoint_name,
     lines,
     trace_id,
 )
@@ -62,6 +63,43 @@ records = st.tuples(
     st.sampled_from(ENDPOINTS), st.floats(0, 1e5), st.integers(0, 5),
     st.sampled_from(["", "4bf92f3577b34da6a3ce929d0e0e4736"]),
     st.integers(0, 2 ** 40), st.integers(0, 2 ** 40))
+
+def fields(rec: access_log.Record) -> dict[str, Any]:
+    """The line's fields, client-controlled ones bounded (not yet escaped), as the
+    formatter of before built them: a JSON line is ``json.dumps`` of this."""
+    (wall, listener, client, client_id, method, authority, path, status, grpc, ep,
+     duration, attempts, trace, received, sent) = rec
+    ms = int(wall * 1000 + 0.5)  # rounded to the millisecond, not cut
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+                + f".{ms % 1000:03d}Z",
+        "direction": listener.direction,
+        "listener": listener.name,
+        "client": client.decode("latin-1"),
+        "client_id": client_id,
+        "method": _cut(method, MAX_METHOD),
+        "authority": _cut(authority, MAX_AUTHORITY),
+        "path": _cut(path, MAX_PATH),
+        "status": status,
+        "grpc_status": "" if grpc is None else str(grpc),
+        "endpoint": endpoint_name(ep),
+        "duration_ms": round(duration * 1000, 3),
+        "attempts": attempts,
+        "trace_id": trace,
+        "bytes_received": received,
+        "bytes_sent": sent,
+    }
+
+
+def format_json(rec: access_log.Record) -> str:
+    """One record's JSON line, from the batch formatter."""
+    return lines(collections.deque((rec,)), 1, True)[0]
+
+
+def format_text(rec: access_log.Record) -> str:
+    """One record's text line, from the batch formatter."""
+    return lines(collections.deque((rec,)), 1, False)[0]
+
 
 _ESCAPES = {i: f"\\x{i:02x}" for i in list(range(0x20)) + list(range(0x7f, 0x100))}
 _ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r",

@@ -55,3 +55,9 @@ def of_answer(ex: _Answer | None) -> int | None:
         return found if found is not None else code(ex.h2_head())
     except Exception:
         return None
+
+
+def text_of_answer(ex: _Answer | None) -> str:
+    """``of_answer`` as a field of a log line, tap record or span: "" when there is none."""
+    found = of_answer(ex)
+    return "" if found is None else str(found)

@@ -103,13 +103,6 @@ def trace_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
     return _hex_id(b3) if len(b3) in (16, 32) else ""
 
 
-def grpc_status(ex: UpstreamExchange | None) -> str:
-    """A gRPC response's ``grpc-status``: from its trailers, else from its head (a
-    trailers-only answer); "" when there is none."""
-    found = grpc_status_code.of_answer(ex)  # shared with the metrics and the call
-    return "" if found is None else str(found)
-
-
 _second: list[Any] = [-1, ""]  # the last second formatted, and its text
 
 
@@ -120,43 +113,10 @@ def _new_second(sec: int) -> str:
     return text
 
 
-def _timestamp(wall: float) -> str:
-    """ISO 8601 UTC to the millisecond (rounded, not cut: 0.123 is not 0.122999...)."""
-    ms = int(wall * 1000 + 0.5)
-    sec = ms // 1000
-    text = _second[1] if _second[0] == sec else _new_second(sec)
-    return f"{text}.{ms % 1000:03d}Z"
-
-
 def endpoint_name(ep: Endpoint | None) -> str:
     if ep is None:
         return ""
     return f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
-
-
-def fields(rec: Record) -> dict[str, Any]:
-    """The line's fields, client-controlled ones bounded (not yet escaped): what both
-    formats write (a JSON line is ``json.dumps`` of this, compact and ASCII)."""
-    (wall, listener, client, client_id, method, authority, path, status, grpc, ep,
-     duration, attempts, trace, received, sent) = rec
-    return {
-        "time": _timestamp(wall),
-        "direction": listener.direction,
-        "listener": listener.name,
-        "client": client.decode("latin-1"),
-        "client_id": client_id,
-        "method": _cut(method, MAX_METHOD),
-        "authority": _cut(authority, MAX_AUTHORITY),
-        "path": _cut(path, MAX_PATH),
-        "status": status,
-        "grpc_status": "" if grpc is None else str(grpc),
-        "endpoint": endpoint_name(ep),
-        "duration_ms": round(duration * 1000, 3),
-        "attempts": attempts,
-        "trace_id": trace,
-        "bytes_received": received,
-        "bytes_sent": sent,
-    }
 
 
 _J = json.encoder.encode_basestring_ascii  # json.dumps of one str (C), quotes included
@@ -224,7 +184,7 @@ def _bound(value: bytes | None, limit: int) -> bytes:
 
 def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[str]:
     """The lines of the records at the left of ``queue`` (taken off it), until ``budget``
-    characters or the queue's end: JSON objects (``as_json``: ``json.dumps(fields(rec))``
+    characters or the queue's end: JSON objects (``as_json``: ``json.dumps`` of the fields,
     compact and ASCII, each string through json's own encoder), else text lines
     (``time direction listener client client_id "METHOD" "authority" "path" status
     grpc_status endpoint duration_ms attempts trace_id bytes_received bytes_sent``, empty
@@ -302,16 +262,6 @@ def lines(queue: collections.deque[Record], budget: int, as_json: bool) -> list[
         out.append(line)
         size += len(line)
     return out
-
-
-def format_json(rec: Record) -> str:
-    """One record's JSON line (``lines``)."""
-    return lines(collections.deque((rec,)), 1, True)[0]
-
-
-def format_text(rec: Record) -> str:
-    """One record's text line (``lines``)."""
-    return lines(collections.deque((rec,)), 1, False)[0]
 
 
 F_DROPPED = F_WORKER + WORKER_COUNTS.index("access_log_dropped")

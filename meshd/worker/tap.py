@@ -33,8 +33,8 @@ import msgpack
 
 from meshd import tap as core
 from meshd.private_files import read_trusted
+from meshd.proto.grpc_status import text_of_answer
 from meshd.shm import F_WORKER, ROW_UNKNOWN, WORKER_COUNTS, Stripe
-from meshd.worker.access_log import grpc_status
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -174,5 +174,5 @@ def _record(p: Pending, shift: float) -> list[Any]:
         endpoint = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
     return [ended + shift, listener.direction, listener.name, service[:core.MAX_SERVICE],
             core.cut_authority(authority), core.cut_method(method), core.cut_path(path),
-            status, grpc_status(answered) if answered is not None else "",
+            status, text_of_answer(answered),
             (ended - started) * 1000, endpoint, peer.tls, peer.client_id, attempts]

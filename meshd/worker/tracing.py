@@ -42,9 +42,10 @@ import gevent.socket
 from meshd import __version__
 from meshd.config_tracing import TracingConfig
 from meshd.proto import trace_context
+from meshd.proto.grpc_status import text_of_answer
 from meshd.ratelog import Throttle
 from meshd.shm import F_TRACE, ROW_UNKNOWN, TRACE_COUNTS
-from meshd.worker.access_log import MAX_AUTHORITY, MAX_METHOD, MAX_PATH, _cut, grpc_status
+from meshd.worker.access_log import MAX_AUTHORITY, MAX_METHOD, MAX_PATH, _cut
 
 if TYPE_CHECKING:
     from meshd.config import ListenerConfig
@@ -315,7 +316,7 @@ class Encoder:
             attrs.append(("meshd.tls", tls))
         if client_id:
             attrs.append(("meshd.client_id", client_id))
-        grpc = grpc_status(answered)
+        grpc = text_of_answer(answered)
         error = status >= 500
         if grpc.isdigit():
             attrs.append(("rpc.grpc.status_code", int(grpc)))
