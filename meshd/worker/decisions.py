@@ -128,15 +128,15 @@ def attempt_ended(worker: Context, call: Call, retried: bool,
             text = type(err).__name__
         error = text.encode("utf-8", "replace")[:_ERROR_CUT]
     route = call.policy.route
-    names = _names   # names met before are looked up here, not in a call of ``_encoded``
+    names = _names   # names met before: a dict lookup (b"" falls through to _encoded)
     service = call.service
     outcome = kind or "ok"
     no_retry = call.no_retry
     try:
-        ring.record(names[service] if service in names else _encoded(service),
-                    (names[route] if route in names else _encoded(route)) if route else b"",
+        ring.record(names.get(service) or _encoded(service),
+                    names.get(route) or _encoded(route) if route else b"",
                     len(call.tried), retried, status, _clock() - call.sent_at,
-                    names[outcome] if outcome in names else _encoded(outcome), error,
-                    names[no_retry] if no_retry in names else _encoded(no_retry), seen)
+                    names.get(outcome) or _encoded(outcome), error,
+                    names.get(no_retry) or _encoded(no_retry), seen)
     except struct.error as err:   # a value out of its field's range: no record, no harm
         _quiet.warning("decisions.record", "balancer decision not recorded: %s", err)

@@ -190,8 +190,8 @@ class Pool:
         With ``limit``, a new connection is refused (``EndpointsBusy``) when all
         workers together hold that many to the endpoint. ``tls``: the service's TLS
         target (connections over TLS, pooled apart)."""
-        stack = self._idle.get((ep.host, ep.port, tls.service if tls is not None else ""))
-        if stack:  # (the key above is ``pool_key``'s, inline: every request asks)
+        stack = self._idle.get(pool_key(ep, tls))
+        if stack:
             now = time.monotonic()
             max_idle = self.idle_timeout if idle_timeout is None else idle_timeout
             while stack:
@@ -200,9 +200,7 @@ class Pool:
                 if idle < max_idle and (
                         (not check and idle < RECHECK_AFTER) or _still_open(conn)):
                     conn.reused = True
-                    conn.in_use = True  # ``use``, inline: an idle one is not in use
-                    if conn.row >= 0:
-                        conn._counter(conn.row, 1)
+                    conn.use()
                     return conn
                 conn.close()
         if limit and row >= 0 and self.connections is not None and self.connections(row) >= limit:
@@ -279,10 +277,7 @@ class Pool:
             conn.close()
             return
         conn.idle_since = time.monotonic()
-        if conn.in_use:  # ``unuse``, inline
-            conn.in_use = False
-            if conn.row >= 0:
-                conn._counter(conn.row, -1)
+        conn.unuse()
         stack.append(conn)
 
     def idle_count(self) -> int:
